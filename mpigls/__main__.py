@@ -1,0 +1,7 @@
+"""``python -m mpigls`` is the ``mpigls`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

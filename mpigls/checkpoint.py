@@ -1,0 +1,478 @@
+"""HDF5 checkpoints: the schema, atomic writes, validated reads, migration. The only h5py user.
+
+File layout (``FORMAT_VERSION`` 1; names are the module constants below)::
+
+    /                 attrs: schema="mpigls-checkpoint", format_version, noise_scheme, generation,
+                             epoch, batch_in_epoch, num_params, world_size, created (UTC ISO 8601),
+                             host, state_sha256
+    /theta            (D,) <f4   centre of the search distribution / network parameters
+    /sigma            (D,) <f4   per-parameter std (absent when the optimizer has none)
+    /optimizer/       one dataset per array entry of the optimizer state, scalars as attrs
+    /extra/           same layout, free for other state (e.g. certification results)
+    /config           scalar UTF-8 string: the fully resolved config as JSON
+    /arch             scalar UTF-8 string: the architecture dict as JSON
+    /metrics/<key>    (n,) chunked, extendable (maxshape None) history of one metric; the
+                      dataset name is the percent-quoted key, attr "key" holds the key itself
+
+``state_sha256`` covers generation/epoch/batch position, θ, σ and the optimizer state (dtype,
+shape and little-endian bytes of each entry, in sorted key order) and is verified on load.
+
+Atomicity (``save``; call on one rank only — rank 0): the file is written as ``.tmp-*.h5`` in the
+target directory, flushed, fsync'ed and renamed (``os.replace``) to ``ckpt_{generation:08d}.h5``;
+the directory is fsync'ed. ``latest.h5`` is then a *hard link* to that file, made under a temp name
+and renamed over ``latest.h5``. rename() within one directory is atomic on POSIX file systems
+including NFS and Lustre, so at every instant ``latest.h5`` is either the previous or the new
+complete checkpoint; as a separate link it stays readable when ``ckpt_*`` files are pruned (a
+symlink could dangle). Where hard links are unsupported the file is copied (and fsync'ed) under a
+temp name instead. A kill at any moment leaves at worst a ``.tmp-*.h5`` file, which
+``clean_stale_temps`` removes at the next start. HDF5 file locking is disabled (``locking=False``)
+because files are never modified in place and flock is often unavailable on Lustre/NFS.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import urllib.parse
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
+    "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
+    "Checkpoint", "CheckpointError", "save", "load", "find_latest", "list_checkpoints",
+    "clean_stale_temps", "summary", "check_compatible", "theta_sha256", "state_sha256",
+    "checkpoint_path",
+]
+
+log = logging.getLogger("mpigls.checkpoint")
+
+FORMAT_VERSION = 1
+SCHEMA = "mpigls-checkpoint"
+LATEST = "latest.h5"
+TEMP_PREFIX = ".tmp-"
+CKPT_RE = re.compile(r"^ckpt_(\d{8,})\.h5$")
+
+DS_THETA = "theta"
+DS_SIGMA = "sigma"
+GRP_OPTIMIZER = "optimizer"
+GRP_EXTRA = "extra"
+DS_CONFIG = "config"
+DS_ARCH = "arch"
+GRP_METRICS = "metrics"
+_REQUIRED_ATTRS = ("format_version", "noise_scheme", "generation", "epoch", "batch_in_epoch",
+                   "state_sha256")
+
+Scalar = int | float | bool | str
+StateDict = dict[str, "np.ndarray | Scalar"]
+
+# MIGRATIONS[v] turns the raw content dict of a format-v file into that of format v+1 (see
+# ``_read_raw`` for its keys). Empty while only format 1 exists.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (corrupt, truncated, wrong version or architecture)."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything that must survive a restart. Arrays are numpy; θ and σ are float32 (D,)."""
+
+    generation: int
+    epoch: int
+    batch_in_epoch: int
+    theta: np.ndarray
+    sigma: np.ndarray | None
+    opt_state: StateDict
+    config: dict
+    arch: dict
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_scheme: str = ""
+    extra: StateDict = field(default_factory=dict)
+    world_size: int = 1
+    created: str = ""   # filled by load(); save() records the current time
+    host: str = ""      # filled by load(); save() records the writing host
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def theta_sha256(theta: np.ndarray) -> str:
+    """sha256 hex digest of θ as little-endian float32 bytes (what ``mpigls inspect`` prints)."""
+    return hashlib.sha256(np.ascontiguousarray(theta, dtype="<f4").tobytes()).hexdigest()
+
+
+def _hash_entry(h: Any, key: str, value: Any) -> None:
+    h.update(key.encode() + b"\0")
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.byteorder == ">" else a
+        h.update(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
+    else:
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+
+
+def state_sha256(ckpt: Checkpoint) -> str:
+    """Checksum over the resumable state (see module docstring)."""
+    h = hashlib.sha256()
+    for k in ("generation", "epoch", "batch_in_epoch"):
+        _hash_entry(h, k, int(getattr(ckpt, k)))
+    _hash_entry(h, DS_THETA, np.asarray(ckpt.theta, dtype=np.float32))
+    _hash_entry(h, DS_SIGMA, None if ckpt.sigma is None else np.asarray(ckpt.sigma, dtype=np.float32))
+    for k in sorted(ckpt.opt_state):
+        _hash_entry(h, f"{GRP_OPTIMIZER}/{k}", ckpt.opt_state[k])
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _normalise(ckpt: Checkpoint) -> Checkpoint:
+    """Check types (user errors) and coerce θ/σ to float32, opt_state values to ndarray/scalar."""
+    for k in ("generation", "epoch", "batch_in_epoch", "world_size"):
+        v = getattr(ckpt, k)
+        if isinstance(v, (bool, float)) or int(v) != v or int(v) < 0:
+            raise ValueError(f"Checkpoint.{k} must be an integer >= 0, got {v!r}")
+    theta = np.asarray(ckpt.theta)
+    if theta.ndim != 1 or not np.issubdtype(theta.dtype, np.floating):
+        raise ValueError(f"Checkpoint.theta must be a 1-D float array, got {theta.dtype} {theta.shape}")
+    sigma = None if ckpt.sigma is None else np.asarray(ckpt.sigma)
+    if sigma is not None and sigma.shape != theta.shape:
+        raise ValueError(f"Checkpoint.sigma must have θ's shape {theta.shape} (or be None), got {sigma.shape}")
+    return Checkpoint(
+        generation=int(ckpt.generation), epoch=int(ckpt.epoch), batch_in_epoch=int(ckpt.batch_in_epoch),
+        theta=theta.astype(np.float32, copy=False), sigma=None if sigma is None else sigma.astype(np.float32, copy=False),
+        opt_state=_check_state("opt_state", ckpt.opt_state), config=dict(ckpt.config), arch=dict(ckpt.arch),
+        metrics={str(k): np.asarray(v).reshape(-1) for k, v in ckpt.metrics.items()},
+        noise_scheme=str(ckpt.noise_scheme), extra=_check_state("extra", ckpt.extra),
+        world_size=int(ckpt.world_size), created=ckpt.created, host=ckpt.host)
+
+
+def _check_state(name: str, d: Mapping[str, Any]) -> StateDict:
+    out: StateDict = {}
+    for k, v in d.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"Checkpoint.{name} keys must be non-empty strings, got {k!r}")
+        if isinstance(v, (np.ndarray, np.generic)) and not isinstance(v, np.ndarray):
+            v = v.item()
+        if isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+            out[k] = v
+        elif hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor; converted without importing torch
+            out[k] = v.detach().cpu().numpy()
+        else:
+            raise TypeError(f"Checkpoint.{name}[{k!r}] must be a numeric numpy array, int, float, bool "
+                            f"or str, got {type(v).__name__}; convert it (state_to_dict) before saving")
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+def checkpoint_path(directory: str | os.PathLike, generation: int) -> Path:
+    return Path(directory) / f"ckpt_{int(generation):08d}.h5"
+
+
+def _quote(key: str) -> str:
+    return urllib.parse.quote(key, safe="")
+
+
+def _write_state(group: h5py.Group, d: StateDict) -> None:
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            group.create_dataset(_quote(k), data=v).attrs["key"] = k
+        else:
+            group.attrs[k] = v
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, ckpt: Checkpoint) -> None:
+    with h5py.File(path, "w", locking=False) as f:
+        a = f.attrs
+        a["schema"] = SCHEMA
+        a["format_version"] = FORMAT_VERSION
+        a["noise_scheme"] = ckpt.noise_scheme
+        a["generation"] = ckpt.generation
+        a["epoch"] = ckpt.epoch
+        a["batch_in_epoch"] = ckpt.batch_in_epoch
+        a["num_params"] = ckpt.theta.shape[0]
+        a["world_size"] = ckpt.world_size
+        a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        a["host"] = socket.gethostname()
+        a["state_sha256"] = state_sha256(ckpt)
+        f.create_dataset(DS_THETA, data=ckpt.theta)
+        if ckpt.sigma is not None:
+            f.create_dataset(DS_SIGMA, data=ckpt.sigma)
+        _write_state(f.create_group(GRP_OPTIMIZER), ckpt.opt_state)
+        _write_state(f.create_group(GRP_EXTRA), ckpt.extra)
+        f.create_dataset(DS_CONFIG, data=json.dumps(ckpt.config, default=str))
+        f.create_dataset(DS_ARCH, data=json.dumps(ckpt.arch, default=str))
+        mg = f.create_group(GRP_METRICS)
+        for k, v in ckpt.metrics.items():
+            ds = mg.create_dataset(_quote(k), data=v, maxshape=(None,), chunks=(max(1, min(len(v), 1024)),))
+            ds.attrs["key"] = k
+        f.flush()
+    _fsync_path(path)
+
+
+def _link_or_copy(src: Path, dst_tmp: Path) -> None:
+    try:
+        os.link(src, dst_tmp)
+    except OSError:
+        shutil.copyfile(src, dst_tmp)
+        _fsync_path(dst_tmp)
+
+
+def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None = 3) -> Path:
+    """Write ``DIR/ckpt_{generation:08d}.h5`` atomically, point ``DIR/latest.h5`` at it and keep
+    the newest ``keep_last`` ckpt files (None keeps all). Returns the new file's path. Call on one
+    rank only (no collectives inside)."""
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+    ckpt = _normalise(ckpt)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(d, ckpt.generation)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.stem}-", suffix=".h5", dir=d)
+    os.close(fd)
+    tmp, link_tmp = Path(tmp_name), None
+    try:
+        _write_file(tmp, ckpt)
+        os.replace(tmp, final)
+        _fsync_path(d, directory=True)
+        fd, link_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}latest-", suffix=".h5", dir=d)
+        os.close(fd)
+        link_tmp = Path(link_name)
+        link_tmp.unlink()  # os.link needs a free name; mkstemp only reserved a unique one
+        _link_or_copy(final, link_tmp)
+        os.replace(link_tmp, d / LATEST)
+        _fsync_path(d, directory=True)
+    finally:
+        for p in (tmp, link_tmp):
+            if p is not None:
+                p.unlink(missing_ok=True)
+    if keep_last is not None:
+        for _, old in list_checkpoints(d)[:-keep_last]:
+            if old != final:
+                old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(generation, path) of every ``ckpt_*.h5`` in directory, oldest first (names only, unread)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove ``.tmp-*.h5`` left by an interrupted save; returns what was removed. Call at start
+    on rank 0 only, before any save, and never while another job writes to the same directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        if p.name.startswith(TEMP_PREFIX) and p.name.endswith(".h5"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temp file(s) in %s", len(removed), d)
+    return removed
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_state(group: h5py.Group) -> StateDict:
+    out: StateDict = {}
+    for k, v in group.attrs.items():
+        out[k] = v.item() if isinstance(v, np.generic) else v
+        if isinstance(out[k], bytes):
+            out[k] = out[k].decode()
+    for name, ds in group.items():
+        out[str(ds.attrs.get("key", urllib.parse.unquote(name)))] = np.array(ds[()])
+    return out
+
+
+def _str_ds(f: h5py.File, name: str) -> str:
+    v = f[name][()]
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _read_raw(f: h5py.File) -> dict[str, Any]:
+    """All content as plain Python / numpy (the input of MIGRATIONS)."""
+    raw: dict[str, Any] = {"attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}}
+    raw["theta"] = np.array(f[DS_THETA][()])
+    raw["sigma"] = np.array(f[DS_SIGMA][()]) if DS_SIGMA in f else None
+    raw["opt_state"] = _read_state(f[GRP_OPTIMIZER])
+    raw["extra"] = _read_state(f[GRP_EXTRA]) if GRP_EXTRA in f else {}
+    raw["config"] = json.loads(_str_ds(f, DS_CONFIG))
+    raw["arch"] = json.loads(_str_ds(f, DS_ARCH))
+    raw["metrics"] = {str(ds.attrs.get("key", urllib.parse.unquote(n))): np.array(ds[()])
+                      for n, ds in f[GRP_METRICS].items()}
+    return raw
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}; give an existing .h5 file or an "
+                                "output directory that holds ckpt_*.h5 / latest.h5")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; use {path / LATEST}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not h5py.is_hdf5(str(path)):
+        raise CheckpointError(f"{path} is not an HDF5 file (starts with {head!r}); mpigls checkpoints are "
+                              "HDF5 files written by `mpigls train`; check the path")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise CheckpointError(f"{path} is an HDF5 file but cannot be opened ({' '.join(str(exc).split())}); it "
+                              "is probably truncated by a crash or an incomplete copy; use an older "
+                              "checkpoint (find_latest falls back automatically)") from exc
+
+
+def _header(f: h5py.File, path: Path) -> dict[str, Any]:
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    if attrs.get("schema") != SCHEMA:
+        raise CheckpointError(f"{path} is an HDF5 file but not an mpigls checkpoint (schema attribute "
+                              f"{attrs.get('schema')!r}, expected {SCHEMA!r})")
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}, but this mpigls reads "
+                              f"versions up to {FORMAT_VERSION}; upgrade mpigls to read it")
+    if version < FORMAT_VERSION and any(v not in MIGRATIONS for v in range(version, FORMAT_VERSION)):
+        raise CheckpointError(f"{path} has checkpoint format version {version}, and no migration to the "
+                              f"current version {FORMAT_VERSION} exists; read it with the mpigls "
+                              "release that wrote it")
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise CheckpointError(f"{path} lacks the attribute(s) {missing}; the file is incomplete or damaged")
+    return attrs
+
+
+def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint (schema, version, migration, checksum when ``verify``).
+
+    Raises FileNotFoundError for a missing path and CheckpointError (a ValueError) with a
+    one-paragraph explanation for anything else that makes the file unusable."""
+    path = Path(path)
+    f = _open(path)
+    try:
+        with f:
+            attrs = _header(f, path)
+            try:
+                raw = _read_raw(f)
+            except KeyError as exc:
+                raise CheckpointError(f"{path} lacks a required dataset or group ({exc}); the file is "
+                                      "incomplete or damaged; use an older checkpoint") from exc
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({' '.join(str(exc).split())}); it is probably "
+                              "truncated or corrupt; use an older checkpoint") from exc
+    for v in range(attrs["format_version"], FORMAT_VERSION):
+        raw = MIGRATIONS[v](raw)
+    a = raw["attrs"]
+    ckpt = Checkpoint(
+        generation=int(a["generation"]), epoch=int(a["epoch"]), batch_in_epoch=int(a["batch_in_epoch"]),
+        theta=raw["theta"], sigma=raw["sigma"], opt_state=raw["opt_state"], config=raw["config"],
+        arch=raw["arch"], metrics=raw["metrics"], noise_scheme=str(a["noise_scheme"]), extra=raw["extra"],
+        world_size=int(a.get("world_size", 1)), created=str(a.get("created", "")), host=str(a.get("host", "")))
+    if ckpt.theta.dtype != np.float32 or ckpt.theta.ndim != 1:
+        raise CheckpointError(f"{path}: theta must be float32 (D,), found {ckpt.theta.dtype} {ckpt.theta.shape}")
+    if verify and state_sha256(ckpt) != a["state_sha256"]:
+        raise CheckpointError(f"{path}: the state checksum does not match (stored {a['state_sha256'][:16]}…, "
+                              f"computed {state_sha256(ckpt)[:16]}…); the file was modified or damaged; "
+                              "use an older checkpoint")
+    return ckpt
+
+
+def _generation_of(path: Path) -> int | None:
+    try:
+        with _open(path) as f:
+            return int(_header(f, path)["generation"])
+    except (OSError, ValueError):
+        return None
+
+
+def find_latest(directory: str | os.PathLike) -> Path | None:
+    """The newest *loadable* checkpoint in directory, or None when there is none.
+
+    Candidates are ``latest.h5`` and every ``ckpt_*.h5``, newest generation first (``latest.h5``
+    wins a tie); each is fully loaded (checksum included) until one succeeds, warning about every
+    unreadable file skipped. A crash between writing ``ckpt_G`` and relinking ``latest.h5`` is
+    therefore resumed from G."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    candidates: list[tuple[int, int, Path]] = []
+    latest = d / LATEST
+    if latest.exists():
+        g = _generation_of(latest)
+        candidates.append((g if g is not None else -1, 1, latest))
+    candidates += [(g, 0, p) for g, p in list_checkpoints(d)]
+    for _, _, p in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+        try:
+            load(p)
+            return p
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None) -> None:
+    """Raise ValueError if the checkpoint was written for another architecture than ``arch``."""
+    want = json.loads(json.dumps(dict(arch), default=str))  # compare in the stored (JSON) form
+    diffs = [f"{k}: checkpoint {ckpt.arch.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"
+             for k in sorted(set(want) | set(ckpt.arch)) if ckpt.arch.get(k) != want.get(k)]
+    if num_params is not None and ckpt.theta.shape[0] != num_params:
+        diffs.append(f"num_params: checkpoint {ckpt.theta.shape[0]} vs now {num_params}")
+    if diffs:
+        raise ValueError("the checkpoint was written for a different architecture (" + "; ".join(diffs) +
+                         "); resume with the model settings it was trained with, or use a fresh --out directory")
+
+
+def summary(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able description of a checkpoint (what ``mpigls inspect --json`` prints)."""
+    path = Path(path)
+    c = load(path)
+    sig = None if c.sigma is None else {
+        "min": float(c.sigma.min()), "max": float(c.sigma.max()), "mean": float(c.sigma.mean())} if c.sigma.size else {}
+    last = {k: (v[-1].item() if v.size else None) for k, v in c.metrics.items()}
+    return {"path": str(path), "format_version": FORMAT_VERSION, "generation": c.generation,
+            "epoch": c.epoch, "batch_in_epoch": c.batch_in_epoch, "theta_sha256": theta_sha256(c.theta),
+            "num_params": int(c.theta.shape[0]), "sigma": sig, "metrics": last,
+            "num_logged": max((len(v) for v in c.metrics.values()), default=0),
+            "noise_scheme": c.noise_scheme, "world_size": c.world_size, "created": c.created,
+            "host": c.host, "config": c.config, "arch": c.arch}

@@ -1,0 +1,224 @@
+"""Command line: ``mpigls train | certify | inspect | landscape | plot``.
+
+One process:      mpigls train configs/quickstart.yaml --out runs/quick
+Two MPI ranks:    mpiexec -n 2 python -m mpi4py -m mpigls train configs/quickstart.yaml --out runs/quick
+SLURM:            srun python -m mpi4py -m mpigls train configs/mnist-cnn3-deeppoly-pgpe.yaml --out $SCRATCH/run1
+
+``python -m mpi4py`` makes an uncaught exception on any rank abort the whole job instead of
+hanging it. ``main(argv)`` is the only place that reads argv or exits. Exit codes: 0 success,
+1 runtime failure, 2 user error (bad config, bad input file), 3 stopped by SIGTERM/SIGUSR1 after a
+checkpoint (requeue and run the same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from . import dist
+
+__all__ = ["main", "build_parser"]
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpigls", description="MPI-parallel certified training with Gaussian Loss Smoothing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train (or resume) from a YAML config")
+    tr.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    tr.add_argument("--out", required=True, help="output directory: checkpoints, DIR/latest.h5, metrics")
+    tr.add_argument("--max-generations", type=int, default=None,
+                    help="stop cleanly after this many generations in total (with a checkpoint); a later call continues")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set optimizer.popsize=64")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    tr.add_argument("--dry-run", action="store_true", help="validate config and data, print a summary, do not train")
+    tr.add_argument("--no-eval", action="store_true", help="skip the final test-set certification")
+
+    ce = sub.add_parser("certify", help="natural, PGD and certified accuracy of a checkpoint")
+    ce.add_argument("checkpoint")
+    ce.add_argument("--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)")
+    ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
+    ce.add_argument("--num-test", type=int, default=None, help="first N test examples")
+    ce.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a key of the checkpoint's config, e.g. --set data.root=/data")
+    ce.add_argument("--json", action="store_true", help="print JSON")
+
+    ins = sub.add_parser("inspect", help="summary of a checkpoint")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--json", action="store_true", help="print JSON (generation, theta_sha256, last metrics, ...)")
+
+    la = sub.add_parser("landscape", help="original vs Gaussian-smoothed loss along the DeepPoly gradient (paper Fig. 6)")
+    la.add_argument("checkpoint")
+    la.add_argument("--out", default="landscape.png", help="PNG path")
+    la.add_argument("--sigmas", default="1e-3,1e-2", help="comma-separated sigmas")
+    la.add_argument("--methods", default="ibp,crown-ibp,deeppoly", help="comma-separated relaxations")
+    la.add_argument("--num-samples", type=int, default=32, help="Gaussian samples per point")
+    la.add_argument("--num-points", type=int, default=21, help="points along the direction")
+    la.add_argument("--radius", type=float, default=None, help="largest step along the direction (default: 5 * max sigma)")
+    la.add_argument("--batch-size", type=int, default=64, help="training examples used for the loss")
+
+    pl = sub.add_parser("plot", help="plot the metrics history of a checkpoint to PNG")
+    pl.add_argument("checkpoint")
+    pl.add_argument("--out", default="metrics.png")
+    pl.add_argument("--keys", default="loss/mean,sched/eps", help="comma-separated metric keys")
+
+    cf = sub.add_parser("config", help="list every config key with its default and meaning")
+    cf.add_argument("--markdown", action="store_true")
+    return parser
+
+
+def _cmd_train(args, comm) -> int:
+    cfg = config_mod.load_config(args.config, args.overrides)
+    if args.print_config:
+        if comm.is_root:
+            import yaml
+            print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from . import train as train_mod
+    if args.dry_run:
+        dataset, model, arch = train_mod.build_problem(cfg)
+        if comm.is_root:
+            from .models import num_params
+            print(f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
+                  f"({len(dataset.train_y)} train / {len(dataset.test_y)} test, shape {dataset.in_shape}); "
+                  f"{cfg.model.name} with D={num_params(model)} parameters; {comm.world_size} rank(s)")
+        return 0
+    result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations)
+    if result.stopped_by_signal:
+        return dist.EXIT_PREEMPTED
+    if not args.no_eval and (args.max_generations is None or result.generation >= _total_generations(cfg)):
+        _final_eval(cfg, result, comm)
+    return 0
+
+
+def _total_generations(cfg) -> int:
+    from . import train as train_mod
+    dataset, _, _ = train_mod.build_problem(cfg)
+    import math
+    return math.ceil(cfg.train.epochs * (len(dataset.train_y) // cfg.train.batch_size))
+
+
+def _final_eval(cfg, result, comm) -> dict:
+    from . import certify, train as train_mod
+    dataset, model, _ = train_mod.build_problem(cfg)
+    n = cfg.eval.num_test or len(dataset.test_y)
+    res = certify.evaluate(model, result.theta, dataset.test_x[:n], dataset.test_y[:n], cfg.bound.eps,
+                           list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
+                           pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    if comm.is_root:
+        parts = [f"{k} {100 * v:.2f}%" for k, v in res.items() if k not in ("num_examples", "eps")]
+        print(f"final test accuracy (eps={cfg.bound.eps}, {res['num_examples']} examples): " + ", ".join(parts), flush=True)
+    return res
+
+
+def _cmd_certify(args, comm) -> int:
+    from . import certify, checkpoint, models, train as train_mod
+    import torch
+    ckpt = checkpoint.load(args.checkpoint)
+    cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    dataset, model, arch = train_mod.build_problem(cfg)
+    checkpoint.check_compatible(ckpt, arch)
+    methods = args.methods.split(",") if args.methods else list(cfg.eval.methods)
+    eps = cfg.bound.eps if args.eps is None else args.eps
+    n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
+    res = certify.evaluate(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n], eps,
+                           methods, comm=comm, batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps,
+                           seed=cfg.train.seed)
+    if comm.is_root:
+        print(json.dumps(res, indent=2) if args.json else
+              "\n".join(f"{k:24s} {100 * v:6.2f}%" for k, v in res.items() if k not in ("num_examples", "eps"))
+              + ("" if args.json else f"\n({res['num_examples']} test examples, eps={eps})"))
+    del models
+    return 0
+
+
+def _cmd_inspect(args, comm) -> int:
+    from . import checkpoint
+    summary = checkpoint.summary(args.checkpoint)
+    if comm.is_root:
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            for key, value in summary.items():
+                if key != "config":
+                    print(f"{key:20s} {value}")
+    return 0
+
+
+def _cmd_landscape(args, comm) -> int:
+    from . import checkpoint, landscape, train as train_mod
+    import torch
+    ckpt = checkpoint.load(args.checkpoint)
+    cfg = config_mod.from_dict(ckpt.config)
+    dataset, model, arch = train_mod.build_problem(cfg)
+    checkpoint.check_compatible(ckpt, arch)
+    if comm.is_root:
+        path = landscape.run_from_checkpoint(
+            model, torch.from_numpy(ckpt.theta.copy()), dataset.train_x[:args.batch_size],
+            dataset.train_y[:args.batch_size], cfg.bound.eps,
+            sigmas=[float(s) for s in args.sigmas.split(",")], methods=args.methods.split(","),
+            num_samples=args.num_samples, num_points=args.num_points, radius=args.radius,
+            seed=cfg.train.seed, out=args.out)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plot(args, comm) -> int:
+    from . import checkpoint
+    ckpt = checkpoint.load(args.checkpoint)
+    if comm.is_root:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = args.keys.split(",")
+        missing = [k for k in keys if k not in ckpt.metrics]
+        if missing:
+            raise ValueError(f"metric key(s) {missing} not in checkpoint; available: {sorted(ckpt.metrics)}")
+        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.5 * len(keys)), sharex=True, squeeze=False)
+        gens = ckpt.metrics.get("generation")
+        for ax, key in zip(axes[:, 0], keys):
+            ax.plot(gens if gens is not None else range(len(ckpt.metrics[key])), ckpt.metrics[key])
+            ax.set_ylabel(key)
+        axes[-1, 0].set_xlabel("generation")
+        fig.tight_layout()
+        fig.savefig(args.out, dpi=120)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_config(args, comm) -> int:
+    if comm.is_root:
+        rows = config_mod.describe()
+        if args.markdown:
+            print("| key | default | meaning |\n|---|---|---|")
+            print("\n".join(f"| `{k}` | `{d}` | {h} |" for k, d, h in rows))
+        else:
+            print("\n".join(f"{k:28s} {d:18s} {h}" for k, d, h in rows))
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "certify": _cmd_certify, "inspect": _cmd_inspect,
+             "landscape": _cmd_landscape, "plot": _cmd_plot, "config": _cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fake_nodes = None
+    if args.command == "train":
+        try:
+            fake_nodes = config_mod.load_config(args.config, args.overrides).train.fake_nodes
+        except (*USER_ERRORS, config_mod.ConfigError):
+            fake_nodes = None  # reported below, on every rank, by the command itself
+    comm = dist.init_comm(fake_nodes=fake_nodes)
+    try:
+        return _COMMANDS[args.command](args, comm)
+    except USER_ERRORS as exc:
+        # Every rank validates the same input, so every rank fails alike and no collective hangs.
+        if comm.is_root:
+            print(f"mpigls {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return dist.EXIT_USER_ERROR

@@ -1,0 +1,329 @@
+"""Typed run configuration: nested frozen dataclasses loaded from YAML, with ``--set`` overrides.
+
+Precedence: ``--set section.key=value`` > YAML file > defaults. Unknown keys, wrong types and
+impossible values raise ``ConfigError`` (a ValueError) with the offending key, the value given,
+what is allowed and how to fix it. Each field's ``help`` metadata is the documentation shown by
+``mpigls train --help-config`` and in README. Derived quantities are properties, never fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
+           "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict",
+           "apply_overrides", "describe"]
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration file or override."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse naming
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    name: str = _f("digits", "dataset: digits (scikit-learn, offline default), mnist, cifar10, tinyimagenet, synthetic")
+    root: str | None = _f(None, "directory holding the dataset files (required for mnist, cifar10, tinyimagenet)")
+    num_train: int | None = _f(None, "use only the first N training examples (null: all)")
+    num_test: int | None = _f(None, "use only the first N test examples (null: all)")
+    augment: str = _f("auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar")
+
+    def __post_init__(self):
+        names = ("digits", "mnist", "cifar10", "tinyimagenet", "synthetic")
+        _require(self.name in names, f"data.name must be one of {list(names)}, got {self.name!r}")
+        _require(self.augment in ("auto", "none", "flip", "cifar"),
+                 f"data.augment must be auto, none, flip or cifar, got {self.augment!r}")
+        if self.name in ("mnist", "cifar10", "tinyimagenet"):
+            _require(self.root is not None,
+                     f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
+                     f"dataset, e.g. --set data.root=/scratch/datasets")
+        for key in ("num_train", "num_test"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"data.{key} must be positive or null, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = _f("cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny")
+    init_from: str | None = _f(None, "warm start: path of an mpigls checkpoint whose theta initialises training "
+                                     "(the paper starts PGPE from a PGD-trained network)")
+
+    def __post_init__(self):
+        from .models import ARCHITECTURES
+        _require(self.name in ARCHITECTURES, f"model.name must be one of {list(ARCHITECTURES)}, got {self.name!r}")
+
+
+BOUND_METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown", "sabr", "staps", "pgd", "natural")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundConfig:
+    method: str = _f("ibp", "training loss: ibp, hbox, crown-ibp, deeppoly (= crown), alpha-crown, sabr, staps, pgd, natural")
+    eps: float = _f(0.1, "l_inf radius in pixel space ([0, 1] images)")
+    eps_schedule: str = _f("smooth", "eps annealing per batch: constant, linear, smooth (polynomial then linear)")
+    eps_start: float = _f(0.0, "eps at the start of annealing")
+    warmup_epochs: float = _f(0.0, "epochs at eps_start before annealing begins")
+    anneal_epochs: float = _f(0.0, "epochs over which eps grows from eps_start to eps (0: no annealing)")
+    options: dict = _f({}, "method-specific options passed to the bound engine (e.g. memory_budget_mb, "
+                           "sabr_lambda, alpha_steps)")
+
+    def __post_init__(self):
+        _require(self.method in BOUND_METHODS, f"bound.method must be one of {list(BOUND_METHODS)}, got {self.method!r}")
+        _require(self.eps >= 0, f"bound.eps must be >= 0, got {self.eps}; eps is an l_inf radius in [0, 1] pixel space")
+        _require(0 <= self.eps_start <= max(self.eps, 0.0) or self.eps_start == 0,
+                 f"bound.eps_start must lie in [0, bound.eps={self.eps}], got {self.eps_start}")
+        _require(self.eps_schedule in ("constant", "linear", "smooth"),
+                 f"bound.eps_schedule must be constant, linear or smooth, got {self.eps_schedule!r}")
+        _require(self.warmup_epochs >= 0 and self.anneal_epochs >= 0,
+                 f"bound.warmup_epochs and bound.anneal_epochs must be >= 0, got {self.warmup_epochs}, {self.anneal_epochs}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    name: str = _f("pgpe", "pgpe (zeroth order GLS), rgs (first order GLS) or grad (plain backprop baseline)")
+    lr: float = _f(3e-4, "learning rate of the centre (paper: 3e-4 for PGPE)")
+    step_rule: str = _f("adam", "step rule of the centre: adam or clipup")
+    beta1: float = _f(0.9, "Adam beta1")
+    beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    max_speed: float | None = _f(None, "ClipUp max speed (null: 2 * lr)")
+    momentum: float = _f(0.9, "ClipUp momentum")
+    weight_decay: float = _f(0.0, "decoupled weight decay on the centre")
+    grad_clip: float | None = _f(10.0, "global-norm gradient clipping for grad/rgs (null: none)")
+    lr_milestones: list = _f([], "epochs after which the lr is multiplied by lr_factor (paper PGPE: [110, 130])")
+    lr_factor: float = _f(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
+    popsize: int = _f(256, "PGPE population size, even (antithetic pairs); paper: 256")
+    sigma_init: float = _f(1e-3, "initial per-parameter sigma of the Gaussian (PGPE and RGS); paper: 1e-3")
+    sigma_lr: float = _f(0.0, "PGPE learning rate of sigma (0 with fixed_sigma)")
+    sigma_max_change: float = _f(0.2, "PGPE bound on the relative change of sigma per step")
+    sigma_min: float = _f(1e-6, "PGPE lower clamp of sigma")
+    sigma_max: float = _f(1.0, "PGPE upper clamp of sigma")
+    fixed_sigma: bool = _f(True, "keep sigma fixed (PGPE)")
+    fitness_shaping: str = _f("centered_ranks", "PGPE fitness shaping: centered_ranks, normalized or raw")
+    num_samples: int = _f(8, "RGS samples per step")
+    antithetic: bool = _f(True, "RGS antithetic samples (pairs share +-z)")
+    block_size: int = _f(8, "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
+                            "unit of distribution, fixed so results do not depend on the number of ranks")
+
+    def __post_init__(self):
+        _require(self.name in ("pgpe", "rgs", "grad"), f"optimizer.name must be pgpe, rgs or grad, got {self.name!r}")
+        _require(self.step_rule in ("adam", "clipup"), f"optimizer.step_rule must be adam or clipup, got {self.step_rule!r}")
+        _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _require(self.popsize >= 2 and self.popsize % 2 == 0,
+                 f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize}; "
+                 f"use {max(2, self.popsize - 1 if self.popsize % 2 else self.popsize)} or {max(2, self.popsize + 1)}")
+        _require(self.sigma_init > 0, f"optimizer.sigma_init must be > 0, got {self.sigma_init}")
+        _require(0 < self.sigma_min <= self.sigma_init <= self.sigma_max,
+                 f"optimizer sigma bounds must satisfy 0 < sigma_min <= sigma_init <= sigma_max, got "
+                 f"{self.sigma_min}, {self.sigma_init}, {self.sigma_max}")
+        _require(0 < self.sigma_max_change <= 1, f"optimizer.sigma_max_change must lie in (0, 1], got {self.sigma_max_change}")
+        _require(self.fitness_shaping in ("centered_ranks", "normalized", "raw"),
+                 f"optimizer.fitness_shaping must be centered_ranks, normalized or raw, got {self.fitness_shaping!r}")
+        _require(self.num_samples >= 1, f"optimizer.num_samples must be >= 1, got {self.num_samples}")
+        _require(not (self.antithetic and self.num_samples % 2),
+                 f"optimizer.num_samples must be even with antithetic=true, got {self.num_samples}")
+        _require(self.block_size >= 1, f"optimizer.block_size must be >= 1, got {self.block_size}")
+        _require(all(isinstance(m, (int, float)) and m >= 0 for m in self.lr_milestones),
+                 f"optimizer.lr_milestones must be a list of non-negative epochs, got {self.lr_milestones}")
+        _require(list(self.lr_milestones) == sorted(self.lr_milestones),
+                 f"optimizer.lr_milestones must be increasing, got {self.lr_milestones}")
+        _require(0 < self.lr_factor <= 1, f"optimizer.lr_factor must lie in (0, 1], got {self.lr_factor}")
+        _require(self.grad_clip is None or self.grad_clip > 0, f"optimizer.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+    @property
+    def num_members(self) -> int:
+        """Work items per generation that are distributed: PGPE pairs or RGS samples."""
+        return self.popsize // 2 if self.name == "pgpe" else self.num_samples
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: float = _f(10, "training length in epochs (one generation = one minibatch)")
+    batch_size: int = _f(128, "minibatch size; every rank draws the same minibatch")
+    seed: int = _f(0, "seed of everything: init, batch order, noise (never changed per rank)")
+    checkpoint_every: int = _f(50, "generations between checkpoints (one is always written at the end and on a stop signal)")
+    keep_last: int = _f(3, "checkpoints kept in the output directory")
+    log_every: int = _f(10, "generations between log lines on rank 0")
+    consistency_every: int = _f(100, "generations between cross-rank theta hash checks (0: off)")
+    device: str = _f("auto", "auto (GPU by node-local rank if available), cpu or cuda")
+    threads: int | None = _f(None, "torch CPU threads per rank (null: cores per node / ranks per node); "
+                                   "bitwise world-size invariance on CPU needs the same value for every run")
+    fake_nodes: int | None = _f(None, "split ranks into this many simulated nodes (testing node-level code on one machine)")
+    progress: bool = _f(True, "progress bar on rank 0 when attached to a terminal")
+
+    def __post_init__(self):
+        _require(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.consistency_every >= 0, f"train.consistency_every must be >= 0, got {self.consistency_every}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        _require(self.threads is None or self.threads >= 1, f"train.threads must be >= 1 or null, got {self.threads}")
+        _require(self.fake_nodes is None or self.fake_nodes >= 1, f"train.fake_nodes must be >= 1 or null, got {self.fake_nodes}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    methods: list = _f(["ibp", "deeppoly"], "bound methods used to certify at the end of training and by `mpigls certify`")
+    num_test: int | None = _f(None, "certify only the first N test examples (null: all)")
+    batch_size: int = _f(100, "test examples per bound call")
+    pgd_steps: int = _f(20, "PGD steps of the empirical robustness attack (0: skip)")
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in BOUND_METHODS[:7]]
+        _require(not bad, f"eval.methods entries must be among {list(BOUND_METHODS[:7])}, got {bad}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.pgd_steps >= 0, f"eval.pgd_steps must be >= 0, got {self.pgd_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bound: BoundConfig = field(default_factory=BoundConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check (and mildly coerce: int -> float) ``value`` against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return True, None
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                ok, coerced = _type_ok(value, arg)
+                if ok:
+                    return True, coerced
+        return False, value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation in (str, bool, list, dict):
+        return isinstance(value, annotation), value
+    return True, value
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, values: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {path or 'top level'} must be a mapping, got {type(values).__name__}")
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        where = f"section '{path}'" if path else "the top level"
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys are {valid}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        key = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, key)
+            continue
+        ok, coerced = _type_ok(value, annotation)
+        if not ok:
+            raise ConfigError(f"config key {key} must be of type {_type_name(annotation)}, got {value!r} "
+                              f"({type(value).__name__})")
+        kwargs[name] = coerced
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid config section '{path}': {exc}") from None
+
+
+def from_dict(values: dict) -> Config:
+    """Build and validate a Config from a (YAML-shaped) nested dict."""
+    return _build(Config, values or {}, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict copy."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (values or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set key must look like section.key (e.g. optimizer.lr=1e-3), got {dotted!r}")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML ``path`` (None: defaults only), apply overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/quickstart.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must contain a mapping of sections, got {type(values).__name__}")
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for every field, for --help-config and README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

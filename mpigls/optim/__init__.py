@@ -1,0 +1,10 @@
+"""Optimizers over flat float32 parameter vectors: PGPE and RGS (Gaussian Loss Smoothing) and the
+GRAD baseline, with their step rules, fitness shaping and schedules.
+
+Convention for the whole package: we MINIMISE a loss; gradients are gradients of the loss and
+every update is theta <- theta - delta. Optimizers never see a network, only vectors (D,) and
+losses, and import neither mpigls.dist nor mpigls.checkpoint.
+"""
+from mpigls.optim import grad, pgpe, rgs, schedules, shaping, steprules
+
+__all__ = ["grad", "pgpe", "rgs", "schedules", "shaping", "steprules"]

@@ -1,0 +1,120 @@
+"""RGS: Randomized Gradient Smoothing, the first-order Gaussian Loss Smoothing optimizer.
+
+GLS paper (arXiv 2403.07095), the RGS variant: the gradient of the smoothed loss
+L_sigma(theta) = E_z L(theta + sigma*z) equals E_z grad L(theta + sigma*z) wherever L is
+differentiable almost everywhere with integrable gradient, so
+    g = 1/n * sum_i grad L(theta + sigma * z_i),   z_i ~ N(0, I_D)
+is unbiased. Note what this needs: L must be differentiable a.e. AND its a.e. gradient must carry
+the information. For a step function the a.e. gradient is 0 and RGS sees nothing (PGPE does);
+this is why RGS backpropagates through a differentiable relaxation. We MINIMISE the loss.
+
+Antithetic (optional): samples 2k and 2k+1 share the noise +z_k and -z_k.
+z comes from mpigls.noise with stream STREAM_RGS, keyed by (seed, generation, k).
+
+Division of labour: the training loop evaluates, on each rank, the backprop gradient at its slice
+of ``sample_points``, sums them, and all-reduces the sum exactly (dist.allreduce_sum_exact);
+``tell`` receives that sum (D,) and divides by num_samples. Then: global-norm clipping,
+weight decay, and an Adam / ClipUp / SGD step (steprules). A non-finite grad_sum skips the step
+("rgs/skipped" = 1; the generation still advances).
+
+Shapes: D parameters, n samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpigls import noise
+from mpigls.optim import steprules
+
+__all__ = ["RGSParams", "RGSState", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RGSParams:
+    num_samples: int = 16              # n gradient samples per step
+    sigma: float = 1e-3                # smoothing standard deviation (fixed, isotropic)
+    antithetic: bool = True            # samples 2k, 2k+1 use +z_k, -z_k (needs even num_samples)
+    lr: float = 5e-4
+    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
+    momentum: float = 0.9              # ClipUp momentum
+    grad_clip: float | None = 10.0     # global L2 norm clip of the mean gradient; None/0: off
+    weight_decay: float = 0.0          # L2 coefficient added to the gradient
+
+    def __post_init__(self):
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"optimizer.num_samples must be a positive integer, got {self.num_samples!r}")
+        if self.antithetic and self.num_samples % 2:
+            raise ValueError(f"optimizer.num_samples must be even when antithetic=true, got {self.num_samples}; "
+                             f"use {self.num_samples + 1} or set antithetic=false")
+        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"optimizer.sigma must be a finite number >= 0, got {self.sigma!r}")
+        steprules.check_positive("lr", self.lr)
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ValueError(f"optimizer.grad_clip must be >= 0 or None (off), got {self.grad_clip}")
+        steprules.check_params(self)
+
+
+@dataclass(frozen=True)
+class RGSState:
+    center: torch.Tensor            # (D,) float32
+    step_state: steprules.StepState
+    generation: int
+
+
+def init(params: RGSParams, center: torch.Tensor) -> RGSState:
+    if center.ndim != 1 or center.numel() == 0:
+        raise ValueError(f"RGS centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
+    center = center.detach().to(torch.float32).clone()
+    return RGSState(center, steprules.init(params.step_rule, center), 0)
+
+
+def sample_points(state: RGSState, params: RGSParams, seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """theta + sigma * z_i for the given sample indices: (len(indices), D)."""
+    indices = [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < params.num_samples]
+    if bad:
+        raise ValueError(f"RGS sample indices must be in [0, {params.num_samples}), got {bad[:5]}")
+    num_params = state.center.numel()
+    keys = [i // 2 for i in indices] if params.antithetic else indices
+    z = noise.noise_block(seed, state.generation, keys, num_params, noise.STREAM_RGS).to(state.center.device)
+    if params.antithetic:
+        signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in indices], device=z.device)
+        z = z * signs[:, None]
+    return state.center + params.sigma * z
+
+
+def tell(state: RGSState, params: RGSParams, grad_sum: torch.Tensor,
+         lr: float | None = None) -> tuple[RGSState, dict]:
+    """Step with the mean gradient grad_sum / num_samples; returns (new state, metrics)."""
+    if grad_sum.shape != state.center.shape:
+        raise ValueError(f"RGS tell needs grad_sum of shape {tuple(state.center.shape)}, got {tuple(grad_sum.shape)}")
+    lr = params.lr if lr is None else float(lr)
+    grad = grad_sum.detach().to(state.center.device, torch.float32) / params.num_samples
+    if not bool(torch.isfinite(grad).all()):
+        return (dataclasses.replace(state, generation=state.generation + 1),
+                {"rgs/skipped": 1, "rgs/grad_norm": math.nan, "rgs/step_norm": 0.0, "rgs/lr": lr})
+    center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, "rgs")
+    return RGSState(center, step_state, state.generation + 1), {"rgs/skipped": 0, **metrics}
+
+
+def state_to_dict(state: RGSState) -> dict:
+    return {"center": state.center.detach().cpu().numpy().copy(), "generation": int(state.generation),
+            **steprules.state_to_dict(state.step_state)}
+
+
+def state_from_dict(d: dict, device: torch.device | str = "cpu") -> RGSState:
+    missing = {"center", "generation", "step/t", "step/m", "step/v"} - set(d)
+    if missing:
+        raise ValueError(f"RGS state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
+    return RGSState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
+                    steprules.state_from_dict(d, device=device), int(d["generation"]))

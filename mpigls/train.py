@@ -1,0 +1,296 @@
+"""The training loop: ties data, population, bounds, optimizer, communication and checkpoints.
+
+One generation = one minibatch (identical on every rank, from the shared seed). The distributed
+work of a generation (PGPE pairs, RGS samples, GRAD examples) is cut into fixed-size blocks that
+do not depend on the number of ranks; rank r evaluates a contiguous run of blocks. PGPE ranks
+exchange only their scalar losses; RGS/GRAD ranks exchange per-block gradient rows through an
+exact fixed-point sum. Every rank then applies the same pure optimizer update, so all ranks hold
+bitwise identical state, for any world size (with the same threads per rank on CPU).
+
+Shapes: P population, D parameters, B batch, K classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, data, dist, losses, models, noise
+from .config import Config, to_dict
+from .optim import grad as grad_opt
+from .optim import pgpe, rgs, schedules
+
+__all__ = ["TrainResult", "train", "build_problem", "optimizer_module", "optimizer_params"]
+
+_OPTIMIZERS = {"pgpe": pgpe, "rgs": rgs, "grad": grad_opt}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    generation: int
+    theta: torch.Tensor
+    stopped_by_signal: bool
+    checkpoint_path: str | None
+    metrics: dict
+
+
+def optimizer_module(cfg: Config):
+    return _OPTIMIZERS[cfg.optimizer.name]
+
+
+def optimizer_params(cfg: Config):
+    """The optimizer's frozen Params built 1:1 from the matching config fields."""
+    module = optimizer_module(cfg)
+    params_cls = {"pgpe": pgpe.PGPEParams, "rgs": rgs.RGSParams, "grad": grad_opt.GRADParams}[cfg.optimizer.name]
+    values = to_dict(cfg.optimizer)
+    values["sigma"] = values["sigma_init"]
+    names = {f.name for f in dataclasses.fields(params_cls)}
+    del module
+    return params_cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_problem(cfg: Config):
+    """Dataset and model (on CPU) for a config; the model's initial weights come from train.seed."""
+    dataset = data.load(cfg.data.name, cfg.data.root, num_train=cfg.data.num_train, num_test=cfg.data.num_test)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = models.build(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)
+    arch = models.architecture_dict(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)
+    return dataset, model, arch
+
+
+def _augment_kind(cfg: Config) -> str:
+    if cfg.data.augment != "auto":
+        return cfg.data.augment
+    return "cifar" if cfg.data.name in ("cifar10", "tinyimagenet") else "none"
+
+
+def _root_load(comm, path_or_none_fn: Callable[[], object]):
+    """Run a disk-reading function on rank 0 and broadcast its result (or its exception) to all ranks."""
+    result, error = None, None
+    if comm.is_root:
+        try:
+            result = path_or_none_fn()
+        except Exception as exc:  # re-raised identically on every rank below
+            error = exc
+    result, error = comm.bcast_obj((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _exact_row_sum(comm, rows: torch.Tensor, num_params: int) -> torch.Tensor:
+    """Sum of all ranks' rows (n_local, D), bitwise independent of how rows are split over ranks."""
+    return comm.allreduce_sum_exact(rows.reshape(-1, num_params))
+
+
+def _eval_pgpe(cfg, model, state, params, x, y, eps, device, comm, blocks, bound_opts):
+    num_pairs = cfg.optimizer.popsize // 2
+    bs = cfg.optimizer.block_size
+    local = []
+    for block in blocks:
+        pairs = list(range(block * bs, min((block + 1) * bs, num_pairs)))
+        points = pgpe.ask(state, params, cfg.train.seed, pairs).to(device)  # (2*len(pairs), D)
+        with torch.no_grad():
+            r = losses.certified_loss(model, x, y, eps, cfg.bound.method, params=points, **bound_opts)
+        local.append(r.detach().to("cpu", torch.float64))
+    local_t = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+    return comm.allgather_concat(local_t)  # (P,) in global member order
+
+
+def _grad_rows(model, x, y, eps, method, points, bound_opts):
+    """Per-row gradients (n, D) of the loss at each parameter vector in ``points`` (n, D)."""
+    points = points.detach().clone().requires_grad_(True)
+    loss = losses.certified_loss(model, x, y, eps, method, params=points, **bound_opts)
+    (grads,) = torch.autograd.grad(loss.sum(), points)
+    return grads, loss.detach()
+
+
+def _eval_rgs(cfg, model, state, params, x, y, eps, device, comm, blocks, bound_opts):
+    n, bs = cfg.optimizer.num_samples, cfg.optimizer.block_size
+    rows, local_losses = [], []
+    for block in blocks:
+        idx = list(range(block * bs, min((block + 1) * bs, n)))
+        points = rgs.sample_points(state, params, cfg.train.seed, idx).to(device)
+        g, loss = _grad_rows(model, x, y, eps, cfg.bound.method, points, bound_opts)
+        rows.append(g.to("cpu", torch.float32))
+        local_losses.append(loss.to("cpu", torch.float64))
+    D = state.center.numel()
+    grad_sum = _exact_row_sum(comm, torch.cat(rows) if rows else torch.zeros(0, D), D)
+    all_losses = comm.allgather_concat(torch.cat(local_losses) if local_losses else torch.zeros(0, dtype=torch.float64))
+    return grad_sum, all_losses
+
+
+def _eval_grad(cfg, model, state, params, x, y, eps, device, comm, blocks, bound_opts):
+    B, bs = x.shape[0], cfg.optimizer.block_size
+    rows, local_losses = [], []
+    theta = state.center.to(device)
+    for block in blocks:
+        sl = slice(block * bs, min((block + 1) * bs, B))
+        g, loss = _grad_rows(model, x[sl], y[sl], eps, cfg.bound.method, theta[None], bound_opts)
+        n_ex = sl.stop - sl.start
+        rows.append((g[0] * n_ex / B).to("cpu", torch.float32))  # mean over the batch = sum of weighted block means
+        local_losses.append((loss * n_ex / B).to("cpu", torch.float64))
+    D = theta.numel()
+    grad_sum = _exact_row_sum(comm, torch.stack(rows) if rows else torch.zeros(0, D), D)
+    block_losses = comm.allgather_concat(torch.cat(local_losses) if local_losses else torch.zeros(0, dtype=torch.float64))
+    return grad_sum, block_losses.sum().reshape(1)
+
+
+def _num_blocks(cfg: Config, batch_size: int) -> int:
+    items = batch_size if cfg.optimizer.name == "grad" else cfg.optimizer.num_members
+    return math.ceil(items / cfg.optimizer.block_size)
+
+
+def _initial_state(cfg, params, theta0):
+    return optimizer_module(cfg).init(params, theta0)
+
+
+def _bound_options(cfg: Config, generation: int) -> dict:
+    opts = dict(cfg.bound.options)
+    if cfg.bound.method in ("sabr", "staps", "pgd"):
+        opts.setdefault("generator", noise.torch_generator(cfg.train.seed, noise.STREAM_ATTACK, generation))
+    return opts
+
+
+def _append_metrics(history: dict, metrics: dict, generation: int) -> None:
+    history.setdefault("generation", []).append(float(generation))
+    for key, value in metrics.items():
+        series = history.setdefault(key, [])
+        series.extend([math.nan] * (len(history["generation"]) - 1 - len(series)))
+        series.append(float(value))
+
+
+def _save(comm, out_dir: Path, cfg, arch, state, generation, gens_per_epoch, history, keep_last) -> str | None:
+    path = None
+    if comm.is_root:
+        module = optimizer_module(cfg)
+        state_dict = module.state_to_dict(state)
+        sigma = state_dict.get("sigma")
+        ckpt = checkpoint.Checkpoint(
+            generation=generation, epoch=generation // gens_per_epoch, batch_in_epoch=generation % gens_per_epoch,
+            theta=state.center.detach().cpu().numpy().astype(np.float32),
+            sigma=None if sigma is None else np.asarray(sigma, dtype=np.float32),
+            opt_state=state_dict, config=to_dict(cfg), arch=arch,
+            metrics={k: np.asarray(v, dtype=np.float64) for k, v in history.items()},
+            noise_scheme=noise.NOISE_SCHEME)
+        path = str(checkpoint.save(out_dir, ckpt, keep_last=keep_last))
+    return comm.bcast_obj(path)
+
+
+def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or resume) according to ``cfg``, writing checkpoints to ``out_dir``."""
+    comm = comm or dist.SerialComm()
+    log = log or (lambda msg: print(msg, flush=True))
+    say = log if comm.is_root else (lambda msg: None)
+    out_dir = Path(out_dir)
+    if max_generations is not None and max_generations < 0:
+        raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
+    device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
+    dataset, model, arch = build_problem(cfg)
+    model = model.to(device)
+    gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size
+    if gens_per_epoch < 1:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+                         f"({len(dataset.train_y)} examples); lower train.batch_size or raise data.num_train")
+    total = math.ceil(cfg.train.epochs * gens_per_epoch)
+    stop_at = total if max_generations is None else min(total, max_generations)
+    params = optimizer_params(cfg)
+    module = optimizer_module(cfg)
+
+    if comm.is_root:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_stale_temps(out_dir)
+    comm.barrier()
+    ckpt = _root_load(comm, lambda: (lambda p: checkpoint.load(p) if p else None)(checkpoint.find_latest(out_dir)))
+    if ckpt is not None:
+        checkpoint.check_compatible(ckpt, arch)
+        state = module.state_from_dict(ckpt.opt_state)
+        generation, history = ckpt.generation, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
+        say(f"resuming from generation {generation} in {out_dir}")
+    else:
+        theta0 = models.flat_params(model.cpu())
+        model.to(device)
+        if cfg.model.init_from:
+            warm = _root_load(comm, lambda: checkpoint.load(cfg.model.init_from))
+            checkpoint.check_compatible(warm, arch)
+            theta0 = torch.from_numpy(np.asarray(warm.theta, dtype=np.float32).copy())
+            say(f"warm start from {cfg.model.init_from} (generation {warm.generation})")
+        state = _initial_state(cfg, params, theta0)
+        generation, history = 0, {}
+
+    num_blocks = _num_blocks(cfg, cfg.train.batch_size)
+    blocks = dist.my_blocks(num_blocks, comm.rank, comm.world_size)
+    say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
+        f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
+        f"generations {generation}->{stop_at} of {total}")
+    stop_signal = dist.StopSignal()
+    aug = _augment_kind(cfg)
+    evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
+    ckpt_path, stopped, epoch_cache = None, False, (None, None)
+    progress = _progress(comm, cfg, generation, stop_at)
+    try:
+        while generation < stop_at:
+            t0 = time.perf_counter()
+            epoch, batch = divmod(generation, gens_per_epoch)
+            if epoch_cache[0] != epoch:
+                epoch_cache = (epoch, data.batch_indices(cfg.train.seed, epoch, len(dataset.train_y), cfg.train.batch_size))
+            idx = torch.from_numpy(epoch_cache[1][batch])
+            x = data.augment(dataset.train_x[idx], cfg.train.seed, epoch, batch, aug).to(device)
+            y = dataset.train_y[idx].to(device)
+            eps = schedules.eps_at(generation, eps_max=cfg.bound.eps, kind=cfg.bound.eps_schedule,
+                                   start=cfg.bound.warmup_epochs * gens_per_epoch,
+                                   length=cfg.bound.anneal_epochs * gens_per_epoch, eps_start=cfg.bound.eps_start)
+            lr = schedules.lr_at(epoch, lr=cfg.optimizer.lr, milestones=cfg.optimizer.lr_milestones,
+                                 factor=cfg.optimizer.lr_factor)
+            opts = _bound_options(cfg, generation)
+            if cfg.optimizer.name == "pgpe":
+                all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
+                state, metrics = pgpe.tell(state, params, cfg.train.seed, all_losses, lr=lr)
+            else:
+                grad_sum, all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
+                state, metrics = module.tell(state, params, grad_sum, lr=lr)
+            generation += 1
+            finite = all_losses[torch.isfinite(all_losses)]
+            metrics = {"loss/mean": float(finite.mean()) if finite.numel() else math.nan,
+                       "loss/min": float(finite.min()) if finite.numel() else math.nan,
+                       "sched/eps": float(eps), "sched/lr": float(lr), **metrics,
+                       "time/generation_s": time.perf_counter() - t0}
+            _append_metrics(history, metrics, generation)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss/mean']:.4f}", eps=f"{eps:.3f}")
+            elif generation % cfg.train.log_every == 0 or generation == stop_at:
+                say(f"gen {generation:6d}  epoch {generation / gens_per_epoch:7.2f}  loss {metrics['loss/mean']:.5f}  "
+                    f"eps {eps:.4f}  lr {lr:.2e}  {metrics['time/generation_s']:.3f}s/gen")
+            if cfg.train.consistency_every and generation % cfg.train.consistency_every == 0:
+                comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes())
+            stopped = comm.agree_any(stop_signal.requested)
+            if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
+                ckpt_path = _save(comm, out_dir, cfg, arch, state, generation, gens_per_epoch, history, cfg.train.keep_last)
+            if stopped:
+                say(f"stop signal received: checkpoint written at generation {generation} ({ckpt_path})")
+                break
+    finally:
+        stop_signal.restore()
+        if progress is not None:
+            progress.close()
+    if ckpt_path is None and comm.is_root:
+        ckpt_path = str(checkpoint.find_latest(out_dir) or "") or None
+    ckpt_path = comm.bcast_obj(ckpt_path)
+    return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
+                       {k: v[-1] for k, v in history.items() if v})
+
+
+def _progress(comm, cfg: Config, start: int, stop: int):
+    if not (comm.is_root and cfg.train.progress and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=stop, initial=start, unit="gen", dynamic_ncols=True)

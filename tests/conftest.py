@@ -1,0 +1,49 @@
+"""Shared tiny fixtures: a small digits-style config, CLI runner helpers, MPI launch helpers."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(**extra: object) -> list[str]:
+    """--set overrides for a seconds-long PGPE run on a digits subset."""
+    base = {
+        "data.name": "digits", "data.num_train": 256, "data.num_test": 64,
+        "model.name": "cnn3", "bound.method": "ibp", "bound.eps": 0.05,
+        "optimizer.name": "pgpe", "optimizer.popsize": 10, "optimizer.block_size": 2,
+        "optimizer.lr": 0.01, "optimizer.sigma_init": 0.01,
+        "train.epochs": 1, "train.batch_size": 32, "train.checkpoint_every": 2,
+        "train.threads": 1, "train.progress": False, "train.consistency_every": 2,
+        "eval.methods": "[ibp]", "eval.pgd_steps": 2,
+    }
+    base.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def mpiexec() -> str | None:
+    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return exe
+
+
+def run_mpigls(args: list[str], ranks: int = 1, timeout: float = 300, env_extra: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``mpigls ARGS`` in a subprocess, under ``mpiexec -n ranks`` when ranks > 1."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "mpi4py", "-m", "mpigls", *args]
+    if ranks > 1:
+        exe = mpiexec()
+        if exe is None:
+            pytest.skip("mpiexec not found")
+        cmd = [exe, "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc

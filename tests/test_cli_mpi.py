@@ -1,0 +1,130 @@
+"""End to end through the CLI and mpiexec: world-size invariance, faults, signals, user errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mpigls import checkpoint
+
+from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
+
+
+def _sets(**extra):
+    return [a for kv in tiny_overrides(**extra) for a in ("--set", kv)]
+
+
+def _inspect(path):
+    return json.loads(run_mpigls(["inspect", str(path), "--json"]).stdout)
+
+
+@pytest.mark.parametrize("optimizer", ["pgpe", "rgs", "grad"])
+def test_same_theta_and_sigma_for_1_2_3_4_ranks(tmp_path, optimizer):
+    extra = {"optimizer.name": optimizer, "optimizer.fixed_sigma": False, "optimizer.sigma_lr": 0.1}
+    if optimizer == "rgs":
+        extra.update({"optimizer.num_samples": 6, "optimizer.block_size": 1})
+    if optimizer == "grad":
+        extra.update({"optimizer.block_size": 5})  # 32 examples: 7 blocks, not divisible by 2, 3, 4
+    digests = {}
+    for ranks in (1, 2, 3, 4):
+        out = tmp_path / f"n{ranks}"
+        run_mpigls(["train", "--out", str(out), "--max-generations", "4", "--no-eval", *_sets(**extra)], ranks=ranks)
+        ck = checkpoint.load(out / "latest.h5")
+        assert ck.generation == 4
+        digests[ranks] = (_inspect(out / "latest.h5")["theta_sha256"],
+                          None if ck.sigma is None else ck.sigma.tobytes())
+    assert len(set(digests.values())) == 1, {k: v[0] for k, v in digests.items()}
+
+
+def test_cli_train_prints_final_accuracy_and_user_errors(tmp_path):
+    proc = run_mpigls(["train", "--out", str(tmp_path / "r"), *_sets()], ranks=2)
+    assert "final test accuracy" in proc.stdout and "certified/ibp" in proc.stdout
+    proc = run_mpigls(["train", "--out", str(tmp_path / "bad"), *_sets(**{"optimizer.popsize": 255})],
+                      ranks=2, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "popsize must be even" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_mpigls(["certify", str(tmp_path / "r" / "latest.h5"), "--json"])
+    res = json.loads(proc.stdout)
+    assert 0 <= res["certified/ibp"] <= res["natural"] <= 1
+
+
+def _popen(args, ranks, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "mpi4py", "-m", "mpigls", *args]
+    if ranks > 1:
+        cmd = [mpiexec(), "-n", str(ranks), *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and proc.poll() is None:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
+def _rank_pids(proc):
+    out = subprocess.run(["pgrep", "-s", str(os.getpgid(proc.pid)), "-f", "mpi4py -m mpigls"],
+                         capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != proc.pid]
+
+
+def test_kill9_then_resume_matches_uninterrupted(tmp_path):
+    args = _sets(**{"train.epochs": 3, "train.checkpoint_every": 1})
+    run_mpigls(["train", "--out", str(tmp_path / "straight"), "--no-eval", *args])
+    out = tmp_path / "killed"
+    proc = _popen(["train", "--out", str(out), "--no-eval", *args], 1, tmp_path)
+    _wait_for(out / "ckpt_00000003.h5", proc)
+    os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert checkpoint.load(out / "latest.h5").generation >= 3
+    run_mpigls(["train", "--out", str(out), "--no-eval", *args])
+    assert _inspect(out / "latest.h5")["theta_sha256"] == _inspect(tmp_path / "straight" / "latest.h5")["theta_sha256"]
+    assert not list(out.glob(".tmp*")), "stale temp files must be cleaned at start"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_stops_with_checkpoint_and_exit_3(tmp_path, sig):
+    args = _sets(**{"train.epochs": 40, "train.checkpoint_every": 1000})
+    out = tmp_path / "pre"
+    proc = _popen(["train", "--out", str(out), "--no-eval", *args], 2, tmp_path)
+    deadline = time.time() + 120
+    while len(_rank_pids(proc)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(6)  # let the ranks import and start training
+    for pid in _rank_pids(proc):
+        os.kill(pid, sig)  # as srun forwards the batch script's signal to every task
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    stopped = checkpoint.load(out / "latest.h5").generation
+    assert 0 < stopped < 320
+    proc2 = run_mpigls(["train", "--out", str(out), "--no-eval", "--max-generations", str(stopped + 2), *args], ranks=2)
+    assert f"resuming from generation {stopped}" in proc2.stdout
+
+
+def test_rank_exception_aborts_job_quickly(tmp_path):
+    script = (
+        "import sys; from mpigls import cli, train\n"
+        "orig = train.pgpe.tell\n"
+        "def boom(state, *a, **k):\n"
+        "    from mpi4py import MPI\n"
+        "    if state.generation == 2 and MPI.COMM_WORLD.Get_rank() == 1: raise RuntimeError('injected failure on rank 1')\n"
+        "    return orig(state, *a, **k)\n"
+        "train.pgpe.tell = boom\n"
+        f"sys.exit(cli.main(['train', '--out', {str(tmp_path / 'x')!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    t0 = time.time()
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-c", script],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert time.time() - t0 < 90

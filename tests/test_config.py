@@ -1,0 +1,67 @@
+"""Config loading: YAML + overrides, and one clear error per kind of bad input."""
+import pytest
+
+from mpigls import config
+
+
+def test_defaults_and_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  popsize: 32\n  lr: 0.01\nbound:\n  eps: 0.2\n")
+    cfg = config.load_config(path, ["optimizer.lr=0.5", "train.seed=3"])
+    assert cfg.optimizer.popsize == 32 and cfg.optimizer.lr == 0.5 and cfg.bound.eps == 0.2
+    assert cfg.train.seed == 3 and cfg.data.name == "digits"
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.popsize=255"], "popsize must be even"),
+    (["optimizer.pop_size=256"], "unknown config key"),
+    (["bogus.key=1"], "unknown config key"),
+    (["bound.eps=-0.1"], "bound.eps must be >= 0"),
+    (["train.batch_size=abc"], "must be of type int"),
+    (["train.batch_size=1.5"], "must be of type int"),
+    (["data.name=mnist"], "data.root is required"),
+    (["model.name=resnet"], "model.name must be one of"),
+    (["optimizer.name=sgd"], "optimizer.name must be"),
+    (["bound.method=zonotope"], "bound.method must be one of"),
+    (["optimizer.sigma_init=0"], "sigma_init must be > 0"),
+    (["noequals"], "section.key=value"),
+])
+def test_bad_input_is_a_clear_error(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load_config(None, overrides)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(config.ConfigError) as info:
+        config.load_config(None, ["train.epoch=3"])
+    assert "train" in str(info.value) and "'epochs'" in str(info.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config.load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(config.ConfigError, match="mapping"):
+        config.load_config(listy)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "configs/ must ship recipes"
+    for path in files:
+        overrides = ["data.root=/tmp"] if "data:\n  name: digits" not in path.read_text() else []
+        config.load_config(path, overrides)
+
+
+def test_describe_covers_every_key():
+    keys = {k for k, _, _ in config.describe()}
+    assert {"optimizer.popsize", "bound.method", "data.root", "train.seed", "eval.methods"} <= keys
+    assert all(h for _, _, h in config.describe())

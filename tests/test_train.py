@@ -1,0 +1,57 @@
+"""The training loop: it learns, resume is bitwise identical, all three optimizers run end to end."""
+import numpy as np
+import pytest
+import torch
+
+from mpigls import checkpoint, config, train
+
+from conftest import tiny_overrides
+
+
+def _cfg(**extra):
+    return config.load_config(None, tiny_overrides(**extra))
+
+
+def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path):
+    cfg = _cfg(**{"train.epochs": 1})
+    straight = train.train(cfg, tmp_path / "a", log=lambda m: None)
+    first = train.train(cfg, tmp_path / "b", max_generations=3, log=lambda m: None)
+    assert first.generation == 3 and checkpoint.load(tmp_path / "b" / "latest.h5").generation == 3
+    resumed = train.train(cfg, tmp_path / "b", log=lambda m: None)
+    assert resumed.generation == straight.generation == 8
+    assert torch.equal(resumed.theta, straight.theta)
+    a = checkpoint.load(tmp_path / "a" / "latest.h5")
+    b = checkpoint.load(tmp_path / "b" / "latest.h5")
+    assert np.array_equal(a.theta, b.theta)
+    for key in a.opt_state:
+        assert np.array_equal(np.asarray(a.opt_state[key]), np.asarray(b.opt_state[key])), key
+    for key in ("loss/mean", "generation"):
+        assert np.array_equal(a.metrics[key], b.metrics[key]), key
+
+
+@pytest.mark.parametrize("optimizer", ["pgpe", "rgs", "grad"])
+def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
+    extra = {"optimizer.name": optimizer, "train.epochs": 4, "bound.method": "ibp", "bound.eps": 0.01}
+    if optimizer == "pgpe":
+        extra.update({"optimizer.popsize": 32, "optimizer.block_size": 8, "optimizer.lr": 0.05,
+                      "optimizer.sigma_init": 0.05})
+    elif optimizer == "rgs":
+        extra.update({"optimizer.num_samples": 4, "optimizer.block_size": 2, "optimizer.lr": 0.01,
+                      "optimizer.sigma_init": 0.01})
+    else:
+        extra.update({"optimizer.block_size": 8, "optimizer.lr": 0.01})
+    res = train.train(_cfg(**extra), tmp_path, log=lambda m: None)
+    hist = checkpoint.load(tmp_path / "latest.h5").metrics["loss/mean"]
+    assert np.isfinite(hist).all()
+    assert hist[-4:].mean() < 0.9 * hist[:4].mean(), hist
+
+
+def test_bad_batch_size_is_a_user_error(tmp_path):
+    with pytest.raises(ValueError, match="larger than the training set"):
+        train.train(_cfg(**{"train.batch_size": 1000}), tmp_path, log=lambda m: None)
+
+
+def test_checkpoint_from_other_architecture_is_refused(tmp_path):
+    train.train(_cfg(), tmp_path, max_generations=2, log=lambda m: None)
+    with pytest.raises(ValueError, match="architecture"):
+        train.train(_cfg(**{"model.name": "mlp-tiny"}), tmp_path, log=lambda m: None)

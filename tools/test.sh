@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set up the environment, run the serial tests, then the
+# MPI tests under 2, 3 and 4 ranks (python -m mpi4py: a failure on one rank aborts the job, and
+# pytest-timeout's thread method turns a hang into a failure).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source tools/setup_env.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+echo "[test] serial tests"
+"$PY" -m pytest -q --timeout=600 --timeout-method=thread "$@"
+for n in 2 3 4; do
+  echo "[test] MPI tests on $n ranks"
+  mpiexec -n "$n" "$PY" -m mpi4py -m pytest -q --with-mpi -m mpi --timeout=300 --timeout-method=thread tests/mpi
+done
+echo "[test] all green"
