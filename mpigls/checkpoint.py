@@ -52,7 +52,7 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
     "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
-    "Checkpoint", "CheckpointError", "save", "load", "find_latest", "list_checkpoints",
+    "Checkpoint", "CheckpointError", "save", "load", "find_latest", "load_latest", "list_checkpoints",
     "clean_stale_temps", "summary", "check_compatible", "theta_sha256", "state_sha256",
     "checkpoint_path",
 ]
@@ -210,6 +210,14 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("mpigls")
+    except Exception:  # noqa: BLE001 - not installed (source checkout): informational only
+        return "unknown"
+
+
 def _write_file(path: Path, ckpt: Checkpoint) -> None:
     with h5py.File(path, "w", locking=False) as f:
         a = f.attrs
@@ -223,6 +231,7 @@ def _write_file(path: Path, ckpt: Checkpoint) -> None:
         a["world_size"] = ckpt.world_size
         a["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["host"] = socket.gethostname()
+        a["mpigls_version"] = _package_version()
         a["state_sha256"] = state_sha256(ckpt)
         f.create_dataset(DS_THETA, data=ckpt.theta)
         if ckpt.sigma is not None:
@@ -247,6 +256,12 @@ def _link_or_copy(src: Path, dst_tmp: Path) -> None:
         _fsync_path(dst_tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None = 3) -> Path:
     """Write ``DIR/ckpt_{generation:08d}.h5`` atomically, point ``DIR/latest.h5`` at it and keep
     the newest ``keep_last`` ckpt files (None keeps all). Returns the new file's path. Call on one
@@ -259,6 +274,7 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
     final = checkpoint_path(d, ckpt.generation)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.stem}-", suffix=".h5", dir=d)
     os.close(fd)
+    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints are shared like other outputs
     tmp, link_tmp = Path(tmp_name), None
     try:
         _write_file(tmp, ckpt)
@@ -426,6 +442,17 @@ def _generation_of(path: Path) -> int | None:
         return None
 
 
+def _candidates(d: Path) -> list[Path]:
+    """latest.h5 and ckpt_*.h5, newest generation first; latest.h5 first among equals."""
+    candidates: list[tuple[int, int, Path]] = []
+    latest = d / LATEST
+    if latest.exists():
+        g = _generation_of(latest)
+        candidates.append((g if g is not None else -1, 1, latest))
+    candidates += [(g, 0, p) for g, p in list_checkpoints(d)]
+    return [p for _, _, p in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True)]
+
+
 def find_latest(directory: str | os.PathLike) -> Path | None:
     """The newest *loadable* checkpoint in directory, or None when there is none.
 
@@ -436,16 +463,23 @@ def find_latest(directory: str | os.PathLike) -> Path | None:
     d = Path(directory)
     if not d.is_dir():
         return None
-    candidates: list[tuple[int, int, Path]] = []
-    latest = d / LATEST
-    if latest.exists():
-        g = _generation_of(latest)
-        candidates.append((g if g is not None else -1, 1, latest))
-    candidates += [(g, 0, p) for g, p in list_checkpoints(d)]
-    for _, _, p in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+    for p in _candidates(d):
         try:
             load(p)
             return p
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def load_latest(directory: str | os.PathLike) -> Checkpoint | None:
+    """``load(find_latest(directory))`` without reading the chosen file twice; None if none."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    for p in _candidates(d):
+        try:
+            return load(p)
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
     return None
@@ -467,10 +501,12 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able description of a checkpoint (what ``mpigls inspect --json`` prints)."""
     path = Path(path)
     c = load(path)
+    with _open(path) as f:
+        version = int(f.attrs["format_version"])
     sig = None if c.sigma is None else {
         "min": float(c.sigma.min()), "max": float(c.sigma.max()), "mean": float(c.sigma.mean())} if c.sigma.size else {}
     last = {k: (v[-1].item() if v.size else None) for k, v in c.metrics.items()}
-    return {"path": str(path), "format_version": FORMAT_VERSION, "generation": c.generation,
+    return {"path": str(path), "format_version": version, "generation": c.generation,
             "epoch": c.epoch, "batch_in_epoch": c.batch_in_epoch, "theta_sha256": theta_sha256(c.theta),
             "num_params": int(c.theta.shape[0]), "sigma": sig, "metrics": last,
             "num_logged": max((len(v) for v in c.metrics.values()), default=0),

@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         except (*USER_ERRORS, config_mod.ConfigError):
             fake_nodes = None  # reported below, on every rank, by the command itself
     comm = dist.init_comm(fake_nodes=fake_nodes)
-    try:
-        return _COMMANDS[args.command](args, comm)
-    except USER_ERRORS as exc:
-        # Every rank validates the same input, so every rank fails alike and no collective hangs.
-        if comm.is_root:
-            print(f"mpigls {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        return dist.EXIT_USER_ERROR
+    # Every rank validates the same input, so user errors fail alike everywhere; run_guarded makes
+    # all ranks leave with one exit code (2 user error, 3 preempted) or aborts the job on a crash.
+    return dist.run_guarded(lambda: _COMMANDS[args.command](args, comm), comm,
+                            user_errors=(*USER_ERRORS, config_mod.ConfigError), label=f"mpigls {args.command}")

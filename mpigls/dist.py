@@ -44,11 +44,16 @@ becomes a silently divergent or hung run.
 
 Faults and exit codes
 ---------------------
-``run_guarded(fn, comm)`` runs the program body. A user error (ValueError, TypeError,
-FileNotFoundError by default) prints one paragraph without traceback and exits ``EXIT_USER_ERROR``;
-any other exception prints that rank's traceback, every line prefixed ``[rank r]``, and exits
-``EXIT_FAILURE``. With more than one rank the exit is ``MPI_Abort``, which ends every rank within
-seconds instead of leaving the others blocked in the next collective.
+``run_guarded(fn, comm)`` runs the program body and is the only place that should end an MPI
+job. A user error (ValueError, TypeError, FileNotFoundError by default) prints one paragraph
+without traceback and exits ``EXIT_USER_ERROR``; any other exception prints that rank's
+traceback, every line prefixed ``[rank r]``, and exits ``EXIT_FAILURE`` via ``MPI_Abort``, which
+ends every rank within seconds instead of leaving the others blocked in the next collective.
+Non-zero endings that all ranks reach together (the same validation error everywhere, an agreed
+stop) are detected with a non-blocking barrier and end with a plain ``os._exit(code)`` on every
+rank, so the launcher's exit status is exactly that code (an ``MPI_Abort`` from several ranks at
+once makes mpiexec report a racy mixture such as 9 = SIGKILL). A killed rank (SIGKILL, OOM) is
+detected by the launcher, which ends the others.
 
 ``StopSignal`` turns SIGTERM / SIGUSR1 (SLURM ``--signal=B:USR1@300``) into a flag; the training
 loop agrees on it with ``comm.agree_any(stop.requested)`` at a generation boundary, writes a
@@ -337,6 +342,7 @@ class MPIComm(_CommBase):
         leader = self._local.bcast(self.rank, root=0)
         leaders = sorted(set(self._comm.allgather(leader)))
         self.node, self.num_nodes = leaders.index(leader), len(leaders)
+        self._exit_comm = self._comm.Dup()  # only for exit_together's non-blocking barrier
 
     def allgather_obj(self, obj: Any) -> list:
         return self._comm.allgather(obj)
@@ -370,9 +376,25 @@ class MPIComm(_CommBase):
         _flush_std()
         self._comm.Abort(code)
 
+    def exit_together(self, code: int, grace_s: float = 3.0) -> None:
+        """End this process with ``code``. If every rank calls this within ``grace_s`` seconds
+        (found with a non-blocking barrier on a private communicator), all exit normally with
+        ``code`` so the launcher's exit status is exactly ``code``; otherwise ``Abort(code)`` ends
+        the ranks that are still busy. Never returns."""
+        req = self._exit_comm.Ibarrier()
+        deadline = time.monotonic() + grace_s
+        while not req.Test():
+            if time.monotonic() > deadline:
+                self.abort(code)
+            time.sleep(0.005)
+        _flush_std()
+        logging.shutdown()
+        # os._exit skips mpi4py's exit hook, which would turn a non-zero exit into MPI_Abort.
+        os._exit(code)
+
     def free(self) -> None:
         """Release the cloned communicators (collective)."""
-        for c in (self._local, self._comm):
+        for c in (self._exit_comm, self._local, self._comm):
             if c != self._MPI.COMM_NULL:
                 c.Free()
 
@@ -621,18 +643,19 @@ def _flush_std() -> None:
             stream.flush()
 
 
-def format_user_error(exc: BaseException) -> str:
-    """One paragraph: ``error: <message>`` (FileNotFoundError keeps its filename)."""
+def format_user_error(exc: BaseException, label: str = "") -> str:
+    """One paragraph: ``[label: ]error: <message>`` (an OSError keeps its filename)."""
     msg = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
         msg = f"{msg}: {exc.filename}"
-    return "error: " + " ".join(msg.split())
+    return (f"{label}: " if label else "") + "error: " + " ".join(msg.split())
 
 
-def _report(exc: BaseException, comm: Comm, user_errors: tuple[type[BaseException], ...]) -> int:
+def _report(exc: BaseException, comm: Comm, user_errors: tuple[type[BaseException], ...],
+            label: str = "") -> int:
     prefix = f"[rank {comm.rank}] " if comm.world_size > 1 else ""
     if isinstance(exc, user_errors):
-        text = prefix + format_user_error(exc)
+        text = prefix + format_user_error(exc, label)
         code = EXIT_USER_ERROR
     else:
         lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
@@ -643,33 +666,63 @@ def _report(exc: BaseException, comm: Comm, user_errors: tuple[type[BaseExceptio
 
 
 def run_guarded(fn: Callable[[], int | None], comm: Comm | None = None, *,
-                user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
-    """Run ``fn()``; return its exit code (None -> 0). On an exception: report it (see module
-    docstring) and, with several ranks, ``comm.abort(code)`` so the whole job ends now.
+                user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+                grace_s: float = 3.0, label: str = "") -> int:
+    """Run the program body ``fn()`` and turn its outcome into an exit code.
 
-    With several ranks, user errors are usually raised alike on every rank (validation happens
-    before the first collective); non-root ranks wait a moment so only rank 0's paragraph is printed
-    when it fails too. KeyboardInterrupt also aborts (exit 130 when serial)."""
+    Serially (or with ``ThreadComm``) the code is returned: fn's return value (None -> 0), the code
+    of a SystemExit it raised, ``EXIT_USER_ERROR`` for a user error (one paragraph printed),
+    ``EXIT_FAILURE`` for any other exception (traceback printed), 130 for KeyboardInterrupt.
+
+    With several MPI ranks a non-zero outcome never returns:
+    * runtime failure: the rank prints its traceback (each line ``[rank r] ``) and calls
+      ``MPI_Abort(1)`` at once, which ends every rank within seconds;
+    * user error or non-zero code (e.g. ``EXIT_PREEMPTED``): ``MPIComm.exit_together`` — when all
+      ranks end the same way within ``grace_s`` (validation fails alike everywhere; all agreed to
+      stop), only rank 0 prints the paragraph and all exit with exactly that code; otherwise the
+      failing rank prints ``[rank r] error: ...`` and aborts the job.
+    Exit code 0 returns normally so MPI finalises as usual. ``label`` prefixes user-error
+    paragraphs (e.g. "mpigls train").
+    """
     comm = comm if comm is not None else SerialComm()
+    multi = isinstance(comm, MPIComm) and comm.world_size > 1
+    failure: BaseException | None = None
     try:
         code = fn()
-        return EXIT_OK if code is None else int(code)
+        code = EXIT_OK if code is None else int(code)
     except SystemExit as exc:
-        if comm.world_size > 1 and exc.code not in (None, 0):
-            _flush_std()
-            comm.abort(exc.code if isinstance(exc.code, int) else EXIT_FAILURE)
-        raise
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or EXIT_OK
+        else:
+            print(exc.code, file=sys.stderr, flush=True)
+            code = EXIT_FAILURE
     except KeyboardInterrupt:
-        if comm.world_size > 1:
-            comm.abort(130)
-        return 130
+        code = 130
     except BaseException as exc:  # noqa: BLE001 - reported, then the job ends
-        if comm.world_size > 1 and not comm.is_root and isinstance(exc, user_errors):
-            time.sleep(2.0)  # let rank 0 report the same error (its abort ends us first)
-        code = _report(exc, comm, user_errors)
-        if comm.world_size > 1:
-            comm.abort(code)
+        failure = exc
+        code = EXIT_USER_ERROR if isinstance(exc, user_errors) else EXIT_FAILURE
+    if not multi:
+        if failure is not None:
+            _report(failure, comm, user_errors, label)
         return code
+    if failure is not None and code == EXIT_FAILURE:
+        _report(failure, comm, user_errors, label)
+        comm.abort(code)
+    if code == EXIT_OK:
+        return code
+    if failure is not None:
+        req = comm._exit_comm.Ibarrier()
+        deadline = time.monotonic() + grace_s
+        while not req.Test() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if req.Test():
+            if comm.is_root:
+                print(format_user_error(failure, label), file=sys.stderr, flush=True)
+            comm.exit_together(code, grace_s)  # everyone already joined: the barrier below is instant
+        _report(failure, comm, user_errors, label)
+        comm.abort(code)
+    comm.exit_together(code, grace_s)
+    return code  # not reached
 
 
 @contextlib.contextmanager

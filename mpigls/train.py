@@ -209,7 +209,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale_temps(out_dir)
     comm.barrier()
-    ckpt = _root_load(comm, lambda: (lambda p: checkpoint.load(p) if p else None)(checkpoint.find_latest(out_dir)))
+    ckpt = _root_load(comm, lambda: checkpoint.load_latest(out_dir))
     if ckpt is not None:
         checkpoint.check_compatible(ckpt, arch)
         state = module.state_from_dict(ckpt.opt_state)
@@ -231,7 +231,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
         f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
         f"generations {generation}->{stop_at} of {total}")
-    stop_signal = dist.StopSignal()
+    stop_signal = dist.StopSignal().install()
     aug = _augment_kind(cfg)
     evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
     ckpt_path, stopped, epoch_cache = None, False, (None, None)
@@ -279,7 +279,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                 say(f"stop signal received: checkpoint written at generation {generation} ({ckpt_path})")
                 break
     finally:
-        stop_signal.restore()
+        stop_signal.uninstall()
         if progress is not None:
             progress.close()
     if ckpt_path is None and comm.is_root:

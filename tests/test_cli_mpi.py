@@ -73,9 +73,32 @@ def _wait_for(path, proc, timeout=120):
 
 
 def _rank_pids(proc):
-    out = subprocess.run(["pgrep", "-s", str(os.getpgid(proc.pid)), "-f", "mpi4py -m mpigls"],
-                         capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != proc.pid]
+    """PIDs of the Python rank processes below ``proc`` (any depth: mpiexec -> proxy -> ranks)."""
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(stat))
+    found, todo = [], [proc.pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as fh:
+                    if b"mpigls" in fh.read() and child != proc.pid:
+                        found.append(child)
+            except OSError:
+                pass
+    return [p for p in found if not _is_launcher(p)]
+
+
+def _is_launcher(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().split(b"\0")[0].endswith(b"mpiexec")
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path):
@@ -94,19 +117,18 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_stops_with_checkpoint_and_exit_3(tmp_path, sig):
-    args = _sets(**{"train.epochs": 40, "train.checkpoint_every": 1000})
+    args = _sets(**{"train.epochs": 40, "train.checkpoint_every": 2})
     out = tmp_path / "pre"
     proc = _popen(["train", "--out", str(out), "--no-eval", *args], 2, tmp_path)
-    deadline = time.time() + 120
-    while len(_rank_pids(proc)) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(6)  # let the ranks import and start training
-    for pid in _rank_pids(proc):
+    _wait_for(out / "ckpt_00000002.h5", proc)  # the ranks are training (handlers installed)
+    pids = _rank_pids(proc)
+    assert len(pids) == 2, pids
+    for pid in pids:
         os.kill(pid, sig)  # as srun forwards the batch script's signal to every task
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     stopped = checkpoint.load(out / "latest.h5").generation
-    assert 0 < stopped < 320
+    assert 2 <= stopped < 320
     proc2 = run_mpigls(["train", "--out", str(out), "--no-eval", "--max-generations", str(stopped + 2), *args], ranks=2)
     assert f"resuming from generation {stopped}" in proc2.stdout
 

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpigls import noise
 from mpigls.optim import pgpe
@@ -197,3 +199,38 @@ def test_params_validation_messages():
     params = pgpe.PGPEParams(popsize=4)
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         pgpe.tell(pgpe.init(params, THETA), params, 0, torch.zeros(6))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(-10_000, 10_000), min_size=8, max_size=8, unique=True),
+       st.sampled_from(["affine", "cube", "exp"]))
+def test_centered_rank_update_invariant_under_increasing_transforms(values, transform):
+    params = pgpe.PGPEParams(popsize=8, sigma_lr=0.1, lr=0.01)
+    state = pgpe.init(params, THETA)
+    r = torch.tensor(values, dtype=torch.float64)
+    t = {"affine": 0.5 * r - 3, "cube": r ** 3, "exp": torch.exp(r / 5000)}[transform]
+    a, _ = pgpe.tell(state, params, 5, r)
+    b, _ = pgpe.tell(state, params, 5, t)
+    assert torch.equal(a.center, b.center) and torch.equal(a.sigma, b.sigma)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_metric_keys_stable_when_skipping(fixed):
+    params = pgpe.PGPEParams(popsize=4, fixed_sigma=fixed)
+    state = pgpe.init(params, THETA)
+    _, ok = pgpe.tell(state, params, 0, torch.arange(4.0))
+    _, skip = pgpe.tell(state, params, 0, torch.full((4,), float("nan")))
+    assert set(ok) == set(skip) and all(k.startswith("pgpe/") for k in ok)
+
+
+@pytest.mark.parametrize("rule,lr", [("adam", 0.05), ("clipup", 0.1)])
+def test_pgpe_minimises_a_quadratic_in_50d(rule, lr):
+    scales = torch.linspace(0.5, 2.0, 50, dtype=torch.float64)
+    loss = lambda x: (scales * x.double() ** 2).sum(-1)
+    params = pgpe.PGPEParams(popsize=32, lr=lr, step_rule=rule, sigma_init=0.1, sigma_lr=0.1)
+    state = pgpe.init(params, torch.ones(50))
+    start = float(loss(state.center[None]))
+    for _ in range(150):
+        state, metrics = pgpe.tell(state, params, 0, loss(pgpe.ask(state, params, 0, range(16))))
+    assert float(loss(state.center[None])) < 0.05 * start
+    assert metrics["pgpe/sigma_mean"] < 0.1          # sigma shrinks near the minimum

@@ -117,3 +117,14 @@ def test_grad_descends_quadratic_and_round_trips(rule):
     assert torch.equal(a.center, b.center) and a.generation == 101
     skipped, m = gradopt.tell(state, params, torch.full((D,), float("inf")))
     assert m["grad/skipped"] == 1 and torch.equal(skipped.center, state.center)
+
+
+def test_metric_keys_stable_when_skipping():
+    p = rgs.RGSParams(num_samples=2)
+    s = rgs.init(p, THETA)
+    _, ok = rgs.tell(s, p, torch.ones(D))
+    _, skip = rgs.tell(s, p, torch.full((D,), float("nan")))
+    assert set(ok) == set(skip)
+    g = gradopt.GRADParams()
+    s = gradopt.init(g, THETA)
+    assert set(gradopt.tell(s, g, torch.ones(D))[1]) == set(gradopt.tell(s, g, torch.full((D,), float("nan")))[1])

@@ -105,3 +105,12 @@ def test_lr_step_decay():
     assert schedules.lr_at(149, **kw) == pytest.approx(4.8e-5)
     with pytest.raises(ValueError, match="increasing"):
         schedules.lr_at(0, lr=1.0, milestones=(5, 3), factor=0.5)
+
+
+@pytest.mark.parametrize("rule", ["adam", "clipup", "sgd"])
+def test_decoupled_weight_decay(rule):
+    from mpigls.optim import grad as gradopt
+    params = gradopt.GRADParams(lr=0.1, step_rule=rule, weight_decay=0.5)
+    state = gradopt.init(params, torch.tensor([2.0, -4.0]))
+    new, _ = gradopt.tell(state, params, torch.zeros(2))
+    torch.testing.assert_close(new.center, torch.tensor([2.0, -4.0]) * (1 - 0.1 * 0.5))

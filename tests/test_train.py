@@ -34,7 +34,7 @@ def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
     extra = {"optimizer.name": optimizer, "train.epochs": 4, "bound.method": "ibp", "bound.eps": 0.01}
     if optimizer == "pgpe":
         extra.update({"optimizer.popsize": 32, "optimizer.block_size": 8, "optimizer.lr": 0.05,
-                      "optimizer.sigma_init": 0.05})
+                      "optimizer.sigma_init": 0.01, "train.epochs": 6})
     elif optimizer == "rgs":
         extra.update({"optimizer.num_samples": 4, "optimizer.block_size": 2, "optimizer.lr": 0.01,
                       "optimizer.sigma_init": 0.01})

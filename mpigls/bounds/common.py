@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from ..population import Stack
 
@@ -130,7 +131,8 @@ def backsubstitute(net: Stack, k: int, a: torch.Tensor, const: torch.Tensor, rel
         a = a.reshape(p, b, s, *r.slope.shape[3:])
         neg = a.clamp(max=0)
         const = const + torch.matmul(neg.reshape(p, b, s, -1), r.shift.reshape(p, b, -1, 1)).squeeze(-1)
-        a = a.clamp(min=0) * r.alpha + neg * r.slope
+        # A+ alpha + A- s = A alpha + A- (s - alpha): one pass fewer over the largest tensor
+        a = torch.addcmul(a * r.alpha, neg, r.slope - r.alpha)
         layer = net.layers[i]
         flat = a.reshape(p, b * s, *layer.out_shape)
         const = const + layer.bias_dot(flat).view(p, b, s)
@@ -154,17 +156,33 @@ def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
     return member_chunk, batch_chunk, row_chunk
 
 
-def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows) -> torch.Tensor:
+def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows, solve=None,
+                row_numel: int | None = None) -> torch.Tensor:
     """Back-substitute ``rows`` specification rows per (member, example) from layer ``k``, chunked.
 
     ``make_rows(net, p0, p1, b0, b1, r0, r1)`` returns (A (p, b, r, *layers[k].in_shape), c (p, b, r))
-    for that chunk (``net`` restricted to members p0:p1); the result is (P, B, rows).
+    for that chunk (``net`` restricted to members p0:p1); the result is (P, B, rows). ``solve``,
+    if given, replaces make_rows + backsubstitute: solve(net, relax, lo, hi, p0, p1, b0, b1, r0, r1).
     """
     net = prob.net
-    sizes = [layer.in_shape for layer in net.layers[:k + 1]] + [net.layers[k].out_shape]
-    row_numel = max(int(torch.Size(s).numel()) for s in sizes)
+    if row_numel is None:
+        sizes = [layer.in_shape for layer in net.layers[:k + 1]] + [net.layers[k].out_shape]
+        row_numel = max(int(torch.Size(s).numel()) for s in sizes)
     num_p, num_b = net.num_members, prob.x.shape[0]
-    pc, bc, rc = plan_chunks(num_p, num_b, rows, row_numel, prob.memory_budget_mb)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers
+                                           for t in (layer.weight, layer.bias))
+    # backward keeps every level's intermediates of a chunk, not just a working set
+    pc, bc, rc = plan_chunks(num_p, num_b, rows, row_numel * (k + 1 if grad else 1), prob.memory_budget_mb)
+    # With autograd every chunk's intermediates would stay alive until backward; when the work
+    # does not fit in one chunk, recompute each chunk in backward instead so memory stays bounded.
+    recompute = grad and (pc, bc, rc) != (num_p, num_b, rows)
+
+    def chunk(sub, rel_r, lo_c, hi_c, p0, p1, b0, b1, r0, r1):
+        if solve is not None:
+            return solve(sub, rel_r, lo_c, hi_c, p0, p1, b0, b1, r0, r1)
+        a, const = make_rows(sub, p0, p1, b0, b1, r0, r1)
+        return backsubstitute(sub, k, a, const, rel_r, lo_c, hi_c)
+
     out_p = []
     for p0 in range(0, num_p, pc):
         p1 = min(num_p, p0 + pc)
@@ -178,9 +196,11 @@ def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows)
             out_r = []
             for r0 in range(0, rows, rc):
                 r1 = min(rows, r0 + rc)
-                a, const = make_rows(sub, p0, p1, b0, b1, r0, r1)
-                out_r.append(backsubstitute(sub, k, a, const, [x.rows(r0, r1) for x in rel],
-                                            lo[:, b0:b1], hi[:, b0:b1]))
+                args = (sub, [x.rows(r0, r1) for x in rel], lo[:, b0:b1], hi[:, b0:b1], p0, p1, b0, b1, r0, r1)
+                if recompute:
+                    out_r.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False))
+                else:
+                    out_r.append(chunk(*args))
             out_b.append(torch.cat(out_r, 2) if len(out_r) > 1 else out_r[0])
         out_p.append(torch.cat(out_b, 1) if len(out_b) > 1 else out_b[0])
     return torch.cat(out_p, 0) if len(out_p) > 1 else out_p[0]

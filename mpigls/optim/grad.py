@@ -33,7 +33,7 @@ class GRADParams:
     max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
     momentum: float = 0.9              # ClipUp momentum
     grad_clip: float | None = 10.0     # global L2 norm clip; None/0: off
-    weight_decay: float = 0.0          # L2 coefficient added to the gradient
+    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
 
     def __post_init__(self):
         steprules.check_positive("lr", self.lr)
@@ -65,7 +65,8 @@ def tell(state: GRADState, params: GRADParams, grad: torch.Tensor,
     grad = grad.detach().to(state.center.device, torch.float32)
     if not bool(torch.isfinite(grad).all()):
         return (dataclasses.replace(state, generation=state.generation + 1),
-                {"grad/skipped": 1, "grad/grad_norm": math.nan, "grad/step_norm": 0.0, "grad/lr": lr})
+                {"grad/skipped": 1, "grad/grad_norm": math.nan, "grad/grad_clipped": 0, "grad/step_norm": 0.0,
+                 "grad/lr": lr})
     center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, "grad")
     return GRADState(center, step_state, state.generation + 1), {"grad/skipped": 0, **metrics}
 

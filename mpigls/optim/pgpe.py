@@ -10,7 +10,7 @@ One generation with n = popsize/2 antithetic pairs j, z_j ~ N(0, I_D) and eps_j 
     u = shaping(r)  (centered ranks / normalized / raw, over the valid members)
     g_theta = 1/n * sum_j (u+_j - u-_j) / (2 sigma) * z_j         (raw: unbiased for grad L_sigma)
     g_sigma = 1/n * sum_j ((u+_j + u-_j)/2 - b) * (z_j^2 - 1) / sigma,   b = mean of all u
-The centre takes a step-rule step (Adam or ClipUp) along g_theta (+ weight_decay * theta).
+The centre takes a step-rule step (Adam or ClipUp) along g_theta, plus decoupled weight decay.
 sigma takes the paper's step sigma <- sigma - sigma_lr * sum_j (...)(eps_j^2 - sigma^2)/sigma / n,
 which equals sigma - sigma_lr * sigma^2 * g_sigma: the scale-free (natural-gradient-like) form of
 the paper and EvoTorch, so that sigma_lr means a relative change whatever the size of sigma. The
@@ -66,7 +66,7 @@ class PGPEParams:
     adam_eps: float = 1e-8
     max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
     momentum: float = 0.9              # ClipUp momentum
-    weight_decay: float = 0.0          # L2 coefficient added to the centre gradient
+    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
     fitness_shaping: str = "centered_ranks"   # "centered_ranks" | "normalized" | "raw"
 
     def __post_init__(self):
@@ -123,12 +123,12 @@ def _check_losses(losses: torch.Tensor, params: PGPEParams) -> torch.Tensor:
     return losses.detach().to("cpu", torch.float64)
 
 
-def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor):
+def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor, with_sigma: bool = True):
     """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 CPU tensors.
 
     With fitness_shaping="raw", g_theta is an unbiased estimate of grad L_sigma(theta) and g_sigma
     one of dL_sigma/dsigma (up to the O(1/n) effect of the sample-mean baseline). Returns
-    (None, None, 0) when no pair has two finite losses.
+    (None, None, 0) when no pair has two finite losses; g_sigma is None when not ``with_sigma``.
     """
     r = _check_losses(losses, params)
     num_pairs = params.popsize // 2
@@ -153,10 +153,12 @@ def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Ten
             if not bool(valid[j]):
                 continue
             z = block[row].to(torch.float64)
-            acc_center = acc_center + w_center[j] * z
-            acc_sigma = acc_sigma + w_sigma[j] * (z * z - 1.0)
+            # product rounded, then sum rounded: plain IEEE elementwise ops, same bits everywhere
+            acc_center += float(w_center[j]) * z
+            if with_sigma:
+                acc_sigma += float(w_sigma[j]) * z.mul_(z).sub_(1.0)
     sigma = state.sigma.detach().to("cpu", torch.float64)
-    return acc_center / (num_valid * sigma), acc_sigma / (num_valid * sigma), num_valid
+    return (acc_center / (num_valid * sigma), acc_sigma / (num_valid * sigma) if with_sigma else None, num_valid)
 
 
 def _sigma_step(sigma: torch.Tensor, grad_sigma: torch.Tensor, params: PGPEParams):
@@ -183,26 +185,25 @@ def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
     metrics = {"pgpe/num_nonfinite": int(r.numel() - finite.numel()), "pgpe/lr": lr,
                "pgpe/loss_mean": float(finite.mean()) if finite.numel() else math.nan,
                "pgpe/loss_min": float(finite.min()) if finite.numel() else math.nan}
-    grad_center, grad_sigma, num_valid = gradients(state, params, seed, r)
+    grad_center, grad_sigma, num_valid = gradients(state, params, seed, r, with_sigma=not params.fixed_sigma)
     metrics["pgpe/num_valid_pairs"] = num_valid
     if num_valid == 0:
-        metrics.update({"pgpe/skipped": 1, "pgpe/grad_norm": math.nan, "pgpe/step_norm": 0.0,
-                        **_sigma_metrics(state.sigma)})
+        metrics.update({"pgpe/skipped": 1, "pgpe/grad_norm": math.nan, "pgpe/grad_sigma_norm": math.nan,
+                        "pgpe/step_norm": 0.0, "pgpe/sigma_clipped_frac": 0.0, **_sigma_metrics(state.sigma)})
         return dataclasses.replace(state, generation=state.generation + 1), metrics
     device = state.center.device
     grad = grad_center.to(torch.float32).to(device)
-    if params.weight_decay:
-        grad = grad + params.weight_decay * state.center
     delta, step_state = steprules.apply(params.step_rule, state.step_state, grad, lr=lr, beta1=params.beta1,
                                         beta2=params.beta2, adam_eps=params.adam_eps,
                                         momentum=params.momentum, max_speed=params.max_speed)
-    center = state.center - delta
+    center = steprules.decay(state.center, delta, lr, params.weight_decay)
     sigma, clipped = state.sigma, 0.0
     if not params.fixed_sigma:
         new_sigma, clipped = _sigma_step(state.sigma.detach().to("cpu", torch.float64), grad_sigma, params)
         sigma = new_sigma.to(torch.float32).to(device)
     metrics.update({"pgpe/skipped": 0, "pgpe/grad_norm": float(torch.linalg.vector_norm(grad)),
-                    "pgpe/grad_sigma_norm": float(torch.linalg.vector_norm(grad_sigma)),
+                    "pgpe/grad_sigma_norm": (math.nan if grad_sigma is None
+                                             else float(torch.linalg.vector_norm(grad_sigma))),
                     "pgpe/step_norm": float(torch.linalg.vector_norm(delta)),
                     "pgpe/sigma_clipped_frac": clipped, **_sigma_metrics(sigma)})
     return PGPEState(center, sigma, step_state, state.generation + 1), metrics

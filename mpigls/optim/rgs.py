@@ -48,7 +48,7 @@ class RGSParams:
     max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
     momentum: float = 0.9              # ClipUp momentum
     grad_clip: float | None = 10.0     # global L2 norm clip of the mean gradient; None/0: off
-    weight_decay: float = 0.0          # L2 coefficient added to the gradient
+    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
 
     def __post_init__(self):
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -102,7 +102,8 @@ def tell(state: RGSState, params: RGSParams, grad_sum: torch.Tensor,
     grad = grad_sum.detach().to(state.center.device, torch.float32) / params.num_samples
     if not bool(torch.isfinite(grad).all()):
         return (dataclasses.replace(state, generation=state.generation + 1),
-                {"rgs/skipped": 1, "rgs/grad_norm": math.nan, "rgs/step_norm": 0.0, "rgs/lr": lr})
+                {"rgs/skipped": 1, "rgs/grad_norm": math.nan, "rgs/grad_clipped": 0, "rgs/step_norm": 0.0,
+                 "rgs/lr": lr})
     center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, "rgs")
     return RGSState(center, step_state, state.generation + 1), {"rgs/skipped": 0, **metrics}
 

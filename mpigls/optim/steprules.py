@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["STEP_RULES", "StepState", "init", "adam", "clipup", "sgd", "apply", "clip_grad_norm", "descend",
+__all__ = ["STEP_RULES", "StepState", "init", "adam", "clipup", "sgd", "apply", "clip_grad_norm", "decay", "descend",
            "check_step_rule", "check_params", "check_positive", "state_to_dict", "state_from_dict"]
 
 STEP_RULES = ("adam", "clipup", "sgd")
@@ -134,19 +134,24 @@ def clip_grad_norm(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Te
     return grad, norm
 
 
+def decay(center: torch.Tensor, delta: torch.Tensor, lr: float, weight_decay: float) -> torch.Tensor:
+    """theta - delta - lr * weight_decay * theta: decoupled weight decay (Loshchilov & Hutter 2019,
+    "Decoupled Weight Decay Regularization"), outside the step rule so Adam's scaling and
+    ClipUp's normalisation do not swallow it."""
+    new = center - delta
+    return new - (lr * weight_decay) * center if weight_decay else new
+
+
 def descend(center: torch.Tensor, step_state: StepState, grad: torch.Tensor, params, lr: float,
             prefix: str) -> tuple[torch.Tensor, StepState, dict]:
-    """Clip, add weight decay, take one step-rule step (shared by RGS and GRAD)."""
+    """Clip, take one step-rule step, apply weight decay (shared by RGS and GRAD)."""
     grad, norm = clip_grad_norm(grad, params.grad_clip)
-    if params.weight_decay:
-        grad = grad + params.weight_decay * center
-    delta, step_state = apply(params.step_rule, step_state, grad, lr=lr, beta1=params.beta1,
-                                        beta2=params.beta2, adam_eps=params.adam_eps,
-                                        momentum=params.momentum, max_speed=params.max_speed)
+    delta, step_state = apply(params.step_rule, step_state, grad, lr=lr, beta1=params.beta1, beta2=params.beta2,
+                              adam_eps=params.adam_eps, momentum=params.momentum, max_speed=params.max_speed)
     clipped = int(params.grad_clip is not None and params.grad_clip > 0 and norm > params.grad_clip)
-    return center - delta, step_state, {f"{prefix}/grad_norm": norm, f"{prefix}/grad_clipped": clipped,
-                                        f"{prefix}/step_norm": float(torch.linalg.vector_norm(delta)),
-                                        f"{prefix}/lr": lr}
+    metrics = {f"{prefix}/grad_norm": norm, f"{prefix}/grad_clipped": clipped,
+               f"{prefix}/step_norm": float(torch.linalg.vector_norm(delta)), f"{prefix}/lr": lr}
+    return decay(center, delta, lr, params.weight_decay), step_state, metrics
 
 
 def state_to_dict(state: StepState, prefix: str = "step/") -> dict:

@@ -1,0 +1,126 @@
+"""CROWN-IBP (Zhang et al. 2020, arXiv 1906.06316) and DeepPoly / CROWN (Singh et al. 2019;
+Zhang et al. 2018, arXiv 1811.00866) by linear back-substitution.
+
+Both bound the merged margin specification C W_last by one back-substitution to the input box
+(see ``common``). They differ in the pre-activation bounds [l, u] that shape the ReLU
+relaxations: CROWN-IBP takes them from IBP; DeepPoly computes them layer by layer by
+back-substitution too. The first layer's bounds are exact from IBP. For a later layer only the
+neurons that IBP (from the refined previous bounds) leaves unstable get back-substitution rows
+(a lower and an upper row each); a stable neuron's relaxation is exact whatever its bounds. The
+refined bounds are intersected with the IBP ones, which keeps them sound and never looser.
+Rows are chunked over (members x batch) and rows to the memory budget (``common.run_chunked``).
+
+Shapes: P population, B batch, S rows, N neurons of a layer, K classes.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ibp, patches
+from .common import Problem, Relax, ibp_layer, margin_spec, relu_relax, run_chunked
+
+__all__ = ["intermediate_bounds", "bound", "final_bound"]
+
+
+CONV_MODES = ("auto", "patches", "dense")
+
+
+def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
+    net = prob.net
+    if conv_mode == "dense" or not all(layer.is_conv for layer in net.layers[:k + 1]):
+        return False
+    if conv_mode == "patches":
+        return True
+    dense = sum(torch.Size(layer.in_shape).numel() for layer in net.layers[:k + 1])
+    return patches.patch_numel(net, k)[1] < dense
+
+
+def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
+            hi_ibp: torch.Tensor, conv_mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-substitution bounds of layer k's unstable neurons, intersected with the IBP ones."""
+    layer = prob.net.layers[k]
+    p, b = lo_ibp.shape[:2]
+    lo_f, hi_f = lo_ibp.reshape(p, b, -1), hi_ibp.reshape(p, b, -1)
+    unstable = (lo_f < 0) & (hi_f > 0)
+    s = int(unstable.sum(-1).max())
+    if s == 0:
+        return lo_ibp, hi_ibp
+    # unstable neurons first (stable sort keeps ascending index order), padded to s per example
+    order = torch.argsort((~unstable).to(torch.int8), dim=-1, stable=True)[..., :s]
+    valid = torch.gather(unstable, -1, order)
+    num_n = lo_f.shape[-1]
+
+    def make_rows(net, p0, p1, b0, b1, r0, r1):
+        lay = net.layers[k]
+        rows = torch.arange(r0, r1, device=order.device)
+        idx = order[p0:p1, b0:b1][:, :, rows % s]  # (p, b, r)
+        sign = torch.where(rows < s, 1.0, -1.0).to(lo_ibp.dtype)
+        pc, bc, rc = idx.shape
+        if not lay.is_conv:
+            w = lay.weight.unsqueeze(1).expand(pc, bc, *lay.weight.shape[1:])
+            a = torch.gather(w, 2, idx.unsqueeze(-1).expand(pc, bc, rc, w.shape[-1])) * sign[:, None]
+            const = torch.gather(lay.bias.unsqueeze(1).expand(pc, bc, -1), 2, idx) * sign
+            return a.reshape(pc, bc, rc, *lay.in_shape), const
+        onehot = torch.zeros(pc, bc, rc, num_n, dtype=lo_ibp.dtype, device=lo_ibp.device)
+        onehot.scatter_(3, idx.unsqueeze(-1), sign.view(1, 1, rc, 1).expand(pc, bc, rc, 1))
+        flat = onehot.view(pc, bc * rc, *lay.out_shape)
+        const = lay.bias_dot(flat).view(pc, bc, rc)
+        return lay.adjoint(flat).reshape(pc, bc, rc, *lay.in_shape), const
+
+    def solve(net, rel, lo, hi, p0, p1, b0, b1, r0, r1):
+        rows = torch.arange(r0, r1, device=order.device)
+        sign = torch.where(rows < s, 1.0, -1.0).to(lo_ibp.dtype)
+        return patches.backsubstitute(net, k, order[p0:p1, b0:b1][:, :, rows % s], sign, rel, lo, hi)
+
+    if _use_patches(prob, k, conv_mode):
+        res = run_chunked(prob, k, 2 * s, relax, None, solve, patches.patch_numel(prob.net, k)[0])
+    else:
+        res = run_chunked(prob, k, 2 * s, relax, make_rows)  # (P, B, 2s)
+    lo_g, hi_g = torch.gather(lo_f, -1, order), torch.gather(hi_f, -1, order)
+    new_lo = torch.where(valid, torch.maximum(lo_g, res[..., :s]), lo_g)
+    new_hi = torch.where(valid, torch.minimum(hi_g, -res[..., s:]), hi_g)
+    lo_out = lo_f.scatter(-1, order, new_lo).view_as(lo_ibp)
+    hi_out = hi_f.scatter(-1, order, new_hi).view_as(hi_ibp)
+    return lo_out, hi_out
+
+
+def intermediate_bounds(prob: Problem, refine: bool = True,
+                        conv_mode: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pre-activation bounds (P, B, *shape) of every hidden layer: DeepPoly (refine) or IBP."""
+    if conv_mode not in CONV_MODES:
+        raise ValueError(f"conv_mode must be one of {list(CONV_MODES)}, got {conv_mode!r}")
+    if not refine:
+        return ibp.activation_bounds(prob)
+    layers = prob.net.layers
+    bounds = [ibp_layer(layers[0], prob.lo, prob.hi)] if len(layers) > 1 else []
+    relax = [relu_relax(*bounds[0])] if bounds else []
+    for k in range(1, len(layers) - 1):
+        lo, hi = bounds[-1]
+        lo_i, hi_i = ibp_layer(layers[k], lo.clamp(min=0), hi.clamp(min=0))
+        bounds.append(_refine(prob, k, relax, lo_i, hi_i, conv_mode))
+        relax.append(relu_relax(*bounds[-1]))
+    return bounds
+
+
+def final_bound(prob: Problem, relax: list[Relax]) -> torch.Tensor:
+    """Margin lower bounds (P, B, K-1) by back-substituting C W_last with the given relaxations."""
+    net = prob.net
+    k = len(net.layers) - 1
+    w_c, b_c = margin_spec(net, prob.y)
+    shape = net.layers[k].in_shape
+
+    def make_rows(sub, p0, p1, b0, b1, r0, r1):
+        a = w_c[p0:p1, b0:b1, r0:r1]
+        return a.reshape(*a.shape[:3], *shape), b_c[p0:p1, b0:b1, r0:r1]
+
+    return run_chunked(prob, k, w_c.shape[2], relax, make_rows)
+
+
+def bound(prob: Problem, refine: bool = True, conv_mode: str = "auto") -> torch.Tensor:
+    """Margin lower bounds (P, B, K-1): DeepPoly when ``refine`` else CROWN-IBP.
+
+    conv_mode picks how rows starting at conv layers are back-substituted: "patches" (receptive
+    fields only), "dense" (full feature maps) or "auto" (whichever touches fewer elements).
+    """
+    relax = [relu_relax(lo, hi) for lo, hi in intermediate_bounds(prob, refine, conv_mode)]
+    return final_bound(prob, relax)

@@ -1,0 +1,306 @@
+"""Serial and in-process (threaded) tests of mpigls.dist: no mpiexec needed."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpigls import dist
+
+
+# ----------------------------------------------------------------------------- serial comm
+
+def test_serial_comm_is_identity():
+    c = dist.SerialComm()
+    assert (c.rank, c.world_size, c.is_root, c.local_rank, c.local_size, c.node, c.num_nodes) == (0, 1, True, 0, 1, 0, 1)
+    assert isinstance(c, dist.Comm)
+    t = torch.arange(4, dtype=torch.float32)
+    assert torch.equal(c.allgather_concat(t), t)
+    assert c.allgather_obj({"a": 1}) == [{"a": 1}]
+    assert c.bcast_obj([1, 2]) == [1, 2]
+    assert c.agree_any(True) and not c.agree_any(False)
+    assert c.agree_all(True) and not c.agree_all(False)
+    assert c.allreduce_max(2.5) == 2.5
+    assert torch.equal(c.allreduce_sum_int(torch.tensor([1, -2], dtype=torch.int64)), torch.tensor([1, -2]))
+    c.barrier()
+    c.check_consistent("x", b"anything")
+    with pytest.raises(ValueError, match="root"):
+        c.bcast_obj(1, root=1)
+    with pytest.raises(ValueError, match="1-D"):
+        c.allgather_concat(torch.zeros(2, 2))
+
+
+def test_serial_exact_sum_close_to_float64_sum():
+    rows = torch.randn(50, 33, generator=torch.Generator().manual_seed(1)) * 1e3
+    got = dist.SerialComm().allreduce_sum_exact(rows)
+    assert got.dtype == torch.float32 and got.shape == (33,)
+    ref = rows.double().sum(0)
+    # quantisation error <= n * max * 2**-41, then one float32 rounding
+    bound = 50 * rows.abs().max().item() * 2.0 ** -41 + ref.abs() * 2.0 ** -24
+    assert torch.all((got.double() - ref).abs() <= bound)
+
+
+def test_exact_sum_of_zeros_and_1d():
+    c = dist.SerialComm()
+    assert torch.equal(c.allreduce_sum_exact(torch.zeros(3)), torch.zeros(3))
+    t = torch.tensor([1.5, -2.25, 1e-30])
+    assert torch.equal(c.allreduce_sum_exact(t)[:2], t[:2])
+
+
+def test_exact_sum_rejects_nonfinite():
+    with pytest.raises(FloatingPointError, match="rank 0: 1"):
+        dist.SerialComm().allreduce_sum_exact(torch.tensor([1.0, float("nan")]))
+
+
+def test_fixed_point_round_trip_and_errors():
+    t = torch.tensor([0.75, -0.5, 2.0 ** -41, 3 * 2.0 ** -41])
+    e = dist.fixed_point_exponent(float(t.abs().max()))
+    assert e == 0
+    q = dist.fixed_point(t, e)
+    assert q.dtype == torch.int64
+    assert q.tolist() == [3 * 2 ** 38, -(2 ** 39), 0, 2]  # half to even: 0.5 -> 0, 1.5 -> 2
+    assert torch.equal(dist.from_fixed_point(q[:2], e), t[:2])
+    with pytest.raises(ValueError, match="exceeds"):
+        dist.fixed_point(torch.tensor([4.0]), 1)
+    with pytest.raises(ValueError, match="finite"):
+        dist.fixed_point_exponent(float("inf"))
+
+
+# ----------------------------------------------------------------------------- threaded ranks
+
+def _rows(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # mixed magnitudes make float summation order-dependent
+    return torch.randn(n, d, generator=g) * torch.logspace(-6, 4, d)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 23), seed=st.integers(0, 2 ** 16), world=st.integers(2, 4))
+def test_exact_sum_is_world_size_invariant(n, seed, world):
+    rows = _rows(n, 9, seed)
+    want = dist.SerialComm().allreduce_sum_exact(rows)
+
+    def body(comm):
+        r = dist.block_range(n, comm.rank, comm.world_size)
+        return comm.allreduce_sum_exact(rows[r.start:r.stop])
+
+    for got in dist.run_threaded(body, world):
+        assert got.numpy().tobytes() == want.numpy().tobytes()
+
+
+def test_exact_sum_invariant_to_row_order_and_uneven_split():
+    rows = _rows(10, 5, 3)
+    want = dist.SerialComm().allreduce_sum_exact(rows)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    splits = [[0, 1, 2, 3, 4, 5, 6], [], [7, 8], [9]]
+
+    def body(comm):
+        return comm.allreduce_sum_exact(rows[perm[splits[comm.rank]]])
+
+    for got in dist.run_threaded(body, 4):
+        assert torch.equal(got, want)
+    naive = [rows[perm[s]].sum(0) for s in splits]
+    assert want.shape == naive[0].shape  # the naive per-rank float sums are what we avoid
+
+
+def test_manual_fixed_point_path_matches_allreduce_sum_exact():
+    rows = _rows(12, 6, 7)
+    want = dist.SerialComm().allreduce_sum_exact(rows)
+
+    def body(comm):
+        r = dist.block_range(12, comm.rank, comm.world_size)
+        mine = rows[r.start:r.stop]
+        e = dist.fixed_point_exponent(comm.allreduce_max(float(mine.abs().max()) if len(mine) else 0.0))
+        q = dist.fixed_point(mine, e).sum(0)
+        return dist.from_fixed_point(comm.allreduce_sum_int(q), e)
+
+    for got in dist.run_threaded(body, 3):
+        assert torch.equal(got, want)
+
+
+def test_nonfinite_on_one_rank_raises_on_all():
+    def body(comm):
+        t = torch.ones(3) if comm.rank != 2 else torch.tensor([1.0, float("inf"), 1.0])
+        try:
+            comm.allreduce_sum_exact(t)
+        except FloatingPointError as exc:
+            return str(exc)
+        return "no error"
+
+    msgs = dist.run_threaded(body, 3)
+    assert all("rank 2: 1" in m for m in msgs)
+
+
+def test_thread_comm_collectives_and_fake_nodes():
+    def body(comm):
+        cat = comm.allgather_concat(torch.full((comm.rank,), float(comm.rank), dtype=torch.float64))
+        return (comm.node, comm.num_nodes, comm.local_rank, comm.local_size, cat.tolist(),
+                comm.bcast_obj(comm.rank * 10, root=2), comm.agree_any(comm.rank == 3),
+                comm.agree_all(comm.rank != 3), comm.allreduce_max(float(comm.rank)))
+
+    out = dist.run_threaded(body, 4, fake_nodes=2)
+    assert [o[:4] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
+    assert all(o[4] == [1.0, 2.0, 2.0, 3.0, 3.0, 3.0] for o in out)
+    assert all(o[5:] == (20, True, False, 3.0) for o in out)
+    # 3 ranks on 2 fake nodes: ceil(3/2) = 2 per node -> [0, 1] and [2]
+    out = dist.run_threaded(lambda c: (c.node, c.local_rank, c.local_size, c.num_nodes), 3, fake_nodes=2)
+    assert out == [(0, 0, 2, 2), (0, 1, 2, 2), (1, 0, 1, 2)]
+    # more fake nodes than ranks: one rank per node
+    out = dist.run_threaded(lambda c: (c.node, c.num_nodes), 2, fake_nodes=5)
+    assert out == [(0, 2), (1, 2)]
+
+
+def test_check_consistent_names_differing_ranks():
+    def body(comm):
+        try:
+            comm.check_consistent("theta@gen7", b"a" if comm.rank in (0, 2) else b"b")
+        except RuntimeError as exc:
+            return str(exc)
+        return ""
+
+    msgs = dist.run_threaded(body, 4)
+    assert all("theta@gen7" in m and "[1, 3]" in m for m in msgs)
+    assert dist.run_threaded(lambda c: c.check_consistent("ok", b"x"), 3) == [None] * 3
+
+
+def test_run_threaded_failure_does_not_hang():
+    def body(comm):
+        if comm.rank == 1:
+            raise KeyError("rank one broke")
+        comm.barrier()
+
+    with pytest.raises(RuntimeError, match="rank 1 of 3") as info:
+        dist.run_threaded(body, 3)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+@settings(max_examples=60, deadline=None)
+@given(num_blocks=st.integers(0, 40), world=st.integers(1, 9))
+def test_my_blocks_partition(num_blocks, world):
+    parts = [dist.my_blocks(num_blocks, r, world) for r in range(world)]
+    assert sum(parts, []) == list(range(num_blocks))  # contiguous, in rank order, complete
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+    for r, p in enumerate(parts):
+        assert all(dist.block_owner(b, num_blocks, world) == r for b in p)
+
+
+def test_my_blocks_errors():
+    with pytest.raises(ValueError, match="rank"):
+        dist.my_blocks(4, 2, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        dist.my_blocks(4, 0, 0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        dist.my_blocks(-1, 0, 1)
+    with pytest.raises(ValueError, match="block"):
+        dist.block_owner(4, 4, 2)
+
+
+# ----------------------------------------------------------------------------- init / devices
+
+def test_init_comm_without_mpi4py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
+    for var in dist._LAUNCHER_SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(dist.init_comm(), dist.SerialComm)
+    assert not dist.mpi_available()
+    monkeypatch.setenv("PMI_SIZE", "4")
+    with pytest.raises(RuntimeError, match="mpi4py"):
+        dist.init_comm()
+
+
+def test_init_comm_validates_fake_nodes():
+    with pytest.raises(ValueError, match="fake_nodes"):
+        dist.init_comm(fake_nodes=0)
+
+
+def test_bind_device_cpu_and_logs_mapping(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="mpigls.dist"):
+            dev = dist.bind_device(dist.SerialComm(), device="cpu", threads=1)
+        assert dev == torch.device("cpu") and torch.get_num_threads() == 1
+        assert "rank 0: node 0" in caplog.text and "threads 1" in caplog.text
+        out = dist.run_threaded(lambda c: dist.bind_device(c, device="cpu", threads=1), 2)
+        assert out == [torch.device("cpu")] * 2
+        with pytest.raises(ValueError, match="device"):
+            dist.bind_device(dist.SerialComm(), device="tpu")
+        with pytest.raises(ValueError, match="threads"):
+            dist.bind_device(dist.SerialComm(), threads=0)
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="cuda"):
+                dist.bind_device(dist.SerialComm(), device="cuda")
+            assert dist.bind_device(dist.SerialComm(), device="auto").type == "cpu"
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- signals / faults
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_sets_flag_and_restores_handler(signum):
+    previous = signal.getsignal(signum)
+    with dist.StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signum)
+        assert stop.requested and stop.signum == signum
+        assert dist.SerialComm().agree_any(stop.requested)
+    assert signal.getsignal(signum) == previous
+
+
+def test_exit_codes_are_distinct():
+    codes = [dist.EXIT_OK, dist.EXIT_FAILURE, dist.EXIT_USER_ERROR, dist.EXIT_PREEMPTED]
+    assert codes == [0, 1, 2, 3]
+
+
+def test_run_guarded_serial(capsys):
+    assert dist.run_guarded(lambda: None) == 0
+    assert dist.run_guarded(lambda: 3) == 3
+
+    def user_error():
+        raise ValueError("optimizer.popsize must be even, got 255;\n  use 254 or 256")
+
+    assert dist.run_guarded(user_error) == dist.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.strip() == "error: optimizer.popsize must be even, got 255; use 254 or 256"
+
+    def missing():
+        open("/nonexistent/dir/file.yaml")
+
+    assert dist.run_guarded(missing) == dist.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "/nonexistent/dir/file.yaml" in err
+
+    def bug():
+        raise RuntimeError("internal failure")
+
+    assert dist.run_guarded(bug, dist.SerialComm()) == dist.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: internal failure" in err
+    assert dist.run_guarded(bug, user_errors=(RuntimeError,)) == dist.EXIT_USER_ERROR
+
+
+def test_abort_on_error_serial_exits_with_code(capsys):
+    with pytest.raises(SystemExit) as info:
+        with dist.abort_on_error(dist.SerialComm()):
+            raise TypeError("model.name must be a string, got 3")
+    assert info.value.code == dist.EXIT_USER_ERROR
+    assert "error: model.name must be a string" in capsys.readouterr().err
+
+
+def test_run_guarded_label_and_system_exit(capsys):
+    def bad():
+        raise ValueError("x")
+
+    assert dist.run_guarded(bad, label="mpigls train") == 2
+    assert capsys.readouterr().err.strip() == "mpigls train: error: x"
+    assert dist.run_guarded(lambda: (_ for _ in ()).throw(SystemExit(3))) == 3
+    assert dist.run_guarded(lambda: (_ for _ in ()).throw(KeyboardInterrupt())) == 130

@@ -1,0 +1,131 @@
+"""Time every bound method on CNN3 / CNN5 with MNIST (1x28x28) and CIFAR (3x32x32) shapes.
+
+For each (device, model, dataset, method) it runs margin_lower_bounds on a batch of random
+pixels with a randomly initialised network, then backward through the bound when the method is
+differentiable, and reports seconds for the bound alone and bound + backward, the peak memory
+(CUDA: torch.cuda.max_memory_allocated; CPU: growth of the max RSS over the state after
+warm-up, each measurement in a fresh subprocess unless --no-isolate, since max RSS never
+decreases) and the mean number of IBP-unstable ReLUs per example. Prints a table and writes
+JSON (--out).
+
+  python tools/bench_bounds.py --out bench.json [--methods ibp,deeppoly] [--batch 64] [--devices cpu,cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from mpigls import models
+from mpigls.bounds import crown, make_problem, margin_lower_bounds
+
+DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr"}
+SHAPES = {"mnist": ((1, 28, 28), 0.1, [0.1307], [0.3081]),
+          "cifar": ((3, 32, 32), 2 / 255, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(model, x, y, eps, method, device, budget):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = maxrss_mb()
+    t0 = time.perf_counter()
+    lb = margin_lower_bounds(model, x, y, eps, method, memory_budget_mb=budget)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    if method in DIFFERENTIABLE:
+        lb.sum().backward()
+        model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = maxrss_mb() - rss0
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t0, peak, float(lb.detach().mean())
+
+
+def measure(args, device, model_name, data, method) -> dict:
+    shape, eps, mean, std = SHAPES[data]
+    torch.manual_seed(0)
+    model = models.build(model_name, shape, 10, mean, std).to(device)
+    x = torch.rand(args.batch, *shape, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    with torch.no_grad():
+        bounds = crown.intermediate_bounds(make_problem(model, x, y, eps), refine=False)
+    unstable = [float(((lo < 0) & (hi > 0)).flatten(2).sum(-1).float().mean()) for lo, hi in bounds]
+    margin_lower_bounds(model, x[:2], y[:2], eps, method)  # warm-up
+    best = None
+    for _ in range(args.repeats):
+        res = run_one(model, x, y, eps, method, device, args.budget)
+        best = res if best is None or res[1] < best[1] else best
+    t_bound, t_total, peak, mean_lb = best
+    return {"device": device.type, "model": model_name, "data": data, "shape": shape, "eps": eps,
+            "batch": args.batch, "method": method, "bound_s": t_bound, "bound_backward_s": t_total,
+            "peak_mb": peak, "mean_lb": mean_lb, "ibp_unstable_per_layer": unstable}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_bounds.json")
+    ap.add_argument("--methods", default="ibp,crown-ibp,sabr,hbox,deeppoly,alpha-crown")
+    ap.add_argument("--models", default="cnn3,cnn5")
+    ap.add_argument("--datasets", default="mnist,cifar")
+    ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--budget", type=float, default=1024.0, help="memory_budget_mb")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-isolate", action="store_true", help="measure CPU rows in this process")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # device,model,data,method
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.single:
+        dev_name, model_name, data, method = args.single.split(",")
+        print(json.dumps(measure(args, torch.device(dev_name), model_name, data, method)))
+        return 0
+    rows = []
+    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
+    print(f"{'device':6} {'model':5} {'data':6} {'method':12} {'bound s':>8} {'+bwd s':>8} {'peak MB':>8} "
+          f"{'unstable':>9} {'mean lb':>10}")
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        for model_name in args.models.split(","):
+            for data in args.datasets.split(","):
+                for method in args.methods.split(","):
+                    if dev_name == "cpu" and not args.no_isolate:
+                        cmd = [sys.executable, __file__, "--single", f"{dev_name},{model_name},{data},{method}",
+                               "--batch", str(args.batch), "--budget", str(args.budget),
+                               "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+                        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                    else:
+                        row = measure(args, device, model_name, data, method)
+                    rows.append(row)
+                    print(f"{dev_name:6} {model_name:5} {data:6} {method:12} {row['bound_s']:8.3f} "
+                          f"{row['bound_backward_s']:8.3f} {row['peak_mb']:8.0f} "
+                          f"{sum(row['ibp_unstable_per_layer']):9.0f} {row['mean_lb']:10.3f}", flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "machine": platform.machine(), "processor": platform.processor(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "memory_budget_mb": args.budget}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
