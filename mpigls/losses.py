@@ -16,7 +16,6 @@ Shapes: P population, D parameters, B batch, K classes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import bounds

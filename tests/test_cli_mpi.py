@@ -32,12 +32,19 @@ def test_same_theta_and_sigma_for_1_2_3_4_ranks(tmp_path, optimizer):
     digests = {}
     for ranks in (1, 2, 3, 4):
         out = tmp_path / f"n{ranks}"
-        run_mpigls(["train", "--out", str(out), "--max-generations", "4", "--no-eval", *_sets(**extra)], ranks=ranks)
+        layout = {"train.fake_nodes": 2} if ranks == 4 else {}  # 2 simulated nodes x 2 ranks
+        run_mpigls(["train", "--out", str(out), "--max-generations", "4", "--no-eval",
+                    *_sets(**extra, **layout)], ranks=ranks)
         ck = checkpoint.load(out / "latest.h5")
         assert ck.generation == 4
         digests[ranks] = (_inspect(out / "latest.h5")["theta_sha256"],
                           None if ck.sigma is None else ck.sigma.tobytes())
     assert len(set(digests.values())) == 1, {k: v[0] for k, v in digests.items()}
+    if optimizer == "pgpe":  # resume on another world size: 3 ranks for 2 generations, then 2 ranks
+        out = tmp_path / "switch"
+        run_mpigls(["train", "--out", str(out), "--max-generations", "2", "--no-eval", *_sets(**extra)], ranks=3)
+        run_mpigls(["train", "--out", str(out), "--max-generations", "4", "--no-eval", *_sets(**extra)], ranks=2)
+        assert _inspect(out / "latest.h5")["theta_sha256"] == digests[1][0]
 
 
 def test_cli_train_prints_final_accuracy_and_user_errors(tmp_path):
@@ -50,6 +57,13 @@ def test_cli_train_prints_final_accuracy_and_user_errors(tmp_path):
     proc = run_mpigls(["certify", str(tmp_path / "r" / "latest.h5"), "--json"])
     res = json.loads(proc.stdout)
     assert 0 <= res["certified/ibp"] <= res["natural"] <= 1
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not an hdf5 file at all")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes((tmp_path / "r" / "latest.h5").read_bytes()[:3000])
+    for bad in (garbage, truncated, tmp_path / "missing.h5"):
+        proc = run_mpigls(["inspect", str(bad)], check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(bad.name) in proc.stderr, proc.stderr
 
 
 def _popen(args, ranks, tmp_path):

@@ -65,9 +65,10 @@ def bound(prob: Problem) -> torch.Tensor:
     num_p, num_b = net.num_members, prob.x.shape[0]
     grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers
                                            for t in (layer.weight, layer.bias))
-    levels = len(net.layers) if grad else 1  # backward keeps every layer's generators
-    pc, bc, _ = plan_chunks(num_p, num_b, 1, widest * num_e * levels, prob.memory_budget_mb)
-    # recompute chunks in backward when they do not all fit at once (see common.run_chunked)
+    # The budget sizes the forward working set; with autograd a chunk's backward holds about one
+    # generator tensor per layer, so chunks are recomputed in backward (see common.run_chunked)
+    # whenever they do not all fit at once, and the peak is a few budgets.
+    pc, bc, _ = plan_chunks(num_p, num_b, 1, widest * num_e, prob.memory_budget_mb)
     recompute = grad and (pc, bc) != (num_p, num_b)
 
     def run(*args):
