@@ -179,7 +179,7 @@ def _save(comm, out_dir: Path, cfg, arch, state, generation, gens_per_epoch, his
             sigma=None if sigma is None else np.asarray(sigma, dtype=np.float32),
             opt_state=state_dict, config=to_dict(cfg), arch=arch,
             metrics={k: np.asarray(v, dtype=np.float64) for k, v in history.items()},
-            noise_scheme=noise.NOISE_SCHEME)
+            noise_scheme=noise.NOISE_SCHEME, world_size=comm.world_size)
         path = str(checkpoint.save(out_dir, ckpt, keep_last=keep_last))
     return comm.bcast_obj(path)
 
@@ -212,6 +212,14 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     ckpt = _root_load(comm, lambda: checkpoint.load_latest(out_dir))
     if ckpt is not None:
         checkpoint.check_compatible(ckpt, arch)
+        if ckpt.noise_scheme != noise.NOISE_SCHEME:
+            raise ValueError(f"checkpoint in {out_dir} uses noise scheme {ckpt.noise_scheme!r} but this mpigls "
+                             f"generates {noise.NOISE_SCHEME!r}; resuming would change the trajectory. "
+                             "Use the mpigls version that wrote it, or start a new output directory")
+        if ckpt.config.get("optimizer", {}).get("name") != cfg.optimizer.name:
+            raise ValueError(f"checkpoint in {out_dir} was written by optimizer "
+                             f"{ckpt.config.get('optimizer', {}).get('name')!r}, the config asks for "
+                             f"{cfg.optimizer.name!r}; use a new --out directory or model.init_from for a warm start")
         state = module.state_from_dict(ckpt.opt_state)
         generation, history = ckpt.generation, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
         say(f"resuming from generation {generation} in {out_dir}")
