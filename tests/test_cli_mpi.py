@@ -164,3 +164,17 @@ def test_rank_exception_aborts_job_quickly(tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert time.time() - t0 < 90
+
+
+def test_landscape_plot_and_certify_commands(tmp_path):
+    out = tmp_path / "r"
+    run_mpigls(["train", "--out", str(out), "--max-generations", "2", "--no-eval", *_sets()])
+    png = tmp_path / "fig6.png"
+    proc = run_mpigls(["landscape", str(out / "latest.h5"), "--out", str(png), "--sigmas", "0.01,0.1",
+                       "--methods", "ibp,deeppoly", "--num-samples", "2", "--num-points", "3", "--batch-size", "8"])
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stdout
+    metrics_png = tmp_path / "m.png"
+    run_mpigls(["plot", str(out / "latest.h5"), "--out", str(metrics_png)])
+    assert metrics_png.read_bytes()[:4] == b"\x89PNG"
+    proc = run_mpigls(["plot", str(out / "latest.h5"), "--keys", "nope"], check=False)
+    assert proc.returncode == 2 and "available" in proc.stderr
