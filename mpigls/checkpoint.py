@@ -53,7 +53,7 @@ __all__ = [
     "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
     "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
     "Checkpoint", "CheckpointError", "save", "load", "find_latest", "load_latest", "list_checkpoints",
-    "clean_stale_temps", "summary", "check_compatible", "theta_sha256", "state_sha256",
+    "clean_stale_temps", "write_json", "summary", "check_compatible", "theta_sha256", "state_sha256",
     "checkpoint_path",
 ]
 
@@ -298,6 +298,26 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
     return final
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=".json", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """(generation, path) of every ``ckpt_*.h5`` in directory, oldest first (names only, unread)."""
     d = Path(directory)
@@ -312,14 +332,14 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove ``.tmp-*.h5`` left by an interrupted save; returns what was removed. Call at start
+    """Remove ``.tmp-*.h5`` / ``.tmp-*.json`` left by an interrupted save; returns what was removed. Call at start
     on rank 0 only, before any save, and never while another job writes to the same directory."""
     d = Path(directory)
     if not d.is_dir():
         return []
     removed = []
     for p in d.iterdir():
-        if p.name.startswith(TEMP_PREFIX) and p.name.endswith(".h5"):
+        if p.name.startswith(TEMP_PREFIX) and p.name.endswith((".h5", ".json")):
             p.unlink(missing_ok=True)
             removed.append(p)
     if removed:

@@ -92,8 +92,16 @@ def _cmd_train(args, comm) -> int:
     if result.stopped_by_signal:
         return dist.EXIT_PREEMPTED
     if not args.no_eval and (args.max_generations is None or result.generation >= _total_generations(cfg)):
-        _final_eval(cfg, result, comm)
+        res = _final_eval(cfg, result, comm)
+        if comm.is_root:
+            from . import checkpoint
+            checkpoint.write_json(Path(args.out) / EVAL_FILE, {
+                "generation": result.generation, "theta_sha256": checkpoint.theta_sha256(result.theta.numpy()),
+                "checkpoint": result.checkpoint_path, "methods": list(cfg.eval.methods), **res})
     return 0
+
+
+EVAL_FILE = "eval.json"  # the final test evaluation of a finished run, next to its checkpoints
 
 
 def _total_generations(cfg) -> int:

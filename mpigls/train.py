@@ -46,12 +46,10 @@ def optimizer_module(cfg: Config):
 
 def optimizer_params(cfg: Config):
     """The optimizer's frozen Params built 1:1 from the matching config fields."""
-    module = optimizer_module(cfg)
     params_cls = {"pgpe": pgpe.PGPEParams, "rgs": rgs.RGSParams, "grad": grad_opt.GRADParams}[cfg.optimizer.name]
     values = to_dict(cfg.optimizer)
     values["sigma"] = values["sigma_init"]
     names = {f.name for f in dataclasses.fields(params_cls)}
-    del module
     return params_cls(**{k: v for k, v in values.items() if k in names})
 
 

@@ -382,3 +382,19 @@ def test_load_latest_and_permissions(tmp_path):
     (tmp_path / C.LATEST).write_bytes(b"garbage")
     assert C.load_latest(tmp_path).generation == 1  # unreadable latest.h5 ranks last
     assert C.summary(tmp_path / "ckpt_00000001.h5")["format_version"] == C.FORMAT_VERSION
+
+
+def test_write_json_is_atomic_and_its_stale_temps_are_cleaned(tmp_path, monkeypatch):
+    target = C.write_json(tmp_path / "eval.json", {"natural": 0.5, "generation": 3})
+    assert json.loads(target.read_text()) == {"natural": 0.5, "generation": 3}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(C.os, "replace", boom)
+    with pytest.raises(OSError):
+        C.write_json(tmp_path / "eval.json", {"natural": 0.9})
+    monkeypatch.undo()
+    assert json.loads(target.read_text())["natural"] == 0.5  # the old result is intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(C.TEMP_PREFIX)]
+    (tmp_path / f"{C.TEMP_PREFIX}eval-x.json").write_text("{")  # as a kill -9 would leave it
+    assert [p.name for p in C.clean_stale_temps(tmp_path)] == [f"{C.TEMP_PREFIX}eval-x.json"]

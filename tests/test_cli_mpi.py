@@ -57,6 +57,9 @@ def test_cli_train_prints_final_accuracy_and_user_errors(tmp_path):
     proc = run_mpigls(["certify", str(tmp_path / "r" / "latest.h5"), "--json"])
     res = json.loads(proc.stdout)
     assert 0 <= res["certified/ibp"] <= res["natural"] <= 1
+    saved = json.loads((tmp_path / "r" / "eval.json").read_text())  # the final eval is kept on disk
+    assert saved["theta_sha256"] == _inspect(tmp_path / "r" / "latest.h5")["theta_sha256"]
+    assert saved["certified/ibp"] == res["certified/ibp"] and saved["natural"] == res["natural"]
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file at all")
     truncated = tmp_path / "truncated.h5"

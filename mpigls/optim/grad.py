@@ -24,51 +24,43 @@ __all__ = ["GRADParams", "GRADState", "init", "tell", "state_to_dict", "state_fr
 
 
 @dataclass(frozen=True, kw_only=True)
-class GRADParams:
+class GRADParams(steprules.StepRuleParams):
     lr: float = 5e-5
-    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
-    momentum: float = 0.9              # ClipUp momentum
     grad_clip: float | None = 10.0     # global L2 norm clip; None/0: off
-    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
 
     def __post_init__(self):
-        steprules.check_positive("lr", self.lr)
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"optimizer.grad_clip must be >= 0 or None (off), got {self.grad_clip}")
         steprules.check_params(self)
 
 
 @dataclass(frozen=True)
 class GRADState:
+    """The state of a first-order optimizer (GRAD, and RGS which reuses it)."""
     center: torch.Tensor            # (D,) float32
     step_state: steprules.StepState
     generation: int
 
 
-def init(params: GRADParams, center: torch.Tensor) -> GRADState:
+def init(params, center: torch.Tensor, name: str = "GRAD") -> GRADState:
     if center.ndim != 1 or center.numel() == 0:
-        raise ValueError(f"GRAD centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
+        raise ValueError(f"{name} centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
     center = center.detach().to(torch.float32).clone()
     return GRADState(center, steprules.init(params.step_rule, center), 0)
 
 
-def tell(state: GRADState, params: GRADParams, grad: torch.Tensor,
-         lr: float | None = None) -> tuple[GRADState, dict]:
-    """One step with the loss gradient ``grad`` (D,); returns (new state, metrics)."""
+def tell(state: GRADState, params, grad: torch.Tensor, lr: float | None = None,
+         prefix: str = "grad") -> tuple[GRADState, dict]:
+    """One step with the loss gradient ``grad`` (D,); returns (new state, metrics named ``prefix/...``)."""
     if grad.shape != state.center.shape:
-        raise ValueError(f"GRAD tell needs grad of shape {tuple(state.center.shape)}, got {tuple(grad.shape)}")
+        raise ValueError(f"{prefix.upper()} tell needs a gradient of shape {tuple(state.center.shape)}, "
+                         f"got {tuple(grad.shape)}")
     lr = params.lr if lr is None else float(lr)
     grad = grad.detach().to(state.center.device, torch.float32)
     if not bool(torch.isfinite(grad).all()):
         return (dataclasses.replace(state, generation=state.generation + 1),
-                {"grad/skipped": 1, "grad/grad_norm": math.nan, "grad/grad_clipped": 0, "grad/step_norm": 0.0,
-                 "grad/lr": lr})
-    center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, "grad")
-    return GRADState(center, step_state, state.generation + 1), {"grad/skipped": 0, **metrics}
+                {f"{prefix}/skipped": 1, f"{prefix}/grad_norm": math.nan, f"{prefix}/grad_clipped": 0,
+                 f"{prefix}/step_norm": 0.0, f"{prefix}/lr": lr})
+    center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, prefix)
+    return GRADState(center, step_state, state.generation + 1), {f"{prefix}/skipped": 0, **metrics}
 
 
 def state_to_dict(state: GRADState) -> dict:
@@ -76,9 +68,9 @@ def state_to_dict(state: GRADState) -> dict:
             **steprules.state_to_dict(state.step_state)}
 
 
-def state_from_dict(d: dict, device: torch.device | str = "cpu") -> GRADState:
+def state_from_dict(d: dict, device: torch.device | str = "cpu", name: str = "GRAD") -> GRADState:
     missing = {"center", "generation", "step/t", "step/m", "step/v"} - set(d)
     if missing:
-        raise ValueError(f"GRAD state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
+        raise ValueError(f"{name} state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
     return GRADState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
                      steprules.state_from_dict(d, device=device), int(d["generation"]))

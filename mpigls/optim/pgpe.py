@@ -49,7 +49,7 @@ NOISE_CHUNK = 64
 
 
 @dataclass(frozen=True, kw_only=True)
-class PGPEParams:
+class PGPEParams(steprules.StepRuleParams):
     """PGPE hyperparameters (defaults: the GLS paper, Sec. 4 and App. B.2, and EvoTorch)."""
 
     popsize: int = 256                 # P, even: P/2 antithetic pairs
@@ -60,20 +60,12 @@ class PGPEParams:
     sigma_min: float = 1e-8            # lower clamp of sigma (> 0)
     sigma_max: float = math.inf        # upper clamp of sigma
     fixed_sigma: bool = False          # keep sigma at sigma_init
-    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
-    momentum: float = 0.9              # ClipUp momentum
-    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
     fitness_shaping: str = "centered_ranks"   # "centered_ranks" | "normalized" | "raw"
 
     def __post_init__(self):
         if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
             raise ValueError(f"optimizer.popsize must be an even integer >= 2 for antithetic sampling, "
                              f"got {self.popsize!r}; use e.g. {max(2, int(self.popsize) + int(self.popsize) % 2)}")
-        steprules.check_positive("lr", self.lr)
         steprules.check_positive("sigma_init", self.sigma_init)
         steprules.check_positive("sigma_min", self.sigma_min)
         if self.sigma_lr < 0:

@@ -21,34 +21,26 @@ Shapes: D parameters, n samples.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mpigls import noise
+from mpigls.optim import grad as grad_opt
 from mpigls.optim import steprules
 
 __all__ = ["RGSParams", "RGSState", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RGSParams:
+class RGSParams(steprules.StepRuleParams):
     num_samples: int = 16              # n gradient samples per step
     sigma: float = 1e-3                # smoothing standard deviation (fixed, isotropic)
     antithetic: bool = True            # samples 2k, 2k+1 use +z_k, -z_k (needs even num_samples)
     lr: float = 5e-4
-    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
-    momentum: float = 0.9              # ClipUp momentum
     grad_clip: float | None = 10.0     # global L2 norm clip of the mean gradient; None/0: off
-    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
 
     def __post_init__(self):
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -58,24 +50,14 @@ class RGSParams:
                              f"use {self.num_samples + 1} or set antithetic=false")
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise ValueError(f"optimizer.sigma must be a finite number >= 0, got {self.sigma!r}")
-        steprules.check_positive("lr", self.lr)
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"optimizer.grad_clip must be >= 0 or None (off), got {self.grad_clip}")
         steprules.check_params(self)
 
 
-@dataclass(frozen=True)
-class RGSState:
-    center: torch.Tensor            # (D,) float32
-    step_state: steprules.StepState
-    generation: int
+RGSState = grad_opt.GRADState  # centre, step-rule state, generation: the same as GRAD's
 
 
 def init(params: RGSParams, center: torch.Tensor) -> RGSState:
-    if center.ndim != 1 or center.numel() == 0:
-        raise ValueError(f"RGS centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
-    center = center.detach().to(torch.float32).clone()
-    return RGSState(center, steprules.init(params.step_rule, center), 0)
+    return grad_opt.init(params, center, name="RGS")
 
 
 def sample_points(state: RGSState, params: RGSParams, seed: int, indices: Sequence[int]) -> torch.Tensor:
@@ -98,24 +80,11 @@ def tell(state: RGSState, params: RGSParams, grad_sum: torch.Tensor,
     """Step with the mean gradient grad_sum / num_samples; returns (new state, metrics)."""
     if grad_sum.shape != state.center.shape:
         raise ValueError(f"RGS tell needs grad_sum of shape {tuple(state.center.shape)}, got {tuple(grad_sum.shape)}")
-    lr = params.lr if lr is None else float(lr)
-    grad = grad_sum.detach().to(state.center.device, torch.float32) / params.num_samples
-    if not bool(torch.isfinite(grad).all()):
-        return (dataclasses.replace(state, generation=state.generation + 1),
-                {"rgs/skipped": 1, "rgs/grad_norm": math.nan, "rgs/grad_clipped": 0, "rgs/step_norm": 0.0,
-                 "rgs/lr": lr})
-    center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, "rgs")
-    return RGSState(center, step_state, state.generation + 1), {"rgs/skipped": 0, **metrics}
+    return grad_opt.tell(state, params, grad_sum.detach().to(torch.float32) / params.num_samples, lr, prefix="rgs")
 
 
-def state_to_dict(state: RGSState) -> dict:
-    return {"center": state.center.detach().cpu().numpy().copy(), "generation": int(state.generation),
-            **steprules.state_to_dict(state.step_state)}
+state_to_dict = grad_opt.state_to_dict
 
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu") -> RGSState:
-    missing = {"center", "generation", "step/t", "step/m", "step/v"} - set(d)
-    if missing:
-        raise ValueError(f"RGS state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
-    return RGSState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
-                    steprules.state_from_dict(d, device=device), int(d["generation"]))
+    return grad_opt.state_from_dict(d, device, name="RGS")

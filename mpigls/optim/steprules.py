@@ -26,10 +26,23 @@ import math
 
 import torch
 
-__all__ = ["STEP_RULES", "StepState", "init", "adam", "clipup", "sgd", "apply", "clip_grad_norm", "decay", "descend",
+__all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "clip_grad_norm", "decay", "descend",
            "check_step_rule", "check_params", "check_positive", "state_to_dict", "state_from_dict"]
 
 STEP_RULES = ("adam", "clipup", "sgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRuleParams:
+    """The step-rule fields shared by the Params of PGPE, RGS and GRAD (each adds ``lr`` and more)."""
+
+    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
+    momentum: float = 0.9              # ClipUp momentum
+    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,12 @@ def check_positive(name: str, value: float) -> None:
 
 
 def check_params(p) -> None:
-    """Validate the step-rule fields shared by PGPE, RGS and GRAD Params."""
+    """Validate the step-rule fields shared by PGPE, RGS and GRAD Params (lr, rule, betas, clip, ...)."""
+    check_positive("lr", p.lr)
     check_step_rule(p.step_rule)
+    clip = getattr(p, "grad_clip", None)
+    if clip is not None and clip < 0:
+        raise ValueError(f"optimizer.grad_clip must be >= 0 or None (off), got {clip}")
     for name in ("beta1", "beta2", "momentum"):
         if not 0 <= getattr(p, name) < 1:
             raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(p, name)}")
