@@ -596,14 +596,17 @@ def bind_device(comm: Comm, device: str = "auto", threads: int | None = None) ->
 # ----------------------------------------------------------------------------- signals
 
 class StopSignal:
-    """A flag set by SIGTERM / SIGUSR1. Agree on it at a generation boundary:
+    """A flag set by SIGTERM / SIGUSR1 / SIGINT. Agree on it at a generation boundary:
     ``if comm.agree_any(stop.requested): save(); return EXIT_PREEMPTED``.
 
-    The handler only assigns attributes (async-signal-safe in CPython: handlers run between
-    bytecodes on the main thread). Use as a context manager to restore the previous handlers.
+    SIGINT is Ctrl-C (mpiexec forwards it to every rank): the first one stops cleanly with a
+    checkpoint like SIGTERM, a second one raises KeyboardInterrupt at once. The handler otherwise
+    only assigns attributes (CPython runs handlers between bytecodes on the main thread). Use as a
+    context manager to restore the previous handlers.
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                signal.SIGINT) if s)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -613,7 +616,13 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
 
     def install(self) -> StopSignal:

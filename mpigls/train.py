@@ -282,7 +282,8 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
             if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
                 ckpt_path = _save(comm, out_dir, cfg, arch, state, generation, gens_per_epoch, history, cfg.train.keep_last)
             if stopped:
-                say(f"stop signal received: checkpoint written at generation {generation} ({ckpt_path})")
+                say(f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
+                    f"generation {generation} ({ckpt_path}); run the same command to resume")
                 break
     finally:
         stop_signal.uninstall()

@@ -14,6 +14,9 @@ from mpigls import checkpoint
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
 
 
+LONG_EPOCHS = 5000  # 40000 generations (minutes): only a signal ends these runs within the test's time
+
+
 def _sets(**extra):
     return [a for kv in tiny_overrides(**extra) for a in ("--set", kv)]
 
@@ -78,13 +81,17 @@ def _popen(args, ranks, tmp_path):
                             cwd=REPO, start_new_session=True)
 
 
-def _wait_for(path, proc, timeout=120):
+def _wait_for(out, proc, generation, timeout=120):
+    """Wait until OUT/latest.h5 holds at least ``generation`` while ``proc`` still runs."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and proc.poll() is None:
-            return
         if proc.poll() is not None:
             raise AssertionError(f"process ended early: {proc.communicate()}")
+        try:
+            if checkpoint.load(out / "latest.h5", verify=False).generation >= generation:
+                return
+        except (checkpoint.CheckpointError, OSError):
+            pass  # not written yet
         time.sleep(0.05)
     raise AssertionError("timed out waiting for a checkpoint")
 
@@ -119,14 +126,15 @@ def _is_launcher(pid):
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path):
-    args = _sets(**{"train.epochs": 3, "train.checkpoint_every": 1})
+    # long enough (a checkpoint every generation) that the kill lands mid-run, not after it
+    args = ["--max-generations", "300", *_sets(**{"train.epochs": LONG_EPOCHS, "train.checkpoint_every": 1})]
     run_mpigls(["train", "--out", str(tmp_path / "straight"), "--no-eval", *args])
     out = tmp_path / "killed"
     proc = _popen(["train", "--out", str(out), "--no-eval", *args], 1, tmp_path)
-    _wait_for(out / "ckpt_00000003.h5", proc)
+    _wait_for(out, proc, 3)
     os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
     proc.wait(timeout=30)
-    assert checkpoint.load(out / "latest.h5").generation >= 3
+    assert 3 <= checkpoint.load(out / "latest.h5").generation < 300
     run_mpigls(["train", "--out", str(out), "--no-eval", *args])
     assert _inspect(out / "latest.h5")["theta_sha256"] == _inspect(tmp_path / "straight" / "latest.h5")["theta_sha256"]
     assert not list(out.glob(".tmp*")), "stale temp files must be cleaned at start"
@@ -134,10 +142,10 @@ def test_kill9_then_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_stops_with_checkpoint_and_exit_3(tmp_path, sig):
-    args = _sets(**{"train.epochs": 40, "train.checkpoint_every": 2})
+    args = _sets(**{"train.epochs": LONG_EPOCHS, "train.checkpoint_every": 2})
     out = tmp_path / "pre"
     proc = _popen(["train", "--out", str(out), "--no-eval", *args], 2, tmp_path)
-    _wait_for(out / "ckpt_00000002.h5", proc)  # the ranks are training (handlers installed)
+    _wait_for(out, proc, 2)  # the ranks are training (handlers installed)
     pids = _rank_pids(proc)
     assert len(pids) == 2, pids
     for pid in pids:
@@ -145,9 +153,22 @@ def test_signal_stops_with_checkpoint_and_exit_3(tmp_path, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     stopped = checkpoint.load(out / "latest.h5").generation
-    assert 2 <= stopped < 320
+    assert 2 <= stopped < LONG_EPOCHS * 8
     proc2 = run_mpigls(["train", "--out", str(out), "--no-eval", "--max-generations", str(stopped + 2), *args], ranks=2)
     assert f"resuming from generation {stopped}" in proc2.stdout
+
+
+def test_ctrl_c_on_mpiexec_stops_with_checkpoint(tmp_path):
+    """Ctrl-C in a terminal: mpiexec forwards SIGINT to every rank; they stop together, cleanly."""
+    args = _sets(**{"train.epochs": LONG_EPOCHS, "train.checkpoint_every": 2})
+    out = tmp_path / "ctrlc"
+    proc = _popen(["train", "--out", str(out), "--no-eval", *args], 2, tmp_path)
+    _wait_for(out, proc, 2)
+    os.kill(proc.pid, signal.SIGINT)  # proc is mpiexec itself
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "stop requested (SIGINT)" in stdout and "Traceback" not in err
+    assert checkpoint.load(out / "latest.h5").generation >= 2
 
 
 def test_rank_exception_aborts_job_quickly(tmp_path):

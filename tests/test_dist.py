@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -245,7 +246,7 @@ def test_bind_device_cpu_and_logs_mapping(caplog):
 
 # ----------------------------------------------------------------------------- signals / faults
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_sets_flag_and_restores_handler(signum):
     previous = signal.getsignal(signum)
     with dist.StopSignal() as stop:
@@ -253,7 +254,18 @@ def test_stop_signal_sets_flag_and_restores_handler(signum):
         os.kill(os.getpid(), signum)
         assert stop.requested and stop.signum == signum
         assert dist.SerialComm().agree_any(stop.requested)
+        assert stop.name == signal.Signals(signum).name
     assert signal.getsignal(signum) == previous
+
+
+def test_second_ctrl_c_interrupts_at_once():
+    with dist.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a clean stop at the next boundary
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes
+                time.sleep(0.001)
 
 
 def test_exit_codes_are_distinct():
