@@ -161,6 +161,8 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints kept in the output directory")
     log_every: int = _f(10, "generations between log lines on rank 0")
     consistency_every: int = _f(100, "generations between cross-rank theta hash checks (0: off)")
+    max_skipped_steps: int = _f(20, "consecutive skipped steps (every loss or the gradient non-finite) "
+                                    "before the run stops with an error (0: never stop)")
     device: str = _f("auto", "auto (GPU by node-local rank if available), cpu or cuda")
     threads: int | None = _f(None, "torch CPU threads per rank (null: cores per node / ranks per node); "
                                    "bitwise world-size invariance on CPU needs the same value for every run")
@@ -173,6 +175,7 @@ class TrainConfig:
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(self.consistency_every >= 0, f"train.consistency_every must be >= 0, got {self.consistency_every}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")

@@ -240,7 +240,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     stop_signal = dist.StopSignal().install()
     aug = _augment_kind(cfg)
     evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
-    ckpt_path, stopped, epoch_cache = None, False, (None, None)
+    ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
     progress = _progress(comm, cfg, generation, stop_at)
     try:
         while generation < stop_at:
@@ -264,6 +264,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                 grad_sum, all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
                 state, metrics = module.tell(state, params, grad_sum, lr=lr)
             generation += 1
+            skipped_in_a_row = _check_finite(metrics, all_losses, generation, skipped_in_a_row, cfg, say)
             finite = all_losses[torch.isfinite(all_losses)]
             metrics = {"loss/mean": float(finite.mean()) if finite.numel() else math.nan,
                        "loss/min": float(finite.min()) if finite.numel() else math.nan,
@@ -294,6 +295,34 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     ckpt_path = comm.bcast_obj(ckpt_path)
     return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
                        {k: v[-1] for k, v in history.items() if v})
+
+
+class TrainingDiverged(ValueError):
+    """Too many consecutive generations without a finite loss or gradient (a user error: the
+    hyperparameters need changing, so it is reported as one paragraph, exit code 2)."""
+
+
+def _check_finite(metrics: dict, all_losses: torch.Tensor, generation: int, skipped_in_a_row: int,
+                  cfg: Config, say: Callable[[str], None]) -> int:
+    """Warn about non-finite losses and skipped steps; stop a run that keeps skipping. Every rank
+    sees the same metrics, so every rank decides alike. Returns the new count of skips in a row."""
+    bad = int((~torch.isfinite(all_losses)).sum())
+    skipped = any(k.endswith("/skipped") and v for k, v in metrics.items())
+    if skipped:
+        say(f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite, "
+            f"nothing finite to step with: the step was skipped")
+    elif bad:
+        say(f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite "
+            f"(those members got zero weight)")
+    skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+    limit = cfg.train.max_skipped_steps
+    if limit and skipped_in_a_row >= limit:
+        raise TrainingDiverged(
+            f"training stopped at generation {generation}: {skipped_in_a_row} generations in a row had no "
+            f"finite loss or gradient (the bound overflows, e.g. {cfg.bound.method} at eps {cfg.bound.eps}). "
+            f"The last checkpoint holds the last good state; lower optimizer.lr, optimizer.sigma_init or "
+            f"bound.eps, or raise train.max_skipped_steps (0 never stops).")
+    return skipped_in_a_row
 
 
 def _progress(comm, cfg: Config, start: int, stop: int):

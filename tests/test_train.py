@@ -70,3 +70,38 @@ def test_warm_start_from_checkpoint(tmp_path):
     # one Adam step (|step| <~ lr = 0.01 per coordinate) away from the warm-start point, although
     # seed 1 would initialise elsewhere
     assert float((res.theta - pre.theta).abs().max()) < 0.02
+
+
+def _nan_loss(members):
+    """A certified_loss stand-in whose losses are NaN for the given member indices (None: all)."""
+    real = train.losses.certified_loss
+
+    def loss(*args, params=None, **kwargs):
+        out = real(*args, params=params, **kwargs)
+        bad = torch.zeros_like(out, dtype=torch.bool)
+        bad[slice(None) if members is None else members] = True
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+    return loss
+
+
+def test_some_nan_members_warn_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.losses, "certified_loss", _nan_loss([0]))  # member 0 of every block
+    lines = []
+    res = train.train(_cfg(**{"train.epochs": 0.5}), tmp_path, log=lines.append)
+    assert res.generation == 4
+    assert any("losses non-finite (those members got zero weight)" in m for m in lines), lines
+    ck = checkpoint.load(tmp_path / "latest.h5")
+    assert (ck.metrics["pgpe/num_nonfinite"] > 0).all() and (ck.metrics["pgpe/skipped"] == 0).all()
+
+
+def test_all_nan_generations_skip_then_stop_with_a_clear_error(tmp_path, monkeypatch):
+    cfg = _cfg(**{"train.epochs": 4, "train.max_skipped_steps": 3, "train.checkpoint_every": 1})
+    train.train(cfg, tmp_path, max_generations=2, log=lambda m: None)
+    good = checkpoint.load(tmp_path / "latest.h5")
+    monkeypatch.setattr(train.losses, "certified_loss", _nan_loss(None))
+    lines = []
+    with pytest.raises(train.TrainingDiverged, match="3 generations in a row had no finite loss"):
+        train.train(cfg, tmp_path, log=lines.append)
+    assert sum("the step was skipped" in m for m in lines) == 3, lines
+    last = checkpoint.load(tmp_path / "latest.h5")  # skipped steps leave the state as it was
+    assert np.array_equal(last.theta, good.theta) and np.array_equal(last.sigma, good.sigma)
