@@ -114,6 +114,7 @@ def _total_generations(cfg) -> int:
 def _final_eval(cfg, result, comm) -> dict:
     from . import certify, train as train_mod
     dataset, model, _ = train_mod.build_problem(cfg)
+    model.to(result.device)  # the device training used (a GPU when the rank has one)
     n = cfg.eval.num_test or len(dataset.test_y)
     res = certify.evaluate(model, result.theta, dataset.test_x[:n], dataset.test_y[:n], cfg.bound.eps,
                            list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
@@ -131,6 +132,7 @@ def _cmd_certify(args, comm) -> int:
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
+    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
     methods = args.methods.split(",") if args.methods else list(cfg.eval.methods)
     eps = cfg.bound.eps if args.eps is None else args.eps
     n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
@@ -165,10 +167,11 @@ def _cmd_landscape(args, comm) -> int:
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
+    device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     if comm.is_root:
         path = landscape.run_from_checkpoint(
-            model, torch.from_numpy(ckpt.theta.copy()), dataset.train_x[:args.batch_size],
-            dataset.train_y[:args.batch_size], cfg.bound.eps,
+            model.to(device), torch.from_numpy(ckpt.theta.copy()), dataset.train_x[:args.batch_size].to(device),
+            dataset.train_y[:args.batch_size].to(device), cfg.bound.eps,
             sigmas=[float(s) for s in args.sigmas.split(",")], methods=args.methods.split(","),
             num_samples=args.num_samples, num_points=args.num_points, radius=args.radius,
             seed=cfg.train.seed, out=args.out)

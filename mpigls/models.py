@@ -109,12 +109,14 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 
 def load_flat_(model: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Copy a (D,) vector into the model's parameters in place; returns the model."""
+    """Copy a (D,) vector into the model's parameters in place (they keep their device and dtype);
+    returns the model."""
     expected = num_params(model)
     if flat.ndim != 1 or flat.numel() != expected:
         raise ValueError(f"flat parameter vector must have shape ({expected},), got {tuple(flat.shape)}")
     with torch.no_grad():
-        nn.utils.vector_to_parameters(flat.to(next(model.parameters()).dtype), model.parameters())
+        first = next(model.parameters())
+        nn.utils.vector_to_parameters(flat.to(first.device, first.dtype), model.parameters())
     return model
 
 

@@ -38,6 +38,7 @@ class TrainResult:
     stopped_by_signal: bool
     checkpoint_path: str | None
     metrics: dict
+    device: torch.device = torch.device("cpu")  # where this rank trained
 
 
 def optimizer_module(cfg: Config):
@@ -294,7 +295,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         ckpt_path = str(checkpoint.find_latest(out_dir) or "") or None
     ckpt_path = comm.bcast_obj(ckpt_path)
     return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
-                       {k: v[-1] for k, v in history.items() if v})
+                       {k: v[-1] for k, v in history.items() if v}, device)
 
 
 class TrainingDiverged(ValueError):
