@@ -41,7 +41,7 @@ def worst_margin(model, x, y, eps, lo=None, hi=None, num=256, seed=0):
     return worst
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(case=st.sampled_from(SMALL), seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]))
 def test_sound_small(case, seed, eps):
     model, x, y = make(*case, seed)
@@ -61,7 +61,7 @@ def test_sound_real_sizes(name, shape):
         assert (lb <= worst + 1e-5).all(), (method, (lb - worst).max())
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(case=st.sampled_from(SMALL), seed=st.integers(0, 10_000), lam=st.sampled_from([0.1, 0.4, 1.0]))
 def test_sabr_sound_on_its_small_box(case, seed, lam):
     """SABR bounds hold over the small box only (not the full eps-box)."""
