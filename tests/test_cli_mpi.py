@@ -190,6 +190,29 @@ def test_rank_exception_aborts_job_quickly(tmp_path):
     assert time.time() - t0 < 90
 
 
+def test_ranks_that_diverge_are_named_and_stop_the_run(tmp_path):
+    """Silent divergence (as non-deterministic hardware could cause) is caught by the theta hash
+    check every train.consistency_every (2 here) generations, before it reaches a checkpoint."""
+    out = tmp_path / "x"
+    script = (
+        "import sys, dataclasses; from mpigls import cli, train\n"
+        "orig = train.pgpe.tell\n"
+        "def drift(state, *a, **k):\n"
+        "    from mpi4py import MPI\n"
+        "    new, metrics = orig(state, *a, **k)\n"
+        "    if new.generation == 3 and MPI.COMM_WORLD.Get_rank() == 2:\n"
+        "        new = dataclasses.replace(new, center=new.center + 1e-7)\n"
+        "    return new, metrics\n"
+        "train.pgpe.tell = drift\n"
+        f"sys.exit(cli.main(['train', '--out', {str(out)!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-c", script],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "consistency check 'theta' failed: rank(s) [2] differ from rank 0" in proc.stderr, proc.stderr[-2000:]
+    assert checkpoint.load(out / "latest.h5").generation == 2  # the last state all ranks agreed on
+
+
 def test_landscape_plot_and_certify_commands(tmp_path):
     out = tmp_path / "r"
     run_mpigls(["train", "--out", str(out), "--max-generations", "2", "--no-eval", *_sets()])
