@@ -272,6 +272,32 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (the keys ``--set`` takes)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# keys that change how a run executes but not what it computes (on CPU the thread count can change
+# the last bits), or that only matter at the start of a run
+RUNTIME_KEYS = frozenset({"model.init_from", "train.threads", "train.progress", "train.log_every", "train.device",
+                          "train.fake_nodes", "train.checkpoint_every", "train.keep_last",
+                          "train.consistency_every", "train.max_skipped_steps", "train.epochs"})
+
+
+def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Keys (dotted) whose value differs between two config dicts and changes the computation:
+    ``{key: (old, new)}``, eval.* and RUNTIME_KEYS left out."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")}
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, dist, losses, models, noise
-from .config import Config, to_dict
+from .config import Config, changed_keys, to_dict
 from .optim import grad as grad_opt
 from .optim import pgpe, rgs, schedules
 
@@ -222,6 +222,11 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         state = module.state_from_dict(ckpt.opt_state)
         generation, history = ckpt.generation, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
         say(f"resuming from generation {generation} in {out_dir}")
+        changed = changed_keys(ckpt.config, to_dict(cfg))
+        if changed:
+            say("warning: the config differs from the checkpoint's in " + ", ".join(
+                f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                + "; from here on the run follows the new values (not what an uninterrupted run would do)")
     else:
         theta0 = models.flat_params(model.cpu())
         model.to(device)

@@ -105,3 +105,20 @@ def test_all_nan_generations_skip_then_stop_with_a_clear_error(tmp_path, monkeyp
     assert sum("the step was skipped" in m for m in lines) == 3, lines
     last = checkpoint.load(tmp_path / "latest.h5")  # skipped steps leave the state as it was
     assert np.array_equal(last.theta, good.theta) and np.array_equal(last.sigma, good.sigma)
+
+
+def test_resume_with_a_changed_config_says_what_changed(tmp_path):
+    train.train(_cfg(**{"train.epochs": 1}), tmp_path, max_generations=2, log=lambda m: None)
+    lines = []
+    train.train(_cfg(**{"train.epochs": 2, "train.threads": 2}), tmp_path, max_generations=3, log=lines.append)
+    assert not any("config differs" in m for m in lines), lines  # longer run, other thread count: same maths
+    lines = []
+    train.train(_cfg(**{"train.epochs": 2, "optimizer.lr": 0.5}), tmp_path, max_generations=4, log=lines.append)
+    warning = [m for m in lines if "config differs" in m]
+    assert len(warning) == 1 and "optimizer.lr" in warning[0] and "-> 0.5" in warning[0], lines
+
+
+def test_changed_keys_flattens_sections():
+    old = {"optimizer": {"lr": 0.1, "name": "pgpe"}, "bound": {"options": {"a": 1}}, "eval": {"num_test": 5}}
+    new = {"optimizer": {"lr": 0.2, "name": "pgpe"}, "bound": {"options": {"a": 2}}, "eval": {"num_test": 9}}
+    assert config.changed_keys(old, new) == {"bound.options": ({"a": 1}, {"a": 2}), "optimizer.lr": (0.1, 0.2)}
