@@ -12,6 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under mpiexec every rank is its own pytest process: give each its own temp root so that
+    they do not race to clean up each other's old temp directories."""
+    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    if rank is not None and config.option.basetemp is None:
+        import tempfile
+        config.option.basetemp = str(Path(tempfile.gettempdir()) / f"mpigls-pytest-{os.getuid()}-rank{rank}")
+
+
 def tiny_overrides(**extra: object) -> list[str]:
     """--set overrides for a seconds-long PGPE run on a digits subset."""
     base = {
