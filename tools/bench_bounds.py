@@ -7,7 +7,8 @@ reports the seconds of both, the peak memory
 (CUDA: torch.cuda.max_memory_allocated; CPU: growth of the max RSS over the state after
 warm-up, each measurement in a fresh subprocess unless --no-isolate, since max RSS never
 decreases) and the mean number of IBP-unstable ReLUs per example. Prints a table and writes
-JSON (--out).
+JSON (--out). Method ``auto_lirpa`` times the reference, auto_LiRPA 0.3's CROWN in patches mode
+(bounds + backward as for the others), when it is installed (see tools/auto_lirpa_compat.py).
 
   python tools/bench_bounds.py --out bench.json [--methods ibp,deeppoly] [--batch 64] [--devices cpu,cuda]
 """
@@ -20,13 +21,18 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from mpigls import models
 from mpigls.bounds import crown, make_problem, margin_lower_bounds
 
-DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import auto_lirpa_compat  # noqa: E402
+
+REFERENCE = "auto_lirpa"
+DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr", REFERENCE}
 SHAPES = {"mnist": ((1, 28, 28), 0.1, [0.1307], [0.3081]),
           "cifar": ((3, 32, 32), 2 / 255, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
 
@@ -35,19 +41,28 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def bound_fn(model, x, method, budget):
+    """f(x, y, eps) -> margin lower bounds; method "auto_lirpa" is auto_LiRPA 0.3's CROWN in
+    patches mode (tools/auto_lirpa_compat.py), the reference the issue quotes timings for."""
+    if method == REFERENCE:
+        return auto_lirpa_compat.bounder(model, x, "deeppoly", "patches")
+    return lambda xb, yb, eps: margin_lower_bounds(model, xb, yb, eps, method, memory_budget_mb=budget)
+
+
 def run_one(model, x, y, eps, method, device, budget):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    f = bound_fn(model, x, method, budget)
     rss0 = maxrss_mb()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter()  # after tracing (auto_LiRPA)
     with torch.no_grad():
-        margin_lower_bounds(model, x, y, eps, method, memory_budget_mb=budget)
+        f(x, y, eps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    lb = margin_lower_bounds(model, x, y, eps, method, memory_budget_mb=budget)
+    lb = f(x, y, eps)
     if method in DIFFERENTIABLE:
         lb.sum().backward()
         model.zero_grad(set_to_none=True)
@@ -63,13 +78,15 @@ def run_one(model, x, y, eps, method, device, budget):
 def measure(args, device, model_name, data, method) -> dict:
     shape, eps, mean, std = SHAPES[data]
     torch.manual_seed(0)
+    if method == REFERENCE or args.identity_normalize:  # auto_LiRPA 0.3 can't trace Normalize in patches mode
+        mean, std = [0.0] * shape[0], [1.0] * shape[0]
     model = models.build(model_name, shape, 10, mean, std).to(device)
     x = torch.rand(args.batch, *shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     with torch.no_grad():
         bounds = crown.intermediate_bounds(make_problem(model, x, y, eps), refine=False)
     unstable = [float(((lo < 0) & (hi > 0)).flatten(2).sum(-1).float().mean()) for lo, hi in bounds]
-    margin_lower_bounds(model, x[:2], y[:2], eps, method)  # warm-up
+    bound_fn(model, x[:2], method, args.budget)(x[:2], y[:2], eps)  # warm-up
     best = None
     for _ in range(args.repeats):
         res = run_one(model, x, y, eps, method, device, args.budget)
@@ -91,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1024.0, help="memory_budget_mb")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--identity-normalize", action="store_true",
+                    help="mean 0 / std 1 for every model, as the auto_lirpa rows use (same networks, same bounds)")
     ap.add_argument("--no-isolate", action="store_true", help="measure CPU rows in this process")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # device,model,data,method
     args = ap.parse_args(argv)
@@ -112,7 +131,7 @@ def main(argv=None) -> int:
                     if dev_name == "cpu" and not args.no_isolate:
                         cmd = [sys.executable, __file__, "--single", f"{dev_name},{model_name},{data},{method}",
                                "--batch", str(args.batch), "--budget", str(args.budget),
-                               "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+                               "--repeats", str(args.repeats)] + (["--identity-normalize"] if args.identity_normalize else []) + (["--threads", str(args.threads)] if args.threads else [])
                         row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                     else:
                         row = measure(args, device, model_name, data, method)

@@ -15,6 +15,10 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "[setup] installing mpigls[test,mpich] into $VENV (torch is large: a few minutes the first time)"
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -e "$ROOT[test,mpich]"
+  # the reference CROWN for cross-checks (tests/test_bounds_auto_lirpa.py, tools/bench_bounds.py);
+  # its pins (torch<1.13) are obsolete, tools/auto_lirpa_compat.py shims it, so no dependencies
+  "$PY" -m pip install -q --no-deps "auto_LiRPA==0.3" "appdirs>=1.4" \
+    || echo "[setup] note: auto_LiRPA not installed; the cross-check against it will be skipped"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
