@@ -480,28 +480,25 @@ def find_latest(directory: str | os.PathLike) -> Path | None:
     wins a tie); each is fully loaded (checksum included) until one succeeds, warning about every
     unreadable file skipped. A crash between writing ``ckpt_G`` and relinking ``latest.h5`` is
     therefore resumed from G."""
-    d = Path(directory)
-    if not d.is_dir():
-        return None
-    for p in _candidates(d):
-        try:
-            load(p)
-            return p
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
-    return None
+    found = _first_loadable(Path(directory))
+    return found[0] if found else None
 
 
 def load_latest(directory: str | os.PathLike) -> Checkpoint | None:
     """``load(find_latest(directory))`` without reading the chosen file twice; None if none."""
-    d = Path(directory)
+    found = _first_loadable(Path(directory))
+    return found[1] if found else None
+
+
+def _first_loadable(d: Path) -> tuple[Path, Checkpoint] | None:
+    """The first of ``_candidates(d)`` that loads, warning about every unreadable one skipped."""
     if not d.is_dir():
         return None
     for p in _candidates(d):
         try:
-            return load(p)
+            return p, load(p)
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
     return None
 
 

@@ -185,9 +185,7 @@ def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
         return dataclasses.replace(state, generation=state.generation + 1), metrics
     device = state.center.device
     grad = grad_center.to(torch.float32).to(device)
-    delta, step_state = steprules.apply(params.step_rule, state.step_state, grad, lr=lr, beta1=params.beta1,
-                                        beta2=params.beta2, adam_eps=params.adam_eps,
-                                        momentum=params.momentum, max_speed=params.max_speed)
+    delta, step_state = steprules.step(params, state.step_state, grad, lr)
     center = steprules.decay(state.center, delta, lr, params.weight_decay)
     sigma, clipped = state.sigma, 0.0
     if not params.fixed_sigma:

@@ -26,8 +26,9 @@ import math
 
 import torch
 
-__all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "clip_grad_norm", "decay", "descend",
-           "check_step_rule", "check_params", "check_positive", "state_to_dict", "state_from_dict"]
+__all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "step",
+           "clip_grad_norm", "decay", "descend", "check_step_rule", "check_params", "check_positive",
+           "state_to_dict", "state_from_dict"]
 
 STEP_RULES = ("adam", "clipup", "sgd")
 
@@ -140,6 +141,12 @@ def apply(rule: str, state: StepState, grad: torch.Tensor, *, lr: float, beta1: 
     raise AssertionError("unreachable")
 
 
+def step(params: StepRuleParams, state: StepState, grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, StepState]:
+    """``apply`` with the rule and hyperparameters of an optimizer's Params."""
+    return apply(params.step_rule, state, grad, lr=lr, beta1=params.beta1, beta2=params.beta2,
+                 adam_eps=params.adam_eps, momentum=params.momentum, max_speed=params.max_speed)
+
+
 def clip_grad_norm(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, float]:
     """Scale ``grad`` down to global L2 norm ``max_norm`` (None or <= 0: no clipping).
 
@@ -163,8 +170,7 @@ def descend(center: torch.Tensor, step_state: StepState, grad: torch.Tensor, par
             prefix: str) -> tuple[torch.Tensor, StepState, dict]:
     """Clip, take one step-rule step, apply weight decay (shared by RGS and GRAD)."""
     grad, norm = clip_grad_norm(grad, params.grad_clip)
-    delta, step_state = apply(params.step_rule, step_state, grad, lr=lr, beta1=params.beta1, beta2=params.beta2,
-                              adam_eps=params.adam_eps, momentum=params.momentum, max_speed=params.max_speed)
+    delta, step_state = step(params, step_state, grad, lr)
     clipped = int(params.grad_clip is not None and params.grad_clip > 0 and norm > params.grad_clip)
     metrics = {f"{prefix}/grad_norm": norm, f"{prefix}/grad_clipped": clipped,
                f"{prefix}/step_norm": float(torch.linalg.vector_norm(delta)), f"{prefix}/lr": lr}
