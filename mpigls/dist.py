@@ -381,16 +381,23 @@ class MPIComm(_CommBase):
         (found with a non-blocking barrier on a private communicator), all exit normally with
         ``code`` so the launcher's exit status is exactly ``code``; otherwise ``Abort(code)`` ends
         the ranks that are still busy. Never returns."""
-        req = self._exit_comm.Ibarrier()
-        deadline = time.monotonic() + grace_s
-        while not req.Test():
-            if time.monotonic() > deadline:
-                self.abort(code)
-            time.sleep(0.005)
+        if not self.all_arrive(grace_s):
+            self.abort(code)
         _flush_std()
         logging.shutdown()
         # os._exit skips mpi4py's exit hook, which would turn a non-zero exit into MPI_Abort.
         os._exit(code)
+
+    def all_arrive(self, grace_s: float) -> bool:
+        """Whether every rank reaches this call within ``grace_s`` seconds (a non-blocking barrier
+        on a private communicator, so a rank busy elsewhere cannot hang us)."""
+        req = self._exit_comm.Ibarrier()
+        deadline = time.monotonic() + grace_s
+        while not req.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def free(self) -> None:
         """Release the cloned communicators (collective)."""
@@ -720,14 +727,10 @@ def run_guarded(fn: Callable[[], int | None], comm: Comm | None = None, *,
     if code == EXIT_OK:
         return code
     if failure is not None:
-        req = comm._exit_comm.Ibarrier()
-        deadline = time.monotonic() + grace_s
-        while not req.Test() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if req.Test():
+        if comm.all_arrive(grace_s):  # the same user error everywhere: rank 0 says it once
             if comm.is_root:
                 print(format_user_error(failure, label), file=sys.stderr, flush=True)
-            comm.exit_together(code, grace_s)  # everyone already joined: the barrier below is instant
+            comm.exit_together(code, grace_s)  # after rank 0 has printed; all are here, so no wait
         _report(failure, comm, user_errors, label)
         comm.abort(code)
     comm.exit_together(code, grace_s)
