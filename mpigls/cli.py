@@ -91,7 +91,7 @@ def _cmd_train(args, comm) -> int:
     result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations)
     if result.stopped_by_signal:
         return dist.EXIT_PREEMPTED
-    if not args.no_eval and (args.max_generations is None or result.generation >= _total_generations(cfg)):
+    if not args.no_eval and result.finished:
         res = _final_eval(cfg, result, comm)
         if comm.is_root:
             from . import checkpoint
@@ -102,13 +102,6 @@ def _cmd_train(args, comm) -> int:
 
 
 EVAL_FILE = "eval.json"  # the final test evaluation of a finished run, next to its checkpoints
-
-
-def _total_generations(cfg) -> int:
-    from . import train as train_mod
-    dataset, _, _ = train_mod.build_problem(cfg)
-    import math
-    return math.ceil(cfg.train.epochs * (len(dataset.train_y) // cfg.train.batch_size))
 
 
 def _final_eval(cfg, result, comm) -> dict:

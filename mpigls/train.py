@@ -39,6 +39,11 @@ class TrainResult:
     checkpoint_path: str | None
     metrics: dict
     device: torch.device = torch.device("cpu")  # where this rank trained
+    total_generations: int = 0                   # the run's full length (train.epochs)
+
+    @property
+    def finished(self) -> bool:
+        return self.generation >= self.total_generations
 
 
 def optimizer_module(cfg: Config):
@@ -300,7 +305,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         ckpt_path = str(checkpoint.find_latest(out_dir) or "") or None
     ckpt_path = comm.bcast_obj(ckpt_path)
     return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
-                       {k: v[-1] for k, v in history.items() if v}, device)
+                       {k: v[-1] for k, v in history.items() if v}, device, total)
 
 
 class TrainingDiverged(ValueError):
