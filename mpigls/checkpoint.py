@@ -30,6 +30,7 @@ because files are never modified in place and flock is often unavailable on Lust
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -52,7 +53,7 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
     "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
-    "Checkpoint", "CheckpointError", "save", "load", "find_latest", "load_latest", "list_checkpoints",
+    "Checkpoint", "CheckpointError", "CheckpointWriteError", "save", "load", "find_latest", "load_latest", "list_checkpoints",
     "clean_stale_temps", "write_json", "summary", "check_compatible", "theta_sha256", "state_sha256",
     "checkpoint_path",
 ]
@@ -270,13 +271,14 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
         raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
     ckpt = _normalise(ckpt)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(d, ckpt.generation)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.stem}-", suffix=".h5", dir=d)
-    os.close(fd)
-    os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints are shared like other outputs
-    tmp, link_tmp = Path(tmp_name), None
+    tmp, link_tmp = None, None
     try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.stem}-", suffix=".h5", dir=d)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints are shared like other outputs
         _write_file(tmp, ckpt)
         os.replace(tmp, final)
         _fsync_path(d, directory=True)
@@ -287,15 +289,33 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
         _link_or_copy(final, link_tmp)
         os.replace(link_tmp, d / LATEST)
         _fsync_path(d, directory=True)
+    except OSError as exc:
+        raise CheckpointWriteError(_write_failure(d, final, exc)) from exc
     finally:
         for p in (tmp, link_tmp):
             if p is not None:
-                p.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
     if keep_last is not None:
-        for _, old in list_checkpoints(d)[:-keep_last]:
-            if old != final:
+        # never a file newer than the one just written: it belongs to another (later) run
+        for g, old in list_checkpoints(d)[:-keep_last]:
+            if old != final and g < ckpt.generation:
                 old.unlink(missing_ok=True)
     return final
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+def _write_failure(d: Path, final: Path, exc: OSError) -> str:
+    reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno else " ".join(str(exc).split())
+    m = re.search(r"errno = (\d+)", str(exc))  # h5py reports the OS error inside its message
+    if m and not (isinstance(exc.errno, int) and exc.errno):
+        reason = f"{os.strerror(int(m.group(1)))} ({reason[:200]})"
+    return (f"could not write checkpoint {final.name} in {d}: {reason}. The previous checkpoint "
+            f"({LATEST}, if any) is intact and no partial file was left; free disk space or fix the "
+            "permissions, then run the same command to resume from it")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -502,7 +522,9 @@ def _first_loadable(d: Path) -> tuple[Path, Checkpoint] | None:
     return None
 
 
-def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None) -> None:
+def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None, *,
+                     advice: str = "resume with the model settings it was trained with, or use a fresh --out "
+                                   "directory") -> None:
     """Raise ValueError if the checkpoint was written for another architecture than ``arch``."""
     want = json.loads(json.dumps(dict(arch), default=str))  # compare in the stored (JSON) form
     diffs = [f"{k}: checkpoint {ckpt.arch.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"
@@ -511,7 +533,7 @@ def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int 
         diffs.append(f"num_params: checkpoint {ckpt.theta.shape[0]} vs now {num_params}")
     if diffs:
         raise ValueError("the checkpoint was written for a different architecture (" + "; ".join(diffs) +
-                         "); resume with the model settings it was trained with, or use a fresh --out directory")
+                         "); " + advice)
 
 
 def summary(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     tr.add_argument("--dry-run", action="store_true", help="validate config and data, print a summary, do not train")
     tr.add_argument("--no-eval", action="store_true", help="skip the final test-set certification")
+    tr.add_argument("--restart", action="store_true",
+                    help="start from generation 0 even if --out holds an earlier run: its files are moved into "
+                         "OUT/aside-<UTC time>/ (never deleted). Needed when --out holds checkpoints none of which "
+                         "loads")
 
     ce = sub.add_parser("certify", help="natural, PGD and certified accuracy of a checkpoint")
     ce.add_argument("checkpoint")
@@ -81,14 +86,18 @@ def _cmd_train(args, comm) -> int:
         return 0
     from . import train as train_mod
     if args.dry_run:
+        from . import preflight, rundir
         dataset, model, arch = train_mod.build_problem(cfg)
+        plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
+        preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
         if comm.is_root:
             from .models import num_params
             print(f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
                   f"({len(dataset.train_y)} train / {len(dataset.test_y)} test, shape {dataset.in_shape}); "
-                  f"{cfg.model.name} with D={num_params(model)} parameters; {comm.world_size} rank(s)")
+                  f"{cfg.model.name} with D={num_params(model)} parameters; {comm.world_size} rank(s); "
+                  f"would {plan}")
         return 0
-    result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations)
+    result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations, restart=args.restart)
     if result.stopped_by_signal:
         return dist.EXIT_PREEMPTED
     if not args.no_eval and result.finished:
@@ -121,19 +130,23 @@ def _final_eval(cfg, result, comm) -> dict:
 def _cmd_certify(args, comm) -> int:
     from . import certify, checkpoint, models, train as train_mod
     import torch
-    ckpt = checkpoint.load(args.checkpoint)
+    ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
-    checkpoint.check_compatible(ckpt, arch)
+    checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
     methods = args.methods.split(",") if args.methods else list(cfg.eval.methods)
     eps = cfg.bound.eps if args.eps is None else args.eps
+    if not (math.isfinite(eps) and 0 <= eps <= 1):
+        raise ValueError(f"--eps must lie in [0, 1] (an l_inf radius in pixel space), got {eps}")
+    if args.num_test is not None and args.num_test < 1:
+        raise ValueError(f"--num-test must be >= 1, got {args.num_test}; leave it out to use eval.num_test or all")
     n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
     res = certify.evaluate(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n], eps,
                            methods, comm=comm, batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps,
                            seed=cfg.train.seed)
     if comm.is_root:
-        print(json.dumps(res, indent=2) if args.json else
+        print(json.dumps(json_safe(res), indent=2, allow_nan=False) if args.json else
               "\n".join(f"{k:24s} {100 * v:6.2f}%" for k, v in res.items() if k not in ("num_examples", "eps"))
               + ("" if args.json else f"\n({res['num_examples']} test examples, eps={eps})"))
     del models
@@ -145,7 +158,7 @@ def _cmd_inspect(args, comm) -> int:
     summary = checkpoint.summary(args.checkpoint)
     if comm.is_root:
         if args.json:
-            print(json.dumps(summary, indent=2, default=str))
+            print(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
         else:
             for key, value in summary.items():
                 if key != "config":
@@ -156,10 +169,10 @@ def _cmd_inspect(args, comm) -> int:
 def _cmd_landscape(args, comm) -> int:
     from . import checkpoint, landscape, train as train_mod
     import torch
-    ckpt = checkpoint.load(args.checkpoint)
+    ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
-    checkpoint.check_compatible(ckpt, arch)
+    checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
     device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     if comm.is_root:
         path = landscape.run_from_checkpoint(
@@ -167,7 +180,7 @@ def _cmd_landscape(args, comm) -> int:
             dataset.train_y[:args.batch_size].to(device), cfg.bound.eps,
             sigmas=[float(s) for s in args.sigmas.split(",")], methods=args.methods.split(","),
             num_samples=args.num_samples, num_points=args.num_points, radius=args.radius,
-            seed=cfg.train.seed, out=args.out)
+            seed=cfg.train.seed, out=str(_png_path(args.out, "landscape.png")))
         print(f"wrote {path}")
     return 0
 
@@ -190,8 +203,9 @@ def _cmd_plot(args, comm) -> int:
             ax.set_ylabel(key)
         axes[-1, 0].set_xlabel("generation")
         fig.tight_layout()
-        fig.savefig(args.out, dpi=120)
-        print(f"wrote {args.out}")
+        out = _png_path(args.out, "metrics.png")
+        fig.savefig(out, dpi=120)
+        print(f"wrote {out}")
     return 0
 
 
@@ -204,6 +218,53 @@ def _cmd_config(args, comm) -> int:
         else:
             print("\n".join(f"{k:28s} {d:18s} {h}" for k, d, h in rows))
     return 0
+
+
+_CERTIFY_ARCH_ADVICE = ("the checkpoint's own config describes its model and data: drop the --set overrides that "
+                        "change model.* or data.* (data.root may change), or pass the checkpoint of that model")
+
+
+def _load_usable(path: str):
+    """A checkpoint whose stored config is a mapping and whose parameters are finite."""
+    from . import checkpoint
+    import numpy as np
+    ckpt = checkpoint.load(path)
+    if not isinstance(ckpt.config, dict):
+        raise ValueError(f"{path} stores a config that is a {type(ckpt.config).__name__}, not a mapping of "
+                         "sections; it was not written by `mpigls train` or was edited; use a checkpoint from a run")
+    bad = int((~np.isfinite(ckpt.theta)).sum())
+    if bad:
+        raise ValueError(f"{path} holds {bad} non-finite parameter(s) (NaN/inf) out of {ckpt.theta.size}; its "
+                         "accuracies would be meaningless; use an earlier checkpoint of the run")
+    return ckpt
+
+
+def json_safe(obj):
+    """``obj`` with NaN and +-inf floats replaced by None (JSON has no NaN; ``json`` would print bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def _png_path(out: str, default_name: str) -> Path:
+    """Where a figure goes: into a directory as default_name, else the path (``.png`` added if it has
+    no suffix, as matplotlib does), so that the "wrote" line names the real file."""
+    path = Path(out)
+    if str(out).strip() == "":
+        raise ValueError(f"--out is empty; name a PNG file, e.g. --out {default_name}")
+    if path.is_dir():
+        return path / default_name
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {out!r}: the directory {str(path.parent)!r} does not exist; create it first")
+    return path
 
 
 _COMMANDS = {"train": _cmd_train, "certify": _cmd_certify, "inspect": _cmd_inspect,

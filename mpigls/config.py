@@ -8,6 +8,8 @@ what is allowed and how to fix it. Each field's ``help`` metadata is the documen
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import yaml
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
            "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict",
-           "apply_overrides", "describe"]
+           "apply_overrides", "describe", "short_repr", "yaml_load"]
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,16 @@ def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse n
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never print an unbounded value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
+
+
+MAX_VALUE_LEN = 4096  # no config value (a name, a path, a list of milestones) is longer
+MAX_SEED = 2**63 - 1  # torch.manual_seed and the noise keys take any integer in [0, 2**63 - 1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +97,8 @@ class BoundConfig:
 
     def __post_init__(self):
         _require(self.method in BOUND_METHODS, f"bound.method must be one of {list(BOUND_METHODS)}, got {self.method!r}")
-        _require(self.eps >= 0, f"bound.eps must be >= 0, got {self.eps}; eps is an l_inf radius in [0, 1] pixel space")
+        _require(0 <= self.eps <= 1, f"bound.eps must lie in [0, 1], got {self.eps}; eps is an l_inf radius in "
+                                     f"[0, 1] pixel space (MNIST papers use 0.1 or 0.3, CIFAR-10 2/255 = 0.0078)")
         _require(0 <= self.eps_start <= max(self.eps, 0.0) or self.eps_start == 0,
                  f"bound.eps_start must lie in [0, bound.eps={self.eps}], got {self.eps_start}")
         _require(self.eps_schedule in ("constant", "linear", "smooth"),
@@ -125,6 +138,13 @@ class OptimizerConfig:
         _require(self.name in ("pgpe", "rgs", "grad"), f"optimizer.name must be pgpe, rgs or grad, got {self.name!r}")
         _require(self.step_rule in ("adam", "clipup"), f"optimizer.step_rule must be adam or clipup, got {self.step_rule!r}")
         _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _require(0 <= self.beta1 < 1, f"optimizer.beta1 must lie in [0, 1), got {self.beta1}")
+        _require(0 <= self.beta2 < 1, f"optimizer.beta2 must lie in [0, 1), got {self.beta2}")
+        _require(self.adam_eps > 0, f"optimizer.adam_eps must be > 0, got {self.adam_eps}")
+        _require(0 <= self.momentum < 1, f"optimizer.momentum must lie in [0, 1), got {self.momentum}")
+        _require(self.max_speed is None or self.max_speed > 0, f"optimizer.max_speed must be > 0 or null, got {self.max_speed}")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.sigma_lr >= 0, f"optimizer.sigma_lr must be >= 0, got {self.sigma_lr}")
         _require(self.popsize >= 2 and self.popsize % 2 == 0,
                  f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize}; "
                  f"use {max(2, self.popsize - 1 if self.popsize % 2 else self.popsize)} or {max(2, self.popsize + 1)}")
@@ -139,10 +159,11 @@ class OptimizerConfig:
         _require(not (self.antithetic and self.num_samples % 2),
                  f"optimizer.num_samples must be even with antithetic=true, got {self.num_samples}")
         _require(self.block_size >= 1, f"optimizer.block_size must be >= 1, got {self.block_size}")
-        _require(all(isinstance(m, (int, float)) and m >= 0 for m in self.lr_milestones),
-                 f"optimizer.lr_milestones must be a list of non-negative epochs, got {self.lr_milestones}")
+        _require(all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < math.inf
+                     for m in self.lr_milestones),
+                 f"optimizer.lr_milestones must be a list of non-negative epochs, got {short_repr(self.lr_milestones)}")
         _require(list(self.lr_milestones) == sorted(self.lr_milestones),
-                 f"optimizer.lr_milestones must be increasing, got {self.lr_milestones}")
+                 f"optimizer.lr_milestones must be increasing, got {short_repr(self.lr_milestones)}")
         _require(0 < self.lr_factor <= 1, f"optimizer.lr_factor must lie in (0, 1], got {self.lr_factor}")
         _require(self.grad_clip is None or self.grad_clip > 0, f"optimizer.grad_clip must be > 0 or null, got {self.grad_clip}")
 
@@ -172,7 +193,8 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.seed <= MAX_SEED, f"train.seed must be an integer in [0, 2**63 - 1], got "
+                                             f"{short_repr(self.seed, 40)}; use e.g. 0 or 12345")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
@@ -192,7 +214,9 @@ class EvalConfig:
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in BOUND_METHODS[:7]]
-        _require(not bad, f"eval.methods entries must be among {list(BOUND_METHODS[:7])}, got {bad}")
+        _require(not bad, f"eval.methods entries must be among {list(BOUND_METHODS[:7])}, got {short_repr(bad)}")
+        _require(self.num_test is None or self.num_test >= 1,
+                 f"eval.num_test must be >= 1 or null (all test examples), got {self.num_test}")
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _require(self.pgd_steps >= 0, f"eval.pgd_steps must be >= 0, got {self.pgd_steps}")
 
@@ -242,7 +266,7 @@ def _build(cls: type, values: dict, path: str) -> Any:
     unknown = [k for k in values if k not in valid]
     if unknown:
         where = f"section '{path}'" if path else "the top level"
-        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys are {valid}")
+        raise ConfigError(f"unknown config key(s) {short_repr(unknown)} in {where}; valid keys are {valid}")
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -250,17 +274,25 @@ def _build(cls: type, values: dict, path: str) -> Any:
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value or {}, key)
             continue
+        if isinstance(value, (str, list, dict)) and len(value) > MAX_VALUE_LEN:
+            raise ConfigError(f"config key {key} has a {type(value).__name__} value of length {len(value)} "
+                              f"({short_repr(value, 60)}); values longer than {MAX_VALUE_LEN} are refused")
         ok, coerced = _type_ok(value, annotation)
         if not ok:
-            raise ConfigError(f"config key {key} must be of type {_type_name(annotation)}, got {value!r} "
-                              f"({type(value).__name__})")
+            hint = ""
+            if isinstance(value, float) and math.isfinite(value) and value == int(value):
+                hint = f"; write it as a whole number, e.g. {int(value)}"
+            raise ConfigError(f"config key {key} must be of type {_type_name(annotation)}, got {short_repr(value)} "
+                              f"({type(value).__name__}){hint}")
+        if isinstance(coerced, float) and not math.isfinite(coerced):
+            raise ConfigError(f"config key {key} must be a finite number, got {coerced}")
         kwargs[name] = coerced
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid config section '{path}': {exc}") from None
+        raise ConfigError(f"invalid config section '{path}': {short_repr(str(exc), 300)}") from None
 
 
 def from_dict(values: dict) -> Config:
@@ -298,9 +330,67 @@ def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
             if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")}
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML for configs: PyYAML's safe loader with three changes.
+
+    * Anchors and aliases are refused: a config never needs them, and nested aliases expand
+      exponentially (a few hundred bytes can stand for gigabytes: the "billion laughs").
+    * A key given twice in one mapping is refused instead of silently keeping the last value.
+    * Every float spelling a user types is a float, as in YAML 1.2: ``1e-3``, ``5E4``, ``1.5e3``
+      (PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``1e-3``
+      would be the *string* "1e-3").
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise ConfigError(f"{self._source} uses the YAML {kind}{short_repr(event.anchor, 40)[1:-1]} "
+                              f"({event.start_mark.line + 1 if event.start_mark else '?'}:"
+                              f"{event.start_mark.column + 1 if event.start_mark else '?'}); anchors and aliases are "
+                              "not allowed in mpigls configs (nested aliases can expand to gigabytes): write each "
+                              "value out in full")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # reported by the base class as an unhashable key
+                if key in seen:
+                    raise ConfigError(f"{self._source} gives the key {short_repr(key, 60)} twice in one mapping "
+                                      f"(lines {seen[key]} and {key_node.start_mark.line + 1}); keep only one")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str, source: str = "the YAML text") -> Any:
+    """Parse config YAML with ``_ConfigLoader``; ``source`` names the input in error messages."""
+    loader = _ConfigLoader(text)
+    loader._source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a bigger file is not one
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text, source=f"--set value {short_repr(text, 60)}")
     except yaml.YAMLError:
         return text
 
@@ -333,14 +423,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict = {}
     if path is not None:
         path = Path(path)
+        name = short_repr(str(path), 200)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {name} does not exist; pass a YAML file such as configs/quickstart.yaml")
+        if path.is_dir():
+            raise ConfigError(f"config path {name} is a directory, not a YAML file; pass a file such as "
+                              "configs/quickstart.yaml")
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/quickstart.yaml")
+            raise ConfigError(f"config path {name} is not a regular file (a device, pipe or socket); pass a YAML "
+                              "file such as configs/quickstart.yaml")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {name} has {size} bytes, more than the {MAX_CONFIG_BYTES} a config may "
+                              "have (they are a few hundred bytes); check the path")
+        raw = path.read_bytes()
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {name} is not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
+                              f"{exc.start}); pass a YAML config such as configs/quickstart.yaml") from None
+        try:
+            values = yaml_load(text, source=f"config file {name}") or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {name} is not valid YAML: {short_repr(str(exc), 400)[1:-1]}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(path)!r} must contain a mapping of sections, got {type(values).__name__}")
+            raise ConfigError(f"config file {name} must contain a mapping of sections, got {type(values).__name__}")
     return from_dict(apply_overrides(values, overrides or []))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, noise
+from . import checkpoint, data, dist, losses, models, noise, preflight, rundir, stopping
 from .config import Config, changed_keys, to_dict
 from .optim import grad as grad_opt
 from .optim import pgpe, rgs, schedules
@@ -184,21 +184,29 @@ def _save(comm, out_dir: Path, cfg, arch, state, generation, gens_per_epoch, his
             opt_state=state_dict, config=to_dict(cfg), arch=arch,
             metrics={k: np.asarray(v, dtype=np.float64) for k, v in history.items()},
             noise_scheme=noise.NOISE_SCHEME, world_size=comm.world_size)
-        path = str(checkpoint.save(out_dir, ckpt, keep_last=keep_last))
-    return comm.bcast_obj(path)
+        try:
+            path = str(checkpoint.save(out_dir, ckpt, keep_last=keep_last))
+        except checkpoint.CheckpointWriteError as exc:  # disk full: raised alike on every rank below
+            path = exc
+    path = comm.bcast_obj(path)
+    if isinstance(path, BaseException):
+        raise path
+    return path
 
 
 def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train (or resume) according to ``cfg``, writing checkpoints to ``out_dir``."""
+          log: Callable[[str], None] | None = None, restart: bool = False) -> TrainResult:
+    """Train (or resume) according to ``cfg``, writing checkpoints to ``out_dir``. ``restart``
+    moves an earlier run's files aside instead of resuming (``rundir.prepare``)."""
     comm = comm or dist.SerialComm()
     log = log or (lambda msg: print(msg, flush=True))
     say = log if comm.is_root else (lambda msg: None)
-    out_dir = Path(out_dir)
+    out_dir = rundir.out_path(out_dir)
     if max_generations is not None and max_generations < 0:
         raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
-    device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     dataset, model, arch = build_problem(cfg)
+    preflight.validate(cfg, dataset, model, comm)  # the same checks as `train --dry-run`
+    device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     model = model.to(device)
     gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size
     if gens_per_epoch < 1:
@@ -209,11 +217,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     params = optimizer_params(cfg)
     module = optimizer_module(cfg)
 
-    if comm.is_root:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale_temps(out_dir)
-    comm.barrier()
-    ckpt = _root_load(comm, lambda: checkpoint.load_latest(out_dir))
+    ckpt = _root_load(comm, lambda: rundir.prepare(out_dir, restart=restart, say=say))
     if ckpt is not None:
         checkpoint.check_compatible(ckpt, arch)
         if ckpt.noise_scheme != noise.NOISE_SCHEME:
@@ -236,7 +240,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         theta0 = models.flat_params(model.cpu())
         model.to(device)
         if cfg.model.init_from:
-            warm = _root_load(comm, lambda: checkpoint.load(cfg.model.init_from))
+            warm = _root_load(comm, lambda: preflight.check_init_from(cfg, arch))
             checkpoint.check_compatible(warm, arch)
             theta0 = torch.from_numpy(np.asarray(warm.theta, dtype=np.float32).copy())
             say(f"warm start from {cfg.model.init_from} (generation {warm.generation})")
@@ -244,11 +248,12 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         generation, history = 0, {}
 
     num_blocks = _num_blocks(cfg, cfg.train.batch_size)
-    blocks = dist.my_blocks(num_blocks, comm.rank, comm.world_size)
     say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
         f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
         f"generations {generation}->{stop_at} of {total}")
     stop_signal = dist.StopSignal().install()
+    # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
+    blocks = stopping.StoppableBlocks(dist.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
     aug = _augment_kind(cfg)
     evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
     ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
@@ -270,9 +275,13 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
             opts = _bound_options(cfg, generation)
             if cfg.optimizer.name == "pgpe":
                 all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
+                if blocks.agree_stop(comm):
+                    break
                 state, metrics = pgpe.tell(state, params, cfg.train.seed, all_losses, lr=lr)
             else:
                 grad_sum, all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
+                if blocks.agree_stop(comm):
+                    break
                 state, metrics = module.tell(state, params, grad_sum, lr=lr)
             generation += 1
             skipped_in_a_row = _check_finite(metrics, all_losses, generation, skipped_in_a_row, cfg, say)
@@ -297,6 +306,12 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                 say(f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
                     f"generation {generation} ({ckpt_path}); run the same command to resume")
                 break
+        if blocks.stopped:  # a signal cut generation `generation + 1` short: keep the last completed one
+            stopped = True
+            ckpt_path = _save(comm, out_dir, cfg, arch, state, generation, gens_per_epoch, history, cfg.train.keep_last)
+            say(f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation {generation + 1}: "
+                f"its partial work was dropped; checkpoint written at generation {generation} ({ckpt_path}); "
+                "run the same command to resume")
     finally:
         stop_signal.uninstall()
         if progress is not None:

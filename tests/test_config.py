@@ -17,7 +17,7 @@ def test_defaults_and_precedence(tmp_path):
     (["optimizer.popsize=255"], "popsize must be even"),
     (["optimizer.pop_size=256"], "unknown config key"),
     (["bogus.key=1"], "unknown config key"),
-    (["bound.eps=-0.1"], "bound.eps must be >= 0"),
+    (["bound.eps=-0.1"], r"bound.eps must lie in \[0, 1\]"),
     (["train.batch_size=abc"], "must be of type int"),
     (["train.batch_size=1.5"], "must be of type int"),
     (["data.name=mnist"], "data.root is required"),

@@ -1,0 +1,196 @@
+"""The output directory of a run: check it, decide resume / fresh start / refusal, never lose a file.
+
+Policy (rank 0 only; ``train`` broadcasts the outcome):
+
+* ``--out`` must name a directory: not "", not an existing file, not a path under a file, and
+  writable (probed with a temp file before any training, not discovered at the first save).
+* Checkpoints there (``latest.h5``, ``ckpt_*.h5``) are tried newest first (``checkpoint.load``,
+  checksum included). The newest loadable one is resumed. Files that do not load and are newer
+  are moved into ``DIR/aside-<UTC time>/`` with a warning, so that neither retention
+  (``keep_last``) nor a later save of the same generation can delete or overwrite them.
+* When checkpoints exist but **none** loads (another format version, truncated, checksum
+  mismatch, a foreign HDF5 file), the run is refused (``RunDirError``, exit 2) with each file and
+  why it failed; nothing is changed. ``restart=True`` (``mpigls train --restart``) moves every run
+  file (``RUN_FILES``) into ``DIR/aside-<UTC time>/`` and starts from generation 0. Nothing here
+  ever deletes a checkpoint.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoint
+from .config import short_repr
+
+__all__ = ["RunDirError", "RUN_FILES", "ASIDE_PREFIX", "out_path", "Scan", "scan", "prepare", "describe",
+           "move_aside"]
+
+ASIDE_PREFIX = "aside-"
+# the files a run writes into --out: what --restart moves aside (never deletes)
+RUN_FILES = re.compile(r"^(ckpt_\d{8,}\.h5|latest\.h5|eval\.json|metrics.*)$")
+
+
+class RunDirError(ValueError):
+    """--out cannot be used as it is (a user error: one paragraph, exit code 2)."""
+
+
+def out_path(out: str | os.PathLike) -> Path:
+    """``--out`` as a Path, refusing "" (which would silently mean the current directory)."""
+    if str(out).strip() == "":
+        raise RunDirError("--out is empty; name the output directory of the run, e.g. --out runs/quick")
+    return Path(out)
+
+
+def _check_path(d: Path) -> Path:
+    """Refuse an existing non-directory or a path under a file; returns the nearest existing ancestor."""
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"--out {short_repr(str(d), 200)} exists and is a file, not a directory; pass a directory "
+                          "(it is created if missing), e.g. --out runs/quick")
+    probe = d
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunDirError(f"--out {short_repr(str(d), 200)} cannot be created: {str(probe)!r} is a file, not a "
+                          "directory; choose a path that is not inside a file")
+    return probe
+
+
+def _check_writable(d: Path, what: str) -> None:
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{checkpoint.TEMP_PREFIX}probe-", suffix=".json", dir=d)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise RunDirError(f"{what} {str(d)!r} is not writable ({exc.strerror or exc}); training would fail at its "
+                          "first checkpoint. Fix the permissions or pass another --out directory") from None
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a run directory holds: the newest loadable checkpoint (or None) and the failures."""
+    path: Path | None = None
+    ckpt: checkpoint.Checkpoint | None = None
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # newer than ``path``, did not load
+    candidates: int = 0
+
+
+def _reason(p: Path, exc: BaseException) -> str:
+    """``name: why`` in one line, at most ~250 characters."""
+    msg = " ".join(str(exc).replace(str(p), p.name).split())
+    if not msg.startswith(p.name):
+        msg = f"{p.name}: {msg}"
+    return short_repr(msg, 250)[1:-1]
+
+
+def scan(d: Path) -> Scan:
+    """Try ``latest.h5`` and ``ckpt_*.h5`` newest first; stop at the first that loads."""
+    if not d.is_dir():
+        return Scan()
+    candidates = checkpoint._candidates(d)
+    failed: list[tuple[Path, str]] = []
+    for i, p in enumerate(candidates):
+        try:
+            ckpt = checkpoint.load(p)
+        except (OSError, ValueError) as exc:
+            failed.append((p, _reason(p, exc)))
+            continue
+        # an unreadable latest.h5 sorts last (its generation is unknown): the next save would replace it
+        latest = d / checkpoint.LATEST
+        if latest in candidates[i + 1:]:
+            try:
+                checkpoint.load(latest)
+            except (OSError, ValueError) as exc:
+                failed.append((latest, _reason(latest, exc)))
+        return Scan(p, ckpt, failed, len(candidates))
+    return Scan(None, None, failed, len(candidates))
+
+
+def _aside_dir(d: Path) -> Path:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for i in range(1000):
+        target = d / f"{ASIDE_PREFIX}{stamp}{'' if i == 0 else f'-{i}'}"
+        try:
+            target.mkdir()
+            return target
+        except FileExistsError:
+            continue
+    raise RunDirError(f"cannot create an {ASIDE_PREFIX}* directory in {d}")
+
+
+def move_aside(d: Path, paths: list[Path]) -> Path | None:
+    """Rename ``paths`` (files inside ``d``) into a new ``d/aside-<UTC time>/``; returns it (None if none)."""
+    if not paths:
+        return None
+    target = _aside_dir(d)
+    for p in paths:
+        os.replace(p, target / p.name)  # same directory tree: an atomic rename, never a copy + delete
+    checkpoint._fsync_path(d, directory=True)
+    return target
+
+
+def _refusal(d: Path, sc: Scan) -> RunDirError:
+    files = "; ".join(why for _, why in sc.failed)
+    return RunDirError(
+        f"--out {str(d)!r} holds {len(sc.failed)} checkpoint file(s) of an earlier run and none of them can be "
+        f"resumed ({files}). Nothing was changed. To continue that run, use the mpigls version that wrote it or "
+        f"restore an intact copy; to start a new run, pass another --out directory, or add --restart to move the "
+        f"old files into {d / (ASIDE_PREFIX + '<UTC time>')}/ (nothing is deleted) and start from generation 0")
+
+
+def prepare(out: str | os.PathLike, *, restart: bool = False,
+            say: Callable[[str], None] = print) -> checkpoint.Checkpoint | None:
+    """Make ``out`` ready for a run and return the checkpoint to resume from (None: start fresh).
+    Rank 0 only. Raises RunDirError for every user error (see the module docstring)."""
+    d = out_path(out)
+    _check_path(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create the output directory {str(d)!r} ({exc.strerror or exc}); pass "
+                          "another --out directory") from None
+    _check_writable(d, "the output directory")
+    checkpoint.clean_stale_temps(d)
+    if restart:
+        old = sorted(p for p in d.iterdir() if RUN_FILES.match(p.name) and p.is_file())
+        target = move_aside(d, old)
+        if target is not None:
+            say(f"--restart: moved {len(old)} file(s) of the earlier run into {target}/; starting from generation 0")
+        return None
+    sc = scan(d)
+    if sc.ckpt is None:
+        if sc.failed:
+            raise _refusal(d, sc)
+        return None
+    if sc.failed:
+        target = move_aside(d, [p for p, _ in sc.failed])
+        say("warning: " + "; ".join(why for _, why in sc.failed)
+            + f". These {len(sc.failed)} unreadable checkpoint file(s) were moved into {target}/ (not deleted); "
+            f"resuming from {sc.path.name} (generation {sc.ckpt.generation})")
+    return sc.ckpt
+
+
+def describe(out: str | os.PathLike, *, restart: bool = False) -> str:
+    """What ``prepare`` would do, without changing anything (for ``train --dry-run``); raises the same
+    RunDirError for an unusable directory."""
+    d = out_path(out)
+    probe = _check_path(d)
+    _check_writable(probe, "the output directory" if probe == d else "the directory that would hold --out,")
+    if not d.is_dir():
+        return f"a new run in {d}"
+    if restart:
+        old = [p for p in d.iterdir() if RUN_FILES.match(p.name) and p.is_file()]
+        return f"a new run in {d} after moving {len(old)} earlier file(s) aside"
+    sc = scan(d)
+    if sc.ckpt is None:
+        if sc.failed:
+            raise _refusal(d, sc)
+        return f"a new run in {d}"
+    extra = f" ({len(sc.failed)} newer unreadable file(s) would be moved aside)" if sc.failed else ""
+    return f"resume {d} from generation {sc.ckpt.generation}{extra}"

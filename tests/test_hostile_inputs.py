@@ -1,0 +1,545 @@
+"""Hostile inputs, second round (issue 15): every bad value ends in one paragraph with a defined exit
+code, within a time limit, and no file of an earlier run is lost.
+
+Most cases call ``cli.main`` in-process (as ``mpigls`` does) and check: the exit code, that stderr
+holds one ``error:`` paragraph and no traceback, and, where files exist, that each earlier file
+still exists (same bytes) in the output directory or in its ``aside-*`` folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpigls import checkpoint, cli, config, rundir, stopping, train
+from conftest import REPO, mpiexec, tiny_overrides
+
+pytestmark = pytest.mark.timeout(120)  # nothing here may hang
+
+
+def _sets(**extra) -> list[str]:
+    out = []
+    for item in tiny_overrides(**extra):
+        out += ["--set", item]
+    return out
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_paragraph(err: str, *needles: str) -> str:
+    """The single error paragraph in stderr; asserts no traceback and that it contains ``needles``."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert len(lines[0]) < 3000, len(lines[0])
+    return lines[0]
+
+
+def hashes(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def assert_nothing_lost(before: dict[str, str], d: Path) -> None:
+    """Every file content of ``before`` still exists in ``d`` (same place or moved aside)."""
+    now = set(hashes(d).values())
+    lost = [name for name, h in before.items() if h not in now]
+    assert not lost, f"lost {lost}"
+
+
+def tiny_cfg(**extra) -> config.Config:
+    return config.load_config(None, tiny_overrides(**extra))
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory) -> Path:
+    """A finished 2-generation run directory (copy it before changing anything)."""
+    d = tmp_path_factory.mktemp("run2") / "r"
+    train.train(tiny_cfg(), d, max_generations=2, log=lambda m: None)
+    return d
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------- 1. never lose a run
+
+BOTH = (checkpoint.LATEST, "ckpt_00000002.h5")  # copytree made them two files (in a run: one, hard-linked)
+
+
+def _version_99(d: Path) -> None:
+    for name in BOTH:
+        with h5py.File(d / name, "r+") as f:
+            f.attrs["format_version"] = 99
+
+
+def _truncate(d: Path) -> None:
+    for p in (d / name for name in BOTH):
+        data = p.read_bytes()
+        p.unlink()
+        p.write_bytes(data[: len(data) // 3])
+
+
+def _checksum(d: Path) -> None:
+    for name in BOTH:
+        with h5py.File(d / name, "r+") as f:
+            f["theta"][0] = f["theta"][0] + 1.0
+
+
+def _foreign(d: Path) -> None:
+    for p in (d / name for name in BOTH):
+        p.unlink()
+        with h5py.File(p, "w") as f:
+            f["data"] = np.arange(3)
+
+
+@pytest.mark.parametrize("damage, why", [(_version_99, "format version 99"), (_truncate, "truncated"),
+                                         (_checksum, "checksum"), (_foreign, "not an mpigls checkpoint")])
+def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2, tmp_path, capsys, damage, why):
+    d = copy_run(run2, tmp_path / "r")
+    damage(d)
+    before = hashes(d)
+    code, _, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 4,
+                           *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    assert code == 2
+    one_paragraph(err, "none of them can be resumed", "latest.h5", "ckpt_00000002.h5", why, "--restart")
+    assert hashes(d) == before  # refused: nothing changed, nothing deleted
+    # the dry run says the same
+    code, _, err = run_cli(capsys, "train", "--out", d, "--dry-run", *_sets())
+    assert code == 2
+    one_paragraph(err, "none of them can be resumed")
+    # --restart: the old files move aside (same bytes), the new run starts from generation 0
+    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 3, "--restart",
+                             *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    assert code == 0, err
+    assert "moved 2 file(s)" in out
+    aside = [p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX)]
+    assert len(aside) == 1 and hashes(aside[0]) == before
+    assert checkpoint.load(d / checkpoint.LATEST).generation == 3
+    assert [g for g, _ in checkpoint.list_checkpoints(d)] == [3]
+
+
+def test_some_unloadable_resume_from_newest_loadable_and_keep_the_others(tmp_path, capsys):
+    d = tmp_path / "r"
+    train.train(tiny_cfg(**{"train.checkpoint_every": 2, "train.keep_last": 5}), d, max_generations=4,
+                log=lambda m: None)
+    newest = d / "ckpt_00000004.h5"  # latest.h5 is the same file (a hard link): both become unreadable
+    with h5py.File(newest, "r+") as f:
+        f.attrs["format_version"] = 99
+    before = hashes(d)
+    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 7,
+                             *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    assert code == 0, err
+    assert "resuming from generation 2" in out and "moved into" in out and "format version 99" in out
+    assert_nothing_lost({k: v for k, v in before.items() if "00000002" not in k}, d)
+    aside = next(p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX))
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000004.h5", "latest.h5"]
+    assert [g for g, _ in checkpoint.list_checkpoints(d)] == [7]
+    assert checkpoint.load(d / checkpoint.LATEST).generation == 7
+
+
+def test_retention_never_deletes_a_newer_checkpoint(run2, tmp_path):
+    ck = checkpoint.load(run2 / checkpoint.LATEST)
+    checkpoint.save(tmp_path, dataclasses.replace(ck, generation=50), keep_last=None)
+    for g in (3, 4, 5):
+        checkpoint.save(tmp_path, dataclasses.replace(ck, generation=g), keep_last=1)
+    assert [g for g, _ in checkpoint.list_checkpoints(tmp_path)] == [5, 50]
+
+
+# ---------------------------------------------------------------------- 2. YAML
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("extra", [[], ["--print-config"], ["--dry-run"]])
+def test_yaml_alias_bomb_is_refused_fast(tmp_path, capsys, extra):
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(BOMB)
+    assert len(BOMB) < 400
+    t0 = time.perf_counter()
+    code, out, err = run_cli(capsys, "train", cfg, "--out", tmp_path / "r", *extra)
+    assert code == 2 and time.perf_counter() - t0 < 20
+    one_paragraph(err, "bomb.yaml", "anchor &a", "not allowed")
+    assert out == "" and not (tmp_path / "r").exists()
+
+
+def test_yaml_duplicate_key_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("optimizer:\n  lr: 0.1\n  popsize: 8\n  lr: 0.2\n")
+    code, _, err = run_cli(capsys, "train", cfg, "--out", tmp_path / "r", "--print-config")
+    assert code == 2
+    one_paragraph(err, "dup.yaml", "'lr' twice", "lines 2 and 4")
+
+
+def test_every_float_spelling_is_a_float(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer:\n  lr: 1e-3\n  sigma_init: 5E-3\n  adam_eps: 1.5e-8\n")
+    c = config.load_config(cfg, ["optimizer.sigma_max=2e0", "bound.eps=1e-1"])
+    assert (c.optimizer.lr, c.optimizer.sigma_init, c.optimizer.adam_eps) == (1e-3, 5e-3, 1.5e-8)
+    assert (c.optimizer.sigma_max, c.bound.eps) == (2.0, 0.1)
+    assert config.load_config(None, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3
+    assert config.load_config(None, ["data.name=digits"]).data.name == "digits"  # strings stay strings
+
+
+def test_huge_value_is_not_printed_in_full(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--set", "data.name=" + "x" * 200_000,
+                           "--set", "optimizer.lr_milestones=[" + ",".join(["-1"] * 50_000) + "]")
+    assert code == 2
+    one_paragraph(err, "data.name")
+    assert len(err) < 1000
+
+
+# ---------------------------------------------------------------------- 3. sizes and signals
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--no-eval"])
+def test_absurd_popsize_is_refused_before_training(tmp_path, capsys, mode):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", mode, *_sets(**{"optimizer.popsize": 10**13}))
+    assert code == 2
+    one_paragraph(err, "GiB of memory", "optimizer.popsize")
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def _raise_sigterm_at(monkeypatch, call: int) -> None:
+    """SIGTERM this process inside the ``call``-th bound evaluation (a generation in progress)."""
+    from mpigls import losses
+    real, calls = losses.certified_loss, [0]
+
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == call:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(losses, "certified_loss", wrapped)
+
+
+def test_signal_mid_generation_stops_at_once_and_resumes_bitwise(tmp_path, capsys, monkeypatch):
+    extra = {"optimizer.block_size": 1, "train.checkpoint_every": 100}  # popsize 10: 5 blocks per generation
+    ref = train.train(tiny_cfg(**extra), tmp_path / "ref", max_generations=4, log=lambda m: None)
+    # calls: 1 preflight trial, then 5 per generation; call 13 is block 2 of generation 3
+    _raise_sigterm_at(monkeypatch, 13)
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4,
+                             *_sets(**extra))
+    assert code == 3, err
+    assert "during generation 3" in out and "checkpoint written at generation 2" in out
+    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == 2
+    monkeypatch.undo()
+    res = train.train(tiny_cfg(**extra), tmp_path / "r", max_generations=4, log=lambda m: None)
+    assert res.generation == 4
+    assert checkpoint.theta_sha256(res.theta.numpy()) == checkpoint.theta_sha256(ref.theta.numpy())
+    a = checkpoint.load(tmp_path / "r" / checkpoint.LATEST)
+    b = checkpoint.load(tmp_path / "ref" / checkpoint.LATEST)
+    assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
+
+
+def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():
+    class Stop:
+        requested = False
+
+    class Comm:
+        def agree_any(self, flag):
+            return flag
+
+    stop = Stop()
+    blocks = stopping.StoppableBlocks([3, 4, 5], stop)
+    assert list(blocks) == [3, 4, 5] and len(blocks) == 3 and blocks[1] == 4
+    assert not blocks.agree_stop(Comm())
+    seen = []
+    for b in blocks:
+        seen.append(b)
+        stop.requested = True
+    assert seen == [3] and blocks.cut_short and blocks.agree_stop(Comm()) and blocks.stopped
+    stop.requested = False
+    assert list(blocks) == []  # sticky: the run is stopping
+
+
+def _env(tag: str) -> dict[str, str]:
+    drop = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "I_MPI_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", MPIGLS_TEST_TAG=tag)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_interrupts_a_generation_that_would_take_hours(tmp_path, ranks):
+    """popsize 2e6 with one pair per block: one generation is ~1e6 blocks; SIGTERM ends it in seconds."""
+    cmd = [sys.executable, "-m", "mpi4py", "-m", "mpigls", "train", "--out", str(tmp_path / "r"), "--no-eval",
+           *_sets(**{"optimizer.popsize": 2_000_000, "optimizer.block_size": 1})]
+    if ranks > 1:
+        exe = mpiexec()
+        if exe is None:
+            pytest.skip("mpiexec not found")
+        cmd = [exe, "-n", str(ranks), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(uuid.uuid4().hex), cwd=REPO)
+    try:
+        line = ""
+        while "work blocks per generation" not in line:
+            line = proc.stdout.readline()
+            assert line, f"ended early: {proc.stderr.read()}"
+        time.sleep(1.0)  # well inside generation 1
+        proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank (as SLURM's scancel does)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err
+    assert "during generation 1" in out and "checkpoint written at generation 0" in out
+    assert "Traceback" not in err
+    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == 0
+
+
+# ---------------------------------------------------------------------- 4. no tracebacks for user errors
+
+def test_out_is_a_file_or_under_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    code, _, err = run_cli(capsys, "train", "--out", f, *_sets())
+    assert code == 2
+    one_paragraph(err, "exists and is a file")
+    code, _, err = run_cli(capsys, "train", "--out", f / "sub" / "dir", *_sets())
+    assert code == 2
+    one_paragraph(err, "is a file, not a directory")
+    code, _, err = run_cli(capsys, "train", "--out", f / "sub", "--dry-run", *_sets())
+    assert code == 2
+    one_paragraph(err, "is a file, not a directory")
+    assert f.read_text() == "keep me"
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "ro"
+    d.mkdir()
+    real = rundir.tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):  # what a read-only directory does (also for root, unlike chmod)
+        if dir is not None and Path(dir) == d:
+            raise PermissionError(errno.EACCES, "Permission denied", str(d))
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", mkstemp)
+    for mode in ("--dry-run", "--no-eval"):
+        code, out, err = run_cli(capsys, "train", "--out", d, mode, *_sets())
+        assert code == 2
+        one_paragraph(err, "is not writable", "Permission denied")
+        assert "gen " not in out
+    assert list(d.iterdir()) == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only dirs")
+def test_read_only_out_directory(tmp_path, capsys):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        code, _, err = run_cli(capsys, "train", "--out", d, *_sets())
+    finally:
+        d.chmod(0o755)
+    assert code == 2
+    one_paragraph(err, "is not writable")
+
+
+def test_too_many_threads(tmp_path, capsys):
+    for mode in ("--dry-run", "--no-eval"):
+        code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", mode, *_sets(**{"train.threads": 100000}))
+        assert code == 2
+        one_paragraph(err, "train.threads=100000", "CPU cores")
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = checkpoint._write_file, [0]
+
+    def write_file(path, ckpt):
+        calls[0] += 1
+        if calls[0] == 2:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, ckpt)
+    monkeypatch.setattr(checkpoint, "_write_file", write_file)
+    d = tmp_path / "r"
+    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 6, *_sets())
+    assert code == 2
+    one_paragraph(err, "could not write checkpoint ckpt_00000004.h5", "No space left on device", "intact")
+    assert checkpoint.load(d / checkpoint.LATEST).generation == 2
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000002.h5", "latest.h5"]  # no temp file left
+
+
+def test_h5py_style_disk_full_message_names_the_os_error(tmp_path):
+    exc = OSError("Unable to synchronously create dataset (file write failed: time = Mon, errno = 28, "
+                  "error message = 'No space left on device')")
+    msg = checkpoint._write_failure(tmp_path, tmp_path / "ckpt_00000001.h5", exc)
+    assert msg.startswith("could not write checkpoint ckpt_00000001.h5") and "No space left on device" in msg
+
+
+def _save_variant(run2: Path, dst: Path, **changes) -> Path:
+    ck = checkpoint.load(run2 / checkpoint.LATEST)
+    checkpoint.save(dst, dataclasses.replace(ck, **changes), keep_last=None)
+    return dst / checkpoint.LATEST
+
+
+def test_certify_checkpoint_whose_config_is_not_a_mapping(run2, tmp_path, capsys):
+    path = _save_variant(run2, tmp_path)
+    with h5py.File(path, "r+") as f:  # the config is outside the state checksum: the file still loads
+        del f[checkpoint.DS_CONFIG]
+        f[checkpoint.DS_CONFIG] = json.dumps([1, 2, 3])
+    assert checkpoint.load(path).config == [1, 2, 3]
+    code, _, err = run_cli(capsys, "certify", path)
+    assert code == 2
+    one_paragraph(err, "not a mapping")
+
+
+# ---------------------------------------------------------------------- 5. --dry-run validates like train
+
+DRY_RUN_CASES = [
+    ({"optimizer.lr": ".inf"}, "optimizer.lr must be a finite number"),
+    ({"optimizer.beta1": 1.5}, "optimizer.beta1 must lie in [0, 1)"),
+    ({"optimizer.beta2": ".nan"}, "optimizer.beta2 must be a finite number"),
+    ({"optimizer.weight_decay": -1}, "optimizer.weight_decay must be >= 0"),
+    ({"train.batch_size": 100000}, "larger than the training set"),
+    ({"model.init_from": "/nonexistent/ckpt.h5"}, "/nonexistent/ckpt.h5"),
+    ({"bound.options": "{foo: 1}"}, "bound.options"),
+    ({"bound.method": "staps", "bound.options": "{staps_mix: 5}"}, "staps_mix"),
+]
+
+
+@pytest.mark.parametrize("extra, message", DRY_RUN_CASES)
+def test_dry_run_rejects_what_train_rejects(tmp_path, capsys, extra, message):
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--dry-run", *_sets(**extra))
+    assert code == 2 and "config ok" not in out
+    dry = one_paragraph(err, message)
+    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--no-eval", *_sets(**extra))
+    assert code == 2
+    assert one_paragraph(err, message).replace("mpigls train: ", "") == dry.replace("mpigls train: ", "")
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_dry_run_rejects_cuda_without_gpu(tmp_path, capsys):
+    for mode in ("--dry-run", "--no-eval"):
+        code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", mode, *_sets(**{"train.device": "cuda"}))
+        assert code == 2
+        one_paragraph(err, "train.device=cuda", "no CUDA GPU")
+
+
+def test_dry_run_of_a_good_config_says_what_it_would_do(run2, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "train", "--out", tmp_path / "new", "--dry-run", *_sets())
+    assert code == 0 and "config ok" in out and "would a new run" in out and not (tmp_path / "new").exists()
+    d = copy_run(run2, tmp_path / "r")
+    code, out, _ = run_cli(capsys, "train", "--out", d, "--dry-run", *_sets())
+    assert code == 0 and "would resume" in out and "generation 2" in out
+
+
+# ---------------------------------------------------------------------- 6. nonsense
+
+@pytest.mark.parametrize("extra, message", [
+    ({"bound.eps": 1000}, "bound.eps must lie in [0, 1]"),
+    ({"eval.num_test": 0}, "eval.num_test must be >= 1"),
+])
+def test_nonsense_values(tmp_path, capsys, extra, message):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", *_sets(**extra))
+    assert code == 2
+    one_paragraph(err, message)
+
+
+def test_empty_out_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for mode in ("--dry-run", "--no-eval"):
+        code, _, err = run_cli(capsys, "train", "--out", "", mode, *_sets())
+        assert code == 2
+        one_paragraph(err, "--out is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_certify_refuses_nan_theta(run2, tmp_path, capsys):
+    ck = checkpoint.load(run2 / checkpoint.LATEST)
+    theta = ck.theta.copy()
+    theta[::7] = np.nan
+    path = _save_variant(run2, tmp_path, theta=theta)
+    code, out, err = run_cli(capsys, "certify", path)
+    assert code == 2 and "%" not in out
+    one_paragraph(err, "non-finite parameter", "NaN")
+
+
+def test_inspect_json_is_valid_json_with_null_for_nan(run2, tmp_path, capsys):
+    ck = checkpoint.load(run2 / checkpoint.LATEST)
+    metrics = dict(ck.metrics, **{"loss/mean": np.array([1.0, math.nan]), "x/inf": np.array([math.inf])})
+    path = _save_variant(run2, tmp_path, metrics=metrics)
+    code, out, _ = run_cli(capsys, "inspect", path, "--json")
+    assert code == 0
+
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in JSON output")
+    data = json.loads(out, parse_constant=no_constants)
+    assert data["metrics"]["loss/mean"] is None and data["metrics"]["x/inf"] is None
+
+
+# ---------------------------------------------------------------------- 7. messages that mislead
+
+def test_config_path_that_is_a_directory_or_a_device(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", tmp_path, "--out", tmp_path / "r")
+    assert code == 2
+    one_paragraph(err, "is a directory, not a YAML file")
+    if Path("/dev/null").exists():
+        code, _, err = run_cli(capsys, "train", "/dev/null", "--out", tmp_path / "r")
+        assert code == 2
+        one_paragraph(err, "/dev/null", "not a regular file")
+    code, _, err = run_cli(capsys, "train", tmp_path / "missing.yaml", "--out", tmp_path / "r")
+    assert code == 2
+    one_paragraph(err, "missing.yaml", "does not exist")
+
+
+def test_binary_config_names_the_file(tmp_path, capsys):
+    cfg = tmp_path / "model.bin"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_cli(capsys, "train", cfg, "--out", tmp_path / "r")
+    assert code == 2
+    one_paragraph(err, "model.bin", "not a UTF-8 text file")
+
+
+@pytest.mark.parametrize("seed, message", [("1e23", "must be of type int"), (str(10**23), "[0, 2**63 - 1]"),
+                                           ("-1", "[0, 2**63 - 1]")])
+def test_seed_out_of_range(tmp_path, capsys, seed, message):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--dry-run", *_sets(**{"train.seed": seed}))
+    assert code == 2
+    one_paragraph(err, "train.seed", message)
+
+
+def test_plot_says_the_file_it_wrote(run2, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    outdir = tmp_path / "figs"
+    outdir.mkdir()
+    code, out, _ = run_cli(capsys, "plot", run2 / checkpoint.LATEST, "--out", outdir)
+    assert code == 0 and out.strip() == f"wrote {outdir / 'metrics.png'}"
+    assert (outdir / "metrics.png").stat().st_size > 0
+    code, out, _ = run_cli(capsys, "plot", run2 / checkpoint.LATEST, "--out", tmp_path / "curve")
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'curve.png'}" and (tmp_path / "curve.png").exists()
+
+
+def test_certify_architecture_advice_does_not_mention_out(run2, capsys):
+    code, _, err = run_cli(capsys, "certify", run2 / checkpoint.LATEST, "--set", "model.name=mlp")
+    assert code == 2
+    line = one_paragraph(err, "different architecture", "--set")
+    assert "--out" not in line
