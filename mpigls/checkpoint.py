@@ -524,7 +524,7 @@ def _first_loadable(d: Path) -> tuple[Path, Checkpoint] | None:
 
 def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None, *,
                      advice: str = "resume with the model settings it was trained with, or use a fresh --out "
-                                   "directory") -> None:
+                                   "directory (or --restart to move the earlier run aside)") -> None:
     """Raise ValueError if the checkpoint was written for another architecture than ``arch``."""
     want = json.loads(json.dumps(dict(arch), default=str))  # compare in the stored (JSON) form
     diffs = [f"{k}: checkpoint {ckpt.arch.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"

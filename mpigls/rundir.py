@@ -5,8 +5,8 @@ Policy (rank 0 only; ``train`` broadcasts the outcome):
 * ``--out`` must name a directory: not "", not an existing file, not a path under a file, and
   writable (probed with a temp file before any training, not discovered at the first save).
 * Checkpoints there (``latest.h5``, ``ckpt_*.h5``) are tried newest first (``checkpoint.load``,
-  checksum included). The newest loadable one is resumed. Files that do not load and are newer
-  are moved into ``DIR/aside-<UTC time>/`` with a warning, so that neither retention
+  checksum included). The newest loadable one is resumed. Files that do not load
+  (newer or older) are moved into ``DIR/aside-<UTC time>/`` with a warning, so that neither retention
   (``keep_last``) nor a later save of the same generation can delete or overwrite them.
 * When checkpoints exist but **none** loads (another format version, truncated, checksum
   mismatch, a foreign HDF5 file), the run is refused (``RunDirError``, exit 2) with each file and
@@ -77,7 +77,7 @@ class Scan:
     """What a run directory holds: the newest loadable checkpoint (or None) and the failures."""
     path: Path | None = None
     ckpt: checkpoint.Checkpoint | None = None
-    failed: list[tuple[Path, str]] = field(default_factory=list)  # newer than ``path``, did not load
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # the files that did not load, and why
     candidates: int = 0
 
 
@@ -95,21 +95,21 @@ def scan(d: Path) -> Scan:
         return Scan()
     candidates = checkpoint._candidates(d)
     failed: list[tuple[Path, str]] = []
-    for i, p in enumerate(candidates):
+    chosen: tuple[Path, checkpoint.Checkpoint] | None = None
+    # every file is read, the older ones too: retention (keep_last) would otherwise delete an
+    # unreadable one, and an unreadable latest.h5 (sorted last: its generation is unknown) would be
+    # replaced by the next save
+    for p in candidates:
         try:
             ckpt = checkpoint.load(p)
         except (OSError, ValueError) as exc:
             failed.append((p, _reason(p, exc)))
             continue
-        # an unreadable latest.h5 sorts last (its generation is unknown): the next save would replace it
-        latest = d / checkpoint.LATEST
-        if latest in candidates[i + 1:]:
-            try:
-                checkpoint.load(latest)
-            except (OSError, ValueError) as exc:
-                failed.append((latest, _reason(latest, exc)))
-        return Scan(p, ckpt, failed, len(candidates))
-    return Scan(None, None, failed, len(candidates))
+        if chosen is None:
+            chosen = (p, ckpt)
+    if chosen is None:
+        return Scan(None, None, failed, len(candidates))
+    return Scan(chosen[0], chosen[1], failed, len(candidates))
 
 
 def _aside_dir(d: Path) -> Path:

@@ -143,19 +143,22 @@ def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2
 
 def test_some_unloadable_resume_from_newest_loadable_and_keep_the_others(tmp_path, capsys):
     d = tmp_path / "r"
-    train.train(tiny_cfg(**{"train.checkpoint_every": 2, "train.keep_last": 5}), d, max_generations=4,
+    train.train(tiny_cfg(**{"train.checkpoint_every": 1, "train.keep_last": 5}), d, max_generations=4,
                 log=lambda m: None)
-    newest = d / "ckpt_00000004.h5"  # latest.h5 is the same file (a hard link): both become unreadable
-    with h5py.File(newest, "r+") as f:
+    with h5py.File(d / "ckpt_00000004.h5", "r+") as f:  # latest.h5 is a hard link to it: both unreadable
         f.attrs["format_version"] = 99
+    old = d / "ckpt_00000001.h5"
+    data = old.read_bytes()
+    old.write_bytes(data[: len(data) // 2])  # an older one truncated: retention must not delete it either
     before = hashes(d)
     code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 7,
                              *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
     assert code == 0, err
-    assert "resuming from generation 2" in out and "moved into" in out and "format version 99" in out
-    assert_nothing_lost({k: v for k, v in before.items() if "00000002" not in k}, d)
+    assert "resuming from generation 3" in out and "moved into" in out and "format version 99" in out
+    assert_nothing_lost({k: v for k, v in before.items() if "0000000" not in k or k.endswith(("1.h5", "4.h5"))}, d)
     aside = next(p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX))
-    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000004.h5", "latest.h5"]
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5"]
+    assert hashes(aside) == {k: before[k] for k in ("ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5")}
     assert [g for g, _ in checkpoint.list_checkpoints(d)] == [7]
     assert checkpoint.load(d / checkpoint.LATEST).generation == 7
 
