@@ -208,11 +208,15 @@ def test_every_float_spelling_is_a_float(tmp_path):
     assert config.load_config(None, ["data.name=digits"]).data.name == "digits"  # strings stay strings
 
 
-def test_huge_value_is_not_printed_in_full(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--set", "data.name=" + "x" * 200_000,
-                           "--set", "optimizer.lr_milestones=[" + ",".join(["-1"] * 50_000) + "]")
+@pytest.mark.parametrize("item, key", [("data.name=" + "x" * 200_000, "data.name"),
+                                       ("optimizer.lr_milestones=[" + ",".join(["-1"] * 5_000) + "]",
+                                        "optimizer.lr_milestones"),
+                                       ("optimizer.lr_milestones=[" + ",".join(["-1"] * 500) + "]",
+                                        "optimizer.lr_milestones")])
+def test_huge_value_is_not_printed_in_full(tmp_path, capsys, item, key):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--set", item)
     assert code == 2
-    one_paragraph(err, "data.name")
+    one_paragraph(err, key)
     assert len(err) < 1000
 
 
@@ -546,3 +550,15 @@ def test_certify_architecture_advice_does_not_mention_out(run2, capsys):
     assert code == 2
     line = one_paragraph(err, "different architecture", "--set")
     assert "--out" not in line
+
+
+@pytest.mark.slow
+def test_refusal_under_mpi_is_one_paragraph_from_every_rank(run2, tmp_path):
+    from conftest import run_mpigls
+    d = copy_run(run2, tmp_path / "r")
+    _version_99(d)
+    before = hashes(d)
+    res = run_mpigls(["train", "--out", str(d), "--no-eval", *_sets()], ranks=2, timeout=120, check=False)
+    assert res.returncode == 2, res.stderr
+    one_paragraph(res.stderr, "none of them can be resumed", "--restart")
+    assert hashes(d) == before
