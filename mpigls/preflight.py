@@ -11,12 +11,13 @@ dataclasses cannot see alone because it depends on the data, the model or the ma
 * sizes the machine cannot hold: an estimate of the host memory of one generation
   (population-sized vectors, one work block's parameter rows and activations, optimizer state),
   times the ranks on this node, against the available memory (``MemAvailable`` and the cgroup
-  limit). The estimate is deliberately low (it leaves out what the bound engines chunk by
+  limit); on GPUs the work block's part is compared with the GPU memory instead. The estimate is deliberately low (it leaves out what the bound engines chunk by
   ``bound.options.memory_budget_mb``), so it refuses only sizes that certainly do not fit, such as
   ``optimizer.popsize=1000000000``.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -99,21 +100,29 @@ def estimate_memory_bytes(cfg: Config, num_params: int, acts_per_example: int) -
 
 
 def _check_memory(cfg: Config, model, dataset, comm) -> None:
-    avail = available_memory_bytes()
-    if avail is None:
-        return
     acts = _activations_per_example(model, dataset.train_x[:1])
     parts = estimate_memory_bytes(cfg, models.num_params(model), acts)
     ranks = max(1, getattr(comm, "local_size", 1))
-    need = sum(parts.values()) * ranks
-    if need > avail:
-        detail = ", ".join(f"{k} {v / GIB:.3g}" for k, v in parts.items())
+    fix = (f"lower optimizer.popsize (now {cfg.optimizer.popsize}), optimizer.num_samples, optimizer.block_size "
+           f"(now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), or run fewer ranks "
+           "per node")
+    host = dict(parts)
+    if cfg.train.device != "cpu" and torch.cuda.is_available():  # the work blocks run on the GPUs
+        block = host.pop("block parameters") + host.pop("block activations")
+        gpus = torch.cuda.device_count()
+        per_gpu = block * math.ceil(ranks / gpus)
+        total = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        if per_gpu > total:
+            raise ConfigError(f"one work block needs at least about {per_gpu / GIB:.3g} GiB of GPU memory "
+                              f"({math.ceil(ranks / gpus)} rank(s) per GPU), more than the {total / GIB:.3g} GiB "
+                              f"of a GPU here; {fix}")
+    avail = available_memory_bytes()
+    need = sum(host.values()) * ranks
+    if avail is not None and need > avail:
+        detail = ", ".join(f"{k} {v / GIB:.3g}" for k, v in host.items())
         raise ConfigError(
             f"this run needs at least about {need / GIB:.3g} GiB of memory per generation ({ranks} rank(s) on this "
-            f"node, each: {detail} GiB), but only {avail / GIB:.3g} GiB are available; lower optimizer.popsize "
-            f"(now {cfg.optimizer.popsize}), optimizer.num_samples, optimizer.block_size "
-            f"(now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), or run fewer ranks "
-            "per node")
+            f"node, each: {detail} GiB), but only {avail / GIB:.3g} GiB are available; {fix}")
 
 
 def _check_bound_options(cfg: Config, model, dataset) -> None:
