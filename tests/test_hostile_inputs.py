@@ -24,9 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO, mpiexec, tiny_overrides
 
 from mpigls import checkpoint, cli, config, rundir, stopping, train
-from conftest import REPO, mpiexec, tiny_overrides
 
 pytestmark = pytest.mark.timeout(120)  # nothing here may hang
 
@@ -387,7 +387,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
         return real(path, ckpt)
     monkeypatch.setattr(checkpoint, "_write_file", write_file)
     d = tmp_path / "r"
-    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 6, *_sets())
+    code, _, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 6, *_sets())
     assert code == 2
     one_paragraph(err, "could not write checkpoint ckpt_00000004.h5", "No space left on device", "intact")
     assert checkpoint.load(d / checkpoint.LATEST).generation == 2
