@@ -11,9 +11,10 @@ dataclasses cannot see alone because it depends on the data, the model or the ma
 * sizes the machine cannot hold: an estimate of the host memory of one generation
   (population-sized vectors, one work block's parameter rows and activations, optimizer state),
   times the ranks on this node, against the available memory (``MemAvailable`` and the cgroup
-  limit); on GPUs the work block's part is compared with the GPU memory instead. The estimate is deliberately low (it leaves out what the bound engines chunk by
-  ``bound.options.memory_budget_mb``), so it refuses only sizes that certainly do not fit, such as
-  ``optimizer.popsize=1000000000``.
+  limit), plus an explicit ``bound.options.memory_budget_mb`` of the CROWN-family bounds; on
+  GPUs the work block's part is compared with the GPU memory instead. The estimate is
+  deliberately low (IBP-sized activations, no allocator overhead), so it refuses only sizes that
+  certainly do not fit, such as ``optimizer.popsize=1000000000``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .config import Config, ConfigError, short_repr
 __all__ = ["validate", "estimate_memory_bytes", "available_memory_bytes"]
 
 GIB = float(1 << 30)
+BUDGETED_METHODS = ("crown-ibp", "deeppoly", "crown", "alpha-crown")
 
 
 def _read_int(path: str) -> int | None:
@@ -91,12 +93,18 @@ def estimate_memory_bytes(cfg: Config, num_params: int, acts_per_example: int) -
     else:
         members, rows, batch = 1, 1, min(B, o.block_size)
     grads = 1 if o.name == "pgpe" else 2
-    return {
+    parts = {
         "population": members * 8.0 * 12,                 # gathered float64 losses, shaping, masks, weights
         "block parameters": rows * D * 4.0 * 3 * grads,    # one block's parameter rows (+ noise, + gradients)
         "block activations": rows * batch * acts_per_example * 4.0 * 4 * grads,  # IBP-style lo/hi/centre/radius
         "optimizer state": D * 8.0 * 6,                    # centre, sigma, moments, float64 accumulators
     }
+    budget_mb = cfg.bound.options.get("memory_budget_mb")
+    if cfg.bound.method in BUDGETED_METHODS and isinstance(budget_mb, (int, float)):
+        # an explicit budget: back-substitution chunks grow up to it (the default is not counted:
+        # small problems stay far below it)
+        parts["bound memory_budget_mb"] = float(budget_mb) * 2**20
+    return parts
 
 
 def _check_memory(cfg: Config, model, dataset, comm) -> None:
@@ -108,7 +116,7 @@ def _check_memory(cfg: Config, model, dataset, comm) -> None:
            "per node")
     host = dict(parts)
     if cfg.train.device != "cpu" and torch.cuda.is_available():  # the work blocks run on the GPUs
-        block = host.pop("block parameters") + host.pop("block activations")
+        block = sum(host.pop(k) for k in ("block parameters", "block activations", "bound memory_budget_mb") if k in host)
         gpus = torch.cuda.device_count()
         per_gpu = block * math.ceil(ranks / gpus)
         total = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))

@@ -230,6 +230,13 @@ def test_absurd_popsize_is_refused_before_training(tmp_path, capsys, mode):
     assert not list(tmp_path.rglob("*.h5"))
 
 
+def test_bound_memory_budget_beyond_the_machine_is_refused(tmp_path, capsys):
+    extra = {"bound.method": "crown-ibp", "bound.options": "{memory_budget_mb: 1.0e+12}"}
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--dry-run", *_sets(**extra))
+    assert code == 2
+    one_paragraph(err, "GiB of memory", "bound memory_budget_mb")
+
+
 def _raise_sigterm_at(monkeypatch, call: int) -> None:
     """SIGTERM this process inside the ``call``-th bound evaluation (a generation in progress)."""
     from mpigls import losses
