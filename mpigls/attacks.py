@@ -57,7 +57,7 @@ def pgd(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, steps: int,
     if generator is not None:
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         start = x + (2 * noise - 1) * eps_t
-    x_adv = start.expand(params.shape[0], *x.shape) if stacked else start
+    x_adv = start.expand(params.shape[0], *x.shape) if params is not None and stacked else start
     x_adv = torch.maximum(torch.minimum(x_adv, hi), lo).detach()
     for _ in range(steps):
         with torch.enable_grad():

@@ -99,7 +99,8 @@ class Dataset:
     @property
     def in_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
-        return tuple(int(s) for s in self.train_x.shape[1:])
+        c, h, w = (int(s) for s in self.train_x.shape[1:])
+        return c, h, w
 
 
 def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | None = None,
@@ -132,8 +133,10 @@ def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | N
             raise FileNotFoundError(f"dataset root {str(root)!r} for {name!r} does not exist or is not a directory; "
                                     f"set data.root to the directory holding the {name} files "
                                     f"(layouts: mpigls.data docstring)")
-        loader = {"mnist": _load_mnist, "cifar10": _load_cifar10, "tinyimagenet": _load_tinyimagenet}[name]
-        ds = loader(root, num_train) if name == "tinyimagenet" else loader(root)
+        if name == "tinyimagenet":
+            ds = _load_tinyimagenet(root, num_train)
+        else:
+            ds = {"mnist": _load_mnist, "cifar10": _load_cifar10}[name](root)
     return _subset(ds, num_train, num_test)
 
 
@@ -242,7 +245,8 @@ def _load_mnist(root: Path) -> Dataset:
         if len(x) != len(y):
             raise ValueError(f"{where} is corrupt: {len(x)} images but {len(y)} labels; {_MNIST_FIX}")
         splits += [x.unsqueeze(1).to(torch.float32) / 255.0, _check_labels("MNIST", where, y, 10)]
-    return Dataset("mnist", *splits, 10, (0.0,), (1.0,))
+    train_x, train_y, test_x, test_y = splits
+    return Dataset("mnist", train_x, train_y, test_x, test_y, 10, (0.0,), (1.0,))
 
 
 # ------------------------------------------------------------------------------------- CIFAR-10
@@ -267,7 +271,7 @@ def _diagnose_cifar(base: Path) -> str:
             return f"CIFAR-10 file {str(path)!r} is corrupt: md5 {got}, expected {md5}"
         try:
             pickle.loads(data, encoding="latin1")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever unpickling raises, the file is corrupt
             return f"CIFAR-10 file {str(path)!r} is corrupt: not a readable pickle ({type(exc).__name__}: {exc})"
     return f"CIFAR-10 files under {str(base)!r} are corrupt or not CIFAR-10"
 
@@ -296,7 +300,8 @@ def _load_cifar10(root: Path) -> Dataset:
             raise ValueError(f"{where} is corrupt: {len(x)} images but {len(y)} labels; {_CIFAR_FIX}")
         splits += [x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous(),
                    _check_labels("CIFAR-10", where, y, 10)]
-    return Dataset("cifar10", *splits, 10, CIFAR10_MEAN, CIFAR10_STD)
+    train_x, train_y, test_x, test_y = splits
+    return Dataset("cifar10", train_x, train_y, test_x, test_y, 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
 # --------------------------------------------------------------------------------- TinyImageNet
@@ -416,8 +421,8 @@ def augment(x: torch.Tensor, seed: int, epoch: int, batch: int, kind: str) -> to
     off_x = rng.integers(0, 2 * pad + 1, size=b)
     rows = off_y[:, None] + np.arange(h)  # (B, H) rows of the padded image
     cols = off_x[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))  # (B, W)
-    to = dict(device=x.device, dtype=torch.int64)
-    rows_t, cols_t = torch.as_tensor(rows, **to), torch.as_tensor(cols, **to)
+    rows_t = torch.as_tensor(rows, device=x.device, dtype=torch.int64)
+    cols_t = torch.as_tensor(cols, device=x.device, dtype=torch.int64)
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
     batch_idx = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch_idx, rows_t[:, :, None], cols_t[:, None, :]]  # (B, H, W, C)

@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 __all__ = ["ARCHITECTURES", "Normalize", "build", "num_params", "flat_params", "unflatten",
-           "load_flat_", "architecture_dict"]
+           "affine_parameters", "load_flat_", "architecture_dict"]
 
 
 class Normalize(nn.Module):
     """Per-channel affine input normalisation (x - mean) / std; buffers, not parameters."""
+
+    mean: torch.Tensor  # (C, 1, 1), registered as buffers in __init__
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -120,6 +123,13 @@ def load_flat_(model: nn.Module, flat: torch.Tensor) -> nn.Module:
     return model
 
 
+def affine_parameters(module: nn.Conv2d | nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of an affine layer; the bound engine needs the bias, so a layer without one is an error."""
+    if module.bias is None:
+        raise TypeError(f"{type(module).__name__} layers need a bias (bias=True), got {module}")
+    return module.weight, module.bias
+
+
 def unflatten(model: nn.Sequential, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per-module (weight, bias) views into ``flat`` of shape (*lead, D); None for parameter-free modules.
 
@@ -135,7 +145,7 @@ def unflatten(model: nn.Sequential, flat: torch.Tensor) -> list[tuple[torch.Tens
     for module in model:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             pieces = []
-            for tensor in (module.weight, module.bias):
+            for tensor in affine_parameters(module):
                 size = math.prod(tensor.shape)
                 pieces.append(flat[..., offset:offset + size].reshape(*lead, *tensor.shape))
                 offset += size

@@ -17,13 +17,14 @@ O/I output/input features of a layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import Normalize, unflatten
+from .models import Normalize, affine_parameters, unflatten
 
 __all__ = ["Affine", "Stack", "stack", "forward"]
 
@@ -47,7 +48,7 @@ class Affine:
     def num_members(self) -> int:
         return self.weight.shape[0]
 
-    def members(self, start: int, stop: int) -> "Affine":
+    def members(self, start: int, stop: int) -> Affine:
         return Affine(self.weight[start:stop], self.bias[start:stop], self.in_shape, self.out_shape,
                       self.stride, self.padding)
 
@@ -109,7 +110,7 @@ class Stack:
     def num_members(self) -> int:
         return self.layers[0].num_members
 
-    def members(self, start: int, stop: int) -> "Stack":
+    def members(self, start: int, stop: int) -> Stack:
         return Stack(self.mean, self.std, tuple(layer.members(start, stop) for layer in self.layers),
                      self.single)
 
@@ -138,8 +139,9 @@ def stack(model: nn.Sequential, params: torch.Tensor | None, in_shape: tuple[int
         raise TypeError(f"model must be a torch.nn.Sequential from mpigls.models.build, got {type(model).__name__}")
     single = params is None or params.ndim == 1
     if params is None:
-        pieces = [None if not isinstance(m, (nn.Conv2d, nn.Linear)) else (m.weight[None], m.bias[None])
-                  for m in model]
+        pieces: Sequence[tuple[torch.Tensor, ...] | None] = [
+            None if not isinstance(m, (nn.Conv2d, nn.Linear)) else tuple(t[None] for t in affine_parameters(m))
+            for m in model]
     else:
         if params.ndim not in (1, 2):
             raise ValueError(f"params must have shape (D,) or (P, D), got {tuple(params.shape)}")
@@ -166,6 +168,7 @@ def stack(model: nn.Sequential, params: torch.Tensor | None, in_shape: tuple[int
                 raise TypeError(f"layer {i} ({type(module).__name__}) follows another affine layer "
                                 "without a ReLU in between; supported models alternate them")
             expect_affine = False
+            assert wb is not None  # unflatten gives (weight, bias) for every Conv2d and Linear
             w, b = wb
             if isinstance(module, nn.Linear):
                 if len(shape) != 1:
@@ -179,7 +182,7 @@ def stack(model: nn.Sequential, params: torch.Tensor | None, in_shape: tuple[int
                 k, s, p = module.kernel_size, module.stride, module.padding
                 out = (module.out_channels, _conv_out(shape[1], k[0], s[0], p[0]),
                        _conv_out(shape[2], k[1], s[1], p[1]))
-                layers.append(Affine(w, b, shape, out, tuple(s), tuple(p)))
+                layers.append(Affine(w, b, shape, out, (s[0], s[1]), (p[0], p[1])))
             shape = layers[-1].out_shape
         else:
             raise TypeError(f"unsupported layer {i}: {type(module).__name__}; models may only contain "

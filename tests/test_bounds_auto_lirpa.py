@@ -13,7 +13,7 @@ from mpigls.bounds import margin_lower_bounds
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-import auto_lirpa_compat  # noqa: E402
+import auto_lirpa_compat
 
 pytestmark = pytest.mark.skipif(auto_lirpa_compat.load() is None, reason="auto_LiRPA is not installed")
 

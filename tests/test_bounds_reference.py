@@ -18,7 +18,7 @@ def dense_layers(model, in_shape):
     layers, mods = [], list(model)
     shape = in_shape
     norm = mods[0]
-    for i, m in enumerate(mods):
+    for m in mods:
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             n_in = int(torch.tensor(shape).prod())
             eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *shape)

@@ -1,6 +1,7 @@
 """Tests of mpigls.checkpoint: round trip, atomic replacement, fallbacks and clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ def make(generation=5, d=37, seed=0, sigma=True) -> C.Checkpoint:
         arch=dict(ARCH),
         metrics={"loss": np.linspace(3, 1, generation), "pgpe/grad_norm": np.arange(generation, dtype=np.float32),
                  "eval/cert acc%": np.array([0.5])},
-        noise_scheme="philox4x64-seedseq-v1", extra={"cert/eps": np.array([0.1, 0.3])}, world_size=3)
+        noise_scheme="philox4x64-seedseq-v1", world_size=3,
+        extra={"cert/eps": np.array([0.1, 0.3]), "cert/method": "deeppoly", "cert/n": 4})
 
 
 def assert_same(a: C.Checkpoint, b: C.Checkpoint) -> None:
@@ -46,21 +48,36 @@ def assert_same(a: C.Checkpoint, b: C.Checkpoint) -> None:
     assert a.theta.dtype == b.theta.dtype == np.float32
     assert a.theta.tobytes() == b.theta.tobytes()
     assert (a.sigma is None and b.sigma is None) or a.sigma.tobytes() == b.sigma.tobytes()
-    assert a.opt_state.keys() == b.opt_state.keys()
-    for k, v in a.opt_state.items():
-        w = b.opt_state[k]
-        if isinstance(v, np.ndarray):
-            assert v.dtype == w.dtype and v.shape == w.shape and v.tobytes() == w.tobytes(), k
-        else:
-            assert type(v) is type(w) and v == w, k
+    assert_same_state(a.opt_state, b.opt_state)
     assert a.config == b.config and a.arch == b.arch
     assert a.metrics.keys() == b.metrics.keys()
     for k in a.metrics:
         assert np.array_equal(a.metrics[k], b.metrics[k]) and a.metrics[k].dtype == b.metrics[k].dtype
-    assert a.extra.keys() == b.extra.keys()
+    assert_same_state(a.extra, b.extra)
+
+
+def assert_same_state(a: C.StateDict, b: C.StateDict) -> None:
+    """Same keys, and per key the same type and value (arrays: dtype, shape and bits)."""
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, np.ndarray):
+            assert isinstance(w, np.ndarray) and v.dtype == w.dtype and v.shape == w.shape, k
+            assert v.tobytes() == w.tobytes(), k
+        else:
+            assert type(v) is type(w) and v == w, k
 
 
 # ----------------------------------------------------------------------------- round trip
+
+def test_assert_same_compares_values_not_just_keys():
+    c = make()
+    for changed in ({"extra": {**c.extra, "cert/eps": np.array([0.1, 0.4])}},
+                    {"extra": {**c.extra, "cert/n": 5}},
+                    {"opt_state": {**c.opt_state, "lr": 0.25}}):
+        with pytest.raises(AssertionError):
+            assert_same(c, dataclasses.replace(c, **changed))
+
 
 def test_round_trip_bitwise(tmp_path):
     c = make()

@@ -6,13 +6,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from mpigls import checkpoint
 
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
-
 
 LONG_EPOCHS = 5000  # 40000 generations (minutes): only a signal ends these runs within the test's time
 

@@ -19,8 +19,8 @@ def _check_dataset(ds, in_shape, num_classes, num_train, num_test):
     assert ds.train_x.shape == (num_train, *in_shape) and ds.test_x.shape == (num_test, *in_shape)
     for x, y in ((ds.train_x, ds.train_y), (ds.test_x, ds.test_y)):
         assert x.dtype == torch.float32 and y.dtype == torch.int64
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
-        assert 0 <= int(y.min()) and int(y.max()) < num_classes
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert int(y.min()) >= 0 and int(y.max()) < num_classes
     assert len(ds.mean) == len(ds.std) == in_shape[0]
 
 

@@ -1,18 +1,19 @@
 """Serial and in-process (threaded) tests of mpigls.dist: no mpiexec needed."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import time
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from mpigls import dist
-
 
 # ----------------------------------------------------------------------------- serial comm
 
@@ -105,8 +106,13 @@ def test_exact_sum_invariant_to_row_order_and_uneven_split():
 
     for got in dist.run_threaded(body, 4):
         assert torch.equal(got, want)
-    naive = [rows[perm[s]].sum(0) for s in splits]
-    assert want.shape == naive[0].shape  # the naive per-rank float sums are what we avoid
+    # an independent reference in exact rational arithmetic, following the documented scheme:
+    # quantise to multiples of 2**(e - FRACTION_BITS) (half to even) with max|x| <= 2**e, add, round once
+    e = math.frexp(float(rows.abs().max()))[1]
+    scale = Fraction(2) ** (dist.FRACTION_BITS - e)
+    exact = [sum(round(Fraction(v) * scale) for v in col) / scale for col in rows.double().T.tolist()]
+    assert torch.equal(want, torch.tensor([float(x) for x in exact], dtype=torch.float64).float())
+    assert torch.allclose(want.double(), rows.double().sum(0), rtol=1e-6, atol=1e-6)
 
 
 def test_manual_fixed_point_path_matches_allreduce_sum_exact():
@@ -285,7 +291,7 @@ def test_run_guarded_serial(capsys):
     assert err.strip() == "error: optimizer.popsize must be even, got 255; use 254 or 256"
 
     def missing():
-        open("/nonexistent/dir/file.yaml")
+        Path("/nonexistent/dir/file.yaml").read_text()
 
     assert dist.run_guarded(missing) == dist.EXIT_USER_ERROR
     err = capsys.readouterr().err
@@ -301,9 +307,8 @@ def test_run_guarded_serial(capsys):
 
 
 def test_abort_on_error_serial_exits_with_code(capsys):
-    with pytest.raises(SystemExit) as info:
-        with dist.abort_on_error(dist.SerialComm()):
-            raise TypeError("model.name must be a string, got 3")
+    with pytest.raises(SystemExit) as info, dist.abort_on_error(dist.SerialComm()):
+        raise TypeError("model.name must be a string, got 3")
     assert info.value.code == dist.EXIT_USER_ERROR
     assert "error: model.name must be a string" in capsys.readouterr().err
 

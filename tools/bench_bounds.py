@@ -29,7 +29,7 @@ from mpigls import models
 from mpigls.bounds import crown, make_problem, margin_lower_bounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import auto_lirpa_compat  # noqa: E402
+import auto_lirpa_compat
 
 REFERENCE = "auto_lirpa"
 DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr", REFERENCE}
@@ -131,7 +131,9 @@ def main(argv=None) -> int:
                     if dev_name == "cpu" and not args.no_isolate:
                         cmd = [sys.executable, __file__, "--single", f"{dev_name},{model_name},{data},{method}",
                                "--batch", str(args.batch), "--budget", str(args.budget),
-                               "--repeats", str(args.repeats)] + (["--identity-normalize"] if args.identity_normalize else []) + (["--threads", str(args.threads)] if args.threads else [])
+                               "--repeats", str(args.repeats)]
+                        cmd += ["--identity-normalize"] if args.identity_normalize else []
+                        cmd += ["--threads", str(args.threads)] if args.threads else []
                         row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                     else:
                         row = measure(args, device, model_name, data, method)

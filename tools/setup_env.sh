@@ -11,13 +11,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 STAMP="$VENV/.mpigls-installed"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off
+# pip -q still prints one warning per index location a machine-wide pip config lists but that lacks
+# the package: harmless, hundreds of lines for torch's dependencies. Drop only those lines.
+_setup_pip() {
+  local rc=0
+  "$PY" -m pip -q "$@" 2> >(grep -v "^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$" >&2) \
+    || rc=$?
+  return "$rc"
+}
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "[setup] installing mpigls[test,mpich] into $VENV (torch is large: a few minutes the first time)"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e "$ROOT[test,mpich]"
+  _setup_pip install --upgrade pip
+  _setup_pip install -e "$ROOT[test,mpich]"
   # the reference CROWN for cross-checks (tests/test_bounds_auto_lirpa.py, tools/bench_bounds.py);
   # its pins (torch<1.13) are obsolete, tools/auto_lirpa_compat.py shims it, so no dependencies
-  "$PY" -m pip install -q --no-deps "auto_LiRPA==0.3" "appdirs>=1.4" \
+  _setup_pip install --no-deps "auto_LiRPA==0.3" "appdirs>=1.4" \
     || echo "[setup] note: auto_LiRPA not installed; the cross-check against it will be skipped"
   touch "$STAMP"
 fi

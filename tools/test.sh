@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up the environment, run the serial tests, then the
-# MPI tests under 2, 3 and 4 ranks (python -m mpi4py: a failure on one rank aborts the job, and
-# pytest-timeout's thread method turns a hang into a failure).
+# The whole test suite on a fresh machine: set up the environment, lint and type check
+# (tools/lint.sh; fails fast), run the serial tests, then the MPI tests under 2, 3 and 4 ranks
+# (python -m mpi4py: a failure on one rank aborts the job, and pytest-timeout's thread method turns
+# a hang into a failure).
+# Usage: bash tools/test.sh [--no-lint] [pytest args for the serial run, e.g. -m "not slow" -x]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+LINT=1
+if [ "${1:-}" = "--no-lint" ]; then
+  LINT=0
+  shift
+fi
 source tools/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+if [ "$LINT" = 1 ]; then
+  bash tools/lint.sh
+fi
 echo "[test] serial tests"
 "$PY" -m pytest -q --timeout=600 --timeout-method=thread "$@"
 for n in 2 3 4; do

@@ -21,8 +21,7 @@ import sys
 import numpy as np
 import torch
 
-from mpigls.optim import grad as gradopt
-from mpigls.optim import pgpe
+from mpigls.optim import grad as gradopt, pgpe
 
 
 def toy_loss(w: torch.Tensor) -> torch.Tensor:
