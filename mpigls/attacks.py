@@ -18,9 +18,17 @@ from torch import nn
 
 from .population import forward
 
-__all__ = ["LOSSES", "pgd", "margins"]
+__all__ = ["LOSSES", "STEP_SIZE_FACTOR", "default_step_size", "pgd", "margins"]
 
 LOSSES = ("ce", "margin")
+# Madry et al. 2018 take steps of 2.5 eps / steps, so that the attack can cross the whole box
+# (2 eps wide) and still move back from its boundary.
+STEP_SIZE_FACTOR = 2.5
+
+
+def default_step_size(eps_max: float, steps: int) -> float:
+    """The PGD step size when none is configured: STEP_SIZE_FACTOR * eps_max / steps (0 steps: as 1)."""
+    return STEP_SIZE_FACTOR * float(eps_max) / max(int(steps), 1)
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

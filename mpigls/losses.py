@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import bounds
-from .attacks import pgd
+from .attacks import default_step_size, pgd
 from .population import forward
 
 __all__ = ["LOSS_METHODS", "robust_ce", "natural_ce", "certified_loss"]
@@ -44,7 +44,7 @@ def _pgd_point(model, x, y, eps, params, opts):
     steps = int(opts.get("pgd_steps", 8))
     eps_max = float(torch.as_tensor(eps).max()) if torch.as_tensor(eps).numel() else 0.0
     step = opts.get("pgd_step_size")
-    step = 2.5 * eps_max / max(steps, 1) if step is None else float(step)
+    step = default_step_size(eps_max, steps) if step is None else float(step)
     return pgd(model, x, y, eps, steps, step, params, opts.get("generator"))
 
 

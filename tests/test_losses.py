@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mpigls import models
+from mpigls.attacks import default_step_size
 from mpigls.losses import LOSS_METHODS, certified_loss, natural_ce, robust_ce
 
 
@@ -42,3 +43,16 @@ def test_ordering_and_errors():
         certified_loss(model, x, y, 0.05, "taps")
     with pytest.raises(ValueError, match="staps_mix"):
         certified_loss(model, x, y, 0.05, "staps", staps_mix=2.0)
+
+
+def test_pgd_default_step_is_madry_2_5_eps_over_steps():
+    torch.manual_seed(0)
+    model = models.build("cnn3", (1, 8, 8), 4)
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,))
+    eps = torch.tensor([0.02, 0.05, 0.04, 0.01])  # per example: the step follows the largest
+    assert default_step_size(0.05, 4) == pytest.approx(2.5 * 0.05 / 4)
+    assert default_step_size(0.05, 0) == pytest.approx(2.5 * 0.05)
+    implicit = certified_loss(model, x, y, eps, "pgd", pgd_steps=4)
+    explicit = certified_loss(model, x, y, eps, "pgd", pgd_steps=4, pgd_step_size=2.5 * 0.05 / 4)
+    other = certified_loss(model, x, y, eps, "pgd", pgd_steps=4, pgd_step_size=1e-4)
+    assert torch.equal(implicit, explicit) and not torch.equal(implicit, other)

@@ -1,6 +1,6 @@
 """Schedules: eps annealing per batch and step decay of the learning rate per epoch.
 
-eps annealing (per batch, global step t = epoch * num_batches_per_epoch + batch, 0-based):
+eps annealing per batch; the step t is the 0-based generation (epoch * batches per epoch + batch):
 - "constant": eps_max throughout.
 - "linear": eps_start until ``start``, then linear to eps_max over ``length`` steps.
 - "smooth": auto_LiRPA's SmoothedScheduler as used by CROWN-IBP / CTBench (Shi et al. 2021,
@@ -19,16 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["EPS_SCHEDULES", "global_step", "eps_at", "lr_at"]
+__all__ = ["EPS_SCHEDULES", "eps_at", "lr_at"]
 
 EPS_SCHEDULES = ("constant", "linear", "smooth")
-
-
-def global_step(epoch: int, batch: int, num_batches_per_epoch: int) -> int:
-    """0-based batch counter over the whole run."""
-    if num_batches_per_epoch < 1:
-        raise ValueError(f"num_batches_per_epoch must be >= 1, got {num_batches_per_epoch}")
-    return int(epoch) * int(num_batches_per_epoch) + int(batch)
 
 
 def eps_at(step: float, *, eps_max: float, kind: str = "smooth", start: float = 0, length: float = 0,

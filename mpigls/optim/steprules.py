@@ -20,9 +20,8 @@ Shapes: D parameters.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +50,8 @@ class StepState:
     """Optimizer moments of one step rule.
 
     t: number of steps taken. m: Adam's first moment or ClipUp's velocity (D,); v: Adam's second
-    moment (D,). Unused slots are empty tensors of shape (0,).
+    moment (D,). Unused slots are empty tensors of shape (0,). The names are the checkpoint keys
+    (``step/t``, ``step/m``, ``step/v``), so ClipUp's velocity keeps the slot name ``m``.
     """
 
     t: int
@@ -110,7 +110,7 @@ def adam(state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9,
 
 def clipup(state: StepState, grad: torch.Tensor, *, lr: float, momentum: float = 0.9,
            max_speed: float | None = None) -> tuple[torch.Tensor, StepState]:
-    """One ClipUp step: returns (delta (D,), new state); delta is the clipped velocity."""
+    """One ClipUp step: returns (delta (D,), new state); delta is the clipped velocity, kept in ``m``."""
     max_speed = 2.0 * lr if max_speed is None else max_speed
     norm = torch.linalg.vector_norm(grad)
     # A zero gradient (e.g. a flat loss) gives no push rather than 0/0.
