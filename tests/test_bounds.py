@@ -41,6 +41,7 @@ def worst_margin(model, x, y, eps, lo=None, hi=None, num=256, seed=0):
     return worst
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(case=st.sampled_from(SMALL), seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]))
 def test_sound_small(case, seed, eps):
@@ -51,7 +52,8 @@ def test_sound_small(case, seed, eps):
         assert (lb <= worst + 1e-5).all(), (method, (lb - worst).max())
 
 
-@pytest.mark.parametrize("name,shape", [("cnn3", (1, 28, 28)), ("cnn5", (3, 32, 32))])
+@pytest.mark.parametrize("name,shape", [("cnn3", (1, 28, 28)),
+                                        pytest.param("cnn5", (3, 32, 32), marks=pytest.mark.slow)])
 def test_sound_real_sizes(name, shape):
     model, x, y = make(name, shape, 0, k=10, batch=2)
     eps = 2 / 255

@@ -4,6 +4,7 @@ The reference builds explicit layer matrices by identity probing and implements 
 semantics as the engine: exact first-layer bounds, IBP-unstable neurons refined by
 back-substitution and intersected with IBP, adaptive lower slope, C merged with the last layer.
 """
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -90,6 +91,7 @@ def reference(model, x, y, eps, method):
     return torch.stack(out)
 
 
+@pytest.mark.slow
 @settings(max_examples=14, deadline=None)
 @given(case=st.sampled_from(CASES), seed=st.integers(0, 10_000), eps=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
        method=st.sampled_from(["ibp", "crown-ibp", "deeppoly", "deeppoly-patches", "deeppoly-dense"]))

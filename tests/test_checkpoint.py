@@ -218,6 +218,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill9_during_save_loop_never_breaks_latest(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rng = np.random.default_rng(0)

@@ -12,6 +12,8 @@ from mpigls import checkpoint
 
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in subprocesses, most under mpiexec
+
 LONG_EPOCHS = 5000  # 40000 generations (minutes): only a signal ends these runs within the test's time
 
 

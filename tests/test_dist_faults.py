@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 NO_HANG_S = 60  # generous for a loaded 2-core machine; a hang would be "forever"
 
-pytestmark = pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
-                                reason="needs mpi4py and mpiexec")
+pytestmark = [pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
+                                 reason="needs mpi4py and mpiexec"),
+              pytest.mark.slow]  # every test launches mpiexec
 
 SCRIPT = r"""
 import os, signal, sys, time
