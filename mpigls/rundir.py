@@ -168,6 +168,7 @@ def prepare(out: str | os.PathLike, *, restart: bool = False,
         if sc.failed:
             raise _refusal(d, sc)
         return None
+    assert sc.path is not None  # scan sets path together with ckpt
     if sc.failed:
         target = move_aside(d, [p for p, _ in sc.failed])
         say("warning: " + "; ".join(why for _, why in sc.failed)

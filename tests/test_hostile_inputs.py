@@ -24,9 +24,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, mpiexec, tiny_overrides
 
 from mpigls import checkpoint, cli, config, rundir, stopping, train
+
+from conftest import REPO, mpiexec, tiny_overrides
 
 pytestmark = pytest.mark.timeout(120)  # nothing here may hang
 
