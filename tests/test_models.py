@@ -36,6 +36,16 @@ def test_only_allowed_layers():
         assert isinstance(m[0], models.Normalize)
 
 
+def test_affine_layer_without_bias_is_a_clear_error():
+    from mpigls.population import stack
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    with pytest.raises(TypeError, match="bias"):
+        models.unflatten(m, torch.zeros(models.num_params(m)))
+    with pytest.raises(TypeError, match="bias"):
+        stack(m, None, (1, 2, 2))
+
+
 def test_unflatten_views_match_parameters():
     m = models.build("cnn3", (1, 8, 8), 10)
     flat = models.flat_params(m)
