@@ -1,6 +1,7 @@
 """Evaluation of a parameter vector: natural, PGD (empirical) and bound-certified accuracy.
 
-Certified means every margin lower bound f_y - f_i (i != y) over the l_inf box is positive for
+Certified means every margin lower bound f_y - f_i (i != y) over the l_inf box exceeds
+``precision.CERTIFY_MARGIN`` (1e-5, a guard against float rounding; computed in true fp32) for
 the chosen relaxation, which also implies a correct natural prediction. The test set is cut into
 fixed blocks spread over the ranks; per-block counts are gathered, so the result is identical for
 any number of ranks. Complete (branch-and-bound) verification is not implemented: certified
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import attacks, bounds, dist, models, noise
+from . import attacks, bounds, dist, models, noise, precision
 
 __all__ = ["evaluate"]
 
@@ -21,6 +22,7 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.argmax(-1) == y).sum())
 
 
+@precision.strict_fp32()  # a certificate never rests on TF32 arithmetic
 def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float,
              methods: list[str], *, comm=None, batch_size: int = 100, pgd_steps: int = 20, seed: int = 0,
              bound_options: dict | None = None) -> dict:
@@ -44,7 +46,7 @@ def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y
         for method in methods:
             with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
                 lb = bounds.margin_lower_bounds(model, xb, yb, eps, method, **(bound_options or {}))
-            counts[f"certified/{method}"] += int((lb.detach() > 0).all(dim=-1).sum())
+            counts[f"certified/{method}"] += int(precision.certified(lb).sum())
     gathered = comm.allgather_obj(counts)
     total = {k: sum(c[k] for c in gathered) for k in counts}
     return {k: v / len(y) for k, v in total.items()} | {"num_examples": len(y), "eps": float(eps)}

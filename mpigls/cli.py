@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from . import dist
+from . import dist, precision
 
 __all__ = ["main", "build_parser"]
 
@@ -113,6 +113,7 @@ def _cmd_train(args, comm) -> int:
 EVAL_FILE = "eval.json"  # the final test evaluation of a finished run, next to its checkpoints
 
 
+@precision.strict_fp32()  # eval.json is a certificate: true fp32 (certify.evaluate also enters it)
 def _final_eval(cfg, result, comm) -> dict:
     from . import certify, train as train_mod
     dataset, model, _ = train_mod.build_problem(cfg)

@@ -185,6 +185,11 @@ class TrainConfig:
     max_skipped_steps: int = _f(20, "consecutive skipped steps (every loss or the gradient non-finite) "
                                     "before the run stops with an error (0: never stop)")
     device: str = _f("auto", "auto (GPU by node-local rank if available), cpu or cuda")
+    deterministic: bool = _f(True, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+                                   "deterministic, no benchmark): same command, same GPU model -> same theta bits; "
+                                   "false may be faster on GPU but runs differ in the last bits")
+    tf32: bool = _f(False, "allow TF32 matmuls/convolutions on GPU during training (faster, ~1e-3 relative "
+                           "rounding); certificates are always recomputed in true fp32")
     threads: int | None = _f(None, "torch CPU threads per rank (null: cores per node / ranks per node); "
                                    "bitwise world-size invariance on CPU needs the same value for every run")
     fake_nodes: int | None = _f(None, "split ranks into this many simulated nodes (testing node-level code on one machine)")

@@ -83,7 +83,7 @@ import torch
 __all__ = [
     "EXIT_OK", "EXIT_FAILURE", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "USER_ERRORS",
     "FRACTION_BITS", "HEADROOM_BITS",
-    "Comm", "SerialComm", "MPIComm", "ThreadComm", "init_comm", "run_threaded", "mpi_available",
+    "Comm", "SerialComm", "MPIComm", "ThreadComm", "init_comm", "run_threaded", "mpi_available", "launched_by_mpi",
     "fixed_point_exponent", "fixed_point", "from_fixed_point",
     "bind_device", "my_blocks", "block_owner", "block_range",
     "StopSignal", "run_guarded", "abort_on_error", "format_user_error",
@@ -104,6 +104,9 @@ _MAX_ROWS = 1 << HEADROOM_BITS
 
 # Environment variables that launchers set when a process is one of several ranks.
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+# Variables whose presence alone says an MPI launcher started this process (size may be unknown):
+# MPICH/Intel MPI hydra (PMI_RANK, MPI_LOCALNRANKS), Open MPI, MVAPICH, PMIx (srun --mpi=pmix).
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
 # ----------------------------------------------------------------------------- fixed point
@@ -480,12 +483,12 @@ def run_threaded(fn: Callable[[Comm], Any], world_size: int, fake_nodes: int | N
 
 
 def mpi_available() -> bool:
-    """True if mpi4py can be imported (this initialises MPI)."""
-    try:
-        from mpi4py import MPI  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True if mpi4py is installed (found without importing it, so MPI is not initialised)."""
+    import importlib.util
+
+    if "mpi4py" in sys.modules:
+        return sys.modules["mpi4py"] is not None
+    return importlib.util.find_spec("mpi4py") is not None
 
 
 def _launched_with_several_ranks() -> bool:
@@ -493,25 +496,50 @@ def _launched_with_several_ranks() -> bool:
         with contextlib.suppress(ValueError):
             if int(os.environ.get(var, "1")) > 1:
                 return True
+    with contextlib.suppress(ValueError):  # srun without PMI: one task of several
+        if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS",
+                                                               os.environ.get("SLURM_NTASKS", "1"))) > 1:
+            return True
     return False
+
+
+def _launcher_size_known_one() -> bool:
+    """Whether a launcher variable says the world has exactly one rank."""
+    sizes = [os.environ[v] for v in _LAUNCHER_SIZE_VARS if v in os.environ]
+    return bool(sizes) and all(v.strip() == "1" for v in sizes)
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher (mpiexec, mpirun, srun) started this process, judged from the
+    environment alone, or mpi4py is already imported (``python -m mpi4py``). Only then does
+    ``init_comm`` import mpi4py: a plain ``mpigls train`` never initialises MPI."""
+    if sys.modules.get("mpi4py") is not None:
+        return True
+    return _launched_with_several_ranks() or any(v in os.environ for v in (*_LAUNCHER_SIZE_VARS, *_LAUNCHER_RANK_VARS))
 
 
 def init_comm(fake_nodes: int | None = None) -> Comm:
     """The job's communicator: ``MPIComm`` when MPI has more than one rank, else ``SerialComm``.
 
+    mpi4py is imported (and MPI initialised) only when ``launched_by_mpi()``: one process started
+    without a launcher never touches the MPI installation (mpi4py is the optional ``mpi`` extra).
     ``fake_nodes=k`` simulates k nodes (see module docstring). Collective when MPI is in use.
-    Raises RuntimeError when the launcher started several ranks but mpi4py cannot be imported
-    (otherwise N copies would silently train and write the same checkpoints).
+    Raises RuntimeError when a launcher started this process but mpi4py cannot be imported, unless
+    the launcher says the world has one rank (otherwise N copies would silently train and write
+    the same checkpoints).
     """
     if fake_nodes is not None:
         _node_layout(0, 1, fake_nodes)  # validate before any collective
+    if not launched_by_mpi():
+        return SerialComm()
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        if _launched_with_several_ranks():
-            raise RuntimeError("this process was launched as one of several MPI ranks, but mpi4py "
-                               f"cannot be imported ({exc}); install mpi4py built against the "
-                               "launcher's MPI (pip install mpi4py, or the mpich extra)") from exc
+        if not _launcher_size_known_one():
+            raise RuntimeError("this process was started by an MPI launcher (mpiexec, mpirun or srun), but "
+                               f"mpi4py cannot be imported ({exc}); install mpi4py built against the "
+                               "launcher's MPI (pip install 'mpigls[mpi]', or 'mpigls[mpi,mpich]' for the "
+                               "pip MPI), or run one process without the launcher") from exc
         return SerialComm()
     if MPI.COMM_WORLD.Get_size() == 1:
         return SerialComm()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpigls import losses, models, noise
+from mpigls import losses, models, noise, precision
 
 __all__ = ["landscape", "deeppoly_gradient_direction", "plot_landscape", "run_from_checkpoint"]
 
@@ -54,6 +54,7 @@ def _losses(model, x, y, eps, method, num_rows: int, make_rows, chunk_size: int,
     return torch.cat(out).to("cpu", torch.float64)
 
 
+@precision.strict_fp32()
 def landscape(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, direction: torch.Tensor,
               alphas: Sequence[float], sigmas: Sequence[float],
               methods: Sequence[str] = ("ibp", "crown-ibp", "deeppoly"), num_samples: int = 128, seed: int = 0,
@@ -99,6 +100,7 @@ def landscape(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float
             "num_samples": num_samples, "eps": float(eps), "seed": int(seed)}
 
 
+@precision.strict_fp32()
 def deeppoly_gradient_direction(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float,
                                 method: str = "deeppoly", **loss_opts) -> torch.Tensor:
     """Unit vector (D,) along the gradient (ascent direction) of the ``method`` robust loss at the

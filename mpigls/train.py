@@ -11,6 +11,7 @@ Shapes: P population, D parameters, B batch, K classes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, noise, preflight, rundir, stopping
+from . import checkpoint, data, dist, losses, models, noise, precision, preflight, rundir, stopping
 from .config import Config, changed_keys, to_dict
 from .optim import grad as grad_opt
 from .optim import pgpe, rgs, schedules
@@ -258,6 +259,8 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
     ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
     progress = _progress(comm, cfg, generation, stop_at)
+    numerics = contextlib.ExitStack()  # train.tf32 / train.deterministic, restored when training ends
+    numerics.enter_context(precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic))
     try:
         while generation < stop_at:
             t0 = time.perf_counter()
@@ -313,6 +316,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                 f"its partial work was dropped; checkpoint written at generation {generation} ({ckpt_path}); "
                 "run the same command to resume")
     finally:
+        numerics.close()
         stop_signal.uninstall()
         if progress is not None:
             progress.close()
