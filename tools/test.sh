@@ -4,9 +4,11 @@
 # (python -m mpi4py: a failure on one rank aborts the job, and pytest-timeout's thread method turns
 # a hang into a failure).
 # Usage: bash tools/test.sh [--no-lint] [pytest args for the serial run, e.g. -m "not slow" -x]
+#        bash tools/test.sh --gpu [--bench] [pytest args]   the GPU tests instead (tools/test_gpu.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ "${1:-}" = "--gpu" ]; then shift; exec bash tools/test_gpu.sh "$@"; fi
 LINT=1
 if [ "${1:-}" = "--no-lint" ]; then
   LINT=0
