@@ -12,7 +12,7 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["attacks", "bounds", "certify", "checkpoint", "cli", "config", "data", "dist", "landscape",
-           "losses", "models", "noise", "optim", "population", "train"]
+           "losses", "models", "noise", "optim", "population", "precision", "train"]
 
 
 def __getattr__(name: str):
