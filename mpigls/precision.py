@@ -130,15 +130,24 @@ def _settings(request: _Request) -> Iterator[None]:
         if not _ACTIVE:
             _SAVED = current_settings()
         _ACTIVE.append(request)
-        _apply(_combined(_SAVED, _ACTIVE))
+        try:
+            _apply(_combined(_SAVED, _ACTIVE))
+        except BaseException:
+            _leave(request)
+            raise
     try:
         yield
     finally:
         with _LOCK:
-            _ACTIVE.remove(request)  # equal requests are interchangeable, so any one may go
-            _apply(_combined(_SAVED, _ACTIVE))
-            if not _ACTIVE:
-                _SAVED = None
+            _leave(request)
+
+
+def _leave(request: _Request) -> None:
+    global _SAVED
+    _ACTIVE.remove(request)  # equal requests are interchangeable, so any one may go
+    _apply(_combined(_SAVED, _ACTIVE))
+    if not _ACTIVE:
+        _SAVED = None
 
 
 class strict_fp32(contextlib.ContextDecorator):
