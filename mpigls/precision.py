@@ -175,11 +175,14 @@ def _check_cublas_config() -> None:
 
 
 @contextlib.contextmanager
-def training(*, tf32: bool = False, deterministic: bool = True) -> Iterator[None]:
-    """Numeric settings for a training run (``train.tf32``, ``train.deterministic``); restored on exit."""
+def training(*, tf32: bool = False, deterministic: bool = True,
+             device: torch.device | str | None = None) -> Iterator[None]:
+    """Numeric settings for a training run (``train.tf32``, ``train.deterministic``); restored on exit.
+
+    ``device``: where training runs; the cuBLAS configuration is checked unless it is a CPU."""
     if not isinstance(tf32, bool) or not isinstance(deterministic, bool):
         raise TypeError(f"tf32 and deterministic must be booleans, got tf32={tf32!r}, deterministic={deterministic!r}")
-    if deterministic:
+    if deterministic and (device is None or torch.device(device).type != "cpu"):
         _check_cublas_config()
     with _settings(_Request(tf32=tf32, deterministic=deterministic)):
         yield

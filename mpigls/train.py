@@ -260,8 +260,9 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
     progress = _progress(comm, cfg, generation, stop_at)
     numerics = contextlib.ExitStack()  # train.tf32 / train.deterministic, restored when training ends
-    numerics.enter_context(precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic))
     try:
+        numerics.enter_context(precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic,
+                                                  device=device))
         while generation < stop_at:
             t0 = time.perf_counter()
             epoch, batch = divmod(generation, gens_per_epoch)

@@ -134,6 +134,11 @@ def test_cublas_workspace_is_set_on_import_and_checked(monkeypatch):
             pass
     with precision.training(deterministic=False):  # allowed: the user gave up bitwise reproducibility
         pass
+    with precision.training(deterministic=True, device="cpu"):  # cuBLAS plays no part on a CPU
+        pass
+    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"):
+        with precision.training(deterministic=True, device="cuda"):
+            pass
 
 
 @pytest.mark.parametrize("det,tf32", [(True, False), (False, True)])
