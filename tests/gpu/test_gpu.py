@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,14 @@ def test_gpu_training_is_bitwise_reproducible_run_to_run(tmp_path, optimizer):
 def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkeypatch, optimizer):
     """Ranks as threads of one process (ThreadComm), all bound to the same GPU."""
     monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
+    # build_problem seeds torch's global (process-wide) RNG for the initial weights: threads must take turns
+    lock, build = threading.Lock(), train.build_problem
+
+    def build_in_turn(cfg):
+        with lock:
+            return build(cfg)
+
+    monkeypatch.setattr(train, "build_problem", build_in_turn)
     cfg = _train_cfg(optimizer)
     shas = {}
     for world in (1, 2, 3):
