@@ -82,7 +82,7 @@ class _Request:
 
 _LOCK = threading.RLock()
 _ACTIVE: list[_Request] = []
-_SAVED: dict | None = None
+_SAVED: dict = {}  # torch's flags before the first active context (empty while none is)
 
 
 def current_settings() -> dict:
@@ -147,7 +147,7 @@ def _leave(request: _Request) -> None:
     _ACTIVE.remove(request)  # equal requests are interchangeable, so any one may go
     _apply(_combined(_SAVED, _ACTIVE))
     if not _ACTIVE:
-        _SAVED = None
+        _SAVED = {}
 
 
 class strict_fp32(contextlib.ContextDecorator):

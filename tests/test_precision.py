@@ -51,9 +51,8 @@ def test_strict_fp32_switches_tf32_off_and_restores(tf32_on):
 
 
 def test_strict_fp32_restores_after_an_exception_and_as_decorator(tf32_on):
-    with pytest.raises(KeyError):
-        with precision.strict_fp32():
-            raise KeyError("boom")
+    with pytest.raises(KeyError), precision.strict_fp32():
+        raise KeyError("boom")
     assert _tf32() == ON
 
     @precision.strict_fp32()
@@ -63,7 +62,7 @@ def test_strict_fp32_restores_after_an_exception_and_as_decorator(tf32_on):
 
     assert inner(3) == OFF                      # recursion re-enters the same decorator
     assert _tf32() == ON
-    assert precision._ACTIVE == [] and precision._SAVED is None
+    assert precision._ACTIVE == [] and precision._SAVED == {}
 
 
 def test_strict_fp32_wins_over_a_tf32_training_context_in_any_order(tf32_on):
@@ -121,24 +120,21 @@ def test_training_context_sets_determinism_and_tf32_then_restores(tf32_on):
         s = precision.current_settings()
         assert _tf32(s) == ON and not s["deterministic_algorithms"]
     assert precision.current_settings() == before
-    with pytest.raises(TypeError, match="booleans"):
-        with precision.training(tf32="yes"):
-            pass
+    with pytest.raises(TypeError, match="booleans"), precision.training(tf32="yes"):
+        pass
 
 
 def test_cublas_workspace_is_set_on_import_and_checked(monkeypatch):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
-    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"):
-        with precision.training(deterministic=True):
-            pass
+    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"), precision.training(deterministic=True):
+        pass
     with precision.training(deterministic=False):  # allowed: the user gave up bitwise reproducibility
         pass
     with precision.training(deterministic=True, device="cpu"):  # cuBLAS plays no part on a CPU
         pass
-    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"):
-        with precision.training(deterministic=True, device="cuda"):
-            pass
+    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"), precision.training(deterministic=True, device="cuda"):
+        pass
 
 
 @pytest.mark.parametrize("det,tf32", [(True, False), (False, True)])
@@ -249,7 +245,8 @@ _LAUNCHER_VARS = (*dist._LAUNCHER_SIZE_VARS, *dist._LAUNCHER_RANK_VARS, "SLURM_P
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCHER_VARS and not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
     return env
 
