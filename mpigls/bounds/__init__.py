@@ -12,8 +12,10 @@ one of ``METHODS``:
 - ``sabr``: IBP over a small box around a PGD point (``sabr.py``; sound for that box only).
 
 Options: ``memory_budget_mb`` (all back-substitution methods and hbox; chunking never changes
-the result beyond float rounding and identical calls give identical bits); deeppoly and
-alpha-crown: ``conv_mode`` ("auto", "patches", "dense"); alpha-crown: ``alpha_steps``, ``alpha_lr``; sabr: ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``,
+the result beyond float rounding and identical calls give identical bits); ``population``
+("auto", "batched": all members in one pass, "loop": member by member; same results); deeppoly
+and alpha-crown: ``conv_mode`` ("auto", "patches", "dense"), ``rows`` ("auto", "packed",
+"groups", "padded"; see ``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``, ``alpha_lr``; sabr: ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``,
 ``generator``.
 
 Shapes: P population, D parameters, B batch, K classes.
@@ -35,11 +37,24 @@ _OPTIONS = {
     "ibp": (),
     "hbox": (),
     "crown-ibp": (),
-    "deeppoly": ("conv_mode",),
-    "crown": ("conv_mode",),
-    "alpha-crown": ("alpha_steps", "alpha_lr", "conv_mode"),
+    "deeppoly": ("conv_mode", "rows"),
+    "crown": ("conv_mode", "rows"),
+    "alpha-crown": ("alpha_steps", "alpha_lr", "conv_mode", "rows"),
     "sabr": ("sabr_lambda", "pgd_steps", "pgd_step_size", "generator"),
 }
+
+
+POPULATION_MODES = ("auto", "batched", "loop")
+# "auto" bounds a population member by member for these methods: their work is dominated by
+# row back-substitution, which runs per member anyway (rows.py), and one member's tables stay in
+# cache; measured with tools/bench_generation.py (CPU, CNN3/CNN5 MNIST).
+_LOOP_METHODS = {"cpu": (), "cuda": ()}
+
+
+def _member_loop(method: str, population: str, num_members: int) -> bool:
+    if population != "auto":
+        return population == "loop"
+    return False
 
 
 def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, params=None,
@@ -76,10 +91,16 @@ def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
     if method not in _OPTIONS:
         raise ValueError(f"unknown bound method {method!r}; choose one of {list(METHODS)}")
     budget = opts.pop("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB)
+    population = opts.pop("population", "auto")
+    if population not in POPULATION_MODES:
+        raise ValueError(f"population must be one of {list(POPULATION_MODES)}, got {population!r}")
     unknown = sorted(set(opts) - set(_OPTIONS[method]))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: "
-                         f"{['memory_budget_mb', *_OPTIONS[method]]}")
+                         f"{['memory_budget_mb', 'population', *_OPTIONS[method]]}")
+    if params is not None and params.ndim == 2 and _member_loop(method, population, params.shape[0]):
+        return torch.stack([margin_lower_bounds(model, x, y, eps, method, p, memory_budget_mb=budget, **opts)
+                            for p in params])
     prob = make_problem(model, x, y, eps, params, budget)
     if method == "ibp":
         out = ibp.bound(prob)

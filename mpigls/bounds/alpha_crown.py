@@ -12,16 +12,22 @@ Shapes: P population, B batch, S rows (K-1), K classes.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from . import crown
-from .common import Problem, Relax, relu_relax
+from .common import Problem, Relax, plan_chunks, relu_relax
+
+# Row-sized tensors one level of the final back-substitution keeps for backward (A, its negative
+# part, the products with alpha and slope, the transposed-layer output) plus working copies.
+_GRAPH_FACTOR = 8
 
 __all__ = ["bound"]
 
 
-def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode: str = "auto") -> torch.Tensor:
+def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode: str = "auto",
+          rows: str = "auto") -> torch.Tensor:
     """Margin lower bounds (P, B, K-1), detached."""
     if int(alpha_steps) < 0 or not float(alpha_lr) > 0:
         raise ValueError(f"alpha-crown needs alpha_steps >= 0 and alpha_lr > 0, got {alpha_steps}, {alpha_lr}")
@@ -30,11 +36,38 @@ def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode
                        for layer in prob.net.layers)
         prob = dataclasses.replace(prob, net=dataclasses.replace(prob.net, layers=layers), x=prob.x.detach(),
                                    eps=prob.eps.detach(), lo=prob.lo.detach(), hi=prob.hi.detach())
-        bounds = crown.intermediate_bounds(prob, refine=True, conv_mode=conv_mode)
+        bounds = crown.intermediate_bounds(prob, refine=True, conv_mode=conv_mode, rows=rows)
         base = [relu_relax(lo, hi) for lo, hi in bounds]
         best = crown.final_bound(prob, base)
     if alpha_steps == 0 or not bounds:
         return best
+    # Each (member, example)'s alphas only touch its own bound and Adam is elementwise, so the
+    # optimisation runs chunk by chunk with the same result; a chunk's autograd graph (about
+    # _GRAPH_FACTOR row-sized tensors per level) is freed before the next chunk starts.
+    net = prob.net
+    num_p, num_b, num_s = net.num_members, prob.x.shape[0], best.shape[2]
+    per_pair = num_s * sum(math.prod(layer.in_shape) for layer in net.layers) * _GRAPH_FACTOR
+    per_pair += 2 * sum(math.prod(layer.out_shape) for layer in net.layers[:-1]) * num_s * 4  # alphas + Adam
+    pc, bc, _ = plan_chunks(num_p, num_b, 1, per_pair, prob.memory_budget_mb, work_factor=1)
+    out_p = []
+    for p0 in range(0, num_p, pc):
+        p1 = min(num_p, p0 + pc)
+        out_b = []
+        for b0 in range(0, num_b, bc):
+            b1 = min(num_b, b0 + bc)
+            sub = dataclasses.replace(
+                prob, net=net.members(p0, p1), x=prob.x[b0:b1], y=prob.y[b0:b1], eps=prob.eps[b0:b1],
+                lo=(prob.lo[p0:p1] if prob.lo.shape[0] > 1 else prob.lo)[:, b0:b1],
+                hi=(prob.hi[p0:p1] if prob.hi.shape[0] > 1 else prob.hi)[:, b0:b1])
+            sub_bounds = [(lo[p0:p1, b0:b1], hi[p0:p1, b0:b1]) for lo, hi in bounds]
+            out_b.append(_optimise(sub, sub_bounds, best[p0:p1, b0:b1], alpha_steps, alpha_lr))
+        out_p.append(torch.cat(out_b, 1))
+    return torch.cat(out_p, 0)
+
+
+def _optimise(prob: Problem, bounds, best: torch.Tensor, alpha_steps: int, alpha_lr: float) -> torch.Tensor:
+    """Projected Adam on the lower slopes of one chunk; the best bound seen per row."""
+    base = [relu_relax(lo, hi) for lo, hi in bounds]
     num_s = best.shape[2]
     unstable = [((lo < 0) & (hi > 0)).unsqueeze(2) for lo, hi in bounds]
     alphas = [r.alpha.expand(-1, -1, num_s, *r.alpha.shape[3:]).clone().requires_grad_(True) for r in base]
@@ -46,6 +79,7 @@ def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode
             opt.zero_grad(set_to_none=True)
             (-lb.sum()).backward()
         best = torch.maximum(best, lb.detach())
+        del lb, relax
         opt.step()
         with torch.no_grad():
             for a in alphas:

@@ -141,14 +141,15 @@ def backsubstitute(net: Stack, k: int, a: torch.Tensor, const: torch.Tensor, rel
 
 
 def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
-                budget_mb: float) -> tuple[int, int, int]:
+                budget_mb: float, work_factor: int | None = None) -> tuple[int, int, int]:
     """Chunk sizes (members, batch, rows) so that chunk rows x ``row_numel`` floats fit the budget.
 
     Depends only on its arguments, so identical calls chunk (and round) identically.
     """
     if budget_mb <= 0:
         raise ValueError(f"memory_budget_mb must be positive, got {budget_mb}; use e.g. 1024")
-    fit = max(1, int(budget_mb * 2**20 // (4 * _WORK_FACTOR * max(1, row_numel))))
+    factor = _WORK_FACTOR if work_factor is None else work_factor
+    fit = max(1, int(budget_mb * 2**20 // (4 * factor * max(1, row_numel))))
     row_chunk = min(rows, fit)
     units = max(1, fit // row_chunk)
     batch_chunk = min(batch, units)

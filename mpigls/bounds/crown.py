@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from . import ibp, patches
+from . import ibp, patches, rows as packed_rows
 from .common import Problem, Relax, ibp_layer, margin_spec, relu_relax, run_chunked
 
 __all__ = ["intermediate_bounds", "bound", "final_bound"]
 
 
 CONV_MODES = ("auto", "patches", "dense")
+ROW_MODES = ("auto", "packed", "groups", "padded")
 
 
 def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
@@ -35,9 +36,64 @@ def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
     return patches.patch_numel(net, k)[1] < dense
 
 
+# Group layout (every neuron of a window group gets its rows, no gathers) when at least this
+# fraction of the rows in groups that hold an unstable neuron is needed; packed rows otherwise.
+# Measured with tools/bench_generation.py --fill on CNN3/CNN5 MNIST (CPU).
+GROUP_FILL = 0.35
+
+
+def _refine_packed(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
+                   hi_ibp: torch.Tensor, conv_mode: str, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_refine`` with rows for the unstable neurons only (``rows.py``): packed row pairs, or
+    whole window groups (member, example, location) that hold an unstable neuron."""
+    p, b = lo_ibp.shape[:2]
+    lo_f, hi_f = lo_ibp.reshape(-1), hi_ibp.reshape(-1)
+    mask = (lo_f < 0) & (hi_f > 0)
+    flat = torch.nonzero(mask).squeeze(1)  # ascending: sorted by member
+    if flat.numel() == 0:
+        return lo_ibp, hi_ibp
+    use_patches = _use_patches(prob, k, conv_mode)
+    shape = prob.net.layers[k].out_shape
+    if use_patches:  # group (p, b, loc), rows: channels
+        per_group = mask.view(p * b, shape[0], -1).transpose(1, 2)
+    else:  # group (p, b), rows: all neurons
+        per_group = mask.view(p * b, 1, -1)
+    per_group = per_group.reshape(-1, per_group.shape[-1])
+    active = torch.nonzero(per_group.any(-1)).squeeze(1)
+    fill = flat.numel() / (active.numel() * per_group.shape[-1])
+    if rows == "groups" or (rows == "auto" and fill >= GROUP_FILL):
+        res = packed_rows.bound_groups(prob.net, k, relax, prob.lo, prob.hi, active, use_patches,
+                                       prob.memory_budget_mb)  # (G, 2n)
+        n = per_group.shape[-1]
+        low, up = res[:, :n], -res[:, n:]
+        # neuron flat index of (group, row): patches (p, b, c, loc); dense (p, b, n)
+        if use_patches:
+            num_l = per_group.shape[0] // (p * b)
+            pb, loc = active // num_l, active % num_l
+            idx = (pb[:, None] * shape[0] + torch.arange(n, device=active.device)) * num_l + loc[:, None]
+        else:
+            idx = active[:, None] * n + torch.arange(n, device=active.device)
+        keep = mask.index_select(0, idx.reshape(-1))
+        flat_g = idx.reshape(-1)[keep]
+        low, up = low.reshape(-1)[keep], up.reshape(-1)[keep]
+        return (lo_f.index_put((flat_g,), torch.maximum(lo_f.index_select(0, flat_g), low)).view_as(lo_ibp),
+                hi_f.index_put((flat_g,), torch.minimum(hi_f.index_select(0, flat_g), up)).view_as(hi_ibp))
+    num_n = lo_f.shape[0] // max(1, p * b)
+    flat2 = flat.repeat_interleave(2)
+    sign = torch.tensor([1.0, -1.0], dtype=lo_ibp.dtype, device=lo_ibp.device).repeat(flat.numel())
+    res = packed_rows.bound_rows(prob.net, k, relax, prob.lo, prob.hi, flat2 // (b * num_n),
+                                 (flat2 // num_n) % b, flat2 % num_n, sign, use_patches,
+                                 prob.memory_budget_mb)
+    new_lo = torch.maximum(lo_f.index_select(0, flat), res[0::2])
+    new_hi = torch.minimum(hi_f.index_select(0, flat), -res[1::2])
+    return (lo_f.index_put((flat,), new_lo).view_as(lo_ibp), hi_f.index_put((flat,), new_hi).view_as(hi_ibp))
+
+
 def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
-            hi_ibp: torch.Tensor, conv_mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+            hi_ibp: torch.Tensor, conv_mode: str = "auto", rows: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Back-substitution bounds of layer k's unstable neurons, intersected with the IBP ones."""
+    if rows != "padded":
+        return _refine_packed(prob, k, relax, lo_ibp, hi_ibp, conv_mode, rows)
     layer = prob.net.layers[k]
     p, b = lo_ibp.shape[:2]
     lo_f, hi_f = lo_ibp.reshape(p, b, -1), hi_ibp.reshape(p, b, -1)
@@ -84,11 +140,18 @@ def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
     return lo_out, hi_out
 
 
-def intermediate_bounds(prob: Problem, refine: bool = True,
-                        conv_mode: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pre-activation bounds (P, B, *shape) of every hidden layer: DeepPoly (refine) or IBP."""
+def intermediate_bounds(prob: Problem, refine: bool = True, conv_mode: str = "auto",
+                        rows: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pre-activation bounds (P, B, *shape) of every hidden layer: DeepPoly (refine) or IBP.
+
+    ``rows``: "packed" (one row pair per unstable neuron, ``rows.py``), "groups" (every neuron of
+    a window group holding an unstable one), "padded" (every (member, example) padded to the
+    most unstable one, the original engine) or "auto" (groups when they are mostly unstable).
+    """
     if conv_mode not in CONV_MODES:
         raise ValueError(f"conv_mode must be one of {list(CONV_MODES)}, got {conv_mode!r}")
+    if rows not in ROW_MODES:
+        raise ValueError(f"rows must be one of {list(ROW_MODES)}, got {rows!r}")
     if not refine:
         return ibp.activation_bounds(prob)
     layers = prob.net.layers
@@ -97,7 +160,7 @@ def intermediate_bounds(prob: Problem, refine: bool = True,
     for k in range(1, len(layers) - 1):
         lo, hi = bounds[-1]
         lo_i, hi_i = ibp_layer(layers[k], lo.clamp(min=0), hi.clamp(min=0))
-        bounds.append(_refine(prob, k, relax, lo_i, hi_i, conv_mode))
+        bounds.append(_refine(prob, k, relax, lo_i, hi_i, conv_mode, rows))
         relax.append(relu_relax(*bounds[-1]))
     return bounds
 
@@ -116,11 +179,11 @@ def final_bound(prob: Problem, relax: list[Relax]) -> torch.Tensor:
     return run_chunked(prob, k, w_c.shape[2], relax, make_rows)
 
 
-def bound(prob: Problem, refine: bool = True, conv_mode: str = "auto") -> torch.Tensor:
+def bound(prob: Problem, refine: bool = True, conv_mode: str = "auto", rows: str = "auto") -> torch.Tensor:
     """Margin lower bounds (P, B, K-1): DeepPoly when ``refine`` else CROWN-IBP.
 
     conv_mode picks how rows starting at conv layers are back-substituted: "patches" (receptive
     fields only), "dense" (full feature maps) or "auto" (whichever touches fewer elements).
     """
-    relax = [relu_relax(lo, hi) for lo, hi in intermediate_bounds(prob, refine, conv_mode)]
+    relax = [relu_relax(lo, hi) for lo, hi in intermediate_bounds(prob, refine, conv_mode, rows)]
     return final_bound(prob, relax)
