@@ -22,12 +22,15 @@ Shapes: P population, D parameters, B batch, K classes.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import nn
 
 from ..population import stack
-from . import alpha_crown, crown, hbox, ibp, sabr
-from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box
+from . import alpha_crown, crown, hbox, ibp, patches, sabr
+from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
 
 __all__ = ["METHODS", "margin_lower_bounds", "make_problem"]
 
@@ -55,6 +58,44 @@ def _member_loop(method: str, population: str, num_members: int) -> bool:
     if population != "auto":
         return population == "loop"
     return False
+
+
+# Share of memory_budget_mb for the per-(member, example) state that lives through a whole call
+# (pre-activation bounds, relaxations, window tables); the engines chunk their rows in the rest.
+_STATE_SHARE = 0.4
+# Floats of state per hidden neuron and (member, example): IBP and refined bounds (4), the
+# relaxation (3), IBP temporaries (4) and one spare.
+_STATE_PER_NEURON = 12
+
+
+def _state_chunks(prob: Problem, method: str) -> tuple[int, int]:
+    """(members, examples) per chunk so that the state of a chunk fits its share of the budget."""
+    net = prob.net
+    hidden = sum(math.prod(layer.out_shape) for layer in net.layers[:-1])
+    per_pair = _STATE_PER_NEURON * hidden + 4 * math.prod(prob.x.shape[1:])
+    if method in ("deeppoly", "crown", "alpha-crown"):
+        for k in range(1, len(net.layers) - 1):
+            if all(layer.is_conv for layer in net.layers[:k + 1]):
+                per_pair += 3 * math.prod(net.layers[k].out_shape[1:]) * patches.patch_numel(net, k)[1]
+    pc, bc, _ = plan_chunks(net.num_members, prob.x.shape[0], 1, per_pair,
+                            prob.memory_budget_mb * _STATE_SHARE, work_factor=1)
+    return pc, bc
+
+
+def _chunked(model, x, y, eps, method, params, prob: Problem, pc: int, bc: int, budget: float, opts):
+    """The bounds of (member, example) chunks, each computed alone (bounds are per pair)."""
+    eps_b = prob.eps.view(-1)
+    num_p, num_b = prob.net.num_members, x.shape[0]
+    out_p = []
+    for p0 in range(0, num_p, pc):
+        sub_params = None if params is None else (params if params.ndim == 1 else params[p0:p0 + pc])
+        out_b = []
+        for b0 in range(0, num_b, bc):
+            res = margin_lower_bounds(model, x[b0:b0 + bc], y[b0:b0 + bc], eps_b[b0:b0 + bc], method,
+                                      sub_params, memory_budget_mb=budget, population="batched", **opts)
+            out_b.append(res if res.ndim == 3 else res[None])
+        out_p.append(torch.cat(out_b, 1))
+    return torch.cat(out_p, 0)
 
 
 def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, params=None,
@@ -102,6 +143,11 @@ def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
         return torch.stack([margin_lower_bounds(model, x, y, eps, method, p, memory_budget_mb=budget, **opts)
                             for p in params])
     prob = make_problem(model, x, y, eps, params, budget)
+    pc, bc = _state_chunks(prob, method) if method != "sabr" else (prob.net.num_members, x.shape[0])
+    if (pc, bc) != (prob.net.num_members, x.shape[0]):
+        out = _chunked(model, x, y, eps, method, params, prob, pc, bc, budget, opts)
+        return out[0] if prob.net.single else out
+    prob = dataclasses.replace(prob, memory_budget_mb=budget * (1 - _STATE_SHARE))
     if method == "ibp":
         out = ibp.bound(prob)
     elif method == "hbox":
