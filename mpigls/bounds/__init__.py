@@ -48,13 +48,13 @@ _OPTIONS = {
 
 
 POPULATION_MODES = ("auto", "batched", "loop")
-# "auto" bounds a population member by member for these methods: their work is dominated by
-# row back-substitution, which runs per member anyway (rows.py), and one member's tables stay in
-# cache; measured with tools/bench_generation.py (CPU, CNN3/CNN5 MNIST).
-_LOOP_METHODS = {"cpu": (), "cuda": ()}
 
 
 def _member_loop(method: str, population: str, num_members: int) -> bool:
+    """Whether to bound member by member. "auto" is batched: measured on CPU (CNN3 MNIST, P=8,
+    B=128, tools/bench_generation.py --options population=loop|batched) the two are within
+    noise for deeppoly, whose row work runs per member anyway (rows.py); batched keeps ibp and
+    crown-ibp in single passes. Not measured on GPU."""
     if population != "auto":
         return population == "loop"
     return False

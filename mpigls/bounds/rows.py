@@ -279,7 +279,15 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
             a = None
             for j, i in enumerate(levels):
                 al_t, d_t, sh_t = (t.index_select(0, local) for t in tables[j])
-                if j == 0:
+                if j == 0 and not grad and len(segs) > 1:  # write members' rows in place (no cat)
+                    a = torch.empty(len(gid), *w0.shape[1:], dtype=dtype, device=device)
+                    const = torch.empty(len(gid), w0.shape[1], dtype=dtype, device=device)
+                    for m, a0, a1 in segs:
+                        w, wn = w0[m - p0], w0_neg[m - p0]
+                        torch.mul(w, al_t[a0:a1, None], out=a[a0:a1])
+                        a[a0:a1].addcmul_(wn, d_t[a0:a1, None])
+                        torch.addmm(b0[m - p0], sh_t[a0:a1], wn.T, out=const[a0:a1])
+                elif j == 0:
                     parts_a, parts_c = [], []
                     for m, a0, a1 in segs:
                         w, wn = w0[m - p0], w0_neg[m - p0]
@@ -296,7 +304,17 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                 ng, nr = a.shape[:2]
                 per_chan = a.reshape(ng, nr, c_in, -1).sum(-1)
                 parts, bias = [], []
-                for m, a0, a1 in segs:
+                if not grad and j in pmats and len(segs) > 1:  # matrices: write in place (no cat)
+                    nxt = torch.empty(ng, nr, sizes[j + 1], dtype=dtype, device=device)
+                    for m, a0, a1 in segs:
+                        bias.append(per_chan[a0:a1] @ layer.bias[m])
+                        torch.matmul(a[a0:a1].reshape((a1 - a0) * nr, -1), pmats[j][m - p0],
+                                     out=nxt[a0:a1].view((a1 - a0) * nr, -1))
+                    parts = [nxt]
+                    segs_t = []
+                else:
+                    segs_t = segs
+                for m, a0, a1 in segs_t:
                     bias.append(per_chan[a0:a1] @ layer.bias[m])
                     rows = a[a0:a1].reshape((a1 - a0) * nr, -1)
                     if use_patches:
