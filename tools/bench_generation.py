@@ -180,12 +180,16 @@ def evotorch_generation(model, x, y, eps, popsize, sigma) -> float:
         return math.nan
     theta = models.flat_params(model).detach()
 
-    def fitness(sol):
-        models.load_flat_(model, sol.values)
-        with torch.no_grad():
-            return float(losses.certified_loss(model, x, y, eps, "ibp").mean())
+    def fitness(xs: torch.Tensor) -> torch.Tensor:  # (N, D): one network per solution
+        out = []
+        for row in xs:
+            models.load_flat_(model, row)
+            with torch.no_grad():
+                out.append(losses.certified_loss(model, x, y, eps, "ibp").mean())
+        return torch.stack(out)
 
-    prob = Problem("min", fitness, solution_length=theta.numel(), initial_bounds=(-0.01, 0.01))
+    prob = Problem("min", fitness, solution_length=theta.numel(), initial_bounds=(-0.01, 0.01),
+                   vectorized=True)
     algo = PGPE(prob, popsize=popsize, center_learning_rate=1e-3, stdev_learning_rate=0.1,
                 stdev_init=sigma, center_init=theta.cpu())
     algo.step()

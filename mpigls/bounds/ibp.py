@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Problem, concretize, ibp_layer, margin_spec
+from .common import Problem, ibp_layer
 
 __all__ = ["activation_bounds", "bound"]
 
@@ -27,12 +27,29 @@ def activation_bounds(prob: Problem) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def bound(prob: Problem) -> torch.Tensor:
-    """Margin lower bounds (P, B, K-1)."""
+    """Margin lower bounds (P, B, K-1).
+
+    C W mid + C b is read off the logits of the box centre; |C W| rad uses the K x K table of
+    |w_y - w_i| per member (P, K*K, I), so no (P, B, K-1, I) merged matrix is built.
+    """
     net = prob.net
     if len(net.layers) > 1:
         lo, hi = activation_bounds(prob)[-1]
         lo, hi = lo.clamp(min=0), hi.clamp(min=0)
     else:
         lo, hi = prob.lo, prob.hi
-    w_c, b_c = margin_spec(net, prob.y)
-    return concretize(w_c, b_c, lo, hi)
+    last = net.layers[-1]
+    w, b = last.weight, last.bias  # (P, K, I), (P, K)
+    p, k = w.shape[:2]
+    batch = prob.y.shape[0]
+    mid = ((hi + lo) / 2).reshape(lo.shape[0], batch, -1)
+    rad = ((hi - lo) / 2).reshape(lo.shape[0], batch, -1)
+    z = torch.matmul(mid, w.transpose(1, 2)) + b.unsqueeze(1)  # (P, B, K)
+    dabs = (w.unsqueeze(2) - w.unsqueeze(1)).abs().reshape(p, k * k, -1)  # [y*K + i] = |w_y - w_i|
+    spread = torch.matmul(rad, dabs.transpose(1, 2))  # (P, B, K*K)
+    others = torch.arange(k - 1, device=prob.y.device).unsqueeze(0)
+    others = others + (others >= prob.y.unsqueeze(1)).long()  # (B, K-1)
+    z_y = z.gather(2, prob.y.view(1, batch, 1).expand(p, batch, 1))
+    z_o = z.gather(2, others.unsqueeze(0).expand(p, -1, -1))
+    pair = (prob.y.unsqueeze(1) * k + others).unsqueeze(0).expand(p, -1, -1)
+    return z_y - z_o - spread.gather(2, pair)
