@@ -41,16 +41,17 @@ from mpigls.bounds import margin_lower_bounds
 from mpigls.optim import pgpe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import auto_lirpa_compat  # noqa: E402
+import auto_lirpa_compat
 
 SHAPES = {"mnist": ((1, 28, 28), 0.1), "cifar": ((3, 32, 32), 2 / 255)}
 
 
 def _rss_mb(key: str) -> float:
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return math.nan

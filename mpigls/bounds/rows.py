@@ -141,7 +141,7 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                 w = net.layers[i].weight
                 pmats[j] = [_patch_matrix(w[m], geos[j][:2], net.layers[i].stride) for m in range(p0, p1)]
 
-        def chunk(s0, s1, p0=p0, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats):
+        def chunk(s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats):
             mem, ex, ch, lc, sg = (t[s0:s1] for t in (member, example, chan, loc, sign))
             segs = _segments(mem, p0, p1)
             group = ((mem - p0) * batch + ex) * num_l + lc
@@ -270,13 +270,14 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
         b0 = torch.cat([b0, -b0], 1)
         w0_neg = w0.clamp(max=0)
 
-        def chunk(s0, s1, p0=p0, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats, w0=w0, w0_neg=w0_neg, b0=b0):
+        def chunk(s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats,
+                  w0=w0, w0_neg=w0_neg, b0=b0):
             gid = groups[s0:s1]
             mem = member_of[s0:s1]
             local = gid - p0 * batch * num_l
             segs = _segments(mem, p0, p1)
             gin = local if not shared_input else gid % (batch * num_l)
-            a = None
+            a = torch.empty(0)  # set by level 0
             for j, i in enumerate(levels):
                 al_t, d_t, sh_t = (t.index_select(0, local) for t in tables[j])
                 if j == 0 and not grad and len(segs) > 1:  # write members' rows in place (no cat)
