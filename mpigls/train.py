@@ -3,7 +3,8 @@
 One generation = one minibatch (identical on every rank, from the shared seed). The distributed
 work of a generation (PGPE pairs, RGS samples, GRAD examples) is cut into fixed-size blocks that
 do not depend on the number of ranks; rank r evaluates a contiguous run of blocks. PGPE ranks
-exchange only their scalar losses; RGS/GRAD ranks exchange per-block gradient rows through an
+exchange their scalar losses, then one exact fixed-point sum of their own pairs'
+noise-weighted sums (mpigls.pgpe_dist); RGS/GRAD ranks exchange per-block gradient rows through an
 exact fixed-point sum. Every rank then applies the same pure optimizer update, so all ranks hold
 bitwise identical state, for any world size (with the same threads per rank on CPU).
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, noise, precision, preflight, rundir, stopping
+from . import checkpoint, data, dist, losses, models, noise, pgpe_dist, precision, preflight, rundir, stopping
 from .config import Config, changed_keys, to_dict
 from .optim import grad as grad_opt
 from .optim import pgpe, rgs, schedules
@@ -95,18 +96,12 @@ def _exact_row_sum(comm, rows: torch.Tensor, num_params: int) -> torch.Tensor:
     return comm.allreduce_sum_exact(rows.reshape(-1, num_params))
 
 
-def _eval_pgpe(cfg, model, state, params, x, y, eps, device, comm, blocks, bound_opts):
-    num_pairs = cfg.optimizer.popsize // 2
-    bs = cfg.optimizer.block_size
-    local = []
-    for block in blocks:
-        pairs = list(range(block * bs, min((block + 1) * bs, num_pairs)))
-        points = pgpe.ask(state, params, cfg.train.seed, pairs).to(device)  # (2*len(pairs), D)
-        with torch.no_grad():
-            r = losses.certified_loss(model, x, y, eps, cfg.bound.method, params=points, **bound_opts)
-        local.append(r.detach().to("cpu", torch.float64))
-    local_t = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
-    return comm.allgather_concat(local_t)  # (P,) in global member order
+def _eval_pgpe(cfg, model, state, params, x, y, eps, device, comm, blocks, bound_opts, source):
+    """All P losses (every rank) and what this rank keeps for its share of the update (pgpe_dist)."""
+    def loss_fn(points):  # (2*len(pairs), D) on device
+        return losses.certified_loss(model, x, y, eps, cfg.bound.method, params=points, **bound_opts)
+    local, kept = pgpe_dist.evaluate(state, params, blocks, cfg.optimizer.block_size, source, loss_fn, device)
+    return comm.allgather_concat(local), kept  # (P,) in global member order
 
 
 def _grad_rows(model, x, y, eps, method, points, bound_opts):
@@ -260,6 +255,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
     progress = _progress(comm, cfg, generation, stop_at)
     numerics = contextlib.ExitStack()  # train.tf32 / train.deterministic, restored when training ends
+    source = pgpe_dist.NoiseSource(cfg.train.seed, pgpe_dist.prefetch_default(device)) if module is pgpe else None
     try:
         numerics.enter_context(precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic,
                                                   device=device))
@@ -278,10 +274,11 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                                  factor=cfg.optimizer.lr_factor)
             opts = _bound_options(cfg, generation)
             if cfg.optimizer.name == "pgpe":
-                all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
+                all_losses, kept = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts, source)
                 if blocks.agree_stop(comm):
                     break
-                state, metrics = pgpe.tell(state, params, cfg.train.seed, all_losses, lr=lr)
+                summed = pgpe_dist.reduce_sums(comm, state, params, cfg.train.seed, all_losses, kept)
+                state, metrics = pgpe.tell(state, params, cfg.train.seed, all_losses, lr=lr, summed=summed)
             else:
                 grad_sum, all_losses = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts)
                 if blocks.agree_stop(comm):
@@ -319,6 +316,8 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     finally:
         numerics.close()
         stop_signal.uninstall()
+        if source is not None:
+            source.close()
         if progress is not None:
             progress.close()
     if ckpt_path is None and comm.is_root:

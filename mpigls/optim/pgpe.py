@@ -23,9 +23,17 @@ the valid pairs). The count is reported as "pgpe/num_nonfinite". If no pair is v
 is skipped ("pgpe/skipped" = 1): centre, sigma and optimizer moments stay, but the generation
 still advances, so the next call draws fresh noise and generation == number of tell calls.
 
-Identical bits on every rank: tell regenerates z_j for ALL j from mpigls.noise in fixed-size
-chunks of NOISE_CHUNK members (a constant, independent of the world size) and accumulates
-sequentially in float64 with separate multiply and add (no fused or reordered reductions).
+Identical bits for any number of ranks, any blocking and any device: the sums over pairs
+S_c = sum_j w_j z_j and S_s = sum_j v_j (z_j^2 - 1) (w, v the shaped weights below) are exact
+fixed-point sums. Every pair's contribution is scaled by 2**(FRACTION_BITS - e) with a shared
+exponent e >= log2(max_j |w_j| * max_j |z_j|) (and likewise for the sigma term), rounded to int64
+(IEEE float64 multiply and round-half-even, the same on CPU and GPU) and added as integers, which
+is associative. So a rank can sum the pairs it evaluated (``partial_sums``, reusing their noise),
+the ranks add their int64 vectors (one allreduce of 2 D integers), and ``tell(..., summed=...)``
+turns the total into the gradients: O(P D / N) work per rank instead of O(P D). Called without
+``summed``, ``tell`` regenerates all the noise itself (the serial path) and gives the same bits.
+Precision: each contribution is quantised with absolute error <= 2**(e - FRACTION_BITS - 1), i.e.
+relative 2**-41 of the largest contribution; the float32 centre step does not see it.
 
 Shapes: P population (popsize), n pairs (P/2), D parameters.
 """
@@ -42,10 +50,13 @@ import torch
 from mpigls import noise
 from mpigls.optim import shaping, steprules
 
-__all__ = ["NOISE_CHUNK", "PGPEParams", "PGPEState", "init", "ask", "gradients", "tell",
-           "state_to_dict", "state_from_dict"]
+__all__ = ["NOISE_CHUNK", "FRACTION_BITS", "PGPEParams", "PGPEState", "Weights", "init", "ask", "pair_noise",
+           "population", "weights", "exponents", "partial_sums", "from_sums", "max_abs_noise", "full_sums",
+           "gradients", "tell", "state_to_dict", "state_from_dict"]
 
-NOISE_CHUNK = 64
+NOISE_CHUNK = 64          # pairs regenerated at once by the serial path (never changes the bits)
+FRACTION_BITS = 40        # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
+_MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)   # integer terms a float64 sum adds without rounding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +86,9 @@ class PGPEParams(steprules.StepRuleParams):
         if not self.sigma_min <= self.sigma_init <= self.sigma_max:
             raise ValueError(f"optimizer.sigma_init={self.sigma_init} must lie in [sigma_min, sigma_max] = "
                              f"[{self.sigma_min}, {self.sigma_max}]; change one of the three")
+        if self.popsize // 2 > 1 << 22:
+            raise ValueError(f"optimizer.popsize={self.popsize} exceeds 2**23, the fixed-point headroom of the "
+                             "exact PGPE sums; use a smaller population")
         steprules.check_params(self)
         shaping.check_shaping(self.fitness_shaping)
 
@@ -96,18 +110,6 @@ def init(params: PGPEParams, center: torch.Tensor) -> PGPEState:
                      steprules.init(params.step_rule, center), 0)
 
 
-def ask(state: PGPEState, params: PGPEParams, seed: int, pairs: Sequence[int]) -> torch.Tensor:
-    """Population rows for the given pairs: (2*len(pairs), D), rows [theta+eps_j, theta-eps_j] per j."""
-    pairs = [int(j) for j in pairs]
-    bad = [j for j in pairs if not 0 <= j < params.popsize // 2]
-    if bad:
-        raise ValueError(f"PGPE pair indices must be in [0, {params.popsize // 2}), got {bad[:5]}")
-    num_params = state.center.numel()
-    z = noise.noise_block(seed, state.generation, pairs, num_params, noise.STREAM_PGPE).to(state.center.device)
-    eps = state.sigma * z
-    return torch.stack([state.center + eps, state.center - eps], dim=1).reshape(-1, num_params)
-
-
 def _check_losses(losses: torch.Tensor, params: PGPEParams) -> torch.Tensor:
     losses = torch.as_tensor(losses)
     if losses.shape != (params.popsize,):
@@ -115,61 +117,192 @@ def _check_losses(losses: torch.Tensor, params: PGPEParams) -> torch.Tensor:
     return losses.detach().to("cpu", torch.float64)
 
 
-def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor, with_sigma: bool = True):
+@dataclass(frozen=True)
+class Weights:
+    """Shaped per-pair weights of one generation (float64 CPU, zero for invalid pairs).
+
+    center: (n,) (u+_j - u-_j) / 2;  sigma: (n,) (u+_j + u-_j) / 2 - b;  num_valid: valid pairs.
+    """
+
+    center: torch.Tensor
+    sigma: torch.Tensor
+    num_valid: int
+
+
+def weights(params: PGPEParams, losses: torch.Tensor) -> Weights:
+    """Fitness-shaped pair weights from the full population's losses (P,) [+0,-0,+1,-1,...]."""
+    r = _check_losses(losses, params)
+    valid = (torch.isfinite(r[0::2]) & torch.isfinite(r[1::2]))          # (n,)
+    num_valid = int(valid.sum())
+    zero = torch.zeros((), dtype=torch.float64)
+    if num_valid == 0:
+        z = torch.zeros(params.popsize // 2, dtype=torch.float64)
+        return Weights(z, z.clone(), 0)
+    member_valid = valid.repeat_interleave(2)                            # (P,)
+    u = torch.zeros_like(r)
+    u[member_valid] = shaping.shape(r[member_valid], params.fitness_shaping).to(torch.float64)
+    baseline = u[member_valid].mean()
+    w_center = torch.where(valid, (u[0::2] - u[1::2]) / 2, zero)
+    w_sigma = torch.where(valid, (u[0::2] + u[1::2]) / 2 - baseline, zero)
+    return Weights(w_center, w_sigma, num_valid)
+
+
+def pair_noise(seed: int, generation: int, pairs: Sequence[int], num_params: int) -> torch.Tensor:
+    """z_j of a generation for the given pairs: (len(pairs), D) float32 CPU (counter-based, mpigls.noise).
+
+    It does not depend on the state, so the next generation's noise can be prepared in advance.
+    """
+    return noise.noise_block(seed, generation, [int(j) for j in pairs], num_params, noise.STREAM_PGPE)
+
+
+def population(state: PGPEState, z: torch.Tensor) -> torch.Tensor:
+    """Rows [theta + sigma z_j, theta - sigma z_j] per pair: (2 M, D) on the device of the state."""
+    eps = state.sigma * z.to(state.center.device)
+    return torch.stack([state.center + eps, state.center - eps], dim=1).reshape(-1, state.center.numel())
+
+
+def _check_pairs(params: PGPEParams, pairs: Sequence[int]) -> list[int]:
+    pairs = [int(j) for j in pairs]
+    bad = [j for j in pairs if not 0 <= j < params.popsize // 2]
+    if bad:
+        raise ValueError(f"PGPE pair indices must be in [0, {params.popsize // 2}), got {bad[:5]}")
+    return pairs
+
+
+def ask(state: PGPEState, params: PGPEParams, seed: int, pairs: Sequence[int]) -> torch.Tensor:
+    """Population rows for the given pairs: (2*len(pairs), D), rows [theta+eps_j, theta-eps_j] per j."""
+    return population(state, pair_noise(seed, state.generation, _check_pairs(params, pairs), state.center.numel()))
+
+
+def exponents(w: Weights, max_abs_z: float) -> tuple[int, int]:
+    """Shared fixed-point exponents (e_center, e_sigma) bounding every pair's contribution.
+
+    ``max_abs_z`` is max |z_j| over ALL pairs of the generation (every rank must pass the same value).
+    """
+    if not math.isfinite(max_abs_z) or max_abs_z < 0:
+        raise ValueError(f"max |z| must be finite and >= 0, got {max_abs_z}")
+    bound_c = float(w.center.abs().max()) * max_abs_z if w.center.numel() else 0.0
+    bound_s = float(w.sigma.abs().max()) * max(max_abs_z * max_abs_z, 1.0) if w.sigma.numel() else 0.0
+    return tuple(math.frexp(b)[1] if b > 0 else 0 for b in (bound_c, bound_s))
+
+
+def _quantised_sum(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum_i round(scale_i * rows_i) (D,) float64, exact: every term is an integer of magnitude
+    <= 2**FRACTION_BITS and at most _MAX_ROWS_EXACT of them stay below 2**53, so neither the order
+    nor the grouping of the additions can round. ``rows`` (float64) is overwritten."""
+    return rows.mul_(scale[:, None]).round_().sum(dim=0)
+
+
+def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[int, int],
+                 with_sigma: bool = True, column_chunk: int | None = None) -> torch.Tensor:
+    """Fixed-point partial sums over ``pairs`` with their noise z (M, D): int64 (2, D) on z's device.
+
+    Row 0 sums round(w_j 2**(F - e_c) z_j), row 1 round(v_j 2**(F - e_s) (z_j^2 - 1)) (zeros when
+    not ``with_sigma``). Integer sums: any split of the pairs into calls gives the same total.
+    ``column_chunk`` (columns per step; default: cache-sized on CPU) never changes the result.
+    """
+    pairs = [int(j) for j in pairs]
+    if z.shape[0] != len(pairs):
+        raise ValueError(f"partial_sums: {len(pairs)} pairs but noise of shape {tuple(z.shape)}")
+    num_params = z.shape[1]
+    out = torch.zeros((2, num_params), dtype=torch.int64, device=z.device)
+    idx = torch.tensor(pairs, dtype=torch.long)
+    keep = ((w.center[idx] != 0) | (w.sigma[idx] != 0)).nonzero().flatten()
+    if keep.numel() == 0:
+        return out
+    if keep.numel() > _MAX_ROWS_EXACT:
+        for lo in range(0, keep.numel(), _MAX_ROWS_EXACT):
+            part = keep[lo:lo + _MAX_ROWS_EXACT]
+            out += partial_sums(w, [pairs[i] for i in part.tolist()], z[part.to(z.device)], exps, with_sigma,
+                                column_chunk)
+        return out
+    # w * 2**k is exact in float64 (a power of two), so (w 2**k) z == 2**k (w z) bit for bit
+    shift_c = torch.tensor(float(FRACTION_BITS - exps[0]), dtype=torch.float64)
+    shift_s = torch.tensor(float(FRACTION_BITS - exps[1]), dtype=torch.float64)
+    scale_c = torch.ldexp(w.center[idx[keep]], shift_c).to(z.device)
+    scale_s = torch.ldexp(w.sigma[idx[keep]], shift_s).to(z.device)
+    rows = z if keep.numel() == len(pairs) else z[keep.to(z.device)]
+    if column_chunk is None:   # keep the (M, chunk) float64 temporaries in cache on a CPU
+        column_chunk = max(1024, (1 << 17) // rows.shape[0]) if z.device.type == "cpu" else 1 << 22
+    for lo in range(0, num_params, column_chunk):
+        cols = rows[:, lo:lo + column_chunk]
+        out[0, lo:lo + column_chunk] = _quantised_sum(cols.to(torch.float64), scale_c).to(torch.int64)
+        if with_sigma:
+            sq = cols.to(torch.float64)
+            out[1, lo:lo + column_chunk] = _quantised_sum(sq.mul_(sq).sub_(1.0), scale_s).to(torch.int64)
+    return out
+
+
+def from_sums(summed: torch.Tensor, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (2, D) fixed-point totals -> (S_c, S_s) float64 CPU."""
+    summed = summed.to("cpu")
+    # x * 2**k is exactly ldexp(x, k) while 2**k is a normal float64 (always, for real exponents)
+    return tuple(summed[i].to(torch.float64).mul_(math.ldexp(1.0, e - FRACTION_BITS)) if e - FRACTION_BITS > -1000
+                 else torch.ldexp(summed[i].to(torch.float64), torch.tensor(float(e - FRACTION_BITS), dtype=torch.float64))
+                 for i, e in enumerate(exps))
+
+
+def max_abs_noise(z: torch.Tensor) -> float:
+    """max |z| of a noise block (0 for an empty one)."""
+    return float(z.abs().max()) if z.numel() else 0.0
+
+
+def full_sums(state: PGPEState, params: PGPEParams, seed: int, w: Weights, with_sigma: bool = True):
+    """Serial path: (int64 (2, D) totals, exponents) over ALL pairs, regenerating their noise.
+
+    Two passes over chunks of NOISE_CHUNK pairs (max |z| first, then the sums) to bound memory.
+    """
+    num_pairs = params.popsize // 2
+    chunks = [range(s, min(num_pairs, s + NOISE_CHUNK)) for s in range(0, num_pairs, NOISE_CHUNK)]
+    D, gen = state.center.numel(), state.generation
+    max_z = max(max_abs_noise(pair_noise(seed, gen, c, D)) for c in chunks)
+    exps = exponents(w, max_z)
+    total = torch.zeros((2, D), dtype=torch.int64)
+    for c in chunks:
+        total += partial_sums(w, c, pair_noise(seed, gen, c, D), exps, with_sigma)
+    return total, exps
+
+
+def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor, with_sigma: bool = True,
+              summed: tuple[torch.Tensor, tuple[int, int]] | None = None):
     """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 CPU tensors.
 
     With fitness_shaping="raw", g_theta is an unbiased estimate of grad L_sigma(theta) and g_sigma
     one of dL_sigma/dsigma (up to the O(1/n) effect of the sample-mean baseline). Returns
     (None, None, 0) when no pair has two finite losses; g_sigma is None when not ``with_sigma``.
+    ``summed``: (int64 (2, D) totals of ``partial_sums`` over all pairs, exponents), e.g. from an
+    allreduce over ranks; without it the noise of all pairs is regenerated here.
     """
-    r = _check_losses(losses, params)
-    num_pairs = params.popsize // 2
-    valid = (torch.isfinite(r[0::2]) & torch.isfinite(r[1::2]))          # (n,)
-    num_valid = int(valid.sum())
-    if num_valid == 0:
+    w = weights(params, losses)
+    if w.num_valid == 0:
         return None, None, 0
-    member_valid = valid.repeat_interleave(2)                            # (P,)
-    u = torch.zeros_like(r)
-    u[member_valid] = shaping.shape(r[member_valid], params.fitness_shaping).to(torch.float64)
-    baseline = u[member_valid].mean()
-    zero = torch.zeros((), dtype=torch.float64)
-    w_center = torch.where(valid, (u[0::2] - u[1::2]) / 2, zero)         # (n,)
-    w_sigma = torch.where(valid, (u[0::2] + u[1::2]) / 2 - baseline, zero)
-    num_params = state.center.numel()
-    acc_center = torch.zeros(num_params, dtype=torch.float64)
-    acc_sigma = torch.zeros(num_params, dtype=torch.float64)
-    for start in range(0, num_pairs, NOISE_CHUNK):
-        members = range(start, min(num_pairs, start + NOISE_CHUNK))
-        block = noise.noise_block(seed, state.generation, members, num_params, noise.STREAM_PGPE)
-        for row, j in enumerate(members):
-            if not bool(valid[j]):
-                continue
-            z = block[row].to(torch.float64)
-            # product rounded, then sum rounded: plain IEEE elementwise ops, same bits everywhere
-            acc_center += float(w_center[j]) * z
-            if with_sigma:
-                acc_sigma += float(w_sigma[j]) * z.mul_(z).sub_(1.0)
-    sigma = state.sigma.detach().to("cpu", torch.float64)
-    return (acc_center / (num_valid * sigma), acc_sigma / (num_valid * sigma) if with_sigma else None, num_valid)
+    total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed
+    sum_c, sum_s = from_sums(total, exps)
+    denom = state.sigma.detach().to("cpu", torch.float64).mul_(w.num_valid)      # n * sigma
+    return (sum_c.div_(denom), sum_s.div_(denom) if with_sigma else None, w.num_valid)
 
 
 def _sigma_step(sigma: torch.Tensor, grad_sigma: torch.Tensor, params: PGPEParams):
     """New sigma (float64) and the fraction of entries held by the relative-change bound."""
-    proposed = sigma - params.sigma_lr * sigma * sigma * grad_sigma
+    # sigma - ((lr sigma) sigma) g, in place (a - b == a + (-b) exactly)
+    proposed = (params.sigma_lr * sigma).mul_(sigma).mul_(grad_sigma).neg_().add_(sigma)
     clipped = 0.0
     if params.sigma_max_change is not None:
         low = sigma * (1.0 - params.sigma_max_change)
         high = sigma * (1.0 + params.sigma_max_change)
-        clipped = float(((proposed < low) | (proposed > high)).double().mean())
-        proposed = torch.minimum(torch.maximum(proposed, low), high)
-    return proposed.clamp(min=params.sigma_min, max=params.sigma_max), clipped
+        clipped = float(((proposed < low) | (proposed > high)).sum()) / max(1, proposed.numel())
+        proposed = proposed.clamp_(min=low, max=high)
+    return proposed.clamp_(min=params.sigma_min, max=params.sigma_max), clipped
 
 
 def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
-         lr: float | None = None) -> tuple[PGPEState, dict]:
+         lr: float | None = None, summed: tuple[torch.Tensor, tuple[int, int]] | None = None
+         ) -> tuple[PGPEState, dict]:
     """Update from the full population's losses (P,) ordered [+0,-0,+1,-1,...].
 
-    ``lr`` overrides params.lr (schedules). Returns (new state, metrics); inputs are not mutated.
+    ``lr`` overrides params.lr (schedules). ``summed``: the fixed-point totals over all pairs and
+    their exponents (see ``gradients``); without it the noise is regenerated here (serial path).
+    Returns (new state, metrics); inputs are not mutated.
     """
     r = _check_losses(losses, params)
     lr = params.lr if lr is None else float(lr)
@@ -177,7 +310,8 @@ def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
     metrics = {"pgpe/num_nonfinite": int(r.numel() - finite.numel()), "pgpe/lr": lr,
                "pgpe/loss_mean": float(finite.mean()) if finite.numel() else math.nan,
                "pgpe/loss_min": float(finite.min()) if finite.numel() else math.nan}
-    grad_center, grad_sigma, num_valid = gradients(state, params, seed, r, with_sigma=not params.fixed_sigma)
+    grad_center, grad_sigma, num_valid = gradients(state, params, seed, r, with_sigma=not params.fixed_sigma,
+                                                    summed=summed)
     metrics["pgpe/num_valid_pairs"] = num_valid
     if num_valid == 0:
         metrics.update({"pgpe/skipped": 1, "pgpe/grad_norm": math.nan, "pgpe/grad_sigma_norm": math.nan,

@@ -1,0 +1,156 @@
+"""PGPE update cost per rank: the previous `tell` (every rank regenerates the noise of all P/2
+pairs and accumulates in float64) against the distributed update (each rank sums its own pairs with
+the noise kept from evaluation, then one exact int64 allreduce), measured in the same process.
+
+For N ranks the new path times rank 0's share (blocks of rank 0 of N) on a SerialComm, so the
+network term (one allreduce of 2 D int64, one scalar allreduce) is NOT included: see
+tools/scaling_model.py for it. The old path is the same for every N (it did not shrink).
+Also measures the overlap option: one generation's evaluate+update with noise prefetching on a
+background thread on and off (on CPU with one thread per rank it competes with the bounds).
+
+    python tools/bench_pgpe_update.py --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64 \
+        --out bench-out/pgpe_update.json
+
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mpigls import dist, losses, models, noise, pgpe_dist  # noqa: E402
+from mpigls.optim import pgpe  # noqa: E402
+
+
+def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):
+    """The implementation before the distributed update (verbatim logic): regenerate the noise of ALL
+    pairs in chunks of 64 and accumulate sequentially in float64."""
+    w = pgpe.weights(params, losses_)
+    if w.num_valid == 0:
+        return None, None, 0
+    num_pairs, D = params.popsize // 2, state.center.numel()
+    acc_c = torch.zeros(D, dtype=torch.float64)
+    acc_s = torch.zeros(D, dtype=torch.float64)
+    for start in range(0, num_pairs, 64):
+        members = range(start, min(num_pairs, start + 64))
+        block = noise.noise_block(seed, state.generation, members, D, noise.STREAM_PGPE)
+        for row, j in enumerate(members):
+            z = block[row].to(torch.float64)
+            acc_c += float(w.center[j]) * z
+            if with_sigma:
+                acc_s += float(w.sigma[j]) * z.mul_(z).sub_(1.0)
+    sigma = state.sigma.detach().to("cpu", torch.float64)
+    return acc_c / (w.num_valid * sigma), acc_s / (w.num_valid * sigma) if with_sigma else None, w.num_valid
+
+
+def best_of(fn, repeat):
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cnn5")
+    p.add_argument("--shape", default="1,28,28", help="C,H,W of the input (MNIST 1,28,28; CIFAR 3,32,32)")
+    p.add_argument("--popsize", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--ranks", default="1,2,8,64")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fixed-sigma", action="store_true")
+    p.add_argument("--overlap-batch", type=int, default=16, help="batch for the prefetch on/off generation (0: skip)")
+    p.add_argument("--out", default="bench-out/pgpe_update.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    torch.manual_seed(0)
+    model = models.build(args.model, shape, 10, [0.0] * shape[0], [1.0] * shape[0])
+    theta = models.flat_params(model)
+    D = theta.numel()
+    params = pgpe.PGPEParams(popsize=args.popsize, fixed_sigma=args.fixed_sigma, sigma_init=1e-3)
+    state = pgpe.init(params, theta)
+    seed, num_pairs, bs = 0, args.popsize // 2, args.block_size
+    num_blocks = math.ceil(num_pairs / bs)
+    fake_losses = torch.randn(args.popsize, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    comm = dist.SerialComm()
+
+    orig = pgpe.gradients
+    pgpe.gradients = old_gradients
+    try:
+        t_old = best_of(lambda: pgpe.tell(state, params, seed, fake_losses), args.repeat)
+        old_state, _ = pgpe.tell(state, params, seed, fake_losses)
+    finally:
+        pgpe.gradients = orig
+    new_state, _ = pgpe.tell(state, params, seed, fake_losses)  # serial new path (regenerates): for the check
+    max_diff = float((new_state.center - old_state.center).abs().max())
+
+    rows = []
+    for n in (int(r) for r in args.ranks.split(",")):
+        blocks = dist.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
+        pairs = [pgpe_dist.block_pairs(b, bs, num_pairs) for b in blocks]
+        t_noise = best_of(lambda: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
+        zs = [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
+        local = pgpe_dist.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
+
+        def new_tell():
+            summed = pgpe_dist.reduce_sums(comm, state, params, seed, fake_losses, local)
+            return pgpe.tell(state, params, seed, fake_losses, summed=summed)
+
+        t_new = best_of(new_tell, args.repeat)
+        rows.append({"ranks": n, "pairs_per_rank": sum(map(len, pairs)), "old_tell_s": t_old, "new_tell_s": t_new,
+                     "tell_speedup": t_old / t_new, "eval_noise_s": t_noise,
+                     "old_total_s": t_old + t_noise, "new_total_s": t_new + t_noise})
+    print(f"{args.model} {shape} D={D} P={args.popsize} block={bs} threads={args.threads} "
+          f"(per rank; old tell = regenerate all {num_pairs} pairs + float64 loop)")
+    print(f"{'ranks':>5} {'pairs/rank':>10} {'old tell s':>10} {'new tell s':>10} {'speedup':>8} "
+          f"{'eval noise s':>12} {'old+noise':>10} {'new+noise':>10}")
+    for r in rows:
+        print(f"{r['ranks']:5d} {r['pairs_per_rank']:10d} {r['old_tell_s']:10.4f} {r['new_tell_s']:10.4f} "
+              f"{r['tell_speedup']:8.1f} {r['eval_noise_s']:12.4f} {r['old_total_s']:10.4f} {r['new_total_s']:10.4f}")
+    print(f"max |theta_new - theta_old| after one tell: {max_diff:.3g} (float rounding of the sums)")
+
+    overlap = None
+    if args.overlap_batch:
+        x = torch.rand((args.overlap_batch, *shape))
+        y = torch.randint(0, 10, (args.overlap_batch,))
+        loss_fn = lambda pts: losses.certified_loss(model, x, y, 0.01, "ibp", params=pts)  # noqa: E731
+        blocks = dist.my_blocks(num_blocks, 0, 1)
+        overlap = {}
+        for prefetch in (False, True):
+            src = pgpe_dist.NoiseSource(seed, prefetch)
+            st = state
+
+            def generation():
+                nonlocal st
+                local_losses, kept = pgpe_dist.evaluate(st, params, blocks, bs, src, loss_fn, torch.device("cpu"))
+                summed = pgpe_dist.reduce_sums(comm, st, params, seed, local_losses, kept)
+                st, _ = pgpe.tell(st, params, seed, local_losses, summed=summed)
+
+            generation()
+            overlap["prefetch" if prefetch else "no_prefetch"] = best_of(generation, args.repeat)
+            src.close()
+        overlap["speedup"] = overlap["no_prefetch"] / overlap["prefetch"]
+        print(f"one generation on CPU (IBP, batch {args.overlap_batch}, 1 rank): no prefetch "
+              f"{overlap['no_prefetch']:.3f} s, prefetch {overlap['prefetch']:.3f} s, ratio {overlap['speedup']:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "shape": shape, "D": D, "popsize": args.popsize,
+                                          "block_size": bs, "threads": args.threads, "rows": rows,
+                                          "max_theta_diff_old_new": max_diff, "overlap": overlap}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
