@@ -1,0 +1,72 @@
+"""tools/scaling_model.py formulas and tools/scaling.py's merge (no MPI runs here)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import scaling  # noqa: E402
+import scaling_model as sm  # noqa: E402
+
+NET = sm.Network(latency_s=2e-6, bandwidth_Bps=25e9, pcie_Bps=25e9)
+TERMS = sm.Terms(t_noise=1e-8, t_sum=2e-9, t_apply=5e-9, t_ckpt=1e-9)
+
+
+def test_collective_formulas():
+    assert sm.allreduce_s(1, 1e6, NET) == 0 and sm.allgather_s(1, 256, NET) == 0
+    # 8 ranks, 16 MB: Rabenseifner latency 2*3*a beats the ring's 2*7*a; bandwidth 2*(7/8)*bytes/b
+    assert sm.allreduce_s(8, 16e6, NET) == pytest.approx(6 * 2e-6 + 2 * 7 / 8 * 16e6 / 25e9)
+    # the bandwidth term saturates at 2 * bytes / b: doubling the ranks barely changes it
+    assert sm.allreduce_s(1024, 16e6, NET) < 1.01 * 2 * 16e6 / 25e9 + 2 * 10 * 2e-6
+    assert sm.allgather_s(4, 256, NET) == pytest.approx(2 * 2e-6 + 3 / 4 * 8 * 256 / 25e9 + 4 * 2e-6)
+
+
+def test_t_gen_terms_and_efficiency():
+    D, P, c = 100_000, 256, 0.01
+    one = sm.t_gen(1, P, D, c, TERMS, NET, K=100)
+    assert one["compute"] == pytest.approx(P * c) and one["allreduce"] == 0
+    assert one["update"] == pytest.approx(P / 2 * D * 2e-9 + D * 5e-9)
+    assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+    prev = math.inf
+    for n in (2, 8, 64, 128, 256, 1024):
+        t = sm.t_gen(n, P, D, c, TERMS, NET, K=100)
+        assert t["compute"] == pytest.approx(2 * math.ceil(P / 2 / n) * c)
+        assert one["total"] / (n * t["total"]) <= 1.0
+        if n <= P // 2:   # faster while there are pairs to split
+            assert t["total"] <= prev
+        prev = t["total"]
+    # no pair left to split beyond P/2 ranks: nothing gets faster
+    assert sm.t_gen(1024, P, D, c, TERMS, NET)["total"] >= sm.t_gen(128, P, D, c, TERMS, NET)["total"]
+    assert sm.t_gen(8, P, D, c, TERMS, NET, fixed_sigma=True)["allreduce"] < sm.t_gen(8, P, D, c, TERMS, NET)["allreduce"]
+
+
+def test_baselines_keep_their_serial_terms():
+    D, P = 1_000_000, 256
+    # OpenAI-ES: every worker forms the whole update, so P/2 * D * t_sum stays at any N
+    assert sm.t_openai_es(1024, P, D, 0.0, TERMS, NET) >= P / 2 * D * 2e-9
+    assert sm.t_gen(128, P, D, 0.0, TERMS, NET)["total"] < sm.t_openai_es(128, P, D, 0.0, TERMS, NET)
+    # EvoTorch/Ray: the head receives 4 D floats from every actor: grows linearly with N
+    assert sm.t_evotorch(1024, P, D, 0.0, TERMS, NET) > 1024 * 16 * D / 25e9
+
+
+def fake_rows(shas, times):
+    return [{"ranks": n, "popsize": 64, "D": 10, "median_s_per_gen": t, "min_s_per_gen": t, "max_s_per_gen": t,
+             "theta_sha256": s} for n, s, t in zip((1, 2, 4), shas, times)]
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_merge_checks_theta_and_writes_png(tmp_path, same, capsys):
+    shas = ["a" * 64] * 3 if same else ["a" * 64, "b" * 64, "a" * 64]
+    for i, row in enumerate(fake_rows(shas, [4.0, 2.2, 1.25])):
+        (tmp_path / f"p{i}.json").write_text(json.dumps({"strong": [row], "weak": [dict(row, popsize=32 * row["ranks"])]}))
+    args = type("A", (), {"label": "t"})()
+    code = scaling.merge(sorted(map(str, tmp_path.glob("p*.json"))), tmp_path / "all", args)
+    assert code == (0 if same else 1)
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [r["ranks"] for r in merged["strong"]] == [1, 2, 4]
+    assert merged["strong"][2]["efficiency"] == pytest.approx(4.0 / (4 * 1.25))
+    assert merged["weak"][1]["efficiency"] == pytest.approx(4.0 / 2.2)
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"

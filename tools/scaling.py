@@ -1,0 +1,227 @@
+"""Strong and weak scaling of `mpigls train` through any launcher; JSON plus a PNG.
+
+Strong scaling: a fixed population on 1..N ranks; every rank count must end with the same theta
+(checked with ``mpigls inspect --json``'s theta_sha256: world-size invariance).
+Weak scaling: popsize = --weak-popsize-per-rank * ranks (a different problem per rank count, so
+theta is not compared). Seconds per generation are the median of the checkpoint's
+``time/generation_s`` after --skip warm-up generations. Efficiency: strong t1 / (n t_n), weak
+t1 / t_n. Next to every measured point the model of tools/scaling_model.py predicts t_n from the
+1-rank run (compute per member = t1 minus the measured host terms, shared-memory network:
+--latency-us / --bandwidth-gbit).
+
+    python tools/scaling.py --ranks 1,2 --mode both --out bench-out/scaling-cnn3 \
+        --set model.name=cnn3 --set bound.method=ibp --set optimizer.popsize=64 --set train.batch_size=16
+    # on a cluster (one GPU per rank):
+    python tools/scaling.py --launcher "srun -n {n} --gpus-per-task=1" --ranks 1,2,4,8 --set train.device=cuda ...
+    # merge the JSON files written by jobs/scaling.sbatch array tasks:
+    python tools/scaling.py --merge bench-out/scaling-sweep/*.json --out bench-out/scaling-sweep/all
+
+Writes OUT.json and OUT.png (time per generation and parallel efficiency vs ranks, ideal lines).
+Exit status 1 if strong scaling gave different theta for different rank counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from mpigls import checkpoint  # noqa: E402
+
+
+def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dict:
+    out = workdir / f"{tag}-n{n}"
+    launcher = shlex.split(args.launcher.format(n=n))
+    cmd = [*launcher, sys.executable, "-m", "mpi4py", "-m", "mpigls", "train", args.config, "--out", str(out),
+           "--max-generations", str(args.generations), "--no-eval", "--set", "train.progress=false",
+           "--set", f"train.threads={args.threads}"]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    if popsize is not None:
+        cmd += ["--set", f"optimizer.popsize={popsize}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    info = json.loads(subprocess.run([sys.executable, "-m", "mpigls", "inspect", "--json", str(out / "latest.h5")],
+                                     capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout)
+    ck = checkpoint.load(out / "latest.h5")
+    per_gen = np.asarray(ck.metrics["time/generation_s"])[args.skip:]
+    return {"ranks": n, "popsize": int(ck.config["optimizer"]["popsize"]), "D": int(ck.theta.size),
+            "median_s_per_gen": float(np.median(per_gen)), "min_s_per_gen": float(per_gen.min()),
+            "max_s_per_gen": float(per_gen.max()), "wall_s": wall, "generations": int(info["generation"]),
+            "theta_sha256": info["theta_sha256"], "block_size": int(ck.config["optimizer"]["block_size"]),
+            "fixed_sigma": bool(ck.config["optimizer"].get("fixed_sigma", False))}
+
+
+def predict(rows: list[dict], args) -> None:
+    """Fill 'model_s_per_gen' from the 1-rank row with the scaling model (host terms measured here)."""
+    import scaling_model as sm
+    base = next((r for r in rows if r["ranks"] == 1), None)
+    if base is None:
+        return
+    D, P1, bs = base["D"], base["popsize"], base["block_size"]
+    terms = sm.measure_terms(D, pairs=min(4, P1 // 2))
+    net = sm.Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9,
+                     pcie_Bps=math.inf)
+    host1 = sm.t_gen(1, P1, D, 0.0, terms, net, K=10 ** 9, fixed_sigma=base["fixed_sigma"])["total"]
+    c_member = max(0.0, base["median_s_per_gen"] - host1) / P1
+    for r in rows:
+        # whole blocks per rank: ranks own ceil(blocks / n) blocks of bs pairs at most
+        blocks = math.ceil(r["popsize"] / 2 / bs)
+        pairs = min(r["popsize"] // 2, math.ceil(blocks / r["ranks"]) * bs)
+        eff_n = r["popsize"] / (2 * pairs)      # t_gen's pairs_N = P / (2 eff_n)
+        t = sm.t_gen(1, int(2 * pairs), D, c_member, terms, net, K=10 ** 9, fixed_sigma=r["fixed_sigma"])
+        comm = sm.allgather_s(r["ranks"], r["popsize"], net) + sm.allreduce_s(
+            r["ranks"], (1 if r["fixed_sigma"] else 2) * 8 * D, net)
+        r["model_s_per_gen"] = t["total"] + comm
+        r["model_effective_ranks"] = eff_n
+
+
+def summarise(rows: list[dict], mode: str) -> None:
+    base = next((r for r in rows if r["ranks"] == 1), rows[0])
+    for r in rows:
+        r["speedup"] = base["median_s_per_gen"] / r["median_s_per_gen"]
+        if mode == "strong":
+            r["efficiency"] = base["median_s_per_gen"] * base["ranks"] / (r["median_s_per_gen"] * r["ranks"])
+        else:
+            r["efficiency"] = base["median_s_per_gen"] / r["median_s_per_gen"]
+        if "model_s_per_gen" in r:
+            m = base.get("model_s_per_gen", base["median_s_per_gen"])
+            r["model_efficiency"] = (m * base["ranks"] / (r["model_s_per_gen"] * r["ranks"]) if mode == "strong"
+                                     else m / r["model_s_per_gen"])
+
+
+def print_table(mode: str, rows: list[dict]) -> None:
+    print(f"{mode} scaling")
+    print(f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} "
+          f"{'model s/gen':>11} {'model eff':>9}  theta")
+    for r in rows:
+        print(f"{r['ranks']:5d} {r['popsize']:6d} {r['median_s_per_gen']:9.4f} {r['min_s_per_gen']:8.4f} "
+              f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} "
+              f"{r.get('model_s_per_gen', math.nan):11.4f} {r.get('model_efficiency', math.nan):9.2f}  "
+              f"{r['theta_sha256'][:12]}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, marker in (("strong", "o"), ("weak", "s")):
+        rows = result.get(mode)
+        if not rows:
+            continue
+        n = [r["ranks"] for r in rows]
+        t = [r["median_s_per_gen"] for r in rows]
+        line, = axes[0].loglog(n, t, marker + "-", label=f"{mode} (measured)")
+        ideal = [t[0] * n[0] / k for k in n] if mode == "strong" else [t[0]] * len(n)
+        axes[0].loglog(n, ideal, ":", color=line.get_color(), label=f"{mode} ideal")
+        if all("model_s_per_gen" in r for r in rows):
+            axes[0].loglog(n, [r["model_s_per_gen"] for r in rows], "x--", color=line.get_color(),
+                           label=f"{mode} model")
+            axes[1].semilogx(n, [r["model_efficiency"] for r in rows], "x--", color=line.get_color(),
+                             label=f"{mode} model")
+        axes[1].semilogx(n, [r["efficiency"] for r in rows], marker + "-", color=line.get_color(),
+                         label=f"{mode} (measured)")
+    all_n = sorted({r["ranks"] for m in ("strong", "weak") for r in result.get(m) or []})
+    axes[1].semilogx(all_n, [1.0] * len(all_n), "k-", lw=0.8, label="ideal")
+    axes[0].set(xlabel="ranks", ylabel="s / generation (median)", title=result.get("label", "mpigls scaling"))
+    axes[1].set(xlabel="ranks", ylabel="parallel efficiency", ylim=(0, 1.1))
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def merge(paths: list[str], out: Path, args) -> int:
+    result = {"label": args.label or "merged", "strong": [], "weak": []}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        for mode in ("strong", "weak"):
+            result[mode] += part.get(mode) or []
+    ok = True
+    for mode in ("strong", "weak"):
+        rows = sorted(result[mode], key=lambda r: r["ranks"])
+        result[mode] = rows
+        if rows:
+            summarise(rows, mode)
+            print_table(mode, rows)
+    if result["strong"]:
+        ok = len({r["theta_sha256"] for r in result["strong"]}) == 1
+        result["identical_theta"] = ok
+        print("strong scaling: theta identical across rank counts:", ok)
+    write(result, out)
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    p.add_argument("--mode", choices=["strong", "weak", "both"], default="both")
+    p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
+    p.add_argument("--weak-popsize-per-rank", type=int, default=32)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--skip", type=int, default=2, help="warm-up generations left out of the statistics")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--launcher", default="mpiexec -n {n}", help='e.g. "srun -n {n} --gpus-per-task=1"')
+    p.add_argument("--set", action="append", default=[], help="config override passed to mpigls train")
+    p.add_argument("--latency-us", type=float, default=1.0, help="network latency for the model (local: shm)")
+    p.add_argument("--bandwidth-gbit", type=float, default=40.0, help="network bandwidth for the model")
+    p.add_argument("--no-model", action="store_true", help="skip the model prediction")
+    p.add_argument("--label", default="")
+    p.add_argument("--workdir", default=None, help="keep run directories here (default: a temp dir)")
+    p.add_argument("--merge", nargs="+", default=None, help="merge JSON files of earlier runs instead of running")
+    p.add_argument("--out", default="bench-out/scaling", help="writes OUT.json and OUT.png")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix in (".json", ".png"):
+        out = out.with_suffix("")
+    if args.merge:
+        return merge(args.merge, out, args)
+    ranks = [int(n) for n in args.ranks.split(",")]
+    result = {"label": args.label or " ".join(args.set), "config": args.config, "overrides": args.set,
+              "generations": args.generations, "threads": args.threads, "launcher": args.launcher}
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        for mode in (["strong", "weak"] if args.mode == "both" else [args.mode]):
+            rows = [run_point(n, None if mode == "strong" else args.weak_popsize_per_rank * n, args, work, mode)
+                    for n in ranks]
+            if not args.no_model:
+                predict(rows, args)
+            summarise(rows, mode)
+            print_table(mode, rows)
+            result[mode] = rows
+            if mode == "strong":
+                ok = len({r["theta_sha256"] for r in rows}) == 1
+                result["identical_theta"] = ok
+                print("strong scaling: theta identical across rank counts:", ok)
+    write(result, out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

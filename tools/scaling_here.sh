@@ -1,0 +1,20 @@
+#!/bin/bash
+# Every scaling measurement of the README's Scaling section, one command (2+ cores, no GPU needed):
+#   bash tools/scaling_here.sh [OUTDIR]        (default bench-out/scaling; ~15 min on 2 quiet cores)
+# PGPE + IBP on the bundled digits, P=64, batch 16, 1 thread per rank, ranks 1 and 2 (strong: same
+# P, theta must be identical; weak: P = 32 per rank), then the tell benchmark and the model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench-out/scaling}
+PY=${PYTHON:-python}
+RANKS=${RANKS:-1,2}
+export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+for m in cnn3 cnn5 cnn7; do
+  $PY tools/scaling.py --mode both --ranks "$RANKS" --generations 8 --skip 2 --weak-popsize-per-rank 32 \
+    --set model.name=$m --set bound.method=ibp --set bound.eps_schedule=constant --set optimizer.popsize=64 \
+    --set train.batch_size=16 --set optimizer.block_size=8 --label "PGPE+IBP $m digits P=64 B=16" \
+    --out "$OUT/strong-weak-$m"
+done
+$PY tools/bench_pgpe_update.py --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64 --out "$OUT/pgpe_update_cnn5.json"
+$PY tools/bench_noise.py --dims 165850 --block 16 --out "$OUT/noise.json"
+$PY tools/scaling_model.py --out "$OUT/scaling_model"
