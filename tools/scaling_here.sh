@@ -10,7 +10,7 @@ PY=${PYTHON:-python}
 RANKS=${RANKS:-1,2}
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 for m in cnn3 cnn5 cnn7; do
-  $PY tools/scaling.py --mode both --ranks "$RANKS" --generations 8 --skip 2 --weak-popsize-per-rank 32 \
+  $PY tools/scaling.py --mode both --ranks "$RANKS" --generations "${GENERATIONS:-12}" --skip 2 --weak-popsize-per-rank 32 \
     --set model.name=$m --set bound.method=ibp --set bound.eps_schedule=constant --set optimizer.popsize=64 \
     --set train.batch_size=16 --set optimizer.block_size=8 --label "PGPE+IBP $m digits P=64 B=16" \
     --out "$OUT/strong-weak-$m"
@@ -18,3 +18,8 @@ done
 $PY tools/bench_pgpe_update.py --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64 --out "$OUT/pgpe_update_cnn5.json"
 $PY tools/bench_noise.py --dims 165850 --block 16 --out "$OUT/noise.json"
 $PY tools/scaling_model.py --out "$OUT/scaling_model"
+# per-rank work of a generation measured in one process (robust to other jobs loading the cores)
+for m in cnn3 cnn5 cnn7; do
+  $PY tools/bench_rank_work.py --model $m --popsize 64 --batch 16 --bound ibp --ranks 1,2 --repeat 5 \
+    --out "$OUT/rank_work_$m.json"
+done

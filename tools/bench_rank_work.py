@@ -1,0 +1,106 @@
+"""Per-rank work of one PGPE generation for N ranks, measured in ONE process (robust to a loaded
+machine, unlike wall-clock runs of several ranks that compete for cores with other jobs).
+
+For every N and every rank r of N, times what rank r computes in a generation: evaluating its
+blocks (noise, population, bound-based loss) plus its update share, for the new distributed update
+(its own pairs' fixed-point sums + the step) and the previous one (every rank regenerated all
+P/2 pairs and summed in float64: tools/bench_pgpe_update.old_gradients). t_N = max over ranks;
+the runs for different N are interleaved and the best of --repeat is kept. Communication is NOT
+included (on one node: tens of microseconds for these sizes; see tools/scaling_model.py).
+Efficiency E(N) = t_1 / (N t_N).
+
+    python tools/bench_rank_work.py --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4 \
+        --out bench-out/rank_work_cnn7.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_pgpe_update import old_gradients  # noqa: E402
+from mpigls import data, dist, losses, models, pgpe_dist  # noqa: E402
+from mpigls.optim import pgpe  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cnn7")
+    p.add_argument("--popsize", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--bound", default="ibp")
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default="bench-out/rank_work.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    ds = data.load("digits")
+    torch.manual_seed(0)
+    model = models.build(args.model, ds.in_shape, ds.num_classes, ds.mean, ds.std)
+    theta = models.flat_params(model)
+    params = pgpe.PGPEParams(popsize=args.popsize, sigma_init=0.02)
+    state = pgpe.init(params, theta)
+    x, y = ds.train_x[:args.batch], ds.train_y[:args.batch]
+    loss_fn = lambda pts: losses.certified_loss(model, x, y, args.eps, args.bound, params=pts)  # noqa: E731
+    num_pairs, bs = args.popsize // 2, args.block_size
+    num_blocks = math.ceil(num_pairs / bs)
+    comm = dist.SerialComm()
+    # the full population's losses once (every rank sees them after the allgather)
+    all_losses, _ = pgpe_dist.evaluate(state, params, list(range(num_blocks)), bs, pgpe_dist.NoiseSource(0),
+                                       loss_fn, torch.device("cpu"))
+    ranks = [int(n) for n in args.ranks.split(",")]
+    best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
+    for _ in range(args.repeat):
+        for n in ranks:
+            for r in range(n):
+                blocks = dist.my_blocks(num_blocks, r, n)
+                t0 = time.perf_counter()
+                _, kept = pgpe_dist.evaluate(state, params, blocks, bs, pgpe_dist.NoiseSource(0), loss_fn,
+                                             torch.device("cpu"))
+                t1 = time.perf_counter()
+                summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
+                pgpe.tell(state, params, 0, all_losses, summed=summed)
+                t2 = time.perf_counter()
+                orig, pgpe.gradients = pgpe.gradients, old_gradients
+                try:
+                    pgpe.tell(state, params, 0, all_losses)
+                finally:
+                    pgpe.gradients = orig
+                t3 = time.perf_counter()
+                for kind, t in (("eval", t1 - t0), ("new", t2 - t1), ("old", t3 - t2)):
+                    best[n, r, kind] = min(best[n, r, kind], t)
+    rows = []
+    for n in ranks:
+        new = max(best[n, r, "eval"] + best[n, r, "new"] for r in range(n))
+        old = max(best[n, r, "eval"] + best[n, r, "old"] for r in range(n))
+        rows.append({"ranks": n, "t_new": new, "t_old": old,
+                     "eval": max(best[n, r, "eval"] for r in range(n)),
+                     "update_new": max(best[n, r, "new"] for r in range(n)),
+                     "update_old": max(best[n, r, "old"] for r in range(n))})
+    for r in rows:
+        r["eff_new"] = rows[0]["t_new"] * rows[0]["ranks"] / (r["t_new"] * r["ranks"])
+        r["eff_old"] = rows[0]["t_old"] * rows[0]["ranks"] / (r["t_old"] * r["ranks"])
+    print(f"{args.model} on digits (D={theta.numel()}), PGPE + {args.bound}, P={args.popsize}, batch {args.batch}, "
+          f"block {bs}, 1 thread; per-rank work, max over ranks, best of {args.repeat}, no communication")
+    print(f"{'ranks':>5} {'eval s':>8} {'upd new':>8} {'upd old':>8} {'t new':>8} {'t old':>8} {'E new':>6} {'E old':>6}")
+    for r in rows:
+        print(f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "
+              f"{r['t_old']:8.4f} {r['eff_new']:6.2f} {r['eff_old']:6.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "D": theta.numel(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
