@@ -217,11 +217,12 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     keys = sorted({(r["model"], r["dataset"], r["P"]) for r in results})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key in keys:
+    colors = plt.get_cmap("tab20").colors
+    for i, key in enumerate(keys):
         rows = [r for r in results if (r["model"], r["dataset"], r["P"]) == key]
         n = [r["ranks"] for r in rows]
         label = f"{key[0]}/{key[1]} P={key[2]}"
-        line, = axes[0].loglog(n, [r["t_gen"] for r in rows], "o-", label=label)
+        line, = axes[0].loglog(n, [r["t_gen"] for r in rows], "o-", label=label, color=colors[i % len(colors)])
         axes[1].semilogx(n, [r["efficiency"] for r in rows], "o-", color=line.get_color(), label=label)
         axes[1].semilogx(n, [r["openai_es_eff"] for r in rows], ":", color=line.get_color())
         axes[1].semilogx(n, [r["evotorch_eff"] for r in rows], "--", color=line.get_color())
@@ -229,7 +230,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[1].semilogx(n_all, [1.0] * len(n_all), "k-", lw=0.8, label="ideal")
     axes[0].set(xlabel="GPUs (ranks)", ylabel="modelled s / generation", title="t_gen(N)")
     axes[1].set(xlabel="GPUs (ranks)", ylabel="parallel efficiency", ylim=(0, 1.05),
-                title="efficiency: mpigls (solid), OpenAI-ES (dotted), EvoTorch/Ray (dashed)")
+                title="mpigls (solid), OpenAI-ES (dotted), EvoTorch/Ray (dashed)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
