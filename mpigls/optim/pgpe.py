@@ -226,9 +226,9 @@ def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[
         column_chunk = max(1024, (1 << 17) // rows.shape[0]) if z.device.type == "cpu" else 1 << 22
     for lo in range(0, num_params, column_chunk):
         cols = rows[:, lo:lo + column_chunk]
-        out[0, lo:lo + column_chunk] = _quantised_sum(cols.to(torch.float64), scale_c).to(torch.int64)
+        out[0, lo:lo + column_chunk] = _quantised_sum(cols.to(torch.float64, copy=True), scale_c).to(torch.int64)
         if with_sigma:
-            sq = cols.to(torch.float64)
+            sq = cols.to(torch.float64, copy=True)
             out[1, lo:lo + column_chunk] = _quantised_sum(sq.mul_(sq).sub_(1.0), scale_s).to(torch.int64)
     return out
 
