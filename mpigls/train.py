@@ -251,7 +251,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
     blocks = stopping.StoppableBlocks(dist.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
     aug = _augment_kind(cfg)
-    evaluate = {"pgpe": _eval_pgpe, "rgs": _eval_rgs, "grad": _eval_grad}[cfg.optimizer.name]
+    evaluate = _eval_rgs if cfg.optimizer.name == "rgs" else _eval_grad  # PGPE calls _eval_pgpe
     ckpt_path, stopped, epoch_cache, skipped_in_a_row = None, False, (None, None), 0
     progress = _progress(comm, cfg, generation, stop_at)
     numerics = contextlib.ExitStack()  # train.tf32 / train.deterministic, restored when training ends
@@ -274,7 +274,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                                  factor=cfg.optimizer.lr_factor)
             opts = _bound_options(cfg, generation)
             if cfg.optimizer.name == "pgpe":
-                all_losses, kept = evaluate(cfg, model, state, params, x, y, eps, device, comm, blocks, opts, source)
+                all_losses, kept = _eval_pgpe(cfg, model, state, params, x, y, eps, device, comm, blocks, opts, source)
                 if blocks.agree_stop(comm):
                     break
                 summed = pgpe_dist.reduce_sums(comm, state, params, cfg.train.seed, all_losses, kept)

@@ -71,7 +71,8 @@ def test_noise_budget_and_prefetch_never_change_the_bits():
     ref, _ = serial_step(params, state, 2)
     for keep_bytes, prefetch in [(0, False), (0, True), (1 << 30, True)]:
         for new, _ in dist.run_threaded(
-                lambda comm: distributed_step(comm, params, state, 2, 4, keep_bytes=keep_bytes, prefetch=prefetch), 3):
+                lambda comm, kb=keep_bytes, pf=prefetch: distributed_step(comm, params, state, 2, 4, keep_bytes=kb,
+                                                                 prefetch=pf), 3):
             assert_same(new, ref)
 
 
@@ -85,7 +86,7 @@ def test_nonfinite_and_all_invalid_generations_match_serial():
 
     for spoil in (some_bad, lambda r: torch.full_like(r, math.nan)):
         ref, ref_m = serial_step(params, state, 5, spoil)
-        for new, m in dist.run_threaded(lambda comm: distributed_step(comm, params, state, 5, 3, spoil=spoil), 2):
+        for new, m in dist.run_threaded(lambda comm, sp=spoil: distributed_step(comm, params, state, 5, 3, spoil=sp), 2):
             assert_same(new, ref)
             assert m["pgpe/skipped"] == ref_m["pgpe/skipped"] and m["pgpe/num_valid_pairs"] == ref_m["pgpe/num_valid_pairs"]
 

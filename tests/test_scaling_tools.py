@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-import scaling  # noqa: E402
-import scaling_model as sm  # noqa: E402
+import scaling
+import scaling_model as sm
 
 NET = sm.Network(latency_s=2e-6, bandwidth_Bps=25e9, pcie_Bps=25e9)
 TERMS = sm.Terms(t_noise=1e-8, t_sum=2e-9, t_apply=5e-9, t_ckpt=1e-9)

@@ -101,11 +101,11 @@ def main(argv=None) -> int:
     for n in (int(r) for r in args.ranks.split(",")):
         blocks = dist.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
         pairs = [pgpe_dist.block_pairs(b, bs, num_pairs) for b in blocks]
-        t_noise = best_of(lambda: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
+        t_noise = best_of(lambda pairs=pairs: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
         zs = [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
         local = pgpe_dist.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
 
-        def new_tell():
+        def new_tell(local=local):
             summed = pgpe_dist.reduce_sums(comm, state, params, seed, fake_losses, local)
             return pgpe.tell(state, params, seed, fake_losses, summed=summed)
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             src = pgpe_dist.NoiseSource(seed, prefetch)
             st = state
 
-            def generation():
+            def generation(src=src):
                 nonlocal st
                 local_losses, kept = pgpe_dist.evaluate(st, params, blocks, bs, src, loss_fn, torch.device("cpu"))
                 summed = pgpe_dist.reduce_sums(comm, st, params, seed, local_losses, kept)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scaling  # noqa: E402
+import scaling
 
 if __name__ == "__main__":
     sys.exit(scaling.main(["--mode", "strong", *sys.argv[1:]]))

@@ -183,7 +183,8 @@ def exponents(w: Weights, max_abs_z: float) -> tuple[int, int]:
         raise ValueError(f"max |z| must be finite and >= 0, got {max_abs_z}")
     bound_c = float(w.center.abs().max()) * max_abs_z if w.center.numel() else 0.0
     bound_s = float(w.sigma.abs().max()) * max(max_abs_z * max_abs_z, 1.0) if w.sigma.numel() else 0.0
-    return tuple(math.frexp(b)[1] if b > 0 else 0 for b in (bound_c, bound_s))
+    e_c, e_s = (math.frexp(b)[1] if b > 0 else 0 for b in (bound_c, bound_s))
+    return e_c, e_s
 
 
 def _quantised_sum(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -236,10 +237,14 @@ def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[
 def from_sums(summed: torch.Tensor, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 (2, D) fixed-point totals -> (S_c, S_s) float64 CPU."""
     summed = summed.to("cpu")
-    # x * 2**k is exactly ldexp(x, k) while 2**k is a normal float64 (always, for real exponents)
-    return tuple(summed[i].to(torch.float64).mul_(math.ldexp(1.0, e - FRACTION_BITS)) if e - FRACTION_BITS > -1000
-                 else torch.ldexp(summed[i].to(torch.float64), torch.tensor(float(e - FRACTION_BITS), dtype=torch.float64))
-                 for i, e in enumerate(exps))
+
+    def back(i: int, e: int) -> torch.Tensor:
+        # x * 2**k is exactly ldexp(x, k) while 2**k is a normal float64 (always, for real exponents)
+        if e - FRACTION_BITS > -1000:
+            return summed[i].to(torch.float64).mul_(math.ldexp(1.0, e - FRACTION_BITS))
+        return torch.ldexp(summed[i].to(torch.float64), torch.tensor(float(e - FRACTION_BITS), dtype=torch.float64))
+
+    return back(0, exps[0]), back(1, exps[1])
 
 
 def max_abs_noise(z: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ def test_distributed_tell_is_serial_tell_bitwise(comm, block_size, fixed_sigma):
     D = 53
     params = pgpe.PGPEParams(popsize=22, lr=0.01, sigma_init=0.1, fixed_sigma=fixed_sigma)
     state = dataclasses.replace(pgpe.init(params, torch.linspace(-1, 1, D)), generation=5)
-    loss = lambda x: (x.double() ** 2).sum(-1) + torch.sin(7 * x[:, 0].double())  # noqa: E731
+    loss = lambda x: (x.double() ** 2).sum(-1) + torch.sin(7 * x[:, 0].double())
     blocks = dist.my_blocks(math.ceil(11 / block_size), comm.rank, comm.world_size)
     source = pgpe_dist.NoiseSource(4, prefetch=comm.rank % 2 == 1)
     local, kept = pgpe_dist.evaluate(state, params, blocks, block_size, source, loss, torch.device("cpu"))
