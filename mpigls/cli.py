@@ -44,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/aside-<UTC time>/ (never deleted). Needed when --out holds checkpoints none of which "
                          "loads")
 
-    ce = sub.add_parser("certify", help="natural, PGD and certified accuracy of a checkpoint")
+    ce = sub.add_parser("certify", help="natural, PGD, certified and complete-verifier accuracy of a checkpoint")
     ce.add_argument("checkpoint")
+    ce.add_argument("--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)")
+    ce.add_argument("--verify", action="store_true", help="run the complete verifier on every sample no bound certifies")
+    ce.add_argument("--time-limit", type=float, default=60.0, help="complete verifier: seconds per sample (0: none)")
+    ce.add_argument("--max-domains", type=int, default=None, help="complete verifier: branch-and-bound domains per sample")
+    ce.add_argument("--results", default=None,
+                    help="per-sample results JSON (default: CKPT_DIR/<ckpt stem>.certify-eps<eps>.json)")
     ce.add_argument("--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)")
     ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
     ce.add_argument("--num-test", type=int, default=None, help="first N test examples")
@@ -129,7 +135,7 @@ def _final_eval(cfg, result, comm) -> dict:
 
 
 def _cmd_certify(args, comm) -> int:
-    from . import certify, checkpoint, models, train as train_mod
+    from . import certify, checkpoint, train as train_mod
     import torch
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
@@ -143,14 +149,30 @@ def _cmd_certify(args, comm) -> int:
     if args.num_test is not None and args.num_test < 1:
         raise ValueError(f"--num-test must be >= 1, got {args.num_test}; leave it out to use eval.num_test or all")
     n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
-    res = certify.evaluate(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n], eps,
-                           methods, comm=comm, batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps,
-                           seed=cfg.train.seed)
+    if args.pgd_restarts < 0 or (args.time_limit is not None and args.time_limit < 0):
+        raise ValueError(f"--pgd-restarts and --time-limit must be >= 0, got {args.pgd_restarts} and {args.time_limit}")
+    res, samples = certify.certify(
+        model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n], eps, methods,
+        comm=comm, batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps, pgd_restarts=args.pgd_restarts,
+        seed=cfg.train.seed, verify=args.verify, verify_time_limit=args.time_limit or None,
+        verify_max_domains=args.max_domains)
     if comm.is_root:
-        print(json.dumps(json_safe(res), indent=2, allow_nan=False) if args.json else
-              "\n".join(f"{k:24s} {100 * v:6.2f}%" for k, v in res.items() if k not in ("num_examples", "eps"))
-              + ("" if args.json else f"\n({res['num_examples']} test examples, eps={eps})"))
-    del models
+        path = Path(args.results) if args.results else certify.results_path(args.checkpoint, eps)
+        checkpoint.write_json(path, {
+            "schema": certify.RESULTS_SCHEMA, "format_version": certify.RESULTS_VERSION,
+            "checkpoint": str(args.checkpoint), "generation": ckpt.generation,
+            "theta_sha256": checkpoint.theta_sha256(ckpt.theta), "eps": float(eps), "methods": methods,
+            "pgd_steps": cfg.eval.pgd_steps, "pgd_restarts": args.pgd_restarts, "verify": args.verify,
+            "time_limit": args.time_limit, "max_domains": args.max_domains,
+            "summary": json_safe(res), "samples": json_safe(samples)})
+        if args.json:
+            print(json.dumps(json_safe(res), indent=2, allow_nan=False))
+        else:
+            print("\n".join(f"{k:24s} {100 * v:6.2f}%" for k, v in res.items()
+                            if k in ("natural", "adversarial", "certified", "verified") or k.startswith("certified/")))
+            if args.verify:
+                print(f"{'unknown':24s} {res['unknown']:6d}\n{'falsified':24s} {res['falsified']:6d}")
+            print(f"({n} test examples, eps={eps}, {res['time_s']:.1f} s; per-sample results in {path})")
     return 0
 
 
