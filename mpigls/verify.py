@@ -142,13 +142,17 @@ class _Domains:
     lower: list[torch.Tensor]       # per hidden layer (N, n_j)
     upper: list[torch.Tensor]
     input_splits: torch.Tensor      # (N,) int: input bisections so far
+    coef: list[torch.Tensor] | None = None  # branching scores' coefficients from the last bound
+    coef_in: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.lo.shape[0]
 
     def select(self, idx: torch.Tensor) -> "_Domains":
         return _Domains(self.lo[idx], self.hi[idx], [s[idx] for s in self.splits], [s[idx] for s in self.lower],
-                        [s[idx] for s in self.upper], self.input_splits[idx])
+                        [s[idx] for s in self.upper], self.input_splits[idx],
+                        None if self.coef is None else [c[idx] for c in self.coef],
+                        None if self.coef_in is None else self.coef_in[idx])
 
     @staticmethod
     def cat(parts: list["_Domains"]) -> "_Domains":
@@ -158,7 +162,9 @@ class _Domains:
                         [torch.cat([p.splits[j] for p in parts]) for j in range(nj)],
                         [torch.cat([p.lower[j] for p in parts]) for j in range(nj)],
                         [torch.cat([p.upper[j] for p in parts]) for j in range(nj)],
-                        torch.cat([p.input_splits for p in parts]))
+                        torch.cat([p.input_splits for p in parts]),
+                        [torch.cat([p.coef[j] for p in parts]) for j in range(nj)],
+                        torch.cat([p.coef_in for p in parts]))
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,8 @@ def _bound(net: DenseNet, spec: tuple[torch.Tensor, torch.Tensor], dom: _Domains
                                     relax, dom.lo, dom.hi, keep=True)
     worst = margins.argmin(-1)
     rows = torch.arange(n)
-    return _Bounds(margins, empty, [c[rows, worst].abs() for c in coefs], a_in[rows, worst].abs())
+    dom.coef, dom.coef_in = [c[rows, worst].abs() for c in coefs], a_in[rows, worst].abs()
+    return _Bounds(margins, empty, dom.coef, dom.coef_in)
 
 
 def deeppoly_margins(net: DenseNet, x: torch.Tensor, y: int, eps: float) -> torch.Tensor:
@@ -321,7 +328,7 @@ def _leaf_lp(net: DenseNet, spec, dom: _Domains, i: int):
     return best, arg
 
 
-def _branch(net: DenseNet, dom: _Domains, bnd: _Bounds, input_split: torch.Tensor) -> _Domains:
+def _branch(net: DenseNet, dom: _Domains, input_split: torch.Tensor) -> _Domains:
     """Two children per domain: a ReLU split (or an input bisection where ``input_split``)."""
     n = len(dom)
     scores = []
@@ -329,7 +336,7 @@ def _branch(net: DenseNet, dom: _Domains, bnd: _Bounds, input_split: torch.Tenso
         l, u = dom.lower[j], dom.upper[j]
         unstable = (l < 0) & (u > 0) & (dom.splits[j] == 0)
         gap = torch.where(unstable, u * (-l) / (u - l).clamp(min=1e-300), torch.zeros_like(u))
-        scores.append(torch.where(unstable, gap * bnd.coef[j] + 1e-12 * gap, torch.full_like(u, -1.0)))
+        scores.append(torch.where(unstable, gap * dom.coef[j] + 1e-12 * gap, torch.full_like(u, -1.0)))
     flat = torch.cat(scores, 1)
     pick = flat.argmax(1)
     sizes = [s.shape[1] for s in scores]
@@ -338,7 +345,7 @@ def _branch(net: DenseNet, dom: _Domains, bnd: _Bounds, input_split: torch.Tenso
     left.splits = [s.clone() for s in left.splits]
     right.splits = [s.clone() for s in right.splits]
     left.lo, left.hi, right.lo, right.hi = left.lo.clone(), left.hi.clone(), right.lo.clone(), right.hi.clone()
-    dim_score = (dom.hi - dom.lo) * (bnd.coef_in + 1e-12)
+    dim_score = (dom.hi - dom.lo) * (dom.coef_in + 1e-12)
     dim = dim_score.argmax(1)
     for r in range(n):
         if bool(input_split[r]):
@@ -443,10 +450,8 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
         parents = doms.select(take)
         frontier_doms = [doms.select(rest)] if len(rest) else []
         frontier_worst = [worst[rest]] if len(rest) else []
-        # the parents' branching scores need their bounds' coefficients: recompute (cheap, exact same)
-        pb = _bound(net, spec, parents)
         input_split = torch.full((len(parents),), use_input) & (parents.input_splits < max_input_splits)
-        children = _branch(net, parents, pb, input_split)
+        children = _branch(net, parents, input_split)
         cb = _bound(net, spec, children)
         n_domains += len(children)
         pending = [(children, cb)]
