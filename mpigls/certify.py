@@ -13,11 +13,10 @@ Shapes: B batch, K classes, D parameters.
 """
 from __future__ import annotations
 
-import torch
-
 import time
 
 import numpy as np
+import torch
 
 from . import attacks, bounds, dist, models, noise, precision
 
@@ -132,7 +131,7 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
         if verify:
             if net is None:
                 net = verify_mod.dense_network(model, tuple(x.shape[1:]))
-                model64 = verify_mod._model64(model, tuple(x.shape[1:]))
+                model64 = verify_mod._model64(model)
             v_cols: dict[str, list] = {k: [] for k in ("verified", "verify/reason", "verify/time_s",
                                                           "verify/domains", "verify/lps")}
             for i, idx in enumerate(part["index"]):
@@ -163,7 +162,8 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
 
 
 def _summarise(samples: dict, methods: list[str], verify: bool, n: int) -> dict:
-    frac = (lambda key: float(np.mean(samples[key])) if n else 0.0)
+    def frac(key):
+        return (float(np.mean(samples[key])) if n else 0.0)
     out = {"natural": frac("natural"), "adversarial": frac("adversarial"), "certified": frac("certified")}
     out |= {f"certified/{m}": frac(f"certified/{m}") for m in methods}
     if verify:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def dense_network(model: nn.Sequential, in_shape) -> DenseNet:
             std = m.std.to(_DT).expand(shape).reshape(-1)
             w, b = w / std[:, None], (b - mean) / std
         elif isinstance(m, nn.Conv2d):
-            kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+            kw: dict[str, Any] = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
             wt, bias = m.weight.detach().to("cpu", _DT), m.bias.detach().to("cpu", _DT) if m.bias is not None else None
             cols = torch.nn.functional.conv2d(w.T.reshape(w.shape[1], *shape), wt, None, **kw)
             b = torch.nn.functional.conv2d(b.reshape(1, *shape), wt, bias, **kw)
@@ -142,20 +143,19 @@ class _Domains:
     lower: list[torch.Tensor]       # per hidden layer (N, n_j)
     upper: list[torch.Tensor]
     input_splits: torch.Tensor      # (N,) int: input bisections so far
-    coef: list[torch.Tensor] | None = None  # branching scores' coefficients from the last bound
-    coef_in: torch.Tensor | None = None
+    coef: list[torch.Tensor]        # per hidden layer (N, n_j): branching coefficients from the last bound
+    coef_in: torch.Tensor           # (N, n_0)
 
     def __len__(self) -> int:
         return self.lo.shape[0]
 
-    def select(self, idx: torch.Tensor) -> "_Domains":
+    def select(self, idx: torch.Tensor) -> _Domains:
         return _Domains(self.lo[idx], self.hi[idx], [s[idx] for s in self.splits], [s[idx] for s in self.lower],
-                        [s[idx] for s in self.upper], self.input_splits[idx],
-                        None if self.coef is None else [c[idx] for c in self.coef],
-                        None if self.coef_in is None else self.coef_in[idx])
+                        [s[idx] for s in self.upper], self.input_splits[idx], [c[idx] for c in self.coef],
+                        self.coef_in[idx])
 
     @staticmethod
-    def cat(parts: list["_Domains"]) -> "_Domains":
+    def cat(parts: list[_Domains]) -> _Domains:
         parts = [p for p in parts if len(p)]
         nj = len(parts[0].splits)
         return _Domains(torch.cat([p.lo for p in parts]), torch.cat([p.hi for p in parts]),
@@ -211,7 +211,7 @@ def _bound(net: DenseNet, spec: tuple[torch.Tensor, torch.Tensor], dom: _Domains
     """DeepPoly over every domain; tightens ``dom.lower``/``dom.upper`` in place (intersection)."""
     n = len(dom)
     empty = torch.zeros(n, dtype=torch.bool)
-    relax = []
+    relax: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for j in range(net.num_hidden):
         w, b = net.weights[j], net.biases[j]
         if j == 0:
@@ -258,7 +258,8 @@ def _root(net: DenseNet, x: torch.Tensor, eps: float) -> _Domains:
     sizes = [w.shape[0] for w in net.weights[:-1]]
     return _Domains(lo[None], hi[None], [torch.zeros(1, s, dtype=torch.int8) for s in sizes],
                     [torch.full((1, s), -torch.inf, dtype=_DT) for s in sizes],
-                    [torch.full((1, s), torch.inf, dtype=_DT) for s in sizes], torch.zeros(1, dtype=torch.long))
+                    [torch.full((1, s), torch.inf, dtype=_DT) for s in sizes], torch.zeros(1, dtype=torch.long),
+                    [torch.zeros(1, s, dtype=_DT) for s in sizes], torch.zeros_like(lo[None]))
 
 
 @dataclass(frozen=True)
@@ -276,11 +277,11 @@ class VerifyResult:
                 "domains": self.domains, "lps": self.lps, "time_s": self.time_s}
 
 
-def _misclassified(model64: nn.Sequential, cand: torch.Tensor, y: int, lo, hi) -> torch.Tensor | None:
+def _misclassified(model64: nn.Sequential, cand: torch.Tensor, y: int, lo, hi, in_shape) -> torch.Tensor | None:
     """The first candidate (clipped into the float64 box) the float64 network misclassifies, or None."""
     cand = torch.minimum(torch.maximum(cand.detach().to("cpu", _DT).reshape(cand.shape[0], -1), lo), hi)
     with torch.no_grad():
-        logits = model64(cand.reshape(cand.shape[0], *model64._mpigls_in_shape))
+        logits = model64(cand.reshape(cand.shape[0], *in_shape))
     k = logits.shape[-1]
     others = torch.tensor([i for i in range(k) if i != y])
     margin = logits[:, y] - logits[:, others].max(-1).values
@@ -288,10 +289,9 @@ def _misclassified(model64: nn.Sequential, cand: torch.Tensor, y: int, lo, hi) -
     return cand[int(bad[0])] if len(bad) else None
 
 
-def _model64(model: nn.Sequential, in_shape) -> nn.Sequential:
-    m = copy.deepcopy(model).to("cpu", _DT).eval()
-    m._mpigls_in_shape = tuple(int(s) for s in in_shape)
-    return m
+def _model64(model: nn.Sequential) -> nn.Sequential:
+    """A float64 CPU copy of the network (counterexamples are checked with it)."""
+    return copy.deepcopy(model).to("cpu", _DT).eval()
 
 
 def _leaf_lp(net: DenseNet, spec, dom: _Domains, i: int):
@@ -379,14 +379,14 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
     t0 = time.perf_counter()
     in_shape = tuple(x.shape)
     net = net or dense_network(model, in_shape)
-    model64 = model64 or _model64(model, in_shape)
+    model64 = model64 or _model64(model)
     lo, hi = _box(x, eps)
 
     def done(status, reason, root=float("nan"), domains=0, lps=0, cex=None):
         return VerifyResult(status, reason, root, domains, lps, time.perf_counter() - t0,
                             None if cex is None else cex.numpy().reshape(in_shape))
 
-    cex = _misclassified(model64, x.reshape(1, -1), y, lo, hi)
+    cex = _misclassified(model64, x.reshape(1, -1), y, lo, hi, in_shape)
     if cex is not None:
         return done("falsified", "clean", cex=cex)
     if eps > 0 and pgd_restarts > 0:
@@ -397,7 +397,7 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
             gen = noise.torch_generator(seed, noise.STREAM_ATTACK, 1 << 31, index * 1024 + r)
             adv = attacks.pgd(model, xb, yb, eps, pgd_steps, 2.5 * eps / max(pgd_steps, 1), generator=gen,
                               loss="margin" if r % 2 == 0 else "ce")
-            cex = _misclassified(model64, adv.reshape(1, -1), y, lo, hi)
+            cex = _misclassified(model64, adv.reshape(1, -1), y, lo, hi, in_shape)
             if cex is not None:
                 return done("falsified", "pgd", cex=cex)
     spec = _spec(net, int(y))
@@ -427,7 +427,7 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
                 if val > LP_TOL:
                     continue
                 if arg is not None:
-                    cex = _misclassified(model64, torch.as_tensor(arg)[None], y, lo, hi)
+                    cex = _misclassified(model64, torch.as_tensor(arg)[None], y, lo, hi, in_shape)
                     if cex is not None:
                         return done("falsified", "leaf-lp", root, n_domains, n_lps, cex)
                 undecided = True
@@ -501,12 +501,19 @@ def exact_min_margins(net: DenseNet, x: torch.Tensor, y: int, eps: float) -> np.
             z = np.zeros(nv)
             z[prev[0]:prev[1]] = w[k]
             hk, dk = h0 + k, d0 + k
-            # h >= z
-            r = -z.copy(); r[hk] += 1; rows.append(r); lbs.append(b[k]); ubs.append(np.inf)
-            # h <= z - l (1 - d)  <=>  h - z - l d <= -l + b ... with z = w.h_prev + b
-            r = -z.copy(); r[hk] += 1; r[dk] -= l[k]; rows.append(r); lbs.append(-np.inf); ubs.append(b[k] - l[k])
-            # h <= u d
-            r = np.zeros(nv); r[hk] = 1; r[dk] = -max(u[k], 0); rows.append(r); lbs.append(-np.inf); ubs.append(0)
+            # z = w.h_prev + b;  h >= z;  h <= z - l (1 - d);  h <= u d
+            for extra, lo_c, hi_c in (({hk: 1.0}, b[k], np.inf), ({hk: 1.0, dk: -l[k]}, -np.inf, b[k] - l[k])):
+                r = -z.copy()
+                for idx, val in extra.items():
+                    r[idx] += val
+                rows.append(r)
+                lbs.append(lo_c)
+                ubs.append(hi_c)
+            r = np.zeros(nv)
+            r[hk], r[dk] = 1.0, -max(u[k], 0.0)
+            rows.append(r)
+            lbs.append(-np.inf)
+            ubs.append(0.0)
         prev = (h0, h0 + s)
     sw, sb = (t.numpy() for t in _spec(net, int(y)))
     out = []

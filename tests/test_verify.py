@@ -15,8 +15,7 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from mpigls import bounds, models
-from mpigls import verify as V
+from mpigls import bounds, models, verify as V
 from mpigls.models import Normalize
 
 
@@ -81,6 +80,7 @@ def _enumerate_min(net: V.DenseNet, x, y, eps) -> float:
     return best
 
 
+@pytest.mark.slow
 def test_milp_oracle_equals_enumeration():
     checked = 0
     for seed in range(40):

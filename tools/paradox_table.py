@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = table(Path(args.out))
-    pct = (lambda v: "-" if v is None else f"{100 * v:.1f}")
+    def pct(v):
+        return ("-" if v is None else f"{100 * v:.1f}")
     print("| run | natural | PGD | certified (IBP) | certified (DeepPoly) | certified (union) | verified (complete) | unknown |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
