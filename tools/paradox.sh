@@ -21,16 +21,18 @@ export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 read -r -a PGPE_EXTRA <<< "${PGPE_SETS:-}"
 read -r -a RGS_EXTRA <<< "${RGS_SETS:-}"
+read -r -a ALL_EXTRA <<< "${EXTRA_SETS:-}"   # e.g. a smoke run: EXTRA_SETS="--set train.epochs=1 ..."
+read -r -a CERT_EXTRA <<< "${CERT_ARGS:-}"   # e.g. CERT_ARGS="--num-test 100"
 
 train() {  # ROW CONFIG [args...]: train to the end unless OUT/ROW/eval.json exists
   local row=$1 cfg=$2; shift 2
   [[ -f "$OUT/$row/eval.json" ]] && return 0
-  "$PYTHON" -m mpigls train "$cfg" --out "$OUT/$row" --set train.progress=false "$@" > "$OUT/$row.log" 2>&1
+  "$PYTHON" -m mpigls train "$cfg" --out "$OUT/$row" --set train.progress=false "${ALL_EXTRA[@]}" "$@" > "$OUT/$row.log" 2>&1
 }
 grad_deeppoly() {
   if [[ ! -f "$OUT/warm-grad-deeppoly.h5" ]]; then
     "$PYTHON" -m mpigls train "$CFG/grad-deeppoly.yaml" --out "$OUT/grad-deeppoly" --set train.progress=false \
-      --max-generations "$WARM_GEN" --no-eval > "$OUT/grad-deeppoly.log" 2>&1
+      "${ALL_EXTRA[@]}" --max-generations "$WARM_GEN" --no-eval > "$OUT/grad-deeppoly.log" 2>&1
     cp "$OUT/grad-deeppoly/latest.h5" "$OUT/warm-grad-deeppoly.h5"
   fi
   train grad-deeppoly "$CFG/grad-deeppoly.yaml"
@@ -39,20 +41,24 @@ certify() {  # ROW
   local row=$1
   [[ -f "$OUT/$row/certify.json" ]] && return 0
   "$PYTHON" -m mpigls certify "$OUT/$row/latest.h5" --methods ibp,deeppoly --pgd-restarts 3 --verify \
-    --time-limit "$VERIFY_TIME" --results "$OUT/$row/certify.json" --json > "$OUT/$row.certify.log" 2>&1
+    --time-limit "$VERIFY_TIME" --results "$OUT/$row/certify.json" --json "${CERT_EXTRA[@]}" > "$OUT/$row.certify.log" 2>&1
 }
 
+pair() {  # run two steps, in parallel when JOBS >= 2; fail if either fails
+  if [[ "$JOBS" -lt 2 ]]; then "$1"; "$2"; return; fi
+  "$1" & local a=$!
+  "$2" & local b=$!
+  wait "$a"; wait "$b"
+}
+grad_ibp() { train grad-ibp "$CFG/grad-ibp.yaml"; }
+pgpe() { train pgpe-deeppoly "$CFG/pgpe-deeppoly.yaml" "${WARM[@]}" "${PGPE_EXTRA[@]}"; }
+rgs() { train rgs-deeppoly "$CFG/rgs-deeppoly.yaml" "${WARM[@]}" "${RGS_EXTRA[@]}"; }
+
 echo "[paradox] GRAD rows -> $OUT (logs: $OUT/*.log)"
-train grad-ibp "$CFG/grad-ibp.yaml" &
-if [[ "$JOBS" -lt 2 ]]; then wait; fi
-grad_deeppoly &
-wait
+pair grad_ibp grad_deeppoly
 WARM=(--set "model.init_from=$OUT/warm-grad-deeppoly.h5")
 echo "[paradox] GLS rows from $OUT/warm-grad-deeppoly.h5"
-train pgpe-deeppoly "$CFG/pgpe-deeppoly.yaml" "${WARM[@]}" "${PGPE_EXTRA[@]}" &
-if [[ "$JOBS" -lt 2 ]]; then wait; fi
-train rgs-deeppoly "$CFG/rgs-deeppoly.yaml" "${WARM[@]}" "${RGS_EXTRA[@]}" &
-wait
+pair pgpe rgs
 echo "[paradox] certifying (complete verifier: $VERIFY_TIME s per sample)"
 for row in grad-ibp grad-deeppoly pgpe-deeppoly rgs-deeppoly; do certify "$row"; done
 "$PYTHON" "$HERE/tools/paradox_table.py" "$OUT"
