@@ -35,6 +35,15 @@ def is_certified(lb: torch.Tensor) -> torch.Tensor:
     return precision.certified(lb.detach())
 
 
+def _check_methods(methods: list[str]) -> None:
+    """Only bounds that are sound over the whole eps box may certify."""
+    bad = [m for m in methods if m not in bounds.SOUND_METHODS]
+    if bad:
+        raise ValueError(f"cannot certify with {bad}: certification needs a bound that is sound over the whole "
+                         f"eps box, one of {list(bounds.SOUND_METHODS)} (sabr bounds only a small box around a PGD "
+                         "point: a training loss, not a certificate)")
+
+
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.argmax(-1) == y).sum())
 
@@ -44,6 +53,7 @@ def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y
              methods: list[str], *, comm=None, batch_size: int = 100, pgd_steps: int = 20, seed: int = 0,
              bound_options: dict | None = None) -> dict:
     """Accuracies (fractions in [0, 1]) of ``theta`` on (x, y): natural, pgd, certified/<method>."""
+    _check_methods(methods)
     comm = comm or dist.SerialComm()
     device = next(model.parameters()).device
     models.load_flat_(model, theta.to(device))
@@ -101,6 +111,7 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
     """
     from . import verify as verify_mod
     t0 = time.perf_counter()
+    _check_methods(methods)
     comm = comm or dist.SerialComm()
     device = next(model.parameters()).device
     models.load_flat_(model, theta.to(device))

@@ -81,3 +81,21 @@ def test_cli_certify_json_and_results_file(trained, capsys):
     assert stored["summary"]["certified"] == out["certified"]
     assert len(stored["samples"]["verified"]) == 12
     assert cli.main(["certify", str(trained), "--pgd-restarts", "-1"]) == 2
+
+
+def test_only_sound_methods_certify():
+    """sabr bounds a small box around a PGD point: it must never be reported as a certificate."""
+    import pytest as _pytest
+    import torch as _torch
+
+    from mpigls import bounds, certify as certify_mod, config, models
+    assert bounds.SOUND_METHODS == config.CERTIFY_METHODS
+    assert "sabr" not in bounds.SOUND_METHODS
+    with _pytest.raises(config.ConfigError, match="sound"):
+        config.EvalConfig(methods=["sabr"])
+    model = models.build("mlp-tiny", (1, 4, 4), 3)
+    theta = models.flat_params(model)
+    x, y = _torch.rand(4, 1, 4, 4), _torch.tensor([0, 1, 2, 0])
+    for fn in (certify_mod.evaluate, certify_mod.certify):
+        with _pytest.raises(ValueError, match="sound"):
+            fn(model, theta, x, y, 0.01, ["ibp", "sabr"])
