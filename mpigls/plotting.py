@@ -63,10 +63,11 @@ def _line(ax, run: Run, key: str, color, style="-", window: int | None = None, l
     return True
 
 
-def _style_legend(ax, entries: list[tuple[str, object]]) -> None:
+def _style_legend(ax, entries: list[tuple[str, object]], top: bool = False) -> None:
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color="0.3", linestyle=s) for _, s in entries]
-    ax.legend(handles, [n for n, _ in entries], fontsize=7, loc="best", frameon=False)
+    where = {"loc": "upper center", "ncol": min(len(entries), 4)} if top else {"loc": "best"}
+    ax.legend(handles, [n for n, _ in entries], fontsize=7, frameon=False, handlelength=2.5, **where)
 
 
 def _empty(ax, text: str) -> None:
@@ -101,8 +102,9 @@ def _default_panels(axes, runs: list[Run], colors, window) -> None:
             _line(ax, run, key, c, _val_style(key, cert_keys), window=1)
     ax.set_title("validation accuracy")
     if val_keys:
-        _style_legend(ax, [(k[4:], _val_style(k, cert_keys)) for k in val_keys])
-        ax.set_ylim(-0.02, 1.02)
+        _style_legend(ax, [(k[4:], _val_style(k, cert_keys)) for k in val_keys], top=True)
+        ax.set_ylim(-0.02, 1.22)  # the band above 1 holds the legend
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     else:
         _empty(ax, "no val/* metrics\n(train with --set eval.every=N)")
 
@@ -190,8 +192,7 @@ def plot_tightness(result: dict, out: str | os.PathLike, eps: float | None = Non
         ax.plot(radii, curve["certified"], marker="o", markersize=3,
                 label=f"{method} (AUC {curve['auc']:.4g}, mean {100 * curve['auc_normalized']:.1f}%)")
     if eps is not None and radii[0] <= eps <= radii[-1]:
-        ax.axvline(eps, color="0.5", linestyle=":", linewidth=1)
-        ax.text(eps, 1.0, " training eps", fontsize=7, color="0.4", va="top")
+        ax.axvline(eps, color="0.5", linestyle=":", linewidth=1, label=f"training eps {eps:g}")
     ax.set_xlabel("radius (l_inf, pixel space)")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(-0.02, 1.05)
