@@ -23,6 +23,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -80,9 +81,11 @@ class Run:
                  or math.isclose(r["eps"], eps, rel_tol=1e-9, abs_tol=1e-12)]
         if not cands:
             return None
-        return max(cands, key=lambda r: (r.get("generation", -1) if r.get("generation") is not None else -1,
-                                         r.get("verified") is not None, r.get("certified") is not None,
-                                         r.get("mtime", 0.0)))
+        def rank(r: dict) -> tuple:
+            gen = r.get("generation")
+            return (gen if isinstance(gen, int) else -1, r.get("verified") is not None,
+                    r.get("certified") is not None, r.get("mtime", 0.0))
+        return max(cands, key=rank)
 
 
 def _fraction(value: Any) -> float | None:
@@ -231,10 +234,14 @@ def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
     runs = [load_run(p) for p in paths]
     labels = [r.label for r in runs]
     if len(set(labels)) < len(labels):
-        parts = [Path(p).resolve().parts for p in paths]
+        parts = [Path(p).resolve().parts[1:] for p in paths]  # without the root
         for depth in range(2, max(len(p) for p in parts) + 1):
             labels = ["/".join(p[-depth:]) for p in parts]
             if len(set(labels)) == len(labels):
                 break
-        runs = [Run(**{**r.__dict__, "label": lab}) for r, lab in zip(runs, labels)]
+        else:  # the same path given twice: number the repeats
+            base, labels = [r.label for r in runs], []
+            for i, lab in enumerate(base):
+                labels.append(f"{lab} #{base[:i + 1].count(lab)}" if base.count(lab) > 1 else lab)
+        runs = [dataclasses.replace(r, label=lab) for r, lab in zip(runs, labels)]
     return runs

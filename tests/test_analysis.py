@@ -56,6 +56,8 @@ def test_load_run_directory_and_checkpoint(runs):
         run.series("nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         analysis.load_run(runs / "missing")
+    labels = [r.label for r in analysis.load_runs([runs / "pgpe", runs / "pgpe", runs / "grad" / "latest.h5"])]
+    assert labels == ["pgpe #1", "pgpe #2", "grad/latest.h5"]
 
 
 def test_dataframe_when_pandas_is_installed(runs):
