@@ -9,8 +9,9 @@ newest loadable checkpoint's and the live metrics log's records (the log wins wh
 generation), and a half-written last log line is ignored.
 
 Certification results are read tolerantly from any JSON file in the run directory (or one level
-below) that holds at least a ``natural`` accuracy: ``eval.json`` (written by a finished ``train``),
-``certify_*.json`` (``mpigls report --certify``) and per-checkpoint results of ``mpigls certify``.
+below, except the ``aside-*`` folders of earlier runs) that holds at least a ``natural`` accuracy:
+``eval.json`` (written by a finished ``train``), ``certify_*.json`` (``mpigls report --certify``)
+and per-checkpoint results of ``mpigls certify``.
 Accuracies may be fractions or per-sample lists (their mean is taken); ``pgd`` is read as
 ``adversarial``; ``summary`` sub-objects are unwrapped.
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from . import checkpoint
 from .monitor import METRICS_FILE, read_metrics_log
+from .rundir import ASIDE_PREFIX
 
 __all__ = ["Run", "load_run", "load_runs", "read_certifications", "normalise_result", "CERT_FILE_GLOBS"]
 
@@ -111,7 +113,7 @@ def normalise_result(obj: Any, source: str | os.PathLike = "") -> dict | None:
     schema = obj.get("schema")
     if isinstance(schema, str) and "certif" not in schema:
         return None  # another mpigls JSON (e.g. a tightness curve)
-    base = obj.get("summary") if isinstance(obj.get("summary"), dict) else obj
+    base: dict = obj["summary"] if isinstance(obj.get("summary"), dict) else obj
     natural = _fraction(base.get("natural"))
     if natural is None:
         return None
@@ -143,7 +145,8 @@ def read_certifications(directory: str | os.PathLike) -> list[dict]:
     seen = set()
     for pattern in CERT_FILE_GLOBS:
         for path in sorted(d.glob(pattern)):
-            if path in seen or path.name.startswith(".tmp-") or not path.is_file():
+            if (path in seen or path.name.startswith(".tmp-") or not path.is_file()
+                    or path.parent.name.startswith(ASIDE_PREFIX)):  # an earlier run's files (train --restart)
                 continue
             seen.add(path)
             try:
@@ -194,6 +197,9 @@ def _dataframe(metrics: dict[str, np.ndarray]):
 def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     """Read a run directory or a checkpoint file (see the module docstring)."""
     path = Path(path)
+    ckpt_path: Path | None
+    ckpt: checkpoint.Checkpoint | None
+    config: dict | None
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory (the --out of "
                                 "`mpigls train`) or a checkpoint file such as DIR/latest.h5")

@@ -52,7 +52,8 @@ def _finite_or_none(value):
 def _parse_lines(raw: bytes) -> list[tuple[int, dict | None]]:
     """(end offset, object or None when unparsable) for every newline-terminated line of ``raw``;
     a last line without its newline is a write in progress or cut by a kill and is left out."""
-    out, start = [], 0
+    out: list[tuple[int, dict | None]] = []
+    start = 0
     while True:
         end = raw.find(b"\n", start)
         if end < 0:
@@ -118,7 +119,7 @@ class MetricsLog:
         self._file = None
         try:
             truncate_log(self.path, start_generation)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
             self._write({"schema": SCHEMA, "version": VERSION, "start_generation": start_generation,
                          "unix_time": time.time(), "config": config})
         except OSError as exc:
@@ -129,6 +130,7 @@ class MetricsLog:
         self.close()
 
     def _write(self, obj: dict) -> None:
+        assert self._file is not None
         self._file.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
         self._file.flush()
 
@@ -186,6 +188,7 @@ class Monitor:
     def update(self, generation: int, theta: torch.Tensor, metrics: dict) -> dict:
         """``metrics`` plus the validation results when due; appends the generation's log line."""
         if self.due(generation):
+            assert self.validator is not None  # due() is False without eval.every
             val = self.validator(theta)
             metrics = {**metrics, **val}
             self._say(f"val gen {generation:6d}  " + "  ".join(

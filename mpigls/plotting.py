@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def _line(ax, run: Run, key: str, color, style="-", window: int | None = None, l
     return True
 
 
-def _style_legend(ax, entries: list[tuple[str, object]], top: bool = False) -> None:
+def _style_legend(ax, entries: list[tuple[str, Any]], top: bool = False) -> None:
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color="0.3", linestyle=s) for _, s in entries]
     where = {"loc": "upper center", "ncol": min(len(entries), 4)} if top else {"loc": "best"}
@@ -129,8 +130,8 @@ def _default_panels(axes, runs: list[Run], colors, window) -> None:
         for run, c in zip(runs, colors):
             drawn |= _line(ax, run, key, c, "-", window if key.startswith("time/") else 1)
         ax.set_title(title)
-        values = [v for run in runs if key in run.metrics for v in run.series(key)[1]]
-        if drawn and log and min(values) > 0 and max(values) / min(values) > 20:
+        seen = [v for run in runs if key in run.metrics for v in run.series(key)[1]]
+        if drawn and log and min(seen) > 0 and max(seen) / min(seen) > 20:
             ax.set_yscale("log")
         if not drawn:
             _empty(ax, f"{key} not recorded")

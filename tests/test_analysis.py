@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import analysis, analysis_report, analysis_tightness, certify, checkpoint, cli, config, monitor, plotting, train
+from mpigls import (
+    analysis,
+    analysis_report,
+    analysis_tightness,
+    certify,
+    checkpoint,
+    cli,
+    config,
+    monitor,
+    plotting,
+    train,
+)
 
 from conftest import tiny_overrides
 
@@ -146,6 +157,9 @@ def test_report_prefers_a_richer_certification_file(runs, tmp_path, capsys):
     assert not cells["certified"]["grad"]["single_method"]
     # a result at another radius does not stand in for the training radius
     assert analysis.load_run(run_dir).best_certification(0.3) is None
+    (run_dir / "aside-20260101T000000Z").mkdir()  # an earlier run's files, moved aside by train --restart
+    (run_dir / "aside-20260101T000000Z" / "eval.json").write_text(json.dumps({"natural": 1.0, "generation": 99}))
+    assert [r["generation"] for r in analysis.load_run(run_dir).certification] == [8, 8]
 
 
 def test_report_certify_fills_in_missing_results(runs, capsys):
@@ -172,7 +186,7 @@ def test_tightness_curves_and_area(runs, tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
     res = json.loads(png.with_suffix(".json").read_text())
     assert res["radii"] == pytest.approx([0, 0.025, 0.05, 0.075, 0.1]) and res["num_examples"] == 48
-    for m, curve in res["methods"].items():
+    for curve in res["methods"].values():
         acc = curve["certified"]
         assert acc[0] == res["natural_accuracy"]  # every sound bound is exact at radius 0
         manual = sum(0.025 * (a + b) / 2 for a, b in zip(acc, acc[1:]))
@@ -202,6 +216,7 @@ def test_plot_overlays_runs_and_checkpoints(runs, tmp_path, capsys):
     keys = tmp_path / "k.svg"
     assert cli.main(["plot", str(runs / "pgpe"), str(runs / "grad"), "--keys", "loss/mean,val/natural",
                      "--smooth", "3", "--out", str(keys)]) == 0 and keys.read_text().startswith("<?xml")
+    capsys.readouterr()
     assert cli.main(["plot", str(runs / "pgpe"), "--out", str(tmp_path / "noext")]) == 0  # as matplotlib names it
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'noext.png'}" and (tmp_path / "noext.png").exists()
     assert cli.main(["plot", str(runs / "pgpe"), "--keys", "nope", "--out", str(out)]) == 2

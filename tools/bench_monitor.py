@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpigls import checkpoint, config, monitor, train  # noqa: E402
+from mpigls import checkpoint, config, monitor, train
 
 
 def main() -> None:
