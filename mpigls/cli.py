@@ -257,7 +257,7 @@ def _certify_run(run, comm):
     import torch
     if run.checkpoint_path is None:
         raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
-    ckpt = checkpoint.load(run.checkpoint_path)
+    ckpt = _load_usable(str(run.checkpoint_path))
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
@@ -280,7 +280,7 @@ def _cmd_tightness(args, comm) -> int:
     from . import analysis_tightness, checkpoint, plotting, train as train_mod
     import torch
     out = _png_path(args.out, "tightness.png")
-    ckpt = checkpoint.load(args.checkpoint)
+    ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     radii = analysis_tightness.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
     methods = [m for m in args.methods.split(",") if m]
