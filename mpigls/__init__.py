@@ -12,7 +12,8 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["attacks", "bounds", "certify", "checkpoint", "cli", "config", "data", "dist", "landscape",
-           "losses", "models", "noise", "optim", "population", "precision", "train"]
+           "losses", "models", "noise", "optim", "population", "precision", "train",
+           "analysis", "analysis_report", "analysis_tightness", "monitor", "plotting"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Command line: ``mpigls train | certify | inspect | landscape | plot``.
+"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness``.
 
 One process:      mpigls train configs/quickstart.yaml --out runs/quick
 Two MPI ranks:    mpiexec -n 2 python -m mpi4py -m mpigls train configs/quickstart.yaml --out runs/quick
@@ -73,10 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--radius", type=float, default=None, help="largest step along the direction (default: 5 * max sigma)")
     la.add_argument("--batch-size", type=int, default=64, help="training examples used for the loss")
 
-    pl = sub.add_parser("plot", help="plot the metrics history of a checkpoint to PNG")
-    pl.add_argument("checkpoint")
-    pl.add_argument("--out", default="metrics.png")
-    pl.add_argument("--keys", default="loss/mean,sched/eps", help="comma-separated metric keys")
+    pl = sub.add_parser("plot", help="training curves of run directories or checkpoints, overlaid (works while training)")
+    pl.add_argument("paths", nargs="+", metavar="RUN_OR_CKPT", help="run directories (--out of train) or checkpoint files")
+    pl.add_argument("--out", default="metrics.png", help="PNG/PDF/SVG file, or a directory (writes DIR/metrics.png)")
+    pl.add_argument("--keys", default=None, help="comma-separated metric keys, one panel each (default: loss, "
+                                                 "validation accuracy, sigma, eps, lr, time panels)")
+    pl.add_argument("--smooth", type=int, default=None, help="moving-average window for noisy curves (default: auto; 1: off)")
+
+    rp = sub.add_parser("report", help="results table in the layout of the paper's Table 1 from stored certification results")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
+    rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.add_argument("--certify", action="store_true", help="certify the latest checkpoint of runs without a stored result "
+                                                            "(writes DIR/certify_GENERATION.json)")
+    rp.add_argument("--out", default=None, help="also write the table to this file")
+
+    ti = sub.add_parser("tightness", help="certified accuracy over radius per relaxation and its area (Jovanovic et al. 2022)")
+    ti.add_argument("checkpoint")
+    ti.add_argument("--out", default="tightness.png", help="PNG path (the JSON goes beside it, .json)")
+    ti.add_argument("--methods", default="ibp,hbox,crown-ibp,deeppoly", help="comma-separated relaxations")
+    ti.add_argument("--max-eps", type=float, default=None, help="largest radius (default: 2 * the config's bound.eps)")
+    ti.add_argument("--num-radii", type=int, default=11, help="radii from 0 to --max-eps")
+    ti.add_argument("--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)")
 
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
@@ -209,26 +226,84 @@ def _cmd_landscape(args, comm) -> int:
 
 
 def _cmd_plot(args, comm) -> int:
-    from . import checkpoint
-    ckpt = checkpoint.load(args.checkpoint)
+    from . import analysis, plotting
+    out = _png_path(args.out, "metrics.png")
+    runs = analysis.load_runs(args.paths)
     if comm.is_root:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        keys = args.keys.split(",")
-        missing = [k for k in keys if k not in ckpt.metrics]
-        if missing:
-            raise ValueError(f"metric key(s) {missing} not in checkpoint; available: {sorted(ckpt.metrics)}")
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.5 * len(keys)), sharex=True, squeeze=False)
-        gens = ckpt.metrics.get("generation")
-        for ax, key in zip(axes[:, 0], keys):
-            ax.plot(gens if gens is not None else range(len(ckpt.metrics[key])), ckpt.metrics[key])
-            ax.set_ylabel(key)
-        axes[-1, 0].set_xlabel("generation")
-        fig.tight_layout()
-        out = _png_path(args.out, "metrics.png")
-        fig.savefig(out, dpi=120)
-        print(f"wrote {out}")
+        keys = [k for k in args.keys.split(",") if k] if args.keys else None
+        path = plotting.plot_runs(runs, out, keys=keys, window=args.smooth)
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_report(args, comm) -> int:
+    from . import analysis, analysis_report
+    runs = analysis.load_runs(args.runs)
+    if args.certify:  # rank 0 decides what is missing, so every rank certifies the same runs
+        missing = comm.bcast_obj([analysis_report.run_result(run)[0] is None for run in runs])
+        runs = [_certify_run(run, comm) if miss else run for run, miss in zip(runs, missing)]
+    if comm.is_root:
+        text = analysis_report.format_table(analysis_report.build_table(runs), args.format)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text, end="")
+    return 0
+
+
+def _certify_run(run, comm):
+    """Certify the run's newest checkpoint as configured; store DIR/certify_GENERATION.json."""
+    from . import analysis, certify, checkpoint, train as train_mod
+    import time
+    import torch
+    if run.checkpoint_path is None:
+        raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
+    ckpt = _load_usable(str(run.checkpoint_path))
+    cfg = config_mod.from_dict(ckpt.config)
+    dataset, model, arch = train_mod.build_problem(cfg)
+    checkpoint.check_compatible(ckpt, arch)
+    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
+    n = cfg.eval.num_test or len(dataset.test_y)
+    t0 = time.perf_counter()
+    res = certify.evaluate(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n],
+                           cfg.bound.eps, list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
+                           pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    if comm.is_root:
+        checkpoint.write_json(run.directory / f"certify_{ckpt.generation:08d}.json", {
+            "generation": ckpt.generation, "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+            "checkpoint": str(run.checkpoint_path), "methods": list(cfg.eval.methods),
+            "time_s": time.perf_counter() - t0, **res})
+    comm.barrier()
+    return analysis.load_run(run.path, label=run.label)
+
+
+def _cmd_tightness(args, comm) -> int:
+    from . import analysis_tightness, checkpoint, plotting, train as train_mod
+    import torch
+    out = _png_path(args.out, "tightness.png")
+    ckpt = _load_usable(args.checkpoint)
+    cfg = config_mod.from_dict(ckpt.config)
+    radii = analysis_tightness.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in config_mod.BOUND_METHODS[:7]]
+    if bad:
+        raise ValueError(f"--methods {bad} are not relaxations; choose among {list(config_mod.BOUND_METHODS[:7])}")
+    dataset, model, arch = train_mod.build_problem(cfg)
+    checkpoint.check_compatible(ckpt, arch)
+    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
+    n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
+    res = analysis_tightness.tightness(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n],
+                                       dataset.test_y[:n], radii, methods, comm=comm, batch_size=cfg.eval.batch_size)
+    res.update({"checkpoint": str(args.checkpoint), "generation": ckpt.generation,
+                "theta_sha256": checkpoint.theta_sha256(ckpt.theta), "training_eps": cfg.bound.eps,
+                "training_method": cfg.bound.method})
+    if comm.is_root:
+        png = plotting.plot_tightness(res, out, eps=cfg.bound.eps)
+        js = checkpoint.write_json(png.with_suffix(".json"), res)
+        print(f"{'relaxation':12s} {'AUC':>9s} {'mean cert.':>10s}   (radii 0..{radii[-1]:g}, {len(radii)} points, "
+              f"{res['num_examples']} examples, natural {100 * res['natural_accuracy']:.2f}%)")
+        for m, c in res["methods"].items():
+            print(f"{m:12s} {c['auc']:9.5f} {100 * c['auc_normalized']:9.2f}%")
+        print(f"wrote {png} and {js}")
     return 0
 
 
@@ -291,7 +366,8 @@ def _png_path(out: str, default_name: str) -> Path:
 
 
 _COMMANDS = {"train": _cmd_train, "certify": _cmd_certify, "inspect": _cmd_inspect,
-             "landscape": _cmd_landscape, "plot": _cmd_plot, "config": _cmd_config}
+             "landscape": _cmd_landscape, "plot": _cmd_plot, "report": _cmd_report, "tightness": _cmd_tightness,
+             "config": _cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,6 +219,8 @@ class EvalConfig:
     num_test: int | None = _f(None, "certify only the first N test examples (null: all)")
     batch_size: int = _f(100, "test examples per bound call")
     pgd_steps: int = _f(20, "PGD steps of the empirical robustness attack (0: skip)")
+    every: int = _f(0, "generations between validation evaluations during training, stored as val/* metrics (0: off)")
+    num_val: int = _f(256, "validation subset for eval.every: the first N test examples (fixed for the whole run)")
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in CERTIFY_METHODS]
@@ -228,6 +230,8 @@ class EvalConfig:
                  f"eval.num_test must be >= 1 or null (all test examples), got {self.num_test}")
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _require(self.pgd_steps >= 0, f"eval.pgd_steps must be >= 0, got {self.pgd_steps}")
+        _require(self.every >= 0, f"eval.every must be >= 0 (0: no validation during training), got {self.every}")
+        _require(self.num_val >= 1, f"eval.num_val must be >= 1, got {self.num_val}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,7 +32,7 @@ __all__ = ["RunDirError", "RUN_FILES", "ASIDE_PREFIX", "out_path", "Scan", "scan
 
 ASIDE_PREFIX = "aside-"
 # the files a run writes into --out: what --restart moves aside (never deletes)
-RUN_FILES = re.compile(r"^(ckpt_\d{8,}\.h5|latest\.h5|eval\.json|metrics.*)$")
+RUN_FILES = re.compile(r"^(ckpt_\d{8,}\.h5|latest\.h5|eval\.json|certify_\d{8,}\.json|metrics.*)$")
 
 
 class RunDirError(ValueError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, noise, pgpe_dist, precision, preflight, rundir, stopping
+from . import checkpoint, data, dist, losses, models, monitor, noise, pgpe_dist, precision, preflight, rundir, stopping
 from .config import Config, changed_keys, to_dict
 from .optim import grad as grad_opt
 from .optim import pgpe, rgs, schedules
@@ -247,6 +247,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
         f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
         f"generations {generation}->{stop_at} of {total}")
+    live = monitor.Monitor(cfg, comm, out_dir, dataset, model, generation, total, say)  # val/* metrics, metrics.jsonl
     stop_signal = dist.StopSignal().install()
     # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
     blocks = stopping.StoppableBlocks(dist.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
@@ -291,6 +292,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                        "loss/min": float(finite.min()) if finite.numel() else math.nan,
                        "sched/eps": float(eps), "sched/lr": float(lr), **metrics,
                        "time/generation_s": time.perf_counter() - t0}
+            metrics = live.update(generation, state.center, metrics)
             _append_metrics(history, metrics, generation)
             if progress is not None:
                 progress.update(1)
@@ -318,6 +320,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
         stop_signal.uninstall()
         if source is not None:
             source.close()
+        live.close()
         if progress is not None:
             progress.close()
     if ckpt_path is None and comm.is_root:

@@ -135,7 +135,7 @@ def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2
     code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 3, "--restart",
                              *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
     assert code == 0, err
-    assert "moved 2 file(s)" in out
+    assert "moved 3 file(s)" in out  # ckpt, latest.h5, metrics.jsonl
     aside = [p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX)]
     assert len(aside) == 1 and hashes(aside[0]) == before
     assert checkpoint.load(d / checkpoint.LATEST).generation == 3
@@ -156,7 +156,9 @@ def test_some_unloadable_resume_from_newest_loadable_and_keep_the_others(tmp_pat
                              *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
     assert code == 0, err
     assert "resuming from generation 3" in out and "moved into" in out and "format version 99" in out
-    assert_nothing_lost({k: v for k, v in before.items() if "0000000" not in k or k.endswith(("1.h5", "4.h5"))}, d)
+    # (metrics.jsonl is a live log, cut back to the resumed generation: not a checkpoint to keep)
+    assert_nothing_lost({k: v for k, v in before.items() if ("0000000" not in k or k.endswith(("1.h5", "4.h5")))
+                         and k != "metrics.jsonl"}, d)
     aside = next(p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX))
     assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5"]
     assert hashes(aside) == {k: before[k] for k in ("ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5")}
@@ -399,7 +401,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     assert code == 2
     one_paragraph(err, "could not write checkpoint ckpt_00000004.h5", "No space left on device", "intact")
     assert checkpoint.load(d / checkpoint.LATEST).generation == 2
-    assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000002.h5", "latest.h5"]  # no temp file left
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt_00000002.h5", "latest.h5", "metrics.jsonl"]  # no temp file
 
 
 def test_h5py_style_disk_full_message_names_the_os_error(tmp_path):

@@ -1,0 +1,61 @@
+"""Cost of live monitoring: one metrics.jsonl line per generation, and validation every K generations,
+against the generation it accompanies, all measured in this one run (digits CNN3, PGPE + IBP).
+
+    python tools/bench_monitor.py [--generations 40] [--json bench-out/monitor.json]
+
+Prints a table: seconds per generation without monitoring, the metrics-log append per generation
+(and as a fraction of a generation), and one validation pass (eval.num_val=256, IBP + DeepPoly +
+10-step PGD) as a multiple of a generation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mpigls import checkpoint, config, monitor, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--generations", type=int, default=40)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sets = ["data.name=digits", "model.name=cnn3", "bound.method=ibp", "bound.eps=0.05", "optimizer.popsize=32",
+            "optimizer.block_size=8", "train.batch_size=64", "train.threads=1", "train.progress=false",
+            "train.checkpoint_every=1000", "eval.num_val=256", "eval.pgd_steps=10", "eval.methods=[ibp,deeppoly]"]
+    cfg = config.load_config(None, sets)
+    with tempfile.TemporaryDirectory() as tmp:
+        train.train(cfg, Path(tmp) / "run", max_generations=args.generations, log=lambda m: None)
+        ck = checkpoint.load(Path(tmp) / "run" / "latest.h5")
+        gen_s = statistics.median(ck.metrics["time/generation_s"])
+        last = {k: float(v[-1]) for k, v in ck.metrics.items()}
+        log = monitor.MetricsLog(Path(tmp) / "m.jsonl", 0, config.to_dict(cfg), say=lambda m: None)
+        n = 2000
+        t0 = time.perf_counter()
+        for g in range(n):
+            log.append(g, last)
+        append_s = (time.perf_counter() - t0) / n
+        log.close()
+        dataset, model, _ = train.build_problem(cfg)
+        validator = monitor.Validator(cfg, dataset, model, train.dist.SerialComm())
+        theta = train.torch.from_numpy(ck.theta.copy())
+        val_s = statistics.median(validator(theta)["time/val_s"] for _ in range(3))
+    rows = {"generation_s": gen_s, "metrics_log_append_s": append_s, "append_fraction_of_generation": append_s / gen_s,
+            "validation_s": val_s, "validation_in_generations": val_s / gen_s, "num_metrics": len(last)}
+    print(f"{'quantity':34s} value")
+    for k, v in rows.items():
+        print(f"{k:34s} {v:.3g}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
