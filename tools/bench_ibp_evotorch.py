@@ -20,11 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_generation as bg  # noqa: E402
-
-from mpigls import losses, models  # noqa: E402
-from mpigls.bounds import ibp  # noqa: E402
-from mpigls.optim import pgpe  # noqa: E402
+import bench_generation as bg
+from mpigls import losses, models
+from mpigls.bounds import ibp
+from mpigls.optim import pgpe
 
 
 def main(argv=None) -> int:
