@@ -85,8 +85,9 @@ def test_sabr_sound_on_its_small_box(case, seed, lam):
 def test_guaranteed_tightness_order(case, seed, eps):
     model, x, y = make(*case, seed)
     lb = {m: margin_lower_bounds(model, x, y, eps, m).detach() for m in SOUND}
-    assert (lb["ibp"] <= lb["hbox"] + 1e-5).all()
-    assert (lb["deeppoly"] <= lb["alpha-crown"] + 1e-6).all()
+    # guaranteed in exact arithmetic; float32 rounding of bounds of magnitude |b| is ~1e-7 |b|
+    assert (lb["ibp"] <= lb["hbox"] + 1e-5 * (1 + lb["hbox"].abs())).all()
+    assert (lb["deeppoly"] <= lb["alpha-crown"] + 1e-6 * (1 + lb["alpha-crown"].abs())).all()
 
 
 def trained_ish(seed):
