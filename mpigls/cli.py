@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-from . import config as config_mod
-from . import dist, precision
+from . import config as config_mod, dist, precision
 
 __all__ = ["main", "build_parser"]
 
@@ -152,8 +150,9 @@ def _final_eval(cfg, result, comm) -> dict:
 
 
 def _cmd_certify(args, comm) -> int:
-    from . import certify, checkpoint, train as train_mod
     import torch
+
+    from . import certify, checkpoint, train as train_mod
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
@@ -207,8 +206,9 @@ def _cmd_inspect(args, comm) -> int:
 
 
 def _cmd_landscape(args, comm) -> int:
-    from . import checkpoint, landscape, train as train_mod
     import torch
+
+    from . import checkpoint, landscape, train as train_mod
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
@@ -252,9 +252,11 @@ def _cmd_report(args, comm) -> int:
 
 def _certify_run(run, comm):
     """Certify the run's newest checkpoint as configured; store DIR/certify_GENERATION.json."""
-    from . import analysis, certify, checkpoint, train as train_mod
     import time
+
     import torch
+
+    from . import analysis, certify, checkpoint, train as train_mod
     if run.checkpoint_path is None:
         raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
     ckpt = _load_usable(str(run.checkpoint_path))
@@ -277,8 +279,9 @@ def _certify_run(run, comm):
 
 
 def _cmd_tightness(args, comm) -> int:
-    from . import analysis_tightness, checkpoint, plotting, train as train_mod
     import torch
+
+    from . import analysis_tightness, checkpoint, plotting, train as train_mod
     out = _png_path(args.out, "tightness.png")
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
@@ -324,8 +327,9 @@ _CERTIFY_ARCH_ADVICE = ("the checkpoint's own config describes its model and dat
 
 def _load_usable(path: str):
     """A checkpoint whose stored config is a mapping and whose parameters are finite."""
-    from . import checkpoint
     import numpy as np
+
+    from . import checkpoint
     ckpt = checkpoint.load(path)
     if not isinstance(ckpt.config, dict):
         raise ValueError(f"{path} stores a config that is a {type(ckpt.config).__name__}, not a mapping of "

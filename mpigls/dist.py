@@ -771,7 +771,7 @@ def abort_on_error(comm: Comm, *, user_errors: tuple[type[BaseException], ...] =
     several ranks, aborts the job; serially it exits the process with the code."""
     try:
         yield
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
             raise
         code = _report(exc, comm, user_errors)

@@ -25,8 +25,7 @@ import torch
 
 from . import checkpoint, data, dist, losses, models, monitor, noise, pgpe_dist, precision, preflight, rundir, stopping
 from .config import Config, changed_keys, to_dict
-from .optim import grad as grad_opt
-from .optim import pgpe, rgs, schedules
+from .optim import grad as grad_opt, pgpe, rgs, schedules
 
 __all__ = ["TrainResult", "train", "build_problem", "optimizer_module", "optimizer_params"]
 
@@ -83,7 +82,7 @@ def _root_load(comm, path_or_none_fn: Callable[[], object]):
     if comm.is_root:
         try:
             result = path_or_none_fn()
-        except Exception as exc:  # re-raised identically on every rank below
+        except Exception as exc:  # noqa: BLE001 - re-raised identically on every rank below
             error = exc
     result, error = comm.bcast_obj((result, error))
     if error is not None:

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from mpigls import noise
-from mpigls.optim import grad as gradopt
-from mpigls.optim import rgs
+from mpigls.optim import grad as gradopt, rgs
 
 D = 3
 A = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)

@@ -40,7 +40,7 @@ def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
                       "optimizer.sigma_init": 0.01})
     else:
         extra.update({"optimizer.block_size": 8, "optimizer.lr": 0.01})
-    res = train.train(_cfg(**extra), tmp_path, log=lambda m: None)
+    train.train(_cfg(**extra), tmp_path, log=lambda m: None)
     hist = checkpoint.load(tmp_path / "latest.h5").metrics["loss/mean"]
     assert np.isfinite(hist).all()
     assert hist[-4:].mean() < 0.9 * hist[:4].mean(), hist

@@ -15,8 +15,8 @@ Options: ``memory_budget_mb`` (all back-substitution methods and hbox; chunking 
 the result beyond float rounding and identical calls give identical bits); ``population``
 ("auto", "batched": all members in one pass, "loop": member by member; same results); deeppoly
 and alpha-crown: ``conv_mode`` ("auto", "patches", "dense"), ``rows`` ("auto", "packed",
-"groups", "padded"; see ``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``, ``alpha_lr``; sabr: ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``,
-``generator``.
+"groups", "padded"; see ``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``,
+``alpha_lr``; sabr: ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``, ``generator``.
 
 Shapes: P population, D parameters, B batch, K classes.
 """

@@ -58,12 +58,12 @@ class Relax:
     slope: torch.Tensor
     shift: torch.Tensor
 
-    def rows(self, start: int, stop: int) -> "Relax":
+    def rows(self, start: int, stop: int) -> Relax:
         if self.alpha.shape[2] == 1:
             return self
         return Relax(self.alpha[:, :, start:stop], self.slope, self.shift)
 
-    def members(self, p0: int, p1: int, b0: int, b1: int) -> "Relax":
+    def members(self, p0: int, p1: int, b0: int, b1: int) -> Relax:
         return Relax(*(t[p0:p1, b0:b1] for t in (self.alpha, self.slope, self.shift)))
 
 

@@ -94,7 +94,6 @@ def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
     """Back-substitution bounds of layer k's unstable neurons, intersected with the IBP ones."""
     if rows != "padded":
         return _refine_packed(prob, k, relax, lo_ibp, hi_ibp, conv_mode, rows)
-    layer = prob.net.layers[k]
     p, b = lo_ibp.shape[:2]
     lo_f, hi_f = lo_ibp.reshape(p, b, -1), hi_ibp.reshape(p, b, -1)
     unstable = (lo_f < 0) & (hi_f > 0)

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from mpigls import noise
-from mpigls.optim import grad as grad_opt
-from mpigls.optim import steprules
+from mpigls.optim import grad as grad_opt, steprules
 
 __all__ = ["RGSParams", "RGSState", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
 
