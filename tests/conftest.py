@@ -63,3 +63,17 @@ def run_mpigls(args: list[str], ranks: int = 1, timeout: float = 300, env_extra:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def tf32_on():
+    """torch's GPU default for cuDNN (TF32 allowed), here for matmul too; restored afterwards."""
+    import torch
+
+    from mpigls import precision
+    before = precision.current_settings()
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    yield
+    precision._apply(before)

@@ -18,15 +18,7 @@ from conftest import REPO, tiny_overrides
 TF32_KEYS = ("cudnn_allow_tf32", "matmul_allow_tf32")
 
 
-@pytest.fixture
-def tf32_on():
-    """torch's GPU default for cuDNN (TF32 allowed), here for matmul too; restored afterwards."""
-    before = precision.current_settings()
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    yield
-    precision._apply(before)
+# tf32_on: the fixture in tests/conftest.py (shared with tests/gpu)
 
 
 def _tf32(settings=None):

@@ -25,6 +25,7 @@ Shapes: P population, B batch, R rows, E elements of a row at one level, L windo
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,56 @@ def _segments(member: torch.Tensor, p0: int, p1: int) -> list[tuple[int, int, in
     return [(p0 + j, bounds[j], bounds[j + 1]) for j in range(p1 - p0) if bounds[j + 1] > bounds[j]]
 
 
+class _Plan(NamedTuple):
+    """Geometry and memory plan shared by both layouts for rows starting at layer k."""
+
+    levels: list[int]          # layers k-1 .. 0 the rows pass through
+    num_l: int                 # window locations per example (1 in dense mode)
+    geos: list                 # patch geometry per level (patch mode; empty in dense mode)
+    out_hw: tuple[int, int]    # output grid of conv layer k (patch mode)
+    sizes: list[int]           # row length entering each level, then the input
+    mats: list[bool]           # level j applied as a small dense patch matrix
+    e_max: int
+    budget: float              # floats
+    pc: int                    # member chunk
+
+
+def _plan(net: Stack, k: int, use_patches: bool, batch: int, budget_mb: float) -> _Plan:
+    lay = net.layers[k]
+    levels = list(range(k - 1, -1, -1))
+    if use_patches:
+        out_h, out_w = lay.out_shape[1:]
+        geos = patches.geometry(net, k)
+        sizes = [net.layers[k - j].in_shape[0] * g[0] * g[1] for j, g in enumerate(geos)]
+        mats = [sizes[j] * sizes[j + 1] <= PATCH_MATRIX_MAX for j in range(len(levels))]
+        num_l, out_hw = out_h * out_w, (out_h, out_w)
+    else:
+        geos, num_l, out_hw = [], 1, (1, 1)
+        sizes = [math.prod(net.layers[i].in_shape) for i in range(k, -1, -1)]
+        mats = [False] * len(levels)
+    # member chunk: relaxation window tables (3 per level) + input tables + patch matrices
+    table_floats = 3 * batch * num_l * sum(sizes[:-1]) + sum(
+        sizes[j] * sizes[j + 1] for j in range(len(levels)) if mats[j])
+    budget = budget_mb * 2**20 / 4
+    pc = max(1, min(net.num_members, int(budget / 2 // max(1, table_floats))))
+    return _Plan(levels, num_l, geos, out_hw, sizes, mats, max(sizes), budget, pc)
+
+
+def _needs_grad(net: Stack, k: int, relax: list[Relax]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers[:k + 1]
+                                           for t in (layer.weight, layer.bias)) or any(
+        t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+
+
+def _window_table(t: torch.Tensor, plan: _Plan, j: int) -> torch.Tensor:
+    """(p, b, *shape) -> (p*b*L, E): the window of every location (patch mode) or the whole map."""
+    if plan.geos:
+        w = patches._windows(t, plan.geos[j], plan.out_hw)
+    else:
+        w = t.reshape(t.shape[0], t.shape[1], 1, -1)
+    return w.reshape(-1, w.shape[-1])
+
+
 def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor,
                member: torch.Tensor, example: torch.Tensor, neuron: torch.Tensor, sign: torch.Tensor,
                use_patches: bool, budget_mb: float) -> torch.Tensor:
@@ -87,38 +138,20 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
     dtype, device = lo.dtype, lo.device
     if num_r == 0:
         return torch.zeros(0, dtype=dtype, device=device)
-    levels = list(range(k - 1, -1, -1))
+    plan = _plan(net, k, use_patches, batch, budget_mb)
+    levels, num_l, geos, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.mats,
+                                                    plan.e_max, plan.budget, plan.pc)
     if use_patches:
-        out_c, out_h, out_w = lay.out_shape
-        num_l = out_h * out_w
         chan, loc = neuron // num_l, neuron % num_l
-        geos = patches.geometry(net, k)
-        sizes = [net.layers[k - j].in_shape[0] * g[0] * g[1] for j, g in enumerate(geos)]
-        mats = [sizes[j] * sizes[j + 1] <= PATCH_MATRIX_MAX for j in range(len(levels))]
     else:
-        num_l = 1
         chan, loc = neuron, torch.zeros_like(neuron)
-        sizes = [math.prod(net.layers[i].in_shape) for i in range(k, -1, -1)]
-        mats = [False] * len(levels)
-    e_max = max(sizes)
-    # member chunk: relaxation window tables (3 per level) + input tables + patch matrices
-    table_floats = 3 * batch * num_l * sum(sizes[:-1]) + sum(
-        sizes[j] * sizes[j + 1] for j in range(len(levels)) if mats[j])
-    budget = budget_mb * 2**20 / 4
-    pc = max(1, min(num_p, int(budget / 2 // max(1, table_floats))))
     rc = max(1, int(budget / 2 // (_ROW_WORK * e_max)))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers[:k + 1]
-                                           for t in (layer.weight, layer.bias)) or any(
-        t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+    grad = _needs_grad(net, k, relax)
     in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
     shared_input = lo.shape[0] == 1
 
-    def windows(t: torch.Tensor, j: int) -> torch.Tensor:  # (p, b, *shape) -> (p*b*L, E)
-        if use_patches:
-            w = patches._windows(t, geos[j], (out_h, out_w))
-        else:
-            w = t.reshape(t.shape[0], t.shape[1], 1, -1)
-        return w.reshape(-1, w.shape[-1])
+    def windows(t: torch.Tensor, j: int) -> torch.Tensor:
+        return _window_table(t, plan, j)
 
     out = []
     for p0 in range(0, num_p, pc):
@@ -206,41 +239,21 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
     lay = net.layers[k]
     num_p, batch = net.num_members, lo.shape[1]
     dtype, device = lo.dtype, lo.device
-    levels = list(range(k - 1, -1, -1))
-    if use_patches:
-        out_c, out_h, out_w = lay.out_shape
-        num_l = out_h * out_w
-        num_n = out_c
-        geos = patches.geometry(net, k)
-        sizes = [net.layers[k - j].in_shape[0] * g[0] * g[1] for j, g in enumerate(geos)]
-        mats = [sizes[j] * sizes[j + 1] <= PATCH_MATRIX_MAX for j in range(len(levels))]
-    else:
-        num_l = 1
-        num_n = math.prod(lay.out_shape)
-        sizes = [math.prod(net.layers[i].in_shape) for i in range(k, -1, -1)]
-        mats = [False] * len(levels)
+    num_n = lay.out_shape[0] if use_patches else math.prod(lay.out_shape)
     num_g = groups.shape[0]
     if num_g == 0:
         return torch.zeros(0, 2 * num_n, dtype=dtype, device=device)
-    e_max = max(sizes)
-    table_floats = 3 * batch * num_l * sum(sizes[:-1]) + sum(
-        sizes[j] * sizes[j + 1] for j in range(len(levels)) if mats[j])
-    budget = budget_mb * 2**20 / 4
-    pc = max(1, min(num_p, int(budget / 2 // max(1, table_floats))))
+    plan = _plan(net, k, use_patches, batch, budget_mb)
+    levels, num_l, geos, sizes, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.sizes,
+                                                            plan.mats, plan.e_max, plan.budget, plan.pc)
     gc = max(1, int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers[:k + 1]
-                                           for t in (layer.weight, layer.bias)) or any(
-        t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+    grad = _needs_grad(net, k, relax)
     in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
     shared_input = lo.shape[0] == 1
     member_of = groups // (batch * num_l)
 
-    def windows(t: torch.Tensor, j: int) -> torch.Tensor:  # (p, b, *shape) -> (p*b*L, E)
-        if use_patches:
-            w = patches._windows(t, geos[j], (out_h, out_w))
-        else:
-            w = t.reshape(t.shape[0], t.shape[1], 1, -1)
-        return w.reshape(-1, w.shape[-1])
+    def windows(t: torch.Tensor, j: int) -> torch.Tensor:
+        return _window_table(t, plan, j)
 
     out = []
     for p0 in range(0, num_p, pc):

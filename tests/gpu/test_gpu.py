@@ -47,13 +47,9 @@ REL_TOL = 4e-6
 
 
 @pytest.fixture(autouse=True)
-def tf32_enabled():
-    before = precision.current_settings()
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
+def tf32_enabled(tf32_on):
+    """Every GPU test starts from TF32 allowed (tests/conftest.py tf32_on): what mpigls must undo."""
     yield
-    precision._apply(before)
 
 
 def _net(name, shape, seed=0, k=10, batch=6):
