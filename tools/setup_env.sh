@@ -16,7 +16,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off
 # the package: harmless, hundreds of lines for torch's dependencies. Drop only those lines.
 _setup_pip() {
   local rc=0
-  "$PY" -m pip -q "$@" 2> >(grep -v "^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$" >&2) \
+  # PYTHONWARNINGS reaches the build backend's process too: setuptools' editable-install notice
+  # (a UserWarning) is a screenful on every fresh setup
+  PYTHONWARNINGS="ignore::UserWarning" "$PY" -m pip -q "$@" 2> >(grep -v "^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$" >&2) \
     || rc=$?
   return "$rc"
 }
