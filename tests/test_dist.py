@@ -26,7 +26,7 @@ def test_serial_comm_is_identity():
     assert c.allgather_obj({"a": 1}) == [{"a": 1}]
     assert c.bcast_obj([1, 2]) == [1, 2]
     assert c.agree_any(True) and not c.agree_any(False)
-    assert c.agree_all(True) and not c.agree_all(False)
+    assert c.all_arrive(0.0)
     assert c.allreduce_max(2.5) == 2.5
     assert torch.equal(c.allreduce_sum_int(torch.tensor([1, -2], dtype=torch.int64)), torch.tensor([1, -2]))
     c.barrier()
@@ -148,7 +148,7 @@ def test_thread_comm_collectives_and_fake_nodes():
         cat = comm.allgather_concat(torch.full((comm.rank,), float(comm.rank), dtype=torch.float64))
         return (comm.node, comm.num_nodes, comm.local_rank, comm.local_size, cat.tolist(),
                 comm.bcast_obj(comm.rank * 10, root=2), comm.agree_any(comm.rank == 3),
-                comm.agree_all(comm.rank != 3), comm.allreduce_max(float(comm.rank)))
+                comm.agree_any(False), comm.allreduce_max(float(comm.rank)))
 
     out = dist.run_threaded(body, 4, fake_nodes=2)
     assert [o[:4] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
@@ -188,6 +188,14 @@ def test_run_threaded_failure_does_not_hang():
 
 # ----------------------------------------------------------------------------- blocks
 
+def _block_owner(block: int, num_blocks: int, world: int) -> int:
+    """The owner of ``block`` by a closed formula, independent of ``my_blocks``'s code."""
+    base, extra = divmod(num_blocks, world)
+    if block < extra * (base + 1):
+        return block // (base + 1)
+    return extra + (block - extra * (base + 1)) // base
+
+
 @settings(max_examples=60, deadline=None)
 @given(num_blocks=st.integers(0, 40), world=st.integers(1, 9))
 def test_my_blocks_partition(num_blocks, world):
@@ -197,7 +205,7 @@ def test_my_blocks_partition(num_blocks, world):
     assert max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
     for r, p in enumerate(parts):
-        assert all(dist.block_owner(b, num_blocks, world) == r for b in p)
+        assert all(_block_owner(b, num_blocks, world) == r for b in p)
 
 
 def test_my_blocks_errors():
@@ -207,18 +215,15 @@ def test_my_blocks_errors():
         dist.my_blocks(4, 0, 0)
     with pytest.raises(ValueError, match="num_blocks"):
         dist.my_blocks(-1, 0, 1)
-    with pytest.raises(ValueError, match="block"):
-        dist.block_owner(4, 4, 2)
 
 
 # ----------------------------------------------------------------------------- init / devices
 
 def test_init_comm_without_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
-    for var in dist._LAUNCHER_SIZE_VARS:
+    for var in dist.LAUNCHER_SIZE_VARS:
         monkeypatch.delenv(var, raising=False)
     assert isinstance(dist.init_comm(), dist.SerialComm)
-    assert not dist.mpi_available()
     monkeypatch.setenv("PMI_SIZE", "4")
     with pytest.raises(RuntimeError, match="mpi4py"):
         dist.init_comm()
@@ -306,13 +311,6 @@ def test_run_guarded_serial(capsys):
     assert dist.run_guarded(bug, user_errors=(RuntimeError,)) == dist.EXIT_USER_ERROR
 
 
-def test_abort_on_error_serial_exits_with_code(capsys):
-    with pytest.raises(SystemExit) as info, dist.abort_on_error(dist.SerialComm()):
-        raise TypeError("model.name must be a string, got 3")
-    assert info.value.code == dist.EXIT_USER_ERROR
-    assert "error: model.name must be a string" in capsys.readouterr().err
-
-
 def test_run_guarded_label_and_system_exit(capsys):
     def bad():
         raise ValueError("x")
@@ -321,3 +319,107 @@ def test_run_guarded_label_and_system_exit(capsys):
     assert capsys.readouterr().err.strip() == "mpigls train: error: x"
     assert dist.run_guarded(lambda: (_ for _ in ()).throw(SystemExit(3))) == 3
     assert dist.run_guarded(lambda: (_ for _ in ()).throw(KeyboardInterrupt())) == 130
+
+
+# ----------------------------------------------------------------------------- run_guarded, several ranks
+
+def _guarded_codes(body, world: int = 3, grace_s: float = 2.0) -> list:
+    """Each ThreadComm rank's ending under run_guarded: the returned code, or ("exit", code) when
+    it ended the job (SystemExit, what MPI ranks do with os._exit / MPI_Abort)."""
+    def rank(comm):
+        try:
+            return dist.run_guarded(lambda: body(comm), comm, grace_s=grace_s, label="mpigls train")
+        except SystemExit as exc:
+            return ("exit", exc.code)
+
+    return dist.run_threaded(rank, world)
+
+
+def test_run_guarded_several_ranks_success_returns_zero(capsys):
+    assert _guarded_codes(lambda comm: comm.barrier()) == [0, 0, 0]
+    assert capsys.readouterr().err == ""
+
+
+def test_run_guarded_several_ranks_agreed_stop_exits_together(capsys):
+    assert _guarded_codes(lambda comm: dist.EXIT_PREEMPTED) == [("exit", dist.EXIT_PREEMPTED)] * 3
+    assert capsys.readouterr().err == ""
+
+
+def test_run_guarded_same_user_error_everywhere_is_said_once(capsys):
+    def body(comm):
+        raise ValueError("optimizer.popsize must be even, got 255")
+
+    assert _guarded_codes(body) == [("exit", dist.EXIT_USER_ERROR)] * 3
+    assert capsys.readouterr().err.splitlines() == ["mpigls train: error: optimizer.popsize must be even, got 255"]
+
+
+def test_run_guarded_user_error_on_one_rank_aborts_the_job(capsys):
+    def body(comm):
+        if comm.rank == 1:
+            raise FileNotFoundError("data.root /nowhere does not exist")
+        comm.barrier()  # the others wait in a collective that rank 1 never joins
+
+    codes = _guarded_codes(body, grace_s=0.2)
+    assert codes[1] == ("exit", dist.EXIT_USER_ERROR)
+    assert all(c[0] == "exit" and c[1] != 0 for c in codes)  # nobody hangs, nobody returns normally
+    assert "[rank 1] mpigls train: error: data.root /nowhere does not exist" in capsys.readouterr().err
+
+
+def test_run_guarded_runtime_failure_on_one_rank_aborts_with_its_traceback(capsys):
+    def body(comm):
+        if comm.rank == 2:
+            raise RuntimeError("boom on rank two")
+        comm.barrier()
+
+    codes = _guarded_codes(body)
+    assert codes[2] == ("exit", dist.EXIT_FAILURE) and all(c[0] == "exit" for c in codes)
+    err = capsys.readouterr().err
+    assert "[rank 2] Traceback (most recent call last):" in err and "[rank 2] RuntimeError: boom on rank two" in err
+
+
+# ----------------------------------------------------------------------------- package structure
+
+def test_every_communicator_implements_the_whole_protocol():
+    members = [n for n, v in vars(dist.Comm).items()
+               if not n.startswith("_") and (callable(v) or isinstance(v, property))]
+    members += list(dist.Comm.__annotations__)
+    assert {"all_arrive", "exit_together", "abort", "agree_any", "allreduce_sum_exact"} <= set(members)
+    for cls in (dist.SerialComm, dist.ThreadComm, dist.MPIComm):
+        missing = [n for n in members if not hasattr(cls, n) and n not in ("rank", "world_size", "local_rank",
+                                                                            "local_size", "node", "num_nodes")]
+        assert not missing, (cls.__name__, missing)
+    assert isinstance(dist.SerialComm(), dist.Comm)
+    assert all(dist.run_threaded(lambda c: isinstance(c, dist.Comm), 2))
+
+
+def test_only_dist_mpi_imports_mpi4py():
+    import ast
+
+    root = Path(dist.__file__).resolve().parents[1]
+    importers = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "mpi4py" or n.startswith("mpi4py.") for n in names):
+                importers.append((path.relative_to(root).as_posix(), node.col_offset))
+    # only inside functions (indented), never at module level: importing mpigls never loads MPI
+    assert {p for p, _ in importers} == {"dist/mpi.py"} and all(col > 0 for _, col in importers), importers
+
+
+def test_stoppable_blocks_one_rank_cut_short_stops_every_rank():
+    class Flag:
+        requested = False
+
+    def body(comm):
+        flag = Flag()
+        blocks = dist.StoppableBlocks(dist.my_blocks(9, comm.rank, comm.world_size), flag)
+        done = []
+        for b in blocks:
+            done.append(b)
+            flag.requested = comm.rank == 1  # a signal arrives on rank 1 only, after its first block
+        return done, blocks.agree_stop(comm), blocks.cut_short
+
+    out = dist.run_threaded(body, 3)
+    assert [o[0] for o in out] == [[0, 1, 2], [3], [6, 7, 8]]
+    assert [o[1:] for o in out] == [(True, False), (True, True), (True, False)]

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpigls import checkpoint, cli, config, rundir, stopping, train
+from mpigls import checkpoint, cli, config, dist, rundir, train
 
 from conftest import REPO, mpiexec, tiny_overrides
 
@@ -281,7 +281,7 @@ def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():
             return flag
 
     stop = Stop()
-    blocks = stopping.StoppableBlocks([3, 4, 5], stop)
+    blocks = dist.StoppableBlocks([3, 4, 5], stop)
     assert list(blocks) == [3, 4, 5] and len(blocks) == 3 and blocks[1] == 4
     assert not blocks.agree_stop(Comm())
     seen = []

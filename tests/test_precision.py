@@ -232,7 +232,7 @@ codes = [cli.main(["train", "--out", out, *sys.argv[2:]]), cli.main(["certify", 
 print("RESULT " + json.dumps({"codes": codes, "mpi4py": sorted(m for m in sys.modules if m.startswith("mpi4py"))}))
 """
 
-_LAUNCHER_VARS = (*dist._LAUNCHER_SIZE_VARS, *dist._LAUNCHER_RANK_VARS, "SLURM_PROCID", "SLURM_NTASKS",
+_LAUNCHER_VARS = (*dist.LAUNCHER_SIZE_VARS, *dist.LAUNCHER_RANK_VARS, "SLURM_PROCID", "SLURM_NTASKS",
                   "SLURM_STEP_NUM_TASKS")
 
 
@@ -276,9 +276,10 @@ def test_launcher_detection_from_the_environment(monkeypatch):
     assert dist.launched_by_mpi()
 
 
-def test_mpi_available_does_not_import_mpi4py():
-    code = "import sys; from mpigls import dist; dist.mpi_available(); print('mpi4py' in sys.modules)"
+def test_init_comm_without_a_launcher_does_not_import_mpi4py():
+    code = ("import sys; from mpigls import cli, dist; c = dist.init_comm(); "
+            "print(type(c).__name__, 'mpi4py' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=_clean_env(), cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "SerialComm False"
