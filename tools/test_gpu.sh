@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tests (pytest marker `gpu`, tests/gpu/) and, with --bench, the numerics benchmark.
 # Usage: bash tools/test_gpu.sh [--bench] [pytest args]   (also: bash tools/test.sh --gpu ...)
+#        MPIGLS_GPU_TEST_DEVICE=cpu bash tools/test_gpu.sh   the same tests with the CPU standing in for
+#        the GPU (checks the tests' logic and the device paths anywhere; CUDA-only checks skip; ~2 min)
 # On an offline GPU node (no pip; see /work/shared/gpu/README.md) it uses .device/device-env.sh when
 # the checkout carries it; elsewhere $PY if set, else the project venv (tools/setup_env.sh). Fails when no CUDA GPU
 # is visible, so that a run where every test skipped is never mistaken for a green GPU run.
@@ -27,10 +29,12 @@ if [ "${MPIGLS_GPU_TEST_DEVICE:-}" != "cpu" ] && ! "$PY" -c 'import sys, torch; 
 fi
 TIMEOUT_ARGS=()
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_ARGS=(--timeout=900 --timeout-method=thread); fi
-echo "[test-gpu] $(date +%T) pytest -m gpu tests/gpu"
+STANDIN=""
+if [ "${MPIGLS_GPU_TEST_DEVICE:-}" = "cpu" ]; then STANDIN=" (CPU standing in for the GPU: the tests' logic only, not a GPU)"; fi
+echo "[test-gpu] $(date +%T) pytest -m gpu tests/gpu$STANDIN"
 "$PY" -m pytest -q -rs -m gpu "${TIMEOUT_ARGS[@]}" tests/gpu "$@"
 if [ "$BENCH" = 1 ]; then
   echo "[test-gpu] $(date +%T) benchmark: tools/bench_numerics.py"
   "$PY" tools/bench_numerics.py --device cuda --out bench_numerics_gpu.json
 fi
-echo "[test-gpu] $(date +%T) all green"
+echo "[test-gpu] $(date +%T) all green$STANDIN"

@@ -3,9 +3,14 @@ bitwise-reproducible training run to run and across ranks sharing one GPU, certi
 certify on CPU, device binding with several ranks per GPU.
 
 Marked ``gpu`` and skipped without CUDA. Run them with ``bash tools/test.sh --gpu`` (which also
-works on an offline GPU node, see tools/test_gpu.sh). ``MPIGLS_GPU_TEST_DEVICE=cpu`` runs the same
-code with the CPU standing in for the GPU: that only checks the tests themselves (CPU vs CPU is
-trivially equal), it says nothing about a GPU.
+works on an offline GPU node, see tools/test_gpu.sh).
+
+``MPIGLS_GPU_TEST_DEVICE=cpu`` runs the same tests with the CPU standing in for the GPU (the device
+paths: ``train.device``/``--set train.device=cpu``, ``bind_device``, models and data moved to the
+device, the precision switches around every certifying call): it checks the tests' logic and the
+device-generic code, not a GPU (CPU vs CPU equality is trivially bitwise). The CUDA-only checks
+(TF32 really changes GPU results, CUDA device indices, the several-ranks-per-GPU warning) skip
+with a reason. ``bash tools/test.sh`` runs this CPU lane; ``bash tools/test.sh --gpu`` the real one.
 
 Every test starts from TF32 *enabled* (torch's cuDNN default, and matmul too), as a user's process
 would be: the certifying paths must switch it off themselves. Shapes: B batch, K classes.
@@ -13,6 +18,7 @@ would be: the certifying paths must switch it off themselves. Shapes: B batch, K
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpigls import bounds, certify, checkpoint, cli, config, data, dist, models, noise, precision, train
+from mpigls import bounds, certify, checkpoint, cli, config, data, dist, landscape, models, noise, precision, train
 from mpigls.attacks import margins, pgd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +43,7 @@ pytestmark = [pytest.mark.gpu,
 GPU = torch.device("cpu") if _STANDIN else torch.device("cuda", 0)
 CPU = torch.device("cpu")
 DEVICE_NAME = "cpu" if _STANDIN else "cuda"
+CUDA_ONLY = pytest.mark.skipif(_STANDIN, reason="CUDA only: checks what the CPU stand-in has not (TF32, CUDA devices)")
 
 SOUND = ["ibp", "hbox", "crown-ibp", "deeppoly", "alpha-crown"]
 NETS = [("cnn3", (1, 28, 28)), ("cnn5", (3, 32, 32))]
@@ -59,22 +66,35 @@ def _net(name, shape, seed=0, k=10, batch=6):
     return model, torch.rand(batch, *shape, generator=g), torch.randint(0, k, (batch,), generator=g)
 
 
+def _strict(settings: dict) -> bool:
+    return not (settings["cudnn_allow_tf32"] or settings["matmul_allow_tf32"]
+                or settings["float32_matmul_precision"] != "highest")
+
+
 def _certifying_bounds(model, x, y, eps, method, device, **opts):
-    """Margin lower bounds as ``certify.evaluate`` computes them (captured from the real call)."""
+    """Margin lower bounds as ``certify.evaluate`` computes them (captured from the real call), which
+    must run them in true fp32 and restore the caller's TF32 afterwards. SABR certifies nothing (a
+    training loss): its bounds are computed directly, in true fp32 too."""
+    model = model.to(device)
+    before = precision.current_settings()
+    if method not in bounds.SOUND_METHODS:
+        with precision.strict_fp32():
+            return bounds.margin_lower_bounds(model, x.to(device), y.to(device), eps, method, **opts).detach().to(CPU)
     seen = []
     real = bounds.margin_lower_bounds
 
     def spy(*args, **kwargs):
+        assert _strict(precision.current_settings()), "a certifying bound ran with TF32 allowed"
         out = real(*args, **{**kwargs, **opts})
         seen.append(out.detach().to(CPU))
         return out
 
     bounds.margin_lower_bounds = spy
     try:
-        model = model.to(device)
         certify.evaluate(model, models.flat_params(model), x, y, eps, [method], batch_size=len(y), pgd_steps=0)
     finally:
         bounds.margin_lower_bounds = real
+    assert precision.current_settings() == before and not _strict(before)  # TF32 allowed again (the fixture)
     (lb,) = seen
     return lb
 
@@ -125,7 +145,8 @@ def test_gpu_bounds_equal_cpu_bounds_to_float32_rounding(method, name, shape):
         assert gap <= tol, f"{method} {name} eps={eps}: max |GPU - CPU| = {gap:.3g} > {tol:.3g}"
 
 
-@pytest.mark.skipif(_STANDIN or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+@CUDA_ONLY
+@pytest.mark.skipif(not _STANDIN and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
                     reason="TF32 exists from compute capability 8.0 (Ampere)")
 def test_tf32_would_break_the_equality_test():
     """The equality test above is sensitive enough to catch TF32 (what the old code computed)."""
@@ -190,7 +211,9 @@ def _sha(theta: torch.Tensor) -> str:
 @pytest.mark.parametrize("optimizer", ["pgpe", "rgs", "grad"])
 def test_gpu_training_is_bitwise_reproducible_run_to_run(tmp_path, optimizer):
     cfg = _train_cfg(optimizer)
+    before = precision.current_settings()
     runs = [train.train(cfg, tmp_path / str(i), log=lambda m: None) for i in range(2)]
+    assert precision.current_settings() == before  # training's numeric settings are undone on return
     assert runs[0].device.type == GPU.type and runs[0].generation == 6
     assert _sha(runs[0].theta) == _sha(runs[1].theta)
     assert not torch.equal(runs[0].theta, models.flat_params(train.build_problem(cfg)[1]))  # it trained
@@ -219,8 +242,11 @@ def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkey
     assert len(set(shas.values())) == 1, shas
 
 
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
 def _mpi_ready() -> bool:
-    return shutil.which("mpiexec") is not None and dist.mpi_available()
+    return MPIEXEC is not None and importlib.util.find_spec("mpi4py") is not None
 
 
 @pytest.mark.skipif(not _mpi_ready(), reason="mpiexec / mpi4py not available")
@@ -235,31 +261,64 @@ def test_gpu_training_same_bits_for_1_and_2_mpi_processes_sharing_one_gpu(tmp_pa
         out = tmp_path / f"n{ranks}"
         cmd = [sys.executable, "-m", "mpigls", "train", "--out", str(out), "--no-eval", *sets]
         if ranks > 1:
-            cmd = [shutil.which("mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
+            cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         shas.append(checkpoint.theta_sha256(checkpoint.load(out / "latest.h5").theta))
     assert shas[0] == shas[1]
 
 
+# ----------------------------------------------------------------------------- landscape
+
+def test_landscape_on_gpu_equals_cpu():
+    """The landscape's bounds (certified losses, paper Fig. 6) on the device: true fp32, = CPU to rounding."""
+    model, x, y = _net("cnn3", (1, 28, 28), seed=2, batch=4)
+    direction = torch.randn(models.flat_params(model).numel(), generator=torch.Generator().manual_seed(3))
+    direction /= direction.norm()
+    out = {}
+    for key, dev in (("cpu", CPU), ("device", GPU)):
+        model = model.to(dev)
+        out[key] = landscape.landscape(
+            model, x.to(dev), y.to(dev), 2 / 255, direction.to(dev), alphas=[-0.5, 0.0, 0.5], sigmas=[0.05],
+            methods=("ibp", "deeppoly"), num_samples=4, chunk_size=8)
+    a, b = out["cpu"], out["device"]
+    for key in ("original", "smoothed_mean"):
+        assert a[key].shape == b[key].shape and (a[key] > 0).all(), key
+        tol = REL_TOL * max(1.0, float(abs(a[key]).max()))
+        assert float(abs(a[key] - b[key]).max()) <= tol, (key, a[key], b[key])
+
+
 # ----------------------------------------------------------------------------- binding
 
-def test_device_binding_with_several_ranks_per_gpu(caplog):
-    count = 1 if _STANDIN else torch.cuda.device_count()
-
+def _bind_rows(world: int, fake_nodes: int) -> list:
+    """(local_rank, device, current CUDA device or None, threads) of every ThreadComm rank."""
     def bind(comm):
         dev = dist.bind_device(comm, device=DEVICE_NAME, threads=1)
-        current = None if _STANDIN else torch.cuda.current_device()
-        return comm.local_rank, dev, current
+        current = torch.cuda.current_device() if dev.type == "cuda" else None
+        return comm.local_rank, dev, current, torch.get_num_threads()
 
-    with caplog.at_level("WARNING", logger="mpigls.dist"):
-        rows = dist.run_threaded(bind, 2 * count + 1, fake_nodes=1)  # more ranks than GPUs on one node
-    for local_rank, dev, current in rows:
-        if not _STANDIN:
-            assert dev == torch.device("cuda", local_rank % count) and current == dev.index
-    if not _STANDIN:
-        assert "share" in caplog.text
-    rows = dist.run_threaded(bind, 4, fake_nodes=2)  # 2 simulated nodes of 2 ranks: local ranks 0, 1
+    before = torch.get_num_threads()
+    try:
+        return dist.run_threaded(bind, world, fake_nodes=fake_nodes)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_binding_with_several_ranks_per_device():
+    count = 1 if _STANDIN else torch.cuda.device_count()
+    rows = _bind_rows(2 * count + 1, fake_nodes=1)  # more ranks than GPUs on one node
+    assert [r[0] for r in rows] == list(range(2 * count + 1))
+    for local_rank, dev, current, threads in rows:
+        assert threads == 1
+        assert dev == (CPU if _STANDIN else torch.device("cuda", local_rank % count)), (local_rank, dev)
+        assert current == (None if _STANDIN else dev.index)
+    rows = _bind_rows(4, fake_nodes=2)  # 2 simulated nodes of 2 ranks: local ranks 0, 1
     assert [r[0] for r in rows] == [0, 1, 0, 1]
-    if not _STANDIN:
-        assert [r[1].index for r in rows] == [lr % count for lr in (0, 1, 0, 1)]
+    assert [r[1] for r in rows] == ([CPU] * 4 if _STANDIN else [torch.device("cuda", lr % count) for lr in (0, 1, 0, 1)])
+
+
+@CUDA_ONLY
+def test_several_ranks_per_gpu_warn_about_contention(caplog):
+    with caplog.at_level("WARNING", logger="mpigls.dist"):
+        _bind_rows(2 * torch.cuda.device_count() + 1, fake_nodes=1)
+    assert "share" in caplog.text
