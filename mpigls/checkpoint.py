@@ -1,21 +1,32 @@
 """HDF5 checkpoints: the schema, atomic writes, validated reads, migration. The only h5py user.
 
-File layout (``FORMAT_VERSION`` 1; names are the module constants below)::
+File layout (``FORMAT_VERSION`` 2; names are the module constants below)::
 
     /                 attrs: schema="mpigls-checkpoint", format_version, noise_scheme, generation,
                              epoch, batch_in_epoch, num_params, world_size, created (UTC ISO 8601),
-                             host, state_sha256
-    /theta            (D,) <f4   centre of the search distribution / network parameters
+                             host, mpigls_version, state_sha256
+    /theta            (D,) <f4   θ: the centre of the search distribution / the network parameters
     /sigma            (D,) <f4   per-parameter std (absent when the optimizer has none)
-    /optimizer/       one dataset per array entry of the optimizer state, scalars as attrs
+    /optimizer/       the REST of the optimizer state (never θ, σ or the generation again): one
+                      dataset per array entry, scalars as attrs (e.g. step/t, step/m, step/v)
     /extra/           same layout, free for other state (e.g. certification results)
     /config           scalar UTF-8 string: the fully resolved config as JSON
     /arch             scalar UTF-8 string: the architecture dict as JSON
-    /metrics/<key>    (n,) chunked, extendable (maxshape None) history of one metric; the
-                      dataset name is the percent-quoted key, attr "key" holds the key itself
+    /metrics/<key>    (n,) history of one metric (<f8 from training), written whole at every save (the dataset
+                      name is the percent-quoted key, attr "key" holds the key itself)
 
-``state_sha256`` covers generation/epoch/batch position, θ, σ and the optimizer state (dtype,
-shape and little-endian bytes of each entry, in sorted key order) and is verified on load.
+θ, σ and the generation are stored once; the loop splits and joins the optimizer's state
+(``optim.unit.split_state`` / ``join_state``). ``epoch`` and ``batch_in_epoch`` are the data
+position of ``generation`` when it was written (informational for ``mpigls inspect``; a resume
+recomputes them from the config and warns when they differ, i.e. the batch size or the training
+set changed). ``state_sha256`` covers generation/epoch/batch position, θ, σ and the optimizer
+state (dtype, shape and little-endian bytes of each entry, in sorted key order) and is verified
+on load, before any migration.
+
+Format 1 (mpigls up to commit 027d07e) also stored θ, σ and the generation inside /optimizer
+(``center``, ``sigma``, ``generation``) and created the metrics datasets extendable.
+``MIGRATIONS[1]`` reads such a file: it checks that the two copies agree bit for bit and drops
+the inner one (tests/golden/format1_*.h5 are files written by the old code).
 
 Atomicity (``save``; call on one rank only — rank 0): the file is written as ``.tmp-*.h5`` in the
 target directory, flushed, fsync'ed and renamed (``os.replace``) to ``ckpt_{generation:08d}.h5``;
@@ -27,6 +38,7 @@ symlink could dangle). Where hard links are unsupported the file is copied (and 
 temp name instead. A kill at any moment leaves at worst a ``.tmp-*.h5`` file, which
 ``clean_stale_temps`` removes at the next start. HDF5 file locking is disabled (``locking=False``)
 because files are never modified in place and flock is often unavailable on Lustre/NFS.
+The policy of a run directory (resume, refuse, move aside) is mpigls.rundir's.
 """
 from __future__ import annotations
 
@@ -60,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("mpigls.checkpoint")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SCHEMA = "mpigls-checkpoint"
 LATEST = "latest.h5"
 TEMP_PREFIX = ".tmp-"
@@ -80,8 +92,10 @@ Scalar = int | float | bool | str
 StateDict = dict[str, "np.ndarray | Scalar"]
 
 # MIGRATIONS[v] turns the raw content dict of a format-v file into that of format v+1 (see
-# ``_read_raw`` for its keys). Empty while only format 1 exists.
+# ``_read_raw`` for its keys); filled in below the reading functions.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+# the state entries format 1 stored twice (inside /optimizer and at the top level)
+_FORMAT1_COPIES = ("center", "sigma", "generation")
 
 
 class CheckpointError(ValueError):
@@ -106,6 +120,7 @@ class Checkpoint:
     world_size: int = 1
     created: str = ""   # filled by load(); save() records the current time
     host: str = ""      # filled by load(); save() records the writing host
+    format_version: int = FORMAT_VERSION  # filled by load(): the file's version (older ones were migrated)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -157,7 +172,7 @@ def _normalise(ckpt: Checkpoint) -> Checkpoint:
         opt_state=_check_state("opt_state", ckpt.opt_state), config=dict(ckpt.config), arch=dict(ckpt.arch),
         metrics={str(k): np.asarray(v).reshape(-1) for k, v in ckpt.metrics.items()},
         noise_scheme=str(ckpt.noise_scheme), extra=_check_state("extra", ckpt.extra),
-        world_size=int(ckpt.world_size), created=ckpt.created, host=ckpt.host)
+        world_size=int(ckpt.world_size), created=ckpt.created, host=ckpt.host, format_version=ckpt.format_version)
 
 
 def _check_state(name: str, d: Mapping[str, Any]) -> StateDict:
@@ -176,6 +191,10 @@ def _check_state(name: str, d: Mapping[str, Any]) -> StateDict:
         else:
             raise TypeError(f"Checkpoint.{name}[{k!r}] must be a numeric numpy array, int, float, bool "
                             f"or str, got {type(v).__name__}; convert it (state_to_dict) before saving")
+    bad = [k for k in _FORMAT1_COPIES if k in out] if name == "opt_state" else []
+    if bad:
+        raise ValueError(f"Checkpoint.opt_state must not hold {bad}: θ, σ and the generation are stored once, "
+                         "as Checkpoint.theta / sigma / generation (optim.unit.split_state)")
     return out
 
 
@@ -242,9 +261,8 @@ def _write_file(path: Path, ckpt: Checkpoint) -> None:
         f.create_dataset(DS_CONFIG, data=json.dumps(ckpt.config, default=str))
         f.create_dataset(DS_ARCH, data=json.dumps(ckpt.arch, default=str))
         mg = f.create_group(GRP_METRICS)
-        for k, v in ckpt.metrics.items():
-            ds = mg.create_dataset(_quote(k), data=v, maxshape=(None,), chunks=(max(1, min(len(v), 1024)),))
-            ds.attrs["key"] = k
+        for k, v in ckpt.metrics.items():  # the whole history, rewritten at every save (one file per save)
+            mg.create_dataset(_quote(k), data=v).attrs["key"] = k
         f.flush()
     _fsync_path(path)
 
@@ -457,21 +475,55 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path} cannot be read ({' '.join(str(exc).split())}); it is probably "
                               "truncated or corrupt; use an older checkpoint") from exc
-    for v in range(attrs["format_version"], FORMAT_VERSION):
-        raw = MIGRATIONS[v](raw)
+    version = int(attrs["format_version"])
+    if verify and _raw_sha256(raw) != raw["attrs"]["state_sha256"]:
+        raise CheckpointError(f"{path}: the state checksum does not match (stored {raw['attrs']['state_sha256'][:16]}…, "
+                              f"computed {_raw_sha256(raw)[:16]}…); the file was modified or damaged; "
+                              "use an older checkpoint")
+    for v in range(version, FORMAT_VERSION):
+        try:
+            raw = MIGRATIONS[v](raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot migrate checkpoint format {v} to {v + 1}: {exc}") from exc
     a = raw["attrs"]
     ckpt = Checkpoint(
         generation=int(a["generation"]), epoch=int(a["epoch"]), batch_in_epoch=int(a["batch_in_epoch"]),
         theta=raw["theta"], sigma=raw["sigma"], opt_state=raw["opt_state"], config=raw["config"],
         arch=raw["arch"], metrics=raw["metrics"], noise_scheme=str(a["noise_scheme"]), extra=raw["extra"],
-        world_size=int(a.get("world_size", 1)), created=str(a.get("created", "")), host=str(a.get("host", "")))
+        world_size=int(a.get("world_size", 1)), created=str(a.get("created", "")), host=str(a.get("host", "")),
+        format_version=version)
     if ckpt.theta.dtype != np.float32 or ckpt.theta.ndim != 1:
         raise CheckpointError(f"{path}: theta must be float32 (D,), found {ckpt.theta.dtype} {ckpt.theta.shape}")
-    if verify and state_sha256(ckpt) != a["state_sha256"]:
-        raise CheckpointError(f"{path}: the state checksum does not match (stored {a['state_sha256'][:16]}…, "
-                              f"computed {state_sha256(ckpt)[:16]}…); the file was modified or damaged; "
-                              "use an older checkpoint")
     return ckpt
+
+
+def _raw_sha256(raw: dict[str, Any]) -> str:
+    """``state_sha256`` of a file's content as read (any format: the recipe never changed)."""
+    a = raw["attrs"]
+    return state_sha256(Checkpoint(
+        generation=int(a["generation"]), epoch=int(a["epoch"]), batch_in_epoch=int(a["batch_in_epoch"]),
+        theta=raw["theta"], sigma=raw["sigma"], opt_state=raw["opt_state"], config={}, arch={}))
+
+
+def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: drop the second copy of θ, σ and the generation from the optimizer state,
+    after checking that it agrees bit for bit with the stored one (nothing checked that before)."""
+    opt = dict(raw["opt_state"])
+    a = raw["attrs"]
+    center = opt.pop("center", None)
+    if center is not None and not np.array_equal(np.asarray(center, dtype=np.float32), raw["theta"]):
+        raise ValueError("its optimizer state's centre differs from /theta (the two copies of format 1 disagree)")
+    sigma = opt.pop("sigma", None)
+    if sigma is not None and (raw["sigma"] is None
+                              or not np.array_equal(np.asarray(sigma, dtype=np.float32), raw["sigma"])):
+        raise ValueError("its optimizer state's sigma differs from /sigma (the two copies of format 1 disagree)")
+    generation = opt.pop("generation", None)
+    if generation is not None and int(generation) != int(a["generation"]):
+        raise ValueError(f"its optimizer state's generation {generation} differs from the file's {a['generation']}")
+    return {**raw, "opt_state": opt, "attrs": {**a, "format_version": 2}}
+
+
+MIGRATIONS[1] = _migrate_1_to_2
 
 
 def _generation_of(path: Path) -> int | None:
@@ -540,12 +592,12 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able description of a checkpoint (what ``mpigls inspect --json`` prints)."""
     path = Path(path)
     c = load(path)
-    with _open(path) as f:
-        version = int(f.attrs["format_version"])
+    version = c.format_version
     sig = None if c.sigma is None else {
         "min": float(c.sigma.min()), "max": float(c.sigma.max()), "mean": float(c.sigma.mean())} if c.sigma.size else {}
     last = {k: (v[-1].item() if v.size else None) for k, v in c.metrics.items()}
-    return {"path": str(path), "format_version": version, "generation": c.generation,
+    return {"path": str(path), "format_version": version, "migrated": version != FORMAT_VERSION,
+            "generation": c.generation,
             "epoch": c.epoch, "batch_in_epoch": c.batch_in_epoch, "theta_sha256": theta_sha256(c.theta),
             "num_params": int(c.theta.shape[0]), "sigma": sig, "metrics": last,
             "num_logged": max((len(v) for v in c.metrics.values()), default=0),

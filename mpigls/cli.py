@@ -326,7 +326,8 @@ _CERTIFY_ARCH_ADVICE = ("the checkpoint's own config describes its model and dat
 
 
 def _load_usable(path: str):
-    """A checkpoint whose stored config is a mapping and whose parameters are finite."""
+    """A checkpoint whose stored config is a mapping (trimmed by ``config.stored_config``) and whose
+    parameters are finite."""
     import numpy as np
 
     from . import checkpoint
@@ -334,6 +335,7 @@ def _load_usable(path: str):
     if not isinstance(ckpt.config, dict):
         raise ValueError(f"{path} stores a config that is a {type(ckpt.config).__name__}, not a mapping of "
                          "sections; it was not written by `mpigls train` or was edited; use a checkpoint from a run")
+    ckpt.config = config_mod.stored_config(ckpt.config)  # older files hold every optimizer's keys
     bad = int((~np.isfinite(ckpt.theta)).sum())
     if bad:
         raise ValueError(f"{path} holds {bad} non-finite parameter(s) (NaN/inf) out of {ckpt.theta.size}; its "

@@ -3,10 +3,16 @@
 Precedence: ``--set section.key=value`` > YAML file > defaults. Unknown keys, wrong types and
 impossible values raise ``ConfigError`` (a ValueError) with the offending key, the value given,
 what is allowed and how to fix it. Each field's ``help`` metadata is the documentation shown by
-``mpigls train --help-config`` and in README. Derived quantities are properties, never fields.
+``mpigls config`` (``--markdown``: README's table). Derived quantities are properties, never fields.
+
+The ``optimizer`` section is not written here: it is built from the chosen optimizer's own Params
+class (``mpigls.optim.registry``; one default, one validation, one help text per key) plus the
+loop's keys (``optim.unit.LoopParams``). Configs stored in checkpoints by older versions hold
+every optimizer's keys: read them through ``stored_config``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -18,9 +24,12 @@ from typing import Any
 
 import yaml
 
+from .optim import registry
+from .optim.unit import LoopParams, help_of
+
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
-           "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict",
-           "apply_overrides", "describe", "short_repr", "yaml_load"]
+           "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict", "stored_config",
+           "optimizer_keys", "apply_overrides", "describe", "short_repr", "yaml_load"]
 
 
 class ConfigError(ValueError):
@@ -110,70 +119,79 @@ class BoundConfig:
                  f"bound.warmup_epochs and bound.anneal_epochs must be >= 0, got {self.warmup_epochs}, {self.anneal_epochs}")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = _f("pgpe", "pgpe (zeroth order GLS), rgs (first order GLS) or grad (plain backprop baseline)")
-    lr: float = _f(3e-4, "learning rate of the centre (paper: 3e-4 for PGPE)")
-    step_rule: str = _f("adam", "step rule of the centre: adam or clipup")
-    beta1: float = _f(0.9, "Adam beta1")
-    beta2: float = _f(0.999, "Adam beta2")
-    adam_eps: float = _f(1e-8, "Adam epsilon")
-    max_speed: float | None = _f(None, "ClipUp max speed (null: 2 * lr)")
-    momentum: float = _f(0.9, "ClipUp momentum")
-    weight_decay: float = _f(0.0, "decoupled weight decay on the centre")
-    grad_clip: float | None = _f(10.0, "global-norm gradient clipping for grad/rgs (null: none)")
-    lr_milestones: list = _f([], "epochs after which the lr is multiplied by lr_factor (paper PGPE: [110, 130])")
-    lr_factor: float = _f(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
-    popsize: int = _f(256, "PGPE population size, even (antithetic pairs); paper: 256")
-    sigma_init: float = _f(1e-3, "initial per-parameter sigma of the Gaussian (PGPE and RGS); paper: 1e-3")
-    sigma_lr: float = _f(0.0, "PGPE learning rate of sigma (0 with fixed_sigma)")
-    sigma_max_change: float = _f(0.2, "PGPE bound on the relative change of sigma per step")
-    sigma_min: float = _f(1e-6, "PGPE lower clamp of sigma")
-    sigma_max: float = _f(1.0, "PGPE upper clamp of sigma")
-    fixed_sigma: bool = _f(True, "keep sigma fixed (PGPE)")
-    fitness_shaping: str = _f("centered_ranks", "PGPE fitness shaping: centered_ranks, normalized or raw")
-    num_samples: int = _f(8, "RGS samples per step")
-    antithetic: bool = _f(True, "RGS antithetic samples (pairs share +-z)")
-    block_size: int = _f(8, "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
-                            "unit of distribution, fixed so results do not depend on the number of ranks")
+    """The ``optimizer`` section: ``name`` + the loop's keys (``optim.unit.LoopParams``) + the chosen
+    optimizer's own Params fields, flat in YAML and on ``--set`` (``optimizer.lr=1e-3``).
+
+    Nothing here repeats an optimizer's field: defaults, validation and help come from its Params
+    class (registered in ``mpigls.optim.registry``). ``cfg.optimizer.popsize`` reads the Params
+    field; a key the chosen optimizer does not have is a ConfigError naming its valid keys.
+    """
+
+    name: str = "pgpe"
+    loop: LoopParams = field(default_factory=LoopParams)
+    params: Any = None   # the chosen optimizer's frozen Params (None: its defaults)
 
     def __post_init__(self):
-        _require(self.name in ("pgpe", "rgs", "grad"), f"optimizer.name must be pgpe, rgs or grad, got {self.name!r}")
-        _require(self.step_rule in ("adam", "clipup"), f"optimizer.step_rule must be adam or clipup, got {self.step_rule!r}")
-        _require(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
-        _require(0 <= self.beta1 < 1, f"optimizer.beta1 must lie in [0, 1), got {self.beta1}")
-        _require(0 <= self.beta2 < 1, f"optimizer.beta2 must lie in [0, 1), got {self.beta2}")
-        _require(self.adam_eps > 0, f"optimizer.adam_eps must be > 0, got {self.adam_eps}")
-        _require(0 <= self.momentum < 1, f"optimizer.momentum must lie in [0, 1), got {self.momentum}")
-        _require(self.max_speed is None or self.max_speed > 0, f"optimizer.max_speed must be > 0 or null, got {self.max_speed}")
-        _require(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.sigma_lr >= 0, f"optimizer.sigma_lr must be >= 0, got {self.sigma_lr}")
-        _require(self.popsize >= 2 and self.popsize % 2 == 0,
-                 f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize}; "
-                 f"use {max(2, self.popsize - 1 if self.popsize % 2 else self.popsize)} or {max(2, self.popsize + 1)}")
-        _require(self.sigma_init > 0, f"optimizer.sigma_init must be > 0, got {self.sigma_init}")
-        _require(0 < self.sigma_min <= self.sigma_init <= self.sigma_max,
-                 f"optimizer sigma bounds must satisfy 0 < sigma_min <= sigma_init <= sigma_max, got "
-                 f"{self.sigma_min}, {self.sigma_init}, {self.sigma_max}")
-        _require(0 < self.sigma_max_change <= 1, f"optimizer.sigma_max_change must lie in (0, 1], got {self.sigma_max_change}")
-        _require(self.fitness_shaping in ("centered_ranks", "normalized", "raw"),
-                 f"optimizer.fitness_shaping must be centered_ranks, normalized or raw, got {self.fitness_shaping!r}")
-        _require(self.num_samples >= 1, f"optimizer.num_samples must be >= 1, got {self.num_samples}")
-        _require(not (self.antithetic and self.num_samples % 2),
-                 f"optimizer.num_samples must be even with antithetic=true, got {self.num_samples}")
-        _require(self.block_size >= 1, f"optimizer.block_size must be >= 1, got {self.block_size}")
-        _require(all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < math.inf
-                     for m in self.lr_milestones),
-                 f"optimizer.lr_milestones must be a list of non-negative epochs, got {short_repr(self.lr_milestones)}")
-        _require(list(self.lr_milestones) == sorted(self.lr_milestones),
-                 f"optimizer.lr_milestones must be increasing, got {short_repr(self.lr_milestones)}")
-        _require(0 < self.lr_factor <= 1, f"optimizer.lr_factor must lie in (0, 1], got {self.lr_factor}")
-        _require(self.grad_clip is None or self.grad_clip > 0, f"optimizer.grad_clip must be > 0 or null, got {self.grad_clip}")
+        _require(self.name in registry.OPTIMIZERS,
+                 f"optimizer.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(self.name)}")
+        if self.params is None:
+            object.__setattr__(self, "params", registry.get(self.name).Params())
 
-    @property
-    def num_members(self) -> int:
-        """Work items per generation that are distributed: PGPE pairs or RGS samples."""
-        return self.popsize // 2 if self.name == "pgpe" else self.num_samples
+    def __getattr__(self, key: str) -> Any:  # only called when normal lookup fails: the flat keys
+        if key.startswith("__"):
+            raise AttributeError(key)
+        for part in ("loop", "params"):
+            obj = self.__dict__.get(part)
+            if obj is not None and key in {f.name for f in dataclasses.fields(obj)}:
+                return getattr(obj, key)
+        raise AttributeError(f"optimizer {self.__dict__.get('name')!r} has no key {key!r}")
+
+    def keys(self) -> list[str]:
+        """The valid keys of this section for the chosen optimizer, in documentation order."""
+        return optimizer_keys(self.name)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.loop), **dataclasses.asdict(self.params)}
+
+
+def optimizer_keys(name: str) -> list[str]:
+    """``name`` + LoopParams fields + the Params fields of optimizer ``name``."""
+    return (["name"] + [f.name for f in dataclasses.fields(LoopParams)]
+            + [f.name for f in dataclasses.fields(registry.get(name).Params)])
+
+
+def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {path} must be a mapping, got {type(values).__name__}")
+    name = values.get("name", OptimizerConfig.name)
+    if name not in registry.OPTIMIZERS:
+        raise ConfigError(f"{path}.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(name)}")
+    params_cls = registry.get(name).Params
+    loop_names = {f.name for f in dataclasses.fields(LoopParams)}
+    own = {f.name for f in dataclasses.fields(params_cls)}
+    unknown = [k for k in values if k != "name" and k not in loop_names and k not in own]
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {short_repr(unknown)} in section '{path}' for optimizer {name!r}; its "
+                          f"valid keys are {optimizer_keys(name)}")
+    loop = _build(LoopParams, {k: v for k, v in values.items() if k in loop_names}, path)
+    params = _build(params_cls, {k: v for k, v in values.items() if k in own}, path)
+    return OptimizerConfig(name, loop, params)
+
+
+def stored_config(values: dict) -> dict:
+    """A config dict stored in a checkpoint, made loadable by ``from_dict``: configs written before
+    the optimizer section was built from the optimizers' Params hold every optimizer's keys; the
+    ones the stored optimizer does not own are dropped (only here: a user's YAML is never trimmed)."""
+    if not isinstance(values, dict) or not isinstance(values.get("optimizer"), dict):
+        return values
+    opt = values["optimizer"]
+    name = opt.get("name", OptimizerConfig.name)
+    if name not in registry.OPTIMIZERS:
+        return values
+    keep = set(optimizer_keys(name))
+    return {**values, "optimizer": {k: v for k, v in opt.items() if k in keep}}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,7 +302,10 @@ def _build(cls: type, values: dict, path: str) -> Any:
     for name, value in values.items():
         annotation = hints[name]
         key = f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(annotation):
+        if annotation is OptimizerConfig:
+            kwargs[name] = _build_optimizer(value or {}, key)
+            continue
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value or {}, key)
             continue
         if isinstance(value, (str, list, dict)) and len(value) > MAX_VALUE_LEN:
@@ -305,6 +326,8 @@ def _build(cls: type, values: dict, path: str) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
+        if str(exc).startswith(f"{path}."):  # an optimizer's validation: it names the key already
+            raise ConfigError(str(exc)[:600]) from None
         raise ConfigError(f"invalid config section '{path}': {short_repr(str(exc), 300)}") from None
 
 
@@ -314,7 +337,11 @@ def from_dict(values: dict) -> Config:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """A config (or one section) as the nested dict of its YAML form (the optimizer section flat)."""
+    if isinstance(cfg, OptimizerConfig):
+        return cfg.to_dict()
+    return {f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -464,15 +491,48 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(apply_overrides(values, overrides or []))
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for every field, for --help-config and README."""
+    """(key, default, help) rows for every key, for ``mpigls config`` and README's table.
+
+    The optimizer section lists ``name``, the loop keys, then every registered optimizer's Params
+    fields once, each help text starting with the optimizers that own the key, e.g. "[pgpe, rgs]"."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        hint = hints[f.name]
+        if hint is OptimizerConfig:
+            rows += _describe_optimizer(key + ".")
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             rows += describe(hint, key + ".")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((key, repr(default), f.metadata.get("help", "")))
+            rows.append((key, repr(_default(f)), f.metadata.get("help", "")))
+    return rows
+
+
+def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
+    rows = [(f"{prefix}name", repr(OptimizerConfig.name), "the optimizer, one of " + ", ".join(registry.OPTIMIZERS)
+             + " (mpigls.optim.registry); the keys marked [...] below belong to the optimizers named")]
+    rows += [(f"{prefix}{f.name}", repr(_default(f)), help_of(f)) for f in dataclasses.fields(LoopParams)]
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for name, opt in registry.OPTIMIZERS.items():
+        for f in dataclasses.fields(opt.Params):
+            owners.setdefault(f.name, []).append(name)
+            fields.setdefault(f.name, f)
+    for key, f in fields.items():
+        defaults = {n: repr(_default(next(g for g in dataclasses.fields(registry.get(n).Params) if g.name == key)))
+                    for n in owners[key]}
+        default = next(iter(defaults.values())) if len(set(defaults.values())) == 1 else ", ".join(
+            f"{n}: {d}" for n, d in defaults.items())
+        who = "all" if len(owners[key]) == len(registry.OPTIMIZERS) else ", ".join(owners[key])
+        rows.append((f"{prefix}{key}", default, f"[{who}] {help_of(f)}"))
     return rows

@@ -111,9 +111,10 @@ def _check_memory(cfg: Config, model, dataset, comm) -> None:
     acts = _activations_per_example(model, dataset.train_x[:1])
     parts = estimate_memory_bytes(cfg, models.num_params(model), acts)
     ranks = max(1, getattr(comm, "local_size", 1))
-    fix = (f"lower optimizer.popsize (now {cfg.optimizer.popsize}), optimizer.num_samples, optimizer.block_size "
-           f"(now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), or run fewer ranks "
-           "per node")
+    work = {"pgpe": "optimizer.popsize", "rgs": "optimizer.num_samples"}.get(cfg.optimizer.name, "train.batch_size")
+    fix = (f"lower {work} (now {getattr(cfg.optimizer, work.split('.')[1], cfg.train.batch_size)}), "
+           f"optimizer.block_size (now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), "
+           "or run fewer ranks per node")
     host = dict(parts)
     if cfg.train.device != "cpu" and torch.cuda.is_available():  # the work blocks run on the GPUs
         block = sum(host.pop(k) for k in ("block parameters", "block activations", "bound memory_budget_mb") if k in host)

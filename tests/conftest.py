@@ -40,7 +40,11 @@ def tiny_overrides(**extra: object) -> list[str]:
         "eval.methods": "[ibp]", "eval.pgd_steps": 2,
     }
     base.update({k: v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+    # the PGPE defaults above that another optimizer does not have are left out (extra's never are)
+    from mpigls.config import optimizer_keys
+    own = set(optimizer_keys(str(base["optimizer.name"])))
+    return [f"{k}={v}" for k, v in base.items()
+            if k in extra or not k.startswith("optimizer.") or k.split(".", 1)[1] in own]
 
 
 def mpiexec() -> str | None:

@@ -24,7 +24,7 @@ def test_defaults_and_precedence(tmp_path):
     (["model.name=resnet"], "model.name must be one of"),
     (["optimizer.name=sgd"], "optimizer.name must be"),
     (["bound.method=zonotope"], "bound.method must be one of"),
-    (["optimizer.sigma_init=0"], "sigma_init must be > 0"),
+    (["optimizer.sigma_init=0"], "sigma_init must be a positive finite number, got 0"),
     (["noequals"], "section.key=value"),
 ])
 def test_bad_input_is_a_clear_error(overrides, message):

@@ -132,7 +132,7 @@ def test_state_dict_round_trip():
 
 
 def test_sigma_relative_change_and_clamps():
-    params = pgpe.PGPEParams(popsize=64, sigma_lr=1e6, sigma_max_change=0.2, fitness_shaping="raw")
+    params = pgpe.PGPEParams(popsize=64, sigma_lr=1e6, sigma_max_change=0.2, fitness_shaping="raw", fixed_sigma=False)
     state = dataclasses.replace(pgpe.init(params, THETA), sigma=SIGMA.clone())
     new, metrics = pgpe.tell(state, params, 2, quadratic(pgpe.ask(state, params, 2, range(32))))
     ratio = new.sigma / state.sigma
@@ -141,7 +141,7 @@ def test_sigma_relative_change_and_clamps():
     # the quadratic's smoothed loss grows with sigma, so a huge step shrinks sigma by the full 20%
     torch.testing.assert_close(ratio, torch.full((D,), 0.8))
     clamped = pgpe.PGPEParams(popsize=64, sigma_lr=1e6, sigma_max_change=0.5, sigma_min=0.09, sigma_max=0.3,
-                              sigma_init=0.1, fitness_shaping="raw")
+                              sigma_init=0.1, fitness_shaping="raw", fixed_sigma=False)
     new, _ = pgpe.tell(state, clamped, 2, quadratic(pgpe.ask(state, clamped, 2, range(32))))
     assert (new.sigma >= 0.09 * (1 - 1e-6)).all() and (new.sigma <= 0.3).all()
     torch.testing.assert_close(new.sigma[[0, 3]], torch.full((2,), 0.09))
@@ -204,7 +204,7 @@ def test_params_validation_messages():
 @given(st.lists(st.integers(-10_000, 10_000), min_size=8, max_size=8, unique=True),
        st.sampled_from(["affine", "cube", "exp"]))
 def test_centered_rank_update_invariant_under_increasing_transforms(values, transform):
-    params = pgpe.PGPEParams(popsize=8, sigma_lr=0.1, lr=0.01)
+    params = pgpe.PGPEParams(popsize=8, sigma_lr=0.1, lr=0.01, fixed_sigma=False)
     state = pgpe.init(params, THETA)
     r = torch.tensor(values, dtype=torch.float64)
     t = {"affine": 0.5 * r - 3, "cube": r ** 3, "exp": torch.exp(r / 5000)}[transform]
@@ -226,7 +226,7 @@ def test_metric_keys_stable_when_skipping(fixed):
 def test_pgpe_minimises_a_quadratic_in_50d(rule, lr):
     scales = torch.linspace(0.5, 2.0, 50, dtype=torch.float64)
     loss = lambda x: (scales * x.double() ** 2).sum(-1)
-    params = pgpe.PGPEParams(popsize=32, lr=lr, step_rule=rule, sigma_init=0.1, sigma_lr=0.1)
+    params = pgpe.PGPEParams(popsize=32, lr=lr, step_rule=rule, sigma_init=0.1, sigma_lr=0.1, fixed_sigma=False)
     state = pgpe.init(params, torch.ones(50))
     start = float(loss(state.center[None]))
     for _ in range(150):

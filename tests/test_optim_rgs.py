@@ -18,7 +18,7 @@ SIGMA = 0.1
 def mean_gradient(loss_fn, num_samples, seed, antithetic):
     """RGS estimate via tell with plain SGD at lr 1 (so theta - theta_new is the mean gradient),
     plus the per-sample gradients for a standard error."""
-    params = rgs.RGSParams(num_samples=num_samples, sigma=SIGMA, antithetic=antithetic, lr=1.0,
+    params = rgs.RGSParams(num_samples=num_samples, sigma_init=SIGMA, antithetic=antithetic, lr=1.0,
                            step_rule="sgd", grad_clip=None)
     state = rgs.init(params, THETA)
     points = rgs.sample_points(state, params, seed, range(num_samples)).to(torch.float64).requires_grad_(True)
@@ -74,7 +74,7 @@ def test_rgs_steep_sigmoid_by_quadrature():
 
 
 def test_sample_points_antithetic_and_slices():
-    params = rgs.RGSParams(num_samples=6, sigma=0.5, antithetic=True)
+    params = rgs.RGSParams(num_samples=6, sigma_init=0.5, antithetic=True)
     state = rgs.init(params, THETA)
     pts = rgs.sample_points(state, params, 7, range(6))
     z1 = noise.member_noise(7, 0, 1, D, noise.STREAM_RGS)

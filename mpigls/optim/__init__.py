@@ -5,6 +5,6 @@ Convention for the whole package: we MINIMISE a loss; gradients are gradients of
 every update is theta <- theta - delta. Optimizers never see a network, only vectors (D,) and
 losses, and import neither mpigls.dist nor mpigls.checkpoint.
 """
-from mpigls.optim import grad, pgpe, rgs, schedules, shaping, steprules
+from mpigls.optim import grad, pgpe, registry, rgs, schedules, shaping, steprules, unit
 
-__all__ = ["grad", "pgpe", "rgs", "schedules", "shaping", "steprules"]
+__all__ = ["grad", "pgpe", "registry", "rgs", "schedules", "shaping", "steprules", "unit"]

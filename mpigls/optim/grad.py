@@ -18,18 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpigls.optim import steprules
+from mpigls.optim import steprules, unit
+from mpigls.optim.unit import param
 
-__all__ = ["GRADParams", "GRADState", "init", "tell", "state_to_dict", "state_from_dict"]
+__all__ = ["GRADParams", "GRADState", "UNIT", "init", "tell", "state_to_dict", "state_from_dict"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class GRADParams(steprules.StepRuleParams):
-    lr: float = 5e-5
-    grad_clip: float | None = 10.0     # global L2 norm clip; None/0: off
+    """GRAD hyperparameters: the step-rule fields and the gradient clip (RGS adds its sampling)."""
+
+    grad_clip: float | None = param(10.0, "global L2-norm clip of the mean gradient (null: off)")
 
     def __post_init__(self):
         steprules.check_params(self)
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"optimizer.grad_clip must be > 0 or null (off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,41 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu", name: str = "GR
         raise ValueError(f"{name} state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
     return GRADState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
                      steprules.state_from_dict(d, device=device), int(d["generation"]))
+
+
+# ----------------------------------------------------------------------------- the loop's unit
+
+def _num_items(params: GRADParams, batch_size: int) -> int:
+    return batch_size  # the work items are the batch's examples
+
+
+@dataclass(frozen=True)
+class Local:
+    """This rank's blocks: their gradient rows (k, D) float32 CPU, each the block's mean gradient
+    weighted by its share of the batch, and the weighted block losses (k,) float64."""
+    rows: list[torch.Tensor]
+    losses: list[torch.Tensor]
+
+
+def _evaluate(work: unit.Work, state: GRADState, params: GRADParams, blocks) -> Local:
+    B, theta = work.batch_size, state.center.to(work.device)
+    rows, losses = [], []
+    for block in blocks:
+        items = unit.block_items(block, work.block_size, B)
+        g, loss = work.grad(theta[None], slice(items.start, items.stop))
+        rows.append((g * len(items) / B).to("cpu", torch.float32))  # the batch mean = sum of weighted block means
+        losses.append((loss * len(items) / B).to("cpu", torch.float64))
+    return Local(rows, losses)
+
+
+def _exchange(comm, work: unit.Work, state: GRADState, params: GRADParams, local: Local):
+    grad = unit.exact_row_sum(comm, local.rows, state.center.numel())
+    return unit.gather_losses(comm, local.losses).sum().reshape(1), grad
+
+
+def _tell(work: unit.Work, state: GRADState, params: GRADParams, all_losses, grad: torch.Tensor, lr: float):
+    return tell(state, params, grad, lr=lr)
+
+
+UNIT = unit.Optimizer(name="grad", Params=GRADParams, init=init, num_items=_num_items, evaluate=_evaluate,
+                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict)

@@ -39,6 +39,7 @@ Shapes: P population (popsize), n pairs (P/2), D parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -48,11 +49,12 @@ import numpy as np
 import torch
 
 from mpigls import noise
-from mpigls.optim import shaping, steprules
+from mpigls.optim import shaping, steprules, unit
+from mpigls.optim.unit import param
 
 __all__ = ["NOISE_CHUNK", "FRACTION_BITS", "PGPEParams", "PGPEState", "Weights", "init", "ask", "pair_noise",
            "population", "weights", "exponents", "partial_sums", "from_sums", "max_abs_noise", "full_sums",
-           "gradients", "tell", "state_to_dict", "state_from_dict"]
+           "gradients", "tell", "state_to_dict", "state_from_dict", "UNIT"]
 
 NOISE_CHUNK = 64          # pairs regenerated at once by the serial path (never changes the bits)
 FRACTION_BITS = 40        # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
@@ -61,28 +63,29 @@ _MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)   # integer terms a float64 sum adds
 
 @dataclass(frozen=True, kw_only=True)
 class PGPEParams(steprules.StepRuleParams):
-    """PGPE hyperparameters (defaults: the GLS paper, Sec. 4 and App. B.2, and EvoTorch)."""
+    """PGPE hyperparameters (defaults: the GLS paper, Sec. 4 and App. B.2: fixed sigma)."""
 
-    popsize: int = 256                 # P, even: P/2 antithetic pairs
-    lr: float = 3e-4                   # centre step size (Adam lr, or ClipUp step size)
-    sigma_init: float = 1e-3           # initial per-parameter standard deviation
-    sigma_lr: float = 0.1              # sigma learning rate (relative, see module docstring)
-    sigma_max_change: float | None = 0.2   # max relative change of sigma per step; None: unbounded
-    sigma_min: float = 1e-8            # lower clamp of sigma (> 0)
-    sigma_max: float = math.inf        # upper clamp of sigma
-    fixed_sigma: bool = False          # keep sigma at sigma_init
-    fitness_shaping: str = "centered_ranks"   # "centered_ranks" | "normalized" | "raw"
+    popsize: int = param(256, "PGPE population size P, even (P/2 antithetic pairs); paper: 256")
+    sigma_init: float = param(1e-3, "initial per-parameter sigma of the search Gaussian; paper: 1e-3")
+    sigma_lr: float = param(0.0, "learning rate of sigma, relative (see mpigls.optim.pgpe); 0 with fixed_sigma")
+    sigma_max_change: float | None = param(0.2, "bound on the relative change of sigma per step (null: unbounded)")
+    sigma_min: float = param(1e-6, "lower clamp of sigma (> 0)")
+    sigma_max: float = param(1.0, "upper clamp of sigma")
+    fixed_sigma: bool = param(True, "keep sigma at sigma_init (the paper's setting)")
+    fitness_shaping: str = param("centered_ranks", "fitness shaping of the losses: " + ", ".join(shaping.SHAPINGS))
 
     def __post_init__(self):
         if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
-            raise ValueError(f"optimizer.popsize must be an even integer >= 2 for antithetic sampling, "
-                             f"got {self.popsize!r}; use e.g. {max(2, int(self.popsize) + int(self.popsize) % 2)}")
+            p = self.popsize if isinstance(self.popsize, int) else 2
+            raise ValueError(f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize!r}; "
+                             f"use {max(2, p - 1 if p % 2 else p)} or {max(2, p + 1)}")
         steprules.check_positive("sigma_init", self.sigma_init)
         steprules.check_positive("sigma_min", self.sigma_min)
         if self.sigma_lr < 0:
             raise ValueError(f"optimizer.sigma_lr must be >= 0, got {self.sigma_lr}")
-        if self.sigma_max_change is not None and not self.sigma_max_change > 0:
-            raise ValueError(f"optimizer.sigma_max_change must be > 0 or None (unbounded), got {self.sigma_max_change}")
+        if self.sigma_max_change is not None and not 0 < self.sigma_max_change <= 1:
+            raise ValueError(f"optimizer.sigma_max_change must lie in (0, 1] or be null (unbounded), "
+                             f"got {self.sigma_max_change}")
         if not self.sigma_min <= self.sigma_init <= self.sigma_max:
             raise ValueError(f"optimizer.sigma_init={self.sigma_init} must lie in [sigma_min, sigma_max] = "
                              f"[{self.sigma_min}, {self.sigma_max}]; change one of the three")
@@ -358,3 +361,38 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
     return PGPEState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
                      torch.as_tensor(np.asarray(d["sigma"], dtype=np.float32)).to(device),
                      steprules.state_from_dict(d, device=device), int(d["generation"]))
+
+
+# ----------------------------------------------------------------------------- the loop's unit
+# The distributed generation lives in mpigls.pgpe_dist (imported when called: it imports this module).
+
+def _num_items(params: PGPEParams, batch_size: int) -> int:
+    return params.popsize // 2  # the work items are the antithetic pairs
+
+
+def _open(seed: int, device: torch.device):
+    from mpigls import pgpe_dist
+    return contextlib.closing(pgpe_dist.NoiseSource(seed, pgpe_dist.prefetch_default(device)))
+
+
+def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
+    """This rank's members' losses (global order) and the noise it keeps for its share of the sums."""
+    from mpigls import pgpe_dist
+    return pgpe_dist.evaluate(state, params, blocks, work.block_size, work.resource, work.loss, work.device)
+
+
+def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local):
+    """All P losses, then one exact int64 allreduce of the ranks' fixed-point partial sums."""
+    from mpigls import pgpe_dist
+    losses, kept = local
+    all_losses = comm.allgather_concat(losses)
+    return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept)
+
+
+def _tell(work: unit.Work, state: PGPEState, params: PGPEParams, all_losses: torch.Tensor, summed, lr: float):
+    return tell(state, params, work.seed, all_losses, lr=lr, summed=summed)
+
+
+UNIT = unit.Optimizer(name="pgpe", Params=PGPEParams, init=init, num_items=_num_items, evaluate=_evaluate,
+                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict,
+                      open=_open)

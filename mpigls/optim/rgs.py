@@ -28,28 +28,34 @@ from dataclasses import dataclass
 import torch
 
 from mpigls import noise
-from mpigls.optim import grad as grad_opt, steprules
+from mpigls.optim import grad as grad_opt, unit
+from mpigls.optim.unit import param
 
-__all__ = ["RGSParams", "RGSState", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
+__all__ = ["RGSParams", "RGSState", "UNIT", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RGSParams(steprules.StepRuleParams):
-    num_samples: int = 16              # n gradient samples per step
-    sigma: float = 1e-3                # smoothing standard deviation (fixed, isotropic)
-    antithetic: bool = True            # samples 2k, 2k+1 use +z_k, -z_k (needs even num_samples)
-    lr: float = 5e-4
-    grad_clip: float | None = 10.0     # global L2 norm clip of the mean gradient; None/0: off
+class RGSParams(grad_opt.GRADParams):
+    """RGS hyperparameters: GRAD's (step rule, grad_clip) plus the Gaussian sampling."""
+
+    num_samples: int = param(8, "RGS gradient samples per step")
+    sigma_init: float = param(1e-3, "standard deviation of the Gaussian smoothing (RGS keeps it fixed); paper: 1e-3")
+    antithetic: bool = param(True, "antithetic samples: 2k and 2k+1 use +z_k and -z_k (needs an even num_samples)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"optimizer.num_samples must be a positive integer, got {self.num_samples!r}")
         if self.antithetic and self.num_samples % 2:
             raise ValueError(f"optimizer.num_samples must be even when antithetic=true, got {self.num_samples}; "
                              f"use {self.num_samples + 1} or set antithetic=false")
-        if not (self.sigma >= 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"optimizer.sigma must be a finite number >= 0, got {self.sigma!r}")
-        steprules.check_params(self)
+        if not (self.sigma_init >= 0 and math.isfinite(self.sigma_init)):
+            raise ValueError(f"optimizer.sigma_init must be a finite number >= 0, got {self.sigma_init!r}")
+
+    @property
+    def sigma(self) -> float:
+        """The smoothing standard deviation (fixed: ``sigma_init``)."""
+        return self.sigma_init
 
 
 RGSState = grad_opt.GRADState  # centre, step-rule state, generation: the same as GRAD's
@@ -87,3 +93,33 @@ state_to_dict = grad_opt.state_to_dict
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu") -> RGSState:
     return grad_opt.state_from_dict(d, device, name="RGS")
+
+
+# ----------------------------------------------------------------------------- the loop's unit
+
+def _num_items(params: RGSParams, batch_size: int) -> int:
+    return params.num_samples
+
+
+def _evaluate(work: unit.Work, state: RGSState, params: RGSParams, blocks) -> grad_opt.Local:
+    """Per-sample gradients (rows) and losses of this rank's blocks of samples."""
+    rows, losses = [], []
+    for block in blocks:
+        points = sample_points(state, params, work.seed, unit.block_items(block, work.block_size, params.num_samples))
+        g, loss = work.grad(points.to(work.device), slice(None))
+        rows.append(g.to("cpu", torch.float32))
+        losses.append(loss.to("cpu", torch.float64))
+    return grad_opt.Local(rows, losses)
+
+
+def _exchange(comm, work: unit.Work, state: RGSState, params: RGSParams, local: grad_opt.Local):
+    grad_sum = unit.exact_row_sum(comm, local.rows, state.center.numel())
+    return unit.gather_losses(comm, local.losses), grad_sum
+
+
+def _tell(work: unit.Work, state: RGSState, params: RGSParams, all_losses, grad_sum: torch.Tensor, lr: float):
+    return tell(state, params, grad_sum, lr=lr)
+
+
+UNIT = unit.Optimizer(name="rgs", Params=RGSParams, init=init, num_items=_num_items, evaluate=_evaluate,
+                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mpigls.optim.unit import param
+
 __all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "step",
            "clip_grad_norm", "decay", "descend", "check_step_rule", "check_params", "check_positive",
            "state_to_dict", "state_from_dict"]
@@ -34,15 +36,19 @@ STEP_RULES = ("adam", "clipup", "sgd")
 
 @dataclass(frozen=True, kw_only=True)
 class StepRuleParams:
-    """The step-rule fields shared by the Params of PGPE, RGS and GRAD (each adds ``lr`` and more)."""
+    """The step-rule fields shared by the Params of PGPE, RGS and GRAD (each adds its own)."""
 
-    step_rule: str = "adam"            # "adam" | "clipup" | "sgd"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_speed: float | None = None     # ClipUp max speed; None: 2 * lr
-    momentum: float = 0.9              # ClipUp momentum
-    weight_decay: float = 0.0          # decoupled: theta -= lr * weight_decay * theta
+    lr: float = param(3e-4, "learning rate of the centre (Adam lr, ClipUp step size; paper: 3e-4 PGPE, 5e-5 GRAD)")
+    step_rule: str = param("adam", "step rule of the centre: " + ", ".join(STEP_RULES))
+    beta1: float = param(0.9, "Adam beta1")
+    beta2: float = param(0.999, "Adam beta2")
+    adam_eps: float = param(1e-8, "Adam epsilon")
+    max_speed: float | None = param(None, "ClipUp max speed (null: 2 * lr)")
+    momentum: float = param(0.9, "ClipUp momentum")
+    weight_decay: float = param(0.0, "decoupled weight decay on the centre (theta -= lr * weight_decay * theta)")
+
+    def __post_init__(self):
+        check_params(self)
 
 
 @dataclass(frozen=True)
@@ -70,15 +76,12 @@ def check_positive(name: str, value: float) -> None:
 
 
 def check_params(p) -> None:
-    """Validate the step-rule fields shared by PGPE, RGS and GRAD Params (lr, rule, betas, clip, ...)."""
+    """Validate the step-rule fields (lr, rule, betas, ...): the one check, run by StepRuleParams."""
     check_positive("lr", p.lr)
     check_step_rule(p.step_rule)
-    clip = getattr(p, "grad_clip", None)
-    if clip is not None and clip < 0:
-        raise ValueError(f"optimizer.grad_clip must be >= 0 or None (off), got {clip}")
     for name in ("beta1", "beta2", "momentum"):
         if not 0 <= getattr(p, name) < 1:
-            raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(p, name)}")
+            raise ValueError(f"optimizer.{name} must lie in [0, 1), got {getattr(p, name)}")
     check_positive("adam_eps", p.adam_eps)
     if p.max_speed is not None:
         check_positive("max_speed", p.max_speed)

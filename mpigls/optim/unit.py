@@ -1,0 +1,159 @@
+"""What an optimizer is to the training loop: one record of a few functions (``Optimizer``).
+
+The loop (mpigls.train) knows no optimizer by name. Per generation it calls, on every rank,
+
+    local            = opt.evaluate(work, state, params, my_blocks)   # this rank's blocks only
+    all_losses, red  = opt.exchange(comm, work, state, params, local)  # collectives: exact sums
+    state, metrics   = opt.tell(work, state, params, all_losses, red, lr)
+
+where ``my_blocks`` are this rank's indices among ``ceil(num_items / block_size)`` fixed-size
+blocks of the generation's work items (``num_items``: PGPE pairs, RGS samples, GRAD examples).
+The blocks do not depend on the number of ranks, and ``exchange`` must combine the ranks' parts
+exactly (fixed-point / integer sums, gathers in global order), so every rank gets the same bits
+for any world size. ``tell`` is pure and the same on every rank.
+
+State: one frozen dataclass per optimizer with at least ``center`` (θ, (D,) float32) and
+``generation``; ``sigma`` (D,) when the optimizer has one. ``state_to_dict`` returns a flat dict of
+numpy arrays and scalars holding ``center``, ``generation``, ``sigma`` (if any) and the rest of the
+state; the checkpoint stores θ, σ and the generation once and the rest under /optimizer.
+
+Hyperparameters (``params`` everywhere in optim/ and train.py): one frozen, kw-only dataclass per
+optimizer whose fields carry ONE default, whose ``__post_init__`` is the ONE validation, and whose
+field metadata "help" documents the key. The config section ``optimizer`` is ``name`` +
+``LoopParams`` + the chosen optimizer's Params fields (mpigls.config builds it from these classes).
+
+This module imports neither mpigls.dist nor mpigls.checkpoint; ``comm`` is anything with the
+collectives the optimizer uses (allgather_concat, allreduce_sum_exact, allreduce_sum_int, ...).
+
+Shapes: D parameters, n points.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["param", "help_of", "LoopParams", "Work", "Optimizer", "block_items", "num_blocks", "exact_row_sum",
+           "gather_losses", "split_state", "join_state"]
+
+
+def param(default: Any, help: str) -> Any:  # noqa: A002 - the metadata key, as in argparse
+    """A Params field with its ONE default and its documentation (shown by ``mpigls config``)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return str(f.metadata.get("help", ""))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopParams:
+    """Keys of the ``optimizer`` section that belong to the training loop, not to an optimizer.
+
+    The lr schedule is in epochs, which an optimizer never sees (``tell`` takes the lr of the
+    generation); ``block_size`` cuts the work into the rank-independent units of distribution.
+    """
+
+    lr_milestones: list = param([], "epochs after which the lr is multiplied by lr_factor (paper PGPE: [110, 130])")
+    lr_factor: float = param(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
+    block_size: int = param(8, "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
+                               "unit of distribution, fixed so results do not depend on the number of ranks")
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"optimizer.block_size must be >= 1, got {self.block_size!r}")
+        ms = self.lr_milestones
+        if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < math.inf for m in ms):
+            raise ValueError(f"optimizer.lr_milestones must be a list of non-negative epochs, got {ms!r:.200}")
+        if list(ms) != sorted(ms):
+            raise ValueError(f"optimizer.lr_milestones must be increasing, got {ms!r:.200}")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"optimizer.lr_factor must lie in (0, 1], got {self.lr_factor}")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What an optimizer's ``evaluate`` may use in one generation (built by the loop).
+
+    ``loss(points)``: losses (n,) of the parameter vectors ``points`` (n, D) on the generation's
+    batch, without gradients. ``grad(points, examples)``: per-row loss gradients (n, D) and losses
+    (n,) at ``points`` on the batch examples ``examples`` (a slice; ``slice(None)``: all).
+    ``resource``: what the optimizer's ``open`` returned (e.g. PGPE's noise source), or None.
+    """
+
+    seed: int
+    device: torch.device
+    block_size: int
+    batch_size: int
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    grad: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+    resource: Any = None
+
+
+def _no_resource(seed: int, device: torch.device) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer as one unit: its Params class and the functions the loop calls (module docstring).
+
+    ``open(seed, device)`` is a context manager kept open for the whole run; what it yields is
+    ``Work.resource``. Register a new one with one line in ``mpigls.optim.registry.OPTIMIZERS``.
+    """
+
+    name: str
+    Params: type
+    init: Callable[[Any, torch.Tensor], Any]                      # (params, theta0 (D,)) -> state
+    num_items: Callable[[Any, int], int]                          # (params, batch_size) -> work items
+    evaluate: Callable[[Work, Any, Any, Sequence[int]], Any]      # (work, state, params, blocks) -> local
+    exchange: Callable[[Any, Work, Any, Any, Any], tuple[torch.Tensor, Any]]  # (comm, work, state, params, local)
+    tell: Callable[[Work, Any, Any, torch.Tensor, Any, float], tuple[Any, dict]]
+    state_to_dict: Callable[[Any], dict]
+    state_from_dict: Callable[[dict], Any]
+    open: Callable[[int, torch.device], contextlib.AbstractContextManager] = _no_resource
+
+
+def block_items(block: int, block_size: int, num_items: int) -> range:
+    """The work items of ``block``: [block * block_size, min((block + 1) * block_size, num_items))."""
+    return range(block * block_size, min((block + 1) * block_size, num_items))
+
+
+def num_blocks(num_items: int, block_size: int) -> int:
+    return math.ceil(num_items / block_size)
+
+
+def exact_row_sum(comm: Any, rows: list[torch.Tensor], num_params: int) -> torch.Tensor:
+    """Sum (D,) of all ranks' rows (each (k, D) float32 CPU), bitwise independent of how the rows
+    are split over ranks (``comm.allreduce_sum_exact``: fixed point)."""
+    stacked = torch.cat(rows) if rows else torch.zeros(0, num_params)
+    return comm.allreduce_sum_exact(stacked.reshape(-1, num_params))
+
+
+def gather_losses(comm: Any, parts: list[torch.Tensor]) -> torch.Tensor:
+    """All ranks' float64 losses concatenated in global (block) order."""
+    return comm.allgather_concat(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+
+
+def split_state(opt: Optimizer, state: Any) -> tuple[np.ndarray, np.ndarray | None, int, dict]:
+    """(θ, σ or None, generation, the rest) of a state: what a checkpoint stores once each."""
+    d = dict(opt.state_to_dict(state))
+    theta = np.asarray(d.pop("center"), dtype=np.float32)
+    sigma = d.pop("sigma", None)
+    return theta, None if sigma is None else np.asarray(sigma, dtype=np.float32), int(d.pop("generation")), d
+
+
+def join_state(opt: Optimizer, theta: np.ndarray, sigma: np.ndarray | None, generation: int, rest: dict) -> Any:
+    """Inverse of ``split_state``."""
+    d = {**rest, "center": theta, "generation": int(generation)}
+    if sigma is not None:
+        d["sigma"] = sigma
+    return opt.state_from_dict(d)

@@ -1,0 +1,95 @@
+"""Format-1 checkpoints (θ, σ and the generation stored twice) written by the OLD code (commit
+027d07e, tools/make_format1_fixture.py) still load, migrate, resume to the same θ bits the old code
+reached, and are read by inspect / certify / analysis."""
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mpigls import analysis, checkpoint, cli, config, train
+
+GOLDEN = Path(__file__).parent / "golden"
+EXPECTED = json.loads((GOLDEN / "format1_expected.json").read_text())
+OPTIMIZERS = sorted(EXPECTED["runs"])
+
+
+def _fixture(opt: str) -> Path:
+    return GOLDEN / f"format1_{opt}.h5"
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_format1_file_loads_migrated(opt):
+    with h5py.File(_fixture(opt), "r", locking=False) as f:  # it really is an old file: state stored twice
+        assert f.attrs["format_version"] == 1 and "center" in f["optimizer"]
+    ckpt = checkpoint.load(_fixture(opt))
+    run = EXPECTED["runs"][opt]
+    assert ckpt.format_version == 1 and ckpt.generation == EXPECTED["first_generations"]
+    assert checkpoint.theta_sha256(ckpt.theta) == run["theta_sha256_at_first"]
+    assert not {"center", "sigma", "generation"} & set(ckpt.opt_state)
+    assert {"step/t", "step/m", "step/v"} <= set(ckpt.opt_state)
+    assert (ckpt.sigma is not None) == (opt == "pgpe")
+    # the stored config holds every optimizer's keys; read as a stored config it builds a Config
+    assert "num_samples" in ckpt.config["optimizer"] and "popsize" in ckpt.config["optimizer"]
+    cfg = config.from_dict(config.stored_config(ckpt.config))
+    assert cfg.optimizer.name == opt
+    with pytest.raises(config.ConfigError, match=f"for optimizer '{opt}'; its valid keys"):
+        config.from_dict(ckpt.config)  # a user's YAML with foreign keys is refused, never trimmed
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_format1_resumes_to_the_old_codes_theta(tmp_path, opt):
+    run = EXPECTED["runs"][opt]
+    shutil.copyfile(_fixture(opt), tmp_path / checkpoint.LATEST)
+    cfg = config.load_config(None, run["overrides"])
+    logs = []
+    res = train.train(cfg, tmp_path, max_generations=EXPECTED["resumed_to"], log=logs.append)
+    assert res.generation == EXPECTED["resumed_to"]
+    assert checkpoint.theta_sha256(res.theta.numpy()) == run["theta_sha256_resumed"]
+    assert any("checkpoint format 1, migrated" in m for m in logs), logs
+    assert not any("config differs" in m for m in logs), logs  # foreign keys are not "changes"
+    new = checkpoint.load(tmp_path / checkpoint.LATEST)  # the next save is format 2, θ once
+    assert new.format_version == checkpoint.FORMAT_VERSION == 2
+    with h5py.File(tmp_path / checkpoint.LATEST, "r", locking=False) as f:
+        assert "center" not in f["optimizer"] and f.attrs["format_version"] == 2
+    assert np.array_equal(new.metrics["generation"], np.arange(1, EXPECTED["resumed_to"] + 1))
+
+
+def test_inspect_certify_and_analysis_read_format1(tmp_path, capsys):
+    path = tmp_path / "run" / checkpoint.LATEST
+    path.parent.mkdir()
+    shutil.copyfile(_fixture("pgpe"), path)
+    summary = checkpoint.summary(path)
+    assert summary["format_version"] == 1 and summary["migrated"] is True
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "format_version" in capsys.readouterr().out
+    assert cli.main(["certify", str(path), "--results", str(tmp_path / "cert.json"), "--methods", "ibp",
+                     "--num-test", "8"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "cert.json").read_text())["generation"] == 3
+    run = analysis.load_run(path.parent)
+    assert run.config["optimizer"]["name"] == "pgpe" and list(run.generations) == [1, 2, 3]
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Apply ``edit(h5 file)`` and re-seal the checksum, as a bug in an old writer would have."""
+    with h5py.File(path, "r+", locking=False) as f:
+        edit(f)
+        f.attrs["state_sha256"] = checkpoint._raw_sha256(checkpoint._read_raw(f))
+
+
+def test_format1_copies_that_disagree_are_refused(tmp_path):
+    bad = tmp_path / "bad.h5"
+    shutil.copyfile(_fixture("pgpe"), bad)
+
+    def shift_theta(f):
+        f["theta"][0] = f["theta"][0] + 1.0
+    _rewrite(bad, shift_theta)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot migrate checkpoint format 1 to 2.*centre differs"):
+        checkpoint.load(bad)
+    shutil.copyfile(_fixture("rgs"), bad)
+    _rewrite(bad, lambda f: f["optimizer"].attrs.__setitem__("generation", 7))
+    with pytest.raises(checkpoint.CheckpointError, match="generation 7 differs"):
+        checkpoint.load(bad)
