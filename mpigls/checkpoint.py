@@ -8,7 +8,7 @@ File layout (``FORMAT_VERSION`` 2; names are the module constants below)::
     /theta            (D,) <f4   θ: the centre of the search distribution / the network parameters
     /sigma            (D,) <f4   per-parameter std (absent when the optimizer has none)
     /optimizer/       the REST of the optimizer state (never θ, σ or the generation again): one
-                      dataset per array entry, scalars as attrs (e.g. step/t, step/m, step/v)
+                      dataset per array entry, scalars as attrs (e.g. step/t, step/m, step/v, step/velocity)
     /extra/           same layout, free for other state (e.g. certification results)
     /config           scalar UTF-8 string: the fully resolved config as JSON
     /arch             scalar UTF-8 string: the architecture dict as JSON
@@ -25,8 +25,9 @@ on load, before any migration.
 
 Format 1 (mpigls up to commit 027d07e) also stored θ, σ and the generation inside /optimizer
 (``center``, ``sigma``, ``generation``) and created the metrics datasets extendable.
-``MIGRATIONS[1]`` reads such a file: it checks that the two copies agree bit for bit and drops
-the inner one (tests/golden/format1_*.h5 are files written by the old code).
+It also kept ClipUp's velocity in Adam's ``step/m`` slot. ``MIGRATIONS[1]`` reads such a file: it
+checks that the two copies agree bit for bit, drops the inner one and moves the velocity to
+``step/velocity`` (tests/golden/format1_*.h5 are files written by the old code).
 
 Atomicity (``save``; call on one rank only — rank 0): the file is written as ``.tmp-*.h5`` in the
 target directory, flushed, fsync'ed and renamed (``os.replace``) to ``ckpt_{generation:08d}.h5``;
@@ -390,9 +391,8 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
 def _read_state(group: h5py.Group) -> StateDict:
     out: StateDict = {}
     for k, v in group.attrs.items():
-        out[k] = v.item() if isinstance(v, np.generic) else v
-        if isinstance(out[k], bytes):
-            out[k] = out[k].decode()
+        value = v.item() if isinstance(v, np.generic) else v
+        out[k] = value.decode() if isinstance(value, bytes) else value
     for name, ds in group.items():
         out[str(ds.attrs.get("key", urllib.parse.unquote(name)))] = np.array(ds[()])
     return out
@@ -507,7 +507,8 @@ def _raw_sha256(raw: dict[str, Any]) -> str:
 
 def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     """Format 1 -> 2: drop the second copy of θ, σ and the generation from the optimizer state,
-    after checking that it agrees bit for bit with the stored one (nothing checked that before)."""
+    after checking that it agrees bit for bit with the stored one (nothing checked that before);
+    ClipUp's velocity moves from ``step/m`` to its own ``step/velocity`` slot."""
     opt = dict(raw["opt_state"])
     a = raw["attrs"]
     center = opt.pop("center", None)
@@ -520,6 +521,11 @@ def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     generation = opt.pop("generation", None)
     if generation is not None and int(generation) != int(a["generation"]):
         raise ValueError(f"its optimizer state's generation {generation} differs from the file's {a['generation']}")
+    if "step/m" in opt and "step/velocity" not in opt:  # format 1 kept ClipUp's velocity in Adam's slot
+        m = np.asarray(opt["step/m"])
+        config = raw["config"] if isinstance(raw["config"], dict) else {}
+        clipup = config.get("optimizer", {}).get("step_rule") == "clipup"
+        opt["step/m"], opt["step/velocity"] = (m[:0].copy(), m) if clipup else (m, m[:0].copy())
     return {**raw, "opt_state": opt, "attrs": {**a, "format_version": 2}}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .optim import registry
-from .optim.unit import LoopParams, help_of
+from .optim.unit import LoopParams, help_of, param
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
            "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict", "stored_config",
@@ -36,10 +36,7 @@ class ConfigError(ValueError):
     """A user error in a configuration file or override."""
 
 
-def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse naming
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+_f = param  # a field with its one default and its help text
 
 
 def _require(cond: bool, message: str) -> None:

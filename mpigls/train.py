@@ -130,7 +130,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
 # ----------------------------------------------------------------------------- start: resume or fresh
 
 def _start(cfg: Config, comm, out_dir: Path, restart: bool, opt: unit.Optimizer, model, arch: dict,
-           gens_per_epoch: int, say: Callable[[str], None]) -> tuple[object, dict]:
+           gens_per_epoch: int, say: Callable[[str], None]) -> tuple[Any, dict]:
     """The optimizer state and metric history to start from: the run directory's checkpoint
     (resume), else ``model.init_from`` (warm start) or the model's initial weights."""
     ckpt = _root_load(comm, lambda: rundir.prepare(out_dir, restart=restart, say=say))
@@ -290,7 +290,8 @@ class _Saver:
     gens_per_epoch: int
 
     def __call__(self, state, history: dict) -> str | None:
-        comm, path = self.comm, None
+        comm = self.comm
+        path: str | BaseException | None = None
         if comm.is_root:
             theta, sigma, generation, rest = unit.split_state(self.opt, state)
             ckpt = checkpoint.Checkpoint(

@@ -29,7 +29,7 @@ def test_format1_file_loads_migrated(opt):
     assert ckpt.format_version == 1 and ckpt.generation == EXPECTED["first_generations"]
     assert checkpoint.theta_sha256(ckpt.theta) == run["theta_sha256_at_first"]
     assert not {"center", "sigma", "generation"} & set(ckpt.opt_state)
-    assert {"step/t", "step/m", "step/v"} <= set(ckpt.opt_state)
+    assert {"step/t", "step/m", "step/v", "step/velocity"} == set(ckpt.opt_state)
     assert (ckpt.sigma is not None) == (opt == "pgpe")
     # the stored config holds every optimizer's keys; read as a stored config it builds a Config
     assert "num_samples" in ckpt.config["optimizer"] and "popsize" in ckpt.config["optimizer"]
@@ -93,3 +93,24 @@ def test_format1_copies_that_disagree_are_refused(tmp_path):
     _rewrite(bad, lambda f: f["optimizer"].attrs.__setitem__("generation", 7))
     with pytest.raises(checkpoint.CheckpointError, match="generation 7 differs"):
         checkpoint.load(bad)
+
+
+def test_format1_clipup_velocity_moves_to_its_own_slot(tmp_path):
+    """Format 1 kept ClipUp's velocity in ``step/m``; format 2 has ``step/velocity``."""
+    path = tmp_path / "clipup.h5"
+    shutil.copyfile(_fixture("grad"), path)
+    velocity = np.linspace(-1, 1, checkpoint.load(path).theta.size, dtype=np.float32)
+
+    def as_clipup(f):  # what the old code wrote for step_rule=clipup: m = velocity, v empty
+        cfg = json.loads(f["config"][()])
+        cfg["optimizer"]["step_rule"] = "clipup"
+        del f["config"], f["optimizer/step%2Fm"], f["optimizer/step%2Fv"]
+        f["config"] = json.dumps(cfg)
+        f["optimizer"].create_dataset("step%2Fm", data=velocity).attrs["key"] = "step/m"
+        f["optimizer"].create_dataset("step%2Fv", data=np.zeros(0, np.float32)).attrs["key"] = "step/v"
+    _rewrite(path, as_clipup)
+    state = checkpoint.load(path).opt_state
+    assert np.array_equal(state["step/velocity"], velocity)
+    assert state["step/m"].shape == (0,) and state["step/v"].shape == (0,)
+    adam = checkpoint.load(_fixture("grad")).opt_state
+    assert adam["step/velocity"].shape == (0,) and adam["step/m"].shape == adam["step/v"].shape == velocity.shape

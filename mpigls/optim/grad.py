@@ -73,7 +73,7 @@ def state_to_dict(state: GRADState) -> dict:
 
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu", name: str = "GRAD") -> GRADState:
-    missing = {"center", "generation", "step/t", "step/m", "step/v"} - set(d)
+    missing = {"center", "generation", *steprules.STATE_KEYS} - set(d)
     if missing:
         raise ValueError(f"{name} state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
     return GRADState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),

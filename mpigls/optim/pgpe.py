@@ -355,7 +355,7 @@ def state_to_dict(state: PGPEState) -> dict:
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
     """Inverse of state_to_dict; tensors are placed on ``device``."""
-    missing = {"center", "sigma", "generation", "step/t", "step/m", "step/v"} - set(d)
+    missing = {"center", "sigma", "generation", *steprules.STATE_KEYS} - set(d)
     if missing:
         raise ValueError(f"PGPE state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
     return PGPEState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),

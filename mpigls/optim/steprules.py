@@ -29,7 +29,7 @@ from mpigls.optim.unit import param
 
 __all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "step",
            "clip_grad_norm", "decay", "descend", "check_step_rule", "check_params", "check_positive",
-           "state_to_dict", "state_from_dict"]
+           "state_to_dict", "state_from_dict", "STATE_KEYS"]
 
 STEP_RULES = ("adam", "clipup", "sgd")
 
@@ -55,14 +55,16 @@ class StepRuleParams:
 class StepState:
     """Optimizer moments of one step rule.
 
-    t: number of steps taken. m: Adam's first moment or ClipUp's velocity (D,); v: Adam's second
-    moment (D,). Unused slots are empty tensors of shape (0,). The names are the checkpoint keys
-    (``step/t``, ``step/m``, ``step/v``), so ClipUp's velocity keeps the slot name ``m``.
+    t: number of steps taken. m, v: Adam's first and second moments (D,). velocity: ClipUp's
+    velocity (D,). Slots the rule does not use are empty tensors of shape (0,). The names are the
+    checkpoint keys ``step/t``, ``step/m``, ``step/v``, ``step/velocity`` (format 1 kept ClipUp's
+    velocity in ``step/m``; mpigls.checkpoint migrates it).
     """
 
     t: int
     m: torch.Tensor
     v: torch.Tensor
+    velocity: torch.Tensor
 
 
 def check_step_rule(rule: str, owner: str = "optimizer") -> None:
@@ -94,10 +96,10 @@ def init(rule: str, like: torch.Tensor) -> StepState:
     check_step_rule(rule)
     empty = like.new_zeros(0)
     if rule == "adam":
-        return StepState(0, torch.zeros_like(like), torch.zeros_like(like))
+        return StepState(0, torch.zeros_like(like), torch.zeros_like(like), empty)
     if rule == "clipup":
-        return StepState(0, torch.zeros_like(like), empty)
-    return StepState(0, empty, empty)
+        return StepState(0, empty, empty.clone(), torch.zeros_like(like))
+    return StepState(0, empty, empty.clone(), empty.clone())
 
 
 def adam(state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
@@ -108,21 +110,21 @@ def adam(state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9,
     v = beta2 * state.v + (1.0 - beta2) * grad * grad
     m_hat = m / (1.0 - beta1 ** t)
     v_hat = v / (1.0 - beta2 ** t)
-    return lr * m_hat / (v_hat.sqrt() + eps), StepState(t, m, v)
+    return lr * m_hat / (v_hat.sqrt() + eps), StepState(t, m, v, state.velocity)
 
 
 def clipup(state: StepState, grad: torch.Tensor, *, lr: float, momentum: float = 0.9,
            max_speed: float | None = None) -> tuple[torch.Tensor, StepState]:
-    """One ClipUp step: returns (delta (D,), new state); delta is the clipped velocity, kept in ``m``."""
+    """One ClipUp step: returns (delta (D,), new state); delta is the clipped velocity."""
     max_speed = 2.0 * lr if max_speed is None else max_speed
     norm = torch.linalg.vector_norm(grad)
     # A zero gradient (e.g. a flat loss) gives no push rather than 0/0.
     unit = grad / norm if float(norm) > 0 else torch.zeros_like(grad)
-    velocity = momentum * state.m + lr * unit
+    velocity = momentum * state.velocity + lr * unit
     speed = float(torch.linalg.vector_norm(velocity))
     if speed > max_speed:
         velocity = velocity * (max_speed / speed)
-    return velocity, StepState(state.t + 1, velocity, state.v)
+    return velocity, dataclasses.replace(state, t=state.t + 1, velocity=velocity)
 
 
 def sgd(state: StepState, grad: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, StepState]:
@@ -182,9 +184,13 @@ def descend(center: torch.Tensor, step_state: StepState, grad: torch.Tensor, par
 
 def state_to_dict(state: StepState, prefix: str = "step/") -> dict:
     return {f"{prefix}t": int(state.t), f"{prefix}m": state.m.detach().cpu().numpy().copy(),
-            f"{prefix}v": state.v.detach().cpu().numpy().copy()}
+            f"{prefix}v": state.v.detach().cpu().numpy().copy(),
+            f"{prefix}velocity": state.velocity.detach().cpu().numpy().copy()}
+
+
+STATE_KEYS = ("step/t", "step/m", "step/v", "step/velocity")
 
 
 def state_from_dict(d: dict, prefix: str = "step/", device: torch.device | str = "cpu") -> StepState:
-    return StepState(int(d[f"{prefix}t"]), torch.as_tensor(d[f"{prefix}m"]).to(device),
-                     torch.as_tensor(d[f"{prefix}v"]).to(device))
+    return StepState(int(d[f"{prefix}t"]), *(torch.as_tensor(d[f"{prefix}{k}"]).to(device)
+                                             for k in ("m", "v", "velocity")))

@@ -30,6 +30,7 @@ Shapes: D parameters, n points.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -46,7 +47,9 @@ __all__ = ["param", "help_of", "LoopParams", "Work", "Optimizer", "block_items",
 def param(default: Any, help: str) -> Any:  # noqa: A002 - the metadata key, as in argparse
     """A Params field with its ONE default and its documentation (shown by ``mpigls config``)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        def fresh() -> Any:  # a new list/dict per instance
+            return copy.copy(default)
+        return dataclasses.field(default_factory=fresh, metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 
