@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .monitor import METRICS_FILE, read_metrics_log
 from .rundir import ASIDE_PREFIX
 
@@ -214,7 +214,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         directory = path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a run may be mid-write; older files serve
-            ckpt_path = checkpoint.find_latest(path)
+            ckpt_path = rundir.find_latest(path)
         ckpt = checkpoint.load(ckpt_path) if ckpt_path is not None else None
         rows = _checkpoint_rows(ckpt) if ckpt is not None else {}
         config = ckpt.config if ckpt is not None else None

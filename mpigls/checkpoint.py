@@ -37,9 +37,10 @@ including NFS and Lustre, so at every instant ``latest.h5`` is either the previo
 complete checkpoint; as a separate link it stays readable when ``ckpt_*`` files are pruned (a
 symlink could dangle). Where hard links are unsupported the file is copied (and fsync'ed) under a
 temp name instead. A kill at any moment leaves at worst a ``.tmp-*.h5`` file, which
-``clean_stale_temps`` removes at the next start. HDF5 file locking is disabled (``locking=False``)
+``rundir.clean_stale_temps`` removes at the next start. HDF5 file locking is disabled (``locking=False``)
 because files are never modified in place and flock is often unavailable on Lustre/NFS.
-The policy of a run directory (resume, refuse, move aside) is mpigls.rundir's.
+The policy of a run directory (which file to resume, refuse, move aside, stale temp files) and
+the atomic JSON writer live in mpigls.rundir.
 """
 from __future__ import annotations
 
@@ -54,7 +55,6 @@ import shutil
 import socket
 import tempfile
 import urllib.parse
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +66,8 @@ import numpy as np
 __all__ = [
     "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
     "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
-    "Checkpoint", "CheckpointError", "CheckpointWriteError", "save", "load", "find_latest", "load_latest", "list_checkpoints",
-    "clean_stale_temps", "write_json", "summary", "check_compatible", "theta_sha256", "state_sha256",
-    "checkpoint_path",
+    "Checkpoint", "CheckpointError", "CheckpointWriteError", "save", "load", "list_checkpoints", "generation_of",
+    "summary", "check_compatible", "theta_sha256", "state_sha256", "checkpoint_path", "fsync_path", "umask",
 ]
 
 log = logging.getLogger("mpigls.checkpoint")
@@ -217,7 +216,7 @@ def _write_state(group: h5py.Group, d: StateDict) -> None:
             group.attrs[k] = v
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
@@ -265,7 +264,7 @@ def _write_file(path: Path, ckpt: Checkpoint) -> None:
         for k, v in ckpt.metrics.items():  # the whole history, rewritten at every save (one file per save)
             mg.create_dataset(_quote(k), data=v).attrs["key"] = k
         f.flush()
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _link_or_copy(src: Path, dst_tmp: Path) -> None:
@@ -273,10 +272,10 @@ def _link_or_copy(src: Path, dst_tmp: Path) -> None:
         os.link(src, dst_tmp)
     except OSError:
         shutil.copyfile(src, dst_tmp)
-        _fsync_path(dst_tmp)
+        fsync_path(dst_tmp)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -297,17 +296,17 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
         fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.stem}-", suffix=".h5", dir=d)
         os.close(fd)
         tmp = Path(tmp_name)
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints are shared like other outputs
+        os.chmod(tmp_name, 0o666 & ~umask())  # mkstemp makes 0600; checkpoints are shared like other outputs
         _write_file(tmp, ckpt)
         os.replace(tmp, final)
-        _fsync_path(d, directory=True)
+        fsync_path(d, directory=True)
         fd, link_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}latest-", suffix=".h5", dir=d)
         os.close(fd)
         link_tmp = Path(link_name)
         link_tmp.unlink()  # os.link needs a free name; mkstemp only reserved a unique one
         _link_or_copy(final, link_tmp)
         os.replace(link_tmp, d / LATEST)
-        _fsync_path(d, directory=True)
+        fsync_path(d, directory=True)
     except OSError as exc:
         raise CheckpointWriteError(_write_failure(d, final, exc)) from exc
     finally:
@@ -337,26 +336,6 @@ def _write_failure(d: Path, final: Path, exc: OSError) -> str:
             "permissions, then run the same command to resume from it")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}-", suffix=".json", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     """(generation, path) of every ``ckpt_*.h5`` in directory, oldest first (names only, unread)."""
     d = Path(directory)
@@ -368,22 +347,6 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove ``.tmp-*.h5`` / ``.tmp-*.json`` left by an interrupted save; returns what was removed. Call at start
-    on rank 0 only, before any save, and never while another job writes to the same directory."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    removed = []
-    for p in d.iterdir():
-        if p.name.startswith(TEMP_PREFIX) and p.name.endswith((".h5", ".json")):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        log.info("removed %d stale temp file(s) in %s", len(removed), d)
-    return removed
 
 
 # ----------------------------------------------------------------------------- reading
@@ -532,52 +495,13 @@ def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
 MIGRATIONS[1] = _migrate_1_to_2
 
 
-def _generation_of(path: Path) -> int | None:
+def generation_of(path: Path) -> int | None:
+    """The generation in a checkpoint's header (None when it cannot be read); reads no arrays."""
     try:
         with _open(path) as f:
             return int(_header(f, path)["generation"])
     except (OSError, ValueError):
         return None
-
-
-def _candidates(d: Path) -> list[Path]:
-    """latest.h5 and ckpt_*.h5, newest generation first; latest.h5 first among equals."""
-    candidates: list[tuple[int, int, Path]] = []
-    latest = d / LATEST
-    if latest.exists():
-        g = _generation_of(latest)
-        candidates.append((g if g is not None else -1, 1, latest))
-    candidates += [(g, 0, p) for g, p in list_checkpoints(d)]
-    return [p for _, _, p in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True)]
-
-
-def find_latest(directory: str | os.PathLike) -> Path | None:
-    """The newest *loadable* checkpoint in directory, or None when there is none.
-
-    Candidates are ``latest.h5`` and every ``ckpt_*.h5``, newest generation first (``latest.h5``
-    wins a tie); each is fully loaded (checksum included) until one succeeds, warning about every
-    unreadable file skipped. A crash between writing ``ckpt_G`` and relinking ``latest.h5`` is
-    therefore resumed from G."""
-    found = _first_loadable(Path(directory))
-    return found[0] if found else None
-
-
-def load_latest(directory: str | os.PathLike) -> Checkpoint | None:
-    """``load(find_latest(directory))`` without reading the chosen file twice; None if none."""
-    found = _first_loadable(Path(directory))
-    return found[1] if found else None
-
-
-def _first_loadable(d: Path) -> tuple[Path, Checkpoint] | None:
-    """The first of ``_candidates(d)`` that loads, warning about every unreadable one skipped."""
-    if not d.is_dir():
-        return None
-    for p in _candidates(d):
-        try:
-            return p, load(p)
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
-    return None
 
 
 def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None, *,

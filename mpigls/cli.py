@@ -124,8 +124,8 @@ def _cmd_train(args, comm) -> int:
     if not args.no_eval and result.finished:
         res = _final_eval(cfg, result, comm)
         if comm.is_root:
-            from . import checkpoint
-            checkpoint.write_json(Path(args.out) / EVAL_FILE, {
+            from . import checkpoint, rundir
+            rundir.write_json(Path(args.out) / EVAL_FILE, {
                 "generation": result.generation, "theta_sha256": checkpoint.theta_sha256(result.theta.numpy()),
                 "checkpoint": result.checkpoint_path, "methods": list(cfg.eval.methods), **res})
     return 0
@@ -152,7 +152,7 @@ def _final_eval(cfg, result, comm) -> dict:
 def _cmd_certify(args, comm) -> int:
     import torch
 
-    from . import certify, checkpoint, train as train_mod
+    from . import certify, checkpoint, rundir, train as train_mod
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
@@ -174,7 +174,7 @@ def _cmd_certify(args, comm) -> int:
         verify_max_domains=args.max_domains)
     if comm.is_root:
         path = Path(args.results) if args.results else certify.results_path(args.checkpoint, eps)
-        checkpoint.write_json(path, {
+        rundir.write_json(path, {
             "schema": certify.RESULTS_SCHEMA, "format_version": certify.RESULTS_VERSION,
             "checkpoint": str(args.checkpoint), "generation": ckpt.generation,
             "theta_sha256": checkpoint.theta_sha256(ckpt.theta), "eps": float(eps), "methods": methods,
@@ -256,7 +256,7 @@ def _certify_run(run, comm):
 
     import torch
 
-    from . import analysis, certify, checkpoint, train as train_mod
+    from . import analysis, certify, checkpoint, rundir, train as train_mod
     if run.checkpoint_path is None:
         raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
     ckpt = _load_usable(str(run.checkpoint_path))
@@ -270,7 +270,7 @@ def _certify_run(run, comm):
                            cfg.bound.eps, list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
                            pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
     if comm.is_root:
-        checkpoint.write_json(run.directory / f"certify_{ckpt.generation:08d}.json", {
+        rundir.write_json(run.directory / f"certify_{ckpt.generation:08d}.json", {
             "generation": ckpt.generation, "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
             "checkpoint": str(run.checkpoint_path), "methods": list(cfg.eval.methods),
             "time_s": time.perf_counter() - t0, **res})
@@ -281,7 +281,7 @@ def _certify_run(run, comm):
 def _cmd_tightness(args, comm) -> int:
     import torch
 
-    from . import analysis_tightness, checkpoint, plotting, train as train_mod
+    from . import analysis_tightness, checkpoint, plotting, rundir, train as train_mod
     out = _png_path(args.out, "tightness.png")
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
@@ -301,7 +301,7 @@ def _cmd_tightness(args, comm) -> int:
                 "training_method": cfg.bound.method})
     if comm.is_root:
         png = plotting.plot_tightness(res, out, eps=cfg.bound.eps)
-        js = checkpoint.write_json(png.with_suffix(".json"), res)
+        js = rundir.write_json(png.with_suffix(".json"), res)
         print(f"{'relaxation':12s} {'AUC':>9s} {'mean cert.':>10s}   (radii 0..{radii[-1]:g}, {len(radii)} points, "
               f"{res['num_examples']} examples, natural {100 * res['natural_accuracy']:.2f}%)")
         for m, c in res["methods"].items():

@@ -17,18 +17,24 @@ Policy (rank 0 only; ``train`` broadcasts the outcome):
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import logging
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint
 from .config import short_repr
 
 __all__ = ["RunDirError", "RUN_FILES", "ASIDE_PREFIX", "out_path", "Scan", "scan", "prepare", "describe",
-           "move_aside"]
+           "move_aside", "candidates", "find_latest", "load_latest", "clean_stale_temps", "write_json"]
+
+log = logging.getLogger("mpigls.rundir")
 
 ASIDE_PREFIX = "aside-"
 # the files a run writes into --out: what --restart moves aside (never deletes)
@@ -93,13 +99,13 @@ def scan(d: Path) -> Scan:
     """Try ``latest.h5`` and ``ckpt_*.h5`` newest first; stop at the first that loads."""
     if not d.is_dir():
         return Scan()
-    candidates = checkpoint._candidates(d)
+    found = candidates(d)
     failed: list[tuple[Path, str]] = []
     chosen: tuple[Path, checkpoint.Checkpoint] | None = None
     # every file is read, the older ones too: retention (keep_last) would otherwise delete an
     # unreadable one, and an unreadable latest.h5 (sorted last: its generation is unknown) would be
     # replaced by the next save
-    for p in candidates:
+    for p in found:
         try:
             ckpt = checkpoint.load(p)
         except (OSError, ValueError) as exc:
@@ -108,8 +114,8 @@ def scan(d: Path) -> Scan:
         if chosen is None:
             chosen = (p, ckpt)
     if chosen is None:
-        return Scan(None, None, failed, len(candidates))
-    return Scan(chosen[0], chosen[1], failed, len(candidates))
+        return Scan(None, None, failed, len(found))
+    return Scan(chosen[0], chosen[1], failed, len(found))
 
 
 def _aside_dir(d: Path) -> Path:
@@ -131,7 +137,7 @@ def move_aside(d: Path, paths: list[Path]) -> Path | None:
     target = _aside_dir(d)
     for p in paths:
         os.replace(p, target / p.name)  # same directory tree: an atomic rename, never a copy + delete
-    checkpoint._fsync_path(d, directory=True)
+    checkpoint.fsync_path(d, directory=True)
     return target
 
 
@@ -156,7 +162,7 @@ def prepare(out: str | os.PathLike, *, restart: bool = False,
         raise RunDirError(f"cannot create the output directory {str(d)!r} ({exc.strerror or exc}); pass "
                           "another --out directory") from None
     _check_writable(d, "the output directory")
-    checkpoint.clean_stale_temps(d)
+    clean_stale_temps(d)
     if restart:
         old = sorted(p for p in d.iterdir() if RUN_FILES.match(p.name) and p.is_file())
         target = move_aside(d, old)
@@ -195,3 +201,81 @@ def describe(out: str | os.PathLike, *, restart: bool = False) -> str:
         return f"a new run in {d}"
     extra = f" ({len(sc.failed)} newer unreadable file(s) would be moved aside)" if sc.failed else ""
     return f"resume {d} from generation {sc.ckpt.generation}{extra}"
+
+
+# ----------------------------------------------------------------------------- files of a run directory
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{checkpoint.TEMP_PREFIX}{path.stem}-", suffix=".json", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~checkpoint.umask())
+        os.replace(tmp, path)
+        checkpoint.fsync_path(path.parent, directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove ``.tmp-*.h5`` / ``.tmp-*.json`` left by an interrupted save; returns what was removed. Call at start
+    on rank 0 only, before any save, and never while another job writes to the same directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        if p.name.startswith(checkpoint.TEMP_PREFIX) and p.name.endswith((".h5", ".json")):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temp file(s) in %s", len(removed), d)
+    return removed
+
+
+def candidates(d: Path) -> list[Path]:
+    """latest.h5 and ckpt_*.h5, newest generation first; latest.h5 first among equals."""
+    candidates: list[tuple[int, int, Path]] = []
+    latest = d / checkpoint.LATEST
+    if latest.exists():
+        g = checkpoint.generation_of(latest)
+        candidates.append((g if g is not None else -1, 1, latest))
+    candidates += [(g, 0, p) for g, p in checkpoint.list_checkpoints(d)]
+    return [p for _, _, p in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True)]
+
+
+def find_latest(directory: str | os.PathLike) -> Path | None:
+    """The newest *loadable* checkpoint in directory, or None when there is none.
+
+    Candidates are ``latest.h5`` and every ``ckpt_*.h5``, newest generation first (``latest.h5``
+    wins a tie); each is fully loaded (checksum included) until one succeeds, warning about every
+    unreadable file skipped. A crash between writing ``ckpt_G`` and relinking ``latest.h5`` is
+    therefore resumed from G."""
+    found = _first_loadable(Path(directory))
+    return found[0] if found else None
+
+
+def load_latest(directory: str | os.PathLike) -> checkpoint.Checkpoint | None:
+    """``load(find_latest(directory))`` without reading the chosen file twice; None if none."""
+    found = _first_loadable(Path(directory))
+    return found[1] if found else None
+
+
+def _first_loadable(d: Path) -> tuple[Path, checkpoint.Checkpoint] | None:
+    """The first of ``candidates(d)`` that loads, warning about every unreadable one skipped."""
+    if not d.is_dir():
+        return None
+    for p in candidates(d):
+        try:
+            return p, checkpoint.load(p)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
+    return None

@@ -121,7 +121,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
                 f"its partial work was dropped; checkpoint written at generation {generation} ({ckpt_path}); "
                 "run the same command to resume")
     if ckpt_path is None and comm.is_root:
-        ckpt_path = str(checkpoint.find_latest(out_dir) or "") or None
+        ckpt_path = str(rundir.find_latest(out_dir) or "") or None
     ckpt_path = comm.bcast_obj(ckpt_path)
     return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
                        {k: v[-1] for k, v in history.items() if v}, device, total)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mpigls import checkpoint as C
+from mpigls import checkpoint as C, rundir as R
 
 h5py = C.h5py  # only checkpoint.py imports h5py; tests borrow it to craft damaged files
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_keep_last_prunes_and_latest_survives(tmp_path):
     for _, p in C.list_checkpoints(tmp_path):
         p.unlink()
     assert C.load(tmp_path / C.LATEST).generation == 6
-    assert C.find_latest(tmp_path) == tmp_path / C.LATEST
+    assert R.find_latest(tmp_path) == tmp_path / C.LATEST
 
 
 def test_keep_all_and_resave_same_generation(tmp_path):
@@ -162,8 +162,8 @@ def test_latest_falls_back_to_copy_without_hardlinks(tmp_path, monkeypatch):
 
 
 def test_find_latest_empty_and_missing(tmp_path):
-    assert C.find_latest(tmp_path) is None
-    assert C.find_latest(tmp_path / "nope") is None
+    assert R.find_latest(tmp_path) is None
+    assert R.find_latest(tmp_path / "nope") is None
 
 
 def test_find_latest_prefers_newer_ckpt_after_crash_before_relink(tmp_path):
@@ -171,7 +171,7 @@ def test_find_latest_prefers_newer_ckpt_after_crash_before_relink(tmp_path):
     latest = (tmp_path / C.LATEST).read_bytes()
     C.save(tmp_path, make(generation=2, seed=2))
     (tmp_path / C.LATEST).write_bytes(latest)  # as if killed between rename and relink
-    assert C.find_latest(tmp_path) == tmp_path / "ckpt_00000002.h5"
+    assert R.find_latest(tmp_path) == tmp_path / "ckpt_00000002.h5"
 
 
 def test_find_latest_skips_corrupt_newest_with_warning(tmp_path):
@@ -182,7 +182,7 @@ def test_find_latest_skips_corrupt_newest_with_warning(tmp_path):
         p.unlink()
         p.write_bytes((tmp_path / "ckpt_00000001.h5").read_bytes()[:900])
     with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint"):
-        assert C.find_latest(tmp_path) == tmp_path / "ckpt_00000001.h5"
+        assert R.find_latest(tmp_path) == tmp_path / "ckpt_00000001.h5"
 
 
 def test_crash_mid_write_leaves_latest_readable_and_temp_is_cleaned(tmp_path, monkeypatch):
@@ -198,8 +198,8 @@ def test_crash_mid_write_leaves_latest_readable_and_temp_is_cleaned(tmp_path, mo
     monkeypatch.undo()
     # a real kill leaves the temp behind (the finally clause never runs): simulate it
     (tmp_path / ".tmp-ckpt_00000002-abc.h5").write_bytes(b"\x89HDF\r\n\x1a\n partial")
-    assert C.load(C.find_latest(tmp_path)).generation == 1
-    removed = C.clean_stale_temps(tmp_path)
+    assert C.load(R.find_latest(tmp_path)).generation == 1
+    removed = R.clean_stale_temps(tmp_path)
     assert [p.name for p in removed] == [".tmp-ckpt_00000002-abc.h5"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt_00000001.h5", "latest.h5"]
 
@@ -231,7 +231,7 @@ def test_kill9_during_save_loop_never_breaks_latest(tmp_path):
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.communicate(timeout=30)
-        latest = C.find_latest(d)
+        latest = R.find_latest(d)
         assert latest is not None
         got = C.load(latest)
         assert got.theta.tobytes() == (C.load(latest).theta).tobytes()
@@ -239,7 +239,7 @@ def test_kill9_during_save_loop_never_breaks_latest(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # latest.h5 itself must be valid: no fallback needed
             assert C.load(d / C.LATEST).generation >= 1
-        C.clean_stale_temps(d)
+        R.clean_stale_temps(d)
         assert not any(p.startswith(C.TEMP_PREFIX) for p in os.listdir(d))
 
 
@@ -322,7 +322,7 @@ def test_checksum_tampered(tmp_path, what):
         C.load(p)
     assert C.load(p, verify=False).generation == c.generation
     with pytest.warns(RuntimeWarning):
-        assert C.find_latest(tmp_path) is None  # both names are the same damaged inode
+        assert R.find_latest(tmp_path) is None  # both names are the same damaged inode
 
 
 def test_checksum_tampered_raw_bytes(tmp_path):
@@ -382,14 +382,14 @@ def test_summary_is_json_and_hashes_theta(tmp_path):
 def test_copied_directory_still_loads(tmp_path):
     C.save(tmp_path / "a", make())
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    assert C.load(C.find_latest(tmp_path / "b")).generation == 5
+    assert C.load(R.find_latest(tmp_path / "b")).generation == 5
 
 
 def test_load_latest_and_permissions(tmp_path):
-    assert C.load_latest(tmp_path) is None
+    assert R.load_latest(tmp_path) is None
     C.save(tmp_path, make(generation=1))
     C.save(tmp_path, make(generation=2, seed=2))
-    assert C.load_latest(tmp_path).generation == 2
+    assert R.load_latest(tmp_path).generation == 2
     mask = os.umask(0)
     os.umask(mask)
     for name in ("ckpt_00000002.h5", C.LATEST):
@@ -397,21 +397,21 @@ def test_load_latest_and_permissions(tmp_path):
     (tmp_path / "ckpt_00000002.h5").unlink()
     (tmp_path / C.LATEST).unlink()
     (tmp_path / C.LATEST).write_bytes(b"garbage")
-    assert C.load_latest(tmp_path).generation == 1  # unreadable latest.h5 ranks last
+    assert R.load_latest(tmp_path).generation == 1  # unreadable latest.h5 ranks last
     assert C.summary(tmp_path / "ckpt_00000001.h5")["format_version"] == C.FORMAT_VERSION
 
 
 def test_write_json_is_atomic_and_its_stale_temps_are_cleaned(tmp_path, monkeypatch):
-    target = C.write_json(tmp_path / "eval.json", {"natural": 0.5, "generation": 3})
+    target = R.write_json(tmp_path / "eval.json", {"natural": 0.5, "generation": 3})
     assert json.loads(target.read_text()) == {"natural": 0.5, "generation": 3}
 
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(C.os, "replace", boom)
     with pytest.raises(OSError):
-        C.write_json(tmp_path / "eval.json", {"natural": 0.9})
+        R.write_json(tmp_path / "eval.json", {"natural": 0.9})
     monkeypatch.undo()
     assert json.loads(target.read_text())["natural"] == 0.5  # the old result is intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(C.TEMP_PREFIX)]
     (tmp_path / f"{C.TEMP_PREFIX}eval-x.json").write_text("{")  # as a kill -9 would leave it
-    assert [p.name for p in C.clean_stale_temps(tmp_path)] == [f"{C.TEMP_PREFIX}eval-x.json"]
+    assert [p.name for p in R.clean_stale_temps(tmp_path)] == [f"{C.TEMP_PREFIX}eval-x.json"]

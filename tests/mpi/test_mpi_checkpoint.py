@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpigls import checkpoint, dist
+from mpigls import checkpoint, dist, rundir
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -16,10 +16,10 @@ def test_root_saves_all_ranks_load_identical(mpi_tmp_path):
                                  {"seed": 1}, {"name": "mlp"}, {"loss": np.ones(4)}, "n",
                                  world_size=comm.world_size)
     if comm.is_root:
-        checkpoint.clean_stale_temps(mpi_tmp_path)
+        rundir.clean_stale_temps(mpi_tmp_path)
         checkpoint.save(mpi_tmp_path, ckpt)
     comm.barrier()
-    path = checkpoint.find_latest(mpi_tmp_path)
+    path = rundir.find_latest(mpi_tmp_path)
     got = checkpoint.load(path)
     assert got.theta.tobytes() == theta.tobytes()
     comm.check_consistent("loaded-theta", got.theta.tobytes())
