@@ -26,6 +26,15 @@ def test_surface_matches_golden():
     assert surface() == GOLDEN.read_text()
 
 
+def test_readme_config_table_is_mpigls_config_markdown(capsys):
+    """README's key table is the output of `mpigls config --markdown` (the Params' field metadata)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    begin, end = "<!-- mpigls config --markdown: begin -->\n", "<!-- mpigls config --markdown: end -->"
+    table = text[text.index(begin) + len(begin):text.index(end)]
+    assert cli.main(["config", "--markdown"]) == 0
+    assert table == capsys.readouterr().out, "regenerate README's table with `mpigls config --markdown`"
+
+
 def test_main_returns_exit_codes(capsys, tmp_path):
     assert cli.main(["config"]) == 0
     assert "optimizer.popsize" in capsys.readouterr().out
