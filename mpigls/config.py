@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .optim import registry
+from .optim.schedules import EPS_SCHEDULES
 from .optim.unit import LoopParams, help_of, param
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
@@ -63,10 +64,10 @@ class DataConfig:
     augment: str = _f("auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar")
 
     def __post_init__(self):
-        names = ("digits", "mnist", "cifar10", "tinyimagenet", "synthetic")
-        _require(self.name in names, f"data.name must be one of {list(names)}, got {self.name!r}")
-        _require(self.augment in ("auto", "none", "flip", "cifar"),
-                 f"data.augment must be auto, none, flip or cifar, got {self.augment!r}")
+        from .data import AUGMENTATIONS, DATASETS
+        _require(self.name in DATASETS, f"data.name must be one of {list(DATASETS)}, got {self.name!r}")
+        _require(self.augment in ("auto", *AUGMENTATIONS),
+                 f"data.augment must be one of {['auto', *AUGMENTATIONS]}, got {self.augment!r}")
         if self.name in ("mnist", "cifar10", "tinyimagenet"):
             _require(self.root is not None,
                      f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
@@ -97,7 +98,8 @@ BOUND_METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown",
 class BoundConfig:
     method: str = _f("ibp", "training loss: ibp, hbox, crown-ibp, deeppoly (= crown), alpha-crown, sabr, staps, pgd, natural")
     eps: float = _f(0.1, "l_inf radius in pixel space ([0, 1] images)")
-    eps_schedule: str = _f("smooth", "eps annealing per batch: constant, linear, smooth (polynomial then linear)")
+    eps_schedule: str = _f("smooth", "eps annealing per batch: " + ", ".join(EPS_SCHEDULES)
+                           + " (smooth: polynomial then linear)")
     eps_start: float = _f(0.0, "eps at the start of annealing")
     warmup_epochs: float = _f(0.0, "epochs at eps_start before annealing begins")
     anneal_epochs: float = _f(0.0, "epochs over which eps grows from eps_start to eps (0: no annealing)")
@@ -110,8 +112,8 @@ class BoundConfig:
                                      f"[0, 1] pixel space (MNIST papers use 0.1 or 0.3, CIFAR-10 2/255 = 0.0078)")
         _require(0 <= self.eps_start <= max(self.eps, 0.0) or self.eps_start == 0,
                  f"bound.eps_start must lie in [0, bound.eps={self.eps}], got {self.eps_start}")
-        _require(self.eps_schedule in ("constant", "linear", "smooth"),
-                 f"bound.eps_schedule must be constant, linear or smooth, got {self.eps_schedule!r}")
+        _require(self.eps_schedule in EPS_SCHEDULES,
+                 f"bound.eps_schedule must be one of {list(EPS_SCHEDULES)}, got {self.eps_schedule!r}")
         _require(self.warmup_epochs >= 0 and self.anneal_epochs >= 0,
                  f"bound.warmup_epochs and bound.anneal_epochs must be >= 0, got {self.warmup_epochs}, {self.anneal_epochs}")
 
