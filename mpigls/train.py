@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, monitor, noise, precision, preflight, rundir, stopping
+from . import checkpoint, data, dist, losses, models, monitor, noise, precision, preflight, rundir
 from .config import Config, changed_keys, stored_config, to_dict
 from .optim import registry, schedules, unit
 
@@ -76,7 +76,7 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     live = monitor.Monitor(cfg, comm, out_dir, dataset, model, generation, total, say)  # val/* metrics, metrics.jsonl
     stop_signal = dist.StopSignal().install()
     # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
-    blocks = stopping.StoppableBlocks(dist.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
+    blocks = dist.StoppableBlocks(dist.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
     batches = _Batches(cfg, dataset, gens_per_epoch, device)
     save = _Saver(comm, out_dir, cfg, opt, arch, gens_per_epoch)
     ckpt_path, stopped, skipped_in_a_row = None, False, 0
