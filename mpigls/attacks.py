@@ -2,10 +2,10 @@
 
 x_{t+1} = Proj_{[x-eps, x+eps] ∩ [0,1]}(x_t + step_size * sign(grad_x loss(x_t))), maximising
 either the cross-entropy ("ce") or the negative smallest margin min_{i != y} z_y - z_i ("margin").
-With a population (params (P, D)) every member gets its own adversarial batch, attacked
+With a population (weights (P, D)) every member gets its own adversarial batch, attacked
 independently of the others (the losses are summed over members, whose inputs are disjoint).
 The random start is drawn once with shape (B, C, H, W) and shared by all members, so a member's
-attack does not depend on which other members are stacked with it. Parameters are detached:
+attack does not depend on which other members are stacked with it. Weights are detached:
 the attack never contributes a gradient to the network.
 
 Shapes: P population, D parameters, B batch, K classes.
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .margins import margins
 from .population import forward
 
-__all__ = ["LOSSES", "STEP_SIZE_FACTOR", "default_step_size", "pgd", "margins"]
+__all__ = ["LOSSES", "STEP_SIZE_FACTOR", "default_step_size", "step_size_for", "pgd", "margins"]
 
 LOSSES = ("ce", "margin")
 # Madry et al. 2018 take steps of 2.5 eps / steps, so that the attack can cross the whole box
@@ -31,19 +32,19 @@ def default_step_size(eps_max: float, steps: int) -> float:
     return STEP_SIZE_FACTOR * float(eps_max) / max(int(steps), 1)
 
 
-def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """z_y - z_i for i != y ascending: (..., B, K) -> (..., B, K-1)."""
-    k = logits.shape[-1]
-    others = torch.arange(k - 1, device=y.device).unsqueeze(0)
-    others = others + (others >= y.unsqueeze(1)).long()
-    true = logits.gather(-1, y.view(-1, 1).expand(*logits.shape[:-1], 1))
-    return true - logits.gather(-1, others.expand(*logits.shape[:-1], k - 1))
+def step_size_for(eps, steps: int, step_size: float | None = None) -> float:
+    """``step_size`` if configured, else ``default_step_size`` for the largest radius of ``eps``
+    (a float or a tensor of radii; an empty batch counts as radius 0)."""
+    if step_size is not None:
+        return float(step_size)
+    eps_t = torch.as_tensor(eps)
+    return default_step_size(float(eps_t.max()) if eps_t.numel() else 0.0, steps)
 
 
 def pgd(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, steps: int, step_size: float,
-        params: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
         loss: str = "ce") -> torch.Tensor:
-    """Adversarial inputs: (B, C, H, W), or (P, B, C, H, W) for params (P, D); detached.
+    """Adversarial inputs: (B, C, H, W), or (P, B, C, H, W) for weights (P, D); detached.
 
     eps is a float or a (B,) tensor; ``generator`` (CPU torch.Generator, e.g. from
     ``mpigls.noise.torch_generator``) enables a uniform random start, none starts at x.
@@ -56,21 +57,21 @@ def pgd(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, steps: int,
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     eps_t = eps_t.expand(x.shape[0]).reshape(-1, 1, 1, 1) if eps_t.ndim <= 1 else eps_t
     lo, hi = (x - eps_t).clamp(0, 1), (x + eps_t).clamp(0, 1)
-    stacked = params is not None and params.ndim == 2
-    if params is not None:
-        params = params.detach()
+    stacked = weights is not None and weights.ndim == 2
+    if weights is not None:
+        weights = weights.detach()
     if stacked:
         lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
     start = x
     if generator is not None:
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         start = x + (2 * noise - 1) * eps_t
-    x_adv = start.expand(params.shape[0], *x.shape) if params is not None and stacked else start
+    x_adv = start.expand(weights.shape[0], *x.shape) if weights is not None and stacked else start
     x_adv = torch.maximum(torch.minimum(x_adv, hi), lo).detach()
     for _ in range(steps):
         with torch.enable_grad():
             x_adv.requires_grad_(True)
-            logits = forward(model, x_adv, params)
+            logits = forward(model, x_adv, weights)
             if loss == "ce":
                 flat = logits.reshape(-1, logits.shape[-1])  # members stacked along the batch
                 obj = F.cross_entropy(flat, y.repeat(flat.shape[0] // y.numel()), reduction="sum")

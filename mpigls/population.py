@@ -11,12 +11,13 @@ what the bound engine back-substitutes through, so dense conv matrices are never
 Each member's arithmetic is the same whatever the population size, up to the float rounding
 of batched kernels; repeated calls on the same inputs give the same bits.
 
-Shapes: P population, D parameters, B batch, M rows (batch x specification rows), K classes,
+Shapes: P population, D weights (parameters of one network), B batch, M rows (batch x specification rows), K classes,
 O/I output/input features of a layer.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from .models import Normalize, affine_parameters, unflatten
 
-__all__ = ["Affine", "Stack", "stack", "forward"]
+__all__ = ["Affine", "Stack", "stack", "forward", "renamed_weights"]
 
 
 @dataclass(frozen=True)
@@ -129,23 +130,23 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def stack(model: nn.Sequential, params: torch.Tensor | None, in_shape: tuple[int, ...]) -> Stack:
-    """Parse ``model`` for inputs of shape ``in_shape`` (C,H,W) with weights from ``params``.
+def stack(model: nn.Sequential, weights: torch.Tensor | None, in_shape: tuple[int, ...]) -> Stack:
+    """Parse ``model`` for inputs of shape ``in_shape`` (C,H,W) with weights from ``weights``.
 
-    params None uses the model's own parameters (autograd flows to them), (D,) one flat vector,
+    weights None uses the model's own parameters (autograd flows to them), (D,) one flat vector,
     (P, D) a population; the first two give a Stack with one member and ``single`` True.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be a torch.nn.Sequential from mpigls.models.build, got {type(model).__name__}")
-    single = params is None or params.ndim == 1
-    if params is None:
+    single = weights is None or weights.ndim == 1
+    if weights is None:
         pieces: Sequence[tuple[torch.Tensor, ...] | None] = [
             None if not isinstance(m, (nn.Conv2d, nn.Linear)) else tuple(t[None] for t in affine_parameters(m))
             for m in model]
     else:
-        if params.ndim not in (1, 2):
-            raise ValueError(f"params must have shape (D,) or (P, D), got {tuple(params.shape)}")
-        pieces = unflatten(model, params[None] if params.ndim == 1 else params)
+        if weights.ndim not in (1, 2):
+            raise ValueError(f"weights must have shape (D,) or (P, D), got {tuple(weights.shape)}")
+        pieces = unflatten(model, weights[None] if weights.ndim == 1 else weights)
     shape = tuple(int(s) for s in in_shape)
     mean = torch.zeros(shape[0], 1, 1)
     std = torch.ones(shape[0], 1, 1)
@@ -192,15 +193,33 @@ def stack(model: nn.Sequential, params: torch.Tensor | None, in_shape: tuple[int
     return Stack(mean, std, tuple(layers), single)
 
 
-def forward(model: nn.Sequential, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of the network(s): (B,K) for params None or (D,); (P,B,K) for params (P,D).
+def forward(model: nn.Sequential, x: torch.Tensor, weights: torch.Tensor | None = None, *,
+            params: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the network(s): (B,K) for weights None or (D,); (P,B,K) for weights (P,D).
 
     x is (B,C,H,W), shared by all members, or (P,B,C,H,W), one input batch per member.
+    ``params=`` is the deprecated name of ``weights=`` (``renamed_weights``).
     """
-    if params is None:
+    weights = renamed_weights(weights, params, "population.forward")
+    if weights is None:
         return model(x)
     if x.ndim not in (4, 5):
         raise ValueError(f"x must have shape (B,C,H,W) or (P,B,C,H,W), got {tuple(x.shape)}")
-    net = stack(model, params, x.shape[-3:])
+    net = stack(model, weights, x.shape[-3:])
     out = net.logits(x if x.ndim == 5 else x[None])
     return out[0] if net.single else out
+
+
+def renamed_weights(weights: torch.Tensor | None, params: torch.Tensor | None, caller: str) -> torch.Tensor | None:
+    """The weight stack passed as ``weights=`` or, deprecated for one release, as ``params=``.
+
+    ``params`` now names the optimizers' hyperparameters (``mpigls.optim``); the (P, D) stack of
+    network weights was called ``params`` by the bound engine, the losses and ``forward`` before.
+    """
+    if params is None:
+        return weights
+    if weights is not None:
+        raise TypeError(f"{caller}() got both weights= and params= (its deprecated name); pass weights= only")
+    warnings.warn(f"{caller}(params=...) is deprecated: the (P, D) weight stack is now passed as weights=; "
+                  "params= will be removed in the next release", DeprecationWarning, stacklevel=3)
+    return params

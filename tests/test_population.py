@@ -35,7 +35,7 @@ def test_gradient_flows_to_params():
 
 def test_errors():
     model = models.build("mlp-tiny", (1, 4, 4), 3)
-    with pytest.raises(ValueError, match="params"):
+    with pytest.raises(ValueError, match="weights"):
         population.forward(model, torch.rand(2, 1, 4, 4), torch.zeros(1, 2, 3))
     with pytest.raises(TypeError):
         population.stack(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4), torch.nn.Tanh(),

@@ -1,8 +1,8 @@
 """The bound engine: certified lower bounds on the logit margins of (populations of) networks.
 
-``margin_lower_bounds(model, x, y, eps, method, params=None, **opts)`` bounds, for every example,
-the margins z_y - z_i (i != y, ascending) over [x - eps, x + eps] ∩ [0, 1] (pixel space) with
-one of ``METHODS``:
+``margin_lower_bounds(model, x, y, eps, method, weights=None, **opts)`` bounds, for every
+example, the margins z_y - z_i (i != y, ascending) over [x - eps, x + eps] ∩ [0, 1] (pixel space)
+with a relaxation of the registry (``registry.py``; ``METHODS`` are the built-in ones):
 
 - ``ibp``: interval bounds (``ibp.py``);
 - ``hbox``: hybrid zonotope / box (``hbox.py``), never looser than ibp;
@@ -11,46 +11,46 @@ one of ``METHODS``:
 - ``alpha-crown``: DeepPoly with optimised lower ReLU slopes (``alpha_crown.py``; detached);
 - ``sabr``: IBP over a small box around a PGD point (``sabr.py``; sound for that box only).
 
-Options: ``memory_budget_mb`` (all back-substitution methods and hbox; chunking never changes
-the result beyond float rounding and identical calls give identical bits); ``population``
-("auto", "batched": all members in one pass, "loop": member by member; same results); deeppoly
-and alpha-crown: ``conv_mode`` ("auto", "patches", "dense"), ``rows`` ("auto", "packed",
-"groups", "padded"; see ``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``,
-``alpha_lr``; sabr: ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``, ``generator``.
+Options accepted by every method: ``memory_budget_mb`` (chunking never changes the result beyond
+float rounding and identical calls give identical bits) and ``population`` ("auto", "batched":
+all members in one pass, "loop": member by member; same results). The others are each
+relaxation's own (``options(method)``): deeppoly and alpha-crown: ``conv_mode`` ("auto",
+"patches", "dense"), ``rows`` ("auto", "packed", "groups", "padded"; see
+``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``, ``alpha_lr``; sabr:
+``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``, ``generator``.
 
-Shapes: P population, D parameters, B batch, K classes.
+Shapes: P population, D weights (parameters of one network), B batch, K classes.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
 
-from ..population import stack
-from . import alpha_crown, crown, hbox, ibp, patches, sabr
-from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
+from ..population import renamed_weights, stack
+from . import alpha_crown, crown, hbox, ibp, registry, sabr
+from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, over_pairs, plan_chunks
+from .registry import Relaxation, register
 
-__all__ = ["METHODS", "SOUND_METHODS", "margin_lower_bounds", "make_problem"]
+__all__ = ["METHODS", "SOUND_METHODS", "COMMON_OPTIONS", "POPULATION_MODES", "Relaxation", "register",
+           "options", "margin_lower_bounds", "make_problem",
+           "alpha_crown", "crown", "hbox", "ibp", "registry", "sabr"]
 
-METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown", "sabr")
+# The built-in relaxations, in registration order (a relaxation registered later is accepted by
+# margin_lower_bounds and certified_loss too: see registry.RELAXATIONS).
+METHODS = tuple(registry.RELAXATIONS)
 # Sound over the whole eps box, so they may certify; sabr bounds only a small box around a PGD
 # point (a training loss, never a certificate).
-SOUND_METHODS = tuple(m for m in METHODS if m != "sabr")
-
-_OPTIONS = {
-    "ibp": (),
-    "hbox": (),
-    "crown-ibp": (),
-    "deeppoly": ("conv_mode", "rows"),
-    "crown": ("conv_mode", "rows"),
-    "alpha-crown": ("alpha_steps", "alpha_lr", "conv_mode", "rows"),
-    "sabr": ("sabr_lambda", "pgd_steps", "pgd_step_size", "generator"),
-}
-
+SOUND_METHODS = tuple(name for name, r in registry.RELAXATIONS.items() if r.sound)
 
 POPULATION_MODES = ("auto", "batched", "loop")
+COMMON_OPTIONS = ("memory_budget_mb", "population")
+
+
+def options(method: str) -> tuple[str, ...]:
+    """Every option ``margin_lower_bounds`` accepts for ``method``."""
+    return (*COMMON_OPTIONS, *registry.get(method).options)
 
 
 def _member_loop(method: str, population: str, num_members: int) -> bool:
@@ -64,44 +64,12 @@ def _member_loop(method: str, population: str, num_members: int) -> bool:
 
 
 # Share of memory_budget_mb for the per-(member, example) state that lives through a whole call
-# (pre-activation bounds, relaxations, window tables); the engines chunk their rows in the rest.
+# (pre-activation bounds, relaxations, window tables: ``Relaxation.state``); the engines chunk
+# their rows in the rest.
 _STATE_SHARE = 0.4
-# Floats of state per hidden neuron and (member, example): IBP and refined bounds (4), the
-# relaxation (3), IBP temporaries (4) and one spare.
-_STATE_PER_NEURON = 12
 
 
-def _state_chunks(prob: Problem, method: str) -> tuple[int, int]:
-    """(members, examples) per chunk so that the state of a chunk fits its share of the budget."""
-    net = prob.net
-    hidden = sum(math.prod(layer.out_shape) for layer in net.layers[:-1])
-    per_pair = _STATE_PER_NEURON * hidden + 4 * math.prod(prob.x.shape[1:])
-    if method in ("deeppoly", "crown", "alpha-crown"):
-        for k in range(1, len(net.layers) - 1):
-            if all(layer.is_conv for layer in net.layers[:k + 1]):
-                per_pair += 3 * math.prod(net.layers[k].out_shape[1:]) * patches.patch_numel(net, k)[1]
-    pc, bc, _ = plan_chunks(net.num_members, prob.x.shape[0], 1, per_pair,
-                            prob.memory_budget_mb * _STATE_SHARE, work_factor=1)
-    return pc, bc
-
-
-def _chunked(model, x, y, eps, method, params, prob: Problem, pc: int, bc: int, budget: float, opts):
-    """The bounds of (member, example) chunks, each computed alone (bounds are per pair)."""
-    eps_b = prob.eps.view(-1)
-    num_p, num_b = prob.net.num_members, x.shape[0]
-    out_p = []
-    for p0 in range(0, num_p, pc):
-        sub_params = None if params is None else (params if params.ndim == 1 else params[p0:p0 + pc])
-        out_b = []
-        for b0 in range(0, num_b, bc):
-            res = margin_lower_bounds(model, x[b0:b0 + bc], y[b0:b0 + bc], eps_b[b0:b0 + bc], method,
-                                      sub_params, memory_budget_mb=budget, population="batched", **opts)
-            out_b.append(res if res.ndim == 3 else res[None])
-        out_p.append(torch.cat(out_b, 1))
-    return torch.cat(out_p, 0)
-
-
-def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, params=None,
+def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, weights=None,
                  memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> Problem:
     """Validate the inputs and build the normalised input box."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -120,47 +88,42 @@ def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, pa
         raise ValueError(f"eps must be finite and non-negative, got {eps_t.tolist()}")
     if memory_budget_mb is None or not float(memory_budget_mb) > 0:
         raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}; use e.g. 1024")
-    net = stack(model, params, tuple(x.shape[1:]))
+    net = stack(model, weights, tuple(x.shape[1:]))
     num_k = net.layers[-1].out_shape[0]
     if batch and (int(y.min()) < 0 or int(y.max()) >= num_k):
         raise ValueError(f"labels y must lie in [0, {num_k}), got min {int(y.min())} max {int(y.max())}")
     eps_t = eps_t.view(batch, 1, 1, 1)
     lo, hi = input_box(x, eps_t, net)
-    return Problem(net, x, y.long(), eps_t, lo, hi, float(memory_budget_mb))
+    return Problem(net, x, y.long(), eps_t, lo, hi, float(memory_budget_mb), model, weights)
 
 
 def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, method: str,
-                        params: torch.Tensor | None = None, **opts) -> torch.Tensor:
-    """Lower bounds on z_y - z_i, i != y ascending: (B, K-1), or (P, B, K-1) for params (P, D)."""
-    if method not in _OPTIONS:
-        raise ValueError(f"unknown bound method {method!r}; choose one of {list(METHODS)}")
+                        weights: torch.Tensor | None = None, *, params: torch.Tensor | None = None,
+                        **opts) -> torch.Tensor:
+    """Lower bounds on z_y - z_i, i != y ascending: (B, K-1), or (P, B, K-1) for weights (P, D).
+
+    ``params=`` is the deprecated name of ``weights=`` (``population.renamed_weights``).
+    """
+    weights = renamed_weights(weights, params, "margin_lower_bounds")
+    relaxation = registry.get(method)
     budget = opts.pop("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB)
     population = opts.pop("population", "auto")
     if population not in POPULATION_MODES:
         raise ValueError(f"population must be one of {list(POPULATION_MODES)}, got {population!r}")
-    unknown = sorted(set(opts) - set(_OPTIONS[method]))
+    unknown = sorted(set(opts) - set(relaxation.options))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: "
-                         f"{['memory_budget_mb', 'population', *_OPTIONS[method]]}")
-    if params is not None and params.ndim == 2 and _member_loop(method, population, params.shape[0]):
-        return torch.stack([margin_lower_bounds(model, x, y, eps, method, p, memory_budget_mb=budget, **opts)
-                            for p in params])
-    prob = make_problem(model, x, y, eps, params, budget)
-    pc, bc = _state_chunks(prob, method) if method != "sabr" else (prob.net.num_members, x.shape[0])
-    if (pc, bc) != (prob.net.num_members, x.shape[0]):
-        out = _chunked(model, x, y, eps, method, params, prob, pc, bc, budget, opts)
-        return out[0] if prob.net.single else out
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: {list(options(method))}")
+    if weights is not None and weights.ndim == 2 and _member_loop(method, population, weights.shape[0]):
+        return torch.stack([margin_lower_bounds(model, x, y, eps, method, w, memory_budget_mb=budget, **opts)
+                            for w in weights])
+    prob = make_problem(model, x, y, eps, weights, budget)
+    num_p, num_b = prob.net.num_members, x.shape[0]
+    pc, bc = num_p, num_b
+    if relaxation.state is not None:
+        pc, bc, _ = plan_chunks(num_p, num_b, 1, relaxation.state(prob), budget * _STATE_SHARE, work_factor=1)
     prob = dataclasses.replace(prob, memory_budget_mb=budget * (1 - _STATE_SHARE))
-    if method == "ibp":
-        out = ibp.bound(prob)
-    elif method == "hbox":
-        out = hbox.bound(prob)
-    elif method == "crown-ibp":
-        out = crown.bound(prob, refine=False)
-    elif method in ("deeppoly", "crown"):
-        out = crown.bound(prob, refine=True, **opts)
-    elif method == "alpha-crown":
-        out = alpha_crown.bound(prob, **opts)
-    else:
-        out = sabr.bound(model, prob, params, **opts)
+    if (pc, bc) == (num_p, num_b):
+        out = relaxation.engine(prob, **opts)
+    else:  # every (member, example) pair is bounded on its own: chunk them
+        out = over_pairs(prob, pc, bc, lambda sub, *_: relaxation.engine(sub, **opts))
     return out[0] if prob.net.single else out

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import crown
-from .common import Problem, Relax, plan_chunks, relu_relax
+from .common import Problem, Relax, over_pairs, plan_chunks, relu_relax
 
 # Row-sized tensors one level of the final back-substitution keeps for backward (A, its negative
 # part, the products with alpha and slope, the transposed-layer output) plus working copies.
@@ -49,20 +49,12 @@ def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode
     per_pair = num_s * sum(math.prod(layer.in_shape) for layer in net.layers) * _GRAPH_FACTOR
     per_pair += 2 * sum(math.prod(layer.out_shape) for layer in net.layers[:-1]) * num_s * 4  # alphas + Adam
     pc, bc, _ = plan_chunks(num_p, num_b, 1, per_pair, prob.memory_budget_mb, work_factor=1)
-    out_p = []
-    for p0 in range(0, num_p, pc):
-        p1 = min(num_p, p0 + pc)
-        out_b = []
-        for b0 in range(0, num_b, bc):
-            b1 = min(num_b, b0 + bc)
-            sub = dataclasses.replace(
-                prob, net=net.members(p0, p1), x=prob.x[b0:b1], y=prob.y[b0:b1], eps=prob.eps[b0:b1],
-                lo=(prob.lo[p0:p1] if prob.lo.shape[0] > 1 else prob.lo)[:, b0:b1],
-                hi=(prob.hi[p0:p1] if prob.hi.shape[0] > 1 else prob.hi)[:, b0:b1])
-            sub_bounds = [(lo[p0:p1, b0:b1], hi[p0:p1, b0:b1]) for lo, hi in bounds]
-            out_b.append(_optimise(sub, sub_bounds, best[p0:p1, b0:b1], alpha_steps, alpha_lr))
-        out_p.append(torch.cat(out_b, 1))
-    return torch.cat(out_p, 0)
+
+    def chunk(sub: Problem, p0: int, p1: int, b0: int, b1: int) -> torch.Tensor:
+        sub_bounds = [(lo[p0:p1, b0:b1], hi[p0:p1, b0:b1]) for lo, hi in bounds]
+        return _optimise(sub, sub_bounds, best[p0:p1, b0:b1], alpha_steps, alpha_lr)
+
+    return over_pairs(prob, pc, bc, chunk)
 
 
 def _optimise(prob: Problem, bounds, best: torch.Tensor, alpha_steps: int, alpha_lr: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Shared pieces of the bound engine: input box, margin specification, ReLU relaxation,
-linear back-substitution and the memory-budget chunk planner.
+linear back-substitution, the memory-budget chunk planner and the one chunk loop over
+(member, example) pairs (``over_pairs``) that every relaxation uses.
 
 Every relaxation bounds the margins m_i = z_y - z_i (i != y, ascending) of the logits z over the
 box [x - eps, x + eps] intersected with [0, 1] in pixel space. Normalize is monotone per pixel,
@@ -18,15 +19,21 @@ Shapes: P population, B batch, S specification rows, N neurons of a layer (flatt
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
+from torch import nn
 
+from ..margins import other_classes
 from ..population import Stack
 
 __all__ = ["Problem", "Relax", "input_box", "margin_spec", "relu_relax", "backsubstitute",
-           "concretize", "ibp_layer", "plan_chunks", "run_chunked", "DEFAULT_MEMORY_BUDGET_MB"]
+           "concretize", "ibp_layer", "plan_chunks", "over_pairs", "run_chunked", "pair_state",
+           "DEFAULT_MEMORY_BUDGET_MB"]
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 # Working tensors alive per back-substitution row element (A, its positive/negative parts, the
@@ -36,7 +43,11 @@ _WORK_FACTOR = 6
 
 @dataclass(frozen=True)
 class Problem:
-    """One bounding task: network, pixel inputs, labels, radii and the normalised input box."""
+    """One bounding task: network, pixel inputs, labels, radii and the normalised input box.
+
+    ``model`` and ``weights`` are what ``net`` was built from (``population.stack``), for the
+    relaxations that also run the network itself (sabr's attack).
+    """
 
     net: Stack
     x: torch.Tensor  # (B, C, H, W) pixels
@@ -45,6 +56,16 @@ class Problem:
     lo: torch.Tensor  # (1, B, C, H, W) normalised lower corner
     hi: torch.Tensor  # (1, B, C, H, W)
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    model: nn.Sequential | None = None
+    weights: torch.Tensor | None = None  # None (the model's own), (D,) or (P, D)
+
+    def pairs(self, p0: int, p1: int, b0: int, b1: int) -> Problem:
+        """Members p0:p1 and examples b0:b1 (every relaxation bounds each pair on its own)."""
+        lo = self.lo[p0:p1] if self.lo.shape[0] > 1 else self.lo
+        hi = self.hi[p0:p1] if self.hi.shape[0] > 1 else self.hi
+        weights = self.weights if self.weights is None or self.weights.ndim == 1 else self.weights[p0:p1]
+        return dataclasses.replace(self, net=self.net.members(p0, p1), x=self.x[b0:b1], y=self.y[b0:b1],
+                                   eps=self.eps[b0:b1], lo=lo[:, b0:b1], hi=hi[:, b0:b1], weights=weights)
 
 
 @dataclass(frozen=True)
@@ -78,8 +99,7 @@ def margin_spec(net: Stack, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """Last layer merged with C: weight (P, B, K-1, I) and bias (P, B, K-1)."""
     last = net.layers[-1]
     k = last.out_shape[0]
-    others = torch.arange(k - 1, device=y.device).unsqueeze(0)
-    others = others + (others >= y.unsqueeze(1)).long()  # (B, K-1): i != y ascending
+    others = other_classes(y, k)  # (B, K-1): i != y ascending
     w, b = last.weight, last.bias  # (P, K, I), (P, K)
     w_c = w[:, y].unsqueeze(2) - w[:, others]
     b_c = b[:, y].unsqueeze(2) - b[:, others]
@@ -157,6 +177,30 @@ def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
     return member_chunk, batch_chunk, row_chunk
 
 
+def over_pairs(prob: Problem, members: int, examples: int, fn: Callable[..., torch.Tensor],
+               recompute: bool = False) -> torch.Tensor:
+    """The chunk loop: ``fn(sub, p0, p1, b0, b1)`` -> (p, b, ...) for every chunk of ``members``
+    members x ``examples`` examples (``sub = prob.pairs(p0, p1, b0, b1)``), joined to (P, B, ...).
+
+    ``recompute``: run each chunk under activation checkpointing, so that with autograd only one
+    chunk's intermediates are alive at a time (they are recomputed in backward).
+    """
+    num_p, num_b = prob.net.num_members, prob.x.shape[0]
+
+    def run(p0, p1, b0, b1):
+        sub = prob.pairs(p0, p1, b0, b1)
+        if recompute:
+            return torch.utils.checkpoint.checkpoint(fn, sub, p0, p1, b0, b1, use_reentrant=False)
+        return fn(sub, p0, p1, b0, b1)
+
+    out_p = []
+    for p0 in range(0, num_p, members):
+        p1 = min(num_p, p0 + members)
+        out_b = [run(p0, p1, b0, min(num_b, b0 + examples)) for b0 in range(0, num_b, examples)]
+        out_p.append(torch.cat(out_b, 1) if len(out_b) > 1 else out_b[0])
+    return torch.cat(out_p, 0) if len(out_p) > 1 else out_p[0]
+
+
 def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows, solve=None,
                 row_numel: int | None = None) -> torch.Tensor:
     """Back-substitute ``rows`` specification rows per (member, example) from layer ``k``, chunked.
@@ -184,24 +228,29 @@ def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows,
         a, const = make_rows(sub, p0, p1, b0, b1, r0, r1)
         return backsubstitute(sub, k, a, const, rel_r, lo_c, hi_c)
 
-    out_p = []
-    for p0 in range(0, num_p, pc):
-        p1 = min(num_p, p0 + pc)
-        sub = net.members(p0, p1)
-        out_b = []
-        for b0 in range(0, num_b, bc):
-            b1 = min(num_b, b0 + bc)
-            rel = [r.members(p0, p1, b0, b1) for r in relax]
-            lo = prob.lo[p0:p1] if prob.lo.shape[0] > 1 else prob.lo
-            hi = prob.hi[p0:p1] if prob.hi.shape[0] > 1 else prob.hi
-            out_r = []
-            for r0 in range(0, rows, rc):
-                r1 = min(rows, r0 + rc)
-                args = (sub, [x.rows(r0, r1) for x in rel], lo[:, b0:b1], hi[:, b0:b1], p0, p1, b0, b1, r0, r1)
-                if recompute:
-                    out_r.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False))
-                else:
-                    out_r.append(chunk(*args))
-            out_b.append(torch.cat(out_r, 2) if len(out_r) > 1 else out_r[0])
-        out_p.append(torch.cat(out_b, 1) if len(out_b) > 1 else out_b[0])
-    return torch.cat(out_p, 0) if len(out_p) > 1 else out_p[0]
+    def pair_chunk(sub: Problem, p0, p1, b0, b1):
+        rel = [r.members(p0, p1, b0, b1) for r in relax]
+        out_r = []
+        for r0 in range(0, rows, rc):
+            r1 = min(rows, r0 + rc)
+            args = (sub.net, [x.rows(r0, r1) for x in rel], sub.lo, sub.hi, p0, p1, b0, b1, r0, r1)
+            if recompute:
+                out_r.append(torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False))
+            else:
+                out_r.append(chunk(*args))
+        return torch.cat(out_r, 2) if len(out_r) > 1 else out_r[0]
+
+    return over_pairs(prob, pc, bc, pair_chunk)
+
+
+# Floats of state per hidden neuron and (member, example): IBP and refined bounds (4), the
+# relaxation (3), IBP temporaries (4) and one spare.
+_STATE_PER_NEURON = 12
+
+
+def pair_state(prob: Problem) -> int:
+    """Floats of state that live through a whole call per (member, example): pre-activation
+    bounds, relaxations and temporaries of every hidden neuron plus the input box (the default
+    memory model of a relaxation, see ``bounds.registry``)."""
+    hidden = sum(math.prod(layer.out_shape) for layer in prob.net.layers[:-1])
+    return _STATE_PER_NEURON * hidden + 4 * math.prod(prob.x.shape[1:])

@@ -7,7 +7,7 @@ stably active neurons keep their terms, stably inactive ones become 0, and cross
 the box [0, u] (centre u/2, box radius u/2, generators dropped). Each layer's bounds are inside
 IBP's (|W G| + |W| r <= |W| (|G| + r)), so hbox is never looser than ibp. The final layer is
 merged with the margin matrix C. Generators cost E = C*H*W rows per example, chunked over
-(members x batch) to the memory budget.
+(members x batch) to the memory budget by the shared loop ``common.over_pairs``.
 
 Shapes: P population, B batch, E generators (input pixels), S rows, K classes.
 """
@@ -16,15 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.utils.checkpoint
 
-from .common import Problem, margin_spec, plan_chunks
+from .common import Problem, margin_spec, over_pairs, plan_chunks
 
 __all__ = ["bound"]
 
 
-def _chunk(prob: Problem, net, lo: torch.Tensor, hi: torch.Tensor, w_c: torch.Tensor,
-           b_c: torch.Tensor) -> torch.Tensor:
+def _chunk(net, lo: torch.Tensor, hi: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor) -> torch.Tensor:
     p = net.num_members
     b = lo.shape[1]
     in_shape = lo.shape[2:]
@@ -66,23 +64,11 @@ def bound(prob: Problem) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers
                                            for t in (layer.weight, layer.bias))
     # The budget sizes the forward working set; with autograd a chunk's backward holds about one
-    # generator tensor per layer, so chunks are recomputed in backward (see common.run_chunked)
+    # generator tensor per layer, so chunks are recomputed in backward (see common.over_pairs)
     # whenever they do not all fit at once, and the peak is a few budgets.
     pc, bc, _ = plan_chunks(num_p, num_b, 1, widest * num_e, prob.memory_budget_mb)
-    recompute = grad and (pc, bc) != (num_p, num_b)
 
-    def run(*args):
-        if recompute:
-            return torch.utils.checkpoint.checkpoint(_chunk, *args, use_reentrant=False)
-        return _chunk(*args)
+    def chunk(sub: Problem, p0: int, p1: int, b0: int, b1: int) -> torch.Tensor:
+        return _chunk(sub.net, sub.lo, sub.hi, w_c[p0:p1, b0:b1], b_c[p0:p1, b0:b1])
 
-    out_p = []
-    for p0 in range(0, num_p, pc):
-        p1 = min(num_p, p0 + pc)
-        sub = net.members(p0, p1)
-        lo = prob.lo[p0:p1] if prob.lo.shape[0] > 1 else prob.lo
-        hi = prob.hi[p0:p1] if prob.hi.shape[0] > 1 else prob.hi
-        out_b = [run(prob, sub, lo[:, b0:b0 + bc], hi[:, b0:b0 + bc], w_c[p0:p1, b0:b0 + bc],
-                        b_c[p0:p1, b0:b0 + bc]) for b0 in range(0, num_b, bc)]
-        out_p.append(torch.cat(out_b, 1))
-    return torch.cat(out_p, 0)
+    return over_pairs(prob, pc, bc, chunk, recompute=grad and (pc, bc) != (num_p, num_b))

@@ -15,12 +15,12 @@ Shapes: P population, B batch, K classes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from .common import Problem, ibp_layer
+from ..margins import other_classes
+from .common import Problem, ibp_layer, over_pairs
 
 __all__ = ["activation_bounds", "bound", "chunk_shape"]
 
@@ -56,23 +56,12 @@ def chunk_shape(prob: Problem, chunk_bytes: int | None = None) -> tuple[int, int
 
 
 def bound(prob: Problem, chunk_bytes: int | None = None) -> torch.Tensor:
-    """Margin lower bounds (P, B, K-1), chunked over (member, example) pairs (``chunk_shape``)."""
+    """Margin lower bounds (P, B, K-1), chunked over (member, example) pairs (``chunk_shape``, ``common.over_pairs``)."""
     members, examples = chunk_shape(prob, chunk_bytes)
     p, batch = prob.net.num_members, prob.y.shape[0]
     if members >= p and examples >= batch:
         return _bound(prob)
-    rows = []
-    for m0 in range(0, p, members):
-        net = prob.net.members(m0, min(p, m0 + members)) if members < p else prob.net
-        parts = []
-        for b0 in range(0, batch, examples):
-            b1 = min(batch, b0 + examples)
-            sub = prob if examples >= batch else dataclasses.replace(
-                prob, x=prob.x[b0:b1], y=prob.y[b0:b1], eps=prob.eps[b0:b1],
-                lo=prob.lo[:, b0:b1], hi=prob.hi[:, b0:b1])
-            parts.append(_bound(dataclasses.replace(sub, net=net)))
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
-    return torch.cat(rows, 0)
+    return over_pairs(prob, members, examples, lambda sub, *_: _bound(sub))
 
 
 def _bound(prob: Problem) -> torch.Tensor:
@@ -96,8 +85,7 @@ def _bound(prob: Problem) -> torch.Tensor:
     z = torch.matmul(mid, w.transpose(1, 2)) + b.unsqueeze(1)  # (P, B, K)
     dabs = (w.unsqueeze(2) - w.unsqueeze(1)).abs().reshape(p, k * k, -1)  # [y*K + i] = |w_y - w_i|
     spread = torch.matmul(rad, dabs.transpose(1, 2))  # (P, B, K*K)
-    others = torch.arange(k - 1, device=prob.y.device).unsqueeze(0)
-    others = others + (others >= prob.y.unsqueeze(1)).long()  # (B, K-1)
+    others = other_classes(prob.y, k)  # (B, K-1)
     z_y = z.gather(2, prob.y.view(1, batch, 1).expand(p, batch, 1))
     z_o = z.gather(2, others.unsqueeze(0).expand(p, -1, -1))
     pair = (prob.y.unsqueeze(1) * k + others).unsqueeze(0).expand(p, -1, -1)

@@ -6,7 +6,7 @@ the margins over the small box. The result is NOT a sound bound over the full ep
 the small box; lambda = 1 gives plain IBP): it is a training signal whose tightness lies between
 adversarial and IBP training. The PGD point is detached; the IBP part is differentiable.
 
-Shapes: P population, D parameters, B batch, K classes.
+Shapes: P population, D weights, B batch, K classes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..attacks import pgd
+from ..attacks import pgd, step_size_for
 from . import ibp
 from .common import Problem
 
@@ -39,21 +39,22 @@ def _ibp_small(prob: Problem, x_adv: torch.Tensor, lam: float) -> torch.Tensor:
     return ibp.bound(dataclasses.replace(prob, lo=lo, hi=hi))
 
 
-def bound(model: nn.Sequential, prob: Problem, params: torch.Tensor | None, sabr_lambda: float = 0.4,
-          pgd_steps: int = 8, pgd_step_size: float | None = None,
+def bound(prob: Problem, sabr_lambda: float = 0.4, pgd_steps: int = 8, pgd_step_size: float | None = None,
           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Small-box margin lower bounds (P, B, K-1) around a PGD point (step size 2.5 eps / steps by default)."""
-    eps_max = float(prob.eps.max()) if prob.eps.numel() else 0.0
-    step = 2.5 * eps_max / max(pgd_steps, 1) if pgd_step_size is None else float(pgd_step_size)
-    x_adv = pgd(model, prob.x, prob.y, prob.eps.view(-1), pgd_steps, step, params, generator)
+    """Small-box margin lower bounds (P, B, K-1) around a PGD point of ``prob.model`` with
+    ``prob.weights`` (step size ``attacks.step_size_for``: 2.5 eps / steps by default)."""
+    if prob.model is None:
+        raise ValueError("sabr attacks the network itself: build the problem with make_problem(model, ...)")
+    step = step_size_for(prob.eps, pgd_steps, pgd_step_size)
+    x_adv = pgd(prob.model, prob.x, prob.y, prob.eps.view(-1), pgd_steps, step, prob.weights, generator)
     return _ibp_small(prob, x_adv, float(sabr_lambda))
 
 
 def bound_at(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, x_adv: torch.Tensor,
-             params: torch.Tensor | None = None, sabr_lambda: float = 0.4, **opts) -> torch.Tensor:
+             weights: torch.Tensor | None = None, sabr_lambda: float = 0.4, **opts) -> torch.Tensor:
     """SABR bounds around a given point x_adv ((B,...) or (P,B,...)): (B, K-1) or (P, B, K-1)."""
     from . import make_problem
 
-    prob = make_problem(model, x, y, eps, params, **opts)
+    prob = make_problem(model, x, y, eps, weights, **opts)
     out = _ibp_small(prob, x_adv, float(sabr_lambda))
     return out[0] if prob.net.single else out
