@@ -34,7 +34,9 @@ def default_step_size(eps_max: float, steps: int) -> float:
 
 def step_size_for(eps, steps: int, step_size: float | None = None) -> float:
     """``step_size`` if configured, else ``default_step_size`` for the largest radius of ``eps``
-    (a float or a tensor of radii; an empty batch counts as radius 0)."""
+    (a float or a tensor of radii, read as a tensor: a Python float is rounded to float32 as the
+    inputs are; an empty batch counts as radius 0). Callers holding one Python float radius call
+    ``default_step_size`` directly."""
     if step_size is not None:
         return float(step_size)
     eps_t = torch.as_tensor(eps)

@@ -67,7 +67,7 @@ def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y
             counts["natural"] += _correct(model(xb), yb)
         if pgd_steps:
             gen = noise.torch_generator(seed, noise.STREAM_ATTACK, 1 << 30, block)
-            x_adv = attacks.pgd(model, xb, yb, eps, pgd_steps, 2.5 * eps / pgd_steps, generator=gen)
+            x_adv = attacks.pgd(model, xb, yb, eps, pgd_steps, attacks.default_step_size(eps, pgd_steps), generator=gen)
             with torch.no_grad():
                 counts["pgd"] += _correct(model(x_adv), yb)
         for method in methods:
@@ -85,7 +85,7 @@ def _pgd_robust(model, xb, yb, eps, steps, restarts, seed, block) -> torch.Tenso
     for r in range(restarts):
         gen = noise.torch_generator(seed, noise.STREAM_ATTACK, (1 << 30) + r, block)
         loss = "ce" if r % 2 == 0 else "margin"
-        x_adv = attacks.pgd(model, xb, yb, eps, steps, 2.5 * eps / max(steps, 1), generator=gen, loss=loss)
+        x_adv = attacks.pgd(model, xb, yb, eps, steps, attacks.default_step_size(eps, steps), generator=gen, loss=loss)
         with torch.no_grad():
             robust &= model(x_adv).argmax(-1) == yb
     return robust

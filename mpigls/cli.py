@@ -287,9 +287,10 @@ def _cmd_tightness(args, comm) -> int:
     cfg = config_mod.from_dict(ckpt.config)
     radii = analysis_tightness.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in config_mod.BOUND_METHODS[:7]]
+    from .bounds import SOUND_METHODS
+    bad = [m for m in methods if m not in SOUND_METHODS]
     if bad:
-        raise ValueError(f"--methods {bad} are not relaxations; choose among {list(config_mod.BOUND_METHODS[:7])}")
+        raise ValueError(f"--methods {bad} are not sound relaxations; choose among {list(SOUND_METHODS)}")
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mpigls import losses, models, noise, precision
+from mpigls import bounds, losses, models, noise, precision
 
 __all__ = ["landscape", "deeppoly_gradient_direction", "plot_landscape", "run_from_checkpoint"]
 
@@ -46,9 +46,9 @@ def _check_inputs(alphas, sigmas, methods, num_samples) -> tuple[np.ndarray, np.
 
 @torch.no_grad()
 def _losses(model, x, y, eps, method, num_rows: int, make_rows, chunk_size: int, opts: dict) -> torch.Tensor:
-    """Certified loss of parameter rows 0..num_rows-1 -> (num_rows,) float64; ``make_rows(start, stop)``
+    """Certified loss of weight rows 0..num_rows-1 -> (num_rows,) float64; ``make_rows(start, stop)``
     builds one chunk (stop - start, D) at a time so all rows never sit in memory together."""
-    out = [losses.certified_loss(model, x, y, eps, method, params=make_rows(i, min(i + chunk_size, num_rows)),
+    out = [losses.certified_loss(model, x, y, eps, method, weights=make_rows(i, min(i + chunk_size, num_rows)),
                                  **opts).reshape(-1)
            for i in range(0, num_rows, chunk_size)]
     return torch.cat(out).to("cpu", torch.float64)
@@ -56,7 +56,7 @@ def _losses(model, x, y, eps, method, num_rows: int, make_rows, chunk_size: int,
 
 @precision.strict_fp32()
 def landscape(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, direction: torch.Tensor,
-              alphas: Sequence[float], sigmas: Sequence[float],
+              alphas: Sequence[float] | np.ndarray, sigmas: Sequence[float] | np.ndarray,
               methods: Sequence[str] = ("ibp", "crown-ibp", "deeppoly"), num_samples: int = 128, seed: int = 0,
               *, chunk_size: int = 64, **loss_opts) -> dict:
     """Original and smoothed certified losses along theta + alpha * direction (theta = the model's weights).
@@ -65,26 +65,26 @@ def landscape(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float
     "smoothed_mean" (M, S, A), "smoothed_ci" (M, S, A) half-width of the 95% CI,
     "num_nonfinite" (M, S, A) draws left out of the mean because their loss was not finite,
     "num_samples", "eps", "seed". Arrays are float64 numpy. ``loss_opts`` go to
-    mpigls.losses.certified_loss (e.g. memory_budget_mb); ``chunk_size`` parameter rows are
+    mpigls.losses.certified_loss (e.g. memory_budget_mb); ``chunk_size`` weight rows are
     evaluated per call.
     """
-    alphas, sigmas, methods = _check_inputs(alphas, sigmas, methods, num_samples)
+    alpha_a, sigma_a, method_l = _check_inputs(alphas, sigmas, methods, num_samples)
     theta = models.flat_params(model)                                      # (D,)
-    num_params = theta.numel()
+    num_weights = theta.numel()
     direction = torch.as_tensor(direction).detach().to(theta.device, torch.float32).reshape(-1)
-    if direction.numel() != num_params:
-        raise ValueError(f"direction must have one entry per parameter ({num_params}), got {direction.numel()}")
-    alpha_t = torch.as_tensor(alphas, dtype=torch.float32, device=theta.device)
+    if direction.numel() != num_weights:
+        raise ValueError(f"direction must have one entry per parameter ({num_weights}), got {direction.numel()}")
+    alpha_t = torch.as_tensor(alpha_a, dtype=torch.float32, device=theta.device)
     line = theta + alpha_t[:, None] * direction                            # (A, D)
-    z = noise.noise_block(seed, 0, range(num_samples), num_params, noise.STREAM_PGPE).to(theta.device)  # (n, D)
-    shape = (len(methods), len(sigmas), len(alphas))
+    z = noise.noise_block(seed, 0, range(num_samples), num_weights, noise.STREAM_PGPE).to(theta.device)  # (n, D)
+    shape = (len(method_l), len(sigma_a), len(alpha_a))
     original = np.empty(shape[::2])
     mean, ci, bad = np.empty(shape), np.empty(shape), np.zeros(shape, dtype=np.int64)
-    num_alphas = len(alphas)
-    for mi, method in enumerate(methods):
+    num_alphas = len(alpha_a)
+    for mi, method in enumerate(method_l):
         original[mi] = _losses(model, x, y, eps, method, num_alphas, lambda a, b: line[a:b], chunk_size,
                                loss_opts).numpy()
-        for si, sigma in enumerate(sigmas):
+        for si, sigma in enumerate(sigma_a):
             # row k is step k // n with draw k % n: all steps of one sigma share the calls
             def rows(start, stop, sigma=float(sigma)):
                 k = torch.arange(start, stop, device=theta.device)
@@ -95,7 +95,7 @@ def landscape(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float
                 bad[mi, si, ai] = num_samples - r.numel()
                 mean[mi, si, ai] = float(r.mean()) if r.numel() else math.nan
                 ci[mi, si, ai] = 1.96 * float(r.std()) / math.sqrt(r.numel()) if r.numel() > 1 else math.nan
-    return {"alphas": alphas, "sigmas": sigmas, "methods": methods, "original": original,
+    return {"alphas": alpha_a, "sigmas": sigma_a, "methods": method_l, "original": original,
             "smoothed_mean": mean, "smoothed_ci": ci, "num_nonfinite": bad,
             "num_samples": num_samples, "eps": float(eps), "seed": int(seed)}
 
@@ -105,10 +105,13 @@ def deeppoly_gradient_direction(model: nn.Sequential, x: torch.Tensor, y: torch.
                                 method: str = "deeppoly", **loss_opts) -> torch.Tensor:
     """Unit vector (D,) along the gradient (ascent direction) of the ``method`` robust loss at the
     model's weights, by autograd through the relaxation. The model is not modified."""
-    params = [p for p in model.parameters()]
+    if method in bounds.registry.RELAXATIONS and not bounds.registry.get(method).differentiable:
+        raise ValueError(f"{method} bounds are detached (no gradient to the weights); use a differentiable "
+                         f"relaxation for the direction, e.g. deeppoly")
+    tensors = list(model.parameters())
     loss = losses.certified_loss(model, x, y, eps, method, **loss_opts)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    flat = torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for t, g in zip(tensors, grads)])
     norm = float(torch.linalg.vector_norm(flat))
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError(f"the {method} loss gradient has norm {norm} at these weights, so it gives no direction; "
@@ -166,7 +169,8 @@ def run_from_checkpoint(model: nn.Sequential, theta: torch.Tensor, x: torch.Tens
     not modified. Returns the PNG path."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2, got {num_points}")
-    net = models.load_flat_(copy.deepcopy(model), torch.as_tensor(theta).reshape(-1))
+    net = copy.deepcopy(model)
+    models.load_flat_(net, torch.as_tensor(theta).reshape(-1))
     radius = 5.0 * max(float(s) for s in sigmas) if radius is None else float(radius)
     if not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")

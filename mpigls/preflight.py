@@ -142,7 +142,7 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
     x1, y1 = dataset.train_x[:1], dataset.train_y[:1]
     try:
         with torch.random.fork_rng(devices=[]):
-            value = losses.certified_loss(model, x1, y1, cfg.bound.eps, cfg.bound.method, params=theta, **opts)
+            value = losses.certified_loss(model, x1, y1, cfg.bound.eps, cfg.bound.method, weights=theta, **opts)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"bound.options {short_repr(dict(cfg.bound.options), 200)} are not accepted by "
                           f"bound.method={cfg.bound.method}: {short_repr(str(exc), 300)[1:-1]}") from None

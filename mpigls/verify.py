@@ -395,7 +395,7 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
         yb = torch.tensor([y], device=device)
         for r in range(pgd_restarts):
             gen = noise.torch_generator(seed, noise.STREAM_ATTACK, 1 << 31, index * 1024 + r)
-            adv = attacks.pgd(model, xb, yb, eps, pgd_steps, 2.5 * eps / max(pgd_steps, 1), generator=gen,
+            adv = attacks.pgd(model, xb, yb, eps, pgd_steps, attacks.default_step_size(eps, pgd_steps), generator=gen,
                               loss="margin" if r % 2 == 0 else "ce")
             cex = _misclassified(model64, adv.reshape(1, -1), y, lo, hi, in_shape)
             if cex is not None:

@@ -26,9 +26,15 @@ def test_gradient_direction_is_unit_ascent(problem, method):
     assert float(d.norm()) == pytest.approx(1.0, rel=1e-5)
     assert torch.equal(models.flat_params(model), before)
     h = 1e-3
-    up = losses.certified_loss(model, x, y, eps, method, params=(before + h * d)[None])
-    down = losses.certified_loss(model, x, y, eps, method, params=(before - h * d)[None])
+    up = losses.certified_loss(model, x, y, eps, method, weights=(before + h * d)[None])
+    down = losses.certified_loss(model, x, y, eps, method, weights=(before - h * d)[None])
     assert float(up) > float(down)
+
+
+def test_gradient_direction_needs_a_differentiable_relaxation(problem):
+    """alpha-crown's bounds are detached (registry: differentiable=False): no direction from them."""
+    with pytest.raises(ValueError, match="detached"):
+        landscape.deeppoly_gradient_direction(*problem, "alpha-crown")
 
 
 def test_landscape_values(problem):
@@ -47,7 +53,7 @@ def test_landscape_values(problem):
         assert res["original"][mi, 1] == pytest.approx(at_zero, rel=1e-5)
         # a tiny sigma reproduces the original loss
         np.testing.assert_allclose(res["smoothed_mean"][mi, 0], res["original"][mi], rtol=1e-3)
-        draws = losses.certified_loss(model, x, y, eps, method, params=theta + 0.2 * d + 0.05 * z).double()
+        draws = losses.certified_loss(model, x, y, eps, method, weights=theta + 0.2 * d + 0.05 * z).double()
         assert res["smoothed_mean"][mi, 1, 2] == pytest.approx(float(draws.mean()), rel=1e-5)
         assert res["smoothed_ci"][mi, 1, 2] == pytest.approx(1.96 * float(draws.std()) / np.sqrt(8), rel=1e-4)
     with pytest.raises(ValueError, match="direction"):
