@@ -30,7 +30,7 @@ from torch import nn
 
 from ..population import renamed_weights, stack
 from . import alpha_crown, crown, hbox, ibp, registry, sabr
-from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, over_pairs, plan_chunks
+from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
 from .registry import Relaxation, register
 
 __all__ = ["METHODS", "SOUND_METHODS", "COMMON_OPTIONS", "POPULATION_MODES", "Relaxation", "register",
@@ -121,9 +121,30 @@ def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
     pc, bc = num_p, num_b
     if relaxation.state is not None:
         pc, bc, _ = plan_chunks(num_p, num_b, 1, relaxation.state(prob), budget * _STATE_SHARE, work_factor=1)
-    prob = dataclasses.replace(prob, memory_budget_mb=budget * (1 - _STATE_SHARE))
     if (pc, bc) == (num_p, num_b):
-        out = relaxation.engine(prob, **opts)
+        out = relaxation.engine(dataclasses.replace(prob, memory_budget_mb=budget * (1 - _STATE_SHARE)), **opts)
     else:  # every (member, example) pair is bounded on its own: chunk them
-        out = over_pairs(prob, pc, bc, lambda sub, *_: relaxation.engine(sub, **opts))
+        out = _state_chunks(relaxation, model, x, y, prob.eps.view(-1), weights, pc, bc, budget, opts)
     return out[0] if prob.net.single else out
+
+
+def _state_chunks(relaxation: Relaxation, model, x, y, eps, weights, pc: int, bc: int, budget: float,
+                  opts: dict) -> torch.Tensor:
+    """The engine on chunks of ``pc`` members x ``bc`` examples: (P, B, K-1).
+
+    Unlike ``common.over_pairs`` (which slices a built problem), each chunk's problem is built
+    anew from the member chunk's flat weights, sliced once per member chunk: autograd then sums
+    the example chunks' gradients at those flat weights, in the order it always has (gradients
+    stay bit-identical to the releases before the registry).
+    """
+    num_p = 1 if weights is None or weights.ndim == 1 else weights.shape[0]
+    out_p = []
+    for p0 in range(0, num_p, pc):
+        part = weights if weights is None or weights.ndim == 1 else weights[p0:p0 + pc]
+        out_b = []
+        for b0 in range(0, x.shape[0], bc):
+            sub = make_problem(model, x[b0:b0 + bc], y[b0:b0 + bc], eps[b0:b0 + bc], part,
+                               budget * (1 - _STATE_SHARE))
+            out_b.append(relaxation.engine(sub, **opts))
+        out_p.append(torch.cat(out_b, 1))
+    return torch.cat(out_p, 0)

@@ -59,13 +59,17 @@ class Problem:
     model: nn.Sequential | None = None
     weights: torch.Tensor | None = None  # None (the model's own), (D,) or (P, D)
 
-    def pairs(self, p0: int, p1: int, b0: int, b1: int) -> Problem:
-        """Members p0:p1 and examples b0:b1 (every relaxation bounds each pair on its own)."""
+    def members(self, p0: int, p1: int) -> Problem:
+        """Members p0:p1 (every relaxation bounds each member on its own)."""
         lo = self.lo[p0:p1] if self.lo.shape[0] > 1 else self.lo
         hi = self.hi[p0:p1] if self.hi.shape[0] > 1 else self.hi
         weights = self.weights if self.weights is None or self.weights.ndim == 1 else self.weights[p0:p1]
-        return dataclasses.replace(self, net=self.net.members(p0, p1), x=self.x[b0:b1], y=self.y[b0:b1],
-                                   eps=self.eps[b0:b1], lo=lo[:, b0:b1], hi=hi[:, b0:b1], weights=weights)
+        return dataclasses.replace(self, net=self.net.members(p0, p1), lo=lo, hi=hi, weights=weights)
+
+    def examples(self, b0: int, b1: int) -> Problem:
+        """Examples b0:b1 (every relaxation bounds each example on its own)."""
+        return dataclasses.replace(self, x=self.x[b0:b1], y=self.y[b0:b1], eps=self.eps[b0:b1],
+                                   lo=self.lo[:, b0:b1], hi=self.hi[:, b0:b1])
 
 
 @dataclass(frozen=True)
@@ -180,15 +184,17 @@ def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
 def over_pairs(prob: Problem, members: int, examples: int, fn: Callable[..., torch.Tensor],
                recompute: bool = False) -> torch.Tensor:
     """The chunk loop: ``fn(sub, p0, p1, b0, b1)`` -> (p, b, ...) for every chunk of ``members``
-    members x ``examples`` examples (``sub = prob.pairs(p0, p1, b0, b1)``), joined to (P, B, ...).
+    members x ``examples`` examples (``sub = prob.members(p0, p1).examples(b0, b1)``), joined to
+    (P, B, ...). A member chunk's weights are sliced once for all its example chunks, so their
+    gradients meet in one place (and sum in the same order, run after run).
 
     ``recompute``: run each chunk under activation checkpointing, so that with autograd only one
     chunk's intermediates are alive at a time (they are recomputed in backward).
     """
     num_p, num_b = prob.net.num_members, prob.x.shape[0]
 
-    def run(p0, p1, b0, b1):
-        sub = prob.pairs(p0, p1, b0, b1)
+    def run(part: Problem, p0, p1, b0, b1):
+        sub = part.examples(b0, b1)
         if recompute:
             return torch.utils.checkpoint.checkpoint(fn, sub, p0, p1, b0, b1, use_reentrant=False)
         return fn(sub, p0, p1, b0, b1)
@@ -196,7 +202,8 @@ def over_pairs(prob: Problem, members: int, examples: int, fn: Callable[..., tor
     out_p = []
     for p0 in range(0, num_p, members):
         p1 = min(num_p, p0 + members)
-        out_b = [run(p0, p1, b0, min(num_b, b0 + examples)) for b0 in range(0, num_b, examples)]
+        part = prob.members(p0, p1)
+        out_b = [run(part, p0, p1, b0, min(num_b, b0 + examples)) for b0 in range(0, num_b, examples)]
         out_p.append(torch.cat(out_b, 1) if len(out_b) > 1 else out_b[0])
     return torch.cat(out_p, 0) if len(out_p) > 1 else out_p[0]
 
