@@ -3,8 +3,9 @@
 An engine is ``engine(prob: Problem, **options) -> (P, B, K-1)`` margin lower bounds for every
 member and example of ``prob`` (``common.Problem``: the stacked network, the inputs, labels,
 radii and the normalised input box). ``margin_lower_bounds`` validates the inputs and options,
-splits the population and batch into chunks whose per-pair state fits the memory budget
-(``state``; one shared loop, ``common.over_pairs``) and calls the engine on each chunk.
+splits the population and batch into chunks whose per-pair state (``state``) fits the memory
+budget and calls the engine on each chunk; engines chunk their own working set with the shared
+loop ``common.over_pairs``.
 
 Adding a relaxation is one module with its engine plus one ``register(Relaxation(...))`` line
 below (see CONTRIBUTING.md, "How to add a relaxation").
