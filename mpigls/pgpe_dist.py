@@ -1,20 +1,25 @@
-"""One distributed PGPE generation: each rank evaluates and sums only its own pairs.
+"""One distributed PGPE generation: each rank evaluates and sums only its own work items.
 
-The pairs of a generation are cut into blocks that do not depend on the number of ranks; rank r
-owns a contiguous run of blocks (``dist.my_blocks``). Per generation each rank
+The work of a generation is cut into items (pair block, example chunk) (``mpigls.work``) whose
+number does not depend on the number of ranks; rank r owns a contiguous run of items
+(``dist.my_blocks`` over the items). Per generation each rank
 
-1. draws the noise z_j of its pairs (``NoiseSource``: counter-based, optionally prepared one block
-   ahead on a background thread while the bounds of the current block run), evaluates the
-   population rows [theta + sigma z_j, theta - sigma z_j] and keeps z_j (up to a memory budget);
-2. all-gathers the P scalar losses (the shaping weights need all of them) and agrees on
+1. draws the noise z_j of its pair blocks once per block (``NoiseSource``: counter-based,
+   optionally prepared one block ahead on a background thread while the bounds of the current
+   block run), evaluates the population rows [theta + sigma z_j, theta - sigma z_j] on each of its
+   example chunks, and keeps z_j of the blocks whose chunk 0 it owns (up to a memory budget);
+2. all-gathers the item results (per-member chunk means) and recombines the P losses in a fixed
+   order on every rank (``gather_losses``; one chunk: the losses as evaluated), and agrees on
    max |z| (one scalar allreduce, for the shared fixed-point exponent);
-3. sums w_j z_j and v_j (z_j^2 - 1) over its own pairs in fixed point (``pgpe.partial_sums``)
-   and adds the int64 vectors of all ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with
-   fixed sigma). Integer addition is exact, so every rank gets the same bits whatever the number
-   of ranks, and ``pgpe.tell(..., summed=...)`` applies the same update everywhere.
+3. sums w_j z_j and v_j (z_j^2 - 1) over the pairs it keeps in fixed point (``pgpe.partial_sums``;
+   each pair exactly once, by the owner of its block's chunk 0) and adds the int64 vectors of all
+   ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with fixed sigma). Integer addition is
+   exact, so every rank gets the same bits whatever the number of ranks, and
+   ``pgpe.tell(..., summed=...)`` applies the same update everywhere.
 
 Per-rank cost: O(P D / N) noise and sums plus O(D) communication, instead of regenerating the
-whole population's noise on every rank (O(P D)). The result is bitwise the serial ``pgpe.tell``.
+whole population's noise on every rank (O(P D)). The result is bitwise the serial ``pgpe.tell``
+on the same losses; with optimizer.batch_chunks = 1 those are exactly the unchunked losses.
 
 Shapes: P population, n = P/2 pairs, M pairs in a block, D parameters.
 """
@@ -28,9 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import work
 from .optim import pgpe
 
-__all__ = ["KEEP_NOISE_BYTES", "LocalNoise", "NoiseSource", "prefetch_default", "reduce_sums", "evaluate"]
+__all__ = ["KEEP_NOISE_BYTES", "LocalNoise", "NoiseSource", "prefetch_default", "split_of", "evaluate",
+           "gather_losses", "reduce_sums"]
 
 # Keep the evaluated noise for the update when it fits in this many bytes per rank, else
 # regenerate it (same bits, one more noise pass). Env MPIGLS_KEEP_NOISE_BYTES overrides.
@@ -99,40 +106,68 @@ def block_pairs(block: int, block_size: int, num_pairs: int) -> list[int]:
     return list(range(block * block_size, min((block + 1) * block_size, num_pairs)))
 
 
-def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, blocks: Sequence[int], block_size: int,
-             source: NoiseSource, loss_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-             keep_bytes: int = KEEP_NOISE_BYTES) -> tuple[torch.Tensor, LocalNoise]:
-    """Losses of this rank's members in global order (float64 CPU, 2 per pair) and its LocalNoise.
+def split_of(params: pgpe.PGPEParams, block_size: int, batch_size: int = 1, chunks: int = 1) -> work.WorkSplit:
+    """The work items of a PGPE generation: (pair block, example chunk), two losses per pair."""
+    return work.WorkSplit(params.popsize // 2, block_size, batch_size, chunks, per_member=2)
 
-    ``loss_fn(points (2M, D) on device) -> (2M,)``. The first block of the next generation is
-    hinted to the noise source after the last block, so it is prepared during the exchange.
-    ``blocks`` is iterated once (a StoppableBlocks ends early on a stop signal: then the result
-    covers the blocks done, and the caller drops the generation after agreeing on the stop).
+
+def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int], split: work.WorkSplit,
+             source: NoiseSource, loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], device: torch.device,
+             keep_bytes: int = KEEP_NOISE_BYTES) -> tuple[torch.Tensor, LocalNoise]:
+    """This rank's item results in item order (float64 CPU: per pair block and chunk, 2 per pair) and
+    its LocalNoise. ``gather_losses`` turns every rank's results into the P losses.
+
+    ``loss_fn(points (2M, D) on device, examples: slice of the minibatch) -> (2M,)`` mean loss of
+    each row over those examples. A pair block's noise is drawn once for the consecutive items of
+    the block, and is kept for the update only by the rank that owns the block's chunk 0 (each pair
+    is summed exactly once). The next block of this rank (or, after the last, its first block of the
+    next generation) is hinted to the noise source, so it is prepared during the bounds/exchange.
+    ``items`` is iterated once (a StoppableBlocks ends early on a stop signal: then the result
+    covers the items done, and the caller drops the generation after agreeing on the stop).
     """
-    num_pairs, D, gen = params.popsize // 2, state.center.numel(), state.generation
-    # len() and indexing only: iterating ``blocks`` (a stopping.StoppableBlocks in train) may end
+    D, gen = state.center.numel(), state.generation
+    # len() and indexing only: iterating ``items`` (a stopping.StoppableBlocks in train) may end
     # early on a stop signal, so it is iterated exactly once, below
-    pairs_at = [block_pairs(blocks[i], block_size, num_pairs) for i in range(len(blocks))]
-    keep = sum(map(len, pairs_at)) * D * 4 <= keep_bytes
+    unit_of = [split.item(items[i])[0] for i in range(len(items))]
+    units = list(dict.fromkeys(unit_of))                        # this rank's blocks, in order
+    # this rank sums the pairs of the blocks whose chunk 0 it evaluates
+    summed_pairs = sum(len(split.members(u)) for i, u in enumerate(unit_of) if items[i] % split.chunks == 0)
+    keep = summed_pairs * D * 4 <= keep_bytes
     # centre and sigma go to the device once; the population rows are formed there (only z travels)
     on_device = dataclasses.replace(state, center=state.center.to(device), sigma=state.sigma.to(device))
-    out, kept, done, max_abs = [], [], [], 0.0
-    for i, _block in enumerate(blocks):
-        pairs = pairs_at[i]
-        z = source.get(gen, pairs, D)
-        if i + 1 < len(pairs_at):
-            source.hint(gen, pairs_at[i + 1], D)
-        else:
-            source.hint(gen + 1, pairs_at[0], D)
-        max_abs = max(max_abs, pgpe.max_abs_noise(z))
-        z = z.to(device, non_blocking=True)
+    out: list[torch.Tensor] = []
+    kept: list[torch.Tensor | None] = []
+    done: list[list[int]] = []
+    max_abs, unit = 0.0, -1
+    z = points = torch.zeros(0)
+    for item in items:
+        block, chunk = split.item(item)
+        pairs = split.members(block)
+        if block != unit:
+            unit = block
+            z = source.get(gen, pairs, D)
+            nxt = units.index(block) + 1
+            if nxt < len(units):
+                source.hint(gen, split.members(units[nxt]), D)
+            else:
+                source.hint(gen + 1, split.members(units[0]), D)
+            max_abs = max(max_abs, pgpe.max_abs_noise(z))
+            with torch.no_grad():
+                points = pgpe.population(on_device, z.to(device, non_blocking=True))
+        if chunk == 0:
+            kept.append(z if keep else None)
+            done.append(pairs)
         with torch.no_grad():
-            r = loss_fn(pgpe.population(on_device, z))
+            r = loss_fn(points, split.examples(chunk))
         out.append(r.detach().to("cpu", torch.float64))
-        kept.append(z if keep else None)
-        done.append(pairs)
     losses = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
     return losses, LocalNoise(done, kept, max_abs)
+
+
+def gather_losses(comm, split: work.WorkSplit, local: torch.Tensor) -> torch.Tensor:
+    """All P losses (P,) float64 on every rank: one all-gather of the item results, then the chunks
+    are recombined in a fixed order (``work.WorkSplit.combine``). Collective."""
+    return split.combine(comm.allgather_concat(local))
 
 
 def reduce_sums(comm, state: pgpe.PGPEState, params: pgpe.PGPEParams, seed: int, all_losses: torch.Tensor,

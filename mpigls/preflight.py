@@ -4,7 +4,8 @@
 dataclasses cannot see alone because it depends on the data, the model or the machine:
 
 * ``train.device=cuda`` without a GPU; ``train.threads`` above the CPU count;
-* ``train.batch_size`` above the training set size;
+* ``train.batch_size`` above the training set size; an ``optimizer.batch_chunks`` the loss cannot
+  be split by (``work.check``);
 * ``bound.options`` the bound method rejects (tried once on one training example);
 * a ``model.init_from`` checkpoint that is missing, unreadable, for another architecture or not
   finite (checked here for the dry run; ``train`` reads it where a fresh run starts);
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, losses, models, noise
+from . import checkpoint, losses, models, noise, work
 from .config import Config, ConfigError, short_repr
 
 __all__ = ["validate", "estimate_memory_bytes", "available_memory_bytes"]
@@ -178,6 +179,10 @@ def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> 
     if cfg.train.batch_size > n_train:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n_train} "
                           "examples); lower train.batch_size or raise data.num_train")
+    try:
+        work.check(cfg.optimizer.name, cfg.bound.method, cfg.optimizer.batch_chunks, cfg.train.batch_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if arch is not None:
         check_init_from(cfg, arch)
     _check_bound_options(cfg, model, dataset)

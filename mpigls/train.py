@@ -69,7 +69,9 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     state, history = _start(cfg, comm, out_dir, restart, opt, model, arch, gens_per_epoch, say)
     model = model.to(device)
     generation = state.generation
-    num_blocks = unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
+    # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.work.check)
+    num_blocks = unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size) \
+        * cfg.optimizer.batch_chunks
     say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
         f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
         f"generations {generation}->{stop_at} of {total}")
@@ -238,8 +240,8 @@ def _work(cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts
     """The generation's loss and per-point gradient functions for the optimizer's ``evaluate``."""
     method = cfg.bound.method
 
-    def loss(points: torch.Tensor) -> torch.Tensor:  # (n, D) on device -> (n,)
-        return losses.certified_loss(model, x, y, eps, method, params=points, **opts)
+    def loss(points: torch.Tensor, examples: slice = slice(None)) -> torch.Tensor:  # (n, D) on device -> (n,)
+        return losses.certified_loss(model, x[examples], y[examples], eps, method, params=points, **opts)
 
     def grad(points: torch.Tensor, examples: slice) -> tuple[torch.Tensor, torch.Tensor]:
         points = points.detach().clone().requires_grad_(True)
@@ -248,7 +250,8 @@ def _work(cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts
         return g, value.detach()
 
     return unit.Work(seed=cfg.train.seed, device=device, block_size=cfg.optimizer.block_size,
-                     batch_size=x.shape[0], loss=loss, grad=grad, resource=resource)
+                     batch_size=x.shape[0], loss=loss, grad=grad, resource=resource,
+                     chunks=cfg.optimizer.batch_chunks)
 
 
 # ----------------------------------------------------------------------------- metrics, logs, saves

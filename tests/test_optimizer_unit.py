@@ -89,7 +89,8 @@ def test_toy_config_section_comes_from_its_params(fd):
     cfg = _cfg(**{"optimizer.directions": 8})
     assert cfg.optimizer.directions == 8 and cfg.optimizer.h == 0.01 and isinstance(cfg.optimizer.params, FDParams)
     assert config.to_dict(cfg)["optimizer"] == {"name": "fd", "lr_milestones": [], "lr_factor": 0.4,
-                                                "block_size": 4, "lr": 0.05, "h": 0.01, "directions": 8}
+                                                "block_size": 4, "batch_chunks": 1, "lr": 0.05, "h": 0.01,
+                                                "directions": 8}
     with pytest.raises(config.ConfigError, match="'popsize'.*for optimizer 'fd'; its valid keys are .*'directions'"):
         _cfg(**{"optimizer.popsize": 8})
     with pytest.raises(config.ConfigError, match="optimizer.h must be > 0"):

@@ -26,17 +26,33 @@ def setup(popsize=24, **kw):
     return params, state
 
 
+# a minibatch of B examples: the loss of a member is the MEAN over examples of a per-example term
+B = 7
+X = torch.linspace(-1.0, 1.0, B * D).reshape(B, D).sin()
+
+
+def per_example(points, ex):
+    """(n, D) points, a slice of the minibatch -> (n,) float32 mean over those examples."""
+    d = points[:, None, :].to(torch.float32) - X[ex][None].to(points.device)
+    return (0.5 * A.to(torch.float32) * d * d).sum(-1).mean(-1)
+
+
 def distributed_step(comm, params, state, seed, block_size, keep_bytes=pgpe_dist.KEEP_NOISE_BYTES,
-                     prefetch=False, spoil=None):
-    num_blocks = math.ceil(params.popsize // 2 / block_size)
-    blocks = dist.my_blocks(num_blocks, comm.rank, comm.world_size)
+                     prefetch=False, spoil=None, chunks=None, out=None):
+    """One generation over ``comm``; ``chunks`` given: the per_example loss split into that many chunks
+    (else the example-free quadratic, one chunk); ``out`` collects the P losses."""
+    split = pgpe_dist.split_of(params, block_size, B if chunks else 1, chunks or 1)
+    loss_fn = per_example if chunks else lambda points, ex: quadratic(points)
+    items = dist.my_blocks(split.num_items, comm.rank, comm.world_size)
     source = pgpe_dist.NoiseSource(seed, prefetch)
     try:
-        local, kept = pgpe_dist.evaluate(state, params, blocks, block_size, source, quadratic,
+        local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss_fn,
                                          torch.device("cpu"), keep_bytes=keep_bytes)
     finally:
         source.close()
-    all_losses = comm.allgather_concat(local)
+    all_losses = pgpe_dist.gather_losses(comm, split, local)
+    if out is not None:
+        out.append(all_losses)
     if spoil is not None:
         all_losses = spoil(all_losses)
     summed = pgpe_dist.reduce_sums(comm, state, params, seed, all_losses, kept)
@@ -66,6 +82,32 @@ def test_bitwise_equal_to_serial_tell_for_1_to_4_ranks(fixed_sigma, block_size):
             assert metrics == ref_metrics
 
 
+@pytest.mark.parametrize("fixed_sigma", [False, True])
+def test_chunked_minibatch_same_bits_for_1_to_5_ranks_and_losses_equal_unchunked(fixed_sigma):
+    """Work items (pair block, example chunk): for a chunk count the state is bitwise the same for
+    any number of ranks (more ranks than pair blocks included); one chunk is bitwise the serial
+    tell of the unchunked losses; the chunked losses are the unchunked means to float32 rounding."""
+    params, state = setup(popsize=12, fixed_sigma=fixed_sigma)
+    full = per_example(pgpe.ask(state, params, 7, range(6)), slice(0, B)).double()
+    ref, ref_metrics = pgpe.tell(state, params, 7, full)
+    for chunks in (1, 2, 4, 7):
+        firsts = []
+        for world in (1, 2, 3, 5):
+            seen = []
+            results = dist.run_threaded(
+                lambda comm, c=chunks, s=seen: distributed_step(comm, params, state, 7, 4, chunks=c, out=s), world)
+            for (new, metrics), losses in zip(results, seen):
+                torch.testing.assert_close(losses, full, rtol=2e-6, atol=0)
+                if chunks == 1:
+                    assert torch.equal(losses, full)
+                    assert_same(new, ref)
+                    assert metrics == ref_metrics
+                firsts.append((new, losses))
+        for new, losses in firsts[1:]:
+            assert_same(new, firsts[0][0])
+            assert torch.equal(losses, firsts[0][1])
+
+
 def test_noise_budget_and_prefetch_never_change_the_bits():
     params, state = setup()
     ref, _ = serial_step(params, state, 2)
@@ -74,6 +116,10 @@ def test_noise_budget_and_prefetch_never_change_the_bits():
                 lambda comm, kb=keep_bytes, pf=prefetch: distributed_step(comm, params, state, 2, 4, keep_bytes=kb,
                                                                  prefetch=pf), 3):
             assert_same(new, ref)
+    chunked = [dist.run_threaded(lambda comm, kb=kb, pf=pf: distributed_step(
+        comm, params, state, 2, 3, keep_bytes=kb, prefetch=pf, chunks=3), 4) for kb, pf in [(0, True), (1 << 30, False)]]
+    for new, _ in chunked[0] + chunked[1]:
+        assert_same(new, chunked[1][0][0])
 
 
 def test_nonfinite_and_all_invalid_generations_match_serial():

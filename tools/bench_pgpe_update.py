@@ -126,8 +126,9 @@ def main(argv=None) -> int:
     if args.overlap_batch:
         x = torch.rand((args.overlap_batch, *shape))
         y = torch.randint(0, 10, (args.overlap_batch,))
-        loss_fn = lambda pts: losses.certified_loss(model, x, y, 0.01, "ibp", params=pts)  # noqa: E731
+        loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], 0.01, "ibp", params=pts)  # noqa: E731
         blocks = dist.my_blocks(num_blocks, 0, 1)
+        split = pgpe_dist.split_of(params, bs, args.overlap_batch)
         overlap = {}
         for prefetch in (False, True):
             src = pgpe_dist.NoiseSource(seed, prefetch)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
 
             def generation(src=src):
                 nonlocal st
-                local_losses, kept = pgpe_dist.evaluate(st, params, blocks, bs, src, loss_fn, torch.device("cpu"))
+                local_losses, kept = pgpe_dist.evaluate(st, params, blocks, split, src, loss_fn, torch.device("cpu"))
                 summed = pgpe_dist.reduce_sums(comm, st, params, seed, local_losses, kept)
                 st, _ = pgpe.tell(st, params, seed, local_losses, summed=summed)
 

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--popsize", type=int, default=64)
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch-chunks", type=int, default=1, help="optimizer.batch_chunks: example chunks per member")
     p.add_argument("--bound", default="ibp")
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--ranks", default="1,2")
@@ -52,21 +53,22 @@ def main(argv=None) -> int:
     params = pgpe.PGPEParams(popsize=args.popsize, sigma_init=0.02)
     state = pgpe.init(params, theta)
     x, y = ds.train_x[:args.batch], ds.train_y[:args.batch]
-    loss_fn = lambda pts: losses.certified_loss(model, x, y, args.eps, args.bound, params=pts)  # noqa: E731
-    num_pairs, bs = args.popsize // 2, args.block_size
-    num_blocks = math.ceil(num_pairs / bs)
+    loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], args.eps, args.bound, params=pts)  # noqa: E731
+    split = pgpe_dist.split_of(params, args.block_size, args.batch, args.batch_chunks)
+    num_items = split.num_items
     comm = dist.SerialComm()
     # the full population's losses once (every rank sees them after the allgather)
-    all_losses, _ = pgpe_dist.evaluate(state, params, list(range(num_blocks)), bs, pgpe_dist.NoiseSource(0),
-                                       loss_fn, torch.device("cpu"))
+    local, _ = pgpe_dist.evaluate(state, params, list(range(num_items)), split, pgpe_dist.NoiseSource(0),
+                                  loss_fn, torch.device("cpu"))
+    all_losses = pgpe_dist.gather_losses(comm, split, local)
     ranks = [int(n) for n in args.ranks.split(",")]
     best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
     for _ in range(args.repeat):
         for n in ranks:
             for r in range(n):
-                blocks = dist.my_blocks(num_blocks, r, n)
+                items = dist.my_blocks(num_items, r, n)
                 t0 = time.perf_counter()
-                _, kept = pgpe_dist.evaluate(state, params, blocks, bs, pgpe_dist.NoiseSource(0), loss_fn,
+                _, kept = pgpe_dist.evaluate(state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn,
                                              torch.device("cpu"))
                 t1 = time.perf_counter()
                 summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
         r["eff_new"] = rows[0]["t_new"] * rows[0]["ranks"] / (r["t_new"] * r["ranks"])
         r["eff_old"] = rows[0]["t_old"] * rows[0]["ranks"] / (r["t_old"] * r["ranks"])
     print(f"{args.model} on digits (D={theta.numel()}), PGPE + {args.bound}, P={args.popsize}, batch {args.batch}, "
-          f"block {bs}, 1 thread; per-rank work, max over ranks, best of {args.repeat}, no communication")
+          f"block {args.block_size}, {args.batch_chunks} batch chunk(s) ({num_items} items), 1 thread; "
+          f"per-rank work, max over ranks, best of {args.repeat}, no communication")
     print(f"{'ranks':>5} {'eval s':>8} {'upd new':>8} {'upd old':>8} {'t new':>8} {'t old':>8} {'E new':>6} {'E old':>6}")
     for r in rows:
         print(f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "

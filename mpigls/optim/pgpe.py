@@ -378,14 +378,16 @@ def _open(seed: int, device: torch.device):
 def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
     """This rank's members' losses (global order) and the noise it keeps for its share of the sums."""
     from mpigls import pgpe_dist
-    return pgpe_dist.evaluate(state, params, blocks, work.block_size, work.resource, work.loss, work.device)
+    split = pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks)
+    return pgpe_dist.evaluate(state, params, blocks, split, work.resource, work.loss, work.device)
 
 
 def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local):
     """All P losses, then one exact int64 allreduce of the ranks' fixed-point partial sums."""
     from mpigls import pgpe_dist
     losses, kept = local
-    all_losses = comm.allgather_concat(losses)
+    all_losses = pgpe_dist.gather_losses(comm, pgpe_dist.split_of(params, work.block_size, work.batch_size,
+                                                                  work.chunks), losses)
     return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept)
 
 

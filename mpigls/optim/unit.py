@@ -69,10 +69,15 @@ class LoopParams:
     lr_factor: float = param(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
     block_size: int = param(8, "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
                                "unit of distribution, fixed so results do not depend on the number of ranks")
+    batch_chunks: int = param(1, "example chunks each PGPE member's minibatch is split into: work blocks are (pair "
+                                 "block, chunk), so more ranks than pair blocks get work; 1 = unsplit. Losses equal "
+                                 "the unsplit ones to float rounding, bitwise the same for any number of ranks")
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"optimizer.block_size must be >= 1, got {self.block_size!r}")
+        if not isinstance(self.batch_chunks, int) or self.batch_chunks < 1:
+            raise ValueError(f"optimizer.batch_chunks must be >= 1, got {self.batch_chunks!r}")
         ms = self.lr_milestones
         if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < math.inf for m in ms):
             raise ValueError(f"optimizer.lr_milestones must be a list of non-negative epochs, got {ms!r:.200}")
@@ -86,8 +91,9 @@ class LoopParams:
 class Work:
     """What an optimizer's ``evaluate`` may use in one generation (built by the loop).
 
-    ``loss(points)``: losses (n,) of the parameter vectors ``points`` (n, D) on the generation's
-    batch, without gradients. ``grad(points, examples)``: per-row loss gradients (n, D) and losses
+    ``loss(points, examples=slice(None))``: losses (n,) of the parameter vectors ``points`` (n, D)
+    on the generation's batch examples ``examples``, without gradients. ``chunks``: example chunks
+    per member (``optimizer.batch_chunks``, mpigls.work). ``grad(points, examples)``: per-row loss gradients (n, D) and losses
     (n,) at ``points`` on the batch examples ``examples`` (a slice; ``slice(None)``: all).
     ``resource``: what the optimizer's ``open`` returned (e.g. PGPE's noise source), or None.
     """
@@ -96,9 +102,10 @@ class Work:
     device: torch.device
     block_size: int
     batch_size: int
-    loss: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[..., torch.Tensor]
     grad: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
     resource: Any = None
+    chunks: int = 1
 
 
 def _no_resource(seed: int, device: torch.device) -> contextlib.AbstractContextManager:

@@ -6,7 +6,6 @@ Run: mpiexec -n 3 python -m mpi4py -m pytest --with-mpi tests/mpi/test_mpi_pgpe.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -28,13 +27,48 @@ def test_distributed_tell_is_serial_tell_bitwise(comm, block_size, fixed_sigma):
     params = pgpe.PGPEParams(popsize=22, lr=0.01, sigma_init=0.1, fixed_sigma=fixed_sigma)
     state = dataclasses.replace(pgpe.init(params, torch.linspace(-1, 1, D)), generation=5)
     loss = lambda x: (x.double() ** 2).sum(-1) + torch.sin(7 * x[:, 0].double())
-    blocks = dist.my_blocks(math.ceil(11 / block_size), comm.rank, comm.world_size)
+    split = pgpe_dist.split_of(params, block_size)
+    blocks = dist.my_blocks(split.num_items, comm.rank, comm.world_size)
     source = pgpe_dist.NoiseSource(4, prefetch=comm.rank % 2 == 1)
-    local, kept = pgpe_dist.evaluate(state, params, blocks, block_size, source, loss, torch.device("cpu"))
+    local, kept = pgpe_dist.evaluate(state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"))
     source.close()
-    all_losses = comm.allgather_concat(local)
+    all_losses = pgpe_dist.gather_losses(comm, split, local)
     new, _ = pgpe.tell(state, params, 4, all_losses,
                        summed=pgpe_dist.reduce_sums(comm, state, params, 4, all_losses, kept))
     ref, _ = pgpe.tell(state, params, 4, loss(pgpe.ask(state, params, 4, range(11))))
     assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
     comm.check_consistent("pgpe", new.center.numpy().tobytes() + new.sigma.numpy().tobytes())
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_chunked_minibatch_state_is_serial_reference_bitwise(comm, chunks):
+    """Items (pair block, example chunk): the state after a generation equals, bit for bit, the same
+    chunk count evaluated in ONE process (the serial reference), on every rank; one chunk equals
+    the plain serial tell of the unchunked losses."""
+    D, B = 41, 9
+    X = torch.linspace(-2, 2, B * D).reshape(B, D).cos()
+    params = pgpe.PGPEParams(popsize=10, lr=0.01, sigma_init=0.1)
+    state = dataclasses.replace(pgpe.init(params, torch.linspace(-1, 1, D)), generation=2)
+
+    def loss(points, ex):
+        return ((points[:, None, :] - X[ex][None]) ** 2).sum(-1).mean(-1)
+
+    split = pgpe_dist.split_of(params, 2, B, chunks)
+
+    def step(c, items):
+        source = pgpe_dist.NoiseSource(4, prefetch=c.rank % 2 == 1)
+        local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss, torch.device("cpu"))
+        source.close()
+        all_losses = pgpe_dist.gather_losses(c, split, local)
+        return pgpe.tell(state, params, 4, all_losses,
+                         summed=pgpe_dist.reduce_sums(c, state, params, 4, all_losses, kept))[0], all_losses
+
+    new, losses = step(comm, dist.my_blocks(split.num_items, comm.rank, comm.world_size))
+    ref, ref_losses = step(dist.SerialComm(), range(split.num_items))
+    assert torch.equal(losses, ref_losses)
+    assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
+    full = loss(pgpe.ask(state, params, 4, range(5)), slice(0, B)).double()
+    torch.testing.assert_close(losses, full, rtol=2e-6, atol=0)
+    if chunks == 1:
+        assert torch.equal(new.center, pgpe.tell(state, params, 4, full)[0].center)
+    comm.check_consistent("pgpe-chunks", new.center.numpy().tobytes() + new.sigma.numpy().tobytes())
