@@ -43,6 +43,30 @@ def test_t_gen_terms_and_efficiency():
     assert sm.t_gen(8, P, D, c, TERMS, NET, fixed_sigma=True)["allreduce"] < sm.t_gen(8, P, D, c, TERMS, NET)["allreduce"]
 
 
+def test_split_minibatch_gives_every_rank_work_and_sums_each_pair_once():
+    P, D, c, B = 256, 100_000, 0.01, 512
+    gpu = sm.Gpu(call_s=5e-4, fixed_s=1e-3, prefetch=True)
+    # the real item split: 128 pairs x 8 chunks = 1024 items, one per rank
+    loads = sm.rank_loads(1024, P, sm.Work(B, 1, 8))
+    assert len(loads) == 1024 and all(ld["items"] == 1 and ld["noise_pairs"] == 1 for ld in loads)
+    assert sum(ld["sum_pairs"] for ld in loads) == P // 2          # each pair summed once (chunk 0's owner)
+    assert sum(ld["members"] for ld in loads) == pytest.approx(P)  # every member-example evaluated once
+    assert len(sm.rank_loads(1024, P, sm.Work(B, 1, 1))) == 128      # whole pairs: 896 ranks idle
+    chunked = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu)
+    whole = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 1), gpu=gpu)
+    assert chunked["compute"] == pytest.approx(2 * c / 8 + 5e-4 + 1e-3)
+    assert chunked["total"] < whole["total"]
+    # prefetch: the host noise is hidden behind the bounds up to the compute time
+    assert chunked["noise"] == pytest.approx(max(0.0, D * 1e-8 - chunked["compute"]))
+    assert chunked["allgather"] == sm.allgather_s(1024, 8 * P, NET)
+    # the what-ifs only shrink the update term
+    for kw in ({"sharded": True}, {"device_update": True}):
+        alt = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu, **kw)
+        assert alt["update"] < chunked["update"] and alt["compute"] == chunked["compute"]
+    assert sm.scale_out_work(1024, P, B) == sm.Work(B, 1, 8)
+    assert sm.scale_out_work(8, P, B) == sm.Work(B, 8, 1)
+
+
 def test_baselines_keep_their_serial_terms():
     D, P = 1_000_000, 256
     # OpenAI-ES: every worker forms the whole update, so P/2 * D * t_sum stays at any N

@@ -66,6 +66,8 @@ def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dic
             "median_s_per_gen": float(np.median(per_gen)), "min_s_per_gen": float(per_gen.min()),
             "max_s_per_gen": float(per_gen.max()), "wall_s": wall, "generations": int(info["generation"]),
             "theta_sha256": info["theta_sha256"], "block_size": int(ck.config["optimizer"]["block_size"]),
+            "batch_size": int(ck.config["train"]["batch_size"]),
+            "batch_chunks": int(ck.config["optimizer"].get("batch_chunks", 1)),
             "fixed_sigma": bool(ck.config["optimizer"].get("fixed_sigma", False))}
 
 
@@ -75,22 +77,19 @@ def predict(rows: list[dict], args) -> None:
     base = next((r for r in rows if r["ranks"] == 1), None)
     if base is None:
         return
-    D, P1, bs = base["D"], base["popsize"], base["block_size"]
-    terms = sm.measure_terms(D, pairs=min(4, P1 // 2))
+    D, P1 = base["D"], base["popsize"]
+
+    def work(r: dict):  # the run's work items (pair blocks x example chunks)
+        return sm.Work(r.get("batch_size", 1), r["block_size"], r.get("batch_chunks", 1))
+
+    terms = sm.measure_terms(D, pairs=min(4, P1 // 2), fixed_sigma=base["fixed_sigma"])
     net = sm.Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9,
                      pcie_Bps=math.inf)
-    host1 = sm.t_gen(1, P1, D, 0.0, terms, net, K=10 ** 9, fixed_sigma=base["fixed_sigma"])["total"]
+    host1 = sm.t_gen(1, P1, D, 0.0, terms, net, K=10 ** 9, fixed_sigma=base["fixed_sigma"], work=work(base))["total"]
     c_member = max(0.0, base["median_s_per_gen"] - host1) / P1
     for r in rows:
-        # whole blocks per rank: ranks own ceil(blocks / n) blocks of bs pairs at most
-        blocks = math.ceil(r["popsize"] / 2 / bs)
-        pairs = min(r["popsize"] // 2, math.ceil(blocks / r["ranks"]) * bs)
-        eff_n = r["popsize"] / (2 * pairs)      # t_gen's pairs_N = P / (2 eff_n)
-        t = sm.t_gen(1, int(2 * pairs), D, c_member, terms, net, K=10 ** 9, fixed_sigma=r["fixed_sigma"])
-        comm = sm.allgather_s(r["ranks"], r["popsize"], net) + sm.allreduce_s(
-            r["ranks"], (1 if r["fixed_sigma"] else 2) * 8 * D, net)
-        r["model_s_per_gen"] = t["total"] + comm
-        r["model_effective_ranks"] = eff_n
+        r["model_s_per_gen"] = sm.t_gen(r["ranks"], r["popsize"], D, c_member, terms, net, K=10 ** 9,
+                                        fixed_sigma=r["fixed_sigma"], work=work(r))["total"]
 
 
 def summarise(rows: list[dict], mode: str) -> None:

@@ -1,41 +1,55 @@
 """Performance model of one PGPE generation on N GPUs, extrapolated to 8 ... 1024 GPUs.
 
-    t_gen(N) = compute(P/N) + noise(P/N) + h2d(P/N) + update(D, P/N) + allgather(P) + allreduce(D)
-               + checkpoint(D) / K
+    t_gen(N) = max over ranks [compute + exposed noise + h2d + partial sums + step]
+               + allgather(P C) + allreduce(D) + checkpoint(D) / K
 
-Per rank (pairs_N = ceil(P/2 / N) pairs, 2 members each; ranks beyond P/2 get no pair and idle):
-  compute   2 pairs_N * c_member: GPU bound evaluation. NOT measurable here (no GPU): a parameter,
-            c_member = t_1gpu / P with the issue's H100 targets as defaults (CNN3 DeepPoly P=256,
-            B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our assumption, 10x CNN5). Assumes
-            the GPU stays as efficient with fewer members per call (optimistic for tiny P/N).
-  noise     pairs_N * D * t_noise: host counter-based normal numbers (numpy Philox), MEASURED here.
-            With prefetching (default on GPU) it overlaps the bounds; the model counts it anyway.
-  h2d       pairs_N * D * 4 B / PCIe (25 GB/s, PCIe 4 x16 effective): the noise goes to the GPU.
-  update    pairs_N * D * t_sum + D * t_apply: fixed-point partial sums (MEASURED here on the CPU,
-            the GPU is faster) + applying the step (Adam + sigma, MEASURED).
-  allgather P float64 losses, recursive doubling: log2(N) a + (N-1)/N * 8 P / b, plus the
+Work items (mpigls.work): the P/2 pairs in blocks of M pairs, each member's minibatch of B examples
+in C chunks (optimizer.block_size, optimizer.batch_chunks); items = ceil(P/2 / M) * C, rank r owns a
+contiguous run of them (dist.block_range), ranks beyond the item count idle. Per rank r:
+  compute   sum over its items of 2 |block| n_c / B * c_member  +  items_r * t_call  +  t_fixed.
+            c_member = t_1gpu / P: the issue's H100 targets divided evenly over member-examples
+            (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our guess).
+            NOT measurable here (no GPU): ASSUMED, as are the two overheads that do not shrink with
+            the work: t_call per bound call (kernel launches of one block/chunk: ~100 launches x
+            5 us = 0.5 ms) and t_fixed per generation (minibatch and theta to the GPU, losses back,
+            synchronisations: 1 ms). Assumes the GPU is as efficient on 2 members x 64 examples as on
+            a large block (optimistic: small calls leave an H100 partly idle).
+  noise     (pairs of the blocks it touches) * D * t_noise: host counter-based normals, MEASURED
+            here. With prefetch (default on GPU) a block's noise is drawn on a host thread while the
+            previous bound call runs on the GPU: exposed = max(0, noise - compute).
+  h2d       the same pairs * D * 4 B / PCIe (25 GB/s).
+  sums      (pairs of the blocks whose chunk 0 it owns) * D * t_sum: fixed-point partial sums,
+            MEASURED here on the CPU (each pair is summed once, by the owner of its chunk 0).
+  step      D * t_apply: applying the update (shaping, Adam, sigma), MEASURED, replicated on every
+            rank. Two what-if columns (not implemented): "E shard", the step sharded (D/N * t_apply + an
+            allgather of the float32 centre, sigma and moments, 16 D bytes); "E dev", the sums and the
+            step on the GPU (memory-bound at 2 TB/s, 40 passes over D, 40 launches of 5 us).
+  allgather P C float64 item results, recursive doubling: log2(N) a + (N-1)/N * 8 P C / b, plus the
             scalar max |z| allreduce: 2 log2(N) a.
   allreduce one int64 vector of 2 D (D with fixed sigma), the better of ring
             2 (N-1) a + 2 (N-1)/N * 16 D / b and Rabenseifner 2 log2(N) a + 2 (N-1)/N * 16 D / b.
   checkpoint rank 0 writes 4 D float32 (theta, sigma, Adam m, v) every K generations (MEASURED).
 Network (assumption, a typical HPC fabric): 200 Gb/s InfiniBand HDR: b = 25 GB/s per rank, a = 2 us.
 
-Compared with, for the same compute and noise costs:
+Efficiency E(N) = t_gen(1 GPU, block 8, 1 chunk) / (N t_gen(N)): against the best single-GPU
+configuration (the default block size, no chunks), so the per-call overhead of many small items is
+charged to the scaled-out run, not hidden in the baseline.
+
+Compared with, for the same compute and noise costs (whole pairs per rank, no chunks):
   OpenAI-ES (Salimans et al. 2017): workers exchange scalars only (allgather of P losses + seeds),
             but every worker then forms the full update sum_j w_j eps_j from a shared noise table:
-            P/2 * D * t_sum on every rank, a serial term (what mpigls did before this change).
+            P/2 * D * t_sum on every rank, a serial term (what mpigls did before the distributed update).
   EvoTorch + Ray: each actor returns 4 D float32 (centre and sigma gradients as EvoTorch's
             distributed PGPE does, with its sample count) to the main process, which averages and
             sends the new centre and sigma (2 D) back: N * 16 D / b + log2(N) * 8 D / b + N a.
 
-Efficiency E(N) = t_gen(1) / (N t_gen(N)) for a fixed P (strong scaling).
-
     python tools/scaling_model.py --out bench-out/scaling_model      # .json and .png
-    python tools/scaling_model.py --compute cnn3=1.0,cnn5=10 --popsizes 256,4096 --ranks 1,8,64,256,1024
+    python tools/scaling_model.py --compute cnn3=1.0,cnn5=10 --popsizes 256 --chunks 1,8 --call-ms 0.5
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -50,14 +64,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpigls import checkpoint, models  # noqa: E402
+from mpigls import checkpoint, dist, models  # noqa: E402
 from mpigls.optim import pgpe  # noqa: E402
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
 MODELS = [("cnn3", "mnist", (1, 28, 28)), ("cnn3", "cifar10", (3, 32, 32)),
           ("cnn5", "mnist", (1, 28, 28)), ("cnn5", "cifar10", (3, 32, 32)),
           ("cnn7", "mnist", (1, 28, 28)), ("cnn7", "cifar10", (3, 32, 32))]
-DEFAULT_COMPUTE_S = {"cnn3": 1.0, "cnn5": 10.0, "cnn7": 100.0}  # 1-GPU generation at P=256 (H100)
+DEFAULT_COMPUTE_S = {"cnn3": 1.0, "cnn5": 10.0, "cnn7": 100.0}  # 1-GPU generation at P=256, B=512 (H100)
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,26 @@ class Network:
     latency_s: float = 2e-6          # InfiniBand HDR, one hop, MPI small message
     bandwidth_Bps: float = 25e9      # 200 Gb/s per rank
     pcie_Bps: float = 25e9           # host -> GPU copy of the noise
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """ASSUMED GPU overheads that do not shrink with the work (seconds)."""
+
+    call_s: float = 0.5e-3           # per bound call (one work item): ~100 kernel launches x 5 us
+    fixed_s: float = 1e-3            # per generation: minibatch/theta to the GPU, losses back, syncs
+    prefetch: bool = True            # host noise overlaps the bounds (the default on GPUs)
+    hbm_Bps: float = 2e12            # what-if "update on the GPU": effective memory bandwidth
+    launch_s: float = 5e-6           # ... and per kernel launch
+
+
+@dataclass(frozen=True)
+class Work:
+    """How a generation is cut into items: batch B in ``chunks`` chunks, pairs in blocks of ``block``."""
+
+    batch: int = 1
+    block: int = 1
+    chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,9 +120,9 @@ def _best(fn, repeat=3):
     return best
 
 
-def measure_terms(D: int, pairs: int = 4, repeat: int = 3) -> Terms:
+def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = False) -> Terms:
     """Time noise, partial sums, the step and a checkpoint for a D-parameter vector (1 thread)."""
-    params = pgpe.PGPEParams(popsize=2 * pairs, sigma_init=1e-3)
+    params = pgpe.PGPEParams(popsize=2 * pairs, sigma_init=1e-3, fixed_sigma=fixed_sigma)
     state = pgpe.init(params, torch.zeros(D))
     losses = torch.randn(2 * pairs, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     w = pgpe.weights(params, losses)
@@ -120,17 +154,63 @@ def allreduce_s(n: int, nbytes: float, net: Network) -> float:
     return min(2 * (n - 1) * net.latency_s, 2 * math.ceil(math.log2(n)) * net.latency_s) + bw
 
 
+def rank_loads(n: int, P: int, work: Work) -> list[dict]:
+    """Per busy rank: member-examples (in units of whole-batch members), items, pairs whose noise it
+    draws and pairs it sums, from the real item split (mpigls.work / dist.block_range)."""
+    num_pairs = P // 2
+    units = -(-num_pairs // work.block)
+    items = units * work.chunks
+    base, extra = divmod(work.batch, work.chunks)
+    loads = []
+    for r in range(min(n, items)):
+        rng = dist.block_range(items, r, n)
+        members, noise_units, sum_pairs = 0.0, set(), 0
+        for i in rng:
+            u, c = divmod(i, work.chunks)
+            size = min(work.block, num_pairs - u * work.block)
+            members += 2 * size * (base + (1 if c < extra else 0)) / work.batch
+            noise_units.add(u)
+            sum_pairs += size if c == 0 else 0
+        noise_pairs = sum(min(work.block, num_pairs - u * work.block) for u in noise_units)
+        loads.append({"members": members, "items": len(rng), "noise_pairs": noise_pairs, "sum_pairs": sum_pairs})
+    return loads
+
+
 def t_gen(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K: int = 100,
-          fixed_sigma: bool = False) -> dict:
-    """The model's terms (seconds) for N = n ranks, population P, D parameters."""
-    pairs = math.ceil(P / 2 / min(n, P // 2))
-    out = {"compute": 2 * pairs * c_member, "noise": pairs * D * terms.t_noise,
-           "h2d": pairs * D * 4 / net.pcie_Bps, "update": pairs * D * terms.t_sum + D * terms.t_apply,
-           "allgather": allgather_s(n, P, net),
-           "allreduce": allreduce_s(n, (1 if fixed_sigma else 2) * 8 * D, net),
-           "checkpoint": D * terms.t_ckpt / K}
+          fixed_sigma: bool = False, work: Work = Work(), gpu: Gpu = Gpu(0.0, 0.0, False),
+          sharded: bool = False, device_update: bool = False) -> dict:
+    """The model's terms (seconds) for N = n ranks, population P, D parameters: the slowest rank's
+    compute / noise / h2d / update, then the collectives and the checkpoint share. What-ifs (not
+    implemented): ``sharded`` step (D/N per rank + an allgather of 16 D bytes); ``device_update``:
+    the partial sums and the step on the GPU (memory-bound: 4 passes of 4 B per pair-element, 40
+    passes over D and 40 kernel launches for the step)."""
+    t_sum = 16 / gpu.hbm_Bps if device_update else terms.t_sum
+    if device_update:
+        step = 40 * 4 * D / gpu.hbm_Bps + 40 * gpu.launch_s
+    elif sharded and n > 1:
+        step = math.ceil(D / n) * terms.t_apply + allgather_bytes_s(n, 16 * D, net)
+    else:
+        step = D * terms.t_apply
+    worst: dict = {}
+    for load in rank_loads(n, P, work):
+        compute = load["members"] * c_member + load["items"] * gpu.call_s + gpu.fixed_s
+        noise = load["noise_pairs"] * D * terms.t_noise
+        terms_r = {"compute": compute, "noise": max(0.0, noise - compute) if gpu.prefetch else noise,
+                   "h2d": load["noise_pairs"] * D * 4 / net.pcie_Bps,
+                   "update": load["sum_pairs"] * D * t_sum + step}
+        if not worst or sum(terms_r.values()) > sum(worst.values()):
+            worst = terms_r
+    out = dict(worst, allgather=allgather_s(n, P * work.chunks, net),
+               allreduce=allreduce_s(n, (1 if fixed_sigma else 2) * 8 * D, net), checkpoint=D * terms.t_ckpt / K)
     out["total"] = sum(out.values())
     return out
+
+
+def allgather_bytes_s(n: int, nbytes: float, net: Network) -> float:
+    """Allgather of nbytes in total (recursive doubling / ring bandwidth term)."""
+    if n == 1:
+        return 0.0
+    return math.ceil(math.log2(n)) * net.latency_s + (n - 1) / n * nbytes / net.bandwidth_Bps
 
 
 def t_openai_es(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K: int = 100) -> float:
@@ -147,14 +227,27 @@ def t_evotorch(n: int, P: int, D: int, c_member: float, terms: Terms, net: Netwo
             + pairs * D * terms.t_sum + D * terms.t_apply + comm + D * terms.t_ckpt / K)
 
 
+def scale_out_work(n: int, P: int, batch: int) -> Work:
+    """About one item per GPU: C = the power of two with P/2 * C >= N (at most B), then the
+    largest block (at most the default 8) that still gives every rank an item."""
+    chunks = 1
+    while (P // 2) * chunks < n and chunks * 2 <= batch:
+        chunks *= 2
+    return Work(batch, max(1, min(8, (P // 2) * chunks // n)), chunks)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compute", default="", help="1-GPU seconds per generation at P=256, e.g. cnn3=1,cnn5=10")
-    p.add_argument("--popsizes", default="256,4096")
+    p.add_argument("--compute", default="", help="1-GPU seconds per generation at P=256, B=512, e.g. cnn3=1,cnn5=10")
+    p.add_argument("--popsizes", default="256")
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--ranks", default="1,8,64,256,1024")
+    p.add_argument("--call-ms", type=float, default=0.5, help="ASSUMED GPU overhead per bound call (work item)")
+    p.add_argument("--fixed-ms", type=float, default=1.0, help="ASSUMED GPU overhead per generation")
     p.add_argument("--latency-us", type=float, default=2.0)
     p.add_argument("--bandwidth-gbit", type=float, default=200.0)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--sigma", choices=("fixed", "learned"), default="fixed", help="config default: fixed sigma")
     p.add_argument("--models", default=",".join(f"{m}/{d}" for m, d, _ in MODELS))
     p.add_argument("--pairs", type=int, default=4, help="pairs timed per host term (scaled linearly)")
     p.add_argument("--threads", type=int, default=1)
@@ -166,6 +259,8 @@ def main(argv=None) -> int:
         k, v = kv.split("=")
         compute[k] = float(v)
     net = Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9)
+    gpu = Gpu(args.call_ms * 1e-3, args.fixed_ms * 1e-3, True)
+    fixed_sigma, K, B = args.sigma == "fixed", args.checkpoint_every, args.batch
     ranks = [int(r) for r in args.ranks.split(",")]
     popsizes = [int(x) for x in args.popsizes.split(",")]
     wanted = set(args.models.split(","))
@@ -174,37 +269,53 @@ def main(argv=None) -> int:
         if f"{name}/{ds}" not in wanted:
             continue
         D = models.num_params(models.build(name, shape, 10, [0.0] * shape[0], [1.0] * shape[0]))
-        terms = measure_terms(D, pairs=args.pairs)
+        terms = measure_terms(D, pairs=args.pairs, fixed_sigma=fixed_sigma)
         for P in popsizes:
-            c_member = compute[name] / 256   # per member: the 1-GPU time scales with P
-            base = t_gen(1, P, D, c_member, terms, net, args.checkpoint_every)["total"]
+            c_member = compute[name] / 256   # per member over the whole batch: the 1-GPU time scales with P
+            model = functools.partial(lambda n, work, P, D, c, terms, sharded=False, dev=False: t_gen(
+                n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev), P=P, D=D, c=c_member, terms=terms)
+            base = model(1, Work(B, 8, 1))["total"]            # one GPU: default block size, no chunks
+            base_dev = model(1, Work(B, 8, 1), dev=True)["total"]   # the same, for the what-if
+            oe1 = t_openai_es(1, P, D, c_member, terms, net, K)
+            ev1 = t_evotorch(1, P, D, c_member, terms, net, K)
             for n in ranks:
-                tg = t_gen(n, P, D, c_member, terms, net, args.checkpoint_every)
-                oe = t_openai_es(n, P, D, c_member, terms, net, args.checkpoint_every)
-                ev = t_evotorch(n, P, D, c_member, terms, net, args.checkpoint_every)
-                results.append({"model": name, "dataset": ds, "D": D, "P": P, "ranks": n, "terms": tg,
-                                "t_gen": tg["total"], "efficiency": base / (n * tg["total"]),
-                                "openai_es_t": oe, "openai_es_eff": t_openai_es(1, P, D, c_member, terms, net,
-                                                                                args.checkpoint_every) / (n * oe),
-                                "evotorch_t": ev, "evotorch_eff": t_evotorch(1, P, D, c_member, terms, net,
-                                                                             args.checkpoint_every) / (n * ev),
+                work = scale_out_work(n, P, B)
+                tg = model(n, work)
+                whole = model(n, Work(B, 1, 1))                # ranks own whole pairs (batch_chunks = 1)
+                shard = model(n, work, sharded=True)
+                dev = model(n, work, dev=True)
+                results.append({"model": name, "dataset": ds, "D": D, "P": P, "batch": B, "ranks": n,
+                                "block": work.block, "chunks": work.chunks,
+                                "items": -(-P // 2 // work.block) * work.chunks, "terms": tg, "t_gen": tg["total"],
+                                "efficiency": base / (n * tg["total"]),
+                                "efficiency_whole_pairs": base / (n * whole["total"]),
+                                "efficiency_sharded_step": base / (n * shard["total"]),
+                                "efficiency_device_update": base_dev / (n * dev["total"]),
+                                "openai_es_t": t_openai_es(n, P, D, c_member, terms, net, K),
+                                "evotorch_t": t_evotorch(n, P, D, c_member, terms, net, K),
                                 "measured_terms": asdict(terms), "compute_1gpu_P256_s": compute[name]})
-    hdr = (f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'t_gen s':>9} {'E':>6} {'compute':>8} {'noise':>8} "
-           f"{'update':>8} {'gather':>8} {'reduce':>8} {'ckpt/K':>8} {'E OpenAI-ES':>11} {'E EvoTorch':>10}")
-    print(f"network: {args.bandwidth_gbit:g} Gb/s, {args.latency_us:g} us; compute (1 GPU, P=256) = "
-          f"{compute} s [assumed, not measured here]; host terms measured here with {args.threads} thread(s)")
-    print(hdr)
+                results[-1]["openai_es_eff"] = oe1 / (n * results[-1]["openai_es_t"])
+                results[-1]["evotorch_eff"] = ev1 / (n * results[-1]["evotorch_t"])
+    print(f"network: {args.bandwidth_gbit:g} Gb/s, {args.latency_us:g} us; compute (1 GPU, P=256, B={B}) = {compute} s, "
+          f"GPU overhead {args.call_ms:g} ms per bound call + {args.fixed_ms:g} ms per generation [ASSUMED, no GPU "
+          f"here]; host terms measured here with {args.threads} thread(s), {args.sigma} sigma")
+    print(f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'M':>3} {'C':>3} {'items':>5} {'t_gen s':>9} {'E':>5} "
+          f"{'compute':>8} {'noise':>8} {'update':>8} {'gather':>8} {'reduce':>8} {'E C=1':>6} {'E shard':>7} "
+          f"{'E dev':>5} {'E OpenAI-ES':>11} {'E EvoTorch':>10}")
     for r in results:
         t = r["terms"]
-        print(f"{r['model'] + '/' + r['dataset'][:5]:12} {r['D']:9d} {r['P']:5d} {r['ranks']:5d} {r['t_gen']:9.4f} "
-              f"{r['efficiency']:6.2f} {t['compute']:8.4f} {t['noise'] + t['h2d']:8.4f} {t['update']:8.4f} "
-              f"{t['allgather']:8.2e} {t['allreduce']:8.2e} {t['checkpoint']:8.2e} {r['openai_es_eff']:11.2f} "
+        print(f"{r['model'] + '/' + r['dataset'][:5]:12} {r['D']:9d} {r['P']:5d} {r['ranks']:5d} {r['block']:3d} "
+              f"{r['chunks']:3d} {r['items']:5d} {r['t_gen']:9.4f} {r['efficiency']:5.2f} {t['compute']:8.4f} "
+              f"{t['noise'] + t['h2d']:8.4f} {t['update']:8.4f} {t['allgather']:8.2e} {t['allreduce']:8.2e} "
+              f"{r['efficiency_whole_pairs']:6.2f} {r['efficiency_sharded_step']:7.2f} {r['efficiency_device_update']:5.2f} "
+              f"{r['openai_es_eff']:11.2f} "
               f"{r['evotorch_eff']:10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"network": asdict(net), "compute_1gpu_P256_s": compute, "checkpoint_every": args.checkpoint_every,
-            "threads": args.threads, "note": "compute is an assumed parameter (no GPU measured); host terms "
-                                             "measured on this machine"}
+    meta = {"network": asdict(net), "gpu_assumed": asdict(gpu), "compute_1gpu_P256_s": compute, "batch": B,
+            "checkpoint_every": K, "sigma": args.sigma, "threads": args.threads,
+            "note": "compute and GPU overheads are assumed parameters (no GPU measured); host terms measured on "
+                    "this machine; E against 1 GPU with block 8, 1 chunk"}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
@@ -217,20 +328,21 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     keys = sorted({(r["model"], r["dataset"], r["P"]) for r in results})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors
     for i, key in enumerate(keys):
         rows = [r for r in results if (r["model"], r["dataset"], r["P"]) == key]
         n = [r["ranks"] for r in rows]
         label = f"{key[0]}/{key[1]} P={key[2]}"
         line, = axes[0].loglog(n, [r["t_gen"] for r in rows], "o-", label=label, color=colors[i % len(colors)])
         axes[1].semilogx(n, [r["efficiency"] for r in rows], "o-", color=line.get_color(), label=label)
+        axes[1].semilogx(n, [r["efficiency_whole_pairs"] for r in rows], "-.", color=line.get_color())
         axes[1].semilogx(n, [r["openai_es_eff"] for r in rows], ":", color=line.get_color())
-        axes[1].semilogx(n, [r["evotorch_eff"] for r in rows], "--", color=line.get_color())
     n_all = sorted({r["ranks"] for r in results})
     axes[1].semilogx(n_all, [1.0] * len(n_all), "k-", lw=0.8, label="ideal")
-    axes[0].set(xlabel="GPUs (ranks)", ylabel="modelled s / generation", title="t_gen(N)")
+    axes[1].axhline(0.8, color="grey", lw=0.6, ls="--")
+    axes[0].set(xlabel="GPUs (ranks)", ylabel="modelled s / generation", title="t_gen(N), items split over examples")
     axes[1].set(xlabel="GPUs (ranks)", ylabel="parallel efficiency", ylim=(0, 1.05),
-                title="mpigls (solid), OpenAI-ES (dotted), EvoTorch/Ray (dashed)")
+                title="split minibatch (solid), whole pairs (dash-dot), OpenAI-ES (dotted)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
