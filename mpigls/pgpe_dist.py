@@ -7,12 +7,13 @@ number does not depend on the number of ranks; rank r owns a contiguous run of i
 1. draws the noise z_j of its pair blocks once per block (``NoiseSource``: counter-based,
    optionally prepared one block ahead on a background thread while the bounds of the current
    block run), evaluates the population rows [theta + sigma z_j, theta - sigma z_j] on each of its
-   example chunks, and keeps z_j of the blocks whose chunk 0 it owns (up to a memory budget);
+   example chunks, and keeps z_j of the pairs it sums (pair j of a block: the owner of chunk
+   j % chunks, so the ranks sharing a block share its sums; up to a memory budget);
 2. all-gathers the item results (per-member chunk means) and recombines the P losses in a fixed
    order on every rank (``gather_losses``; one chunk: the losses as evaluated), and agrees on
    max |z| (one scalar allreduce, for the shared fixed-point exponent);
 3. sums w_j z_j and v_j (z_j^2 - 1) over the pairs it keeps in fixed point (``pgpe.partial_sums``;
-   each pair exactly once, by the owner of its block's chunk 0) and adds the int64 vectors of all
+   each pair exactly once) and adds the int64 vectors of all
    ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with fixed sigma). Integer addition is
    exact, so every rank gets the same bits whatever the number of ranks, and
    ``pgpe.tell(..., summed=...)`` applies the same update everywhere.
@@ -36,7 +37,7 @@ import torch
 from . import work
 from .optim import pgpe
 
-__all__ = ["KEEP_NOISE_BYTES", "LocalNoise", "NoiseSource", "prefetch_default", "split_of", "evaluate",
+__all__ = ["KEEP_NOISE_BYTES", "LocalNoise", "NoiseSource", "prefetch_default", "split_of", "summed_by", "evaluate",
            "gather_losses", "reduce_sums"]
 
 # Keep the evaluated noise for the update when it fits in this many bytes per rank, else
@@ -111,6 +112,13 @@ def split_of(params: pgpe.PGPEParams, block_size: int, batch_size: int = 1, chun
     return work.WorkSplit(params.popsize // 2, block_size, batch_size, chunks, per_member=2)
 
 
+def summed_by(split: work.WorkSplit, item: int) -> list[int]:
+    """The pairs whose fixed-point sums the evaluator of ``item`` contributes: those of its block with
+    j % chunks == its chunk (all of them with one chunk)."""
+    block, chunk = split.item(item)
+    return [j for j in split.members(block) if j % split.chunks == chunk]
+
+
 def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int], split: work.WorkSplit,
              source: NoiseSource, loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], device: torch.device,
              keep_bytes: int = KEEP_NOISE_BYTES) -> tuple[torch.Tensor, LocalNoise]:
@@ -119,8 +127,8 @@ def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int
 
     ``loss_fn(points (2M, D) on device, examples: slice of the minibatch) -> (2M,)`` mean loss of
     each row over those examples. A pair block's noise is drawn once for the consecutive items of
-    the block, and is kept for the update only by the rank that owns the block's chunk 0 (each pair
-    is summed exactly once). The next block of this rank (or, after the last, its first block of the
+    the block; item (block, c) keeps the noise of the pairs it sums (``summed_by``: each pair
+    exactly once over all items). The next block of this rank (or, after the last, its first block of the
     next generation) is hinted to the noise source, so it is prepared during the bounds/exchange.
     ``items`` is iterated once (a StoppableBlocks ends early on a stop signal: then the result
     covers the items done, and the caller drops the generation after agreeing on the stop).
@@ -130,8 +138,9 @@ def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int
     # early on a stop signal, so it is iterated exactly once, below
     unit_of = [split.item(items[i])[0] for i in range(len(items))]
     units = list(dict.fromkeys(unit_of))                        # this rank's blocks, in order
-    # this rank sums the pairs of the blocks whose chunk 0 it evaluates
-    summed_pairs = sum(len(split.members(u)) for i, u in enumerate(unit_of) if items[i] % split.chunks == 0)
+    # pair j of a block is summed by the rank that evaluates the block's chunk j % chunks (each pair
+    # once; the C ranks sharing a block share its sums)
+    summed_pairs = sum(len(summed_by(split, items[i])) for i in range(len(items)))
     keep = summed_pairs * D * 4 <= keep_bytes
     # centre and sigma go to the device once; the population rows are formed there (only z travels)
     on_device = dataclasses.replace(state, center=state.center.to(device), sigma=state.sigma.to(device))
@@ -154,9 +163,13 @@ def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int
             max_abs = max(max_abs, pgpe.max_abs_noise(z))
             with torch.no_grad():
                 points = pgpe.population(on_device, z.to(device, non_blocking=True))
-        if chunk == 0:
-            kept.append(z if keep else None)
-            done.append(pairs)
+        mine = summed_by(split, item)
+        if mine:
+            if not keep:
+                kept.append(None)
+            else:
+                kept.append(z if len(mine) == len(pairs) else z[[j - pairs[0] for j in mine]])
+            done.append(mine)
         with torch.no_grad():
             r = loss_fn(points, split.examples(chunk))
         out.append(r.detach().to("cpu", torch.float64))

@@ -210,3 +210,13 @@ def test_prefetch_default_follows_env_and_device(monkeypatch):
     assert pgpe_dist.prefetch_default(torch.device("cpu"))
     monkeypatch.setenv("MPIGLS_NOISE_PREFETCH", "0")
     assert not pgpe_dist.prefetch_default(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_every_pair_is_summed_by_exactly_one_item(chunks):
+    params, _ = setup(popsize=26)
+    split = pgpe_dist.split_of(params, 5, 8, chunks)
+    summed = [j for i in range(split.num_items) for j in pgpe_dist.summed_by(split, i)]
+    assert sorted(summed) == list(range(13))
+    # the ranks sharing a block share its sums: no item of a 5-pair block sums more than ceil(5 / chunks)
+    assert max(len(pgpe_dist.summed_by(split, i)) for i in range(split.num_items)) == -(-5 // chunks)

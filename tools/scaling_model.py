@@ -18,8 +18,8 @@ contiguous run of them (dist.block_range), ranks beyond the item count idle. Per
             here. With prefetch (default on GPU) a block's noise is drawn on a host thread while the
             previous bound call runs on the GPU: exposed = max(0, noise - compute).
   h2d       the same pairs * D * 4 B / PCIe (25 GB/s).
-  sums      (pairs of the blocks whose chunk 0 it owns) * D * t_sum: fixed-point partial sums,
-            MEASURED here on the CPU (each pair is summed once, by the owner of its chunk 0).
+  sums      (pairs it sums) * D * t_sum: fixed-point partial sums, MEASURED here on the CPU (each
+            pair once: pair j of a block by the owner of the block's chunk j % C).
   step      D * t_apply: applying the update (shaping, Adam, sigma), MEASURED, replicated on every
             rank. Two what-if columns (not implemented): "E shard", the step sharded (D/N * t_apply + an
             allgather of the float32 centre, sigma and moments, 16 D bytes); "E dev", the sums and the
@@ -170,7 +170,7 @@ def rank_loads(n: int, P: int, work: Work) -> list[dict]:
             size = min(work.block, num_pairs - u * work.block)
             members += 2 * size * (base + (1 if c < extra else 0)) / work.batch
             noise_units.add(u)
-            sum_pairs += size if c == 0 else 0
+            sum_pairs += sum(1 for j in range(u * work.block, u * work.block + size) if j % work.chunks == c)
         noise_pairs = sum(min(work.block, num_pairs - u * work.block) for u in noise_units)
         loads.append({"members": members, "items": len(rng), "noise_pairs": noise_pairs, "sum_pairs": sum_pairs})
     return loads
