@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every scaling measurement of the README's Scaling section, one command (2+ cores, no GPU needed):
-#   bash tools/scaling_here.sh [OUTDIR]        (default bench-out/scaling; ~15 min on 2 quiet cores)
+#   bash tools/scaling_here.sh [OUTDIR]        (default bench-out/scaling; ~20 min on 2 quiet cores)
 # PGPE + IBP on the bundled digits, P=64, batch 16, 1 thread per rank, ranks 1 and 2 (strong: same
 # P, theta must be identical; weak: P = 32 per rank), then the tell benchmark and the model.
 set -euo pipefail
@@ -15,11 +15,22 @@ for m in cnn3 cnn5 cnn7; do
     --set train.batch_size=16 --set optimizer.block_size=8 --label "PGPE+IBP $m digits P=64 B=16" \
     --out "$OUT/strong-weak-$m"
 done
+# one pair block split into 2 example chunks (optimizer.batch_chunks): work for a second rank with 1 block
+for m in cnn5 cnn7; do
+  $PY tools/scaling.py --mode strong --ranks "$RANKS" --generations "${GENERATIONS:-12}" --skip 2 \
+    --set model.name=$m --set bound.method=ibp --set bound.eps_schedule=constant --set optimizer.popsize=64 \
+    --set train.batch_size=16 --set optimizer.block_size=32 --set optimizer.batch_chunks=2 \
+    --label "PGPE+IBP $m digits P=64 B=16 block 32 x 2 chunks" --out "$OUT/strong-chunks-$m"
+done
 $PY tools/bench_pgpe_update.py --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64 --out "$OUT/pgpe_update_cnn5.json"
 $PY tools/bench_noise.py --dims 165850 --block 16 --out "$OUT/noise.json"
 $PY tools/scaling_model.py --out "$OUT/scaling_model"
 # per-rank work of a generation measured in one process (robust to other jobs loading the cores)
 for m in cnn3 cnn5 cnn7; do
-  $PY tools/bench_rank_work.py --model $m --popsize 64 --batch 16 --bound ibp --ranks 1,2 --repeat 5 \
+  $PY tools/bench_rank_work.py --model $m --popsize 64 --batch 16 --bound ibp --ranks 1,2 --repeat 7 \
     --out "$OUT/rank_work_$m.json"
+done
+for m in cnn5 cnn7; do
+  $PY tools/bench_rank_work.py --model $m --popsize 64 --batch 16 --block-size 32 --batch-chunks 2 --bound ibp \
+    --ranks 1,2 --repeat 7 --out "$OUT/rank_work_chunks_$m.json"
 done
