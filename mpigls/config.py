@@ -190,7 +190,9 @@ def stored_config(values: dict) -> dict:
     if name not in registry.OPTIMIZERS:
         return values
     keep = set(optimizer_keys(name))
-    return {**values, "optimizer": {k: v for k, v in opt.items() if k in keep}}
+    # a loop key added later (optimizer.batch_chunks) is absent from older configs: they ran with its default
+    added = {k: v for k, v in to_dict(LoopParams()).items() if k not in opt}
+    return {**values, "optimizer": {**{k: v for k, v in opt.items() if k in keep}, **added}}
 
 
 @dataclass(frozen=True, kw_only=True)
