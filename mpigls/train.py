@@ -241,11 +241,11 @@ def _work(cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts
     method = cfg.bound.method
 
     def loss(points: torch.Tensor, examples: slice = slice(None)) -> torch.Tensor:  # (n, D) on device -> (n,)
-        return losses.certified_loss(model, x[examples], y[examples], eps, method, params=points, **opts)
+        return losses.certified_loss(model, x[examples], y[examples], eps, method, weights=points, **opts)
 
     def grad(points: torch.Tensor, examples: slice) -> tuple[torch.Tensor, torch.Tensor]:
         points = points.detach().clone().requires_grad_(True)
-        value = losses.certified_loss(model, x[examples], y[examples], eps, method, params=points, **opts)
+        value = losses.certified_loss(model, x[examples], y[examples], eps, method, weights=points, **opts)
         (g,) = torch.autograd.grad(value.sum(), points)
         return g, value.detach()
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             pts = pgpe.ask(state, pp, 0, pairs)
             with torch.no_grad():
-                r = losses.certified_loss(model, x, y, eps, "ibp", params=pts)
+                r = losses.certified_loss(model, x, y, eps, "ibp", weights=pts)
             pgpe.tell(state, pp, 0, r.detach().to(torch.float64))
             return time.perf_counter() - t0
         finally:
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
     chunked = ibp.CPU_CHUNK_BYTES
     unchunked = 1 << 62
     with torch.no_grad():  # the two paths give the same bounds (float rounding)
-        ref = losses.certified_loss(model, x, y, eps, "ibp", params=pgpe.ask(state, pp, 0, pairs))
+        ref = losses.certified_loss(model, x, y, eps, "ibp", weights=pgpe.ask(state, pp, 0, pairs))
         ibp.CPU_CHUNK_BYTES = unchunked
-        old = losses.certified_loss(model, x, y, eps, "ibp", params=pgpe.ask(state, pp, 0, pairs))
+        old = losses.certified_loss(model, x, y, eps, "ibp", weights=pgpe.ask(state, pp, 0, pairs))
         ibp.CPU_CHUNK_BYTES = chunked
     ours(chunked), ours(unchunked)  # warm-up
     rows: dict[str, list[float]] = {"evotorch": [], "unchunked": [], "chunked": []}

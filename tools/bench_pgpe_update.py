@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     if args.overlap_batch:
         x = torch.rand((args.overlap_batch, *shape))
         y = torch.randint(0, 10, (args.overlap_batch,))
-        loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], 0.01, "ibp", params=pts)  # noqa: E731
+        loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], 0.01, "ibp", weights=pts)  # noqa: E731
         blocks = dist.my_blocks(num_blocks, 0, 1)
         split = pgpe_dist.split_of(params, bs, args.overlap_batch)
         overlap = {}

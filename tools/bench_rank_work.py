@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     params = pgpe.PGPEParams(popsize=args.popsize, sigma_init=0.02)
     state = pgpe.init(params, theta)
     x, y = ds.train_x[:args.batch], ds.train_y[:args.batch]
-    loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], args.eps, args.bound, params=pts)  # noqa: E731
+    loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], args.eps, args.bound, weights=pts)  # noqa: E731
     split = pgpe_dist.split_of(params, args.block_size, args.batch, args.batch_chunks)
     num_items = split.num_items
     comm = dist.SerialComm()
