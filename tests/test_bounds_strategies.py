@@ -105,3 +105,24 @@ def test_strategy_option_validation():
         margin_lower_bounds(model, x, y, 0.1, "deeppoly", rows="diagonal")
     with pytest.raises(ValueError, match="population"):
         margin_lower_bounds(model, x, y, 0.1, "ibp", population="sometimes")
+
+
+@pytest.mark.parametrize("name,shape", [("cnn5", (2, 16, 16)), ("cnn3", (3, 10, 10)), ("mlp-tiny", (3, 4, 4))])
+def test_dense_rows_channels_last_match_padded(name, shape):
+    """Dense rows run in HWC order (rows.py): a Linear layer after a conv map with H, W > 1, a
+    multi-channel input and a Linear first layer agree with the padded engine (float64), for the
+    intermediate rows (packed, groups) and the final margin bound (member loop, no grad)."""
+    torch.manual_seed(5)
+    model = models.build(name, shape, 5, mean=[0.3] * shape[0], std=[0.4] * shape[0]).double()
+    x, y = torch.rand(3, *shape, dtype=torch.float64), torch.randint(0, 5, (3,))
+    theta = models.flat_params(model).detach()
+    params = theta + 0.05 * torch.randn(2, theta.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        base = margin_lower_bounds(model, x, y, 0.05, "deeppoly", params, rows="padded", conv_mode="dense")
+        for rows in ("packed", "groups"):
+            got = margin_lower_bounds(model, x, y, 0.05, "deeppoly", params, rows=rows, conv_mode="dense")
+            assert torch.allclose(got, base, rtol=1e-9, atol=1e-9), (rows, (got - base).abs().max())
+    with torch.enable_grad():  # the grad path keeps the grouped engine for the final bound
+        p = params.clone().requires_grad_(True)
+        grad_lb = margin_lower_bounds(model, x, y, 0.05, "deeppoly", p, rows="padded", conv_mode="dense")
+    assert torch.allclose(grad_lb.detach(), base, rtol=1e-9, atol=1e-9)

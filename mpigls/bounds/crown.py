@@ -176,6 +176,12 @@ def final_bound(prob: Problem, relax: list[Relax]) -> torch.Tensor:
     k = len(net.layers) - 1
     w_c, b_c = margin_spec(net, prob.y)
     shape = net.layers[k].in_shape
+    grad = torch.is_grad_enabled() and (any(t.requires_grad for layer in net.layers for t in (layer.weight, layer.bias))
+                                        or any(t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift)))
+    if prob.lo.device.type == "cpu" and not grad and k > 0:
+        # CPU, no autograd: members one by one, channels-last, cache-sized example chunks
+        # (grouped convolutions over members are slower than a loop of plain ones on CPU)
+        return packed_rows.bound_spec(net, k, relax, prob.lo, prob.hi, w_c, b_c, prob.memory_budget_mb)
 
     def make_rows(sub, p0, p1, b0, b1, r0, r1):
         a = w_c[p0:p1, b0:b1, r0:r1]

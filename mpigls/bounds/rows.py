@@ -35,7 +35,7 @@ from ..population import Stack
 from . import patches
 from .common import Relax
 
-__all__ = ["bound_rows", "PATCH_MATRIX_MAX"]
+__all__ = ["bound_rows", "bound_groups", "bound_spec", "PATCH_MATRIX_MAX", "CPU_CHUNK_BYTES"]
 
 # A patch-to-patch map with at most this many entries is applied as one dense matrix per member
 # (a matmul); larger ones as a transposed convolution. Measured on CPU (tools/bench_generation.py):
@@ -44,14 +44,31 @@ PATCH_MATRIX_MAX = 2**17
 # Live row-sized float tensors of a row chunk (a, its negative part, three gathered relaxation
 # rows, the next level's rows and a temporary), for the memory budget.
 _ROW_WORK = 8
+# On CPU a row chunk's widest row tensor is capped at this many bytes so that the elementwise
+# passes of a chunk run in cache (the tensors of a budget-sized chunk are memory-bound). Measured
+# on CNN3 MNIST, P=16, B=128 (1 thread): intermediate bounds 3.1-4.0 s at budget-sized chunks
+# (~30 MB), 2.2-2.4 s at 0.4-4 MB; see README "Bounds: speed and strategies".
+CPU_CHUNK_BYTES = 2**21
+
+
+def _conv_transpose(x: torch.Tensor, weight: torch.Tensor, stride, padding=(0, 0), out_pad=(0, 0)) -> torch.Tensor:
+    """conv_transpose2d(x, weight) without bias, on the fastest CPU kernel for its shape.
+
+    Onto a single channel (the MNIST input) ATen's native im2col kernel is 2-3x faster than
+    oneDNN on CPU (CNN5 MNIST: (1024, 16, 14, 14) -> (1024, 1, 28, 28) 54-60 ms vs 118 ms, 1 thread,
+    same results to float rounding); everything else runs in oneDNN, channels-last."""
+    if x.device.type == "cpu" and weight.shape[1] == 1:
+        return torch.ops.aten.slow_conv_transpose2d(x, weight, tuple(weight.shape[-2:]), None, tuple(stride),
+                                                    tuple(padding), tuple(out_pad), (1, 1))
+    return F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), weight, None, stride, padding,
+                              out_pad)
 
 
 def _transfer_patch(a: torch.Tensor, weight: torch.Tensor, stride, mat: torch.Tensor | None) -> torch.Tensor:
     """One member's patches (r, O, K, K) through its conv layer (weight (O, C, k, k)) -> (r, C*K'*K')."""
     if mat is not None:
         return a.reshape(a.shape[0], -1) @ mat
-    out = F.conv_transpose2d(a.contiguous(memory_format=torch.channels_last), weight, None, stride)
-    return out.reshape(a.shape[0], -1)
+    return _conv_transpose(a, weight, stride).reshape(a.shape[0], -1)
 
 
 def _patch_matrix(weight: torch.Tensor, k_in: tuple[int, int], stride) -> torch.Tensor:
@@ -62,10 +79,64 @@ def _patch_matrix(weight: torch.Tensor, k_in: tuple[int, int], stride) -> torch.
     return F.conv_transpose2d(eye, weight, None, stride).reshape(n_in, -1)
 
 
-def _dense_adjoint(layer, m: int, a: torch.Tensor) -> torch.Tensor:
-    """Rows (r, *out_shape) of member m through the layer's adjoint -> (r, N_in)."""
-    sub = layer.members(m, m + 1)
-    return sub.adjoint(a.reshape(1, a.shape[0], *layer.out_shape))[0].reshape(a.shape[0], -1)
+def _hwc(t: torch.Tensor, shape) -> torch.Tensor:
+    """Rows (..., prod(shape)) of a (C, H, W) map in CHW order -> HWC (channels-last) order.
+
+    Dense-mode rows live in HWC order: a transposed convolution then reads and writes them as
+    channels-last images without layout copies. Flat (Linear) shapes are returned unchanged."""
+    if len(shape) != 3:
+        return t
+    lead = t.shape[:-1]
+    return t.reshape(*lead, *shape).movedim(-3, -1).reshape(*lead, -1)
+
+
+def _hwc_map(t: torch.Tensor) -> torch.Tensor:
+    """Maps (..., C, H, W) -> (..., H*W*C); anything else (..., N) unchanged."""
+    return t if t.ndim < 5 else t.movedim(-3, -1).reshape(*t.shape[:-3], -1)
+
+
+def _in_map(net: Stack, i: int) -> tuple[int, ...]:
+    """Shape of the map entering layer i: a Linear layer's flat input is the previous conv's map."""
+    return net.layers[i - 1].out_shape if i > 0 else net.layers[0].in_shape
+
+
+def _dense_adjoint(layer, m: int, a: torch.Tensor, in_map: tuple[int, ...]) -> torch.Tensor:
+    """Rows (r, out) of member m through the layer's adjoint -> (r, N_in), both in HWC order
+    (``in_map``: the map entering the layer, see ``_in_map``)."""
+    r = a.shape[0]
+    if not layer.is_conv:
+        return _hwc(a @ layer.weight[m], in_map)
+    c, h, w = layer.out_shape
+    weight = layer.weight[m]
+    kh, kw = weight.shape[-2:]
+    h_in, w_in = layer.in_shape[-2:]
+    out_pad = (h_in - ((h - 1) * layer.stride[0] - 2 * layer.padding[0] + kh),
+               w_in - ((w - 1) * layer.stride[1] - 2 * layer.padding[1] + kw))
+    out = _conv_transpose(a.reshape(r, h, w, c).permute(0, 3, 1, 2), weight, layer.stride, layer.padding, out_pad)
+    return out.permute(0, 2, 3, 1).reshape(r, -1)
+
+
+def _per_chan(a: torch.Tensor, c_in: int, hwc: bool) -> torch.Tensor:
+    """Sum of rows (..., E) over each channel's positions (patch windows CHW, dense maps HWC)."""
+    if hwc:
+        return a.reshape(*a.shape[:-1], -1, c_in).sum(-2)
+    return a.reshape(*a.shape[:-1], c_in, -1).sum(-1)
+
+
+def _input_box(net: Stack, lo: torch.Tensor, hi: torch.Tensor, use_patches: bool):
+    """Centre and radius of the input box: maps (patch mode), or flat (P|1, B, E) in the order of
+    the dense rows reaching the input (HWC through a conv layer 0, CHW through a Linear one)."""
+    mid, rad = (hi + lo) / 2, (hi - lo) / 2
+    if use_patches:
+        return mid, rad
+    return tuple(_hwc(t.reshape(*t.shape[:2], -1), _in_map(net, 0)) for t in (mid, rad))
+
+
+def _cpu_cap(device: torch.device, row_floats: int) -> int:
+    """Most rows of ``row_floats`` floats per chunk on CPU (cache-sized); no cap elsewhere."""
+    if device.type != "cpu":
+        return 2**62
+    return max(1, CPU_CHUNK_BYTES // (4 * max(1, row_floats)))
 
 
 def _segments(member: torch.Tensor, p0: int, p1: int) -> list[tuple[int, int, int]]:
@@ -119,8 +190,8 @@ def _window_table(t: torch.Tensor, plan: _Plan, j: int) -> torch.Tensor:
     """(p, b, *shape) -> (p*b*L, E): the window of every location (patch mode) or the whole map."""
     if plan.geos:
         w = patches._windows(t, plan.geos[j], plan.out_hw)
-    else:
-        w = t.reshape(t.shape[0], t.shape[1], 1, -1)
+    else:  # dense mode: whole maps in HWC order (see ``_hwc``)
+        w = _hwc_map(t).reshape(t.shape[0], t.shape[1], 1, -1)
     return w.reshape(-1, w.shape[-1])
 
 
@@ -145,9 +216,9 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
         chan, loc = neuron // num_l, neuron % num_l
     else:
         chan, loc = neuron, torch.zeros_like(neuron)
-    rc = max(1, int(budget / 2 // (_ROW_WORK * e_max)))
+    rc = max(1, min(int(budget / 2 // (_ROW_WORK * e_max)), _cpu_cap(device, e_max)))
     grad = _needs_grad(net, k, relax)
-    in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
+    in_mid, in_rad = _input_box(net, lo, hi, use_patches)
     shared_input = lo.shape[0] == 1
 
     def windows(t: torch.Tensor, j: int) -> torch.Tensor:
@@ -181,6 +252,8 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
             w0 = lay.weight[p0:p1]
             if use_patches or not lay.is_conv:
                 wtab = w0.reshape((p1 - p0) * w0.shape[1], -1)
+                if not use_patches:
+                    wtab = _hwc(wtab, _in_map(net, k))
                 a = wtab.index_select(0, (mem - p0) * w0.shape[1] + ch) * sg[:, None]
                 const = lay.bias[p0:p1].reshape(-1).index_select(0, (mem - p0) * w0.shape[1] + ch) * sg
             else:  # dense rows of a conv layer: adjoint of signed one-hot rows
@@ -188,7 +261,7 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                 for m, a0, a1 in segs:
                     hot = torch.zeros(a1 - a0, math.prod(lay.out_shape), dtype=dtype, device=device)
                     hot.scatter_(1, ch[a0:a1, None], sg[a0:a1, None])
-                    parts.append(_dense_adjoint(lay, m, hot))
+                    parts.append(_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k)))
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
                 const = lay.bias[p0:p1].reshape(-1).index_select(
                     0, (mem - p0) * lay.out_shape[0] + ch // (math.prod(lay.out_shape[1:]))) * sg
@@ -199,7 +272,7 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                 a = torch.addcmul(a * al_t.index_select(0, group), neg, d_t.index_select(0, group))
                 layer = net.layers[i]
                 c_in = layer.out_shape[0]
-                per_chan = a.reshape(a.shape[0], c_in, -1).sum(-1)
+                per_chan = _per_chan(a, c_in, not use_patches)
                 bias = layer.bias[p0:p1].index_select(0, mem - p0)
                 const = const + (per_chan * bias).sum(-1)
                 parts = []
@@ -210,7 +283,7 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                         parts.append(_transfer_patch(rows.reshape(-1, c_in, geos[j][0], geos[j][1]),
                                                      layer.weight[m], layer.stride, mat))
                     else:
-                        parts.append(_dense_adjoint(layer, m, rows))
+                        parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
             gin = group if not shared_input else ex * num_l + lc
             mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
@@ -246,9 +319,9 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
     plan = _plan(net, k, use_patches, batch, budget_mb)
     levels, num_l, geos, sizes, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.sizes,
                                                             plan.mats, plan.e_max, plan.budget, plan.pc)
-    gc = max(1, int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)))
+    gc = max(1, min(int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)), _cpu_cap(device, e_max * 2 * num_n)))
     grad = _needs_grad(net, k, relax)
-    in_mid, in_rad = (hi + lo) / 2, (hi - lo) / 2
+    in_mid, in_rad = _input_box(net, lo, hi, use_patches)
     shared_input = lo.shape[0] == 1
     member_of = groups // (batch * num_l)
 
@@ -273,9 +346,12 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
         # signed first rows (p, 2N, E0) and their negative parts
         if use_patches or not lay.is_conv:
             w0 = lay.weight[p0:p1].reshape(p1 - p0, num_n, -1)
+            if not use_patches:
+                w0 = _hwc(w0, _in_map(net, k))
         else:
             hot = torch.eye(num_n, dtype=dtype, device=device)
-            w0 = torch.stack([_dense_adjoint(lay, m, hot) for m in range(p0, p1)])
+            w0 = torch.stack([_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k))
+                              for m in range(p0, p1)])
         b0 = lay.bias[p0:p1].reshape(p1 - p0, -1)
         if not use_patches and lay.is_conv:
             b0 = b0.repeat_interleave(math.prod(lay.out_shape[1:]), dim=1)
@@ -316,7 +392,7 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                 layer = net.layers[i]
                 c_in = layer.out_shape[0]
                 ng, nr = a.shape[:2]
-                per_chan = a.reshape(ng, nr, c_in, -1).sum(-1)
+                per_chan = _per_chan(a, c_in, not use_patches)
                 parts, bias = [], []
                 if not grad and j in pmats and len(segs) > 1:  # matrices: write in place (no cat)
                     nxt = torch.empty(ng, nr, sizes[j + 1], dtype=dtype, device=device)
@@ -336,7 +412,7 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                         parts.append(_transfer_patch(rows.reshape(-1, c_in, geos[j][0], geos[j][1]),
                                                      layer.weight[m], layer.stride, mat))
                     else:
-                        parts.append(_dense_adjoint(layer, m, rows))
+                        parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
                 const = const + (torch.cat(bias) if len(bias) > 1 else bias[0])
                 a = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(ng, nr, -1)
             mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
@@ -351,3 +427,38 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
             else:
                 out.append(chunk(s0, s1))
     return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def bound_spec(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor,
+               a: torch.Tensor, const: torch.Tensor, budget_mb: float) -> torch.Tensor:
+    """Lower bounds (P, B, S) of A . h + c, h the input of affine layer k: A (P, B, S, *in_shape), c (P, B, S).
+
+    Dense rows (e.g. the merged margin specification) member by member, in HWC order through each
+    member's own transposed convolutions (no groups=P convolutions), examples in cache-sized
+    chunks on CPU. Same arithmetic as ``common.backsubstitute``; relaxations may carry a row axis.
+    """
+    num_p, batch, num_s = a.shape[:3]
+    dtype, device = lo.dtype, lo.device
+    sizes = [math.prod(net.layers[i].in_shape) for i in range(k, -1, -1)]
+    fit = int(budget_mb * 2**20 / 4 / 2 // (_ROW_WORK * max(sizes) * num_s))
+    bc = max(1, min(batch, fit, _cpu_cap(device, max(sizes) * num_s)))
+    in_mid, in_rad = _input_box(net, lo, hi, False)  # (P|1, B, E)
+    out = torch.empty(num_p, batch, num_s, dtype=dtype, device=device)
+    for m in range(num_p):
+        mi = m if in_mid.shape[0] > 1 else 0
+        for b0 in range(0, batch, bc):
+            b1 = min(batch, b0 + bc)
+            rows = _hwc(a[m, b0:b1].reshape(b1 - b0, num_s, -1), _in_map(net, k))
+            c = const[m, b0:b1]
+            for i in range(k - 1, -1, -1):
+                rel, layer = relax[i], net.layers[i]
+                al, sl, sh = (_hwc_map(t[m, b0:b1]) for t in (rel.alpha, rel.slope, rel.shift))
+                neg = rows.clamp(max=0)
+                c = c + torch.matmul(neg, sh.transpose(1, 2)).squeeze(-1)
+                rows = torch.addcmul(rows * al, neg, sl - al)
+                c = c + _per_chan(rows, layer.out_shape[0], True) @ layer.bias[m]
+                rows = _dense_adjoint(layer, m, rows.reshape((b1 - b0) * num_s, -1), _in_map(net, i))
+                rows = rows.view(b1 - b0, num_s, -1)
+            mid, rad = in_mid[mi, b0:b1].unsqueeze(-1), in_rad[mi, b0:b1].unsqueeze(-1)
+            out[m, b0:b1] = c + torch.matmul(rows, mid).squeeze(-1) - torch.matmul(rows.abs(), rad).squeeze(-1)
+    return out
