@@ -107,14 +107,15 @@ def test_strategy_option_validation():
         margin_lower_bounds(model, x, y, 0.1, "ibp", population="sometimes")
 
 
-@pytest.mark.parametrize("name,shape", [("cnn5", (2, 16, 16)), ("cnn3", (3, 10, 10)), ("mlp-tiny", (3, 4, 4))])
+@pytest.mark.parametrize("name,shape", [pytest.param("cnn5", (2, 16, 16), marks=pytest.mark.slow),
+                                        ("cnn3", (3, 10, 10)), ("mlp-tiny", (3, 4, 4))])
 def test_dense_rows_channels_last_match_padded(name, shape):
     """Dense rows run in HWC order (rows.py): a Linear layer after a conv map with H, W > 1, a
     multi-channel input and a Linear first layer agree with the padded engine (float64), for the
     intermediate rows (packed, groups) and the final margin bound (member loop, no grad)."""
     torch.manual_seed(5)
     model = models.build(name, shape, 5, mean=[0.3] * shape[0], std=[0.4] * shape[0]).double()
-    x, y = torch.rand(3, *shape, dtype=torch.float64), torch.randint(0, 5, (3,))
+    x, y = torch.rand(2, *shape, dtype=torch.float64), torch.randint(0, 5, (2,))
     theta = models.flat_params(model).detach()
     params = theta + 0.05 * torch.randn(2, theta.numel(), dtype=torch.float64)
     with torch.no_grad():
@@ -122,7 +123,33 @@ def test_dense_rows_channels_last_match_padded(name, shape):
         for rows in ("packed", "groups"):
             got = margin_lower_bounds(model, x, y, 0.05, "deeppoly", params, rows=rows, conv_mode="dense")
             assert torch.allclose(got, base, rtol=1e-9, atol=1e-9), (rows, (got - base).abs().max())
-    with torch.enable_grad():  # the grad path keeps the grouped engine for the final bound
-        p = params.clone().requires_grad_(True)
-        grad_lb = margin_lower_bounds(model, x, y, 0.05, "deeppoly", p, rows="padded", conv_mode="dense")
-    assert torch.allclose(grad_lb.detach(), base, rtol=1e-9, atol=1e-9)
+    if name != "cnn5":  # the grad path keeps the grouped engine for the final bound
+        with torch.enable_grad():
+            p = params.clone().requires_grad_(True)
+            grad_lb = margin_lower_bounds(model, x, y, 0.05, "deeppoly", p, rows="padded", conv_mode="dense")
+        assert torch.allclose(grad_lb.detach(), base, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_cpu_chunks_and_native_transposed_conv_do_not_change_bounds(monkeypatch):
+    """Cache-sized CPU row chunks (rows.CPU_CHUNK_BYTES) and the single-channel transposed
+    convolution on ATen's native kernel change rounding only: tiny chunks, unpadded patch
+    matrices and the budget-sized chunks of before agree to float32 rounding, and the native
+    kernel equals conv_transpose2d."""
+    from mpigls.bounds import rows as rows_mod
+    torch.manual_seed(2)
+    a = torch.randn(5, 4, 6, 6)
+    w = torch.randn(4, 1, 5, 5)
+    assert torch.allclose(rows_mod._conv_transpose(a, w, (2, 2), (2, 2), (1, 1)),
+                          torch.nn.functional.conv_transpose2d(a, w, None, 2, 2, 1), atol=1e-5)
+    model, x, y = make("cnn5", (1, 16, 16), 4, batch=2)
+    theta = models.flat_params(model).detach()
+    params = theta + 0.05 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = margin_lower_bounds(model, x, y, 0.05, "deeppoly", params)
+        for cap, pad in ((2**14, 1), (2**40, 16)):
+            monkeypatch.setattr(rows_mod, "CPU_CHUNK_BYTES", cap)
+            monkeypatch.setattr(rows_mod, "PAD_COLS", pad)
+            for rows in ("packed", "groups"):
+                got = margin_lower_bounds(model, x, y, 0.05, "deeppoly", params, rows=rows)
+                assert torch.allclose(got, base, atol=2e-5, rtol=2e-5), (cap, rows, (got - base).abs().max())
