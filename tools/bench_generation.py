@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mpigls import data as mdata
-from mpigls import losses, models
+from mpigls import data as mdata, losses, models
 from mpigls.bounds import margin_lower_bounds
 from mpigls.optim import pgpe
 
@@ -123,7 +122,7 @@ def make_case(args, device, model_name, data):
     return model, x, y, eps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ibp_trained(model_name: str, data: str, steps: int, batch: int, device: str) -> torch.Tensor:
     """Flat parameters of the network certifiably trained here: GRAD + IBP loss (Adam, eps ramped
     over the first half) on synthetic data of the dataset's shape (class prototypes + noise), a

@@ -15,7 +15,15 @@ row copies (``index_select``) from tables built once per layer and member chunk:
   convolution (stride s, no padding; the geometry carries offsets), applied per member to its
   contiguous rows either as a small dense matrix (precomputed once per member) or as a plain
   ``conv_transpose2d`` (no groups=P convolutions).
-- dense mode (any layer): rows are full feature maps and go through each member's adjoint.
+- dense mode (any layer): rows are full feature maps in channels-last (HWC) order and go
+  through each member's own transposed convolution, read and written as channels-last images
+  (no layout copies); a transposed convolution onto one channel (the MNIST input) runs on ATen's
+  native kernel, 2-3x faster there than oneDNN on CPU (``_conv_transpose``).
+- ``bound_spec``: the final margin rows (``crown.final_bound`` on CPU without autograd), dense,
+  member by member, examples in cache-sized chunks (no groups=P convolutions).
+
+On CPU a chunk's widest row tensor is capped at ``CPU_CHUNK_BYTES`` so its elementwise passes run
+in cache.
 
 Arithmetic per row is that of the padded engine (same relaxation, same order of layers), so
 the results agree to float rounding; rows are independent, so chunking only changes rounding.
@@ -50,8 +58,9 @@ _ROW_WORK = 8
 # (~30 MB), 2.2-2.4 s at 0.4-4 MB; see README "Bounds: speed and strategies".
 CPU_CHUNK_BYTES = 2**21
 # The patch matrix onto the input gets zero columns up to a multiple of this (the input windows
-# zeros too, so results are unchanged): sgemm with 128 output columns runs ~1.5x faster than with
-# CNN3's 121 on this CPU (1 thread: 51 vs 34 GFLOP/s for (100000 x 128) @ (128 x N)).
+# zeros too, so results are unchanged): alone, sgemm with 128 output columns ran ~1.5x faster than
+# with CNN3's 121 (1 thread: 51 vs 34 GFLOP/s for (100000 x 128) @ (128 x N)); in the whole CNN3
+# P=16 B=128 intermediate bounds the difference was within noise (2.9-3.2 s CPU either way).
 PAD_COLS = 16
 
 
@@ -325,8 +334,8 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
     if num_g == 0:
         return torch.zeros(0, 2 * num_n, dtype=dtype, device=device)
     plan = _plan(net, k, use_patches, batch, budget_mb)
-    levels, num_l, geos, sizes, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.sizes,
-                                                            plan.mats, plan.e_max, plan.budget, plan.pc)
+    levels, num_l, geos, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.mats,
+                                                    plan.e_max, plan.budget, plan.pc)
     gc = max(1, min(int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)), _cpu_cap(device, e_max * 2 * num_n)))
     grad = _needs_grad(net, k, relax)
     in_mid, in_rad = _input_box(net, lo, hi, use_patches)
