@@ -17,7 +17,9 @@ centre plus sigma-noise, as train.py evaluates them) on one batch of B examples 
 ``--unstable fresh|trained`` bounds a freshly initialised network, or one with few unstable
 neurons ("trained": the same network with its biases shifted up by ``--shift`` so most ReLUs are
 stably active at the given eps; a synthetic stand-in for a certifiably trained checkpoint, or
-``--checkpoint path.pt`` to load a real one).
+``--checkpoint path.pt`` to load a real one; "ibp-trained": certifiably trained here, GRAD + IBP
+on synthetic MNIST-shaped data for ``--train-steps``, and bounded on that data). ``--clock cpu``
+times CPU seconds of the process (fair on a shared machine, 1 thread); ``--repeats`` takes medians.
 
 Short CPU default (a minute or two); the GPU case of the issue is one command:
 
