@@ -5,7 +5,7 @@ centre plus sigma-noise, as train.py evaluates them) on one batch of B examples 
 
 - ``bound_s``: margin_lower_bounds for all P members (torch.no_grad, the strategy picked by
   ``population`` / ``rows``, default auto), and member·examples per second;
-- ``step_s``: the full PGPE generation as ``train._eval_pgpe`` + ``pgpe.tell`` do it (ask the
+- ``step_s``: the full PGPE generation as the training loop does it (``pgpe.ask`` the
   antithetic points, certified loss per member, update);
 - ``peak_mb``: CUDA max allocated, or on CPU the growth of the peak resident set over the state
   before the call (reset through /proc/self/clear_refs);
@@ -173,7 +173,7 @@ def measure(args, device, model_name, data, method, popsize) -> dict:
     def step():
         pts = pgpe.ask(state, pp, 0, list(range(popsize // 2))).to(device)
         with torch.no_grad():
-            r = losses.certified_loss(model, x, y, eps, method, params=pts, **opts)
+            r = losses.certified_loss(model, x, y, eps, method, weights=pts, **opts)
         return pgpe.tell(state, pp, 0, r.detach().to("cpu", torch.float64))
 
     with torch.no_grad():  # warm-up: kernels, code pages
