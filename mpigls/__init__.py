@@ -6,14 +6,35 @@ Public modules (import them directly, e.g. ``from mpigls import bounds``):
 ``dist`` (the only mpi4py user), ``checkpoint`` (the only h5py user), ``train``, ``certify``, ``cli``.
 We minimise loss everywhere.
 """
+
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["attacks", "bounds", "certify", "checkpoint", "cli", "config", "data", "dist", "landscape",
-           "losses", "models", "noise", "optim", "population", "precision", "train",
-           "analysis", "analysis_report", "analysis_tightness", "monitor", "plotting"]
+__all__ = [
+    "attacks",
+    "bounds",
+    "certify",
+    "checkpoint",
+    "cli",
+    "config",
+    "data",
+    "dist",
+    "landscape",
+    "losses",
+    "models",
+    "noise",
+    "optim",
+    "population",
+    "precision",
+    "train",
+    "analysis",
+    "analysis_report",
+    "analysis_tightness",
+    "monitor",
+    "plotting",
+]
 
 
 def __getattr__(name: str):

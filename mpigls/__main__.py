@@ -1,4 +1,5 @@
 """``python -m mpigls`` is the ``mpigls`` command."""
+
 import sys
 
 from .cli import main

@@ -22,6 +22,7 @@ Example::
     print(run.config["optimizer"]["name"], run.generations[-1], run.final("val/certified/deeppoly"))
     run.df.plot(x="generation", y=["loss/mean", "val/natural"])   # with pandas installed
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,14 +47,14 @@ CERT_FILE_GLOBS = ("*.json", "*/*.json")
 
 @dataclass(frozen=True)
 class Run:
-    path: Path                                   # what was given: a run directory or a checkpoint file
-    label: str                                   # short name for legends and tables
-    config: dict                                 # the fully resolved config of the run
-    metrics: dict[str, np.ndarray]               # key -> (n,) float64, aligned with metrics["generation"]
-    checkpoints: list[tuple[int, Path]]          # (generation, path), oldest first
-    certification: list[dict]                    # normalised stored results (normalise_result), oldest first
-    checkpoint_path: Path | None = None          # the checkpoint the run was read from (None: log only)
-    df: Any = field(default=None, repr=False)    # pandas.DataFrame of metrics when pandas is installed
+    path: Path  # what was given: a run directory or a checkpoint file
+    label: str  # short name for legends and tables
+    config: dict  # the fully resolved config of the run
+    metrics: dict[str, np.ndarray]  # key -> (n,) float64, aligned with metrics["generation"]
+    checkpoints: list[tuple[int, Path]]  # (generation, path), oldest first
+    certification: list[dict]  # normalised stored results (normalise_result), oldest first
+    checkpoint_path: Path | None = None  # the checkpoint the run was read from (None: log only)
+    df: Any = field(default=None, repr=False)  # pandas.DataFrame of metrics when pandas is installed
 
     @property
     def directory(self) -> Path:
@@ -79,14 +80,23 @@ class Run:
     def best_certification(self, eps: float | None = None) -> dict | None:
         """The stored result for the newest generation (at radius ``eps`` when given; the richest
         and newest file among equals), or None."""
-        cands = [r for r in self.certification if eps is None or r.get("eps") is None
-                 or math.isclose(r["eps"], eps, rel_tol=1e-9, abs_tol=1e-12)]
+        cands = [
+            r
+            for r in self.certification
+            if eps is None or r.get("eps") is None or math.isclose(r["eps"], eps, rel_tol=1e-9, abs_tol=1e-12)
+        ]
         if not cands:
             return None
+
         def rank(r: dict) -> tuple:
             gen = r.get("generation")
-            return (gen if isinstance(gen, int) else -1, r.get("verified") is not None,
-                    r.get("certified") is not None, r.get("mtime", 0.0))
+            return (
+                gen if isinstance(gen, int) else -1,
+                r.get("verified") is not None,
+                r.get("certified") is not None,
+                r.get("mtime", 0.0),
+            )
+
         return max(cands, key=rank)
 
 
@@ -117,9 +127,12 @@ def normalise_result(obj: Any, source: str | os.PathLike = "") -> dict | None:
     natural = _fraction(base.get("natural"))
     if natural is None:
         return None
-    out: dict[str, Any] = {"natural": natural,
-                           "adversarial": _fraction(base.get("adversarial", base.get("pgd"))),
-                           "certified": None, "verified": _fraction(base.get("verified"))}
+    out: dict[str, Any] = {
+        "natural": natural,
+        "adversarial": _fraction(base.get("adversarial", base.get("pgd"))),
+        "certified": None,
+        "verified": _fraction(base.get("verified")),
+    }
     for key, value in base.items():
         if key.startswith("certified/") and _fraction(value) is not None:
             out[key] = _fraction(value)
@@ -145,8 +158,12 @@ def read_certifications(directory: str | os.PathLike) -> list[dict]:
     seen = set()
     for pattern in CERT_FILE_GLOBS:
         for path in sorted(d.glob(pattern)):
-            if (path in seen or path.name.startswith(".tmp-") or not path.is_file()
-                    or path.parent.name.startswith(ASIDE_PREFIX)):  # an earlier run's files (train --restart)
+            if (
+                path in seen
+                or path.name.startswith(".tmp-")
+                or not path.is_file()
+                or path.parent.name.startswith(ASIDE_PREFIX)
+            ):  # an earlier run's files (train --restart)
                 continue
             seen.add(path)
             try:
@@ -179,7 +196,7 @@ def _checkpoint_rows(ckpt: checkpoint.Checkpoint) -> dict[int, dict]:
         return {}
     rows: dict[int, dict] = {int(g): {} for g in gens}
     for key, values in ckpt.metrics.items():
-        for i, v in enumerate(values[:len(gens)]):  # shorter series stopped being recorded
+        for i, v in enumerate(values[: len(gens)]):  # shorter series stopped being recorded
             rows[int(gens[i])][key] = float(v)
     return rows
 
@@ -201,14 +218,15 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
     ckpt: checkpoint.Checkpoint | None
     config: dict | None
     if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory (the --out of "
-                                "`mpigls train`) or a checkpoint file such as DIR/latest.h5")
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; pass a run directory (the --out of "
+            "`mpigls train`) or a checkpoint file such as DIR/latest.h5"
+        )
     if path.is_file():
         ckpt = checkpoint.load(path)
         rows, ckpt_path, directory = _checkpoint_rows(ckpt), path, path.parent
         config = ckpt.config
-        certs = [r for r in read_certifications(directory)
-                 if r.get("generation") in (None, ckpt.generation)]
+        certs = [r for r in read_certifications(directory) if r.get("generation") in (None, ckpt.generation)]
         default_label = f"{path.parent.name}/{path.name}"
     else:
         directory = path
@@ -225,14 +243,23 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
             if config is None and headers:
                 config = headers[-1].get("config")
         if config is None:
-            raise FileNotFoundError(f"{str(path)!r} holds neither a loadable checkpoint nor {METRICS_FILE}; "
-                                    "pass the --out directory of `mpigls train` or a checkpoint file")
+            raise FileNotFoundError(
+                f"{str(path)!r} holds neither a loadable checkpoint nor {METRICS_FILE}; "
+                "pass the --out directory of `mpigls train` or a checkpoint file"
+            )
         certs = read_certifications(directory)
         default_label = path.resolve().name
     metrics = _aligned(rows)
-    return Run(path=path, label=label or default_label, config=config or {}, metrics=metrics,
-               checkpoints=checkpoint.list_checkpoints(directory), certification=certs,
-               checkpoint_path=ckpt_path, df=_dataframe(metrics))
+    return Run(
+        path=path,
+        label=label or default_label,
+        config=config or {},
+        metrics=metrics,
+        checkpoints=checkpoint.list_checkpoints(directory),
+        certification=certs,
+        checkpoint_path=ckpt_path,
+        df=_dataframe(metrics),
+    )
 
 
 def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
@@ -248,6 +275,6 @@ def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
         else:  # the same path given twice: number the repeats
             base, labels = [r.label for r in runs], []
             for i, lab in enumerate(base):
-                labels.append(f"{lab} #{base[:i + 1].count(lab)}" if base.count(lab) > 1 else lab)
+                labels.append(f"{lab} #{base[: i + 1].count(lab)}" if base.count(lab) > 1 else lab)
         runs = [dataclasses.replace(r, label=lab) for r, lab in zip(runs, labels)]
     return runs

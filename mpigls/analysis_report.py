@@ -9,6 +9,7 @@ training radius ``bound.eps``); several runs in one cell (seeds) give mean ± st
 with ``*``. Accuracies are percentages. Formats: Markdown, CSV (the same wide table, numbers only)
 and JSON (every cell with mean, std, n and the runs behind it).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,11 +27,24 @@ METRICS = ("natural", "adversarial", "certified", "verified")
 _METRIC_TITLES = {"natural": "Nat.", "adversarial": "Adv.", "certified": "Cert.", "verified": "Ver."}
 _OPTIMIZERS = ("grad", "pgpe", "rgs")
 _RELAXATION_ORDER = ("natural", "pgd", "ibp", "sabr", "staps", "hbox", "crown-ibp", "deeppoly", "alpha-crown")
-_RELAXATION_NAMES = {"ibp": "IBP", "hbox": "HBox", "crown-ibp": "CROWN-IBP", "deeppoly": "DeepPoly",
-                     "alpha-crown": "alpha-CROWN", "sabr": "SABR", "staps": "STAPS", "pgd": "PGD",
-                     "natural": "standard"}
-_DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "tinyimagenet": "TinyImageNet", "digits": "digits",
-                  "synthetic": "synthetic"}
+_RELAXATION_NAMES = {
+    "ibp": "IBP",
+    "hbox": "HBox",
+    "crown-ibp": "CROWN-IBP",
+    "deeppoly": "DeepPoly",
+    "alpha-crown": "alpha-CROWN",
+    "sabr": "SABR",
+    "staps": "STAPS",
+    "pgd": "PGD",
+    "natural": "standard",
+}
+_DATASET_NAMES = {
+    "mnist": "MNIST",
+    "cifar10": "CIFAR-10",
+    "tinyimagenet": "TinyImageNet",
+    "digits": "digits",
+    "synthetic": "synthetic",
+}
 
 
 def run_result(run: Run) -> tuple[dict | None, bool]:
@@ -77,23 +91,29 @@ def build_table(runs: list[Run]) -> dict:
                 cell["single_method"] |= single and metric == "certified"
     order = {m: i for i, m in enumerate(_RELAXATION_ORDER)}
     rows = []
-    for (dataset, eps, relax) in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99), k[2])):
+    for dataset, eps, relax in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99), k[2])):
         cells = {}
         for metric, by_opt in groups[(dataset, eps, relax)].items():
-            cells[metric] = {opt: {"mean": float(np.mean(c["values"])),
-                                   "std": float(np.std(c["values"], ddof=1)) if len(c["values"]) > 1 else 0.0,
-                                   "n": len(c["values"]), "runs": c["runs"], "single_method": c["single_method"]}
-                             for opt, c in by_opt.items()}
+            cells[metric] = {
+                opt: {
+                    "mean": float(np.mean(c["values"])),
+                    "std": float(np.std(c["values"], ddof=1)) if len(c["values"]) > 1 else 0.0,
+                    "n": len(c["values"]),
+                    "runs": c["runs"],
+                    "single_method": c["single_method"],
+                }
+                for opt, c in by_opt.items()
+            }
         rows.append({"dataset": dataset, "eps": eps, "relaxation": relax, "cells": cells})
     used_metrics = [m for m in METRICS if any(m in r["cells"] for r in rows)]
     used_opts = [o for o in _OPTIMIZERS if o in optimizers] + sorted(optimizers - set(_OPTIMIZERS))
-    return {"rows": rows, "optimizers": used_opts, "metrics": used_metrics, "missing": missing,
-            "unit": "percent"}
+    return {"rows": rows, "optimizers": used_opts, "metrics": used_metrics, "missing": missing, "unit": "percent"}
 
 
 def _header(table: dict) -> list[str]:
-    return ["Dataset", "eps", "Relaxation"] + [f"{_METRIC_TITLES[m]} {o.upper()}"
-                                              for m in table["metrics"] for o in table["optimizers"]]
+    return ["Dataset", "eps", "Relaxation"] + [
+        f"{_METRIC_TITLES[m]} {o.upper()}" for m in table["metrics"] for o in table["optimizers"]
+    ]
 
 
 def _cell_text(cell: dict | None) -> str:
@@ -124,20 +144,35 @@ def format_table(table: dict, fmt: str = "md") -> str:
         writer.writerow(header)
         for row in table["rows"]:
             cells = [row["cells"].get(m, {}).get(o) for m, o in keys]
-            writer.writerow([row["dataset"], f"{row['eps']:g}", row["relaxation"]]
-                            + ["" if c is None else f"{c['mean']:.4f}" for c in cells])
+            writer.writerow(
+                [row["dataset"], f"{row['eps']:g}", row["relaxation"]]
+                + ["" if c is None else f"{c['mean']:.4f}" for c in cells]
+            )
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"report format must be md, csv or json, got {fmt!r}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(keys)]
     for row in table["rows"]:
         cells = [_cell_text(row["cells"].get(m, {}).get(o)) for m, o in keys]
-        lines.append("| " + " | ".join([_DATASET_NAMES.get(row["dataset"], row["dataset"]), _eps_text(row["eps"]),
-                                         _RELAXATION_NAMES.get(row["relaxation"], row["relaxation"])] + cells) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    _DATASET_NAMES.get(row["dataset"], row["dataset"]),
+                    _eps_text(row["eps"]),
+                    _RELAXATION_NAMES.get(row["relaxation"], row["relaxation"]),
+                ]
+                + cells
+            )
+            + " |"
+        )
     notes = ["Accuracies in %; Nat. natural, Adv. PGD, Cert. certified by sound bounds, Ver. complete verifier."]
     if any(c.get("single_method") for r in table["rows"] for by in r["cells"].values() for c in by.values()):
         notes.append("* best single bound method (the per-sample union was not stored).")
     if table["missing"]:
-        notes.append("No stored certification result (left out): " + ", ".join(table["missing"])
-                     + "; run `mpigls certify` or `mpigls report --certify`.")
+        notes.append(
+            "No stored certification result (left out): "
+            + ", ".join(table["missing"])
+            + "; run `mpigls certify` or `mpigls report --certify`."
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -10,6 +10,7 @@ Larger is tighter. Absolute values depend on the network and on r_n: compare rel
 same network and grid. At r = 0 every sound bound is exact, so acc_m(0) is the natural accuracy
 (up to exact ties between logits).
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,17 @@ def auc(radii, accuracies) -> float:
     return float(np.sum((r[1:] - r[:-1]) * (a[1:] + a[:-1]) / 2.0))
 
 
-def tightness(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-              radii: list[float], methods: list[str], *, comm=None, batch_size: int = 100) -> dict:
+def tightness(
+    model: torch.nn.Sequential,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    radii: list[float],
+    methods: list[str],
+    *,
+    comm=None,
+    batch_size: int = 100,
+) -> dict:
     """Certified-accuracy curves and their areas (collective: every rank calls it)."""
     radii = [float(r) for r in radii]
     if not radii or radii[0] != 0.0 or any(b <= a for a, b in zip(radii, radii[1:])):
@@ -58,7 +68,14 @@ def tightness(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, 
         for m in methods:
             curves[m].append(float(res[f"certified/{m}"]))
     r_max = radii[-1]
-    return {"schema": SCHEMA, "radii": radii, "natural_accuracy": natural, "num_examples": len(y),
-            "methods": {m: {"certified": curves[m], "auc": auc(radii, curves[m]),
-                            "auc_normalized": auc(radii, curves[m]) / r_max} for m in methods},
-            "time_s": time.perf_counter() - t0}
+    return {
+        "schema": SCHEMA,
+        "radii": radii,
+        "natural_accuracy": natural,
+        "num_examples": len(y),
+        "methods": {
+            m: {"certified": curves[m], "auc": auc(radii, curves[m]), "auc_normalized": auc(radii, curves[m]) / r_max}
+            for m in methods
+        },
+        "time_s": time.perf_counter() - t0,
+    }

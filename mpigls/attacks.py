@@ -10,6 +10,7 @@ the attack never contributes a gradient to the network.
 
 Shapes: P population, D parameters, B batch, K classes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,17 @@ def step_size_for(eps, steps: int, step_size: float | None = None) -> float:
     return default_step_size(float(eps_t.max()) if eps_t.numel() else 0.0, steps)
 
 
-def pgd(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, steps: int, step_size: float,
-        weights: torch.Tensor | None = None, generator: torch.Generator | None = None,
-        loss: str = "ce") -> torch.Tensor:
+def pgd(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    steps: int,
+    step_size: float,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    loss: str = "ce",
+) -> torch.Tensor:
     """Adversarial inputs: (B, C, H, W), or (P, B, C, H, W) for weights (P, D); detached.
 
     eps is a float or a (B,) tensor; ``generator`` (CPU torch.Generator, e.g. from

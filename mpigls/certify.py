@@ -11,6 +11,7 @@ unknown). ``is_certified`` is the one place that turns margin lower bounds into 
 
 Shapes: B batch, K classes, D parameters.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,9 +40,11 @@ def _check_methods(methods: list[str]) -> None:
     """Only bounds that are sound over the whole eps box may certify."""
     bad = [m for m in methods if m not in bounds.SOUND_METHODS]
     if bad:
-        raise ValueError(f"cannot certify with {bad}: certification needs a bound that is sound over the whole "
-                         f"eps box, one of {list(bounds.SOUND_METHODS)} (sabr bounds only a small box around a PGD "
-                         "point: a training loss, not a certificate)")
+        raise ValueError(
+            f"cannot certify with {bad}: certification needs a bound that is sound over the whole "
+            f"eps box, one of {list(bounds.SOUND_METHODS)} (sabr bounds only a small box around a PGD "
+            "point: a training loss, not a certificate)"
+        )
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -49,9 +52,20 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
 
 
 @precision.strict_fp32()  # a certificate never rests on TF32 arithmetic
-def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float,
-             methods: list[str], *, comm=None, batch_size: int = 100, pgd_steps: int = 20, seed: int = 0,
-             bound_options: dict | None = None) -> dict:
+def evaluate(
+    model: torch.nn.Sequential,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    methods: list[str],
+    *,
+    comm=None,
+    batch_size: int = 100,
+    pgd_steps: int = 20,
+    seed: int = 0,
+    bound_options: dict | None = None,
+) -> dict:
     """Accuracies (fractions in [0, 1]) of ``theta`` on (x, y): natural, pgd, certified/<method>."""
     _check_methods(methods)
     comm = comm or dist.SerialComm()
@@ -59,7 +73,11 @@ def evaluate(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y
     models.load_flat_(model, theta.to(device))
     model.eval()
     num_blocks = -(-len(y) // batch_size)
-    counts: dict[str, int] = {"natural": 0, **({"pgd": 0} if pgd_steps else {}), **{f"certified/{m}": 0 for m in methods}}
+    counts: dict[str, int] = {
+        "natural": 0,
+        **({"pgd": 0} if pgd_steps else {}),
+        **{f"certified/{m}": 0 for m in methods},
+    }
     for block in dist.my_blocks(num_blocks, comm.rank, comm.world_size):
         sl = slice(block * batch_size, min((block + 1) * batch_size, len(y)))
         xb, yb = x[sl].to(device), y[sl].to(device)
@@ -92,11 +110,25 @@ def _pgd_robust(model, xb, yb, eps, steps, restarts, seed, block) -> torch.Tenso
 
 
 @precision.strict_fp32()  # a certificate never rests on TF32 arithmetic
-def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float,
-            methods: list[str], *, comm=None, batch_size: int = 100, pgd_steps: int = 20, pgd_restarts: int = 1,
-            seed: int = 0, bound_options: dict | None = None, verify: bool = False,
-            verify_time_limit: float | None = 60.0, verify_max_domains: int | None = None,
-            progress=None) -> tuple[dict, dict]:
+def certify(
+    model: torch.nn.Sequential,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    methods: list[str],
+    *,
+    comm=None,
+    batch_size: int = 100,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    seed: int = 0,
+    bound_options: dict | None = None,
+    verify: bool = False,
+    verify_time_limit: float | None = 60.0,
+    verify_max_domains: int | None = None,
+    progress=None,
+) -> tuple[dict, dict]:
     """Per-sample certification of ``theta`` on (x, y); returns (summary, samples).
 
     ``samples`` maps column names to lists of length N (test order): ``index``, ``label``,
@@ -110,6 +142,7 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
     of ranks (with ``verify_time_limit=None`` and ``verify_max_domains`` it is fully deterministic).
     """
     from . import verify as verify_mod
+
     t0 = time.perf_counter()
     _check_methods(methods)
     comm = comm or dist.SerialComm()
@@ -127,8 +160,11 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
         with torch.no_grad():
             natural = model(xb).argmax(-1) == yb
         part["natural"] = natural.tolist()
-        adversarial = natural & _pgd_robust(model, xb, yb, eps, pgd_steps, pgd_restarts, seed, block) \
-            if pgd_steps and pgd_restarts else natural
+        adversarial = (
+            natural & _pgd_robust(model, xb, yb, eps, pgd_steps, pgd_restarts, seed, block)
+            if pgd_steps and pgd_restarts
+            else natural
+        )
         part["adversarial"] = adversarial.tolist()
         union = torch.zeros_like(natural)
         for method in methods:
@@ -143,15 +179,26 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
             if net is None:
                 net = verify_mod.dense_network(model, tuple(x.shape[1:]))
                 model64 = verify_mod._model64(model)
-            v_cols: dict[str, list] = {k: [] for k in ("verified", "verify/reason", "verify/time_s",
-                                                          "verify/domains", "verify/lps")}
+            v_cols: dict[str, list] = {
+                k: [] for k in ("verified", "verify/reason", "verify/time_s", "verify/domains", "verify/lps")
+            }
             for i, idx in enumerate(part["index"]):
                 if bool(union[i]):
                     row = ("verified", "certificate", 0.0, 0, 0)
                 else:
-                    res = verify_mod.verify(model, x[idx], int(y[idx]), eps, net=net, model64=model64,
-                                            time_limit=verify_time_limit, max_domains=verify_max_domains,
-                                            pgd_restarts=max(pgd_restarts, 1), seed=seed, index=idx)
+                    res = verify_mod.verify(
+                        model,
+                        x[idx],
+                        int(y[idx]),
+                        eps,
+                        net=net,
+                        model64=model64,
+                        time_limit=verify_time_limit,
+                        max_domains=verify_max_domains,
+                        pgd_restarts=max(pgd_restarts, 1),
+                        seed=seed,
+                        index=idx,
+                    )
                     row = (res.status, res.reason, res.time_s, res.domains, res.lps)
                 for key, value in zip(v_cols, row):
                     v_cols[key].append(value)
@@ -167,14 +214,18 @@ def certify(model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y:
             samples.setdefault(key, []).extend(value)
     if samples.get("index", []) != list(range(n)):
         raise RuntimeError("certify: gathered samples are not in test order")
-    summary = _summarise(samples, methods, verify, n) | {"eps": float(eps), "num_examples": n,
-                                                        "time_s": time.perf_counter() - t0}
+    summary = _summarise(samples, methods, verify, n) | {
+        "eps": float(eps),
+        "num_examples": n,
+        "time_s": time.perf_counter() - t0,
+    }
     return summary, samples
 
 
 def _summarise(samples: dict, methods: list[str], verify: bool, n: int) -> dict:
     def frac(key):
-        return (float(np.mean(samples[key])) if n else 0.0)
+        return float(np.mean(samples[key])) if n else 0.0
+
     out = {"natural": frac("natural"), "adversarial": frac("adversarial"), "certified": frac("certified")}
     out |= {f"certified/{m}": frac(f"certified/{m}") for m in methods}
     if verify:
@@ -191,5 +242,6 @@ def _summarise(samples: dict, methods: list[str], verify: bool, n: int) -> dict:
 def results_path(checkpoint_path, eps: float):
     """Where ``mpigls certify`` stores the per-sample results of a checkpoint: beside it."""
     from pathlib import Path
+
     p = Path(checkpoint_path)
     return p.with_name(f"{p.stem}.certify-eps{eps:g}.json")

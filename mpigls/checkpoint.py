@@ -42,6 +42,7 @@ because files are never modified in place and flock is often unavailable on Lust
 The policy of a run directory (which file to resume, refuse, move aside, stale temp files) and
 the atomic JSON writer live in mpigls.rundir.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,10 +65,32 @@ import h5py
 import numpy as np
 
 __all__ = [
-    "FORMAT_VERSION", "SCHEMA", "LATEST", "TEMP_PREFIX", "MIGRATIONS",
-    "DS_THETA", "DS_SIGMA", "GRP_OPTIMIZER", "GRP_EXTRA", "DS_CONFIG", "DS_ARCH", "GRP_METRICS",
-    "Checkpoint", "CheckpointError", "CheckpointWriteError", "save", "load", "list_checkpoints", "generation_of",
-    "summary", "check_compatible", "theta_sha256", "state_sha256", "checkpoint_path", "fsync_path", "umask",
+    "FORMAT_VERSION",
+    "SCHEMA",
+    "LATEST",
+    "TEMP_PREFIX",
+    "MIGRATIONS",
+    "DS_THETA",
+    "DS_SIGMA",
+    "GRP_OPTIMIZER",
+    "GRP_EXTRA",
+    "DS_CONFIG",
+    "DS_ARCH",
+    "GRP_METRICS",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "save",
+    "load",
+    "list_checkpoints",
+    "generation_of",
+    "summary",
+    "check_compatible",
+    "theta_sha256",
+    "state_sha256",
+    "checkpoint_path",
+    "fsync_path",
+    "umask",
 ]
 
 log = logging.getLogger("mpigls.checkpoint")
@@ -85,8 +108,7 @@ GRP_EXTRA = "extra"
 DS_CONFIG = "config"
 DS_ARCH = "arch"
 GRP_METRICS = "metrics"
-_REQUIRED_ATTRS = ("format_version", "noise_scheme", "generation", "epoch", "batch_in_epoch",
-                   "state_sha256")
+_REQUIRED_ATTRS = ("format_version", "noise_scheme", "generation", "epoch", "batch_in_epoch", "state_sha256")
 
 Scalar = int | float | bool | str
 StateDict = dict[str, "np.ndarray | Scalar"]
@@ -118,12 +140,13 @@ class Checkpoint:
     noise_scheme: str = ""
     extra: StateDict = field(default_factory=dict)
     world_size: int = 1
-    created: str = ""   # filled by load(); save() records the current time
-    host: str = ""      # filled by load(); save() records the writing host
+    created: str = ""  # filled by load(); save() records the current time
+    host: str = ""  # filled by load(); save() records the writing host
     format_version: int = FORMAT_VERSION  # filled by load(): the file's version (older ones were migrated)
 
 
 # ----------------------------------------------------------------------------- hashing
+
 
 def theta_sha256(theta: np.ndarray) -> str:
     """sha256 hex digest of θ as little-endian float32 bytes (what ``mpigls inspect`` prints)."""
@@ -154,6 +177,7 @@ def state_sha256(ckpt: Checkpoint) -> str:
 
 # ----------------------------------------------------------------------------- validation
 
+
 def _normalise(ckpt: Checkpoint) -> Checkpoint:
     """Check types (user errors) and coerce θ/σ to float32, opt_state values to ndarray/scalar."""
     for k in ("generation", "epoch", "batch_in_epoch", "world_size"):
@@ -167,12 +191,22 @@ def _normalise(ckpt: Checkpoint) -> Checkpoint:
     if sigma is not None and sigma.shape != theta.shape:
         raise ValueError(f"Checkpoint.sigma must have θ's shape {theta.shape} (or be None), got {sigma.shape}")
     return Checkpoint(
-        generation=int(ckpt.generation), epoch=int(ckpt.epoch), batch_in_epoch=int(ckpt.batch_in_epoch),
-        theta=theta.astype(np.float32, copy=False), sigma=None if sigma is None else sigma.astype(np.float32, copy=False),
-        opt_state=_check_state("opt_state", ckpt.opt_state), config=dict(ckpt.config), arch=dict(ckpt.arch),
+        generation=int(ckpt.generation),
+        epoch=int(ckpt.epoch),
+        batch_in_epoch=int(ckpt.batch_in_epoch),
+        theta=theta.astype(np.float32, copy=False),
+        sigma=None if sigma is None else sigma.astype(np.float32, copy=False),
+        opt_state=_check_state("opt_state", ckpt.opt_state),
+        config=dict(ckpt.config),
+        arch=dict(ckpt.arch),
         metrics={str(k): np.asarray(v).reshape(-1) for k, v in ckpt.metrics.items()},
-        noise_scheme=str(ckpt.noise_scheme), extra=_check_state("extra", ckpt.extra),
-        world_size=int(ckpt.world_size), created=ckpt.created, host=ckpt.host, format_version=ckpt.format_version)
+        noise_scheme=str(ckpt.noise_scheme),
+        extra=_check_state("extra", ckpt.extra),
+        world_size=int(ckpt.world_size),
+        created=ckpt.created,
+        host=ckpt.host,
+        format_version=ckpt.format_version,
+    )
 
 
 def _check_state(name: str, d: Mapping[str, Any]) -> StateDict:
@@ -189,16 +223,21 @@ def _check_state(name: str, d: Mapping[str, Any]) -> StateDict:
         elif hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor; converted without importing torch
             out[k] = v.detach().cpu().numpy()
         else:
-            raise TypeError(f"Checkpoint.{name}[{k!r}] must be a numeric numpy array, int, float, bool "
-                            f"or str, got {type(v).__name__}; convert it (state_to_dict) before saving")
+            raise TypeError(
+                f"Checkpoint.{name}[{k!r}] must be a numeric numpy array, int, float, bool "
+                f"or str, got {type(v).__name__}; convert it (state_to_dict) before saving"
+            )
     bad = [k for k in _FORMAT1_COPIES if k in out] if name == "opt_state" else []
     if bad:
-        raise ValueError(f"Checkpoint.opt_state must not hold {bad}: θ, σ and the generation are stored once, "
-                         "as Checkpoint.theta / sigma / generation (optim.unit.split_state)")
+        raise ValueError(
+            f"Checkpoint.opt_state must not hold {bad}: θ, σ and the generation are stored once, "
+            "as Checkpoint.theta / sigma / generation (optim.unit.split_state)"
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def checkpoint_path(directory: str | os.PathLike, generation: int) -> Path:
     return Path(directory) / f"ckpt_{int(generation):08d}.h5"
@@ -233,6 +272,7 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 def _package_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("mpigls")
     except Exception:  # noqa: BLE001 - not installed (source checkout): informational only
         return "unknown"
@@ -331,9 +371,11 @@ def _write_failure(d: Path, final: Path, exc: OSError) -> str:
     m = re.search(r"errno = (\d+)", str(exc))  # h5py reports the OS error inside its message
     if m and not (isinstance(exc.errno, int) and exc.errno):
         reason = f"{os.strerror(int(m.group(1)))} ({reason[:200]})"
-    return (f"could not write checkpoint {final.name} in {d}: {reason}. The previous checkpoint "
-            f"({LATEST}, if any) is intact and no partial file was left; free disk space or fix the "
-            "permissions, then run the same command to resume from it")
+    return (
+        f"could not write checkpoint {final.name} in {d}: {reason}. The previous checkpoint "
+        f"({LATEST}, if any) is intact and no partial file was left; free disk space or fix the "
+        "permissions, then run the same command to resume from it"
+    )
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -350,6 +392,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def _read_state(group: h5py.Group) -> StateDict:
     out: StateDict = {}
@@ -375,45 +418,58 @@ def _read_raw(f: h5py.File) -> dict[str, Any]:
     raw["extra"] = _read_state(f[GRP_EXTRA]) if GRP_EXTRA in f else {}
     raw["config"] = json.loads(_str_ds(f, DS_CONFIG))
     raw["arch"] = json.loads(_str_ds(f, DS_ARCH))
-    raw["metrics"] = {str(ds.attrs.get("key", urllib.parse.unquote(n))): np.array(ds[()])
-                      for n, ds in f[GRP_METRICS].items()}
+    raw["metrics"] = {
+        str(ds.attrs.get("key", urllib.parse.unquote(n))): np.array(ds[()]) for n, ds in f[GRP_METRICS].items()
+    }
     return raw
 
 
 def _open(path: Path) -> h5py.File:
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint file not found: {path}; give an existing .h5 file or an "
-                                "output directory that holds ckpt_*.h5 / latest.h5")
+        raise FileNotFoundError(
+            f"checkpoint file not found: {path}; give an existing .h5 file or an "
+            "output directory that holds ckpt_*.h5 / latest.h5"
+        )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; use {path / LATEST}")
     with open(path, "rb") as fh:
         head = fh.read(8)
     if not h5py.is_hdf5(str(path)):
-        raise CheckpointError(f"{path} is not an HDF5 file (starts with {head!r}); mpigls checkpoints are "
-                              "HDF5 files written by `mpigls train`; check the path")
+        raise CheckpointError(
+            f"{path} is not an HDF5 file (starts with {head!r}); mpigls checkpoints are "
+            "HDF5 files written by `mpigls train`; check the path"
+        )
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise CheckpointError(f"{path} is an HDF5 file but cannot be opened ({' '.join(str(exc).split())}); it "
-                              "is probably truncated by a crash or an incomplete copy; use an older "
-                              "checkpoint (find_latest falls back automatically)") from exc
+        raise CheckpointError(
+            f"{path} is an HDF5 file but cannot be opened ({' '.join(str(exc).split())}); it "
+            "is probably truncated by a crash or an incomplete copy; use an older "
+            "checkpoint (find_latest falls back automatically)"
+        ) from exc
 
 
 def _header(f: h5py.File, path: Path) -> dict[str, Any]:
     attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     if attrs.get("schema") != SCHEMA:
-        raise CheckpointError(f"{path} is an HDF5 file but not an mpigls checkpoint (schema attribute "
-                              f"{attrs.get('schema')!r}, expected {SCHEMA!r})")
+        raise CheckpointError(
+            f"{path} is an HDF5 file but not an mpigls checkpoint (schema attribute "
+            f"{attrs.get('schema')!r}, expected {SCHEMA!r})"
+        )
     version = attrs.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path} has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version}, but this mpigls reads "
-                              f"versions up to {FORMAT_VERSION}; upgrade mpigls to read it")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, but this mpigls reads "
+            f"versions up to {FORMAT_VERSION}; upgrade mpigls to read it"
+        )
     if version < FORMAT_VERSION and any(v not in MIGRATIONS for v in range(version, FORMAT_VERSION)):
-        raise CheckpointError(f"{path} has checkpoint format version {version}, and no migration to the "
-                              f"current version {FORMAT_VERSION} exists; read it with the mpigls "
-                              "release that wrote it")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, and no migration to the "
+            f"current version {FORMAT_VERSION} exists; read it with the mpigls "
+            "release that wrote it"
+        )
     missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
     if missing:
         raise CheckpointError(f"{path} lacks the attribute(s) {missing}; the file is incomplete or damaged")
@@ -433,16 +489,22 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
             try:
                 raw = _read_raw(f)
             except KeyError as exc:
-                raise CheckpointError(f"{path} lacks a required dataset or group ({exc}); the file is "
-                                      "incomplete or damaged; use an older checkpoint") from exc
+                raise CheckpointError(
+                    f"{path} lacks a required dataset or group ({exc}); the file is "
+                    "incomplete or damaged; use an older checkpoint"
+                ) from exc
     except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({' '.join(str(exc).split())}); it is probably "
-                              "truncated or corrupt; use an older checkpoint") from exc
+        raise CheckpointError(
+            f"{path} cannot be read ({' '.join(str(exc).split())}); it is probably "
+            "truncated or corrupt; use an older checkpoint"
+        ) from exc
     version = int(attrs["format_version"])
     if verify and _raw_sha256(raw) != raw["attrs"]["state_sha256"]:
-        raise CheckpointError(f"{path}: the state checksum does not match (stored {raw['attrs']['state_sha256'][:16]}…, "
-                              f"computed {_raw_sha256(raw)[:16]}…); the file was modified or damaged; "
-                              "use an older checkpoint")
+        raise CheckpointError(
+            f"{path}: the state checksum does not match (stored {raw['attrs']['state_sha256'][:16]}…, "
+            f"computed {_raw_sha256(raw)[:16]}…); the file was modified or damaged; "
+            "use an older checkpoint"
+        )
     for v in range(version, FORMAT_VERSION):
         try:
             raw = MIGRATIONS[v](raw)
@@ -450,11 +512,22 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
             raise CheckpointError(f"{path}: cannot migrate checkpoint format {v} to {v + 1}: {exc}") from exc
     a = raw["attrs"]
     ckpt = Checkpoint(
-        generation=int(a["generation"]), epoch=int(a["epoch"]), batch_in_epoch=int(a["batch_in_epoch"]),
-        theta=raw["theta"], sigma=raw["sigma"], opt_state=raw["opt_state"], config=raw["config"],
-        arch=raw["arch"], metrics=raw["metrics"], noise_scheme=str(a["noise_scheme"]), extra=raw["extra"],
-        world_size=int(a.get("world_size", 1)), created=str(a.get("created", "")), host=str(a.get("host", "")),
-        format_version=version)
+        generation=int(a["generation"]),
+        epoch=int(a["epoch"]),
+        batch_in_epoch=int(a["batch_in_epoch"]),
+        theta=raw["theta"],
+        sigma=raw["sigma"],
+        opt_state=raw["opt_state"],
+        config=raw["config"],
+        arch=raw["arch"],
+        metrics=raw["metrics"],
+        noise_scheme=str(a["noise_scheme"]),
+        extra=raw["extra"],
+        world_size=int(a.get("world_size", 1)),
+        created=str(a.get("created", "")),
+        host=str(a.get("host", "")),
+        format_version=version,
+    )
     if ckpt.theta.dtype != np.float32 or ckpt.theta.ndim != 1:
         raise CheckpointError(f"{path}: theta must be float32 (D,), found {ckpt.theta.dtype} {ckpt.theta.shape}")
     return ckpt
@@ -463,9 +536,18 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
 def _raw_sha256(raw: dict[str, Any]) -> str:
     """``state_sha256`` of a file's content as read (any format: the recipe never changed)."""
     a = raw["attrs"]
-    return state_sha256(Checkpoint(
-        generation=int(a["generation"]), epoch=int(a["epoch"]), batch_in_epoch=int(a["batch_in_epoch"]),
-        theta=raw["theta"], sigma=raw["sigma"], opt_state=raw["opt_state"], config={}, arch={}))
+    return state_sha256(
+        Checkpoint(
+            generation=int(a["generation"]),
+            epoch=int(a["epoch"]),
+            batch_in_epoch=int(a["batch_in_epoch"]),
+            theta=raw["theta"],
+            sigma=raw["sigma"],
+            opt_state=raw["opt_state"],
+            config={},
+            arch={},
+        )
+    )
 
 
 def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -478,8 +560,9 @@ def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     if center is not None and not np.array_equal(np.asarray(center, dtype=np.float32), raw["theta"]):
         raise ValueError("its optimizer state's centre differs from /theta (the two copies of format 1 disagree)")
     sigma = opt.pop("sigma", None)
-    if sigma is not None and (raw["sigma"] is None
-                              or not np.array_equal(np.asarray(sigma, dtype=np.float32), raw["sigma"])):
+    if sigma is not None and (
+        raw["sigma"] is None or not np.array_equal(np.asarray(sigma, dtype=np.float32), raw["sigma"])
+    ):
         raise ValueError("its optimizer state's sigma differs from /sigma (the two copies of format 1 disagree)")
     generation = opt.pop("generation", None)
     if generation is not None and int(generation) != int(a["generation"]):
@@ -504,18 +587,27 @@ def generation_of(path: Path) -> int | None:
         return None
 
 
-def check_compatible(ckpt: Checkpoint, arch: Mapping[str, Any], num_params: int | None = None, *,
-                     advice: str = "resume with the model settings it was trained with, or use a fresh --out "
-                                   "directory (or --restart to move the earlier run aside)") -> None:
+def check_compatible(
+    ckpt: Checkpoint,
+    arch: Mapping[str, Any],
+    num_params: int | None = None,
+    *,
+    advice: str = "resume with the model settings it was trained with, or use a fresh --out "
+    "directory (or --restart to move the earlier run aside)",
+) -> None:
     """Raise ValueError if the checkpoint was written for another architecture than ``arch``."""
     want = json.loads(json.dumps(dict(arch), default=str))  # compare in the stored (JSON) form
-    diffs = [f"{k}: checkpoint {ckpt.arch.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"
-             for k in sorted(set(want) | set(ckpt.arch)) if ckpt.arch.get(k) != want.get(k)]
+    diffs = [
+        f"{k}: checkpoint {ckpt.arch.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"
+        for k in sorted(set(want) | set(ckpt.arch))
+        if ckpt.arch.get(k) != want.get(k)
+    ]
     if num_params is not None and ckpt.theta.shape[0] != num_params:
         diffs.append(f"num_params: checkpoint {ckpt.theta.shape[0]} vs now {num_params}")
     if diffs:
-        raise ValueError("the checkpoint was written for a different architecture (" + "; ".join(diffs) +
-                         "); " + advice)
+        raise ValueError(
+            "the checkpoint was written for a different architecture (" + "; ".join(diffs) + "); " + advice
+        )
 
 
 def summary(path: str | os.PathLike) -> dict[str, Any]:
@@ -523,13 +615,30 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     c = load(path)
     version = c.format_version
-    sig = None if c.sigma is None else {
-        "min": float(c.sigma.min()), "max": float(c.sigma.max()), "mean": float(c.sigma.mean())} if c.sigma.size else {}
+    sig = (
+        None
+        if c.sigma is None
+        else {"min": float(c.sigma.min()), "max": float(c.sigma.max()), "mean": float(c.sigma.mean())}
+        if c.sigma.size
+        else {}
+    )
     last = {k: (v[-1].item() if v.size else None) for k, v in c.metrics.items()}
-    return {"path": str(path), "format_version": version, "migrated": version != FORMAT_VERSION,
-            "generation": c.generation,
-            "epoch": c.epoch, "batch_in_epoch": c.batch_in_epoch, "theta_sha256": theta_sha256(c.theta),
-            "num_params": int(c.theta.shape[0]), "sigma": sig, "metrics": last,
-            "num_logged": max((len(v) for v in c.metrics.values()), default=0),
-            "noise_scheme": c.noise_scheme, "world_size": c.world_size, "created": c.created,
-            "host": c.host, "config": c.config, "arch": c.arch}
+    return {
+        "path": str(path),
+        "format_version": version,
+        "migrated": version != FORMAT_VERSION,
+        "generation": c.generation,
+        "epoch": c.epoch,
+        "batch_in_epoch": c.batch_in_epoch,
+        "theta_sha256": theta_sha256(c.theta),
+        "num_params": int(c.theta.shape[0]),
+        "sigma": sig,
+        "metrics": last,
+        "num_logged": max((len(v) for v in c.metrics.values()), default=0),
+        "noise_scheme": c.noise_scheme,
+        "world_size": c.world_size,
+        "created": c.created,
+        "host": c.host,
+        "config": c.config,
+        "arch": c.arch,
+    }

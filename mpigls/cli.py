@@ -9,6 +9,7 @@ hanging it. ``main(argv)`` is the only place that reads argv or exits. Exit code
 1 runtime failure, 2 user error (bad config, bad input file), 3 stopped by SIGTERM/SIGUSR1 after a
 checkpoint (requeue and run the same command to resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,74 +25,127 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpigls", description="MPI-parallel certified training with Gaussian Loss Smoothing.")
+    parser = argparse.ArgumentParser(
+        prog="mpigls", description="MPI-parallel certified training with Gaussian Loss Smoothing."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train (or resume) from a YAML config")
     tr.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     tr.add_argument("--out", required=True, help="output directory: checkpoints, DIR/latest.h5, metrics")
-    tr.add_argument("--max-generations", type=int, default=None,
-                    help="stop cleanly after this many generations in total (with a checkpoint); a later call continues")
-    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config key (repeatable), e.g. --set optimizer.popsize=64")
+    tr.add_argument(
+        "--max-generations",
+        type=int,
+        default=None,
+        help="stop cleanly after this many generations in total (with a checkpoint); a later call continues",
+    )
+    tr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set optimizer.popsize=64",
+    )
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     tr.add_argument("--dry-run", action="store_true", help="validate config and data, print a summary, do not train")
     tr.add_argument("--no-eval", action="store_true", help="skip the final test-set certification")
-    tr.add_argument("--restart", action="store_true",
-                    help="start from generation 0 even if --out holds an earlier run: its files are moved into "
-                         "OUT/aside-<UTC time>/ (never deleted). Needed when --out holds checkpoints none of which "
-                         "loads")
+    tr.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from generation 0 even if --out holds an earlier run: its files are moved into "
+        "OUT/aside-<UTC time>/ (never deleted). Needed when --out holds checkpoints none of which "
+        "loads",
+    )
 
     ce = sub.add_parser("certify", help="natural, PGD, certified and complete-verifier accuracy of a checkpoint")
     ce.add_argument("checkpoint")
-    ce.add_argument("--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)")
-    ce.add_argument("--verify", action="store_true", help="run the complete verifier on every sample no bound certifies")
+    ce.add_argument(
+        "--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)"
+    )
+    ce.add_argument(
+        "--verify", action="store_true", help="run the complete verifier on every sample no bound certifies"
+    )
     ce.add_argument("--time-limit", type=float, default=60.0, help="complete verifier: seconds per sample (0: none)")
-    ce.add_argument("--max-domains", type=int, default=None, help="complete verifier: branch-and-bound domains per sample")
-    ce.add_argument("--results", default=None,
-                    help="per-sample results JSON (default: CKPT_DIR/<ckpt stem>.certify-eps<eps>.json)")
-    ce.add_argument("--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)")
+    ce.add_argument(
+        "--max-domains", type=int, default=None, help="complete verifier: branch-and-bound domains per sample"
+    )
+    ce.add_argument(
+        "--results", default=None, help="per-sample results JSON (default: CKPT_DIR/<ckpt stem>.certify-eps<eps>.json)"
+    )
+    ce.add_argument(
+        "--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)"
+    )
     ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
     ce.add_argument("--num-test", type=int, default=None, help="first N test examples")
-    ce.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a key of the checkpoint's config, e.g. --set data.root=/data")
+    ce.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the checkpoint's config, e.g. --set data.root=/data",
+    )
     ce.add_argument("--json", action="store_true", help="print JSON")
 
     ins = sub.add_parser("inspect", help="summary of a checkpoint")
     ins.add_argument("checkpoint")
     ins.add_argument("--json", action="store_true", help="print JSON (generation, theta_sha256, last metrics, ...)")
 
-    la = sub.add_parser("landscape", help="original vs Gaussian-smoothed loss along the DeepPoly gradient (paper Fig. 6)")
+    la = sub.add_parser(
+        "landscape", help="original vs Gaussian-smoothed loss along the DeepPoly gradient (paper Fig. 6)"
+    )
     la.add_argument("checkpoint")
     la.add_argument("--out", default="landscape.png", help="PNG path")
     la.add_argument("--sigmas", default="1e-3,1e-2", help="comma-separated sigmas")
     la.add_argument("--methods", default="ibp,crown-ibp,deeppoly", help="comma-separated relaxations")
     la.add_argument("--num-samples", type=int, default=32, help="Gaussian samples per point")
     la.add_argument("--num-points", type=int, default=21, help="points along the direction")
-    la.add_argument("--radius", type=float, default=None, help="largest step along the direction (default: 5 * max sigma)")
+    la.add_argument(
+        "--radius", type=float, default=None, help="largest step along the direction (default: 5 * max sigma)"
+    )
     la.add_argument("--batch-size", type=int, default=64, help="training examples used for the loss")
 
-    pl = sub.add_parser("plot", help="training curves of run directories or checkpoints, overlaid (works while training)")
-    pl.add_argument("paths", nargs="+", metavar="RUN_OR_CKPT", help="run directories (--out of train) or checkpoint files")
+    pl = sub.add_parser(
+        "plot", help="training curves of run directories or checkpoints, overlaid (works while training)"
+    )
+    pl.add_argument(
+        "paths", nargs="+", metavar="RUN_OR_CKPT", help="run directories (--out of train) or checkpoint files"
+    )
     pl.add_argument("--out", default="metrics.png", help="PNG/PDF/SVG file, or a directory (writes DIR/metrics.png)")
-    pl.add_argument("--keys", default=None, help="comma-separated metric keys, one panel each (default: loss, "
-                                                 "validation accuracy, sigma, eps, lr, time panels)")
-    pl.add_argument("--smooth", type=int, default=None, help="moving-average window for noisy curves (default: auto; 1: off)")
+    pl.add_argument(
+        "--keys",
+        default=None,
+        help="comma-separated metric keys, one panel each (default: loss, "
+        "validation accuracy, sigma, eps, lr, time panels)",
+    )
+    pl.add_argument(
+        "--smooth", type=int, default=None, help="moving-average window for noisy curves (default: auto; 1: off)"
+    )
 
-    rp = sub.add_parser("report", help="results table in the layout of the paper's Table 1 from stored certification results")
+    rp = sub.add_parser(
+        "report", help="results table in the layout of the paper's Table 1 from stored certification results"
+    )
     rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
     rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
-    rp.add_argument("--certify", action="store_true", help="certify the latest checkpoint of runs without a stored result "
-                                                            "(writes DIR/certify_GENERATION.json)")
+    rp.add_argument(
+        "--certify",
+        action="store_true",
+        help="certify the latest checkpoint of runs without a stored result (writes DIR/certify_GENERATION.json)",
+    )
     rp.add_argument("--out", default=None, help="also write the table to this file")
 
-    ti = sub.add_parser("tightness", help="certified accuracy over radius per relaxation and its area (Jovanovic et al. 2022)")
+    ti = sub.add_parser(
+        "tightness", help="certified accuracy over radius per relaxation and its area (Jovanovic et al. 2022)"
+    )
     ti.add_argument("checkpoint")
     ti.add_argument("--out", default="tightness.png", help="PNG path (the JSON goes beside it, .json)")
     ti.add_argument("--methods", default="ibp,hbox,crown-ibp,deeppoly", help="comma-separated relaxations")
     ti.add_argument("--max-eps", type=float, default=None, help="largest radius (default: 2 * the config's bound.eps)")
     ti.add_argument("--num-radii", type=int, default=11, help="radii from 0 to --max-eps")
-    ti.add_argument("--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)")
+    ti.add_argument(
+        "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)"
+    )
 
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
@@ -103,20 +157,26 @@ def _cmd_train(args, comm) -> int:
     if args.print_config:
         if comm.is_root:
             import yaml
+
             print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
         return 0
     from . import train as train_mod
+
     if args.dry_run:
         from . import preflight, rundir
+
         dataset, model, arch = train_mod.build_problem(cfg)
         plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
         if comm.is_root:
             from .models import num_params
-            print(f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
-                  f"({len(dataset.train_y)} train / {len(dataset.test_y)} test, shape {dataset.in_shape}); "
-                  f"{cfg.model.name} with D={num_params(model)} parameters; {comm.world_size} rank(s); "
-                  f"would {plan}")
+
+            print(
+                f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
+                f"({len(dataset.train_y)} train / {len(dataset.test_y)} test, shape {dataset.in_shape}); "
+                f"{cfg.model.name} with D={num_params(model)} parameters; {comm.world_size} rank(s); "
+                f"would {plan}"
+            )
         return 0
     result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations, restart=args.restart)
     if result.stopped_by_signal:
@@ -125,9 +185,17 @@ def _cmd_train(args, comm) -> int:
         res = _final_eval(cfg, result, comm)
         if comm.is_root:
             from . import checkpoint, rundir
-            rundir.write_json(Path(args.out) / EVAL_FILE, {
-                "generation": result.generation, "theta_sha256": checkpoint.theta_sha256(result.theta.numpy()),
-                "checkpoint": result.checkpoint_path, "methods": list(cfg.eval.methods), **res})
+
+            rundir.write_json(
+                Path(args.out) / EVAL_FILE,
+                {
+                    "generation": result.generation,
+                    "theta_sha256": checkpoint.theta_sha256(result.theta.numpy()),
+                    "checkpoint": result.checkpoint_path,
+                    "methods": list(cfg.eval.methods),
+                    **res,
+                },
+            )
     return 0
 
 
@@ -137,15 +205,28 @@ EVAL_FILE = "eval.json"  # the final test evaluation of a finished run, next to 
 @precision.strict_fp32()  # eval.json is a certificate: true fp32 (certify.evaluate also enters it)
 def _final_eval(cfg, result, comm) -> dict:
     from . import certify, train as train_mod
+
     dataset, model, _ = train_mod.build_problem(cfg)
     model.to(result.device)  # the device training used (a GPU when the rank has one)
     n = cfg.eval.num_test or len(dataset.test_y)
-    res = certify.evaluate(model, result.theta, dataset.test_x[:n], dataset.test_y[:n], cfg.bound.eps,
-                           list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
-                           pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    res = certify.evaluate(
+        model,
+        result.theta,
+        dataset.test_x[:n],
+        dataset.test_y[:n],
+        cfg.bound.eps,
+        list(cfg.eval.methods),
+        comm=comm,
+        batch_size=cfg.eval.batch_size,
+        pgd_steps=cfg.eval.pgd_steps,
+        seed=cfg.train.seed,
+    )
     if comm.is_root:
         parts = [f"{k} {100 * v:.2f}%" for k, v in res.items() if k not in ("num_examples", "eps")]
-        print(f"final test accuracy (eps={cfg.bound.eps}, {res['num_examples']} examples): " + ", ".join(parts), flush=True)
+        print(
+            f"final test accuracy (eps={cfg.bound.eps}, {res['num_examples']} examples): " + ", ".join(parts),
+            flush=True,
+        )
     return res
 
 
@@ -153,6 +234,7 @@ def _cmd_certify(args, comm) -> int:
     import torch
 
     from . import certify, checkpoint, rundir, train as train_mod
+
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
@@ -168,24 +250,52 @@ def _cmd_certify(args, comm) -> int:
     if args.pgd_restarts < 0 or (args.time_limit is not None and args.time_limit < 0):
         raise ValueError(f"--pgd-restarts and --time-limit must be >= 0, got {args.pgd_restarts} and {args.time_limit}")
     res, samples = certify.certify(
-        model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n], eps, methods,
-        comm=comm, batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps, pgd_restarts=args.pgd_restarts,
-        seed=cfg.train.seed, verify=args.verify, verify_time_limit=args.time_limit or None,
-        verify_max_domains=args.max_domains)
+        model,
+        torch.from_numpy(ckpt.theta.copy()),
+        dataset.test_x[:n],
+        dataset.test_y[:n],
+        eps,
+        methods,
+        comm=comm,
+        batch_size=cfg.eval.batch_size,
+        pgd_steps=cfg.eval.pgd_steps,
+        pgd_restarts=args.pgd_restarts,
+        seed=cfg.train.seed,
+        verify=args.verify,
+        verify_time_limit=args.time_limit or None,
+        verify_max_domains=args.max_domains,
+    )
     if comm.is_root:
         path = Path(args.results) if args.results else certify.results_path(args.checkpoint, eps)
-        rundir.write_json(path, {
-            "schema": certify.RESULTS_SCHEMA, "format_version": certify.RESULTS_VERSION,
-            "checkpoint": str(args.checkpoint), "generation": ckpt.generation,
-            "theta_sha256": checkpoint.theta_sha256(ckpt.theta), "eps": float(eps), "methods": methods,
-            "pgd_steps": cfg.eval.pgd_steps, "pgd_restarts": args.pgd_restarts, "verify": args.verify,
-            "time_limit": args.time_limit, "max_domains": args.max_domains,
-            "summary": json_safe(res), "samples": json_safe(samples)})
+        rundir.write_json(
+            path,
+            {
+                "schema": certify.RESULTS_SCHEMA,
+                "format_version": certify.RESULTS_VERSION,
+                "checkpoint": str(args.checkpoint),
+                "generation": ckpt.generation,
+                "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+                "eps": float(eps),
+                "methods": methods,
+                "pgd_steps": cfg.eval.pgd_steps,
+                "pgd_restarts": args.pgd_restarts,
+                "verify": args.verify,
+                "time_limit": args.time_limit,
+                "max_domains": args.max_domains,
+                "summary": json_safe(res),
+                "samples": json_safe(samples),
+            },
+        )
         if args.json:
             print(json.dumps(json_safe(res), indent=2, allow_nan=False))
         else:
-            print("\n".join(f"{k:24s} {100 * v:6.2f}%" for k, v in res.items()
-                            if k in ("natural", "adversarial", "certified", "verified") or k.startswith("certified/")))
+            print(
+                "\n".join(
+                    f"{k:24s} {100 * v:6.2f}%"
+                    for k, v in res.items()
+                    if k in ("natural", "adversarial", "certified", "verified") or k.startswith("certified/")
+                )
+            )
             if args.verify:
                 print(f"{'unknown':24s} {res['unknown']:6d}\n{'falsified':24s} {res['falsified']:6d}")
             print(f"({n} test examples, eps={eps}, {res['time_s']:.1f} s; per-sample results in {path})")
@@ -194,6 +304,7 @@ def _cmd_certify(args, comm) -> int:
 
 def _cmd_inspect(args, comm) -> int:
     from . import checkpoint
+
     summary = checkpoint.summary(args.checkpoint)
     if comm.is_root:
         if args.json:
@@ -209,6 +320,7 @@ def _cmd_landscape(args, comm) -> int:
     import torch
 
     from . import checkpoint, landscape, train as train_mod
+
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
@@ -216,17 +328,26 @@ def _cmd_landscape(args, comm) -> int:
     device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     if comm.is_root:
         path = landscape.run_from_checkpoint(
-            model.to(device), torch.from_numpy(ckpt.theta.copy()), dataset.train_x[:args.batch_size].to(device),
-            dataset.train_y[:args.batch_size].to(device), cfg.bound.eps,
-            sigmas=[float(s) for s in args.sigmas.split(",")], methods=args.methods.split(","),
-            num_samples=args.num_samples, num_points=args.num_points, radius=args.radius,
-            seed=cfg.train.seed, out=str(_png_path(args.out, "landscape.png")))
+            model.to(device),
+            torch.from_numpy(ckpt.theta.copy()),
+            dataset.train_x[: args.batch_size].to(device),
+            dataset.train_y[: args.batch_size].to(device),
+            cfg.bound.eps,
+            sigmas=[float(s) for s in args.sigmas.split(",")],
+            methods=args.methods.split(","),
+            num_samples=args.num_samples,
+            num_points=args.num_points,
+            radius=args.radius,
+            seed=cfg.train.seed,
+            out=str(_png_path(args.out, "landscape.png")),
+        )
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_plot(args, comm) -> int:
     from . import analysis, plotting
+
     out = _png_path(args.out, "metrics.png")
     runs = analysis.load_runs(args.paths)
     if comm.is_root:
@@ -238,6 +359,7 @@ def _cmd_plot(args, comm) -> int:
 
 def _cmd_report(args, comm) -> int:
     from . import analysis, analysis_report
+
     runs = analysis.load_runs(args.runs)
     if args.certify:  # rank 0 decides what is missing, so every rank certifies the same runs
         missing = comm.bcast_obj([analysis_report.run_result(run)[0] is None for run in runs])
@@ -257,6 +379,7 @@ def _certify_run(run, comm):
     import torch
 
     from . import analysis, certify, checkpoint, rundir, train as train_mod
+
     if run.checkpoint_path is None:
         raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
     ckpt = _load_usable(str(run.checkpoint_path))
@@ -266,14 +389,30 @@ def _certify_run(run, comm):
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
     n = cfg.eval.num_test or len(dataset.test_y)
     t0 = time.perf_counter()
-    res = certify.evaluate(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n], dataset.test_y[:n],
-                           cfg.bound.eps, list(cfg.eval.methods), comm=comm, batch_size=cfg.eval.batch_size,
-                           pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    res = certify.evaluate(
+        model,
+        torch.from_numpy(ckpt.theta.copy()),
+        dataset.test_x[:n],
+        dataset.test_y[:n],
+        cfg.bound.eps,
+        list(cfg.eval.methods),
+        comm=comm,
+        batch_size=cfg.eval.batch_size,
+        pgd_steps=cfg.eval.pgd_steps,
+        seed=cfg.train.seed,
+    )
     if comm.is_root:
-        rundir.write_json(run.directory / f"certify_{ckpt.generation:08d}.json", {
-            "generation": ckpt.generation, "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
-            "checkpoint": str(run.checkpoint_path), "methods": list(cfg.eval.methods),
-            "time_s": time.perf_counter() - t0, **res})
+        rundir.write_json(
+            run.directory / f"certify_{ckpt.generation:08d}.json",
+            {
+                "generation": ckpt.generation,
+                "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+                "checkpoint": str(run.checkpoint_path),
+                "methods": list(cfg.eval.methods),
+                "time_s": time.perf_counter() - t0,
+                **res,
+            },
+        )
     comm.barrier()
     return analysis.load_run(run.path, label=run.label)
 
@@ -282,12 +421,14 @@ def _cmd_tightness(args, comm) -> int:
     import torch
 
     from . import analysis_tightness, checkpoint, plotting, rundir, train as train_mod
+
     out = _png_path(args.out, "tightness.png")
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     radii = analysis_tightness.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
     methods = [m for m in args.methods.split(",") if m]
     from .bounds import SOUND_METHODS
+
     bad = [m for m in methods if m not in SOUND_METHODS]
     if bad:
         raise ValueError(f"--methods {bad} are not sound relaxations; choose among {list(SOUND_METHODS)}")
@@ -295,16 +436,32 @@ def _cmd_tightness(args, comm) -> int:
     checkpoint.check_compatible(ckpt, arch)
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
     n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
-    res = analysis_tightness.tightness(model, torch.from_numpy(ckpt.theta.copy()), dataset.test_x[:n],
-                                       dataset.test_y[:n], radii, methods, comm=comm, batch_size=cfg.eval.batch_size)
-    res.update({"checkpoint": str(args.checkpoint), "generation": ckpt.generation,
-                "theta_sha256": checkpoint.theta_sha256(ckpt.theta), "training_eps": cfg.bound.eps,
-                "training_method": cfg.bound.method})
+    res = analysis_tightness.tightness(
+        model,
+        torch.from_numpy(ckpt.theta.copy()),
+        dataset.test_x[:n],
+        dataset.test_y[:n],
+        radii,
+        methods,
+        comm=comm,
+        batch_size=cfg.eval.batch_size,
+    )
+    res.update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "generation": ckpt.generation,
+            "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+            "training_eps": cfg.bound.eps,
+            "training_method": cfg.bound.method,
+        }
+    )
     if comm.is_root:
         png = plotting.plot_tightness(res, out, eps=cfg.bound.eps)
         js = rundir.write_json(png.with_suffix(".json"), res)
-        print(f"{'relaxation':12s} {'AUC':>9s} {'mean cert.':>10s}   (radii 0..{radii[-1]:g}, {len(radii)} points, "
-              f"{res['num_examples']} examples, natural {100 * res['natural_accuracy']:.2f}%)")
+        print(
+            f"{'relaxation':12s} {'AUC':>9s} {'mean cert.':>10s}   (radii 0..{radii[-1]:g}, {len(radii)} points, "
+            f"{res['num_examples']} examples, natural {100 * res['natural_accuracy']:.2f}%)"
+        )
         for m, c in res["methods"].items():
             print(f"{m:12s} {c['auc']:9.5f} {100 * c['auc_normalized']:9.2f}%")
         print(f"wrote {png} and {js}")
@@ -322,8 +479,10 @@ def _cmd_config(args, comm) -> int:
     return 0
 
 
-_CERTIFY_ARCH_ADVICE = ("the checkpoint's own config describes its model and data: drop the --set overrides that "
-                        "change model.* or data.* (data.root may change), or pass the checkpoint of that model")
+_CERTIFY_ARCH_ADVICE = (
+    "the checkpoint's own config describes its model and data: drop the --set overrides that "
+    "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
+)
 
 
 def _load_usable(path: str):
@@ -332,15 +491,20 @@ def _load_usable(path: str):
     import numpy as np
 
     from . import checkpoint
+
     ckpt = checkpoint.load(path)
     if not isinstance(ckpt.config, dict):
-        raise ValueError(f"{path} stores a config that is a {type(ckpt.config).__name__}, not a mapping of "
-                         "sections; it was not written by `mpigls train` or was edited; use a checkpoint from a run")
+        raise ValueError(
+            f"{path} stores a config that is a {type(ckpt.config).__name__}, not a mapping of "
+            "sections; it was not written by `mpigls train` or was edited; use a checkpoint from a run"
+        )
     ckpt.config = config_mod.stored_config(ckpt.config)  # older files hold every optimizer's keys
     bad = int((~np.isfinite(ckpt.theta)).sum())
     if bad:
-        raise ValueError(f"{path} holds {bad} non-finite parameter(s) (NaN/inf) out of {ckpt.theta.size}; its "
-                         "accuracies would be meaningless; use an earlier checkpoint of the run")
+        raise ValueError(
+            f"{path} holds {bad} non-finite parameter(s) (NaN/inf) out of {ckpt.theta.size}; its "
+            "accuracies would be meaningless; use an earlier checkpoint of the run"
+        )
     return ckpt
 
 
@@ -372,9 +536,16 @@ def _png_path(out: str, default_name: str) -> Path:
     return path
 
 
-_COMMANDS = {"train": _cmd_train, "certify": _cmd_certify, "inspect": _cmd_inspect,
-             "landscape": _cmd_landscape, "plot": _cmd_plot, "report": _cmd_report, "tightness": _cmd_tightness,
-             "config": _cmd_config}
+_COMMANDS = {
+    "train": _cmd_train,
+    "certify": _cmd_certify,
+    "inspect": _cmd_inspect,
+    "landscape": _cmd_landscape,
+    "plot": _cmd_plot,
+    "report": _cmd_report,
+    "tightness": _cmd_tightness,
+    "config": _cmd_config,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,5 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     comm = dist.init_comm(fake_nodes=fake_nodes)
     # Every rank validates the same input, so user errors fail alike everywhere; run_guarded makes
     # all ranks leave with one exit code (2 user error, 3 preempted) or aborts the job on a crash.
-    return dist.run_guarded(lambda: _COMMANDS[args.command](args, comm), comm,
-                            user_errors=(*USER_ERRORS, config_mod.ConfigError), label=f"mpigls {args.command}")
+    return dist.run_guarded(
+        lambda: _COMMANDS[args.command](args, comm),
+        comm,
+        user_errors=(*USER_ERRORS, config_mod.ConfigError),
+        label=f"mpigls {args.command}",
+    )

@@ -10,6 +10,7 @@ class (``mpigls.optim.registry``; one default, one validation, one help text per
 loop's keys (``optim.unit.LoopParams``). Configs stored in checkpoints by older versions hold
 every optimizer's keys: read them through ``stored_config``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,25 @@ from .optim import registry
 from .optim.schedules import EPS_SCHEDULES
 from .optim.unit import LoopParams, help_of, param
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "BoundConfig", "OptimizerConfig",
-           "TrainConfig", "EvalConfig", "Config", "load_config", "from_dict", "to_dict", "stored_config",
-           "optimizer_keys", "apply_overrides", "describe", "short_repr", "yaml_load"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "BoundConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Config",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "stored_config",
+    "optimizer_keys",
+    "apply_overrides",
+    "describe",
+    "short_repr",
+    "yaml_load",
+]
 
 
 class ConfigError(ValueError):
@@ -48,7 +65,7 @@ def _require(cond: bool, message: str) -> None:
 def short_repr(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: error messages never print an unbounded value."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
 MAX_VALUE_LEN = 4096  # no config value (a name, a path, a list of milestones) is longer
@@ -61,17 +78,24 @@ class DataConfig:
     root: str | None = _f(None, "directory holding the dataset files (required for mnist, cifar10, tinyimagenet)")
     num_train: int | None = _f(None, "use only the first N training examples (null: all)")
     num_test: int | None = _f(None, "use only the first N test examples (null: all)")
-    augment: str = _f("auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar")
+    augment: str = _f(
+        "auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar"
+    )
 
     def __post_init__(self):
         from .data import AUGMENTATIONS, DATASETS
+
         _require(self.name in DATASETS, f"data.name must be one of {list(DATASETS)}, got {self.name!r}")
-        _require(self.augment in ("auto", *AUGMENTATIONS),
-                 f"data.augment must be one of {['auto', *AUGMENTATIONS]}, got {self.augment!r}")
+        _require(
+            self.augment in ("auto", *AUGMENTATIONS),
+            f"data.augment must be one of {['auto', *AUGMENTATIONS]}, got {self.augment!r}",
+        )
         if self.name in ("mnist", "cifar10", "tinyimagenet"):
-            _require(self.root is not None,
-                     f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
-                     f"dataset, e.g. --set data.root=/scratch/datasets")
+            _require(
+                self.root is not None,
+                f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
+                f"dataset, e.g. --set data.root=/scratch/datasets",
+            )
         for key in ("num_train", "num_test"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"data.{key} must be positive or null, got {value}")
@@ -80,11 +104,15 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str = _f("cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny")
-    init_from: str | None = _f(None, "warm start: path of an mpigls checkpoint whose theta initialises training "
-                                     "(the paper starts PGPE from a PGD-trained network)")
+    init_from: str | None = _f(
+        None,
+        "warm start: path of an mpigls checkpoint whose theta initialises training "
+        "(the paper starts PGPE from a PGD-trained network)",
+    )
 
     def __post_init__(self):
         from .models import ARCHITECTURES
+
         _require(self.name in ARCHITECTURES, f"model.name must be one of {list(ARCHITECTURES)}, got {self.name!r}")
 
 
@@ -96,26 +124,41 @@ BOUND_METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown",
 
 @dataclass(frozen=True, kw_only=True)
 class BoundConfig:
-    method: str = _f("ibp", "training loss: ibp, hbox, crown-ibp, deeppoly (= crown), alpha-crown, sabr, staps, pgd, natural")
+    method: str = _f(
+        "ibp", "training loss: ibp, hbox, crown-ibp, deeppoly (= crown), alpha-crown, sabr, staps, pgd, natural"
+    )
     eps: float = _f(0.1, "l_inf radius in pixel space ([0, 1] images)")
-    eps_schedule: str = _f("smooth", "eps annealing per batch: " + ", ".join(EPS_SCHEDULES)
-                           + " (smooth: polynomial then linear)")
+    eps_schedule: str = _f(
+        "smooth", "eps annealing per batch: " + ", ".join(EPS_SCHEDULES) + " (smooth: polynomial then linear)"
+    )
     eps_start: float = _f(0.0, "eps at the start of annealing")
     warmup_epochs: float = _f(0.0, "epochs at eps_start before annealing begins")
     anneal_epochs: float = _f(0.0, "epochs over which eps grows from eps_start to eps (0: no annealing)")
-    options: dict = _f({}, "method-specific options passed to the bound engine (e.g. memory_budget_mb, "
-                           "sabr_lambda, alpha_steps)")
+    options: dict = _f(
+        {}, "method-specific options passed to the bound engine (e.g. memory_budget_mb, sabr_lambda, alpha_steps)"
+    )
 
     def __post_init__(self):
-        _require(self.method in BOUND_METHODS, f"bound.method must be one of {list(BOUND_METHODS)}, got {self.method!r}")
-        _require(0 <= self.eps <= 1, f"bound.eps must lie in [0, 1], got {self.eps}; eps is an l_inf radius in "
-                                     f"[0, 1] pixel space (MNIST papers use 0.1 or 0.3, CIFAR-10 2/255 = 0.0078)")
-        _require(0 <= self.eps_start <= max(self.eps, 0.0) or self.eps_start == 0,
-                 f"bound.eps_start must lie in [0, bound.eps={self.eps}], got {self.eps_start}")
-        _require(self.eps_schedule in EPS_SCHEDULES,
-                 f"bound.eps_schedule must be one of {list(EPS_SCHEDULES)}, got {self.eps_schedule!r}")
-        _require(self.warmup_epochs >= 0 and self.anneal_epochs >= 0,
-                 f"bound.warmup_epochs and bound.anneal_epochs must be >= 0, got {self.warmup_epochs}, {self.anneal_epochs}")
+        _require(
+            self.method in BOUND_METHODS, f"bound.method must be one of {list(BOUND_METHODS)}, got {self.method!r}"
+        )
+        _require(
+            0 <= self.eps <= 1,
+            f"bound.eps must lie in [0, 1], got {self.eps}; eps is an l_inf radius in "
+            f"[0, 1] pixel space (MNIST papers use 0.1 or 0.3, CIFAR-10 2/255 = 0.0078)",
+        )
+        _require(
+            0 <= self.eps_start <= max(self.eps, 0.0) or self.eps_start == 0,
+            f"bound.eps_start must lie in [0, bound.eps={self.eps}], got {self.eps_start}",
+        )
+        _require(
+            self.eps_schedule in EPS_SCHEDULES,
+            f"bound.eps_schedule must be one of {list(EPS_SCHEDULES)}, got {self.eps_schedule!r}",
+        )
+        _require(
+            self.warmup_epochs >= 0 and self.anneal_epochs >= 0,
+            f"bound.warmup_epochs and bound.anneal_epochs must be >= 0, got {self.warmup_epochs}, {self.anneal_epochs}",
+        )
 
 
 @dataclass(frozen=True)
@@ -130,11 +173,13 @@ class OptimizerConfig:
 
     name: str = "pgpe"
     loop: LoopParams = field(default_factory=LoopParams)
-    params: Any = None   # the chosen optimizer's frozen Params (None: its defaults)
+    params: Any = None  # the chosen optimizer's frozen Params (None: its defaults)
 
     def __post_init__(self):
-        _require(self.name in registry.OPTIMIZERS,
-                 f"optimizer.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(self.name)}")
+        _require(
+            self.name in registry.OPTIMIZERS,
+            f"optimizer.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(self.name)}",
+        )
         if self.params is None:
             object.__setattr__(self, "params", registry.get(self.name).Params())
 
@@ -157,8 +202,11 @@ class OptimizerConfig:
 
 def optimizer_keys(name: str) -> list[str]:
     """``name`` + LoopParams fields + the Params fields of optimizer ``name``."""
-    return (["name"] + [f.name for f in dataclasses.fields(LoopParams)]
-            + [f.name for f in dataclasses.fields(registry.get(name).Params)])
+    return (
+        ["name"]
+        + [f.name for f in dataclasses.fields(LoopParams)]
+        + [f.name for f in dataclasses.fields(registry.get(name).Params)]
+    )
 
 
 def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
@@ -172,8 +220,10 @@ def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
     own = {f.name for f in dataclasses.fields(params_cls)}
     unknown = [k for k in values if k != "name" and k not in loop_names and k not in own]
     if unknown:
-        raise ConfigError(f"unknown config key(s) {short_repr(unknown)} in section '{path}' for optimizer {name!r}; its "
-                          f"valid keys are {optimizer_keys(name)}")
+        raise ConfigError(
+            f"unknown config key(s) {short_repr(unknown)} in section '{path}' for optimizer {name!r}; its "
+            f"valid keys are {optimizer_keys(name)}"
+        )
     loop = _build(LoopParams, {k: v for k, v in values.items() if k in loop_names}, path)
     params = _build(params_cls, {k: v for k, v in values.items() if k in own}, path)
     return OptimizerConfig(name, loop, params)
@@ -200,28 +250,46 @@ class TrainConfig:
     epochs: float = _f(10, "training length in epochs (one generation = one minibatch)")
     batch_size: int = _f(128, "minibatch size; every rank draws the same minibatch")
     seed: int = _f(0, "seed of everything: init, batch order, noise (never changed per rank)")
-    checkpoint_every: int = _f(50, "generations between checkpoints (one is always written at the end and on a stop signal)")
+    checkpoint_every: int = _f(
+        50, "generations between checkpoints (one is always written at the end and on a stop signal)"
+    )
     keep_last: int = _f(3, "checkpoints kept in the output directory")
     log_every: int = _f(10, "generations between log lines on rank 0")
     consistency_every: int = _f(100, "generations between cross-rank theta hash checks (0: off)")
-    max_skipped_steps: int = _f(20, "consecutive skipped steps (every loss or the gradient non-finite) "
-                                    "before the run stops with an error (0: never stop)")
+    max_skipped_steps: int = _f(
+        20,
+        "consecutive skipped steps (every loss or the gradient non-finite) "
+        "before the run stops with an error (0: never stop)",
+    )
     device: str = _f("auto", "auto (GPU by node-local rank if available), cpu or cuda")
-    deterministic: bool = _f(True, "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
-                                   "deterministic, no benchmark): same command, same GPU model -> same theta bits; "
-                                   "false may be faster on GPU but runs differ in the last bits")
-    tf32: bool = _f(False, "allow TF32 matmuls/convolutions on GPU during training (faster, ~1e-3 relative "
-                           "rounding); certificates are always recomputed in true fp32")
-    threads: int | None = _f(None, "torch CPU threads per rank (null: cores per node / ranks per node); "
-                                   "bitwise world-size invariance on CPU needs the same value for every run")
-    fake_nodes: int | None = _f(None, "split ranks into this many simulated nodes (testing node-level code on one machine)")
+    deterministic: bool = _f(
+        True,
+        "deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+        "deterministic, no benchmark): same command, same GPU model -> same theta bits; "
+        "false may be faster on GPU but runs differ in the last bits",
+    )
+    tf32: bool = _f(
+        False,
+        "allow TF32 matmuls/convolutions on GPU during training (faster, ~1e-3 relative "
+        "rounding); certificates are always recomputed in true fp32",
+    )
+    threads: int | None = _f(
+        None,
+        "torch CPU threads per rank (null: cores per node / ranks per node); "
+        "bitwise world-size invariance on CPU needs the same value for every run",
+    )
+    fake_nodes: int | None = _f(
+        None, "split ranks into this many simulated nodes (testing node-level code on one machine)"
+    )
     progress: bool = _f(True, "progress bar on rank 0 when attached to a terminal")
 
     def __post_init__(self):
         _require(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(0 <= self.seed <= MAX_SEED, f"train.seed must be an integer in [0, 2**63 - 1], got "
-                                             f"{short_repr(self.seed, 40)}; use e.g. 0 or 12345")
+        _require(
+            0 <= self.seed <= MAX_SEED,
+            f"train.seed must be an integer in [0, 2**63 - 1], got {short_repr(self.seed, 40)}; use e.g. 0 or 12345",
+        )
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
@@ -229,12 +297,17 @@ class TrainConfig:
         _require(self.consistency_every >= 0, f"train.consistency_every must be >= 0, got {self.consistency_every}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _require(self.threads is None or self.threads >= 1, f"train.threads must be >= 1 or null, got {self.threads}")
-        _require(self.fake_nodes is None or self.fake_nodes >= 1, f"train.fake_nodes must be >= 1 or null, got {self.fake_nodes}")
+        _require(
+            self.fake_nodes is None or self.fake_nodes >= 1,
+            f"train.fake_nodes must be >= 1 or null, got {self.fake_nodes}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    methods: list = _f(["ibp", "deeppoly"], "bound methods used to certify at the end of training and by `mpigls certify`")
+    methods: list = _f(
+        ["ibp", "deeppoly"], "bound methods used to certify at the end of training and by `mpigls certify`"
+    )
     num_test: int | None = _f(None, "certify only the first N test examples (null: all)")
     batch_size: int = _f(100, "test examples per bound call")
     pgd_steps: int = _f(20, "PGD steps of the empirical robustness attack (0: skip)")
@@ -243,10 +316,15 @@ class EvalConfig:
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in CERTIFY_METHODS]
-        _require(not bad, f"eval.methods entries must be sound bound methods, among {list(CERTIFY_METHODS)}, "
-                          f"got {short_repr(bad)} (sabr bounds only a small box: a training loss, not a certificate)")
-        _require(self.num_test is None or self.num_test >= 1,
-                 f"eval.num_test must be >= 1 or null (all test examples), got {self.num_test}")
+        _require(
+            not bad,
+            f"eval.methods entries must be sound bound methods, among {list(CERTIFY_METHODS)}, "
+            f"got {short_repr(bad)} (sabr bounds only a small box: a training loss, not a certificate)",
+        )
+        _require(
+            self.num_test is None or self.num_test >= 1,
+            f"eval.num_test must be >= 1 or null (all test examples), got {self.num_test}",
+        )
         _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
         _require(self.pgd_steps >= 0, f"eval.pgd_steps must be >= 0, got {self.pgd_steps}")
         _require(self.every >= 0, f"eval.every must be >= 0 (0: no validation during training), got {self.every}")
@@ -310,15 +388,19 @@ def _build(cls: type, values: dict, path: str) -> Any:
             kwargs[name] = _build(annotation, value or {}, key)
             continue
         if isinstance(value, (str, list, dict)) and len(value) > MAX_VALUE_LEN:
-            raise ConfigError(f"config key {key} has a {type(value).__name__} value of length {len(value)} "
-                              f"({short_repr(value, 60)}); values longer than {MAX_VALUE_LEN} are refused")
+            raise ConfigError(
+                f"config key {key} has a {type(value).__name__} value of length {len(value)} "
+                f"({short_repr(value, 60)}); values longer than {MAX_VALUE_LEN} are refused"
+            )
         ok, coerced = _type_ok(value, annotation)
         if not ok:
             hint = ""
             if isinstance(value, float) and math.isfinite(value) and value == int(value):
                 hint = f"; write it as a whole number, e.g. {int(value)}"
-            raise ConfigError(f"config key {key} must be of type {_type_name(annotation)}, got {short_repr(value)} "
-                              f"({type(value).__name__}){hint}")
+            raise ConfigError(
+                f"config key {key} must be of type {_type_name(annotation)}, got {short_repr(value)} "
+                f"({type(value).__name__}){hint}"
+            )
         if isinstance(coerced, float) and not math.isfinite(coerced):
             raise ConfigError(f"config key {key} must be a finite number, got {coerced}")
         kwargs[name] = coerced
@@ -341,8 +423,12 @@ def to_dict(cfg: Any) -> dict:
     """A config (or one section) as the nested dict of its YAML form (the optimizer section flat)."""
     if isinstance(cfg, OptimizerConfig):
         return cfg.to_dict()
-    return {f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-            else copy.deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return {
+        f.name: to_dict(getattr(cfg, f.name))
+        if dataclasses.is_dataclass(getattr(cfg, f.name))
+        else copy.deepcopy(getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+    }
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -358,17 +444,32 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 # keys that change how a run executes but not what it computes (on CPU the thread count can change
 # the last bits), or that only matter at the start of a run
-RUNTIME_KEYS = frozenset({"model.init_from", "train.threads", "train.progress", "train.log_every", "train.device",
-                          "train.fake_nodes", "train.checkpoint_every", "train.keep_last",
-                          "train.consistency_every", "train.max_skipped_steps", "train.epochs"})
+RUNTIME_KEYS = frozenset(
+    {
+        "model.init_from",
+        "train.threads",
+        "train.progress",
+        "train.log_every",
+        "train.device",
+        "train.fake_nodes",
+        "train.checkpoint_every",
+        "train.keep_last",
+        "train.consistency_every",
+        "train.max_skipped_steps",
+        "train.epochs",
+    }
+)
 
 
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) whose value differs between two config dicts and changes the computation:
     ``{key: (old, new)}``, eval.* and RUNTIME_KEYS left out."""
     a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")
+    }
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -386,11 +487,13 @@ class _ConfigLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-            raise ConfigError(f"{self._source} uses the YAML {kind}{short_repr(event.anchor, 40)[1:-1]} "
-                              f"({event.start_mark.line + 1 if event.start_mark else '?'}:"
-                              f"{event.start_mark.column + 1 if event.start_mark else '?'}); anchors and aliases are "
-                              "not allowed in mpigls configs (nested aliases can expand to gigabytes): write each "
-                              "value out in full")
+            raise ConfigError(
+                f"{self._source} uses the YAML {kind}{short_repr(event.anchor, 40)[1:-1]} "
+                f"({event.start_mark.line + 1 if event.start_mark else '?'}:"
+                f"{event.start_mark.column + 1 if event.start_mark else '?'}); anchors and aliases are "
+                "not allowed in mpigls configs (nested aliases can expand to gigabytes): write each "
+                "value out in full"
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -403,8 +506,10 @@ class _ConfigLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # reported by the base class as an unhashable key
                 if key in seen:
-                    raise ConfigError(f"{self._source} gives the key {short_repr(key, 60)} twice in one mapping "
-                                      f"(lines {seen[key]} and {key_node.start_mark.line + 1}); keep only one")
+                    raise ConfigError(
+                        f"{self._source} gives the key {short_repr(key, 60)} twice in one mapping "
+                        f"(lines {seen[key]} and {key_node.start_mark.line + 1}); keep only one"
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
@@ -413,7 +518,8 @@ _ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def yaml_load(text: str, source: str = "the YAML text") -> Any:
@@ -466,23 +572,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         name = short_repr(str(path), 200)
         if not path.exists():
-            raise FileNotFoundError(f"config file {name} does not exist; pass a YAML file such as configs/quickstart.yaml")
+            raise FileNotFoundError(
+                f"config file {name} does not exist; pass a YAML file such as configs/quickstart.yaml"
+            )
         if path.is_dir():
-            raise ConfigError(f"config path {name} is a directory, not a YAML file; pass a file such as "
-                              "configs/quickstart.yaml")
+            raise ConfigError(
+                f"config path {name} is a directory, not a YAML file; pass a file such as configs/quickstart.yaml"
+            )
         if not path.is_file():
-            raise ConfigError(f"config path {name} is not a regular file (a device, pipe or socket); pass a YAML "
-                              "file such as configs/quickstart.yaml")
+            raise ConfigError(
+                f"config path {name} is not a regular file (a device, pipe or socket); pass a YAML "
+                "file such as configs/quickstart.yaml"
+            )
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {name} has {size} bytes, more than the {MAX_CONFIG_BYTES} a config may "
-                              "have (they are a few hundred bytes); check the path")
+            raise ConfigError(
+                f"config file {name} has {size} bytes, more than the {MAX_CONFIG_BYTES} a config may "
+                "have (they are a few hundred bytes); check the path"
+            )
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {name} is not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
-                              f"{exc.start}); pass a YAML config such as configs/quickstart.yaml") from None
+            raise ConfigError(
+                f"config file {name} is not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset "
+                f"{exc.start}); pass a YAML config such as configs/quickstart.yaml"
+            ) from None
         try:
             values = yaml_load(text, source=f"config file {name}") or {}
         except yaml.YAMLError as exc:
@@ -520,8 +635,15 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
 
 
 def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
-    rows = [(f"{prefix}name", repr(OptimizerConfig.name), "the optimizer, one of " + ", ".join(registry.OPTIMIZERS)
-             + " (mpigls.optim.registry); the keys marked [...] below belong to the optimizers named")]
+    rows = [
+        (
+            f"{prefix}name",
+            repr(OptimizerConfig.name),
+            "the optimizer, one of "
+            + ", ".join(registry.OPTIMIZERS)
+            + " (mpigls.optim.registry); the keys marked [...] below belong to the optimizers named",
+        )
+    ]
     rows += [(f"{prefix}{f.name}", repr(_default(f)), help_of(f)) for f in dataclasses.fields(LoopParams)]
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
@@ -530,10 +652,15 @@ def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
             owners.setdefault(f.name, []).append(name)
             fields.setdefault(f.name, f)
     for key, f in fields.items():
-        defaults = {n: repr(_default(next(g for g in dataclasses.fields(registry.get(n).Params) if g.name == key)))
-                    for n in owners[key]}
-        default = next(iter(defaults.values())) if len(set(defaults.values())) == 1 else ", ".join(
-            f"{n}: {d}" for n, d in defaults.items())
+        defaults = {
+            n: repr(_default(next(g for g in dataclasses.fields(registry.get(n).Params) if g.name == key)))
+            for n in owners[key]
+        }
+        default = (
+            next(iter(defaults.values()))
+            if len(set(defaults.values())) == 1
+            else ", ".join(f"{n}: {d}" for n, d in defaults.items())
+        )
         who = "all" if len(owners[key]) == len(registry.OPTIMIZERS) else ", ".join(owners[key])
         rows.append((f"{prefix}{key}", default, f"[{who}] {help_of(f)}"))
     return rows

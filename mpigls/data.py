@@ -41,6 +41,7 @@ Expected on-disk layout (``data.root`` = ROOT; nothing is downloaded):
 
 Shapes: B batch, C/H/W image, N examples, K classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,14 +88,20 @@ class Dataset:
     def __post_init__(self):
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if x.dtype != torch.float32 or x.dim() != 4 or y.dtype != torch.int64 or y.shape != x.shape[:1]:
-                raise ValueError(f"dataset {self.name!r}: {split} images must be float32 (N, C, H, W) and labels "
-                                 f"int64 (N,), got {x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}")
+                raise ValueError(
+                    f"dataset {self.name!r}: {split} images must be float32 (N, C, H, W) and labels "
+                    f"int64 (N,), got {x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}"
+                )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(f"dataset {self.name!r}: train images {tuple(self.train_x.shape[1:])} and test images "
-                             f"{tuple(self.test_x.shape[1:])} differ in shape")
+            raise ValueError(
+                f"dataset {self.name!r}: train images {tuple(self.train_x.shape[1:])} and test images "
+                f"{tuple(self.test_x.shape[1:])} differ in shape"
+            )
         if len(self.mean) != self.train_x.shape[1] or len(self.std) != self.train_x.shape[1]:
-            raise ValueError(f"dataset {self.name!r}: mean/std need one value per channel "
-                             f"({self.train_x.shape[1]}), got {self.mean} / {self.std}")
+            raise ValueError(
+                f"dataset {self.name!r}: mean/std need one value per channel "
+                f"({self.train_x.shape[1]}), got {self.mean} / {self.std}"
+            )
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -103,8 +110,14 @@ class Dataset:
         return c, h, w
 
 
-def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | None = None,
-         num_test: int | None = None, **opts) -> Dataset:
+def load(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    **opts,
+) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) from ``root``; keep the first num_train/num_test examples.
 
     ``opts`` are for "synthetic" only: shape=(1, 8, 8), num_classes=3, n=256 (examples per split),
@@ -115,8 +128,10 @@ def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | N
     allowed = _SYNTHETIC_OPTS if name == "synthetic" else ()
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        raise TypeError(f"load({name!r}) got unknown options {unknown}; allowed: {list(allowed) or 'none'} "
-                        f"(plus num_train, num_test)")
+        raise TypeError(
+            f"load({name!r}) got unknown options {unknown}; allowed: {list(allowed) or 'none'} "
+            f"(plus num_train, num_test)"
+        )
     for key, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer or None (all examples), got {value!r}")
@@ -126,13 +141,17 @@ def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | N
         ds = _load_synthetic(**opts)
     else:
         if root is None:
-            raise FileNotFoundError(f"dataset {name!r} is read from a local directory but no root was given; "
-                                    f"set data.root to the directory holding it (layouts: mpigls.data docstring)")
+            raise FileNotFoundError(
+                f"dataset {name!r} is read from a local directory but no root was given; "
+                f"set data.root to the directory holding it (layouts: mpigls.data docstring)"
+            )
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} for {name!r} does not exist or is not a directory; "
-                                    f"set data.root to the directory holding the {name} files "
-                                    f"(layouts: mpigls.data docstring)")
+            raise FileNotFoundError(
+                f"dataset root {str(root)!r} for {name!r} does not exist or is not a directory; "
+                f"set data.root to the directory holding the {name} files "
+                f"(layouts: mpigls.data docstring)"
+            )
         if name == "tinyimagenet":
             ds = _load_tinyimagenet(root, num_train)
         else:
@@ -143,10 +162,17 @@ def load(name: str, root: str | os.PathLike | None = None, *, num_train: int | N
 def _subset(ds: Dataset, num_train: int | None, num_test: int | None) -> Dataset:
     for key, value, have in (("num_train", num_train, len(ds.train_y)), ("num_test", num_test, len(ds.test_y))):
         if value is not None and value > have:
-            raise ValueError(f"{key}={value} but dataset {ds.name!r} has only {have} examples in that split; "
-                             f"use at most {have} or leave {key} unset")
-    return dataclasses.replace(ds, train_x=ds.train_x[:num_train], train_y=ds.train_y[:num_train],
-                               test_x=ds.test_x[:num_test], test_y=ds.test_y[:num_test])
+            raise ValueError(
+                f"{key}={value} but dataset {ds.name!r} has only {have} examples in that split; "
+                f"use at most {have} or leave {key} unset"
+            )
+    return dataclasses.replace(
+        ds,
+        train_x=ds.train_x[:num_train],
+        train_y=ds.train_y[:num_train],
+        test_x=ds.test_x[:num_test],
+        test_y=ds.test_y[:num_test],
+    )
 
 
 def _misplaced(root: Path, layout: str, marker: str) -> str:
@@ -159,8 +185,10 @@ def _misplaced(root: Path, layout: str, marker: str) -> str:
 
 def _check_labels(name: str, where: str, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{where} is corrupt: {name} labels must lie in [0, {num_classes}), found "
-                         f"[{int(y.min())}, {int(y.max())}]; re-download or re-extract the dataset")
+        raise ValueError(
+            f"{where} is corrupt: {name} labels must lie in [0, {num_classes}), found "
+            f"[{int(y.min())}, {int(y.max())}]; re-download or re-extract the dataset"
+        )
     return y.to(torch.int64)
 
 
@@ -177,8 +205,10 @@ def _load_digits() -> Dataset:
 def _load_synthetic(shape=(1, 8, 8), num_classes: int = 3, n: int = 256, seed: int = 0) -> Dataset:
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1 or num_classes < 2 or n < 1:
-        raise ValueError(f"synthetic data needs shape (C, H, W) > 0, num_classes >= 2 and n >= 1, got "
-                         f"shape={shape}, num_classes={num_classes}, n={n}")
+        raise ValueError(
+            f"synthetic data needs shape (C, H, W) > 0, num_classes >= 2 and n >= 1, got "
+            f"shape={shape}, num_classes={num_classes}, n={n}"
+        )
     rng = numpy_generator(seed, STREAM_DATA, _SYNTHETIC_TAG)
     prototypes = rng.uniform(0.2, 0.8, size=(num_classes, *shape))  # (K, C, H, W)
 
@@ -195,10 +225,16 @@ def _load_synthetic(shape=(1, 8, 8), num_classes: int = 3, n: int = 256, seed: i
 
 # ---------------------------------------------------------------------------------------- MNIST
 
-_MNIST_FILES = {"train-images-idx3-ubyte": 3, "train-labels-idx1-ubyte": 1,
-                "t10k-images-idx3-ubyte": 3, "t10k-labels-idx1-ubyte": 1}
-_MNIST_FIX = ("download it once on a machine with internet with "
-              "torchvision.datasets.MNIST(ROOT, download=True) and copy ROOT/MNIST/raw/* into data.root/MNIST/raw/")
+_MNIST_FILES = {
+    "train-images-idx3-ubyte": 3,
+    "train-labels-idx1-ubyte": 1,
+    "t10k-images-idx3-ubyte": 3,
+    "t10k-labels-idx1-ubyte": 1,
+}
+_MNIST_FIX = (
+    "download it once on a machine with internet with "
+    "torchvision.datasets.MNIST(ROOT, download=True) and copy ROOT/MNIST/raw/* into data.root/MNIST/raw/"
+)
 
 
 def _check_idx(path: Path, ndim: int) -> None:
@@ -207,15 +243,22 @@ def _check_idx(path: Path, ndim: int) -> None:
     with open(path, "rb") as f:
         header = f.read(4 + 4 * ndim)
     if len(header) < 4 + 4 * ndim or header[:3] != b"\x00\x00\x08" or header[3] != ndim:
-        fix = f"it is gzip-compressed: `gunzip -c {path} > {path}.tmp && mv {path}.tmp {path}`" \
-            if header[:2] == b"\x1f\x8b" else _MNIST_FIX
-        raise ValueError(f"MNIST file {str(path)!r} is corrupt: expected an idx ubyte file with magic number "
-                         f"0x0000080{ndim}, got header bytes {header[:4].hex() or 'none'}; {fix}")
-    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        fix = (
+            f"it is gzip-compressed: `gunzip -c {path} > {path}.tmp && mv {path}.tmp {path}`"
+            if header[:2] == b"\x1f\x8b"
+            else _MNIST_FIX
+        )
+        raise ValueError(
+            f"MNIST file {str(path)!r} is corrupt: expected an idx ubyte file with magic number "
+            f"0x0000080{ndim}, got header bytes {header[:4].hex() or 'none'}; {fix}"
+        )
+    dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if size != expected:
-        raise ValueError(f"MNIST file {str(path)!r} is corrupt (truncated or padded): header says {dims} so "
-                         f"{expected} bytes, the file has {size}; {_MNIST_FIX}")
+        raise ValueError(
+            f"MNIST file {str(path)!r} is corrupt (truncated or padded): header says {dims} so "
+            f"{expected} bytes, the file has {size}; {_MNIST_FIX}"
+        )
 
 
 def _load_mnist(root: Path) -> Dataset:
@@ -228,9 +271,11 @@ def _load_mnist(root: Path) -> Dataset:
         if missing:
             gz = [f for f in missing if (raw / (f + ".gz")).is_file()]
             hint = f"found {gz[0]}.gz: decompress with `gunzip {raw}/*.gz`" if gz else _MNIST_FIX
-            raise FileNotFoundError(f"MNIST files missing under {str(raw)!r}: {', '.join(missing)}; expected "
-                                    f"ROOT/MNIST/raw/{{{', '.join(_MNIST_FILES)}}} (uncompressed); {hint}"
-                                    f"{_misplaced(root, 'MNIST/raw', 'train-images-idx3-ubyte')}")
+            raise FileNotFoundError(
+                f"MNIST files missing under {str(raw)!r}: {', '.join(missing)}; expected "
+                f"ROOT/MNIST/raw/{{{', '.join(_MNIST_FILES)}}} (uncompressed); {hint}"
+                f"{_misplaced(root, 'MNIST/raw', 'train-images-idx3-ubyte')}"
+            )
         for f, ndim in _MNIST_FILES.items():
             _check_idx(raw / f, ndim)
     splits = []
@@ -238,8 +283,10 @@ def _load_mnist(root: Path) -> Dataset:
         try:
             ds = torchvision.datasets.MNIST(str(root), train=train, download=False)
         except Exception as exc:  # torchvision raises RuntimeError/AssertionError/TypeError for bad files
-            raise ValueError(f"could not read MNIST from {str(raw)!r} ({type(exc).__name__}: {exc}); the files "
-                             f"are corrupt or not MNIST; {_MNIST_FIX}") from exc
+            raise ValueError(
+                f"could not read MNIST from {str(raw)!r} ({type(exc).__name__}: {exc}); the files "
+                f"are corrupt or not MNIST; {_MNIST_FIX}"
+            ) from exc
         x, y = ds.data, ds.targets  # (N, 28, 28) uint8, (N,) int64
         where = f"MNIST {'train' if train else 'test'} split under {str(raw)!r}"
         if len(x) != len(y):
@@ -251,8 +298,10 @@ def _load_mnist(root: Path) -> Dataset:
 
 # ------------------------------------------------------------------------------------- CIFAR-10
 
-_CIFAR_FIX = ("download once with torchvision.datasets.CIFAR10(ROOT, download=True) on a machine with internet "
-              "(or `tar xzf cifar-10-python.tar.gz -C ROOT`) and copy ROOT/cifar-10-batches-py/ into data.root")
+_CIFAR_FIX = (
+    "download once with torchvision.datasets.CIFAR10(ROOT, download=True) on a machine with internet "
+    "(or `tar xzf cifar-10-python.tar.gz -C ROOT`) and copy ROOT/cifar-10-batches-py/ into data.root"
+)
 
 
 def _cifar_files():
@@ -284,9 +333,11 @@ def _load_cifar10(root: Path) -> Dataset:
     if missing:
         tar = root / "cifar-10-python.tar.gz"
         hint = f"found {str(tar)!r}: extract it with `tar xzf {tar} -C {root}`" if tar.is_file() else _CIFAR_FIX
-        raise FileNotFoundError(f"CIFAR-10 files missing under {str(base)!r}: {', '.join(missing)}; expected "
-                                f"ROOT/cifar-10-batches-py/{{data_batch_1..5, test_batch, batches.meta}}; {hint}"
-                                f"{_misplaced(root, 'cifar-10-batches-py', 'data_batch_1')}")
+        raise FileNotFoundError(
+            f"CIFAR-10 files missing under {str(base)!r}: {', '.join(missing)}; expected "
+            f"ROOT/cifar-10-batches-py/{{data_batch_1..5, test_batch, batches.meta}}; {hint}"
+            f"{_misplaced(root, 'cifar-10-batches-py', 'data_batch_1')}"
+        )
     splits = []
     for train in (True, False):
         try:
@@ -298,17 +349,21 @@ def _load_cifar10(root: Path) -> Dataset:
         where = f"CIFAR-10 {'train' if train else 'test'} split under {str(base)!r}"
         if len(x) != len(y):
             raise ValueError(f"{where} is corrupt: {len(x)} images but {len(y)} labels; {_CIFAR_FIX}")
-        splits += [x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous(),
-                   _check_labels("CIFAR-10", where, y, 10)]
+        splits += [
+            x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous(),
+            _check_labels("CIFAR-10", where, y, 10),
+        ]
     train_x, train_y, test_x, test_y = splits
     return Dataset("cifar10", train_x, train_y, test_x, test_y, 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
 # --------------------------------------------------------------------------------- TinyImageNet
 
-_TINY_FIX = ("download http://cs231n.stanford.edu/tiny-imagenet-200.zip and `unzip tiny-imagenet-200.zip -d ROOT`; "
-             "expected ROOT/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-             "val/val_annotations.txt}")
+_TINY_FIX = (
+    "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and `unzip tiny-imagenet-200.zip -d ROOT`; "
+    "expected ROOT/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+    "val/val_annotations.txt}"
+)
 
 
 def _read_images(paths: list[str]) -> torch.Tensor:
@@ -321,13 +376,16 @@ def _read_images(paths: list[str]) -> torch.Tensor:
             with Image.open(path) as img:
                 arr = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
         except OSError as exc:  # PIL.UnidentifiedImageError and truncated files are OSErrors
-            raise ValueError(f"TinyImageNet image {path!r} is corrupt ({type(exc).__name__}: {exc}); "
-                             f"{_TINY_FIX}") from exc
+            raise ValueError(
+                f"TinyImageNet image {path!r} is corrupt ({type(exc).__name__}: {exc}); {_TINY_FIX}"
+            ) from exc
         if out is None:
             out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
         if arr.shape != out.shape[1:]:
-            raise ValueError(f"TinyImageNet image {path!r} has size {arr.shape[:2]}, expected {out.shape[1:3]} "
-                             f"like the first image; the dataset is corrupt or mixed; {_TINY_FIX}")
+            raise ValueError(
+                f"TinyImageNet image {path!r} has size {arr.shape[:2]}, expected {out.shape[1:3]} "
+                f"like the first image; the dataset is corrupt or mixed; {_TINY_FIX}"
+            )
         out[i] = arr
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
 
@@ -354,8 +412,10 @@ def _load_tinyimagenet(root: Path, num_train: int | None) -> Dataset:
     wnids_file, train_dir, val_dir = base / "wnids.txt", base / "train", base / "val"
     for path in (wnids_file, train_dir, val_dir):
         if not path.exists():
-            raise FileNotFoundError(f"TinyImageNet path {str(path)!r} is missing; {_TINY_FIX}"
-                                    f"{_misplaced(root, 'tiny-imagenet-200', 'wnids.txt')}")
+            raise FileNotFoundError(
+                f"TinyImageNet path {str(path)!r} is missing; {_TINY_FIX}"
+                f"{_misplaced(root, 'tiny-imagenet-200', 'wnids.txt')}"
+            )
     wnids = sorted({line.strip() for line in wnids_file.read_text().splitlines() if line.strip()})
     if not wnids:
         raise ValueError(f"TinyImageNet file {str(wnids_file)!r} is corrupt: it lists no class ids; {_TINY_FIX}")
@@ -369,12 +429,15 @@ def _load_tinyimagenet(root: Path, num_train: int | None) -> Dataset:
             if not line.strip():
                 continue
             if len(fields) < 2 or fields[1] not in class_to_idx:
-                raise ValueError(f"TinyImageNet file {str(annotations)!r} is corrupt at line {lineno}: {line!r} "
-                                 f"does not start with '<file>\\t<wnid from wnids.txt>'; {_TINY_FIX}")
+                raise ValueError(
+                    f"TinyImageNet file {str(annotations)!r} is corrupt at line {lineno}: {line!r} "
+                    f"does not start with '<file>\\t<wnid from wnids.txt>'; {_TINY_FIX}"
+                )
             path = val_dir / "images" / fields[0]
             if not path.is_file():
-                raise FileNotFoundError(f"TinyImageNet image {str(path)!r} listed in {str(annotations)!r} is "
-                                        f"missing; {_TINY_FIX}")
+                raise FileNotFoundError(
+                    f"TinyImageNet image {str(path)!r} listed in {str(annotations)!r} is missing; {_TINY_FIX}"
+                )
             test.append((str(path), class_to_idx[fields[1]]))
     else:
         test = _image_folder(val_dir, class_to_idx)
@@ -385,6 +448,7 @@ def _load_tinyimagenet(root: Path, num_train: int | None) -> Dataset:
 
 # ----------------------------------------------------------------------- batches and augmentation
 
+
 def batch_indices(seed: int, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
     """Minibatch order of one epoch, (num_batches, batch_size) int64; the last partial batch is dropped.
 
@@ -393,8 +457,10 @@ def batch_indices(seed: int, epoch: int, num_examples: int, batch_size: int) -> 
     """
     num_examples, batch_size = operator.index(num_examples), operator.index(batch_size)
     if batch_size < 1 or num_examples < 1 or batch_size > num_examples:
-        raise ValueError(f"batch_size must lie in [1, num_examples={num_examples}], got {batch_size}; "
-                         f"lower train.batch_size or use more training examples")
+        raise ValueError(
+            f"batch_size must lie in [1, num_examples={num_examples}], got {batch_size}; "
+            f"lower train.batch_size or use more training examples"
+        )
     perm = numpy_generator(seed, STREAM_DATA, epoch).permutation(num_examples)
     num_batches = num_examples // batch_size
     return perm[: num_batches * batch_size].astype(np.int64).reshape(num_batches, batch_size)

@@ -14,6 +14,7 @@ lb is a sound margin bound. ``certified_loss`` dispatches on ``method``:
 
 Shapes: P population, D weights (parameters of one network), B batch, K classes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,17 +50,26 @@ def _pgd_point(model, x, y, eps, weights, opts):
     return pgd(model, x, y, eps, steps, step, weights, opts.get("generator"))
 
 
-def certified_loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, method: str,
-                   weights: torch.Tensor | None = None, *, params: torch.Tensor | None = None,
-                   **opts) -> torch.Tensor:
+def certified_loss(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    method: str,
+    weights: torch.Tensor | None = None,
+    *,
+    params: torch.Tensor | None = None,
+    **opts,
+) -> torch.Tensor:
     """Loss per member (P,) for weights (P, D), else a scalar; see the module docstring.
 
     ``params=`` is the deprecated name of ``weights=`` (``population.renamed_weights``).
     """
     weights = renamed_weights(weights, params, "certified_loss")
     if method not in OTHER_LOSSES and method not in bounds.registry.RELAXATIONS:
-        raise ValueError(f"unknown loss method {method!r}; choose one of "
-                         f"{[*OTHER_LOSSES, *bounds.registry.RELAXATIONS]}")
+        raise ValueError(
+            f"unknown loss method {method!r}; choose one of {[*OTHER_LOSSES, *bounds.registry.RELAXATIONS]}"
+        )
     if method in ("natural", "pgd"):
         opts.pop("memory_budget_mb", None)  # accepted by every method; these two bound nothing
     if method == "natural":
@@ -79,8 +89,10 @@ def certified_loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, 
         lam = opts.pop("sabr_lambda", 0.4)
         unknown = sorted(set(opts) - set(_PGD_OPTS))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for method 'staps'; allowed: "
-                             f"{['staps_mix', 'sabr_lambda', 'memory_budget_mb', *_PGD_OPTS]}")
+            raise ValueError(
+                f"unknown option(s) {unknown} for method 'staps'; allowed: "
+                f"{['staps_mix', 'sabr_lambda', 'memory_budget_mb', *_PGD_OPTS]}"
+            )
         x_adv = _pgd_point(model, x, y, eps, weights, opts)
         adv = natural_ce(forward(model, x_adv, weights), y)
         extra = {} if budget is None else {"memory_budget_mb": budget}

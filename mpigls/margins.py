@@ -6,6 +6,7 @@ robust loss and the margin attack agree on. ``other_classes`` builds that index 
 
 Shapes: B batch, K classes.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ followed by a ReLU and the output Linear layer is implicit.
 
 Shapes: P population, D parameters, C/H/W image, K classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Normalize", "build", "num_params", "flat_params", "unflatten",
-           "affine_parameters", "load_flat_", "architecture_dict"]
+__all__ = [
+    "ARCHITECTURES",
+    "Normalize",
+    "build",
+    "num_params",
+    "flat_params",
+    "unflatten",
+    "affine_parameters",
+    "load_flat_",
+    "architecture_dict",
+]
 
 
 class Normalize(nn.Module):
@@ -55,8 +65,13 @@ _CONV_SPECS: dict[str, tuple[list[tuple[int, int, int, int]], list[int]]] = {
 ARCHITECTURES = tuple(_CONV_SPECS)
 
 
-def build(name: str, in_shape: Sequence[int], num_classes: int,
-          mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Sequential:
+def build(
+    name: str,
+    in_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Sequential:
     """Build architecture ``name`` for inputs of shape (C, H, W) and ``num_classes`` outputs.
 
     Parameters are initialised with torch's default (Kaiming-uniform) initialisation; callers
@@ -82,7 +97,8 @@ def build(name: str, in_shape: Sequence[int], num_classes: int,
             raise ValueError(
                 f"model {name!r} does not fit input shape {tuple(in_shape)}: a {kernel}x{kernel} conv with "
                 f"stride {stride} and padding {pad} would give a {height_out}x{width_out} output; "
-                "use a larger input or a smaller architecture (e.g. 'mlp')")
+                "use a larger input or a smaller architecture (e.g. 'mlp')"
+            )
         layers += [nn.Conv2d(channels, out_ch, kernel, stride, pad), nn.ReLU()]
         channels, height, width = out_ch, height_out, width_out
     layers.append(nn.Flatten())
@@ -94,12 +110,17 @@ def build(name: str, in_shape: Sequence[int], num_classes: int,
     return nn.Sequential(*layers)
 
 
-def architecture_dict(name: str, in_shape: Sequence[int], num_classes: int,
-                      mean: Sequence[float] | None, std: Sequence[float] | None) -> dict:
+def architecture_dict(
+    name: str, in_shape: Sequence[int], num_classes: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> dict:
     """A JSON-able description from which ``build`` recreates the same architecture."""
-    return {"name": name, "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
-            "mean": None if mean is None else [float(m) for m in mean],
-            "std": None if std is None else [float(s) for s in std]}
+    return {
+        "name": name,
+        "in_shape": [int(s) for s in in_shape],
+        "num_classes": int(num_classes),
+        "mean": None if mean is None else [float(m) for m in mean],
+        "std": None if std is None else [float(s) for s in std],
+    }
 
 
 def num_params(model: nn.Module) -> int:
@@ -147,12 +168,14 @@ def unflatten(model: nn.Sequential, flat: torch.Tensor) -> list[tuple[torch.Tens
             pieces = []
             for tensor in affine_parameters(module):
                 size = math.prod(tensor.shape)
-                pieces.append(flat[..., offset:offset + size].reshape(*lead, *tensor.shape))
+                pieces.append(flat[..., offset : offset + size].reshape(*lead, *tensor.shape))
                 offset += size
             out.append((pieces[0], pieces[1]))
         elif any(True for _ in module.parameters(recurse=False)):
-            raise TypeError(f"unsupported parametric layer {type(module).__name__}; "
-                            "models may only contain Normalize, Conv2d, ReLU, Flatten and Linear")
+            raise TypeError(
+                f"unsupported parametric layer {type(module).__name__}; "
+                "models may only contain Normalize, Conv2d, ReLU, Flatten and Linear"
+            )
         else:
             out.append(None)
     return out

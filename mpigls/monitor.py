@@ -19,6 +19,7 @@ generation G the log is first cut back to the records with generation <= G (the 
 history), so re-run generations never appear twice; readers also keep only the last record of any
 generation.
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,8 +97,9 @@ def truncate_log(path: str | os.PathLike, generation: int) -> int:
     kept, removed, start = [], 0, 0
     for end, obj in _parse_lines(raw):
         line, start = raw[start:end], end
-        if obj is not None and ("schema" in obj or (isinstance(obj.get("generation"), int)
-                                                    and obj["generation"] <= generation)):
+        if obj is not None and (
+            "schema" in obj or (isinstance(obj.get("generation"), int) and obj["generation"] <= generation)
+        ):
             kept.append(line)
         else:
             removed += 1
@@ -113,15 +115,27 @@ class MetricsLog:
     """Rank 0's append-only writer of ``DIR/metrics.jsonl``; a failing disk disables it with one
     warning instead of stopping training (the checkpoints keep the full history)."""
 
-    def __init__(self, path: str | os.PathLike, start_generation: int, config: dict | None = None,
-                 say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        start_generation: int,
+        config: dict | None = None,
+        say: Callable[[str], None] = print,
+    ):
         self.path, self._say = Path(path), say
         self._file = None
         try:
             truncate_log(self.path, start_generation)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
-            self._write({"schema": SCHEMA, "version": VERSION, "start_generation": start_generation,
-                         "unix_time": time.time(), "config": config})
+            self._write(
+                {
+                    "schema": SCHEMA,
+                    "version": VERSION,
+                    "start_generation": start_generation,
+                    "unix_time": time.time(),
+                    "config": config,
+                }
+            )
         except OSError as exc:
             self._disable(exc)
 
@@ -138,8 +152,13 @@ class MetricsLog:
         if self._file is None:
             return
         try:
-            self._write({"generation": int(generation), "unix_time": time.time(),
-                         **{k: _finite_or_none(v) for k, v in metrics.items()}})
+            self._write(
+                {
+                    "generation": int(generation),
+                    "unix_time": time.time(),
+                    **{k: _finite_or_none(v) for k, v in metrics.items()},
+                }
+            )
         except OSError as exc:
             self._disable(exc)
 
@@ -164,23 +183,47 @@ class Validator:
     def __call__(self, theta: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
         ev = self.cfg.eval
-        res = certify.evaluate(self.model, theta, self.x, self.y, self.cfg.bound.eps, list(ev.methods),
-                               comm=self.comm, batch_size=ev.batch_size, pgd_steps=ev.pgd_steps,
-                               seed=self.cfg.train.seed)
-        out = {f"val/{k}": float(v) for k, v in res.items()
-               if k not in ("num_examples", "eps", "time_s") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        res = certify.evaluate(
+            self.model,
+            theta,
+            self.x,
+            self.y,
+            self.cfg.bound.eps,
+            list(ev.methods),
+            comm=self.comm,
+            batch_size=ev.batch_size,
+            pgd_steps=ev.pgd_steps,
+            seed=self.cfg.train.seed,
+        )
+        out = {
+            f"val/{k}": float(v)
+            for k, v in res.items()
+            if k not in ("num_examples", "eps", "time_s") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return out | {"time/val_s": time.perf_counter() - t0}
 
 
 class Monitor:
     """What the training loop calls once per generation: validation when due, then the log line."""
 
-    def __init__(self, cfg, comm, out_dir: str | os.PathLike, dataset, model, start_generation: int,
-                 total_generations: int, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg,
+        comm,
+        out_dir: str | os.PathLike,
+        dataset,
+        model,
+        start_generation: int,
+        total_generations: int,
+        say: Callable[[str], None] = print,
+    ):
         from .config import to_dict
+
         self.every, self.total, self._say = cfg.eval.every, total_generations, say
         self.validator = Validator(cfg, dataset, model, comm) if self.every else None
-        self.log = MetricsLog(Path(out_dir) / METRICS_FILE, start_generation, to_dict(cfg), say) if comm.is_root else None
+        self.log = (
+            MetricsLog(Path(out_dir) / METRICS_FILE, start_generation, to_dict(cfg), say) if comm.is_root else None
+        )
 
     def due(self, generation: int) -> bool:
         return bool(self.every) and (generation % self.every == 0 or generation == self.total)
@@ -191,8 +234,10 @@ class Monitor:
             assert self.validator is not None  # due() is False without eval.every
             val = self.validator(theta)
             metrics = {**metrics, **val}
-            self._say(f"val gen {generation:6d}  " + "  ".join(
-                f"{k[4:]} {100 * v:.2f}%" for k, v in val.items() if k.startswith("val/")))
+            self._say(
+                f"val gen {generation:6d}  "
+                + "  ".join(f"{k[4:]} {100 * v:.2f}%" for k, v in val.items() if k.startswith("val/"))
+            )
         if self.log is not None:
             self.log.append(generation, metrics)
         return metrics

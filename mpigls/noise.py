@@ -13,6 +13,7 @@ scheme is detected instead of silently changing the optimisation trajectory.
 
 Shapes: D parameters, M members.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["NOISE_SCHEME", "STREAM_PGPE", "STREAM_RGS", "STREAM_ATTACK", "STREAM_DATA",
-           "member_noise", "noise_block", "numpy_generator", "torch_generator"]
+__all__ = [
+    "NOISE_SCHEME",
+    "STREAM_PGPE",
+    "STREAM_RGS",
+    "STREAM_ATTACK",
+    "STREAM_DATA",
+    "member_noise",
+    "noise_block",
+    "numpy_generator",
+    "torch_generator",
+]
 
 NOISE_SCHEME = "philox4x64-seedseq-v1"
 STREAM_PGPE = 0
@@ -47,15 +57,15 @@ def numpy_generator(seed: int, *words: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(np.random.SeedSequence(_check_words((seed, *words)))))
 
 
-def member_noise(seed: int, generation: int, member: int, num_params: int,
-                 stream: int = STREAM_PGPE) -> torch.Tensor:
+def member_noise(seed: int, generation: int, member: int, num_params: int, stream: int = STREAM_PGPE) -> torch.Tensor:
     """z ~ N(0, I_D) for one population member, float32 on the CPU: shape (D,)."""
     rng = numpy_generator(seed, stream, generation, member)
     return torch.from_numpy(rng.standard_normal(num_params, dtype=np.float32))
 
 
-def noise_block(seed: int, generation: int, members: Sequence[int], num_params: int,
-                stream: int = STREAM_PGPE) -> torch.Tensor:
+def noise_block(
+    seed: int, generation: int, members: Sequence[int], num_params: int, stream: int = STREAM_PGPE
+) -> torch.Tensor:
     """Stacked member noise, shape (M, D); row i equals ``member_noise(..., members[i], ...)``."""
     out = np.empty((len(members), num_params), dtype=np.float32)
     for row, member in enumerate(members):

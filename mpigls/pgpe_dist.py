@@ -24,6 +24,7 @@ on the same losses; with optimizer.batch_chunks = 1 those are exactly the unchun
 
 Shapes: P population, n = P/2 pairs, M pairs in a block, D parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,17 @@ import torch
 from . import work
 from .optim import pgpe
 
-__all__ = ["KEEP_NOISE_BYTES", "LocalNoise", "NoiseSource", "prefetch_default", "split_of", "summed_by", "evaluate",
-           "gather_losses", "reduce_sums"]
+__all__ = [
+    "KEEP_NOISE_BYTES",
+    "LocalNoise",
+    "NoiseSource",
+    "prefetch_default",
+    "split_of",
+    "summed_by",
+    "evaluate",
+    "gather_losses",
+    "reduce_sums",
+]
 
 # Keep the evaluated noise for the update when it fits in this many bytes per rank, else
 # regenerate it (same bits, one more noise pass). Env MPIGLS_KEEP_NOISE_BYTES overrides.
@@ -119,9 +129,16 @@ def summed_by(split: work.WorkSplit, item: int) -> list[int]:
     return [j for j in split.members(block) if j % split.chunks == chunk]
 
 
-def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int], split: work.WorkSplit,
-             source: NoiseSource, loss_fn: Callable[[torch.Tensor, slice], torch.Tensor], device: torch.device,
-             keep_bytes: int = KEEP_NOISE_BYTES) -> tuple[torch.Tensor, LocalNoise]:
+def evaluate(
+    state: pgpe.PGPEState,
+    params: pgpe.PGPEParams,
+    items: Sequence[int],
+    split: work.WorkSplit,
+    source: NoiseSource,
+    loss_fn: Callable[[torch.Tensor, slice], torch.Tensor],
+    device: torch.device,
+    keep_bytes: int = KEEP_NOISE_BYTES,
+) -> tuple[torch.Tensor, LocalNoise]:
     """This rank's item results in item order (float64 CPU: per pair block and chunk, 2 per pair) and
     its LocalNoise. ``gather_losses`` turns every rank's results into the P losses.
 
@@ -137,7 +154,7 @@ def evaluate(state: pgpe.PGPEState, params: pgpe.PGPEParams, items: Sequence[int
     # len() and indexing only: iterating ``items`` (a stopping.StoppableBlocks in train) may end
     # early on a stop signal, so it is iterated exactly once, below
     unit_of = [split.item(items[i])[0] for i in range(len(items))]
-    units = list(dict.fromkeys(unit_of))                        # this rank's blocks, in order
+    units = list(dict.fromkeys(unit_of))  # this rank's blocks, in order
     # pair j of a block is summed by the rank that evaluates the block's chunk j % chunks (each pair
     # once; the C ranks sharing a block share its sums)
     summed_pairs = sum(len(summed_by(split, items[i])) for i in range(len(items)))
@@ -183,8 +200,9 @@ def gather_losses(comm, split: work.WorkSplit, local: torch.Tensor) -> torch.Ten
     return split.combine(comm.allgather_concat(local))
 
 
-def reduce_sums(comm, state: pgpe.PGPEState, params: pgpe.PGPEParams, seed: int, all_losses: torch.Tensor,
-                local: LocalNoise) -> tuple[torch.Tensor, tuple[int, int]] | None:
+def reduce_sums(
+    comm, state: pgpe.PGPEState, params: pgpe.PGPEParams, seed: int, all_losses: torch.Tensor, local: LocalNoise
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """The exact fixed-point totals over all ranks' pairs for ``pgpe.tell(..., summed=...)``.
 
     Collective: every rank must call it with the same ``all_losses``. None when no pair is valid

@@ -7,6 +7,7 @@ Default panels: training loss (member mean solid, best member dashed), validatio
 min–max band), the eps and lr schedules, and seconds per generation. Colour = run. Noisy curves
 (loss, time) are drawn raw and faint with a centred moving average on top.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ def _auto_window(n: int) -> int:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -59,13 +62,21 @@ def _line(ax, run: Run, key: str, color, style="-", window: int | None = None, l
         ax.plot(gens, values, color=color, linestyle=style, alpha=0.25, linewidth=0.8)
         ax.plot(gens, smooth(values, w), color=color, linestyle=style, linewidth=1.6, label=label)
     else:
-        ax.plot(gens, values, color=color, linestyle=style, linewidth=1.4, marker="." if values.size < 30 else None,
-                label=label)
+        ax.plot(
+            gens,
+            values,
+            color=color,
+            linestyle=style,
+            linewidth=1.4,
+            marker="." if values.size < 30 else None,
+            label=label,
+        )
     return True
 
 
 def _style_legend(ax, entries: list[tuple[str, Any]], top: bool = False) -> None:
     from matplotlib.lines import Line2D
+
     handles = [Line2D([], [], color="0.3", linestyle=s) for _, s in entries]
     where = {"loc": "upper center", "ncol": min(len(entries), 4)} if top else {"loc": "best"}
     ax.legend(handles, [n for n, _ in entries], fontsize=7, frameon=False, handlelength=2.5, **where)
@@ -90,13 +101,16 @@ def _default_panels(axes, runs: list[Run], colors, window) -> None:
     ax.set_title("training loss")
     if drawn:
         _style_legend(ax, [("population mean", "-"), ("best member", "--")])
-        values = np.concatenate([run.series(k)[1] for run in runs for k in ("loss/mean", "loss/min") if k in run.metrics])
+        values = np.concatenate(
+            [run.series(k)[1] for run in runs for k in ("loss/mean", "loss/min") if k in run.metrics]
+        )
         if values.size and values.min() > 0 and values.max() / values.min() > 20:  # spans decades
             ax.set_yscale("log")
 
     ax = axes[1]
-    val_keys = sorted({k for r in runs for k in r.metrics if k.startswith("val/")},
-                      key=lambda k: (k not in _VAL_STYLES, k))
+    val_keys = sorted(
+        {k for r in runs for k in r.metrics if k.startswith("val/")}, key=lambda k: (k not in _VAL_STYLES, k)
+    )
     cert_keys = [k for k in val_keys if k not in _VAL_STYLES]
     for run, c in zip(runs, colors):
         for key in val_keys:
@@ -123,9 +137,11 @@ def _default_panels(axes, runs: list[Run], colors, window) -> None:
     if not drawn:
         _empty(ax, "no σ recorded (GRAD / RGS runs)")
 
-    for ax, key, title, log in ((axes[3], "sched/eps", "eps schedule", False),
-                                (axes[4], "sched/lr", "learning rate", True),
-                                (axes[5], "time/generation_s", "seconds per generation", False)):
+    for ax, key, title, log in (
+        (axes[3], "sched/eps", "eps schedule", False),
+        (axes[4], "sched/lr", "learning rate", True),
+        (axes[5], "time/generation_s", "seconds per generation", False),
+    ):
         drawn = False
         for run, c in zip(runs, colors):
             drawn |= _line(ax, run, key, c, "-", window if key.startswith("time/") else 1)
@@ -137,8 +153,13 @@ def _default_panels(axes, runs: list[Run], colors, window) -> None:
             _empty(ax, f"{key} not recorded")
 
 
-def plot_runs(runs: list[Run], out: str | os.PathLike, keys: list[str] | None = None,
-              window: int | None = None, title: str | None = None) -> Path:
+def plot_runs(
+    runs: list[Run],
+    out: str | os.PathLike,
+    keys: list[str] | None = None,
+    window: int | None = None,
+    title: str | None = None,
+) -> Path:
     """Draw ``runs`` overlaid into ``out`` (see the module docstring); ``keys`` draws one panel per
     metric instead of the default panels; ``window`` fixes the moving-average length (1: none).
     Returns the path written."""
@@ -171,9 +192,15 @@ def plot_runs(runs: list[Run], out: str | os.PathLike, keys: list[str] | None = 
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(9)
     from matplotlib.lines import Line2D
-    fig.legend([Line2D([], [], color=c, linewidth=2) for c in colors],
-               [f"{r.label} (gen {int(r.generations[-1]) if r.generations.size else 0})" for r in runs],
-               loc="upper center", ncol=min(len(runs), 3), fontsize=8, frameon=False)
+
+    fig.legend(
+        [Line2D([], [], color=c, linewidth=2) for c in colors],
+        [f"{r.label} (gen {int(r.generations[-1]) if r.generations.size else 0})" for r in runs],
+        loc="upper center",
+        ncol=min(len(runs), 3),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title, y=0.995, fontsize=10)
     top = 1 - (0.15 + 0.2 * ((len(runs) + 2) // 3) + (0.2 if title else 0)) / (2.7 * nrows + 0.5)
@@ -190,8 +217,13 @@ def plot_tightness(result: dict, out: str | os.PathLike, eps: float | None = Non
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     radii = result["radii"]
     for method, curve in result["methods"].items():
-        ax.plot(radii, curve["certified"], marker="o", markersize=3,
-                label=f"{method} (AUC {curve['auc']:.4g}, mean {100 * curve['auc_normalized']:.1f}%)")
+        ax.plot(
+            radii,
+            curve["certified"],
+            marker="o",
+            markersize=3,
+            label=f"{method} (AUC {curve['auc']:.4g}, mean {100 * curve['auc_normalized']:.1f}%)",
+        )
     if eps is not None and radii[0] <= eps <= radii[-1]:
         ax.axvline(eps, color="0.5", linestyle=":", linewidth=1, label=f"training eps {eps:g}")
     ax.set_xlabel("radius (l_inf, pixel space)")

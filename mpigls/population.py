@@ -14,6 +14,7 @@ of batched kernels; repeated calls on the same inputs give the same bits.
 Shapes: P population, D weights (parameters of one network), B batch, M rows (batch x specification rows), K classes,
 O/I output/input features of a layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class Affine:
         return self.weight.shape[0]
 
     def members(self, start: int, stop: int) -> Affine:
-        return Affine(self.weight[start:stop], self.bias[start:stop], self.in_shape, self.out_shape,
-                      self.stride, self.padding)
+        return Affine(
+            self.weight[start:stop], self.bias[start:stop], self.in_shape, self.out_shape, self.stride, self.padding
+        )
 
     def apply(self, x: torch.Tensor, bias: bool = True, absolute: bool = False) -> torch.Tensor:
         """(P|1, M, *in_shape) -> (P, M, *out_shape); ``absolute`` uses |W| (interval radius)."""
@@ -64,12 +66,19 @@ class Affine:
         o = w.shape[1]
         if p == 1 or x.shape[0] == 1:
             # shared input: every member's kernels in one ordinary convolution
-            out = F.conv2d(x[0], w.reshape(p * o, *w.shape[2:]), None if b is None else b.reshape(p * o),
-                           self.stride, self.padding)
+            out = F.conv2d(
+                x[0], w.reshape(p * o, *w.shape[2:]), None if b is None else b.reshape(p * o), self.stride, self.padding
+            )
         else:
             xs = x.transpose(0, 1).reshape(m, p * x.shape[2], *x.shape[3:])
-            out = F.conv2d(xs, w.reshape(p * o, *w.shape[2:]), None if b is None else b.reshape(p * o),
-                           self.stride, self.padding, groups=p)
+            out = F.conv2d(
+                xs,
+                w.reshape(p * o, *w.shape[2:]),
+                None if b is None else b.reshape(p * o),
+                self.stride,
+                self.padding,
+                groups=p,
+            )
         return out.view(m, p, o, *out.shape[2:]).transpose(0, 1)
 
     def adjoint(self, a: torch.Tensor) -> torch.Tensor:
@@ -81,13 +90,16 @@ class Affine:
         kh, kw = self.weight.shape[3:]
         h_out, w_out = a.shape[-2:]
         h_in, w_in = self.in_shape[-2:]
-        out_pad = (h_in - ((h_out - 1) * self.stride[0] - 2 * self.padding[0] + kh),
-                   w_in - ((w_out - 1) * self.stride[1] - 2 * self.padding[1] + kw))
+        out_pad = (
+            h_in - ((h_out - 1) * self.stride[0] - 2 * self.padding[0] + kh),
+            w_in - ((w_out - 1) * self.stride[1] - 2 * self.padding[1] + kw),
+        )
         a_m = a[0] if p == 1 else a.transpose(0, 1).reshape(m, p * o, h_out, w_out)
         # oneDNN's transposed convolution is several times faster in channels-last layout
         a_m = a_m.contiguous(memory_format=torch.channels_last)
-        out = F.conv_transpose2d(a_m, self.weight.reshape(p * o, c, kh, kw), None, self.stride,
-                                 self.padding, out_pad, groups=p)
+        out = F.conv_transpose2d(
+            a_m, self.weight.reshape(p * o, c, kh, kw), None, self.stride, self.padding, out_pad, groups=p
+        )
         return out.view(m, p, c, h_in, w_in).transpose(0, 1)
 
     def bias_dot(self, a: torch.Tensor) -> torch.Tensor:
@@ -112,8 +124,7 @@ class Stack:
         return self.layers[0].num_members
 
     def members(self, start: int, stop: int) -> Stack:
-        return Stack(self.mean, self.std, tuple(layer.members(start, stop) for layer in self.layers),
-                     self.single)
+        return Stack(self.mean, self.std, tuple(layer.members(start, stop) for layer in self.layers), self.single)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -142,7 +153,8 @@ def stack(model: nn.Sequential, weights: torch.Tensor | None, in_shape: tuple[in
     if weights is None:
         pieces: Sequence[tuple[torch.Tensor, ...] | None] = [
             None if not isinstance(m, (nn.Conv2d, nn.Linear)) else tuple(t[None] for t in affine_parameters(m))
-            for m in model]
+            for m in model
+        ]
     else:
         if weights.ndim not in (1, 2):
             raise ValueError(f"weights must have shape (D,) or (P, D), got {tuple(weights.shape)}")
@@ -161,13 +173,17 @@ def stack(model: nn.Sequential, weights: torch.Tensor | None, in_shape: tuple[in
             shape = (math.prod(shape),)
         elif isinstance(module, nn.ReLU):
             if expect_affine:
-                raise TypeError(f"layer {i} (ReLU) must follow a Conv2d or Linear layer; "
-                                "supported models alternate affine layers and ReLUs")
+                raise TypeError(
+                    f"layer {i} (ReLU) must follow a Conv2d or Linear layer; "
+                    "supported models alternate affine layers and ReLUs"
+                )
             expect_affine = True
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
             if not expect_affine:
-                raise TypeError(f"layer {i} ({type(module).__name__}) follows another affine layer "
-                                "without a ReLU in between; supported models alternate them")
+                raise TypeError(
+                    f"layer {i} ({type(module).__name__}) follows another affine layer "
+                    "without a ReLU in between; supported models alternate them"
+                )
             expect_affine = False
             assert wb is not None  # unflatten gives (weight, bias) for every Conv2d and Linear
             w, b = wb
@@ -176,25 +192,38 @@ def stack(model: nn.Sequential, weights: torch.Tensor | None, in_shape: tuple[in
                     raise TypeError(f"layer {i} (Linear) receives shape {shape}; add nn.Flatten before it")
                 layers.append(Affine(w, b, shape, (module.out_features,)))
             else:
-                if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" \
-                        or isinstance(module.padding, str) or len(shape) != 3:
-                    raise TypeError(f"layer {i} ({module}) is unsupported: need groups=1, dilation=1, "
-                                    f"numeric zero padding and a (C,H,W) input, got input shape {shape}")
+                if (
+                    module.groups != 1
+                    or module.dilation != (1, 1)
+                    or module.padding_mode != "zeros"
+                    or isinstance(module.padding, str)
+                    or len(shape) != 3
+                ):
+                    raise TypeError(
+                        f"layer {i} ({module}) is unsupported: need groups=1, dilation=1, "
+                        f"numeric zero padding and a (C,H,W) input, got input shape {shape}"
+                    )
                 k, s, p = module.kernel_size, module.stride, module.padding
-                out = (module.out_channels, _conv_out(shape[1], k[0], s[0], p[0]),
-                       _conv_out(shape[2], k[1], s[1], p[1]))
+                out = (
+                    module.out_channels,
+                    _conv_out(shape[1], k[0], s[0], p[0]),
+                    _conv_out(shape[2], k[1], s[1], p[1]),
+                )
                 layers.append(Affine(w, b, shape, out, (s[0], s[1]), (p[0], p[1])))
             shape = layers[-1].out_shape
         else:
-            raise TypeError(f"unsupported layer {i}: {type(module).__name__}; models may only contain "
-                            "Normalize, Conv2d, ReLU, Flatten and Linear")
+            raise TypeError(
+                f"unsupported layer {i}: {type(module).__name__}; models may only contain "
+                "Normalize, Conv2d, ReLU, Flatten and Linear"
+            )
     if not layers or expect_affine:
         raise TypeError("the model must end with a Linear layer (the logits)")
     return Stack(mean, std, tuple(layers), single)
 
 
-def forward(model: nn.Sequential, x: torch.Tensor, weights: torch.Tensor | None = None, *,
-            params: torch.Tensor | None = None) -> torch.Tensor:
+def forward(
+    model: nn.Sequential, x: torch.Tensor, weights: torch.Tensor | None = None, *, params: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits of the network(s): (B,K) for weights None or (D,); (P,B,K) for weights (P,D).
 
     x is (B,C,H,W), shared by all members, or (P,B,C,H,W), one input batch per member.
@@ -220,6 +249,10 @@ def renamed_weights(weights: torch.Tensor | None, params: torch.Tensor | None, c
         return weights
     if weights is not None:
         raise TypeError(f"{caller}() got both weights= and params= (its deprecated name); pass weights= only")
-    warnings.warn(f"{caller}(params=...) is deprecated: the (P, D) weight stack is now passed as weights=; "
-                  "params= will be removed in the next release", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{caller}(params=...) is deprecated: the (P, D) weight stack is now passed as weights=; "
+        "params= will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return params

@@ -38,6 +38,7 @@ mpigls imports it first), and ``training(deterministic=True)`` raises if another
 
 Shapes: B batch, K classes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CERTIFY_MARGIN", "CUBLAS_WORKSPACE", "strict_fp32", "training", "certified",
-           "current_settings"]
+__all__ = ["CERTIFY_MARGIN", "CUBLAS_WORKSPACE", "strict_fp32", "training", "certified", "current_settings"]
 
 CERTIFY_MARGIN = 1e-5
 """Margin lower bounds must exceed this (absolute, logit units) to certify.
@@ -76,7 +76,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 @dataclass(frozen=True)
 class _Request:
-    tf32: bool | None = None           # None: no opinion
+    tf32: bool | None = None  # None: no opinion
     deterministic: bool | None = None
 
 
@@ -113,13 +113,16 @@ def _combined(saved: dict, requests: list[_Request]) -> dict:
     tf32 = [r.tf32 for r in requests if r.tf32 is not None]
     if tf32:
         on = all(tf32)  # one request for TF32 off (a certificate) switches it off for everyone
-        out.update(cudnn_allow_tf32=on, matmul_allow_tf32=on,
-                   float32_matmul_precision="high" if on else "highest")
+        out.update(cudnn_allow_tf32=on, matmul_allow_tf32=on, float32_matmul_precision="high" if on else "highest")
     det = [r.deterministic for r in requests if r.deterministic is not None]
     if det:
         on = any(det)
-        out.update(deterministic_algorithms=on, deterministic_warn_only=False if on else saved["deterministic_warn_only"],
-                   cudnn_deterministic=on, cudnn_benchmark=False if on else saved["cudnn_benchmark"])
+        out.update(
+            deterministic_algorithms=on,
+            deterministic_warn_only=False if on else saved["deterministic_warn_only"],
+            cudnn_deterministic=on,
+            cudnn_benchmark=False if on else saved["cudnn_benchmark"],
+        )
     return out
 
 
@@ -171,12 +174,14 @@ def _check_cublas_config() -> None:
         raise ValueError(
             f"train.deterministic is true but CUBLAS_WORKSPACE_CONFIG={value!r}, with which cuBLAS "
             f"matmuls are not reproducible on a GPU; unset it (mpigls then uses {CUBLAS_WORKSPACE!r}), "
-            f"set it to one of {list(_DETERMINISTIC_CUBLAS)}, or set train.deterministic=false")
+            f"set it to one of {list(_DETERMINISTIC_CUBLAS)}, or set train.deterministic=false"
+        )
 
 
 @contextlib.contextmanager
-def training(*, tf32: bool = False, deterministic: bool = True,
-             device: torch.device | str | None = None) -> Iterator[None]:
+def training(
+    *, tf32: bool = False, deterministic: bool = True, device: torch.device | str | None = None
+) -> Iterator[None]:
     """Numeric settings for a training run (``train.tf32``, ``train.deterministic``); restored on exit.
 
     ``device``: where training runs; the cuBLAS configuration is checked unless it is a CPU."""

@@ -17,6 +17,7 @@ dataclasses cannot see alone because it depends on the data, the model or the ma
   deliberately low (IBP-sized activations, no allocator overhead), so it refuses only sizes that
   certainly do not fit, such as ``optimizer.popsize=1000000000``.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,10 @@ def available_memory_bytes() -> int | None:
             found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):
             pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < (1 << 60):
             found.append(max(0, limit - usage))
@@ -95,10 +97,10 @@ def estimate_memory_bytes(cfg: Config, num_params: int, acts_per_example: int) -
         members, rows, batch = 1, 1, min(B, o.block_size)
     grads = 1 if o.name == "pgpe" else 2
     parts = {
-        "population": members * 8.0 * 12,                 # gathered float64 losses, shaping, masks, weights
-        "block parameters": rows * D * 4.0 * 3 * grads,    # one block's parameter rows (+ noise, + gradients)
+        "population": members * 8.0 * 12,  # gathered float64 losses, shaping, masks, weights
+        "block parameters": rows * D * 4.0 * 3 * grads,  # one block's parameter rows (+ noise, + gradients)
         "block activations": rows * batch * acts_per_example * 4.0 * 4 * grads,  # IBP-style lo/hi/centre/radius
-        "optimizer state": D * 8.0 * 6,                    # centre, sigma, moments, float64 accumulators
+        "optimizer state": D * 8.0 * 6,  # centre, sigma, moments, float64 accumulators
     }
     budget_mb = cfg.bound.options.get("memory_budget_mb")
     if cfg.bound.method in BUDGETED_METHODS and isinstance(budget_mb, (int, float)):
@@ -113,26 +115,33 @@ def _check_memory(cfg: Config, model, dataset, comm) -> None:
     parts = estimate_memory_bytes(cfg, models.num_params(model), acts)
     ranks = max(1, getattr(comm, "local_size", 1))
     work = {"pgpe": "optimizer.popsize", "rgs": "optimizer.num_samples"}.get(cfg.optimizer.name, "train.batch_size")
-    fix = (f"lower {work} (now {getattr(cfg.optimizer, work.split('.')[1], cfg.train.batch_size)}), "
-           f"optimizer.block_size (now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), "
-           "or run fewer ranks per node")
+    fix = (
+        f"lower {work} (now {getattr(cfg.optimizer, work.split('.')[1], cfg.train.batch_size)}), "
+        f"optimizer.block_size (now {cfg.optimizer.block_size}) or train.batch_size (now {cfg.train.batch_size}), "
+        "or run fewer ranks per node"
+    )
     host = dict(parts)
     if cfg.train.device != "cpu" and torch.cuda.is_available():  # the work blocks run on the GPUs
-        block = sum(host.pop(k) for k in ("block parameters", "block activations", "bound memory_budget_mb") if k in host)
+        block = sum(
+            host.pop(k) for k in ("block parameters", "block activations", "bound memory_budget_mb") if k in host
+        )
         gpus = torch.cuda.device_count()
         per_gpu = block * math.ceil(ranks / gpus)
         total = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
         if per_gpu > total:
-            raise ConfigError(f"one work block needs at least about {per_gpu / GIB:.3g} GiB of GPU memory "
-                              f"({math.ceil(ranks / gpus)} rank(s) per GPU), more than the {total / GIB:.3g} GiB "
-                              f"of a GPU here; {fix}")
+            raise ConfigError(
+                f"one work block needs at least about {per_gpu / GIB:.3g} GiB of GPU memory "
+                f"({math.ceil(ranks / gpus)} rank(s) per GPU), more than the {total / GIB:.3g} GiB "
+                f"of a GPU here; {fix}"
+            )
     avail = available_memory_bytes()
     need = sum(host.values()) * ranks
     if avail is not None and need > avail:
         detail = ", ".join(f"{k} {v / GIB:.3g}" for k, v in host.items())
         raise ConfigError(
             f"this run needs at least about {need / GIB:.3g} GiB of memory per generation ({ranks} rank(s) on this "
-            f"node, each: {detail} GiB), but only {avail / GIB:.3g} GiB are available; {fix}")
+            f"node, each: {detail} GiB), but only {avail / GIB:.3g} GiB are available; {fix}"
+        )
 
 
 def _check_bound_options(cfg: Config, model, dataset) -> None:
@@ -145,8 +154,10 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
         with torch.random.fork_rng(devices=[]):
             value = losses.certified_loss(model, x1, y1, cfg.bound.eps, cfg.bound.method, weights=theta, **opts)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"bound.options {short_repr(dict(cfg.bound.options), 200)} are not accepted by "
-                          f"bound.method={cfg.bound.method}: {short_repr(str(exc), 300)[1:-1]}") from None
+        raise ConfigError(
+            f"bound.options {short_repr(dict(cfg.bound.options), 200)} are not accepted by "
+            f"bound.method={cfg.bound.method}: {short_repr(str(exc), 300)[1:-1]}"
+        ) from None
     del value
 
 
@@ -156,29 +167,38 @@ def check_init_from(cfg: Config, arch: dict) -> checkpoint.Checkpoint | None:
     if not path:
         return None
     if not Path(path).exists():
-        raise FileNotFoundError(f"model.init_from {short_repr(path, 200)} does not exist; give an mpigls checkpoint "
-                                "(.h5) or set model.init_from=null")
+        raise FileNotFoundError(
+            f"model.init_from {short_repr(path, 200)} does not exist; give an mpigls checkpoint "
+            "(.h5) or set model.init_from=null"
+        )
     warm = checkpoint.load(path)
     checkpoint.check_compatible(warm, arch, advice="use a checkpoint of the same model and data as the config")
     if not np.isfinite(warm.theta).all():
-        raise ConfigError(f"model.init_from {short_repr(path, 200)} holds non-finite parameters (NaN/inf); "
-                          "use an earlier checkpoint")
+        raise ConfigError(
+            f"model.init_from {short_repr(path, 200)} holds non-finite parameters (NaN/inf); use an earlier checkpoint"
+        )
     return warm
 
 
 def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> None:
     """Every check of the module docstring; ``arch`` given: also check model.init_from (dry run)."""
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda was requested but torch sees no CUDA GPU on this machine; use "
-                          "--set train.device=auto (a GPU when there is one) or cpu")
+        raise ConfigError(
+            "train.device=cuda was requested but torch sees no CUDA GPU on this machine; use "
+            "--set train.device=auto (a GPU when there is one) or cpu"
+        )
     cores = os.cpu_count() or 1
     if cfg.train.threads is not None and cfg.train.threads > cores:
-        raise ConfigError(f"train.threads={cfg.train.threads} is more than the {cores} CPU cores of this machine; "
-                          f"use at most {cores} (or null: cores per node / ranks per node)")
+        raise ConfigError(
+            f"train.threads={cfg.train.threads} is more than the {cores} CPU cores of this machine; "
+            f"use at most {cores} (or null: cores per node / ranks per node)"
+        )
     n_train = len(dataset.train_y)
     if cfg.train.batch_size > n_train:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n_train} "
-                          "examples); lower train.batch_size or raise data.num_train")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n_train} "
+            "examples); lower train.batch_size or raise data.num_train"
+        )
     try:
         work.check(cfg.optimizer.name, cfg.bound.method, cfg.optimizer.batch_chunks, cfg.train.batch_size)
     except ValueError as exc:

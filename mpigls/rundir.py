@@ -14,6 +14,7 @@ Policy (rank 0 only; ``train`` broadcasts the outcome):
   file (``RUN_FILES``) into ``DIR/aside-<UTC time>/`` and starts from generation 0. Nothing here
   ever deletes a checkpoint.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -31,8 +32,22 @@ from typing import Any
 from . import checkpoint
 from .config import short_repr
 
-__all__ = ["RunDirError", "RUN_FILES", "ASIDE_PREFIX", "out_path", "Scan", "scan", "prepare", "describe",
-           "move_aside", "candidates", "find_latest", "load_latest", "clean_stale_temps", "write_json"]
+__all__ = [
+    "RunDirError",
+    "RUN_FILES",
+    "ASIDE_PREFIX",
+    "out_path",
+    "Scan",
+    "scan",
+    "prepare",
+    "describe",
+    "move_aside",
+    "candidates",
+    "find_latest",
+    "load_latest",
+    "clean_stale_temps",
+    "write_json",
+]
 
 log = logging.getLogger("mpigls.rundir")
 
@@ -55,16 +70,20 @@ def out_path(out: str | os.PathLike) -> Path:
 def _check_path(d: Path) -> Path:
     """Refuse an existing non-directory or a path under a file; returns the nearest existing ancestor."""
     if d.exists() and not d.is_dir():
-        raise RunDirError(f"--out {short_repr(str(d), 200)} exists and is a file, not a directory; pass a directory "
-                          "(it is created if missing), e.g. --out runs/quick")
+        raise RunDirError(
+            f"--out {short_repr(str(d), 200)} exists and is a file, not a directory; pass a directory "
+            "(it is created if missing), e.g. --out runs/quick"
+        )
     probe = d
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise RunDirError(f"--out {short_repr(str(d), 200)} cannot be created: {str(probe)!r} is a file, not a "
-                          "directory; choose a path that is not inside a file")
+        raise RunDirError(
+            f"--out {short_repr(str(d), 200)} cannot be created: {str(probe)!r} is a file, not a "
+            "directory; choose a path that is not inside a file"
+        )
     return probe
 
 
@@ -74,13 +93,16 @@ def _check_writable(d: Path, what: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise RunDirError(f"{what} {str(d)!r} is not writable ({exc.strerror or exc}); training would fail at its "
-                          "first checkpoint. Fix the permissions or pass another --out directory") from None
+        raise RunDirError(
+            f"{what} {str(d)!r} is not writable ({exc.strerror or exc}); training would fail at its "
+            "first checkpoint. Fix the permissions or pass another --out directory"
+        ) from None
 
 
 @dataclass(frozen=True)
 class Scan:
     """What a run directory holds: the newest loadable checkpoint (or None) and the failures."""
+
     path: Path | None = None
     ckpt: checkpoint.Checkpoint | None = None
     failed: list[tuple[Path, str]] = field(default_factory=list)  # the files that did not load, and why
@@ -147,11 +169,13 @@ def _refusal(d: Path, sc: Scan) -> RunDirError:
         f"--out {str(d)!r} holds {len(sc.failed)} checkpoint file(s) of an earlier run and none of them can be "
         f"resumed ({files}). Nothing was changed. To continue that run, use the mpigls version that wrote it or "
         f"restore an intact copy; to start a new run, pass another --out directory, or add --restart to move the "
-        f"old files into {d / (ASIDE_PREFIX + '<UTC time>')}/ (nothing is deleted) and start from generation 0")
+        f"old files into {d / (ASIDE_PREFIX + '<UTC time>')}/ (nothing is deleted) and start from generation 0"
+    )
 
 
-def prepare(out: str | os.PathLike, *, restart: bool = False,
-            say: Callable[[str], None] = print) -> checkpoint.Checkpoint | None:
+def prepare(
+    out: str | os.PathLike, *, restart: bool = False, say: Callable[[str], None] = print
+) -> checkpoint.Checkpoint | None:
     """Make ``out`` ready for a run and return the checkpoint to resume from (None: start fresh).
     Rank 0 only. Raises RunDirError for every user error (see the module docstring)."""
     d = out_path(out)
@@ -159,8 +183,9 @@ def prepare(out: str | os.PathLike, *, restart: bool = False,
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunDirError(f"cannot create the output directory {str(d)!r} ({exc.strerror or exc}); pass "
-                          "another --out directory") from None
+        raise RunDirError(
+            f"cannot create the output directory {str(d)!r} ({exc.strerror or exc}); pass another --out directory"
+        ) from None
     _check_writable(d, "the output directory")
     clean_stale_temps(d)
     if restart:
@@ -177,9 +202,12 @@ def prepare(out: str | os.PathLike, *, restart: bool = False,
     assert sc.path is not None  # scan sets path together with ckpt
     if sc.failed:
         target = move_aside(d, [p for p, _ in sc.failed])
-        say("warning: " + "; ".join(why for _, why in sc.failed)
+        say(
+            "warning: "
+            + "; ".join(why for _, why in sc.failed)
             + f". These {len(sc.failed)} unreadable checkpoint file(s) were moved into {target}/ (not deleted); "
-            f"resuming from {sc.path.name} (generation {sc.ckpt.generation})")
+            f"resuming from {sc.path.name} (generation {sc.ckpt.generation})"
+        )
     return sc.ckpt
 
 
@@ -204,6 +232,7 @@ def describe(out: str | os.PathLike, *, restart: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- files of a run directory
+
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only."""

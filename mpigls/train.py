@@ -10,6 +10,7 @@ size (with the same threads per rank on CPU).
 
 Shapes: P population, D parameters, B batch, K classes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,15 +40,22 @@ class TrainResult:
     checkpoint_path: str | None
     metrics: dict
     device: torch.device = torch.device("cpu")  # where this rank trained
-    total_generations: int = 0                   # the run's full length (train.epochs)
+    total_generations: int = 0  # the run's full length (train.epochs)
 
     @property
     def finished(self) -> bool:
         return self.generation >= self.total_generations
 
 
-def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int | None = None,
-          log: Callable[[str], None] | None = None, restart: bool = False) -> TrainResult:
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    comm=None,
+    *,
+    max_generations: int | None = None,
+    log: Callable[[str], None] | None = None,
+    restart: bool = False,
+) -> TrainResult:
     """Train (or resume) according to ``cfg``, writing checkpoints to ``out_dir``. ``restart``
     moves an earlier run's files aside instead of resuming (``rundir.prepare``)."""
     comm = comm or dist.SerialComm()
@@ -61,8 +69,10 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
     gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size
     if gens_per_epoch < 1:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
-                         f"({len(dataset.train_y)} examples); lower train.batch_size or raise data.num_train")
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+            f"({len(dataset.train_y)} examples); lower train.batch_size or raise data.num_train"
+        )
     total = math.ceil(cfg.train.epochs * gens_per_epoch)
     stop_at = total if max_generations is None else min(total, max_generations)
     opt, params = registry.get(cfg.optimizer.name), cfg.optimizer.params
@@ -70,11 +80,15 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
     model = model.to(device)
     generation = state.generation
     # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.work.check)
-    num_blocks = unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size) \
+    num_blocks = (
+        unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
         * cfg.optimizer.batch_chunks
-    say(f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
+    )
+    say(
+        f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
         f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
-        f"generations {generation}->{stop_at} of {total}")
+        f"generations {generation}->{stop_at} of {total}"
+    )
     live = monitor.Monitor(cfg, comm, out_dir, dataset, model, generation, total, say)  # val/* metrics, metrics.jsonl
     stop_signal = dist.StopSignal().install()
     # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
@@ -90,15 +104,16 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
             cleanup.callback(progress.close)
         resource = cleanup.enter_context(opt.open(cfg.train.seed, device))
         # train.tf32 / train.deterministic, restored when training ends
-        cleanup.enter_context(precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic,
-                                                 device=device))
+        cleanup.enter_context(
+            precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=device)
+        )
         while generation < stop_at:
             t0 = time.perf_counter()
             x, y = batches.at(generation)
             eps, lr = _schedules(cfg, generation, gens_per_epoch)
             work = _work(cfg, model, x, y, eps, _bound_options(cfg, generation), device, resource)
             local = opt.evaluate(work, state, params, blocks)
-            if blocks.agree_stop(comm):   # a stop signal cut this generation short on some rank
+            if blocks.agree_stop(comm):  # a stop signal cut this generation short on some rank
                 break
             all_losses, reduced = opt.exchange(comm, work, state, params, local)
             state, metrics = opt.tell(work, state, params, all_losses, reduced, lr)
@@ -113,26 +128,47 @@ def train(cfg: Config, out_dir: str | Path, comm=None, *, max_generations: int |
             if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
                 ckpt_path = save(state, history)
             if stopped:
-                say(f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
-                    f"generation {generation} ({ckpt_path}); run the same command to resume")
+                say(
+                    f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
+                    f"generation {generation} ({ckpt_path}); run the same command to resume"
+                )
                 break
         if blocks.stopped:  # a signal cut generation `generation + 1` short: keep the last completed one
             stopped = True
             ckpt_path = save(state, history)
-            say(f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation {generation + 1}: "
+            say(
+                f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation {generation + 1}: "
                 f"its partial work was dropped; checkpoint written at generation {generation} ({ckpt_path}); "
-                "run the same command to resume")
+                "run the same command to resume"
+            )
     if ckpt_path is None and comm.is_root:
         ckpt_path = str(rundir.find_latest(out_dir) or "") or None
     ckpt_path = comm.bcast_obj(ckpt_path)
-    return TrainResult(generation, state.center.detach().cpu().clone(), stopped, ckpt_path,
-                       {k: v[-1] for k, v in history.items() if v}, device, total)
+    return TrainResult(
+        generation,
+        state.center.detach().cpu().clone(),
+        stopped,
+        ckpt_path,
+        {k: v[-1] for k, v in history.items() if v},
+        device,
+        total,
+    )
 
 
 # ----------------------------------------------------------------------------- start: resume or fresh
 
-def _start(cfg: Config, comm, out_dir: Path, restart: bool, opt: unit.Optimizer, model, arch: dict,
-           gens_per_epoch: int, say: Callable[[str], None]) -> tuple[Any, dict]:
+
+def _start(
+    cfg: Config,
+    comm,
+    out_dir: Path,
+    restart: bool,
+    opt: unit.Optimizer,
+    model,
+    arch: dict,
+    gens_per_epoch: int,
+    say: Callable[[str], None],
+) -> tuple[Any, dict]:
     """The optimizer state and metric history to start from: the run directory's checkpoint
     (resume), else ``model.init_from`` (warm start) or the model's initial weights."""
     ckpt = _root_load(comm, lambda: rundir.prepare(out_dir, restart=restart, say=say))
@@ -146,28 +182,41 @@ def _start(cfg: Config, comm, out_dir: Path, restart: bool, opt: unit.Optimizer,
         return opt.init(cfg.optimizer.params, theta0), {}
     checkpoint.check_compatible(ckpt, arch)
     if ckpt.noise_scheme != noise.NOISE_SCHEME:
-        raise ValueError(f"checkpoint in {out_dir} uses noise scheme {ckpt.noise_scheme!r} but this mpigls "
-                         f"generates {noise.NOISE_SCHEME!r}; resuming would change the trajectory. "
-                         "Use the mpigls version that wrote it, or start a new output directory")
+        raise ValueError(
+            f"checkpoint in {out_dir} uses noise scheme {ckpt.noise_scheme!r} but this mpigls "
+            f"generates {noise.NOISE_SCHEME!r}; resuming would change the trajectory. "
+            "Use the mpigls version that wrote it, or start a new output directory"
+        )
     stored = stored_config(ckpt.config)
     if stored.get("optimizer", {}).get("name") != cfg.optimizer.name:
-        raise ValueError(f"checkpoint in {out_dir} was written by optimizer "
-                         f"{stored.get('optimizer', {}).get('name')!r}, the config asks for "
-                         f"{cfg.optimizer.name!r}; use a new --out directory or model.init_from for a warm start")
+        raise ValueError(
+            f"checkpoint in {out_dir} was written by optimizer "
+            f"{stored.get('optimizer', {}).get('name')!r}, the config asks for "
+            f"{cfg.optimizer.name!r}; use a new --out directory or model.init_from for a warm start"
+        )
     state = unit.join_state(opt, ckpt.theta, ckpt.sigma, ckpt.generation, ckpt.opt_state)
-    say(f"resuming from generation {ckpt.generation} in {out_dir}"
-        + (f" (checkpoint format {ckpt.format_version}, migrated)" if ckpt.format_version != checkpoint.FORMAT_VERSION
-           else ""))
+    say(
+        f"resuming from generation {ckpt.generation} in {out_dir}"
+        + (
+            f" (checkpoint format {ckpt.format_version}, migrated)"
+            if ckpt.format_version != checkpoint.FORMAT_VERSION
+            else ""
+        )
+    )
     changed = changed_keys(stored, to_dict(cfg))
     if changed:
-        say("warning: the config differs from the checkpoint's in " + ", ".join(
-            f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            + "; from here on the run follows the new values (not what an uninterrupted run would do)")
+        say(
+            "warning: the config differs from the checkpoint's in "
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            + "; from here on the run follows the new values (not what an uninterrupted run would do)"
+        )
     if (ckpt.epoch, ckpt.batch_in_epoch) != divmod(ckpt.generation, gens_per_epoch):
-        say(f"warning: the checkpoint was written at epoch {ckpt.epoch}, batch {ckpt.batch_in_epoch}; with "
+        say(
+            f"warning: the checkpoint was written at epoch {ckpt.epoch}, batch {ckpt.batch_in_epoch}; with "
             f"{gens_per_epoch} batches per epoch now, generation {ckpt.generation} is epoch "
             f"{ckpt.generation // gens_per_epoch}, batch {ckpt.generation % gens_per_epoch}: the batch order "
-            "differs from the original run's (train.batch_size or the training set changed)")
+            "differs from the original run's (train.batch_size or the training set changed)"
+        )
     return state, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
 
 
@@ -197,13 +246,17 @@ def build_problem(cfg: Config):
 
 # ----------------------------------------------------------------------------- one generation's inputs
 
+
 class _Batches:
     """The minibatch of a generation (the same on every rank): epoch order from the seed, augmented."""
 
     def __init__(self, cfg: Config, dataset, gens_per_epoch: int, device: torch.device):
         self.cfg, self.dataset, self.gens_per_epoch, self.device = cfg, dataset, gens_per_epoch, device
-        self.aug = cfg.data.augment if cfg.data.augment != "auto" else (
-            "cifar" if cfg.data.name in ("cifar10", "tinyimagenet") else "none")
+        self.aug = (
+            cfg.data.augment
+            if cfg.data.augment != "auto"
+            else ("cifar" if cfg.data.name in ("cifar10", "tinyimagenet") else "none")
+        )
         self._epoch: tuple[int | None, np.ndarray | None] = (None, None)
 
     def at(self, generation: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,10 +274,20 @@ class _Batches:
 def _schedules(cfg: Config, generation: int, gens_per_epoch: int) -> tuple[float, float]:
     """(eps, lr) of a generation: bound.eps_schedule per batch, the lr milestones per epoch."""
     b = cfg.bound
-    eps = schedules.eps_at(generation, eps_max=b.eps, kind=b.eps_schedule, start=b.warmup_epochs * gens_per_epoch,
-                           length=b.anneal_epochs * gens_per_epoch, eps_start=b.eps_start)
-    lr = schedules.lr_at(generation // gens_per_epoch, lr=cfg.optimizer.lr, milestones=cfg.optimizer.lr_milestones,
-                         factor=cfg.optimizer.lr_factor)
+    eps = schedules.eps_at(
+        generation,
+        eps_max=b.eps,
+        kind=b.eps_schedule,
+        start=b.warmup_epochs * gens_per_epoch,
+        length=b.anneal_epochs * gens_per_epoch,
+        eps_start=b.eps_start,
+    )
+    lr = schedules.lr_at(
+        generation // gens_per_epoch,
+        lr=cfg.optimizer.lr,
+        milestones=cfg.optimizer.lr_milestones,
+        factor=cfg.optimizer.lr_factor,
+    )
     return eps, lr
 
 
@@ -235,8 +298,9 @@ def _bound_options(cfg: Config, generation: int) -> dict:
     return opts
 
 
-def _work(cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts: dict, device: torch.device,
-          resource) -> unit.Work:
+def _work(
+    cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts: dict, device: torch.device, resource
+) -> unit.Work:
     """The generation's loss and per-point gradient functions for the optimizer's ``evaluate``."""
     method = cfg.bound.method
 
@@ -249,19 +313,31 @@ def _work(cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts
         (g,) = torch.autograd.grad(value.sum(), points)
         return g, value.detach()
 
-    return unit.Work(seed=cfg.train.seed, device=device, block_size=cfg.optimizer.block_size,
-                     batch_size=x.shape[0], loss=loss, grad=grad, resource=resource,
-                     chunks=cfg.optimizer.batch_chunks)
+    return unit.Work(
+        seed=cfg.train.seed,
+        device=device,
+        block_size=cfg.optimizer.block_size,
+        batch_size=x.shape[0],
+        loss=loss,
+        grad=grad,
+        resource=resource,
+        chunks=cfg.optimizer.batch_chunks,
+    )
 
 
 # ----------------------------------------------------------------------------- metrics, logs, saves
 
+
 def _metrics(all_losses: torch.Tensor, eps: float, lr: float, metrics: dict, t0: float) -> dict:
     finite = all_losses[torch.isfinite(all_losses)]
-    return {"loss/mean": float(finite.mean()) if finite.numel() else math.nan,
-            "loss/min": float(finite.min()) if finite.numel() else math.nan,
-            "sched/eps": float(eps), "sched/lr": float(lr), **metrics,
-            "time/generation_s": time.perf_counter() - t0}
+    return {
+        "loss/mean": float(finite.mean()) if finite.numel() else math.nan,
+        "loss/min": float(finite.min()) if finite.numel() else math.nan,
+        "sched/eps": float(eps),
+        "sched/lr": float(lr),
+        **metrics,
+        "time/generation_s": time.perf_counter() - t0,
+    }
 
 
 def _append_metrics(history: dict, metrics: dict, generation: int) -> None:
@@ -277,8 +353,10 @@ def _report(progress, say, cfg: Config, metrics: dict, generation: int, gens_per
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss/mean']:.4f}", eps=f"{metrics['sched/eps']:.3f}")
     elif generation % cfg.train.log_every == 0 or generation == stop_at:
-        say(f"gen {generation:6d}  epoch {generation / gens_per_epoch:7.2f}  loss {metrics['loss/mean']:.5f}  "
-            f"eps {metrics['sched/eps']:.4f}  lr {metrics['sched/lr']:.2e}  {metrics['time/generation_s']:.3f}s/gen")
+        say(
+            f"gen {generation:6d}  epoch {generation / gens_per_epoch:7.2f}  loss {metrics['loss/mean']:.5f}  "
+            f"eps {metrics['sched/eps']:.4f}  lr {metrics['sched/lr']:.2e}  {metrics['time/generation_s']:.3f}s/gen"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,11 +376,18 @@ class _Saver:
         if comm.is_root:
             theta, sigma, generation, rest = unit.split_state(self.opt, state)
             ckpt = checkpoint.Checkpoint(
-                generation=generation, epoch=generation // self.gens_per_epoch,
-                batch_in_epoch=generation % self.gens_per_epoch, theta=theta, sigma=sigma, opt_state=rest,
-                config=to_dict(self.cfg), arch=self.arch,
+                generation=generation,
+                epoch=generation // self.gens_per_epoch,
+                batch_in_epoch=generation % self.gens_per_epoch,
+                theta=theta,
+                sigma=sigma,
+                opt_state=rest,
+                config=to_dict(self.cfg),
+                arch=self.arch,
                 metrics={k: np.asarray(v, dtype=np.float64) for k, v in history.items()},
-                noise_scheme=noise.NOISE_SCHEME, world_size=comm.world_size)
+                noise_scheme=noise.NOISE_SCHEME,
+                world_size=comm.world_size,
+            )
             try:
                 path = str(checkpoint.save(self.out_dir, ckpt, keep_last=self.cfg.train.keep_last))
             except checkpoint.CheckpointWriteError as exc:  # disk full: raised alike on every rank below
@@ -318,18 +403,28 @@ class TrainingDiverged(ValueError):
     hyperparameters need changing, so it is reported as one paragraph, exit code 2)."""
 
 
-def _check_finite(metrics: dict, all_losses: torch.Tensor, generation: int, skipped_in_a_row: int,
-                  cfg: Config, say: Callable[[str], None]) -> int:
+def _check_finite(
+    metrics: dict,
+    all_losses: torch.Tensor,
+    generation: int,
+    skipped_in_a_row: int,
+    cfg: Config,
+    say: Callable[[str], None],
+) -> int:
     """Warn about non-finite losses and skipped steps; stop a run that keeps skipping. Every rank
     sees the same metrics, so every rank decides alike. Returns the new count of skips in a row."""
     bad = int((~torch.isfinite(all_losses)).sum())
     skipped = any(k.endswith("/skipped") and v for k, v in metrics.items())
     if skipped:
-        say(f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite, "
-            f"nothing finite to step with: the step was skipped")
+        say(
+            f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite, "
+            f"nothing finite to step with: the step was skipped"
+        )
     elif bad:
-        say(f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite "
-            f"(those members got zero weight)")
+        say(
+            f"warning: generation {generation}: {bad} of {all_losses.numel()} losses non-finite "
+            f"(those members got zero weight)"
+        )
     skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
     limit = cfg.train.max_skipped_steps
     if limit and skipped_in_a_row >= limit:
@@ -337,7 +432,8 @@ def _check_finite(metrics: dict, all_losses: torch.Tensor, generation: int, skip
             f"training stopped at generation {generation}: {skipped_in_a_row} generations in a row had no "
             f"finite loss or gradient (the bound overflows, e.g. {cfg.bound.method} at eps {cfg.bound.eps}). "
             f"The last checkpoint holds the last good state; lower optimizer.lr, optimizer.sigma_init or "
-            f"bound.eps, or raise train.max_skipped_steps (0 never stops).")
+            f"bound.eps, or raise train.max_skipped_steps (0 never stops)."
+        )
     return skipped_in_a_row
 
 
@@ -345,4 +441,5 @@ def _progress(comm, cfg: Config, start: int, stop: int):
     if not (comm.is_root and cfg.train.progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
+
     return tqdm(total=stop, initial=start, unit="gen", dynamic_ncols=True)

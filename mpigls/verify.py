@@ -38,6 +38,7 @@ network's real-valued function with its float32 weights read exactly into float6
 
 Shapes: N domains, n_j neurons of affine layer j, n_0 input pixels, K classes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,19 @@ from torch import nn
 from . import attacks, noise
 from .models import Normalize
 
-__all__ = ["DenseNet", "VerifyResult", "dense_network", "deeppoly_margins", "verify", "STATUSES",
-           "BOUND_TOL", "LP_TOL", "EMPTY_TOL", "INPUT_SPLIT_MAX_DIMS", "exact_min_margins"]
+__all__ = [
+    "DenseNet",
+    "VerifyResult",
+    "dense_network",
+    "deeppoly_margins",
+    "verify",
+    "STATUSES",
+    "BOUND_TOL",
+    "LP_TOL",
+    "EMPTY_TOL",
+    "INPUT_SPLIT_MAX_DIMS",
+    "exact_min_margins",
+]
 
 STATUSES = ("verified", "falsified", "unknown")
 BOUND_TOL = 1e-9
@@ -68,7 +80,7 @@ class DenseNet:
     """f(x) = W_m relu(... relu(W_0 x + b_0) ...) + b_m on flat pixels x (normalisation folded in)."""
 
     weights: tuple[torch.Tensor, ...]  # (n_{j}, n_{j-1}) float64
-    biases: tuple[torch.Tensor, ...]   # (n_j,) float64
+    biases: tuple[torch.Tensor, ...]  # (n_j,) float64
     in_shape: tuple[int, ...]
 
     @property
@@ -117,8 +129,9 @@ def dense_network(model: nn.Sequential, in_shape) -> DenseNet:
             n = int(np.prod(shape))
             w, b = torch.eye(n, dtype=_DT), torch.zeros(n, dtype=_DT)
         else:
-            raise TypeError(f"the verifier supports Normalize, Conv2d, Linear, Flatten and ReLU layers, "
-                            f"got {type(m).__name__}")
+            raise TypeError(
+                f"the verifier supports Normalize, Conv2d, Linear, Flatten and ReLU layers, got {type(m).__name__}"
+            )
     if not weights and len(shape) != 1:
         raise ValueError("the network has no ReLU and no output layer")
     weights.append(w)
@@ -137,42 +150,52 @@ def _spec(net: DenseNet, y: int) -> tuple[torch.Tensor, torch.Tensor]:
 class _Domains:
     """A stack of N domains: boxes, split states and the current pre-activation bounds."""
 
-    lo: torch.Tensor                # (N, n_0)
-    hi: torch.Tensor                # (N, n_0)
-    splits: list[torch.Tensor]      # per hidden layer (N, n_j) int8 in {-1, 0, 1}
-    lower: list[torch.Tensor]       # per hidden layer (N, n_j)
+    lo: torch.Tensor  # (N, n_0)
+    hi: torch.Tensor  # (N, n_0)
+    splits: list[torch.Tensor]  # per hidden layer (N, n_j) int8 in {-1, 0, 1}
+    lower: list[torch.Tensor]  # per hidden layer (N, n_j)
     upper: list[torch.Tensor]
-    input_splits: torch.Tensor      # (N,) int: input bisections so far
-    coef: list[torch.Tensor]        # per hidden layer (N, n_j): branching coefficients from the last bound
-    coef_in: torch.Tensor           # (N, n_0)
+    input_splits: torch.Tensor  # (N,) int: input bisections so far
+    coef: list[torch.Tensor]  # per hidden layer (N, n_j): branching coefficients from the last bound
+    coef_in: torch.Tensor  # (N, n_0)
 
     def __len__(self) -> int:
         return self.lo.shape[0]
 
     def select(self, idx: torch.Tensor) -> _Domains:
-        return _Domains(self.lo[idx], self.hi[idx], [s[idx] for s in self.splits], [s[idx] for s in self.lower],
-                        [s[idx] for s in self.upper], self.input_splits[idx], [c[idx] for c in self.coef],
-                        self.coef_in[idx])
+        return _Domains(
+            self.lo[idx],
+            self.hi[idx],
+            [s[idx] for s in self.splits],
+            [s[idx] for s in self.lower],
+            [s[idx] for s in self.upper],
+            self.input_splits[idx],
+            [c[idx] for c in self.coef],
+            self.coef_in[idx],
+        )
 
     @staticmethod
     def cat(parts: list[_Domains]) -> _Domains:
         parts = [p for p in parts if len(p)]
         nj = len(parts[0].splits)
-        return _Domains(torch.cat([p.lo for p in parts]), torch.cat([p.hi for p in parts]),
-                        [torch.cat([p.splits[j] for p in parts]) for j in range(nj)],
-                        [torch.cat([p.lower[j] for p in parts]) for j in range(nj)],
-                        [torch.cat([p.upper[j] for p in parts]) for j in range(nj)],
-                        torch.cat([p.input_splits for p in parts]),
-                        [torch.cat([p.coef[j] for p in parts]) for j in range(nj)],
-                        torch.cat([p.coef_in for p in parts]))
+        return _Domains(
+            torch.cat([p.lo for p in parts]),
+            torch.cat([p.hi for p in parts]),
+            [torch.cat([p.splits[j] for p in parts]) for j in range(nj)],
+            [torch.cat([p.lower[j] for p in parts]) for j in range(nj)],
+            [torch.cat([p.upper[j] for p in parts]) for j in range(nj)],
+            torch.cat([p.input_splits for p in parts]),
+            [torch.cat([p.coef[j] for p in parts]) for j in range(nj)],
+            torch.cat([p.coef_in for p in parts]),
+        )
 
 
 @dataclass(frozen=True)
 class _Bounds:
-    margins: torch.Tensor           # (N, K-1) lower bounds of the margins
-    empty: torch.Tensor             # (N,) bool: the domain was proved empty
-    coef: list[torch.Tensor]        # per hidden layer (N, n_j): |coefficient| of the worst margin row
-    coef_in: torch.Tensor           # (N, n_0) |coefficient| at the input
+    margins: torch.Tensor  # (N, K-1) lower bounds of the margins
+    empty: torch.Tensor  # (N,) bool: the domain was proved empty
+    coef: list[torch.Tensor]  # per hidden layer (N, n_j): |coefficient| of the worst margin row
+    coef_in: torch.Tensor  # (N, n_0) |coefficient| at the input
 
 
 def _relax(lower, upper, split):
@@ -223,7 +246,7 @@ def _bound(net: DenseNet, spec: tuple[torch.Tensor, torch.Tensor], dom: _Domains
             a = torch.cat([w, -w])[None].expand(n, -1, -1)
             const = torch.cat([b, -b])[None].expand(n, -1)
             both, _, _ = _backsub(net, j, a, const, relax, dom.lo, dom.hi)
-            lo_new, up_new = both[:, :w.shape[0]], -both[:, w.shape[0]:]
+            lo_new, up_new = both[:, : w.shape[0]], -both[:, w.shape[0] :]
         lower = torch.maximum(dom.lower[j], lo_new)
         upper = torch.minimum(dom.upper[j], up_new)
         sp = dom.splits[j]
@@ -234,8 +257,9 @@ def _bound(net: DenseNet, spec: tuple[torch.Tensor, torch.Tensor], dom: _Domains
         dom.lower[j], dom.upper[j] = lower, upper
         relax.append(_relax(lower, upper, sp))
     sw, sb = spec
-    margins, coefs, a_in = _backsub(net, net.num_hidden, sw[None].expand(n, -1, -1), sb[None].expand(n, -1),
-                                    relax, dom.lo, dom.hi, keep=True)
+    margins, coefs, a_in = _backsub(
+        net, net.num_hidden, sw[None].expand(n, -1, -1), sb[None].expand(n, -1), relax, dom.lo, dom.hi, keep=True
+    )
     worst = margins.argmin(-1)
     rows = torch.arange(n)
     dom.coef, dom.coef_in = [c[rows, worst].abs() for c in coefs], a_in[rows, worst].abs()
@@ -256,25 +280,37 @@ def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 def _root(net: DenseNet, x: torch.Tensor, eps: float) -> _Domains:
     lo, hi = _box(x, eps)
     sizes = [w.shape[0] for w in net.weights[:-1]]
-    return _Domains(lo[None], hi[None], [torch.zeros(1, s, dtype=torch.int8) for s in sizes],
-                    [torch.full((1, s), -torch.inf, dtype=_DT) for s in sizes],
-                    [torch.full((1, s), torch.inf, dtype=_DT) for s in sizes], torch.zeros(1, dtype=torch.long),
-                    [torch.zeros(1, s, dtype=_DT) for s in sizes], torch.zeros_like(lo[None]))
+    return _Domains(
+        lo[None],
+        hi[None],
+        [torch.zeros(1, s, dtype=torch.int8) for s in sizes],
+        [torch.full((1, s), -torch.inf, dtype=_DT) for s in sizes],
+        [torch.full((1, s), torch.inf, dtype=_DT) for s in sizes],
+        torch.zeros(1, dtype=torch.long),
+        [torch.zeros(1, s, dtype=_DT) for s in sizes],
+        torch.zeros_like(lo[None]),
+    )
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    status: str                       # verified | falsified | unknown
-    reason: str                       # clean, pgd, bound, bab, leaf-lp, timeout, domain-limit, undecided-leaf
-    root_bound: float                 # DeepPoly min margin bound of the whole box (nan if not computed)
-    domains: int                      # domains bounded (root included)
-    lps: int                          # leaf LPs solved
+    status: str  # verified | falsified | unknown
+    reason: str  # clean, pgd, bound, bab, leaf-lp, timeout, domain-limit, undecided-leaf
+    root_bound: float  # DeepPoly min margin bound of the whole box (nan if not computed)
+    domains: int  # domains bounded (root included)
+    lps: int  # leaf LPs solved
     time_s: float
     counterexample: np.ndarray | None = field(default=None, repr=False)  # (C, H, W) float64 pixels
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "reason": self.reason, "root_bound": self.root_bound,
-                "domains": self.domains, "lps": self.lps, "time_s": self.time_s}
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "root_bound": self.root_bound,
+            "domains": self.domains,
+            "lps": self.lps,
+            "time_s": self.time_s,
+        }
 
 
 def _misclassified(model64: nn.Sequential, cand: torch.Tensor, y: int, lo, hi, in_shape) -> torch.Tensor | None:
@@ -297,6 +333,7 @@ def _model64(model: nn.Sequential) -> nn.Sequential:
 def _leaf_lp(net: DenseNet, spec, dom: _Domains, i: int):
     """Exact decision of a linear domain: (min margin over the leaf or +inf if empty, argmin x)."""
     from scipy.optimize import linprog
+
     lo, hi = dom.lo[i].numpy(), dom.hi[i].numpy()
     m_mat, c_vec = net.weights[0].numpy(), net.biases[0].numpy()
     a_rows, b_rows = [], []
@@ -318,7 +355,7 @@ def _leaf_lp(net: DenseNet, spec, dom: _Domains, i: int):
     best, arg = np.inf, None
     for row in range(m_mat.shape[0]):
         res = linprog(m_mat[row], A_ub=a_ub, b_ub=b_ub, bounds=list(zip(lo, hi)), method="highs")
-        if res.status == 2:   # infeasible: the leaf is empty
+        if res.status == 2:  # infeasible: the leaf is empty
             return np.inf, None
         if res.status != 0:
             return np.nan, None
@@ -363,10 +400,23 @@ def _branch(net: DenseNet, dom: _Domains, input_split: torch.Tensor) -> _Domains
     return both
 
 
-def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: DenseNet | None = None,
-           time_limit: float | None = 60.0, max_domains: int | None = None, pgd_restarts: int = 5,
-           pgd_steps: int = 50, seed: int = 0, index: int = 0, branching: str = "auto",
-           batch: int = 64, model64: nn.Sequential | None = None) -> VerifyResult:
+def verify(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: int,
+    eps: float,
+    *,
+    net: DenseNet | None = None,
+    time_limit: float | None = 60.0,
+    max_domains: int | None = None,
+    pgd_restarts: int = 5,
+    pgd_steps: int = 50,
+    seed: int = 0,
+    index: int = 0,
+    branching: str = "auto",
+    batch: int = 64,
+    model64: nn.Sequential | None = None,
+) -> VerifyResult:
     """Decide robustness of one sample x (C, H, W) pixels with label y at radius eps.
 
     ``net``/``model64`` may be passed to reuse the dense and float64 copies across samples;
@@ -383,8 +433,15 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
     lo, hi = _box(x, eps)
 
     def done(status, reason, root=float("nan"), domains=0, lps=0, cex=None):
-        return VerifyResult(status, reason, root, domains, lps, time.perf_counter() - t0,
-                            None if cex is None else cex.numpy().reshape(in_shape))
+        return VerifyResult(
+            status,
+            reason,
+            root,
+            domains,
+            lps,
+            time.perf_counter() - t0,
+            None if cex is None else cex.numpy().reshape(in_shape),
+        )
 
     cex = _misclassified(model64, x.reshape(1, -1), y, lo, hi, in_shape)
     if cex is not None:
@@ -395,8 +452,16 @@ def verify(model: nn.Sequential, x: torch.Tensor, y: int, eps: float, *, net: De
         yb = torch.tensor([y], device=device)
         for r in range(pgd_restarts):
             gen = noise.torch_generator(seed, noise.STREAM_ATTACK, 1 << 31, index * 1024 + r)
-            adv = attacks.pgd(model, xb, yb, eps, pgd_steps, attacks.default_step_size(eps, pgd_steps), generator=gen,
-                              loss="margin" if r % 2 == 0 else "ce")
+            adv = attacks.pgd(
+                model,
+                xb,
+                yb,
+                eps,
+                pgd_steps,
+                attacks.default_step_size(eps, pgd_steps),
+                generator=gen,
+                loss="margin" if r % 2 == 0 else "ce",
+            )
             cex = _misclassified(model64, adv.reshape(1, -1), y, lo, hi, in_shape)
             if cex is not None:
                 return done("falsified", "pgd", cex=cex)
@@ -467,6 +532,7 @@ def exact_min_margins(net: DenseNet, x: torch.Tensor, y: int, eps: float) -> np.
     unstable neuron (interval bounds give the big-M constants).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
+
     lo, hi = (t.numpy() for t in _box(x, eps))
     # interval bounds of every pre-activation for big-M
     l_in, u_in = lo, hi
@@ -494,12 +560,12 @@ def exact_min_margins(net: DenseNet, x: torch.Tensor, y: int, eps: float) -> np.
         w, b = net.weights[j].numpy(), net.biases[j].numpy()
         l, u = pre[j]
         h0, d0 = offs[j]
-        lb_v[h0:h0 + s], ub_v[h0:h0 + s] = 0, np.maximum(u, 0)
-        lb_v[d0:d0 + s], ub_v[d0:d0 + s] = 0, 1
-        integ[d0:d0 + s] = 1
+        lb_v[h0 : h0 + s], ub_v[h0 : h0 + s] = 0, np.maximum(u, 0)
+        lb_v[d0 : d0 + s], ub_v[d0 : d0 + s] = 0, 1
+        integ[d0 : d0 + s] = 1
         for k in range(s):
             z = np.zeros(nv)
-            z[prev[0]:prev[1]] = w[k]
+            z[prev[0] : prev[1]] = w[k]
             hk, dk = h0 + k, d0 + k
             # z = w.h_prev + b;  h >= z;  h <= z - l (1 - d);  h <= u d
             for extra, lo_c, hi_c in (({hk: 1.0}, b[k], np.inf), ({hk: 1.0, dk: -l[k]}, -np.inf, b[k] - l[k])):
@@ -521,11 +587,10 @@ def exact_min_margins(net: DenseNet, x: torch.Tensor, y: int, eps: float) -> np.
     for i in range(sw.shape[0]):
         c = np.zeros(nv)
         if sizes:
-            c[prev[0]:prev[1]] = sw[i]
+            c[prev[0] : prev[1]] = sw[i]
         else:
             c[:n0] = sw[i]
-        res = milp(c, constraints=cons, integrality=integ, bounds=Bounds(lb_v, ub_v),
-                   options={"mip_rel_gap": 1e-9})
+        res = milp(c, constraints=cons, integrality=integ, bounds=Bounds(lb_v, ub_v), options={"mip_rel_gap": 1e-9})
         if res.status != 0:
             raise RuntimeError(f"milp failed: {res.message}")
         out.append(res.fun + sb[i])

@@ -24,6 +24,7 @@ refused with batch_chunks > 1 (``check``). GRAD splits the minibatch already (it
 example blocks) and takes batch_chunks = 1 only; RGS too (its optimizer unit evaluates whole
 examples; ``WorkSplit`` with per_member=1 is what it would use).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,19 +45,27 @@ def check(optimizer: str, method: str, batch_chunks: int, batch_size: int) -> No
     if batch_chunks == 1:
         return
     if batch_chunks > batch_size:
-        raise ValueError(f"optimizer.batch_chunks={batch_chunks} is more than train.batch_size={batch_size} "
-                         f"examples; use at most {batch_size}")
+        raise ValueError(
+            f"optimizer.batch_chunks={batch_chunks} is more than train.batch_size={batch_size} "
+            f"examples; use at most {batch_size}"
+        )
     if optimizer == "grad":
-        raise ValueError(f"optimizer.batch_chunks={batch_chunks} with optimizer grad: GRAD already splits the "
-                         "minibatch into work blocks of optimizer.block_size examples; set batch_chunks=1 and "
-                         "lower block_size for more work items")
+        raise ValueError(
+            f"optimizer.batch_chunks={batch_chunks} with optimizer grad: GRAD already splits the "
+            "minibatch into work blocks of optimizer.block_size examples; set batch_chunks=1 and "
+            "lower block_size for more work items"
+        )
     if optimizer != "pgpe":
-        raise ValueError(f"optimizer.batch_chunks={batch_chunks} with optimizer {optimizer}: only PGPE splits a "
-                         "member's minibatch so far; set batch_chunks=1")
+        raise ValueError(
+            f"optimizer.batch_chunks={batch_chunks} with optimizer {optimizer}: only PGPE splits a "
+            "member's minibatch so far; set batch_chunks=1"
+        )
     if method in ATTACK_METHODS:
-        raise ValueError(f"optimizer.batch_chunks={batch_chunks} with bound.method={method!r}: its attack draws "
-                         "noise for the whole minibatch, so a chunk's per-example losses would differ from the "
-                         f"unchunked ones; use batch_chunks=1 with {list(ATTACK_METHODS)}")
+        raise ValueError(
+            f"optimizer.batch_chunks={batch_chunks} with bound.method={method!r}: its attack draws "
+            "noise for the whole minibatch, so a chunk's per-example losses would differ from the "
+            f"unchunked ones; use batch_chunks=1 with {list(ATTACK_METHODS)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,11 +130,11 @@ class WorkSplit:
         for unit in range(self.num_units):
             width = len(self.members(unit)) * self.per_member
             lo = unit * self.unit_size * self.per_member
-            parts = gathered[at:at + width * self.chunks].reshape(self.chunks, width)
+            parts = gathered[at : at + width * self.chunks].reshape(self.chunks, width)
             acc = parts[0] * (self.examples(0).stop / self.batch_size)
             for c in range(1, self.chunks):
                 sl = self.examples(c)
                 acc = acc + parts[c] * ((sl.stop - sl.start) / self.batch_size)
-            out[lo:lo + width] = acc
+            out[lo : lo + width] = acc
             at += width * self.chunks
         return out

@@ -1,4 +1,5 @@
 """Shared tiny fixtures: a small digits-style config, CLI runner helpers, MPI launch helpers."""
+
 from __future__ import annotations
 
 import os
@@ -25,26 +26,41 @@ def pytest_configure(config):
     rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
     if rank is not None and config.option.basetemp is None:
         import tempfile
+
         config.option.basetemp = str(Path(tempfile.gettempdir()) / f"mpigls-pytest-{os.getuid()}-rank{rank}")
 
 
 def tiny_overrides(**extra: object) -> list[str]:
     """--set overrides for a seconds-long PGPE run on a digits subset."""
     base = {
-        "data.name": "digits", "data.num_train": 256, "data.num_test": 64,
-        "model.name": "cnn3", "bound.method": "ibp", "bound.eps": 0.05,
-        "optimizer.name": "pgpe", "optimizer.popsize": 10, "optimizer.block_size": 2,
-        "optimizer.lr": 0.01, "optimizer.sigma_init": 0.01,
-        "train.epochs": 1, "train.batch_size": 32, "train.checkpoint_every": 2,
-        "train.threads": 1, "train.progress": False, "train.consistency_every": 2,
-        "eval.methods": "[ibp]", "eval.pgd_steps": 2,
+        "data.name": "digits",
+        "data.num_train": 256,
+        "data.num_test": 64,
+        "model.name": "cnn3",
+        "bound.method": "ibp",
+        "bound.eps": 0.05,
+        "optimizer.name": "pgpe",
+        "optimizer.popsize": 10,
+        "optimizer.block_size": 2,
+        "optimizer.lr": 0.01,
+        "optimizer.sigma_init": 0.01,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "train.checkpoint_every": 2,
+        "train.threads": 1,
+        "train.progress": False,
+        "train.consistency_every": 2,
+        "eval.methods": "[ibp]",
+        "eval.pgd_steps": 2,
     }
     base.update({k: v for k, v in extra.items()})
     # the PGPE defaults above that another optimizer does not have are left out (extra's never are)
     from mpigls.config import optimizer_keys
+
     own = set(optimizer_keys(str(base["optimizer.name"])))
-    return [f"{k}={v}" for k, v in base.items()
-            if k in extra or not k.startswith("optimizer.") or k.split(".", 1)[1] in own]
+    return [
+        f"{k}={v}" for k, v in base.items() if k in extra or not k.startswith("optimizer.") or k.split(".", 1)[1] in own
+    ]
 
 
 def mpiexec() -> str | None:
@@ -52,8 +68,9 @@ def mpiexec() -> str | None:
     return exe
 
 
-def run_mpigls(args: list[str], ranks: int = 1, timeout: float = 300, env_extra: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_mpigls(
+    args: list[str], ranks: int = 1, timeout: float = 300, env_extra: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``mpigls ARGS`` in a subprocess, under ``mpiexec -n ranks`` when ranks > 1."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -65,7 +82,9 @@ def run_mpigls(args: list[str], ranks: int = 1, timeout: float = 300, env_extra:
         cmd = [exe, "-n", str(ranks), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -75,6 +94,7 @@ def tf32_on():
     import torch
 
     from mpigls import precision
+
     before = precision.current_settings()
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,5 +1,6 @@
 """Analysis of runs: load_run (API), the Table 1 report (md/csv/json), tightness curves and plots,
 on small digits runs trained in-process through the CLI."""
+
 import csv
 import io
 import json
@@ -100,8 +101,17 @@ def test_normalise_result_is_tolerant():
     n = analysis.normalise_result
     assert n({"a": 1}) is None and n([1]) is None
     assert n({"schema": "mpigls-tightness", "natural": 0.5}) is None
-    res = n({"summary": {"natural": [True, False, True, True], "adversarial": [1, 0, 0, 1],
-                         "certified": {"ibp": 0.25, "deeppoly": 0.5}, "verified": {"accuracy": 0.5}}, "eps": 0.1})
+    res = n(
+        {
+            "summary": {
+                "natural": [True, False, True, True],
+                "adversarial": [1, 0, 0, 1],
+                "certified": {"ibp": 0.25, "deeppoly": 0.5},
+                "verified": {"accuracy": 0.5},
+            },
+            "eps": 0.1,
+        }
+    )
     assert (res["natural"], res["adversarial"], res["verified"], res["eps"]) == (0.75, 0.5, 0.5, 0.1)
     assert res["certified"] is None and res["certified/deeppoly"] == 0.5
     res = n({"natural": 0.9, "pgd": 0.8, "certified": 0.7, "certified/ibp": 0.6})
@@ -130,7 +140,10 @@ def test_report_tables_md_csv_json(runs, capsys):
 
     md = _report(capsys, *paths)
     lines = md.splitlines()
-    assert lines[0] == "| Dataset | eps | Relaxation | Nat. GRAD | Nat. PGPE | Adv. GRAD | Adv. PGPE | Cert. GRAD | Cert. PGPE |"
+    assert (
+        lines[0]
+        == "| Dataset | eps | Relaxation | Nat. GRAD | Nat. PGPE | Adv. GRAD | Adv. PGPE | Cert. GRAD | Cert. PGPE |"
+    )
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:4] == ["digits", "0.05", "IBP", f"{100 * g['natural']:.2f}"]
     assert cells[4] == f"{np.mean(pgpe_nat):.2f} ± {np.std(pgpe_nat, ddof=1):.2f} (n=2)"
@@ -145,11 +158,16 @@ def test_report_tables_md_csv_json(runs, capsys):
 def test_report_prefers_a_richer_certification_file(runs, tmp_path, capsys):
     run_dir = tmp_path / "rich"
     shutil.copytree(runs / "grad", run_dir)
-    per_sample = {"natural": [True] * 7 + [False], "adversarial": [True] * 6 + [False] * 2,
-                  "certified": [True] * 5 + [False] * 3, "verified": [True] * 5 + [False] * 3}
+    per_sample = {
+        "natural": [True] * 7 + [False],
+        "adversarial": [True] * 6 + [False] * 2,
+        "certified": [True] * 5 + [False] * 3,
+        "verified": [True] * 5 + [False] * 3,
+    }
     (run_dir / "certify").mkdir()
-    (run_dir / "certify" / "ckpt_00000008.json").write_text(json.dumps(
-        {"generation": 8, "eps": 0.05, "num_examples": 8, "certified/ibp": 0.5, "time_s": 1.0, **per_sample}))
+    (run_dir / "certify" / "ckpt_00000008.json").write_text(
+        json.dumps({"generation": 8, "eps": 0.05, "num_examples": 8, "certified/ibp": 0.5, "time_s": 1.0, **per_sample})
+    )
     table = json.loads(_report(capsys, run_dir, "--format", "json"))
     cells = table["rows"][0]["cells"]
     assert table["metrics"] == ["natural", "adversarial", "certified", "verified"]
@@ -170,18 +188,44 @@ def test_report_certify_fills_in_missing_results(runs, capsys):
     cfg = config.from_dict(checkpoint.load(runs / "noeval" / "latest.h5").config)
     dataset, model, _ = train.build_problem(cfg)
     theta = torch.from_numpy(checkpoint.load(runs / "noeval" / "latest.h5").theta.copy())
-    ref = certify.evaluate(model, theta, dataset.test_x, dataset.test_y, cfg.bound.eps, ["ibp"],
-                           batch_size=cfg.eval.batch_size, pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    ref = certify.evaluate(
+        model,
+        theta,
+        dataset.test_x,
+        dataset.test_y,
+        cfg.bound.eps,
+        ["ibp"],
+        batch_size=cfg.eval.batch_size,
+        pgd_steps=cfg.eval.pgd_steps,
+        seed=cfg.train.seed,
+    )
     assert stored["natural"] == ref["natural"] and stored["certified/ibp"] == ref["certified/ibp"]
     (row,) = table["rows"]
-    assert row["relaxation"] == "crown-ibp" and row["cells"]["natural"]["pgpe"]["mean"] == pytest.approx(100 * ref["natural"])
+    assert row["relaxation"] == "crown-ibp" and row["cells"]["natural"]["pgpe"]["mean"] == pytest.approx(
+        100 * ref["natural"]
+    )
 
 
 def test_tightness_curves_and_area(runs, tmp_path, capsys):
     png = tmp_path / "t.png"
     ckpt = runs / "grad" / "latest.h5"
-    assert cli.main(["tightness", str(ckpt), "--out", str(png), "--methods", "ibp,deeppoly",
-                     "--num-radii", "5", "--num-test", "48"]) == 0
+    assert (
+        cli.main(
+            [
+                "tightness",
+                str(ckpt),
+                "--out",
+                str(png),
+                "--methods",
+                "ibp,deeppoly",
+                "--num-radii",
+                "5",
+                "--num-test",
+                "48",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
     res = json.loads(png.with_suffix(".json").read_text())
@@ -195,8 +239,15 @@ def test_tightness_curves_and_area(runs, tmp_path, capsys):
     assert all(b <= a for a, b in zip(ibp, ibp[1:]))  # IBP boxes are nested in the radius
     cfg = config.from_dict(checkpoint.load(ckpt).config)
     dataset, model, _ = train.build_problem(cfg)
-    ref = certify.evaluate(model, torch.from_numpy(checkpoint.load(ckpt).theta.copy()), dataset.test_x[:48],
-                           dataset.test_y[:48], 0.05, ["deeppoly"], pgd_steps=0)
+    ref = certify.evaluate(
+        model,
+        torch.from_numpy(checkpoint.load(ckpt).theta.copy()),
+        dataset.test_x[:48],
+        dataset.test_y[:48],
+        0.05,
+        ["deeppoly"],
+        pgd_steps=0,
+    )
     assert res["methods"]["deeppoly"]["certified"][2] == ref["certified/deeppoly"]
     assert analysis.normalise_result(res) is None  # not mistaken for a certification result
     with pytest.raises(ValueError, match="start at 0"):
@@ -206,16 +257,31 @@ def test_tightness_curves_and_area(runs, tmp_path, capsys):
 
 def test_plot_overlays_runs_and_checkpoints(runs, tmp_path, capsys):
     out = tmp_path / "m.png"
-    assert cli.main(["plot", str(runs / "pgpe"), str(runs / "grad"), str(runs / "pgpe-seed1" / "latest.h5"),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["plot", str(runs / "pgpe"), str(runs / "grad"), str(runs / "pgpe-seed1" / "latest.h5"), "--out", str(out)]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 20000
     assert cli.main(["plot", str(runs / "pgpe"), "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'metrics.png'}"
     assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG
     keys = tmp_path / "k.svg"
-    assert cli.main(["plot", str(runs / "pgpe"), str(runs / "grad"), "--keys", "loss/mean,val/natural",
-                     "--smooth", "3", "--out", str(keys)]) == 0 and keys.read_text().startswith("<?xml")
+    assert cli.main(
+        [
+            "plot",
+            str(runs / "pgpe"),
+            str(runs / "grad"),
+            "--keys",
+            "loss/mean,val/natural",
+            "--smooth",
+            "3",
+            "--out",
+            str(keys),
+        ]
+    ) == 0 and keys.read_text().startswith("<?xml")
     capsys.readouterr()
     assert cli.main(["plot", str(runs / "pgpe"), "--out", str(tmp_path / "noext")]) == 0  # as matplotlib names it
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'noext.png'}" and (tmp_path / "noext.png").exists()

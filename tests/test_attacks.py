@@ -1,4 +1,5 @@
 """PGD: stays in the box, lowers the margin, deterministic, members independent."""
+
 import torch
 
 from mpigls import models

@@ -1,4 +1,5 @@
 """Soundness, tightness order, eps = 0, population stacking, chunking and determinism of the bounds."""
+
 import itertools
 
 import pytest
@@ -52,8 +53,9 @@ def test_sound_small(case, seed, eps):
         assert (lb <= worst + 1e-5).all(), (method, (lb - worst).max())
 
 
-@pytest.mark.parametrize("name,shape", [("cnn3", (1, 28, 28)),
-                                        pytest.param("cnn5", (3, 32, 32), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name,shape", [("cnn3", (1, 28, 28)), pytest.param("cnn5", (3, 32, 32), marks=pytest.mark.slow)]
+)
 def test_sound_real_sizes(name, shape):
     model, x, y = make(name, shape, 0, k=10, batch=2)
     eps = 2 / 255

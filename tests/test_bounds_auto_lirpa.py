@@ -1,6 +1,7 @@
 """Cross-check against the reference implementation: auto_LiRPA's IBP, CROWN-IBP and CROWN give
 the same margin lower bounds as our ibp, crown-ibp and deeppoly (skipped where auto_LiRPA is not
 installed; tools/setup_env.sh installs it)."""
+
 import sys
 import zlib
 
@@ -17,8 +18,12 @@ import auto_lirpa_compat
 
 pytestmark = pytest.mark.skipif(auto_lirpa_compat.load() is None, reason="auto_LiRPA is not installed")
 
-CASES = [("cnn3", (1, 28, 28), 0.02, 6), ("cnn3", (3, 32, 32), 2 / 255, 4), ("cnn5", (1, 28, 28), 0.01, 2),
-         ("mlp", (1, 8, 8), 0.05, 16)]
+CASES = [
+    ("cnn3", (1, 28, 28), 0.02, 6),
+    ("cnn3", (3, 32, 32), 2 / 255, 4),
+    ("cnn5", (1, 28, 28), 0.01, 2),
+    ("mlp", (1, 8, 8), 0.05, 16),
+]
 
 
 @pytest.mark.parametrize("name,shape,eps,batch", CASES)

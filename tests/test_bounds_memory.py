@@ -7,6 +7,7 @@ before the call is the measured peak. A population of 8 x 256 examples at CNN3 M
 16 MB budget needs many chunks for every method; before the fix the peaks were 1476 MB
 (alpha-crown kept every chunk's autograd graph alive) and 119 MB (deeppoly: unbudgeted state).
 """
+
 import json
 import os
 import subprocess
@@ -47,8 +48,9 @@ with torch.no_grad():
 def peak_mb(method: str, budget: float) -> float:
     # a fixed mmap threshold: glibc's adaptive one would keep freed blocks of up to 32 MB resident
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, method, str(budget)], capture_output=True,
-                         text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, method, str(budget)], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.splitlines()[-1])["peak_mb"]
 
 

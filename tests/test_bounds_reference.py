@@ -4,6 +4,7 @@ The reference builds explicit layer matrices by identity probing and implements 
 semantics as the engine: exact first-layer bounds, IBP-unstable neurons refined by
 back-substitution and intersected with IBP, adaptive lower slope, C merged with the last layer.
 """
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -73,8 +74,8 @@ def reference(model, x, y, eps, method):
             if method == "deeppoly":
                 l, u = l.clone(), u.clone()
                 for j in torch.nonzero((l < 0) & (u > 0)).flatten().tolist():
-                    lb = backsub(w[j:j + 1], b[j:j + 1], k)[0]
-                    ub = -backsub(-w[j:j + 1], -b[j:j + 1], k)[0]
+                    lb = backsub(w[j : j + 1], b[j : j + 1], k)[0]
+                    ub = -backsub(-w[j : j + 1], -b[j : j + 1], k)[0]
                     l[j], u[j] = max(l[j], lb), min(u[j], ub)
             bounds.append((l, u))
         w, b = layers[-1]
@@ -93,8 +94,12 @@ def reference(model, x, y, eps, method):
 
 @pytest.mark.slow
 @settings(max_examples=14, deadline=None)
-@given(case=st.sampled_from(CASES), seed=st.integers(0, 10_000), eps=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
-       method=st.sampled_from(["ibp", "crown-ibp", "deeppoly", "deeppoly-patches", "deeppoly-dense"]))
+@given(
+    case=st.sampled_from(CASES),
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.0, 0.02, 0.1, 0.3]),
+    method=st.sampled_from(["ibp", "crown-ibp", "deeppoly", "deeppoly-patches", "deeppoly-dense"]),
+)
 def test_matches_dense_reference(case, seed, eps, method):
     name, shape = case
     torch.manual_seed(seed)

@@ -5,6 +5,7 @@ conv_mode "patches" / "dense", population "batched" / "loop". Each is compared w
 float64 reference of tests/test_bounds_reference.py (deeppoly, crown-ibp) in float64, with the
 auto choice in float32 (equal to float32 rounding), and checked for soundness by sampling + PGD.
 """
+
 import pytest
 import torch
 
@@ -35,8 +36,9 @@ def case_and_reference(name, shape):
 def test_rows_match_dense_reference(case, rows, conv):
     model, x, y, ref = case_and_reference(*case)
     for budget in (64.0, 0.4):  # one chunk; several member/row chunks
-        got = margin_lower_bounds(model, x, y, 0.1, "deeppoly", memory_budget_mb=budget,
-                                  rows=rows, conv_mode=conv).detach()
+        got = margin_lower_bounds(
+            model, x, y, 0.1, "deeppoly", memory_budget_mb=budget, rows=rows, conv_mode=conv
+        ).detach()
         assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item()), (got - ref).abs().max()
 
 
@@ -52,8 +54,9 @@ def test_population_strategies_equal_single_network(method, population):
     single = torch.stack([margin_lower_bounds(model, x, y, 0.05, method, p, **opts).detach() for p in params])
     assert torch.allclose(got, single, atol=2e-5, rtol=2e-5), (got - single).abs().max()
     if method in ("deeppoly", "crown-ibp"):
-        ref = torch.stack([reference(models.load_flat_(model, p).double(), x.double(), y, 0.05, method)
-                           for p in params.double()])
+        ref = torch.stack(
+            [reference(models.load_flat_(model, p).double(), x.double(), y, 0.05, method) for p in params.double()]
+        )
         assert torch.allclose(got.double(), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -107,8 +110,10 @@ def test_strategy_option_validation():
         margin_lower_bounds(model, x, y, 0.1, "ibp", population="sometimes")
 
 
-@pytest.mark.parametrize("name,shape", [pytest.param("cnn5", (2, 16, 16), marks=pytest.mark.slow),
-                                        ("cnn3", (3, 10, 10)), ("mlp-tiny", (3, 4, 4))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [pytest.param("cnn5", (2, 16, 16), marks=pytest.mark.slow), ("cnn3", (3, 10, 10)), ("mlp-tiny", (3, 4, 4))],
+)
 def test_dense_rows_channels_last_match_padded(name, shape):
     """Dense rows run in HWC order (rows.py): a Linear layer after a conv map with H, W > 1, a
     multi-channel input and a Linear first layer agree with the padded engine (float64), for the
@@ -137,11 +142,15 @@ def test_cpu_chunks_and_native_transposed_conv_do_not_change_bounds(monkeypatch)
     matrices and the budget-sized chunks of before agree to float32 rounding, and the native
     kernel equals conv_transpose2d."""
     from mpigls.bounds import rows as rows_mod
+
     torch.manual_seed(2)
     a = torch.randn(5, 4, 6, 6)
     w = torch.randn(4, 1, 5, 5)
-    assert torch.allclose(rows_mod._conv_transpose(a, w, (2, 2), (2, 2), (1, 1)),
-                          torch.nn.functional.conv_transpose2d(a, w, None, 2, 2, 1), atol=1e-5)
+    assert torch.allclose(
+        rows_mod._conv_transpose(a, w, (2, 2), (2, 2), (1, 1)),
+        torch.nn.functional.conv_transpose2d(a, w, None, 2, 2, 1),
+        atol=1e-5,
+    )
     model, x, y = make("cnn5", (1, 16, 16), 4, batch=2)
     theta = models.flat_params(model).detach()
     params = theta + 0.05 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(4))

@@ -1,5 +1,6 @@
 """mpigls certify: per-sample results, the union of certificates, the complete verifier column,
 the stored results file and independence of the number of ranks (ThreadComm)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ pytestmark = pytest.mark.slow  # trains a small checkpoint (~15 s on 2 loaded co
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("certify") / "run"
-    sets = tiny_overrides(**{"optimizer.name": "grad", "optimizer.lr": 0.01, "optimizer.block_size": 16,
-                             "bound.method": "ibp", "bound.eps": 0.02, "train.epochs": 3})
+    sets = tiny_overrides(
+        **{
+            "optimizer.name": "grad",
+            "optimizer.lr": 0.01,
+            "optimizer.block_size": 16,
+            "bound.method": "ibp",
+            "bound.eps": 0.02,
+            "train.epochs": 3,
+        }
+    )
     assert cli.main(["train", "--out", str(out), "--no-eval", *sum((["--set", s] for s in sets), [])]) == 0
     return out / "latest.h5"
 
@@ -32,11 +41,20 @@ def _problem(path):
 
 def test_union_verifier_and_rank_independence(trained):
     model, theta, x, y = _problem(trained)
-    kw = dict(eps=0.03, methods=["ibp", "deeppoly"], batch_size=5, pgd_steps=5, pgd_restarts=2, verify=True,
-              verify_time_limit=None, verify_max_domains=40)
+    kw = dict(
+        eps=0.03,
+        methods=["ibp", "deeppoly"],
+        batch_size=5,
+        pgd_steps=5,
+        pgd_restarts=2,
+        verify=True,
+        verify_time_limit=None,
+        verify_max_domains=40,
+    )
 
     def run(comm):
         import copy
+
         return certify.certify(copy.deepcopy(model), theta, x, y, comm=comm, **kw)
 
     results = [dist.run_threaded(run, w)[0] for w in (1, 2, 3)]
@@ -44,8 +62,9 @@ def test_union_verifier_and_rank_independence(trained):
     drop = {"verify/time_s"}
     for other in results[1:]:
         assert {k: v for k, v in other[1].items() if k not in drop} == {k: v for k, v in s.items() if k not in drop}
-        assert {k: v for k, v in other[0].items() if k not in ("time_s", "verify/mean_time_s")} == \
-            {k: v for k, v in summary.items() if k not in ("time_s", "verify/mean_time_s")}
+        assert {k: v for k, v in other[0].items() if k not in ("time_s", "verify/mean_time_s")} == {
+            k: v for k, v in summary.items() if k not in ("time_s", "verify/mean_time_s")
+        }
     n = len(y)
     assert s["index"] == list(range(n))
     for i in range(n):
@@ -68,11 +87,41 @@ def test_union_verifier_and_rank_independence(trained):
 
 
 def test_cli_certify_json_and_results_file(trained, capsys):
-    assert cli.main(["certify", str(trained), "--json", "--num-test", "12", "--eps", "0.03", "--methods",
-                     "ibp,crown-ibp", "--verify", "--max-domains", "20", "--pgd-restarts", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "certify",
+                str(trained),
+                "--json",
+                "--num-test",
+                "12",
+                "--eps",
+                "0.03",
+                "--methods",
+                "ibp,crown-ibp",
+                "--verify",
+                "--max-domains",
+                "20",
+                "--pgd-restarts",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    for key in ("natural", "adversarial", "certified", "verified", "unknown", "falsified", "certified/ibp",
-                "certified/crown-ibp", "eps", "num_examples", "time_s"):
+    for key in (
+        "natural",
+        "adversarial",
+        "certified",
+        "verified",
+        "unknown",
+        "falsified",
+        "certified/ibp",
+        "certified/crown-ibp",
+        "eps",
+        "num_examples",
+        "time_s",
+    ):
         assert key in out, key
     assert out["num_examples"] == 12 and out["eps"] == 0.03
     stored = json.loads(certify.results_path(trained, 0.03).read_text())
@@ -89,6 +138,7 @@ def test_only_sound_methods_certify():
     import torch as _torch
 
     from mpigls import bounds, certify as certify_mod, config, models
+
     assert bounds.SOUND_METHODS == config.CERTIFY_METHODS
     assert "sabr" not in bounds.SOUND_METHODS
     with _pytest.raises(config.ConfigError, match="sound"):

@@ -1,4 +1,5 @@
 """Tests of mpigls.checkpoint: round trip, atomic replacement, fallbacks and clear errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,22 +29,42 @@ def make(generation=5, d=37, seed=0, sigma=True) -> C.Checkpoint:
     theta = rng.standard_normal(d).astype(np.float32)
     theta[:3] = [np.float32(1e-40), -0.0, np.float32(3.4e38)]  # subnormal, signed zero, huge
     return C.Checkpoint(
-        generation=generation, epoch=2, batch_in_epoch=7, theta=theta,
+        generation=generation,
+        epoch=2,
+        batch_in_epoch=7,
+        theta=theta,
         sigma=rng.random(d).astype(np.float32) if sigma else None,
-        opt_state={"m": rng.standard_normal(d), "v": rng.random(d).astype(np.float32),
-                   "step/count": 11, "lr": 0.125, "nesterov": False, "rule": "clipup",
-                   "ranks": np.arange(6, dtype=np.int64).reshape(2, 3), "scalar0d": np.array(2.5)},
+        opt_state={
+            "m": rng.standard_normal(d),
+            "v": rng.random(d).astype(np.float32),
+            "step/count": 11,
+            "lr": 0.125,
+            "nesterov": False,
+            "rule": "clipup",
+            "ranks": np.arange(6, dtype=np.int64).reshape(2, 3),
+            "scalar0d": np.array(2.5),
+        },
         config={"model": {"name": "cnn3"}, "train": {"seed": 3, "eps": [0.1, 0.2]}, "note": None},
         arch=dict(ARCH),
-        metrics={"loss": np.linspace(3, 1, generation), "pgpe/grad_norm": np.arange(generation, dtype=np.float32),
-                 "eval/cert acc%": np.array([0.5])},
-        noise_scheme="philox4x64-seedseq-v1", world_size=3,
-        extra={"cert/eps": np.array([0.1, 0.3]), "cert/method": "deeppoly", "cert/n": 4})
+        metrics={
+            "loss": np.linspace(3, 1, generation),
+            "pgpe/grad_norm": np.arange(generation, dtype=np.float32),
+            "eval/cert acc%": np.array([0.5]),
+        },
+        noise_scheme="philox4x64-seedseq-v1",
+        world_size=3,
+        extra={"cert/eps": np.array([0.1, 0.3]), "cert/method": "deeppoly", "cert/n": 4},
+    )
 
 
 def assert_same(a: C.Checkpoint, b: C.Checkpoint) -> None:
-    assert (a.generation, a.epoch, a.batch_in_epoch, a.noise_scheme, a.world_size) == \
-        (b.generation, b.epoch, b.batch_in_epoch, b.noise_scheme, b.world_size)
+    assert (a.generation, a.epoch, a.batch_in_epoch, a.noise_scheme, a.world_size) == (
+        b.generation,
+        b.epoch,
+        b.batch_in_epoch,
+        b.noise_scheme,
+        b.world_size,
+    )
     assert a.theta.dtype == b.theta.dtype == np.float32
     assert a.theta.tobytes() == b.theta.tobytes()
     assert (a.sigma is None and b.sigma is None) or a.sigma.tobytes() == b.sigma.tobytes()
@@ -69,11 +90,14 @@ def assert_same_state(a: C.StateDict, b: C.StateDict) -> None:
 
 # ----------------------------------------------------------------------------- round trip
 
+
 def test_assert_same_compares_values_not_just_keys():
     c = make()
-    for changed in ({"extra": {**c.extra, "cert/eps": np.array([0.1, 0.4])}},
-                    {"extra": {**c.extra, "cert/n": 5}},
-                    {"opt_state": {**c.opt_state, "lr": 0.25}}):
+    for changed in (
+        {"extra": {**c.extra, "cert/eps": np.array([0.1, 0.4])}},
+        {"extra": {**c.extra, "cert/n": 5}},
+        {"opt_state": {**c.opt_state, "lr": 0.25}},
+    ):
         with pytest.raises(AssertionError):
             assert_same(c, dataclasses.replace(c, **changed))
 
@@ -96,7 +120,7 @@ def test_round_trip_without_sigma_and_empty_state(tmp_path):
 
 
 @settings(max_examples=10, deadline=None)
-@given(d=st.integers(3, 50), seed=st.integers(0, 1000), gen=st.integers(1, 10 ** 9))
+@given(d=st.integers(3, 50), seed=st.integers(0, 1000), gen=st.integers(1, 10**9))
 def test_round_trip_property(tmp_path_factory, d, seed, gen):
     tmp = tmp_path_factory.mktemp("rt")
     c = make(generation=gen % 40 + 1, d=d, seed=seed)
@@ -130,6 +154,7 @@ def test_save_rejects_bad_values(tmp_path):
 
 
 # ----------------------------------------------------------------------------- latest / pruning
+
 
 def test_keep_last_prunes_and_latest_survives(tmp_path):
     for g in range(1, 7):
@@ -223,8 +248,9 @@ def test_kill9_during_save_loop_never_breaks_latest(tmp_path):
     rng = np.random.default_rng(0)
     for trial in range(4):
         d = tmp_path / f"t{trial}"
-        proc = subprocess.Popen([sys.executable, "-c", _LOOP, str(d)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LOOP, str(d)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             assert proc.stdout.readline().strip() == "1"  # at least one complete checkpoint
             time.sleep(float(rng.uniform(0.0, 0.4)))
@@ -244,6 +270,7 @@ def test_kill9_during_save_loop_never_breaks_latest(tmp_path):
 
 
 # ----------------------------------------------------------------------------- clear errors
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -267,7 +294,7 @@ def test_truncated(tmp_path, keep):
     src = C.save(tmp_path / "a", make(d=4000))
     data = src.read_bytes()
     p = tmp_path / "trunc.h5"
-    p.write_bytes(data[:int(len(data) * keep)])
+    p.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(C.CheckpointError, match="truncated|corrupt|damaged|not an HDF5") as info:
         C.load(p)
     assert "\n" not in str(info.value)
@@ -366,12 +393,14 @@ def test_check_compatible():
 
 # ----------------------------------------------------------------------------- summary
 
+
 def test_summary_is_json_and_hashes_theta(tmp_path):
     c = make()
     s = C.summary(C.save(tmp_path, c))
     json.dumps(s)
     assert s["generation"] == 5 and s["epoch"] == 2 and s["num_params"] == 37
     import hashlib
+
     assert s["theta_sha256"] == hashlib.sha256(c.theta.astype("<f4").tobytes()).hexdigest()
     assert s["theta_sha256"] == C.theta_sha256(c.theta.astype(np.float64).astype(np.float32))
     assert s["metrics"] == {"loss": 1.0, "pgpe/grad_norm": 4.0, "eval/cert acc%": 0.5}
@@ -407,6 +436,7 @@ def test_write_json_is_atomic_and_its_stale_temps_are_cleaned(tmp_path, monkeypa
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(C.os, "replace", boom)
     with pytest.raises(OSError):
         R.write_json(tmp_path / "eval.json", {"natural": 0.9})

@@ -1,6 +1,7 @@
 """Format-1 checkpoints (θ, σ and the generation stored twice) written by the OLD code (commit
 027d07e, tools/make_format1_fixture.py) still load, migrate, resume to the same θ bits the old code
 reached, and are read by inspect / certify / analysis."""
+
 import json
 import shutil
 from pathlib import Path
@@ -65,8 +66,12 @@ def test_inspect_certify_and_analysis_read_format1(tmp_path, capsys):
     assert summary["format_version"] == 1 and summary["migrated"] is True
     assert cli.main(["inspect", str(path)]) == 0
     assert "format_version" in capsys.readouterr().out
-    assert cli.main(["certify", str(path), "--results", str(tmp_path / "cert.json"), "--methods", "ibp",
-                     "--num-test", "8"]) == 0
+    assert (
+        cli.main(
+            ["certify", str(path), "--results", str(tmp_path / "cert.json"), "--methods", "ibp", "--num-test", "8"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert json.loads((tmp_path / "cert.json").read_text())["generation"] == 3
     run = analysis.load_run(path.parent)
@@ -86,6 +91,7 @@ def test_format1_copies_that_disagree_are_refused(tmp_path):
 
     def shift_theta(f):
         f["theta"][0] = f["theta"][0] + 1.0
+
     _rewrite(bad, shift_theta)
     with pytest.raises(checkpoint.CheckpointError, match="cannot migrate checkpoint format 1 to 2.*centre differs"):
         checkpoint.load(bad)
@@ -108,6 +114,7 @@ def test_format1_clipup_velocity_moves_to_its_own_slot(tmp_path):
         f["config"] = json.dumps(cfg)
         f["optimizer"].create_dataset("step%2Fm", data=velocity).attrs["key"] = "step/m"
         f["optimizer"].create_dataset("step%2Fv", data=np.zeros(0, np.float32)).attrs["key"] = "step/v"
+
     _rewrite(path, as_clipup)
     state = checkpoint.load(path).opt_state
     assert np.array_equal(state["step/velocity"], velocity)

@@ -3,6 +3,7 @@
 If this fails after an intended change, regenerate with
 ``python tests/test_cli_golden.py > tests/golden/surface.txt`` and mention it in the commit.
 """
+
 import argparse
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def test_readme_config_table_is_mpigls_config_markdown(capsys):
     """README's key table is the output of `mpigls config --markdown` (the Params' field metadata)."""
     text = (Path(__file__).parents[1] / "README.md").read_text()
     begin, end = "<!-- mpigls config --markdown: begin -->\n", "<!-- mpigls config --markdown: end -->"
-    table = text[text.index(begin) + len(begin):text.index(end)]
+    table = text[text.index(begin) + len(begin) : text.index(end)]
     assert cli.main(["config", "--markdown"]) == 0
     assert table == capsys.readouterr().out, "regenerate README's table with `mpigls config --markdown`"
 

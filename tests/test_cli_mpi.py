@@ -1,4 +1,5 @@
 """End to end through the CLI and mpiexec: world-size invariance, faults, signals, user errors."""
+
 import json
 import os
 import signal
@@ -38,12 +39,12 @@ def test_same_theta_and_sigma_for_1_2_3_4_ranks(tmp_path, optimizer):
     for ranks in (1, 2, 3, 4):
         out = tmp_path / f"n{ranks}"
         layout = {"train.fake_nodes": 2} if ranks == 4 else {}  # 2 simulated nodes x 2 ranks
-        run_mpigls(["train", "--out", str(out), "--max-generations", "4", "--no-eval",
-                    *_sets(**extra, **layout)], ranks=ranks)
+        run_mpigls(
+            ["train", "--out", str(out), "--max-generations", "4", "--no-eval", *_sets(**extra, **layout)], ranks=ranks
+        )
         ck = checkpoint.load(out / "latest.h5")
         assert ck.generation == 4
-        digests[ranks] = (_inspect(out / "latest.h5")["theta_sha256"],
-                          None if ck.sigma is None else ck.sigma.tobytes())
+        digests[ranks] = (_inspect(out / "latest.h5")["theta_sha256"], None if ck.sigma is None else ck.sigma.tobytes())
     assert len(set(digests.values())) == 1, {k: v[0] for k, v in digests.items()}
     if optimizer == "pgpe":  # resume on another world size: 3 ranks for 2 generations, then 2 ranks
         out = tmp_path / "switch"
@@ -55,8 +56,12 @@ def test_same_theta_and_sigma_for_1_2_3_4_ranks(tmp_path, optimizer):
 def test_cli_train_prints_final_accuracy_and_user_errors(tmp_path):
     proc = run_mpigls(["train", "--out", str(tmp_path / "r"), *_sets()], ranks=2)
     assert "final test accuracy" in proc.stdout and "certified/ibp" in proc.stdout
-    proc = run_mpigls(["train", "--out", str(tmp_path / "bad"), *_sets(**{"optimizer.popsize": 255})],
-                      ranks=2, check=False, timeout=120)
+    proc = run_mpigls(
+        ["train", "--out", str(tmp_path / "bad"), *_sets(**{"optimizer.popsize": 255})],
+        ranks=2,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "popsize must be even" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_mpigls(["certify", str(tmp_path / "r" / "latest.h5"), "--json"])
@@ -79,8 +84,9 @@ def _popen(args, ranks, tmp_path):
     cmd = [sys.executable, "-m", "mpi4py", "-m", "mpigls", *args]
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
 
 
 def _wait_for(out, proc, generation, timeout=120):
@@ -182,11 +188,17 @@ def test_rank_exception_aborts_job_quickly(tmp_path):
         "    if state.generation == 2 and MPI.COMM_WORLD.Get_rank() == 1: raise RuntimeError('injected failure on rank 1')\n"
         "    return orig(state, *a, **k)\n"
         "pgpe.tell = boom\n"
-        f"sys.exit(cli.main(['train', '--out', {str(tmp_path / 'x')!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n")
+        f"sys.exit(cli.main(['train', '--out', {str(tmp_path / 'x')!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     t0 = time.time()
-    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-c", script],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert time.time() - t0 < 90
@@ -206,10 +218,16 @@ def test_ranks_that_diverge_are_named_and_stop_the_run(tmp_path):
         "        new = dataclasses.replace(new, center=new.center + 1e-7)\n"
         "    return new, metrics\n"
         "pgpe.tell = drift\n"
-        f"sys.exit(cli.main(['train', '--out', {str(out)!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n")
+        f"sys.exit(cli.main(['train', '--out', {str(out)!r}, '--no-eval', *{_sets(**{'train.epochs': 50})!r}]))\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-c", script],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "consistency check 'theta' failed: rank(s) [2] differ from rank 0" in proc.stderr, proc.stderr[-2000:]
     assert checkpoint.load(out / "latest.h5").generation == 2  # the last state all ranks agreed on
@@ -219,8 +237,24 @@ def test_landscape_plot_and_certify_commands(tmp_path):
     out = tmp_path / "r"
     run_mpigls(["train", "--out", str(out), "--max-generations", "2", "--no-eval", *_sets()])
     png = tmp_path / "fig6.png"
-    proc = run_mpigls(["landscape", str(out / "latest.h5"), "--out", str(png), "--sigmas", "0.01,0.1",
-                       "--methods", "ibp,deeppoly", "--num-samples", "2", "--num-points", "3", "--batch-size", "8"])
+    proc = run_mpigls(
+        [
+            "landscape",
+            str(out / "latest.h5"),
+            "--out",
+            str(png),
+            "--sigmas",
+            "0.01,0.1",
+            "--methods",
+            "ibp,deeppoly",
+            "--num-samples",
+            "2",
+            "--num-points",
+            "3",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stdout
     metrics_png = tmp_path / "m.png"
     run_mpigls(["plot", str(out / "latest.h5"), "--out", str(metrics_png)])

@@ -1,4 +1,5 @@
 """Config loading: YAML + overrides, and one clear error per kind of bad input."""
+
 import pytest
 
 from mpigls import config
@@ -13,20 +14,23 @@ def test_defaults_and_precedence(tmp_path):
     assert config.from_dict(config.to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optimizer.popsize=255"], "popsize must be even"),
-    (["optimizer.pop_size=256"], "unknown config key"),
-    (["bogus.key=1"], "unknown config key"),
-    (["bound.eps=-0.1"], r"bound.eps must lie in \[0, 1\]"),
-    (["train.batch_size=abc"], "must be of type int"),
-    (["train.batch_size=1.5"], "must be of type int"),
-    (["data.name=mnist"], "data.root is required"),
-    (["model.name=resnet"], "model.name must be one of"),
-    (["optimizer.name=sgd"], "optimizer.name must be"),
-    (["bound.method=zonotope"], "bound.method must be one of"),
-    (["optimizer.sigma_init=0"], "sigma_init must be a positive finite number, got 0"),
-    (["noequals"], "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.popsize=255"], "popsize must be even"),
+        (["optimizer.pop_size=256"], "unknown config key"),
+        (["bogus.key=1"], "unknown config key"),
+        (["bound.eps=-0.1"], r"bound.eps must lie in \[0, 1\]"),
+        (["train.batch_size=abc"], "must be of type int"),
+        (["train.batch_size=1.5"], "must be of type int"),
+        (["data.name=mnist"], "data.root is required"),
+        (["model.name=resnet"], "model.name must be one of"),
+        (["optimizer.name=sgd"], "optimizer.name must be"),
+        (["bound.method=zonotope"], "bound.method must be one of"),
+        (["optimizer.sigma_init=0"], "sigma_init must be a positive finite number, got 0"),
+        (["noequals"], "section.key=value"),
+    ],
+)
 def test_bad_input_is_a_clear_error(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.load_config(None, overrides)
@@ -53,6 +57,7 @@ def test_missing_and_broken_files(tmp_path):
 
 def test_shipped_configs_load():
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/ must ship recipes"

@@ -1,4 +1,5 @@
 """Dataset loading from tiny files in the real on-disk formats, and the errors for bad input."""
+
 from __future__ import annotations
 
 import gzip
@@ -25,6 +26,7 @@ def _check_dataset(ds, in_shape, num_classes, num_train, num_test):
 
 
 # ---------------------------------------------------------------------------- MNIST (idx ubyte)
+
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
@@ -91,12 +93,15 @@ def test_mnist_torchvision_errors_are_wrapped(mnist_root, monkeypatch):
         data.load("mnist", root)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b[:-7], "truncated"),
-    (lambda b: b[:2], "magic number"),
-    (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic number"),
-    (lambda b: b"\x1f\x8b" + b[2:], "magic number.*gzip-compressed: `gunzip -c"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:-7], "truncated"),
+        (lambda b: b[:2], "magic number"),
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic number"),
+        (lambda b: b"\x1f\x8b" + b[2:], "magic number.*gzip-compressed: `gunzip -c"),
+    ],
+)
 def test_mnist_corrupt_file(mnist_root, damage, message):
     root, _ = mnist_root
     path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -119,6 +124,7 @@ def test_mnist_inconsistent_labels(mnist_root):
 
 # ------------------------------------------------------------------------ CIFAR-10 (pickles)
 
+
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
     """Tiny CIFAR-10 batches; torchvision's md5 table is pointed at them (the real check still runs)."""
@@ -131,8 +137,12 @@ def cifar_root(tmp_path, monkeypatch):
         x = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
         y = rng.integers(0, 10, 3).tolist()
         arrays[name] = (x, y)
-        (base / name).write_bytes(pickle.dumps({"batch_label": name, "labels": y, "data": x,
-                                                "filenames": [f"{name}_{i}.png" for i in range(3)]}, protocol=2))
+        (base / name).write_bytes(
+            pickle.dumps(
+                {"batch_label": name, "labels": y, "data": x, "filenames": [f"{name}_{i}.png" for i in range(3)]},
+                protocol=2,
+            )
+        )
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
     md5 = {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in [*names, "batches.meta"]}
     cls = torchvision.datasets.CIFAR10
@@ -253,6 +263,7 @@ def test_tinyimagenet_errors(tiny_root):
 
 
 # --------------------------------------------------------------------------- offline datasets
+
 
 def test_digits_offline():
     ds = data.load("digits")

@@ -1,4 +1,5 @@
 """Shared-seed minibatch order and deterministic augmentation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,12 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31), epoch=st.integers(0, 1000), num_examples=st.integers(1, 300),
-       batch_size=st.integers(1, 300))
+@given(
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 1000),
+    num_examples=st.integers(1, 300),
+    batch_size=st.integers(1, 300),
+)
 def test_batch_indices_is_a_deterministic_partial_permutation(seed, epoch, num_examples, batch_size):
     if batch_size > num_examples:
         with pytest.raises(ValueError, match="batch_size"):
@@ -36,8 +41,16 @@ def test_batch_indices_differ_per_epoch_and_seed():
 
 
 @SETTINGS
-@given(kind=st.sampled_from(data.AUGMENTATIONS), seed=st.integers(0, 2**31), epoch=st.integers(0, 50),
-       batch=st.integers(0, 50), b=st.integers(1, 6), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9))
+@given(
+    kind=st.sampled_from(data.AUGMENTATIONS),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 50),
+    batch=st.integers(0, 50),
+    b=st.integers(1, 6),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+)
 def test_augment_deterministic_and_shape_preserving(kind, seed, epoch, batch, b, c, h, w):
     x = torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed % 1000))
     out = data.augment(x, seed, epoch, batch, kind)
@@ -52,7 +65,7 @@ def test_augment_deterministic_and_shape_preserving(kind, seed, epoch, batch, b,
 
 def _reference_crop_flip(img, off_y, off_x, flip, pad):
     padded = torch.nn.functional.pad(img, (pad,) * 4)
-    crop = padded[:, off_y:off_y + img.shape[1], off_x:off_x + img.shape[2]]
+    crop = padded[:, off_y : off_y + img.shape[1], off_x : off_x + img.shape[2]]
     return crop.flip(-1) if flip else crop
 
 
@@ -61,8 +74,13 @@ def test_cifar_augment_is_a_padded_crop_and_flip():
     out = data.augment(x, 7, 2, 5, "cifar")
     seen_offsets, seen_flips = set(), set()
     for i in range(len(x)):
-        matches = [(oy, ox, f) for oy in range(5) for ox in range(5) for f in (False, True)
-                   if torch.equal(out[i], _reference_crop_flip(x[i], oy, ox, f, data.CROP_PADDING))]
+        matches = [
+            (oy, ox, f)
+            for oy in range(5)
+            for ox in range(5)
+            for f in (False, True)
+            if torch.equal(out[i], _reference_crop_flip(x[i], oy, ox, f, data.CROP_PADDING))
+        ]
         assert matches, f"image {i} is not a padded crop (+flip) of the input"
         seen_offsets.add(matches[0][:2])
         seen_flips.add(matches[0][2])
@@ -75,6 +93,7 @@ def test_augment_stream_independent_of_batch_order_stream():
     # numpy's SeedSequence zero-pads keys: without the tag, batch 0's augmentation would reuse the
     # batch-order stream of the same epoch
     from mpigls.noise import STREAM_DATA, numpy_generator
+
     tagged = numpy_generator(5, STREAM_DATA, 0, 0, 1).random(4)
     assert not np.array_equal(tagged, numpy_generator(5, STREAM_DATA, 0).random(4))
 

@@ -1,4 +1,5 @@
 """Serial and in-process (threaded) tests of mpigls.dist: no mpiexec needed."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,18 @@ from mpigls import dist
 
 # ----------------------------------------------------------------------------- serial comm
 
+
 def test_serial_comm_is_identity():
     c = dist.SerialComm()
-    assert (c.rank, c.world_size, c.is_root, c.local_rank, c.local_size, c.node, c.num_nodes) == (0, 1, True, 0, 1, 0, 1)
+    assert (c.rank, c.world_size, c.is_root, c.local_rank, c.local_size, c.node, c.num_nodes) == (
+        0,
+        1,
+        True,
+        0,
+        1,
+        0,
+        1,
+    )
     assert isinstance(c, dist.Comm)
     t = torch.arange(4, dtype=torch.float32)
     assert torch.equal(c.allgather_concat(t), t)
@@ -43,7 +53,7 @@ def test_serial_exact_sum_close_to_float64_sum():
     assert got.dtype == torch.float32 and got.shape == (33,)
     ref = rows.double().sum(0)
     # quantisation error <= n * max * 2**-41, then one float32 rounding
-    bound = 50 * rows.abs().max().item() * 2.0 ** -41 + ref.abs() * 2.0 ** -24
+    bound = 50 * rows.abs().max().item() * 2.0**-41 + ref.abs() * 2.0**-24
     assert torch.all((got.double() - ref).abs() <= bound)
 
 
@@ -60,12 +70,12 @@ def test_exact_sum_rejects_nonfinite():
 
 
 def test_fixed_point_round_trip_and_errors():
-    t = torch.tensor([0.75, -0.5, 2.0 ** -41, 3 * 2.0 ** -41])
+    t = torch.tensor([0.75, -0.5, 2.0**-41, 3 * 2.0**-41])
     e = dist.fixed_point_exponent(float(t.abs().max()))
     assert e == 0
     q = dist.fixed_point(t, e)
     assert q.dtype == torch.int64
-    assert q.tolist() == [3 * 2 ** 38, -(2 ** 39), 0, 2]  # half to even: 0.5 -> 0, 1.5 -> 2
+    assert q.tolist() == [3 * 2**38, -(2**39), 0, 2]  # half to even: 0.5 -> 0, 1.5 -> 2
     assert torch.equal(dist.from_fixed_point(q[:2], e), t[:2])
     with pytest.raises(ValueError, match="exceeds"):
         dist.fixed_point(torch.tensor([4.0]), 1)
@@ -75,6 +85,7 @@ def test_fixed_point_round_trip_and_errors():
 
 # ----------------------------------------------------------------------------- threaded ranks
 
+
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # mixed magnitudes make float summation order-dependent
@@ -82,14 +93,14 @@ def _rows(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(0, 23), seed=st.integers(0, 2 ** 16), world=st.integers(2, 4))
+@given(n=st.integers(0, 23), seed=st.integers(0, 2**16), world=st.integers(2, 4))
 def test_exact_sum_is_world_size_invariant(n, seed, world):
     rows = _rows(n, 9, seed)
     want = dist.SerialComm().allreduce_sum_exact(rows)
 
     def body(comm):
         r = dist.block_range(n, comm.rank, comm.world_size)
-        return comm.allreduce_sum_exact(rows[r.start:r.stop])
+        return comm.allreduce_sum_exact(rows[r.start : r.stop])
 
     for got in dist.run_threaded(body, world):
         assert got.numpy().tobytes() == want.numpy().tobytes()
@@ -121,7 +132,7 @@ def test_manual_fixed_point_path_matches_allreduce_sum_exact():
 
     def body(comm):
         r = dist.block_range(12, comm.rank, comm.world_size)
-        mine = rows[r.start:r.stop]
+        mine = rows[r.start : r.stop]
         e = dist.fixed_point_exponent(comm.allreduce_max(float(mine.abs().max()) if len(mine) else 0.0))
         q = dist.fixed_point(mine, e).sum(0)
         return dist.from_fixed_point(comm.allreduce_sum_int(q), e)
@@ -146,9 +157,17 @@ def test_nonfinite_on_one_rank_raises_on_all():
 def test_thread_comm_collectives_and_fake_nodes():
     def body(comm):
         cat = comm.allgather_concat(torch.full((comm.rank,), float(comm.rank), dtype=torch.float64))
-        return (comm.node, comm.num_nodes, comm.local_rank, comm.local_size, cat.tolist(),
-                comm.bcast_obj(comm.rank * 10, root=2), comm.agree_any(comm.rank == 3),
-                comm.agree_any(False), comm.allreduce_max(float(comm.rank)))
+        return (
+            comm.node,
+            comm.num_nodes,
+            comm.local_rank,
+            comm.local_size,
+            cat.tolist(),
+            comm.bcast_obj(comm.rank * 10, root=2),
+            comm.agree_any(comm.rank == 3),
+            comm.agree_any(False),
+            comm.allreduce_max(float(comm.rank)),
+        )
 
     out = dist.run_threaded(body, 4, fake_nodes=2)
     assert [o[:4] for o in out] == [(0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2)]
@@ -188,6 +207,7 @@ def test_run_threaded_failure_does_not_hang():
 
 # ----------------------------------------------------------------------------- blocks
 
+
 def _block_owner(block: int, num_blocks: int, world: int) -> int:
     """The owner of ``block`` by a closed formula, independent of ``my_blocks``'s code."""
     base, extra = divmod(num_blocks, world)
@@ -218,6 +238,7 @@ def test_my_blocks_errors():
 
 
 # ----------------------------------------------------------------------------- init / devices
+
 
 def test_init_comm_without_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
@@ -256,6 +277,7 @@ def test_bind_device_cpu_and_logs_mapping(caplog):
 
 
 # ----------------------------------------------------------------------------- signals / faults
+
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_sets_flag_and_restores_handler(signum):
@@ -323,9 +345,11 @@ def test_run_guarded_label_and_system_exit(capsys):
 
 # ----------------------------------------------------------------------------- run_guarded, several ranks
 
+
 def _guarded_codes(body, world: int = 3, grace_s: float = 2.0) -> list:
     """Each ThreadComm rank's ending under run_guarded: the returned code, or ("exit", code) when
     it ended the job (SystemExit, what MPI ranks do with os._exit / MPI_Abort)."""
+
     def rank(comm):
         try:
             return dist.run_guarded(lambda: body(comm), comm, grace_s=grace_s, label="mpigls train")
@@ -379,14 +403,19 @@ def test_run_guarded_runtime_failure_on_one_rank_aborts_with_its_traceback(capsy
 
 # ----------------------------------------------------------------------------- package structure
 
+
 def test_every_communicator_implements_the_whole_protocol():
-    members = [n for n, v in vars(dist.Comm).items()
-               if not n.startswith("_") and (callable(v) or isinstance(v, property))]
+    members = [
+        n for n, v in vars(dist.Comm).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))
+    ]
     members += list(dist.Comm.__annotations__)
     assert {"all_arrive", "exit_together", "abort", "agree_any", "allreduce_sum_exact"} <= set(members)
     for cls in (dist.SerialComm, dist.ThreadComm, dist.MPIComm):
-        missing = [n for n in members if not hasattr(cls, n) and n not in ("rank", "world_size", "local_rank",
-                                                                            "local_size", "node", "num_nodes")]
+        missing = [
+            n
+            for n in members
+            if not hasattr(cls, n) and n not in ("rank", "world_size", "local_rank", "local_size", "node", "num_nodes")
+        ]
         assert not missing, (cls.__name__, missing)
     assert isinstance(dist.SerialComm(), dist.Comm)
     assert all(dist.run_threaded(lambda c: isinstance(c, dist.Comm), 2))
@@ -399,8 +428,13 @@ def test_only_dist_mpi_imports_mpi4py():
     importers = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n == "mpi4py" or n.startswith("mpi4py.") for n in names):
                 importers.append((path.relative_to(root).as_posix(), node.col_offset))
     # only inside functions (indented), never at module level: importing mpigls never loads MPI

@@ -1,5 +1,6 @@
 """Whole-job fault behaviour: each test launches its own ``mpiexec -n 2`` and checks that the job
 ends (no hang: enforced by the subprocess timeout), with which exit code and which message."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 NO_HANG_S = 60  # generous for a loaded 2-core machine; a hang would be "forever"
 
-pytestmark = [pytest.mark.skipif(MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
-                                 reason="needs mpi4py and mpiexec"),
-              pytest.mark.slow]  # every test launches mpiexec
+pytestmark = [
+    pytest.mark.skipif(
+        MPIEXEC is None or importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py and mpiexec"
+    ),
+    pytest.mark.slow,
+]  # every test launches mpiexec
 
 SCRIPT = r"""
 import os, signal, sys, time
@@ -82,8 +86,14 @@ def _env() -> dict[str, str]:
 def launch(tmp_path: Path, mode: str, n: int = 2) -> subprocess.CompletedProcess:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", str(script), mode],
-                          capture_output=True, text=True, timeout=NO_HANG_S, env=_env(), cwd=tmp_path)
+    return subprocess.run(
+        [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", str(script), mode],
+        capture_output=True,
+        text=True,
+        timeout=NO_HANG_S,
+        env=_env(),
+        cwd=tmp_path,
+    )
 
 
 def test_exception_on_one_rank_aborts_job_with_its_traceback(tmp_path):
@@ -131,8 +141,14 @@ def test_signal_to_mpiexec_reaches_ranks_exit_3(tmp_path, signum):
     """What SLURM does with --signal=B:USR1 / scancel: the launcher forwards it to every rank."""
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", str(script), "wait_signal"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", str(script), "wait_signal"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+    )
     try:
         seen = ""
         while seen.count("ready") < 2:  # lines of different ranks may arrive merged

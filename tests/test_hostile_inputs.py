@@ -5,6 +5,7 @@ Most cases call ``cli.main`` in-process (as ``mpigls`` does) and check: the exit
 holds one ``error:`` paragraph and no traceback, and, where files exist, that each earlier file
 still exists (same bytes) in the output directory or in its ``aside-*`` folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ def one_paragraph(err: str, *needles: str) -> str:
 
 
 def hashes(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 def assert_nothing_lost(before: dict[str, str], d: Path) -> None:
@@ -116,14 +118,29 @@ def _foreign(d: Path) -> None:
             f["data"] = np.arange(3)
 
 
-@pytest.mark.parametrize("damage, why", [(_version_99, "format version 99"), (_truncate, "truncated"),
-                                         (_checksum, "checksum"), (_foreign, "not an mpigls checkpoint")])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (_version_99, "format version 99"),
+        (_truncate, "truncated"),
+        (_checksum, "checksum"),
+        (_foreign, "not an mpigls checkpoint"),
+    ],
+)
 def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2, tmp_path, capsys, damage, why):
     d = copy_run(run2, tmp_path / "r")
     damage(d)
     before = hashes(d)
-    code, _, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 4,
-                           *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--out",
+        d,
+        "--no-eval",
+        "--max-generations",
+        4,
+        *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}),
+    )
     assert code == 2
     one_paragraph(err, "none of them can be resumed", "latest.h5", "ckpt_00000002.h5", why, "--restart")
     assert hashes(d) == before  # refused: nothing changed, nothing deleted
@@ -132,8 +149,17 @@ def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2
     assert code == 2
     one_paragraph(err, "none of them can be resumed")
     # --restart: the old files move aside (same bytes), the new run starts from generation 0
-    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 3, "--restart",
-                             *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--out",
+        d,
+        "--no-eval",
+        "--max-generations",
+        3,
+        "--restart",
+        *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}),
+    )
     assert code == 0, err
     assert "moved 3 file(s)" in out  # ckpt, latest.h5, metrics.jsonl
     aside = [p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX)]
@@ -144,21 +170,36 @@ def test_unloadable_checkpoints_refuse_the_run_and_restart_moves_them_aside(run2
 
 def test_some_unloadable_resume_from_newest_loadable_and_keep_the_others(tmp_path, capsys):
     d = tmp_path / "r"
-    train.train(tiny_cfg(**{"train.checkpoint_every": 1, "train.keep_last": 5}), d, max_generations=4,
-                log=lambda m: None)
+    train.train(
+        tiny_cfg(**{"train.checkpoint_every": 1, "train.keep_last": 5}), d, max_generations=4, log=lambda m: None
+    )
     with h5py.File(d / "ckpt_00000004.h5", "r+") as f:  # latest.h5 is a hard link to it: both unreadable
         f.attrs["format_version"] = 99
     old = d / "ckpt_00000001.h5"
     data = old.read_bytes()
     old.write_bytes(data[: len(data) // 2])  # an older one truncated: retention must not delete it either
     before = hashes(d)
-    code, out, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 7,
-                             *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}))
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--out",
+        d,
+        "--no-eval",
+        "--max-generations",
+        7,
+        *_sets(**{"train.checkpoint_every": 1, "train.keep_last": 1}),
+    )
     assert code == 0, err
     assert "resuming from generation 3" in out and "moved into" in out and "format version 99" in out
     # (metrics.jsonl is a live log, cut back to the resumed generation: not a checkpoint to keep)
-    assert_nothing_lost({k: v for k, v in before.items() if ("0000000" not in k or k.endswith(("1.h5", "4.h5")))
-                         and k != "metrics.jsonl"}, d)
+    assert_nothing_lost(
+        {
+            k: v
+            for k, v in before.items()
+            if ("0000000" not in k or k.endswith(("1.h5", "4.h5"))) and k != "metrics.jsonl"
+        },
+        d,
+    )
     aside = next(p for p in d.iterdir() if p.name.startswith(rundir.ASIDE_PREFIX))
     assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5"]
     assert hashes(aside) == {k: before[k] for k in ("ckpt_00000001.h5", "ckpt_00000004.h5", "latest.h5")}
@@ -177,7 +218,8 @@ def test_retention_never_deletes_a_newer_checkpoint(run2, tmp_path):
 # ---------------------------------------------------------------------- 2. YAML
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
 
 
 @pytest.mark.timeout(30)
@@ -211,11 +253,14 @@ def test_every_float_spelling_is_a_float(tmp_path):
     assert config.load_config(None, ["data.name=digits"]).data.name == "digits"  # strings stay strings
 
 
-@pytest.mark.parametrize("item, key", [("data.name=" + "x" * 200_000, "data.name"),
-                                       ("optimizer.lr_milestones=[" + ",".join(["-1"] * 5_000) + "]",
-                                        "optimizer.lr_milestones"),
-                                       ("optimizer.lr_milestones=[" + ",".join(["-1"] * 500) + "]",
-                                        "optimizer.lr_milestones")])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("data.name=" + "x" * 200_000, "data.name"),
+        ("optimizer.lr_milestones=[" + ",".join(["-1"] * 5_000) + "]", "optimizer.lr_milestones"),
+        ("optimizer.lr_milestones=[" + ",".join(["-1"] * 500) + "]", "optimizer.lr_milestones"),
+    ],
+)
 def test_huge_value_is_not_printed_in_full(tmp_path, capsys, item, key):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--set", item)
     assert code == 2
@@ -224,6 +269,7 @@ def test_huge_value_is_not_printed_in_full(tmp_path, capsys, item, key):
 
 
 # ---------------------------------------------------------------------- 3. sizes and signals
+
 
 @pytest.mark.parametrize("mode", ["--dry-run", "--no-eval"])
 def test_absurd_popsize_is_refused_before_training(tmp_path, capsys, mode):
@@ -243,6 +289,7 @@ def test_bound_memory_budget_beyond_the_machine_is_refused(tmp_path, capsys):
 def _raise_sigterm_at(monkeypatch, call: int) -> None:
     """SIGTERM this process inside the ``call``-th bound evaluation (a generation in progress)."""
     from mpigls import losses
+
     real, calls = losses.certified_loss, [0]
 
     def wrapped(*a, **k):
@@ -250,6 +297,7 @@ def _raise_sigterm_at(monkeypatch, call: int) -> None:
         if calls[0] == call:
             signal.raise_signal(signal.SIGTERM)
         return real(*a, **k)
+
     monkeypatch.setattr(losses, "certified_loss", wrapped)
 
 
@@ -258,8 +306,9 @@ def test_signal_mid_generation_stops_at_once_and_resumes_bitwise(tmp_path, capsy
     ref = train.train(tiny_cfg(**extra), tmp_path / "ref", max_generations=4, log=lambda m: None)
     # calls: 1 preflight trial, then 5 per generation; call 13 is block 2 of generation 3
     _raise_sigterm_at(monkeypatch, 13)
-    code, out, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4,
-                             *_sets(**extra))
+    code, out, err = run_cli(
+        capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4, *_sets(**extra)
+    )
     assert code == 3, err
     assert "during generation 3" in out and "checkpoint written at generation 2" in out
     assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == 2
@@ -296,8 +345,12 @@ def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():
 def _env(tag: str) -> dict[str, str]:
     drop = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "I_MPI_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", MPIGLS_TEST_TAG=tag)
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MPIGLS_TEST_TAG=tag,
+    )
     return env
 
 
@@ -305,15 +358,26 @@ def _env(tag: str) -> dict[str, str]:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_interrupts_a_generation_that_would_take_hours(tmp_path, ranks):
     """popsize 2e6 with one pair per block: one generation is ~1e6 blocks; SIGTERM ends it in seconds."""
-    cmd = [sys.executable, "-m", "mpi4py", "-m", "mpigls", "train", "--out", str(tmp_path / "r"), "--no-eval",
-           *_sets(**{"optimizer.popsize": 2_000_000, "optimizer.block_size": 1})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "mpigls",
+        "train",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-eval",
+        *_sets(**{"optimizer.popsize": 2_000_000, "optimizer.block_size": 1}),
+    ]
     if ranks > 1:
         exe = mpiexec()
         if exe is None:
             pytest.skip("mpiexec not found")
         cmd = [exe, "-n", str(ranks), *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(uuid.uuid4().hex), cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(uuid.uuid4().hex), cwd=REPO
+    )
     try:
         line = ""
         while "work blocks per generation" not in line:
@@ -331,6 +395,7 @@ def test_sigterm_interrupts_a_generation_that_would_take_hours(tmp_path, ranks):
 
 
 # ---------------------------------------------------------------------- 4. no tracebacks for user errors
+
 
 def test_out_is_a_file_or_under_a_file(tmp_path, capsys):
     f = tmp_path / "afile"
@@ -356,6 +421,7 @@ def test_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypatch
         if dir is not None and Path(dir) == d:
             raise PermissionError(errno.EACCES, "Permission denied", str(d))
         return real(*a, dir=dir, **k)
+
     monkeypatch.setattr(rundir.tempfile, "mkstemp", mkstemp)
     for mode in ("--dry-run", "--no-eval"):
         code, out, err = run_cli(capsys, "train", "--out", d, mode, *_sets())
@@ -395,6 +461,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
                 f.write(b"\0" * 100)  # a partial file, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, ckpt)
+
     monkeypatch.setattr(checkpoint, "_write_file", write_file)
     d = tmp_path / "r"
     code, _, err = run_cli(capsys, "train", "--out", d, "--no-eval", "--max-generations", 6, *_sets())
@@ -405,8 +472,10 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
 
 
 def test_h5py_style_disk_full_message_names_the_os_error(tmp_path):
-    exc = OSError("Unable to synchronously create dataset (file write failed: time = Mon, errno = 28, "
-                  "error message = 'No space left on device')")
+    exc = OSError(
+        "Unable to synchronously create dataset (file write failed: time = Mon, errno = 28, "
+        "error message = 'No space left on device')"
+    )
     msg = checkpoint._write_failure(tmp_path, tmp_path / "ckpt_00000001.h5", exc)
     assert msg.startswith("could not write checkpoint ckpt_00000001.h5") and "No space left on device" in msg
 
@@ -471,10 +540,14 @@ def test_dry_run_of_a_good_config_says_what_it_would_do(run2, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- 6. nonsense
 
-@pytest.mark.parametrize("extra, message", [
-    ({"bound.eps": 1000}, "bound.eps must lie in [0, 1]"),
-    ({"eval.num_test": 0}, "eval.num_test must be >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"bound.eps": 1000}, "bound.eps must lie in [0, 1]"),
+        ({"eval.num_test": 0}, "eval.num_test must be >= 1"),
+    ],
+)
 def test_nonsense_values(tmp_path, capsys, extra, message):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", *_sets(**extra))
     assert code == 2
@@ -509,11 +582,13 @@ def test_inspect_json_is_valid_json_with_null_for_nan(run2, tmp_path, capsys):
 
     def no_constants(name):
         raise AssertionError(f"bare {name} in JSON output")
+
     data = json.loads(out, parse_constant=no_constants)
     assert data["metrics"]["loss/mean"] is None and data["metrics"]["x/inf"] is None
 
 
 # ---------------------------------------------------------------------- 7. messages that mislead
+
 
 def test_config_path_that_is_a_directory_or_a_device(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", tmp_path, "--out", tmp_path / "r")
@@ -536,8 +611,9 @@ def test_binary_config_names_the_file(tmp_path, capsys):
     one_paragraph(err, "model.bin", "not a UTF-8 text file")
 
 
-@pytest.mark.parametrize("seed, message", [("1e23", "must be of type int"), (str(10**23), "[0, 2**63 - 1]"),
-                                           ("-1", "[0, 2**63 - 1]")])
+@pytest.mark.parametrize(
+    "seed, message", [("1e23", "must be of type int"), (str(10**23), "[0, 2**63 - 1]"), ("-1", "[0, 2**63 - 1]")]
+)
 def test_seed_out_of_range(tmp_path, capsys, seed, message):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--dry-run", *_sets(**{"train.seed": seed}))
     assert code == 2
@@ -565,6 +641,7 @@ def test_certify_architecture_advice_does_not_mention_out(run2, capsys):
 @pytest.mark.slow
 def test_refusal_under_mpi_is_one_paragraph_from_every_rank(run2, tmp_path):
     from conftest import run_mpigls
+
     d = copy_run(run2, tmp_path / "r")
     _version_99(d)
     before = hashes(d)

@@ -5,6 +5,7 @@ and example is bounded independently, so the chunked bounds must equal the unchu
 rounding of the convolution kernels), keep autograd working, and stay equal to single-network
 calls and to the float64 reference of tests/test_bounds_reference.py.
 """
+
 import pytest
 import torch
 
@@ -69,9 +70,13 @@ def test_chunk_rule_and_gradients():
     widest = 8 * 4 * 4 * 4
     assert ibp.chunk_shape(prob, 2 * 7 * widest) == (2, 7)
     assert ibp.chunk_shape(prob, 3 * widest) == (1, 3)
-    big = make_problem(models.build("cnn3", (1, 28, 28), 10), torch.rand(128, 1, 28, 28),
-                       torch.zeros(128, dtype=torch.long), 0.1,
-                       torch.zeros(64, models.flat_params(models.build("cnn3", (1, 28, 28), 10)).numel()))
+    big = make_problem(
+        models.build("cnn3", (1, 28, 28), 10),
+        torch.rand(128, 1, 28, 28),
+        torch.zeros(128, dtype=torch.long),
+        0.1,
+        torch.zeros(64, models.flat_params(models.build("cnn3", (1, 28, 28), 10)).numel()),
+    )
     assert ibp.chunk_shape(big) == (2, 128)  # 8*14*14*4 B per pair, 2 MiB per chunk
     grads = []
     for cb in (WHOLE, 3 * widest):

@@ -1,4 +1,5 @@
 """Loss landscapes (paper Fig. 6): original vs Gaussian-smoothed certified loss along a direction."""
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +67,17 @@ def test_plot_and_run_from_checkpoint(problem, tmp_path):
     model, x, y, eps = problem
     theta = models.flat_params(model)
     before = theta.clone()
-    path = landscape.run_from_checkpoint(model, theta * 1.01, x, y, eps, sigmas=[0.01, 0.1],
-                                         methods=["ibp", "crown-ibp", "deeppoly"], num_samples=4, num_points=5,
-                                         out=tmp_path / "fig6.png")
+    path = landscape.run_from_checkpoint(
+        model,
+        theta * 1.01,
+        x,
+        y,
+        eps,
+        sigmas=[0.01, 0.1],
+        methods=["ibp", "crown-ibp", "deeppoly"],
+        num_samples=4,
+        num_points=5,
+        out=tmp_path / "fig6.png",
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.equal(models.flat_params(model), before)

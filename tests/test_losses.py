@@ -1,4 +1,5 @@
 """Losses: robust CE formula, natural CE, certified_loss dispatch and shapes."""
+
 import pytest
 import torch
 import torch.nn.functional as F

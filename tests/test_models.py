@@ -1,4 +1,5 @@
 """Architectures match the paper's Table 4; flat-vector views round-trip."""
+
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,9 @@ def test_cnn3_table4():
     m = models.build("cnn3", (1, 28, 28), 10)
     convs = [l for l in m if isinstance(l, nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
-        (8, (5, 5), (2, 2), (2, 2)), (8, (4, 4), (2, 2), (1, 1))]
+        (8, (5, 5), (2, 2), (2, 2)),
+        (8, (4, 4), (2, 2), (1, 1)),
+    ]
     assert _layers(m) == ["Normalize", "Conv2d", "ReLU", "Conv2d", "ReLU", "Flatten", "Linear"]
     assert m[-1].in_features == 8 * 7 * 7 and m[-1].out_features == 10
 
@@ -23,7 +26,10 @@ def test_cnn5_table4():
     m = models.build("cnn5", (3, 32, 32), 10)
     convs = [l for l in m if isinstance(l, nn.Conv2d)]
     assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
-        (16, 5, 2, 2), (16, 4, 2, 1), (32, 4, 2, 1)]
+        (16, 5, 2, 2),
+        (16, 4, 2, 1),
+        (32, 4, 2, 1),
+    ]
     fcs = [l for l in m if isinstance(l, nn.Linear)]
     assert [(f.in_features, f.out_features) for f in fcs] == [(32 * 4 * 4, 512), (512, 10)]
     assert _layers(m)[-3:] == ["Linear", "ReLU", "Linear"]

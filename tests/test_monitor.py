@@ -1,6 +1,7 @@
 """Evaluation during training and the live metrics log: the trajectory is untouched, the val/*
 numbers are the certify numbers of the θ at that generation, identical for any rank count, and
 metrics.jsonl holds every generation exactly once, also across a kill and a resume."""
+
 import json
 
 import numpy as np
@@ -52,8 +53,17 @@ def test_val_metrics_are_the_certify_numbers_at_those_generations(pair):
         assert list(gens[recorded]) == [3.0, 6.0, 8.0], key
     cfg = _cfg(**EVAL)
     dataset, model, _ = train.build_problem(cfg)
-    ref = certify.evaluate(model, evald.theta, dataset.test_x[:40], dataset.test_y[:40], cfg.bound.eps,
-                           ["ibp", "deeppoly"], batch_size=16, pgd_steps=cfg.eval.pgd_steps, seed=cfg.train.seed)
+    ref = certify.evaluate(
+        model,
+        evald.theta,
+        dataset.test_x[:40],
+        dataset.test_y[:40],
+        cfg.bound.eps,
+        ["ibp", "deeppoly"],
+        batch_size=16,
+        pgd_steps=cfg.eval.pgd_steps,
+        seed=cfg.train.seed,
+    )
     for key in keys:
         assert ck.metrics[key][-1] == ref[key[4:]], key
     assert 0 <= ck.metrics["val/certified/ibp"][-1] <= ck.metrics["val/natural"][-1] <= 1
@@ -68,6 +78,7 @@ def test_validation_is_identical_for_any_rank_count(world_size):
     def run(comm):
         res = monitor.Validator(cfg, dataset, model, comm)(theta)
         return {k: v for k, v in res.items() if not k.startswith("time/")}
+
     serial = run(dist.SerialComm())
     assert set(serial) == {"val/natural", "val/pgd", "val/certified/ibp", "val/certified/deeppoly"}
     for got in dist.run_threaded(run, world_size):
@@ -111,8 +122,10 @@ def test_kill_then_resume_leaves_no_duplicate_generations(tmp_path, pair):
 
 def test_truncate_and_read_tolerate_damage(tmp_path):
     log = tmp_path / "m.jsonl"
-    log.write_text('{"schema": "mpigls-metrics", "config": {}}\n{"generation": 1, "a": null}\n'
-                   'garbage\n{"generation": 2, "a": 2.0}\n{"generation": 2, "a": 3.0}\n{"generation": 3, "a"')
+    log.write_text(
+        '{"schema": "mpigls-metrics", "config": {}}\n{"generation": 1, "a": null}\n'
+        'garbage\n{"generation": 2, "a": 2.0}\n{"generation": 2, "a": 3.0}\n{"generation": 3, "a"'
+    )
     with pytest.warns(RuntimeWarning, match="unreadable line"):
         records, headers = monitor.read_metrics_log(log)
     assert [(r["generation"], r["a"]) for r in records][1:] == [(2, 3.0)] and np.isnan(records[0]["a"])

@@ -1,4 +1,5 @@
 """The counter-based noise depends only on (seed, stream, generation, member)."""
+
 import pytest
 import torch
 from scipy import stats
@@ -28,12 +29,27 @@ def test_block_rows_equal_single_members_in_any_order():
 # NOISE_SCHEME (old checkpoints are then refused on resume) and re-derive these numbers.
 GOLDEN = {
     # (seed, generation, member, stream): first 5 numbers
-    (0, 0, 0, noise.STREAM_PGPE): ["-0x1.fc5f92p-3", "-0x1.b68d00p-6", "-0x1.f1c544p+0", "0x1.0c957cp-1",
-                                   "-0x1.28e378p-3"],
-    (3, 7, 11, noise.STREAM_RGS): ["0x1.1280c8p+1", "-0x1.94e8d8p-7", "-0x1.23553ap+0", "-0x1.4d3d44p+0",
-                                   "0x1.1a1ca6p+0"],
-    (123456789, 2 ** 40, 5, noise.STREAM_PGPE): ["0x1.1acdf0p+0", "-0x1.9597d8p-3", "0x1.de3c0ep-2",
-                                                 "0x1.c1f3f4p-1", "-0x1.2ead82p-2"],
+    (0, 0, 0, noise.STREAM_PGPE): [
+        "-0x1.fc5f92p-3",
+        "-0x1.b68d00p-6",
+        "-0x1.f1c544p+0",
+        "0x1.0c957cp-1",
+        "-0x1.28e378p-3",
+    ],
+    (3, 7, 11, noise.STREAM_RGS): [
+        "0x1.1280c8p+1",
+        "-0x1.94e8d8p-7",
+        "-0x1.23553ap+0",
+        "-0x1.4d3d44p+0",
+        "0x1.1a1ca6p+0",
+    ],
+    (123456789, 2**40, 5, noise.STREAM_PGPE): [
+        "0x1.1acdf0p+0",
+        "-0x1.9597d8p-3",
+        "0x1.de3c0ep-2",
+        "0x1.c1f3f4p-1",
+        "-0x1.2ead82p-2",
+    ],
 }
 
 

@@ -1,5 +1,6 @@
 """PGPE: unbiasedness on closed-form smoothed functions, sigma bounds, non-finite losses,
 bitwise determinism and checkpoint round trips."""
+
 import dataclasses
 import math
 
@@ -18,12 +19,12 @@ THETA = torch.tensor([0.5, -1.0, 2.0, 0.25])
 SIGMA = torch.tensor([0.1, 0.05, 0.2, 0.1])
 
 
-def quadratic(x):          # (P, D) -> (P,); L_sigma = L + 0.5 * sum(a sigma^2)
+def quadratic(x):  # (P, D) -> (P,); L_sigma = L + 0.5 * sum(a sigma^2)
     x = x.to(torch.float64)
     return 0.5 * (A * x * x).sum(-1) + (C * x).sum(-1)
 
 
-def step(x):               # 1[x_0 > 0]; L_sigma = Phi(theta_0 / sigma_0)
+def step(x):  # 1[x_0 > 0]; L_sigma = Phi(theta_0 / sigma_0)
     return (x[:, 0] > 0).to(torch.float64)
 
 
@@ -109,7 +110,7 @@ def test_tell_deterministic_and_pure(rule, monkeypatch):
     assert torch.equal(s1.center, s2.center) and torch.equal(s1.sigma, s2.sigma)
     assert torch.equal(s1.step_state.m, s2.step_state.m) and m1 == m2
     assert s1.generation == 1 and not torch.equal(s1.center, state.center)
-    monkeypatch.setattr(pgpe, "NOISE_CHUNK", 3)      # the chunking never changes the bits
+    monkeypatch.setattr(pgpe, "NOISE_CHUNK", 3)  # the chunking never changes the bits
     s3, _ = pgpe.tell(state, params, 9, losses)
     assert torch.equal(s1.center, s3.center) and torch.equal(s1.sigma, s3.sigma)
 
@@ -140,8 +141,16 @@ def test_sigma_relative_change_and_clamps():
     assert metrics["pgpe/sigma_clipped_frac"] == 1.0
     # the quadratic's smoothed loss grows with sigma, so a huge step shrinks sigma by the full 20%
     torch.testing.assert_close(ratio, torch.full((D,), 0.8))
-    clamped = pgpe.PGPEParams(popsize=64, sigma_lr=1e6, sigma_max_change=0.5, sigma_min=0.09, sigma_max=0.3,
-                              sigma_init=0.1, fitness_shaping="raw", fixed_sigma=False)
+    clamped = pgpe.PGPEParams(
+        popsize=64,
+        sigma_lr=1e6,
+        sigma_max_change=0.5,
+        sigma_min=0.09,
+        sigma_max=0.3,
+        sigma_init=0.1,
+        fitness_shaping="raw",
+        fixed_sigma=False,
+    )
     new, _ = pgpe.tell(state, clamped, 2, quadratic(pgpe.ask(state, clamped, 2, range(32))))
     assert (new.sigma >= 0.09 * (1 - 1e-6)).all() and (new.sigma <= 0.3).all()
     torch.testing.assert_close(new.sigma[[0, 3]], torch.full((2,), 0.09))
@@ -155,8 +164,8 @@ def test_nonfinite_pairs_get_zero_weight():
     state = dataclasses.replace(pgpe.init(params, THETA), sigma=SIGMA.clone())
     losses = quadratic(pgpe.ask(state, params, 4, range(4)))
     bad = losses.clone()
-    bad[3] = float("nan")          # pair 1 (minus end)
-    bad[4] = float("inf")          # pair 2 (plus end)
+    bad[3] = float("nan")  # pair 1 (minus end)
+    bad[4] = float("inf")  # pair 2 (plus end)
     g_c, g_s, n = pgpe.gradients(state, params, 4, bad)
     assert n == 2
     z = noise.noise_block(4, 0, [0, 3], D).to(torch.float64)
@@ -194,20 +203,22 @@ def test_params_validation_messages():
     with pytest.raises(ValueError, match="sigma_init"):
         pgpe.PGPEParams(sigma_init=2.0, sigma_max=1.0)
     with pytest.raises(TypeError):
-        pgpe.PGPEParams(256)                      # kw_only
+        pgpe.PGPEParams(256)  # kw_only
     params = pgpe.PGPEParams(popsize=4)
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         pgpe.tell(pgpe.init(params, THETA), params, 0, torch.zeros(6))
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.lists(st.integers(-10_000, 10_000), min_size=8, max_size=8, unique=True),
-       st.sampled_from(["affine", "cube", "exp"]))
+@given(
+    st.lists(st.integers(-10_000, 10_000), min_size=8, max_size=8, unique=True),
+    st.sampled_from(["affine", "cube", "exp"]),
+)
 def test_centered_rank_update_invariant_under_increasing_transforms(values, transform):
     params = pgpe.PGPEParams(popsize=8, sigma_lr=0.1, lr=0.01, fixed_sigma=False)
     state = pgpe.init(params, THETA)
     r = torch.tensor(values, dtype=torch.float64)
-    t = {"affine": 0.5 * r - 3, "cube": r ** 3, "exp": torch.exp(r / 5000)}[transform]
+    t = {"affine": 0.5 * r - 3, "cube": r**3, "exp": torch.exp(r / 5000)}[transform]
     a, _ = pgpe.tell(state, params, 5, r)
     b, _ = pgpe.tell(state, params, 5, t)
     assert torch.equal(a.center, b.center) and torch.equal(a.sigma, b.sigma)
@@ -232,4 +243,4 @@ def test_pgpe_minimises_a_quadratic_in_50d(rule, lr):
     for _ in range(150):
         state, metrics = pgpe.tell(state, params, 0, loss(pgpe.ask(state, params, 0, range(16))))
     assert float(loss(state.center[None])) < 0.05 * start
-    assert metrics["pgpe/sigma_mean"] < 0.1          # sigma shrinks near the minimum
+    assert metrics["pgpe/sigma_mean"] < 0.1  # sigma shrinks near the minimum

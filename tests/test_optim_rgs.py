@@ -1,5 +1,6 @@
 """RGS and GRAD: unbiased smoothed gradients (quadratic, ReLU -> erf, steep sigmoid by quadrature),
 antithetic sampling, clipping, skipping and checkpoint round trips."""
+
 import math
 
 import numpy as np
@@ -18,8 +19,9 @@ SIGMA = 0.1
 def mean_gradient(loss_fn, num_samples, seed, antithetic):
     """RGS estimate via tell with plain SGD at lr 1 (so theta - theta_new is the mean gradient),
     plus the per-sample gradients for a standard error."""
-    params = rgs.RGSParams(num_samples=num_samples, sigma_init=SIGMA, antithetic=antithetic, lr=1.0,
-                           step_rule="sgd", grad_clip=None)
+    params = rgs.RGSParams(
+        num_samples=num_samples, sigma_init=SIGMA, antithetic=antithetic, lr=1.0, step_rule="sgd", grad_clip=None
+    )
     state = rgs.init(params, THETA)
     points = rgs.sample_points(state, params, seed, range(num_samples)).to(torch.float64).requires_grad_(True)
     (per_sample,) = torch.autograd.grad(loss_fn(points).sum(), points)
@@ -27,7 +29,7 @@ def mean_gradient(loss_fn, num_samples, seed, antithetic):
     assert metrics["rgs/skipped"] == 0 and new.generation == 1
     estimate = (state.center - new.center).double()
     torch.testing.assert_close(estimate, per_sample.mean(0), rtol=1e-5, atol=1e-6)
-    if antithetic:      # pairs are correlated: the pair means are the independent draws
+    if antithetic:  # pairs are correlated: the pair means are the independent draws
         per_sample = per_sample.view(-1, 2, D).mean(1)
     return per_sample.mean(0), per_sample.std(0) / math.sqrt(per_sample.shape[0]) + 1e-12
 
@@ -62,11 +64,11 @@ def test_rgs_relu_gives_erf():
 
 
 def test_rgs_steep_sigmoid_by_quadrature():
-    tau = 0.02          # sigmoid(x/tau) is a smoothed step 5x narrower than sigma
+    tau = 0.02  # sigmoid(x/tau) is a smoothed step 5x narrower than sigma
     grid = np.linspace(-8, 8, 200001)
-    pdf = np.exp(-0.5 * grid ** 2) / math.sqrt(2 * math.pi)
+    pdf = np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi)
     u = (float(THETA[0]) + SIGMA * grid) / tau
-    slope = np.exp(-np.logaddexp(0, u) - np.logaddexp(0, -u)) / tau       # sigmoid'(u)/tau
+    slope = np.exp(-np.logaddexp(0, u) - np.logaddexp(0, -u)) / tau  # sigmoid'(u)/tau
     true = torch.zeros(D, dtype=torch.float64)
     true[0] = float(np.trapezoid(slope * pdf, grid))
     errors = check(lambda x: torch.sigmoid(x[:, 0] / tau), true, antithetic=True, sizes=(128, 1024, 8192))
@@ -79,8 +81,9 @@ def test_sample_points_antithetic_and_slices():
     pts = rgs.sample_points(state, params, 7, range(6))
     z1 = noise.member_noise(7, 0, 1, D, noise.STREAM_RGS)
     assert torch.equal(pts[2], THETA + 0.5 * z1) and torch.equal(pts[3], THETA + 0.5 * -z1)
-    assert torch.equal(torch.cat([rgs.sample_points(state, params, 7, [0, 1, 2]),
-                                  rgs.sample_points(state, params, 7, [3, 4, 5])]), pts)
+    assert torch.equal(
+        torch.cat([rgs.sample_points(state, params, 7, [0, 1, 2]), rgs.sample_points(state, params, 7, [3, 4, 5])]), pts
+    )
     with pytest.raises(ValueError, match="even"):
         rgs.RGSParams(num_samples=5, antithetic=True)
     with pytest.raises(ValueError, match="indices"):

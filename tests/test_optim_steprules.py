@@ -1,4 +1,5 @@
 """Step rules (Adam vs torch.optim.Adam, ClipUp speed limit), fitness shaping and schedules."""
+
 import math
 
 import pytest
@@ -27,7 +28,7 @@ def test_adam_matches_torch():
 def test_clipup_normalises_and_limits_speed():
     state = steprules.init("clipup", torch.zeros(3))
     delta, state = steprules.clipup(state, torch.tensor([30.0, 40.0, 0.0]), lr=0.1, momentum=0.9, max_speed=0.15)
-    torch.testing.assert_close(delta, torch.tensor([0.06, 0.08, 0.0]))   # lr * unit gradient
+    torch.testing.assert_close(delta, torch.tensor([0.06, 0.08, 0.0]))  # lr * unit gradient
     for _ in range(20):
         delta, state = steprules.clipup(state, torch.tensor([3.0, 4.0, 0.0]), lr=0.1, momentum=0.9, max_speed=0.15)
         assert float(delta.norm()) <= 0.15 * (1 + 1e-6)
@@ -50,11 +51,12 @@ def test_clip_grad_norm():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(-1000, 1000), min_size=1, max_size=40, unique=True),
-       st.sampled_from(["affine", "cube", "exp"]))
+@given(
+    st.lists(st.integers(-1000, 1000), min_size=1, max_size=40, unique=True), st.sampled_from(["affine", "cube", "exp"])
+)
 def test_centered_ranks_invariant_under_increasing_transforms(values, transform):
     x = torch.tensor(values, dtype=torch.float64)
-    y = {"affine": 3 * x + 7, "cube": x ** 3, "exp": torch.exp(x / 100)}[transform]
+    y = {"affine": 3 * x + 7, "cube": x**3, "exp": torch.exp(x / 100)}[transform]
     u = shaping.centered_ranks(x)
     assert torch.equal(u, shaping.centered_ranks(y))
     if len(values) > 1:
@@ -66,7 +68,7 @@ def test_centered_ranks_invariant_under_increasing_transforms(values, transform)
 def test_shaping_nonfinite_and_normalized():
     u = shaping.centered_ranks(torch.tensor([1.0, float("nan"), 0.0, float("inf")]))
     assert float(u[2]) == -0.5 and float(u[0]) == pytest.approx(-1 / 6)
-    assert sorted(u[[1, 3]].tolist()) == pytest.approx([1 / 6, 0.5])      # non-finite: worst ranks
+    assert sorted(u[[1, 3]].tolist()) == pytest.approx([1 / 6, 0.5])  # non-finite: worst ranks
     n = shaping.normalized(torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(n, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) * math.sqrt(1.5))
     assert torch.equal(shaping.normalized(torch.ones(4)), torch.zeros(4, dtype=torch.float64))
@@ -108,6 +110,7 @@ def test_lr_step_decay():
 @pytest.mark.parametrize("rule", ["adam", "clipup", "sgd"])
 def test_decoupled_weight_decay(rule):
     from mpigls.optim import grad as gradopt
+
     params = gradopt.GRADParams(lr=0.1, step_rule=rule, weight_decay=0.5)
     state = gradopt.init(params, torch.tensor([2.0, -4.0]))
     new, _ = gradopt.tell(state, params, torch.zeros(2))

@@ -1,4 +1,5 @@
 """The paper's toy discontinuous loss: GLS (PGPE) crosses the jump, gradient descent is stuck."""
+
 import importlib.util
 from pathlib import Path
 
@@ -20,13 +21,13 @@ def test_smoothed_toy_loss_closed_form_matches_sampling():
 
 def test_gls_crosses_discontinuity_gd_is_stuck():
     gd = toy.run_gd(-0.5, steps=100)
-    assert np.all(gd == -0.5)                                   # slope 0 on w < 0: never moves
+    assert np.all(gd == -0.5)  # slope 0 on w < 0: never moves
     gd_right = toy.run_gd(0.8, steps=100)
-    assert gd_right[-1] <= 0                                    # slides over the jump, then stuck at l = 1
+    assert gd_right[-1] <= 0  # slides over the jump, then stuck at l = 1
     for w0 in (-0.5, 0.8):
         gls = toy.run_gls(w0, steps=150, sigma=0.3, seed=1)
         tail = gls[-50:]
-        assert np.all(tail > 0), tail                           # on the good side of the jump
+        assert np.all(tail > 0), tail  # on the good side of the jump
         assert float(toy.toy_loss(torch.from_numpy(tail)).mean()) < 0.5
         # close to the smoothed minimiser w* = 0.3 t, s Phi(t) = phi(t) (t ~ 0.97)
         assert abs(float(tail.mean()) - 0.29) < 0.1

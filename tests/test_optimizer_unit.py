@@ -1,6 +1,7 @@
 """Adding an optimizer touches its own module and ONE registry line: a toy random-direction
 finite-difference optimizer, defined here, trains through mpigls.train.train (config section,
 checkpoint, resume, 1 and 2 ranks with the same θ bits) without any other change."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from mpigls.optim import registry, unit
 from conftest import tiny_overrides
 
 # ----------------------------------------------------------------------------- the toy optimizer's module
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FDParams:
@@ -55,7 +57,7 @@ def _evaluate(work, state, params, blocks):
 
 
 def _exchange(comm, work, state, params, local):
-    return unit.gather_losses(comm, local), None   # every rank gets all 2n losses in global order
+    return unit.gather_losses(comm, local), None  # every rank gets all 2n losses in global order
 
 
 def _tell(work, state, params, all_losses, _reduced, lr):
@@ -67,30 +69,55 @@ def _tell(work, state, params, all_losses, _reduced, lr):
 
 
 TOY = unit.Optimizer(
-    name="fd", Params=FDParams, init=lambda params, theta0: FDState(theta0.detach().float().clone(), 0),
-    num_items=lambda params, batch_size: params.directions, evaluate=_evaluate, exchange=_exchange, tell=_tell,
+    name="fd",
+    Params=FDParams,
+    init=lambda params, theta0: FDState(theta0.detach().float().clone(), 0),
+    num_items=lambda params, batch_size: params.directions,
+    evaluate=_evaluate,
+    exchange=_exchange,
+    tell=_tell,
     state_to_dict=lambda s: {"center": s.center.numpy().copy(), "generation": s.generation},
-    state_from_dict=lambda d: FDState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)), int(d["generation"])))
+    state_from_dict=lambda d: FDState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)), int(d["generation"])),
+)
 
 
 # ----------------------------------------------------------------------------- the tests
 
+
 @pytest.fixture
 def fd(monkeypatch):
-    monkeypatch.setitem(registry.OPTIMIZERS, "fd", TOY)   # the one registry line
+    monkeypatch.setitem(registry.OPTIMIZERS, "fd", TOY)  # the one registry line
 
 
 def _cfg(**extra):
-    return config.load_config(None, tiny_overrides(**{"optimizer.name": "fd", "optimizer.block_size": 4, "model.name": "mlp-tiny",
-                                                      "optimizer.lr": 0.05, "optimizer.h": 0.01, **extra}))
+    return config.load_config(
+        None,
+        tiny_overrides(
+            **{
+                "optimizer.name": "fd",
+                "optimizer.block_size": 4,
+                "model.name": "mlp-tiny",
+                "optimizer.lr": 0.05,
+                "optimizer.h": 0.01,
+                **extra,
+            }
+        ),
+    )
 
 
 def test_toy_config_section_comes_from_its_params(fd):
     cfg = _cfg(**{"optimizer.directions": 8})
     assert cfg.optimizer.directions == 8 and cfg.optimizer.h == 0.01 and isinstance(cfg.optimizer.params, FDParams)
-    assert config.to_dict(cfg)["optimizer"] == {"name": "fd", "lr_milestones": [], "lr_factor": 0.4,
-                                                "block_size": 4, "batch_chunks": 1, "lr": 0.05, "h": 0.01,
-                                                "directions": 8}
+    assert config.to_dict(cfg)["optimizer"] == {
+        "name": "fd",
+        "lr_milestones": [],
+        "lr_factor": 0.4,
+        "block_size": 4,
+        "batch_chunks": 1,
+        "lr": 0.05,
+        "h": 0.01,
+        "directions": 8,
+    }
     with pytest.raises(config.ConfigError, match="'popsize'.*for optimizer 'fd'; its valid keys are .*'directions'"):
         _cfg(**{"optimizer.popsize": 8})
     with pytest.raises(config.ConfigError, match="optimizer.h must be > 0"):
@@ -99,11 +126,11 @@ def test_toy_config_section_comes_from_its_params(fd):
 
 
 def test_toy_trains_resumes_and_stores_theta_once(fd, tmp_path):
-    cfg = _cfg(**{"train.epochs": 1})   # 8 generations of 32 examples
+    cfg = _cfg(**{"train.epochs": 1})  # 8 generations of 32 examples
     straight = train.train(cfg, tmp_path / "a", log=lambda m: None)
     assert straight.generation == 8
     hist = checkpoint.load(tmp_path / "a" / checkpoint.LATEST).metrics["loss/mean"]
-    assert np.isfinite(hist).all() and hist[-2:].mean() < hist[:2].mean()   # it descends
+    assert np.isfinite(hist).all() and hist[-2:].mean() < hist[:2].mean()  # it descends
     train.train(cfg, tmp_path / "b", max_generations=3, log=lambda m: None)
     resumed = train.train(cfg, tmp_path / "b", log=lambda m: None)
     assert torch.equal(resumed.theta, straight.theta)

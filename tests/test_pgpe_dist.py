@@ -1,6 +1,7 @@
 """Distributed PGPE update (mpigls.pgpe_dist): each rank sums only its own pairs, one exact integer
 allreduce; the result is bitwise the serial pgpe.tell for every world size, block size, noise
 budget and prefetch setting, and equals the plain float64 full-population estimate to rounding."""
+
 import dataclasses
 import math
 
@@ -37,8 +38,18 @@ def per_example(points, ex):
     return (0.5 * A.to(torch.float32) * d * d).sum(-1).mean(-1)
 
 
-def distributed_step(comm, params, state, seed, block_size, keep_bytes=pgpe_dist.KEEP_NOISE_BYTES,
-                     prefetch=False, spoil=None, chunks=None, out=None):
+def distributed_step(
+    comm,
+    params,
+    state,
+    seed,
+    block_size,
+    keep_bytes=pgpe_dist.KEEP_NOISE_BYTES,
+    prefetch=False,
+    spoil=None,
+    chunks=None,
+    out=None,
+):
     """One generation over ``comm``; ``chunks`` given: the per_example loss split into that many chunks
     (else the example-free quadratic, one chunk); ``out`` collects the P losses."""
     split = pgpe_dist.split_of(params, block_size, B if chunks else 1, chunks or 1)
@@ -46,8 +57,9 @@ def distributed_step(comm, params, state, seed, block_size, keep_bytes=pgpe_dist
     items = dist.my_blocks(split.num_items, comm.rank, comm.world_size)
     source = pgpe_dist.NoiseSource(seed, prefetch)
     try:
-        local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss_fn,
-                                         torch.device("cpu"), keep_bytes=keep_bytes)
+        local, kept = pgpe_dist.evaluate(
+            state, params, items, split, source, loss_fn, torch.device("cpu"), keep_bytes=keep_bytes
+        )
     finally:
         source.close()
     all_losses = pgpe_dist.gather_losses(comm, split, local)
@@ -95,7 +107,8 @@ def test_chunked_minibatch_same_bits_for_1_to_5_ranks_and_losses_equal_unchunked
         for world in (1, 2, 3, 5):
             seen = []
             results = dist.run_threaded(
-                lambda comm, c=chunks, s=seen: distributed_step(comm, params, state, 7, 4, chunks=c, out=s), world)
+                lambda comm, c=chunks, s=seen: distributed_step(comm, params, state, 7, 4, chunks=c, out=s), world
+            )
             for (new, metrics), losses in zip(results, seen):
                 torch.testing.assert_close(losses, full, rtol=2e-6, atol=0)
                 if chunks == 1:
@@ -113,11 +126,21 @@ def test_noise_budget_and_prefetch_never_change_the_bits():
     ref, _ = serial_step(params, state, 2)
     for keep_bytes, prefetch in [(0, False), (0, True), (1 << 30, True)]:
         for new, _ in dist.run_threaded(
-                lambda comm, kb=keep_bytes, pf=prefetch: distributed_step(comm, params, state, 2, 4, keep_bytes=kb,
-                                                                 prefetch=pf), 3):
+            lambda comm, kb=keep_bytes, pf=prefetch: distributed_step(
+                comm, params, state, 2, 4, keep_bytes=kb, prefetch=pf
+            ),
+            3,
+        ):
             assert_same(new, ref)
-    chunked = [dist.run_threaded(lambda comm, kb=kb, pf=pf: distributed_step(
-        comm, params, state, 2, 3, keep_bytes=kb, prefetch=pf, chunks=3), 4) for kb, pf in [(0, True), (1 << 30, False)]]
+    chunked = [
+        dist.run_threaded(
+            lambda comm, kb=kb, pf=pf: distributed_step(
+                comm, params, state, 2, 3, keep_bytes=kb, prefetch=pf, chunks=3
+            ),
+            4,
+        )
+        for kb, pf in [(0, True), (1 << 30, False)]
+    ]
     for new, _ in chunked[0] + chunked[1]:
         assert_same(new, chunked[1][0][0])
 
@@ -132,9 +155,14 @@ def test_nonfinite_and_all_invalid_generations_match_serial():
 
     for spoil in (some_bad, lambda r: torch.full_like(r, math.nan)):
         ref, ref_m = serial_step(params, state, 5, spoil)
-        for new, m in dist.run_threaded(lambda comm, sp=spoil: distributed_step(comm, params, state, 5, 3, spoil=sp), 2):
+        for new, m in dist.run_threaded(
+            lambda comm, sp=spoil: distributed_step(comm, params, state, 5, 3, spoil=sp), 2
+        ):
             assert_same(new, ref)
-            assert m["pgpe/skipped"] == ref_m["pgpe/skipped"] and m["pgpe/num_valid_pairs"] == ref_m["pgpe/num_valid_pairs"]
+            assert (
+                m["pgpe/skipped"] == ref_m["pgpe/skipped"]
+                and m["pgpe/num_valid_pairs"] == ref_m["pgpe/num_valid_pairs"]
+            )
 
 
 def old_float64_estimate(state, params, seed, losses):
@@ -184,9 +212,10 @@ def test_partial_sums_add_up_over_any_split_and_check_shapes():
     exps = pgpe.exponents(w, pgpe.max_abs_noise(z))
     whole = pgpe.partial_sums(w, range(10), z, exps)
     parts = pgpe.partial_sums(w, [0, 4, 9], z[[0, 4, 9]], exps) + pgpe.partial_sums(
-        w, [1, 2, 3, 5, 6, 7, 8], z[[1, 2, 3, 5, 6, 7, 8]], exps, column_chunk=7)
+        w, [1, 2, 3, 5, 6, 7, 8], z[[1, 2, 3, 5, 6, 7, 8]], exps, column_chunk=7
+    )
     assert torch.equal(whole, parts)
-    assert whole.abs().max() <= 10 * 2 ** pgpe.FRACTION_BITS
+    assert whole.abs().max() <= 10 * 2**pgpe.FRACTION_BITS
     with pytest.raises(ValueError, match="pairs but noise"):
         pgpe.partial_sums(w, [0, 1], z[:1], exps)
 
@@ -198,8 +227,7 @@ def test_partial_sums_same_bits_on_gpu():
     w = pgpe.weights(params, losses)
     z = pgpe.pair_noise(4, state.generation, range(16), D)
     exps = pgpe.exponents(w, pgpe.max_abs_noise(z))
-    assert torch.equal(pgpe.partial_sums(w, range(16), z, exps),
-                       pgpe.partial_sums(w, range(16), z.cuda(), exps).cpu())
+    assert torch.equal(pgpe.partial_sums(w, range(16), z, exps), pgpe.partial_sums(w, range(16), z.cuda(), exps).cpu())
 
 
 def test_prefetch_default_follows_env_and_device(monkeypatch):

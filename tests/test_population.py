@@ -1,4 +1,5 @@
 """Population forward: stacked members equal a loop over members, shapes, errors."""
+
 import pytest
 import torch
 
@@ -38,5 +39,8 @@ def test_errors():
     with pytest.raises(ValueError, match="weights"):
         population.forward(model, torch.rand(2, 1, 4, 4), torch.zeros(1, 2, 3))
     with pytest.raises(TypeError):
-        population.stack(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4), torch.nn.Tanh(),
-                                             torch.nn.Linear(4, 2)), None, (1, 4, 4))
+        population.stack(
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)),
+            None,
+            (1, 4, 4),
+        )

@@ -2,6 +2,7 @@
 certifying code runs with TF32 off and restores the caller's flags, training applies
 train.deterministic / train.tf32, the certification margin rule, and one process never imports
 mpi4py. The same code paths on a real GPU: tests/gpu/."""
+
 import json
 import os
 import subprocess
@@ -32,11 +33,12 @@ OFF = {"cudnn_allow_tf32": False, "matmul_allow_tf32": False, "float32_matmul_pr
 
 # ----------------------------------------------------------------------------- strict_fp32
 
+
 def test_strict_fp32_switches_tf32_off_and_restores(tf32_on):
     assert _tf32() == ON
     with precision.strict_fp32():
         assert _tf32() == OFF
-        with precision.strict_fp32():          # nested
+        with precision.strict_fp32():  # nested
             assert _tf32() == OFF
         assert _tf32() == OFF
     assert _tf32() == ON
@@ -52,13 +54,13 @@ def test_strict_fp32_restores_after_an_exception_and_as_decorator(tf32_on):
         assert _tf32() == OFF
         return inner(depth - 1) if depth else _tf32()
 
-    assert inner(3) == OFF                      # recursion re-enters the same decorator
+    assert inner(3) == OFF  # recursion re-enters the same decorator
     assert _tf32() == ON
     assert precision._ACTIVE == [] and precision._SAVED == {}
 
 
 def test_strict_fp32_wins_over_a_tf32_training_context_in_any_order(tf32_on):
-    torch.backends.cudnn.allow_tf32 = False     # the caller's own value must come back exactly
+    torch.backends.cudnn.allow_tf32 = False  # the caller's own value must come back exactly
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     with precision.training(tf32=True, deterministic=False):
@@ -80,7 +82,7 @@ def test_overlapping_threads_never_see_tf32_inside_strict_fp32(tf32_on):
     def rank(r):
         if r == 0:
             with precision.strict_fp32():
-                barrier.wait()                  # rank 1 enters and leaves while rank 0 is inside
+                barrier.wait()  # rank 1 enters and leaves while rank 0 is inside
                 barrier.wait()
                 seen.append(_tf32())
         else:
@@ -99,6 +101,7 @@ def test_overlapping_threads_never_see_tf32_inside_strict_fp32(tf32_on):
 
 
 # ----------------------------------------------------------------------------- training settings
+
 
 def test_training_context_sets_determinism_and_tf32_then_restores(tf32_on):
     before = precision.current_settings()
@@ -125,7 +128,10 @@ def test_cublas_workspace_is_set_on_import_and_checked(monkeypatch):
         pass
     with precision.training(deterministic=True, device="cpu"):  # cuBLAS plays no part on a CPU
         pass
-    with pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"), precision.training(deterministic=True, device="cuda"):
+    with (
+        pytest.raises(ValueError, match="CUBLAS_WORKSPACE_CONFIG"),
+        precision.training(deterministic=True, device="cuda"),
+    ):
         pass
 
 
@@ -140,8 +146,9 @@ def test_train_runs_under_the_configured_settings_and_restores_them(tmp_path, mo
 
     monkeypatch.setattr(train, "_bound_options", spy)
     before = precision.current_settings()
-    cfg = config.load_config(None, tiny_overrides(**{"train.deterministic": str(det).lower(),
-                                                     "train.tf32": str(tf32).lower()}))
+    cfg = config.load_config(
+        None, tiny_overrides(**{"train.deterministic": str(det).lower(), "train.tf32": str(tf32).lower()})
+    )
     train.train(cfg, tmp_path, max_generations=2, log=lambda m: None)
     assert seen
     for s in seen:
@@ -152,19 +159,27 @@ def test_train_runs_under_the_configured_settings_and_restores_them(tmp_path, mo
 
 def test_deterministic_training_gives_the_same_bits_as_before_on_cpu(tmp_path):
     """On CPU the deterministic switch changes no kernel used here: same theta either way."""
-    res = [train.train(config.load_config(None, tiny_overrides(**{"train.deterministic": d})),
-                       tmp_path / d, max_generations=3, log=lambda m: None).theta for d in ("true", "false")]
+    res = [
+        train.train(
+            config.load_config(None, tiny_overrides(**{"train.deterministic": d})),
+            tmp_path / d,
+            max_generations=3,
+            log=lambda m: None,
+        ).theta
+        for d in ("true", "false")
+    ]
     assert torch.equal(res[0], res[1])
 
 
 # ----------------------------------------------------------------------------- certification rule
+
 
 def test_certified_needs_every_margin_above_the_safety_margin():
     m = precision.CERTIFY_MARGIN
     lb = torch.tensor([[2 * m, 1.0], [m, 1.0], [0.5 * m, 1.0], [float("nan"), 1.0], [-1.0, 1.0], [1e-3, 5e-3]])
     assert precision.certified(lb).tolist() == [True, False, False, False, False, True]
     assert precision.certified(lb, margin=0.0).tolist() == [True, True, True, False, False, True]
-    assert precision.certified(lb[None]).shape == (1, 6)           # (P, B, K-1) -> (P, B)
+    assert precision.certified(lb[None]).shape == (1, 6)  # (P, B, K-1) -> (P, B)
     with pytest.raises(ValueError, match="margin"):
         precision.certified(lb, margin=-1.0)
 
@@ -207,6 +222,7 @@ def test_certify_evaluate_counts_match_a_direct_computation(tf32_on):
 
 def test_landscape_runs_in_strict_fp32(monkeypatch, tf32_on):
     from mpigls import landscape
+
     model, _, x, y = _tiny_model()
     seen = []
     real = losses.certified_loss
@@ -232,13 +248,21 @@ codes = [cli.main(["train", "--out", out, *sys.argv[2:]]), cli.main(["certify", 
 print("RESULT " + json.dumps({"codes": codes, "mpi4py": sorted(m for m in sys.modules if m.startswith("mpi4py"))}))
 """
 
-_LAUNCHER_VARS = (*dist.LAUNCHER_SIZE_VARS, *dist.LAUNCHER_RANK_VARS, "SLURM_PROCID", "SLURM_NTASKS",
-                  "SLURM_STEP_NUM_TASKS")
+_LAUNCHER_VARS = (
+    *dist.LAUNCHER_SIZE_VARS,
+    *dist.LAUNCHER_RANK_VARS,
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+)
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **extra)
     return env
 
@@ -246,8 +270,14 @@ def _clean_env(**extra):
 @pytest.mark.slow
 def test_one_process_train_and_certify_never_import_mpi4py(tmp_path):
     sets = [a for o in tiny_overrides(**{"train.epochs": 0.25}) for a in ("--set", o)]
-    proc = subprocess.run([sys.executable, "-c", _NO_MPI_SCRIPT, str(tmp_path), *sets], capture_output=True,
-                          text=True, timeout=300, env=_clean_env(), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MPI_SCRIPT, str(tmp_path), *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_clean_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result == {"codes": [0, 0], "mpi4py": []}
@@ -257,10 +287,10 @@ def test_one_process_train_and_certify_never_import_mpi4py(tmp_path):
 def test_launcher_detection_from_the_environment(monkeypatch):
     for var in _LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setitem(sys.modules, "mpi4py", None)     # `import mpi4py` fails, as if not installed
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # `import mpi4py` fails, as if not installed
     assert not dist.launched_by_mpi()
     assert isinstance(dist.init_comm(), dist.SerialComm)
-    monkeypatch.setenv("PMI_SIZE", "1")                 # mpiexec -n 1 without mpi4py: one process is fine
+    monkeypatch.setenv("PMI_SIZE", "1")  # mpiexec -n 1 without mpi4py: one process is fine
     assert dist.launched_by_mpi() and isinstance(dist.init_comm(), dist.SerialComm)
     monkeypatch.delenv("PMI_SIZE")
     for var, value in (("PMIX_RANK", "0"), ("MPI_LOCALNRANKS", "2"), ("OMPI_COMM_WORLD_SIZE", "3")):
@@ -271,15 +301,18 @@ def test_launcher_detection_from_the_environment(monkeypatch):
         monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not dist.launched_by_mpi()                   # one SLURM task, e.g. a single-GPU job
+    assert not dist.launched_by_mpi()  # one SLURM task, e.g. a single-GPU job
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert dist.launched_by_mpi()
 
 
 def test_init_comm_without_a_launcher_does_not_import_mpi4py():
-    code = ("import sys; from mpigls import cli, dist; c = dist.init_comm(); "
-            "print(type(c).__name__, 'mpi4py' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=_clean_env(), cwd=REPO)
+    code = (
+        "import sys; from mpigls import cli, dist; c = dist.init_comm(); "
+        "print(type(c).__name__, 'mpi4py' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env(), cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "SerialComm False"

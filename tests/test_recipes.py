@@ -1,6 +1,7 @@
 """Every recipe in configs/paper/ and configs/digits-paradox/ loads, validates and trains for one
 generation with the smoke overrides of jobs/paper.sh; the paper.sh chain (PGD warm start -> PGPE ->
 certify) runs end to end in smoke mode and is resumable."""
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,12 @@ def smoke_sets(optimizer: str = "grad") -> list[str]:
 
 def test_paper_rows_cover_tables_1_to_3():
     names = {p.stem for p in PAPER}
-    for ds, eps, methods in (("mnist", "0.1", "ibp sabr staps hbox crown-ibp deeppoly"),
-                             ("mnist", "0.3", "ibp hbox crown-ibp deeppoly"),
-                             ("cifar10", "2_255", "ibp crown-ibp deeppoly"), ("cifar10", "8_255", "ibp crown-ibp deeppoly")):
+    for ds, eps, methods in (
+        ("mnist", "0.1", "ibp sabr staps hbox crown-ibp deeppoly"),
+        ("mnist", "0.3", "ibp hbox crown-ibp deeppoly"),
+        ("cifar10", "2_255", "ibp crown-ibp deeppoly"),
+        ("cifar10", "8_255", "ibp crown-ibp deeppoly"),
+    ):
         assert f"{ds}-{eps}-cnn3-pgd-grad" in names
         for m in methods.split():
             assert {f"{ds}-{eps}-cnn3-{m}-grad", f"{ds}-{eps}-cnn3-{m}-pgpe"} <= names
@@ -48,8 +52,13 @@ def test_paper_rows_cover_tables_1_to_3():
             assert cfg.optimizer.lr == 5e-5 and cfg.optimizer.lr_factor == 0.2
 
 
-TINY = ["model.init_from=null", "train.checkpoint_every=1", "train.batch_size=8", "optimizer.block_size=2",
-        "data.num_train=32"]
+TINY = [
+    "model.init_from=null",
+    "train.checkpoint_every=1",
+    "train.batch_size=8",
+    "optimizer.block_size=2",
+    "data.num_train=32",
+]
 
 
 def _signature(path: Path) -> tuple:
@@ -72,15 +81,23 @@ def test_every_recipe_validates_and_each_kind_trains_one_generation(tmp_path):
         if _signature(path) in seen or config_mod.load_config(str(path), []).model.name != "cnn3":
             continue
         seen.add(_signature(path))
-        assert cli.main(["train", str(path), "--out", str(out), "--max-generations", "1", "--no-eval", *sets]) == 0, path.name
+        assert cli.main(["train", str(path), "--out", str(out), "--max-generations", "1", "--no-eval", *sets]) == 0, (
+            path.name
+        )
         assert (out / "latest.h5").exists()
     assert len(seen) >= 14, seen
 
 
 @pytest.mark.slow
 def test_paper_sh_smoke_chain_is_resumable(tmp_path):
-    env = dict(os.environ, SMOKE="1", RUNS=str(tmp_path / "runs"), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        SMOKE="1",
+        RUNS=str(tmp_path / "runs"),
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     cmd = ["bash", str(REPO / "jobs" / "paper.sh"), "mnist-0.1-cnn3-ibp-pgpe"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -91,5 +108,7 @@ def test_paper_sh_smoke_chain_is_resumable(tmp_path):
     assert res["verify"] and len(res["samples"]["verified"]) == 8
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and second.stdout.count("exists") == 3, second.stdout
-    bad = subprocess.run(["bash", str(REPO / "jobs" / "paper.sh"), "no-such-row"], env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", str(REPO / "jobs" / "paper.sh"), "no-such-row"], env=env, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "no recipe" in bad.stderr

@@ -1,6 +1,7 @@
 """The relaxation registry: one signature for every bound method, a toy relaxation added with one
 module-sized function and one ``register`` line, the config's method lists, the deprecated
 ``params=`` keyword and the shared margin index."""
+
 import warnings
 
 import pytest
@@ -104,12 +105,12 @@ def test_declared_defaults_are_the_engine_defaults(method):
 
 
 def test_method_lists_come_from_the_registry():
-    assert tuple(registry.RELAXATIONS)[:len(METHODS)] == METHODS
+    assert tuple(registry.RELAXATIONS)[: len(METHODS)] == METHODS
     assert tuple(m for m in METHODS if registry.get(m).sound) == SOUND_METHODS
     assert "sabr" in METHODS and "sabr" not in SOUND_METHODS
     # config.py keeps plain tuples (it does not import torch); they must agree with the registry
     assert config.CERTIFY_METHODS == SOUND_METHODS
-    assert config.BOUND_METHODS[:len(METHODS)] == METHODS
+    assert config.BOUND_METHODS[: len(METHODS)] == METHODS
     assert sorted(config.BOUND_METHODS) == sorted(losses.LOSS_METHODS)
     assert not registry.get("alpha-crown").differentiable
     assert registry.get("sabr").state is None
@@ -146,5 +147,7 @@ def test_other_classes_and_margins():
         logits = torch.randn(3, 50, k, generator=g)
         m = margins(logits, y)
         for i in range(k - 1):
-            want = logits.gather(2, y.view(1, -1, 1).expand(3, -1, 1))[..., 0] - logits[:, torch.arange(50), others[:, i]]
+            want = (
+                logits.gather(2, y.view(1, -1, 1).expand(3, -1, 1))[..., 0] - logits[:, torch.arange(50), others[:, i]]
+            )
             assert torch.equal(m[..., i], want)

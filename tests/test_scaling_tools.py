@@ -1,4 +1,5 @@
 """tools/scaling_model.py formulas and tools/scaling.py's merge (no MPI runs here)."""
+
 import json
 import math
 import sys
@@ -35,12 +36,14 @@ def test_t_gen_terms_and_efficiency():
         t = sm.t_gen(n, P, D, c, TERMS, NET, K=100)
         assert t["compute"] == pytest.approx(2 * math.ceil(P / 2 / n) * c)
         assert one["total"] / (n * t["total"]) <= 1.0
-        if n <= P // 2:   # faster while there are pairs to split
+        if n <= P // 2:  # faster while there are pairs to split
             assert t["total"] <= prev
         prev = t["total"]
     # no pair left to split beyond P/2 ranks: nothing gets faster
     assert sm.t_gen(1024, P, D, c, TERMS, NET)["total"] >= sm.t_gen(128, P, D, c, TERMS, NET)["total"]
-    assert sm.t_gen(8, P, D, c, TERMS, NET, fixed_sigma=True)["allreduce"] < sm.t_gen(8, P, D, c, TERMS, NET)["allreduce"]
+    assert (
+        sm.t_gen(8, P, D, c, TERMS, NET, fixed_sigma=True)["allreduce"] < sm.t_gen(8, P, D, c, TERMS, NET)["allreduce"]
+    )
 
 
 def test_split_minibatch_gives_every_rank_work_and_sums_each_pair_once():
@@ -49,9 +52,9 @@ def test_split_minibatch_gives_every_rank_work_and_sums_each_pair_once():
     # the real item split: 128 pairs x 8 chunks = 1024 items, one per rank
     loads = sm.rank_loads(1024, P, sm.Work(B, 1, 8))
     assert len(loads) == 1024 and all(ld["items"] == 1 and ld["noise_pairs"] == 1 for ld in loads)
-    assert sum(ld["sum_pairs"] for ld in loads) == P // 2          # each pair summed once (chunk 0's owner)
+    assert sum(ld["sum_pairs"] for ld in loads) == P // 2  # each pair summed once (chunk 0's owner)
     assert sum(ld["members"] for ld in loads) == pytest.approx(P)  # every member-example evaluated once
-    assert len(sm.rank_loads(1024, P, sm.Work(B, 1, 1))) == 128      # whole pairs: 896 ranks idle
+    assert len(sm.rank_loads(1024, P, sm.Work(B, 1, 1))) == 128  # whole pairs: 896 ranks idle
     chunked = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu)
     whole = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 1), gpu=gpu)
     assert chunked["compute"] == pytest.approx(2 * c / 8 + 5e-4 + 1e-3)
@@ -77,15 +80,27 @@ def test_baselines_keep_their_serial_terms():
 
 
 def fake_rows(shas, times):
-    return [{"ranks": n, "popsize": 64, "D": 10, "median_s_per_gen": t, "min_s_per_gen": t, "max_s_per_gen": t,
-             "theta_sha256": s} for n, s, t in zip((1, 2, 4), shas, times)]
+    return [
+        {
+            "ranks": n,
+            "popsize": 64,
+            "D": 10,
+            "median_s_per_gen": t,
+            "min_s_per_gen": t,
+            "max_s_per_gen": t,
+            "theta_sha256": s,
+        }
+        for n, s, t in zip((1, 2, 4), shas, times)
+    ]
 
 
 @pytest.mark.parametrize("same", [True, False])
 def test_merge_checks_theta_and_writes_png(tmp_path, same, capsys):
     shas = ["a" * 64] * 3 if same else ["a" * 64, "b" * 64, "a" * 64]
     for i, row in enumerate(fake_rows(shas, [4.0, 2.2, 1.25])):
-        (tmp_path / f"p{i}.json").write_text(json.dumps({"strong": [row], "weak": [dict(row, popsize=32 * row["ranks"])]}))
+        (tmp_path / f"p{i}.json").write_text(
+            json.dumps({"strong": [row], "weak": [dict(row, popsize=32 * row["ranks"])]})
+        )
     args = type("A", (), {"label": "t"})()
     code = scaling.merge(sorted(map(str, tmp_path.glob("p*.json"))), tmp_path / "all", args)
     assert code == (0 if same else 1)

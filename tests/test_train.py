@@ -1,4 +1,5 @@
 """The training loop: it learns, resume is bitwise identical, all three optimizers run end to end."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,11 +34,19 @@ def test_resume_is_bitwise_identical_to_uninterrupted(tmp_path):
 def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
     extra = {"optimizer.name": optimizer, "train.epochs": 4, "bound.method": "ibp", "bound.eps": 0.01}
     if optimizer == "pgpe":
-        extra.update({"optimizer.popsize": 32, "optimizer.block_size": 8, "optimizer.lr": 0.05,
-                      "optimizer.sigma_init": 0.01, "train.epochs": 6})
+        extra.update(
+            {
+                "optimizer.popsize": 32,
+                "optimizer.block_size": 8,
+                "optimizer.lr": 0.05,
+                "optimizer.sigma_init": 0.01,
+                "train.epochs": 6,
+            }
+        )
     elif optimizer == "rgs":
-        extra.update({"optimizer.num_samples": 4, "optimizer.block_size": 2, "optimizer.lr": 0.01,
-                      "optimizer.sigma_init": 0.01})
+        extra.update(
+            {"optimizer.num_samples": 4, "optimizer.block_size": 2, "optimizer.lr": 0.01, "optimizer.sigma_init": 0.01}
+        )
     else:
         extra.update({"optimizer.block_size": 8, "optimizer.lr": 0.01})
     train.train(_cfg(**extra), tmp_path, log=lambda m: None)
@@ -59,11 +68,19 @@ def test_checkpoint_from_other_architecture_is_refused(tmp_path):
 
 def test_warm_start_from_checkpoint(tmp_path):
     """model.init_from starts a new run (fresh optimizer state) at another run's theta."""
-    pre = train.train(_cfg(**{"optimizer.name": "grad", "optimizer.block_size": 8}), tmp_path / "pre",
-                      max_generations=3, log=lambda m: None)
+    pre = train.train(
+        _cfg(**{"optimizer.name": "grad", "optimizer.block_size": 8}),
+        tmp_path / "pre",
+        max_generations=3,
+        log=lambda m: None,
+    )
     logs = []
-    res = train.train(_cfg(**{"model.init_from": str(tmp_path / "pre" / "latest.h5"), "train.seed": 1}), tmp_path / "warm",
-                      max_generations=1, log=logs.append)
+    res = train.train(
+        _cfg(**{"model.init_from": str(tmp_path / "pre" / "latest.h5"), "train.seed": 1}),
+        tmp_path / "warm",
+        max_generations=1,
+        log=logs.append,
+    )
     assert any("warm start" in m for m in logs)
     first = checkpoint.load(tmp_path / "warm" / "latest.h5")
     assert first.generation == 1
@@ -81,6 +98,7 @@ def _nan_loss(members):
         bad = torch.zeros_like(out, dtype=torch.bool)
         bad[slice(None) if members is None else members] = True
         return torch.where(bad, torch.full_like(out, float("nan")), out)
+
     return loss
 
 

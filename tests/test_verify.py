@@ -5,6 +5,7 @@ exhaustive enumeration of activation patterns with one LP each. Radii are chosen
 network's exact robustness radius (bisection with the MILP), so many cases are ones where
 DeepPoly alone fails (the test asserts there are such cases, verified and falsified).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -65,7 +66,7 @@ def _enumerate_min(net: V.DenseNet, x, y, eps) -> float:
         m_mat, c_vec = net.weights[0].numpy(), net.biases[0].numpy()
         a_rows, b_rows, pos = [], [], 0
         for j, s in enumerate(sizes):
-            d = np.array(bits[pos:pos + s], dtype=float)
+            d = np.array(bits[pos : pos + s], dtype=float)
             pos += s
             sign = np.where(d > 0, -1.0, 1.0)  # active: -z <= 0, inactive: z <= 0
             a_rows.append(sign[:, None] * m_mat)
@@ -73,8 +74,13 @@ def _enumerate_min(net: V.DenseNet, x, y, eps) -> float:
             w, b = (net.weights[j + 1].numpy(), net.biases[j + 1].numpy()) if j + 1 < len(sizes) else (sw, sb)
             m_mat, c_vec = (w * d) @ m_mat, (w * d) @ c_vec + b
         for row in range(m_mat.shape[0]):
-            res = linprog(m_mat[row], A_ub=np.concatenate(a_rows), b_ub=np.concatenate(b_rows),
-                          bounds=list(zip(lo, hi)), method="highs")
+            res = linprog(
+                m_mat[row],
+                A_ub=np.concatenate(a_rows),
+                b_ub=np.concatenate(b_rows),
+                bounds=list(zip(lo, hi)),
+                method="highs",
+            )
             if res.status == 0:
                 best = min(best, res.fun + c_vec[row])
     return best
@@ -115,8 +121,17 @@ def test_verifier_equals_exact_oracle_on_random_tiny_networks():
         assert dp <= exact + 1e-9  # DeepPoly is sound
         # relu branching without PGD: falsification must come from the exact LP leaves
         for branching, restarts in (("relu", 0), ("input", 0), ("auto", 1)):
-            res = V.verify(m, x, y, eps, branching=branching, pgd_restarts=restarts, pgd_steps=10,
-                           max_domains=50_000, time_limit=None)
+            res = V.verify(
+                m,
+                x,
+                y,
+                eps,
+                branching=branching,
+                pgd_restarts=restarts,
+                pgd_steps=10,
+                max_domains=50_000,
+                time_limit=None,
+            )
             assert res.status == truth, (seed, branching, exact, dp, res)
             if res.status == "falsified":
                 cex = torch.as_tensor(res.counterexample)
@@ -155,7 +170,7 @@ def test_split_bounds_are_sound_for_their_branch():
     spec = V._spec(net, 0)
     root = V._root(net, x, 0.4)
     V._bound(net, spec, root)
-    pts = (root.lo + (root.hi - root.lo) * torch.rand(4000, 3, dtype=torch.float64))
+    pts = root.lo + (root.hi - root.lo) * torch.rand(4000, 3, dtype=torch.float64)
     z0 = pts @ net.weights[0].T + net.biases[0]
     z1 = z0.clamp(min=0) @ net.weights[1].T + net.biases[1]
     out = z1.clamp(min=0) @ spec[0].T + spec[1]

@@ -1,6 +1,7 @@
 """Work items (member block, example chunk) of mpigls.work: the arithmetic, the fixed-order
 recombination of chunk means, the refusals, and that every loss method allowed with
 batch_chunks > 1 gives per-member losses whose chunked recombination is the unchunked mean."""
+
 import pytest
 import torch
 
@@ -26,8 +27,9 @@ def test_items_cover_every_member_and_example_once():
 def test_combine_is_the_example_weighted_mean_in_fixed_order():
     split = work.WorkSplit(num_members=5, unit_size=2, batch_size=7, chunks=3)
     per_example = torch.rand(5, 7, dtype=torch.float64)
-    gathered = torch.cat([per_example[split.members(u), split.examples(c)].mean(-1)
-                          for u in range(split.num_units) for c in range(3)])
+    gathered = torch.cat(
+        [per_example[split.members(u), split.examples(c)].mean(-1) for u in range(split.num_units) for c in range(3)]
+    )
     out = split.combine(gathered)
     torch.testing.assert_close(out, per_example.mean(-1), rtol=1e-15, atol=0)
     # fixed order: ((w0 m0 + w1 m1) + w2 m2) exactly, whatever the values
@@ -35,8 +37,8 @@ def test_combine_is_the_example_weighted_mean_in_fixed_order():
     assert torch.equal(out[:2], (m[0] * (3 / 7) + m[1] * (2 / 7)) + m[2] * (2 / 7))
     one = work.WorkSplit(num_members=5, unit_size=2, batch_size=7)
     x = torch.rand(5, dtype=torch.float64)
-    assert torch.equal(one.combine(x), x)                      # one chunk: the losses as evaluated
-    assert one.combine(x[:3]).isnan().all() and one.combine(x[:3]).shape == (5,)   # a rank stopped early
+    assert torch.equal(one.combine(x), x)  # one chunk: the losses as evaluated
+    assert one.combine(x[:3]).isnan().all() and one.combine(x[:3]).shape == (5,)  # a rank stopped early
 
 
 def test_check_refuses_what_cannot_be_split():
@@ -65,8 +67,12 @@ def test_chunked_losses_equal_unchunked_for_every_allowed_method(method):
     opts = {}
     full = certified_loss(model, x, y, 0.03, method, params, **opts).double()
     split = work.WorkSplit(num_members=3, unit_size=3, batch_size=7, chunks=3)
-    gathered = torch.cat([certified_loss(model, x[split.examples(c)], y[split.examples(c)], 0.03, method, params,
-                                         **opts).double() for c in range(3)])
+    gathered = torch.cat(
+        [
+            certified_loss(model, x[split.examples(c)], y[split.examples(c)], 0.03, method, params, **opts).double()
+            for c in range(3)
+        ]
+    )
     torch.testing.assert_close(split.combine(gathered), full, rtol=1e-5, atol=1e-6)
 
 

@@ -7,6 +7,7 @@ never imports auto_LiRPA. Install it without its pinned dependencies:
 
     pip install --no-deps auto_LiRPA==0.3 appdirs
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,10 +29,14 @@ def _shim() -> None:
         mod.isin = np.isin
         sys.modules["numpy.lib.arraysetops"] = mod
     import torch.onnx.symbolic_helper as helper
+
     if not hasattr(helper, "_set_opset_version"):  # moved into the torchscript exporter's globals
+
         def _set_opset_version(version: int) -> None:
             from torch.onnx._internal.torchscript_exporter import _globals
+
             _globals.GLOBALS.export_onnx_opset_version = version
+
         helper._set_opset_version = _set_opset_version
     if not hasattr(torch._C.Node, "__getitem__"):  # node["attr"] was removed from the JIT IR
         torch._C.Node.__getitem__ = lambda node, key: getattr(node, node.kindOf(key))(key)
@@ -57,8 +62,9 @@ def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return c
 
 
-def bounder(model: nn.Sequential, example_x: torch.Tensor, method: str = "deeppoly",
-            conv_mode: str = "patches") -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+def bounder(
+    model: nn.Sequential, example_x: torch.Tensor, method: str = "deeppoly", conv_mode: str = "patches"
+) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
     """Trace ``model`` once into an auto_LiRPA BoundedModule; returns f(x, y, eps) -> lower bounds
     (B, K-1) of the margins over [x-eps, x+eps] ∩ [0, 1] by IBP, CROWN-IBP or CROWN.
 
@@ -72,18 +78,30 @@ def bounder(model: nn.Sequential, example_x: torch.Tensor, method: str = "deeppo
     if not (torch.all(norm.mean == 0) and torch.all(norm.std == 1)):
         raise ValueError("give a model built with mean 0 and std 1 (its Normalize layer is an identity)")
     num_classes = model[-1].out_features
-    bounded = lirpa.BoundedModule(model[1:].eval(), torch.zeros_like(example_x), bound_opts={"conv_mode": conv_mode},
-                                  device=str(example_x.device))
+    bounded = lirpa.BoundedModule(
+        model[1:].eval(), torch.zeros_like(example_x), bound_opts={"conv_mode": conv_mode}, device=str(example_x.device)
+    )
 
     def bound(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         ptb = lirpa.PerturbationLpNorm(norm=float("inf"), x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
-        lb, _ = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), method=_METHODS[method],
-                                       C=margin_matrix(y, num_classes).to(x.device), bound_upper=False)
+        lb, _ = bounded.compute_bounds(
+            x=(lirpa.BoundedTensor(x, ptb),),
+            method=_METHODS[method],
+            C=margin_matrix(y, num_classes).to(x.device),
+            bound_upper=False,
+        )
         return lb
+
     return bound
 
 
-def crown_margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float,
-                              method: str = "deeppoly", conv_mode: str = "patches") -> torch.Tensor:
+def crown_margin_lower_bounds(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    method: str = "deeppoly",
+    conv_mode: str = "patches",
+) -> torch.Tensor:
     """auto_LiRPA's lower bounds (B, K-1) of the margins (see ``bounder``)."""
     return bounder(model, x, method, conv_mode)(x, y, eps)

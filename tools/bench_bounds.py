@@ -12,6 +12,7 @@ JSON (--out). Method ``auto_lirpa`` times the reference, auto_LiRPA 0.3's CROWN 
 
   python tools/bench_bounds.py --out bench.json [--methods ibp,deeppoly] [--batch 64] [--devices cpu,cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ import auto_lirpa_compat
 
 REFERENCE = "auto_lirpa"
 DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr", REFERENCE}
-SHAPES = {"mnist": ((1, 28, 28), 0.1, [0.1307], [0.3081]),
-          "cifar": ((3, 32, 32), 2 / 255, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])}
+SHAPES = {
+    "mnist": ((1, 28, 28), 0.1, [0.1307], [0.3081]),
+    "cifar": ((3, 32, 32), 2 / 255, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
 
 
 def maxrss_mb() -> float:
@@ -92,9 +95,20 @@ def measure(args, device, model_name, data, method) -> dict:
         res = run_one(model, x, y, eps, method, device, args.budget)
         best = res if best is None or res[1] < best[1] else best
     t_bound, t_total, peak, mean_lb = best
-    return {"device": device.type, "model": model_name, "data": data, "shape": shape, "eps": eps,
-            "batch": args.batch, "method": method, "bound_nograd_s": t_bound, "bound_grad_backward_s": t_total,
-            "peak_mb": peak, "mean_lb": mean_lb, "ibp_unstable_per_layer": unstable}
+    return {
+        "device": device.type,
+        "model": model_name,
+        "data": data,
+        "shape": shape,
+        "eps": eps,
+        "batch": args.batch,
+        "method": method,
+        "bound_nograd_s": t_bound,
+        "bound_grad_backward_s": t_total,
+        "peak_mb": peak,
+        "mean_lb": mean_lb,
+        "ibp_unstable_per_layer": unstable,
+    }
 
 
 def main(argv=None) -> int:
@@ -108,8 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1024.0, help="memory_budget_mb")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--identity-normalize", action="store_true",
-                    help="mean 0 / std 1 for every model, as the auto_lirpa rows use (same networks, same bounds)")
+    ap.add_argument(
+        "--identity-normalize",
+        action="store_true",
+        help="mean 0 / std 1 for every model, as the auto_lirpa rows use (same networks, same bounds)",
+    )
     ap.add_argument("--no-isolate", action="store_true", help="measure CPU rows in this process")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # device,model,data,method
     args = ap.parse_args(argv)
@@ -121,30 +138,51 @@ def main(argv=None) -> int:
         return 0
     rows = []
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
-    print(f"{'device':6} {'model':5} {'data':6} {'method':12} {'nograd s':>8} {'grad+bwd':>8} {'peak MB':>8} "
-          f"{'unstable':>9} {'mean lb':>10}")
+    print(
+        f"{'device':6} {'model':5} {'data':6} {'method':12} {'nograd s':>8} {'grad+bwd':>8} {'peak MB':>8} "
+        f"{'unstable':>9} {'mean lb':>10}"
+    )
     for dev_name in devices:
         device = torch.device(dev_name)
         for model_name in args.models.split(","):
             for data in args.datasets.split(","):
                 for method in args.methods.split(","):
                     if dev_name == "cpu" and not args.no_isolate:
-                        cmd = [sys.executable, __file__, "--single", f"{dev_name},{model_name},{data},{method}",
-                               "--batch", str(args.batch), "--budget", str(args.budget),
-                               "--repeats", str(args.repeats)]
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--single",
+                            f"{dev_name},{model_name},{data},{method}",
+                            "--batch",
+                            str(args.batch),
+                            "--budget",
+                            str(args.budget),
+                            "--repeats",
+                            str(args.repeats),
+                        ]
                         cmd += ["--identity-normalize"] if args.identity_normalize else []
                         cmd += ["--threads", str(args.threads)] if args.threads else []
-                        row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                        row = json.loads(
+                            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                        )
                     else:
                         row = measure(args, device, model_name, data, method)
                     rows.append(row)
-                    print(f"{dev_name:6} {model_name:5} {data:6} {method:12} {row['bound_nograd_s']:8.3f} "
-                          f"{row['bound_grad_backward_s']:8.3f} {row['peak_mb']:8.0f} "
-                          f"{sum(row['ibp_unstable_per_layer']):9.0f} {row['mean_lb']:10.3f}", flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "machine": platform.machine(), "processor": platform.processor(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "memory_budget_mb": args.budget}
+                    print(
+                        f"{dev_name:6} {model_name:5} {data:6} {method:12} {row['bound_nograd_s']:8.3f} "
+                        f"{row['bound_grad_backward_s']:8.3f} {row['peak_mb']:8.0f} "
+                        f"{sum(row['ibp_unstable_per_layer']):9.0f} {row['mean_lb']:10.3f}",
+                        flush=True,
+                    )
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "memory_budget_mb": args.budget,
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")

@@ -26,6 +26,7 @@ Short CPU default (a minute or two); the GPU case of the issue is one command:
   python tools/bench_generation.py --device cuda --models cnn3,cnn5 --popsizes 256 --batch 512 \\
       --methods ibp,crown-ibp,deeppoly,alpha-crown --out gpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,6 +149,7 @@ def ibp_trained(model_name: str, data: str, steps: int, batch: int, device: str)
 
 def unstable_fraction(model, x, y, eps) -> float:
     from mpigls.bounds import crown, make_problem
+
     with torch.no_grad():
         bounds = crown.intermediate_bounds(make_problem(model, x, y, eps), refine=False)
     n = sum(lo[0, 0].numel() for lo, _ in bounds)
@@ -161,8 +163,10 @@ def measure(args, device, model_name, data, method, popsize) -> dict:
     state = pgpe.init(pp, theta)
     points = pgpe.ask(state, pp, 0, list(range(popsize // 2))).to(device)
     opts = dict(kv.split("=", 1) for kv in args.options.split(",") if kv)
-    opts = {k: (float(v) if k in ("memory_budget_mb", "alpha_lr") else int(v) if k == "alpha_steps" else v)
-            for k, v in opts.items()}
+    opts = {
+        k: (float(v) if k in ("memory_budget_mb", "alpha_lr") else int(v) if k == "alpha_steps" else v)
+        for k, v in opts.items()
+    }
     if method == "alpha-crown":
         opts.setdefault("alpha_steps", args.alpha_steps)
 
@@ -182,13 +186,31 @@ def measure(args, device, model_name, data, method, popsize) -> dict:
     t_bound, lb = _timed(bound, device, args.repeats)
     peak = _peak(device, base)
     t_step = _timed(step, device, 1)[0] if args.step else math.nan
-    row = {"device": device.type, "model": model_name, "data": data, "method": method, "popsize": popsize,
-           "batch": args.batch, "eps": eps, "network": args.checkpoint or args.unstable,
-           "unstable_fraction": unstable_fraction(model, x, y, eps), "bound_s": t_bound,
-           "member_examples_per_s": popsize * args.batch / t_bound, "step_s": t_step, "peak_mb": peak,
-           "mean_lb": float(lb.mean()), "options": opts}
-    if args.peers and method in ("deeppoly", "crown") and device.type == "cpu" or \
-            args.peers and method in ("deeppoly", "crown") and args.peer_on_cuda:
+    row = {
+        "device": device.type,
+        "model": model_name,
+        "data": data,
+        "method": method,
+        "popsize": popsize,
+        "batch": args.batch,
+        "eps": eps,
+        "network": args.checkpoint or args.unstable,
+        "unstable_fraction": unstable_fraction(model, x, y, eps),
+        "bound_s": t_bound,
+        "member_examples_per_s": popsize * args.batch / t_bound,
+        "step_s": t_step,
+        "peak_mb": peak,
+        "mean_lb": float(lb.mean()),
+        "options": opts,
+    }
+    if (
+        args.peers
+        and method in ("deeppoly", "crown")
+        and device.type == "cpu"
+        or args.peers
+        and method in ("deeppoly", "crown")
+        and args.peer_on_cuda
+    ):
         f = auto_lirpa_compat.bounder(model, x, "deeppoly", "patches")
         n = min(popsize, args.peer_members)
         with torch.no_grad():
@@ -204,9 +226,12 @@ def measure(args, device, model_name, data, method, popsize) -> dict:
             t_ref /= n
             mine = margin_lower_bounds(model, x, y, eps, "deeppoly", points[n - 1], **opts)
         models.load_flat_(model, theta)
-        row.update(auto_lirpa_s=t_ref * popsize, auto_lirpa_members_timed=n,
-                   auto_lirpa_max_abs_diff=float((ref - mine).abs().max()),
-                   speedup_vs_auto_lirpa=t_ref * popsize / t_bound)
+        row.update(
+            auto_lirpa_s=t_ref * popsize,
+            auto_lirpa_members_timed=n,
+            auto_lirpa_max_abs_diff=float((ref - mine).abs().max()),
+            speedup_vs_auto_lirpa=t_ref * popsize / t_bound,
+        )
     if args.evotorch and method == "ibp":
         row.update(evotorch_s=evotorch_generation(model, x, y, eps, popsize, args.sigma))
         row["speedup_vs_evotorch"] = row["evotorch_s"] / t_step
@@ -230,10 +255,15 @@ def evotorch_generation(model, x, y, eps, popsize, sigma) -> float:
                 out.append(losses.certified_loss(model, x, y, eps, "ibp").mean())
         return torch.stack(out)
 
-    prob = Problem("min", fitness, solution_length=theta.numel(), initial_bounds=(-0.01, 0.01),
-                   vectorized=True)
-    algo = PGPE(prob, popsize=popsize, center_learning_rate=1e-3, stdev_learning_rate=0.1,
-                stdev_init=sigma, center_init=theta.cpu())
+    prob = Problem("min", fitness, solution_length=theta.numel(), initial_bounds=(-0.01, 0.01), vectorized=True)
+    algo = PGPE(
+        prob,
+        popsize=popsize,
+        center_learning_rate=1e-3,
+        stdev_learning_rate=0.1,
+        stdev_init=sigma,
+        center_init=theta.cpu(),
+    )
     algo.step()
     t0 = time.perf_counter()
     algo.step()
@@ -252,18 +282,30 @@ def main(argv=None) -> int:
     ap.add_argument("--options", default="", help="bound options k=v,k=v (e.g. rows=padded,memory_budget_mb=1024)")
     ap.add_argument("--alpha-steps", type=int, default=5)
     ap.add_argument("--sigma", type=float, default=1e-3)
-    ap.add_argument("--unstable", choices=["fresh", "trained", "ibp-trained"], default="fresh",
-                    help="ibp-trained: the network certifiably trained here (GRAD + IBP, --train-steps) on "
-                         "synthetic MNIST-shaped data, bounded on that data")
+    ap.add_argument(
+        "--unstable",
+        choices=["fresh", "trained", "ibp-trained"],
+        default="fresh",
+        help="ibp-trained: the network certifiably trained here (GRAD + IBP, --train-steps) on "
+        "synthetic MNIST-shaped data, bounded on that data",
+    )
     ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--inputs", choices=["rand", "synthetic"], default="rand",
-                    help="uniform random pixels, or synthetic class prototypes + noise")
+    ap.add_argument(
+        "--inputs",
+        choices=["rand", "synthetic"],
+        default="rand",
+        help="uniform random pixels, or synthetic class prototypes + noise",
+    )
     ap.add_argument("--shift", type=float, default=2.0, help="bias shift of the --unstable trained stand-in")
     ap.add_argument("--checkpoint", default=None, help="flat parameter tensor (torch.save) to bound instead")
     ap.add_argument("--repeats", type=int, default=1, help="median of this many timed calls")
     ap.add_argument("--peer-repeats", type=int, default=1, help="median of this many timed peer loops")
-    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
-                    help="wall seconds, or cpu: this process's CPU seconds (fairer on a shared machine, 1 thread)")
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCK),
+        default="wall",
+        help="wall seconds, or cpu: this process's CPU seconds (fairer on a shared machine, 1 thread)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip the auto_LiRPA member loop")
     ap.add_argument("--peer-members", type=int, default=2, help="members the auto_LiRPA loop times (scaled to P)")
@@ -275,8 +317,10 @@ def main(argv=None) -> int:
     global _clock
     _clock = CLOCK[args.clock]
     rows = []
-    head = (f"{'dev':4} {'model':5} {'data':5} {'method':11} {'P':>4} {'B':>4} {'unst':>5} {'bound s':>8} "
-            f"{'m*ex/s':>8} {'step s':>7} {'peak MB':>8} {'peer s':>8} {'x peer':>6}")
+    head = (
+        f"{'dev':4} {'model':5} {'data':5} {'method':11} {'P':>4} {'B':>4} {'unst':>5} {'bound s':>8} "
+        f"{'m*ex/s':>8} {'step s':>7} {'peak MB':>8} {'peer s':>8} {'x peer':>6}"
+    )
     print(head)
     for dev in args.device.split(","):
         if dev == "cuda" and not torch.cuda.is_available():
@@ -291,12 +335,21 @@ def main(argv=None) -> int:
                         rows.append(r)
                         peer = r.get("auto_lirpa_s", r.get("evotorch_s", math.nan))
                         ratio = r.get("speedup_vs_auto_lirpa", r.get("speedup_vs_evotorch", math.nan))
-                        print(f"{dev:4} {model_name:5} {data:5} {method:11} {popsize:4d} {args.batch:4d} "
-                              f"{r['unstable_fraction']:5.2f} {r['bound_s']:8.3f} {r['member_examples_per_s']:8.0f} "
-                              f"{r['step_s']:7.3f} {r['peak_mb']:8.1f} {peer:8.3f} {ratio:6.2f}", flush=True)
-    meta = {"clock": args.clock, "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "machine": platform.machine(), "argv": sys.argv[1:],
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+                        print(
+                            f"{dev:4} {model_name:5} {data:5} {method:11} {popsize:4d} {args.batch:4d} "
+                            f"{r['unstable_fraction']:5.2f} {r['bound_s']:8.3f} {r['member_examples_per_s']:8.0f} "
+                            f"{r['step_s']:7.3f} {r['peak_mb']:8.1f} {peer:8.3f} {ratio:6.2f}",
+                            flush=True,
+                        )
+    meta = {
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "argv": sys.argv[1:],
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")

@@ -8,6 +8,7 @@ EvoTorch / ours. Ours is the generation as ``tools/bench_generation.py`` times i
 
     OMP_NUM_THREADS=1 python tools/bench_ibp_evotorch.py --rounds 5 --out ibp_evotorch.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,14 +74,24 @@ def main(argv=None) -> int:
         rows["unchunked"].append(ours(unchunked))
         rows["chunked"].append(ours(chunked))
     med = {k: statistics.median(v) for k, v in rows.items()}
-    ratio = {k: statistics.median(e / o for e, o in zip(rows["evotorch"], rows[k]))
-             for k in ("unchunked", "chunked")}
-    out = {"model": args.model, "data": args.data, "popsize": args.popsize, "batch": args.batch,
-           "threads": args.threads, "rounds": args.rounds, "chunk_bytes": chunked, "seconds": rows,
-           "median_s": med, "speedup_vs_evotorch": ratio,
-           "max_abs_loss_diff": float((ref - old).abs().max())}
-    print(f"{args.model} {args.data} P={args.popsize} B={args.batch} threads={args.threads} "
-          f"rounds={args.rounds} (median s; ratio = median of per-round EvoTorch/ours)")
+    ratio = {k: statistics.median(e / o for e, o in zip(rows["evotorch"], rows[k])) for k in ("unchunked", "chunked")}
+    out = {
+        "model": args.model,
+        "data": args.data,
+        "popsize": args.popsize,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "chunk_bytes": chunked,
+        "seconds": rows,
+        "median_s": med,
+        "speedup_vs_evotorch": ratio,
+        "max_abs_loss_diff": float((ref - old).abs().max()),
+    }
+    print(
+        f"{args.model} {args.data} P={args.popsize} B={args.batch} threads={args.threads} "
+        f"rounds={args.rounds} (median s; ratio = median of per-round EvoTorch/ours)"
+    )
     print(f"{'path':<22}{'seconds':>10}{'vs EvoTorch':>13}")
     print(f"{'EvoTorch 0.6 PGPE':<22}{med['evotorch']:>10.3f}{1.0:>13.2f}")
     print(f"{'mpigls unchunked (old)':<22}{med['unchunked']:>10.3f}{ratio['unchunked']:>13.2f}")

@@ -7,6 +7,7 @@ Prints a table: seconds per generation without monitoring, the metrics-log appen
 (and as a fraction of a generation), and one validation pass (eval.num_val=256, IBP + DeepPoly +
 10-step PGD) as a multiple of a generation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,21 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=40)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    sets = ["data.name=digits", "model.name=cnn3", "bound.method=ibp", "bound.eps=0.05", "optimizer.popsize=32",
-            "optimizer.block_size=8", "train.batch_size=64", "train.threads=1", "train.progress=false",
-            "train.checkpoint_every=1000", "eval.num_val=256", "eval.pgd_steps=10", "eval.methods=[ibp,deeppoly]"]
+    sets = [
+        "data.name=digits",
+        "model.name=cnn3",
+        "bound.method=ibp",
+        "bound.eps=0.05",
+        "optimizer.popsize=32",
+        "optimizer.block_size=8",
+        "train.batch_size=64",
+        "train.threads=1",
+        "train.progress=false",
+        "train.checkpoint_every=1000",
+        "eval.num_val=256",
+        "eval.pgd_steps=10",
+        "eval.methods=[ibp,deeppoly]",
+    ]
     cfg = config.load_config(None, sets)
     with tempfile.TemporaryDirectory() as tmp:
         train.train(cfg, Path(tmp) / "run", max_generations=args.generations, log=lambda m: None)
@@ -47,8 +60,14 @@ def main() -> None:
         validator = monitor.Validator(cfg, dataset, model, train.dist.SerialComm())
         theta = train.torch.from_numpy(ck.theta.copy())
         val_s = statistics.median(validator(theta)["time/val_s"] for _ in range(3))
-    rows = {"generation_s": gen_s, "metrics_log_append_s": append_s, "append_fraction_of_generation": append_s / gen_s,
-            "validation_s": val_s, "validation_in_generations": val_s / gen_s, "num_metrics": len(last)}
+    rows = {
+        "generation_s": gen_s,
+        "metrics_log_append_s": append_s,
+        "append_fraction_of_generation": append_s / gen_s,
+        "validation_s": val_s,
+        "validation_in_generations": val_s / gen_s,
+        "num_metrics": len(last),
+    }
     print(f"{'quantity':34s} value")
     for k, v in rows.items():
         print(f"{k:34s} {v:.3g}")

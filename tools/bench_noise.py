@@ -14,6 +14,7 @@ Options (all keyed by (seed, stream, generation, member) or a block of members):
 
 Runs on CUDA too when available (--device cuda); prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = 10) ->
     c0, c1, c2, c3 = (counter[:, i].clone() for i in range(4))
     k0, k1 = key
     for _ in range(rounds):
-        p0 = c0 * M0                      # wraps mod 2**64 exactly like uint64: both factors < 2**32
+        p0 = c0 * M0  # wraps mod 2**64 exactly like uint64: both factors < 2**32
         p1 = c2 * M1
         hi0, lo0 = (p0 >> 32) & MASK, p0 & MASK
         hi1, lo1 = (p1 >> 32) & MASK, p1 & MASK
@@ -63,10 +64,11 @@ def torch_philox_normal(seed: int, gen: int, members, num_params: int, device) -
     idx = torch.arange(n4, device=device, dtype=torch.int64)
     out = torch.empty((m, 4 * n4), dtype=torch.float32, device=device)
     for row, member in enumerate(members):
-        ctr = torch.stack([idx & MASK, torch.full_like(idx, member), torch.full_like(idx, gen),
-                           torch.zeros_like(idx)], dim=1)
-        bits = philox4x32(ctr, (seed & MASK, 0))                         # (n4, 4) uint32 words
-        u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))    # (0, 1)
+        ctr = torch.stack(
+            [idx & MASK, torch.full_like(idx, member), torch.full_like(idx, gen), torch.zeros_like(idx)], dim=1
+        )
+        bits = philox4x32(ctr, (seed & MASK, 0))  # (n4, 4) uint32 words
+        u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1)
         r = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
         t = 2 * np.pi * u[:, 1::2]
         out[row].view(n4, 4)[:, 0::2] = r * torch.cos(t)
@@ -86,7 +88,7 @@ class Table:
     def block(self, seed: int, gen: int, members, num_params: int) -> torch.Tensor:
         span = self.table.numel() - num_params
         offs = [int(noise.numpy_generator(seed, gen, int(j)).integers(0, span)) for j in members]
-        return torch.stack([self.table[o:o + num_params] for o in offs])
+        return torch.stack([self.table[o : o + num_params] for o in offs])
 
 
 def timed(fn, repeat: int, sync) -> float:
@@ -130,11 +132,22 @@ def main(argv=None) -> int:
         for name, fn in options.items():
             t = timed(fn, args.repeat, sync)
             base = base or t
-            rows.append({"option": name, "D": D, "block": args.block, "device": str(device),
-                         "s_per_block": t, "ns_per_number": 1e9 * t / (D * args.block), "vs_numpy_member": base / t})
+            rows.append(
+                {
+                    "option": name,
+                    "D": D,
+                    "block": args.block,
+                    "device": str(device),
+                    "s_per_block": t,
+                    "ns_per_number": 1e9 * t / (D * args.block),
+                    "vs_numpy_member": base / t,
+                }
+            )
     print(f"{'option':14} {'D':>9} {'s/block':>9} {'ns/number':>10} {'speed vs numpy-member':>22}")
     for r in rows:
-        print(f"{r['option']:14} {r['D']:9d} {r['s_per_block']:9.4f} {r['ns_per_number']:10.2f} {r['vs_numpy_member']:22.2f}")
+        print(
+            f"{r['option']:14} {r['D']:9d} {r['s_per_block']:9.4f} {r['ns_per_number']:10.2f} {r['vs_numpy_member']:22.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "threads": args.threads}, indent=2))
     return 0

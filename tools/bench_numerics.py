@@ -16,6 +16,7 @@
 
 Prints tables and writes JSON (--out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,26 @@ OPTIMIZERS = {
 
 def _cfg(device: str, optimizer: str, det: bool, tf32: bool, generations: int, batch: int, model: str):
     per_epoch = min(generations, 1400 // batch)  # digits has 1437 training images
-    sets = {"data.name": "digits", "data.num_train": batch * per_epoch, "data.num_test": 200,
-            "model.name": model, "bound.method": "crown-ibp", "bound.eps": 0.02, "optimizer.name": optimizer,
-            "optimizer.lr": 0.01, "optimizer.sigma_init": 0.01, "train.epochs": generations / per_epoch,
-            "train.batch_size": batch,
-            "train.device": device, "train.threads": 1 if device == "cpu" else None, "train.progress": False,
-            "train.checkpoint_every": 10_000, "train.deterministic": det, "train.tf32": tf32,
-            **OPTIMIZERS[optimizer]}
+    sets = {
+        "data.name": "digits",
+        "data.num_train": batch * per_epoch,
+        "data.num_test": 200,
+        "model.name": model,
+        "bound.method": "crown-ibp",
+        "bound.eps": 0.02,
+        "optimizer.name": optimizer,
+        "optimizer.lr": 0.01,
+        "optimizer.sigma_init": 0.01,
+        "train.epochs": generations / per_epoch,
+        "train.batch_size": batch,
+        "train.device": device,
+        "train.threads": 1 if device == "cpu" else None,
+        "train.progress": False,
+        "train.checkpoint_every": 10_000,
+        "train.deterministic": det,
+        "train.tf32": tf32,
+        **OPTIMIZERS[optimizer],
+    }
     return config.load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
 
 
@@ -59,18 +73,26 @@ def speed(args) -> list[dict]:
         times = {m: [] for m in modes}
         shas = {m: set() for m in modes}
         for rep in range(args.repeats):
-            for mode in (modes if rep % 2 == 0 else modes[::-1]):
+            for mode in modes if rep % 2 == 0 else modes[::-1]:
                 cfg = _cfg(args.device, opt, *mode, args.generations, args.batch, args.model)
                 with tempfile.TemporaryDirectory() as tmp:
                     res = train.train(cfg, tmp, log=lambda m: None)
-                    per_gen = checkpoint.load(Path(tmp) / "latest.h5").metrics["time/generation_s"][args.skip:]
+                    per_gen = checkpoint.load(Path(tmp) / "latest.h5").metrics["time/generation_s"][args.skip :]
                 times[mode].append(statistics.median(per_gen.tolist()))
                 shas[mode].add(checkpoint.theta_sha256(res.theta.numpy()))
         base = statistics.median(times[(True, False)])
         for mode in modes:
             t = statistics.median(times[mode])
-            rows.append({"optimizer": opt, "deterministic": mode[0], "tf32": mode[1], "s_per_gen": t,
-                         "ratio_vs_default": t / base, "same_bits_every_repeat": len(shas[mode]) == 1})
+            rows.append(
+                {
+                    "optimizer": opt,
+                    "deterministic": mode[0],
+                    "tf32": mode[1],
+                    "s_per_gen": t,
+                    "ratio_vs_default": t / base,
+                    "same_bits_every_repeat": len(shas[mode]) == 1,
+                }
+            )
     return rows
 
 
@@ -89,9 +111,16 @@ def bound_gaps(args) -> list[dict]:
                 strict = bounds.margin_lower_bounds(model.cuda(), x.cuda(), y.cuda(), 2 / 255, method).detach().cpu()
             with precision.training(tf32=True, deterministic=True):
                 tf32 = bounds.margin_lower_bounds(model.cuda(), x.cuda(), y.cuda(), 2 / 255, method).detach().cpu()
-            rows.append({"net": name, "method": method, "max_abs_bound": float(cpu.abs().max()),
-                         "gap_fp32": float((strict - cpu).abs().max()), "gap_tf32": float((tf32 - cpu).abs().max()),
-                         "share_tf32_above_cpu": float((tf32 > cpu).float().mean())})
+            rows.append(
+                {
+                    "net": name,
+                    "method": method,
+                    "max_abs_bound": float(cpu.abs().max()),
+                    "gap_fp32": float((strict - cpu).abs().max()),
+                    "gap_tf32": float((tf32 - cpu).abs().max()),
+                    "share_tf32_above_cpu": float((tf32 > cpu).float().mean()),
+                }
+            )
     return rows
 
 
@@ -107,10 +136,13 @@ def margin_cost(args) -> dict:
         with precision.strict_fp32(), torch.no_grad():
             lb = bounds.margin_lower_bounds(model, ds.test_x.to(args.device), ds.test_y.to(args.device), 0.01, method)
         low = lb.min(-1).values.cpu()
-        out[method] = {"num_examples": int(low.numel()), "certified_gt_0": int((low > 0).sum()),
-                       "certified_gt_margin": int(precision.certified(lb).sum()),
-                       "in_(0,margin]": int(((low > 0) & (low <= precision.CERTIFY_MARGIN)).sum()),
-                       "smallest_positive_lb": float(low[low > 0].min()) if bool((low > 0).any()) else None}
+        out[method] = {
+            "num_examples": int(low.numel()),
+            "certified_gt_0": int((low > 0).sum()),
+            "certified_gt_margin": int(precision.certified(lb).sum()),
+            "in_(0,margin]": int(((low > 0) & (low <= precision.CERTIFY_MARGIN)).sum()),
+            "smallest_positive_lb": float(low[low > 0].min()) if bool((low > 0).any()) else None,
+        }
     return out
 
 
@@ -130,29 +162,48 @@ def main() -> None:
     t0 = time.time()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     rows = speed(args)
-    print(f"\n[1] training speed on {device_name} ({args.model}, crown-ibp, batch {args.batch}, median of "
-          f"generations {args.skip}..{args.generations}, {args.repeats} repeats; ratio vs deterministic, no TF32)")
+    print(
+        f"\n[1] training speed on {device_name} ({args.model}, crown-ibp, batch {args.batch}, median of "
+        f"generations {args.skip}..{args.generations}, {args.repeats} repeats; ratio vs deterministic, no TF32)"
+    )
     print(f"{'optimizer':10s} {'determ.':8s} {'tf32':6s} {'s/gen':>9s} {'ratio':>7s}  same bits")
     for r in rows:
-        print(f"{r['optimizer']:10s} {str(r['deterministic']):8s} {str(r['tf32']):6s} {r['s_per_gen']:9.4f} "
-              f"{r['ratio_vs_default']:7.3f}  {r['same_bits_every_repeat']}")
+        print(
+            f"{r['optimizer']:10s} {str(r['deterministic']):8s} {str(r['tf32']):6s} {r['s_per_gen']:9.4f} "
+            f"{r['ratio_vs_default']:7.3f}  {r['same_bits_every_repeat']}"
+        )
     gaps = bound_gaps(args)
     if gaps:
         print("\n[2] max |GPU - CPU| of margin lower bounds (16 random inputs, eps 2/255)")
         print(f"{'net':6s} {'method':12s} {'max|lb|':>9s} {'fp32 gap':>10s} {'TF32 gap':>10s} {'TF32 above':>10s}")
         for r in gaps:
-            print(f"{r['net']:6s} {r['method']:12s} {r['max_abs_bound']:9.3g} {r['gap_fp32']:10.3g} "
-                  f"{r['gap_tf32']:10.3g} {r['share_tf32_above_cpu']:10.1%}")
+            print(
+                f"{r['net']:6s} {r['method']:12s} {r['max_abs_bound']:9.3g} {r['gap_fp32']:10.3g} "
+                f"{r['gap_tf32']:10.3g} {r['share_tf32_above_cpu']:10.1%}"
+            )
     else:
         print("\n[2] bound gaps: GPU only (run with --device cuda)")
     cost = margin_cost(args)
-    print(f"\n[3] examples certified by lb > 0 but not by lb > {precision.CERTIFY_MARGIN:g} (GRAD, 40 generations, eps 0.01)")
+    print(
+        f"\n[3] examples certified by lb > 0 but not by lb > {precision.CERTIFY_MARGIN:g} (GRAD, 40 generations, eps 0.01)"
+    )
     for method, c in cost.items():
         print(f"{method:10s} {c}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__, "speed": rows,
-                                          "bound_gaps": gaps, "margin_cost": cost, "args": vars(args),
-                                          "wall_s": time.time() - t0}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "device": device_name,
+                "torch": torch.__version__,
+                "speed": rows,
+                "bound_gaps": gaps,
+                "margin_cost": cost,
+                "args": vars(args),
+                "wall_s": time.time() - t0,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.out} ({time.time() - t0:.0f} s)")
 
 

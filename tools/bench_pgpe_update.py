@@ -13,6 +13,7 @@ background thread on and off (on CPU with one thread per rank it competes with t
 
 Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,16 +111,31 @@ def main(argv=None) -> int:
             return pgpe.tell(state, params, seed, fake_losses, summed=summed)
 
         t_new = best_of(new_tell, args.repeat)
-        rows.append({"ranks": n, "pairs_per_rank": sum(map(len, pairs)), "old_tell_s": t_old, "new_tell_s": t_new,
-                     "tell_speedup": t_old / t_new, "eval_noise_s": t_noise,
-                     "old_total_s": t_old + t_noise, "new_total_s": t_new + t_noise})
-    print(f"{args.model} {shape} D={D} P={args.popsize} block={bs} threads={args.threads} "
-          f"(per rank; old tell = regenerate all {num_pairs} pairs + float64 loop)")
-    print(f"{'ranks':>5} {'pairs/rank':>10} {'old tell s':>10} {'new tell s':>10} {'speedup':>8} "
-          f"{'eval noise s':>12} {'old+noise':>10} {'new+noise':>10}")
+        rows.append(
+            {
+                "ranks": n,
+                "pairs_per_rank": sum(map(len, pairs)),
+                "old_tell_s": t_old,
+                "new_tell_s": t_new,
+                "tell_speedup": t_old / t_new,
+                "eval_noise_s": t_noise,
+                "old_total_s": t_old + t_noise,
+                "new_total_s": t_new + t_noise,
+            }
+        )
+    print(
+        f"{args.model} {shape} D={D} P={args.popsize} block={bs} threads={args.threads} "
+        f"(per rank; old tell = regenerate all {num_pairs} pairs + float64 loop)"
+    )
+    print(
+        f"{'ranks':>5} {'pairs/rank':>10} {'old tell s':>10} {'new tell s':>10} {'speedup':>8} "
+        f"{'eval noise s':>12} {'old+noise':>10} {'new+noise':>10}"
+    )
     for r in rows:
-        print(f"{r['ranks']:5d} {r['pairs_per_rank']:10d} {r['old_tell_s']:10.4f} {r['new_tell_s']:10.4f} "
-              f"{r['tell_speedup']:8.1f} {r['eval_noise_s']:12.4f} {r['old_total_s']:10.4f} {r['new_total_s']:10.4f}")
+        print(
+            f"{r['ranks']:5d} {r['pairs_per_rank']:10d} {r['old_tell_s']:10.4f} {r['new_tell_s']:10.4f} "
+            f"{r['tell_speedup']:8.1f} {r['eval_noise_s']:12.4f} {r['old_total_s']:10.4f} {r['new_total_s']:10.4f}"
+        )
     print(f"max |theta_new - theta_old| after one tell: {max_diff:.3g} (float rounding of the sums)")
 
     overlap = None
@@ -144,12 +160,27 @@ def main(argv=None) -> int:
             overlap["prefetch" if prefetch else "no_prefetch"] = best_of(generation, args.repeat)
             src.close()
         overlap["speedup"] = overlap["no_prefetch"] / overlap["prefetch"]
-        print(f"one generation on CPU (IBP, batch {args.overlap_batch}, 1 rank): no prefetch "
-              f"{overlap['no_prefetch']:.3f} s, prefetch {overlap['prefetch']:.3f} s, ratio {overlap['speedup']:.2f}")
+        print(
+            f"one generation on CPU (IBP, batch {args.overlap_batch}, 1 rank): no prefetch "
+            f"{overlap['no_prefetch']:.3f} s, prefetch {overlap['prefetch']:.3f} s, ratio {overlap['speedup']:.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "shape": shape, "D": D, "popsize": args.popsize,
-                                          "block_size": bs, "threads": args.threads, "rows": rows,
-                                          "max_theta_diff_old_new": max_diff, "overlap": overlap}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "shape": shape,
+                "D": D,
+                "popsize": args.popsize,
+                "block_size": bs,
+                "threads": args.threads,
+                "rows": rows,
+                "max_theta_diff_old_new": max_diff,
+                "overlap": overlap,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ Efficiency E(N) = t_1 / (N t_N).
     python tools/bench_rank_work.py --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4 \
         --out bench-out/rank_work_cnn7.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,15 @@ def main(argv=None) -> int:
     theta = models.flat_params(model)
     params = pgpe.PGPEParams(popsize=args.popsize, sigma_init=0.02)
     state = pgpe.init(params, theta)
-    x, y = ds.train_x[:args.batch], ds.train_y[:args.batch]
+    x, y = ds.train_x[: args.batch], ds.train_y[: args.batch]
     loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], args.eps, args.bound, weights=pts)  # noqa: E731
     split = pgpe_dist.split_of(params, args.block_size, args.batch, args.batch_chunks)
     num_items = split.num_items
     comm = dist.SerialComm()
     # the full population's losses once (every rank sees them after the allgather)
-    local, _ = pgpe_dist.evaluate(state, params, list(range(num_items)), split, pgpe_dist.NoiseSource(0),
-                                  loss_fn, torch.device("cpu"))
+    local, _ = pgpe_dist.evaluate(
+        state, params, list(range(num_items)), split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
+    )
     all_losses = pgpe_dist.gather_losses(comm, split, local)
     ranks = [int(n) for n in args.ranks.split(",")]
     best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
@@ -68,8 +70,9 @@ def main(argv=None) -> int:
             for r in range(n):
                 items = dist.my_blocks(num_items, r, n)
                 t0 = time.perf_counter()
-                _, kept = pgpe_dist.evaluate(state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn,
-                                             torch.device("cpu"))
+                _, kept = pgpe_dist.evaluate(
+                    state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
+                )
                 t1 = time.perf_counter()
                 summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
                 pgpe.tell(state, params, 0, all_losses, summed=summed)
@@ -86,20 +89,32 @@ def main(argv=None) -> int:
     for n in ranks:
         new = max(best[n, r, "eval"] + best[n, r, "new"] for r in range(n))
         old = max(best[n, r, "eval"] + best[n, r, "old"] for r in range(n))
-        rows.append({"ranks": n, "t_new": new, "t_old": old,
-                     "eval": max(best[n, r, "eval"] for r in range(n)),
-                     "update_new": max(best[n, r, "new"] for r in range(n)),
-                     "update_old": max(best[n, r, "old"] for r in range(n))})
+        rows.append(
+            {
+                "ranks": n,
+                "t_new": new,
+                "t_old": old,
+                "eval": max(best[n, r, "eval"] for r in range(n)),
+                "update_new": max(best[n, r, "new"] for r in range(n)),
+                "update_old": max(best[n, r, "old"] for r in range(n)),
+            }
+        )
     for r in rows:
         r["eff_new"] = rows[0]["t_new"] * rows[0]["ranks"] / (r["t_new"] * r["ranks"])
         r["eff_old"] = rows[0]["t_old"] * rows[0]["ranks"] / (r["t_old"] * r["ranks"])
-    print(f"{args.model} on digits (D={theta.numel()}), PGPE + {args.bound}, P={args.popsize}, batch {args.batch}, "
-          f"block {args.block_size}, {args.batch_chunks} batch chunk(s) ({num_items} items), 1 thread; "
-          f"per-rank work, max over ranks, best of {args.repeat}, no communication")
-    print(f"{'ranks':>5} {'eval s':>8} {'upd new':>8} {'upd old':>8} {'t new':>8} {'t old':>8} {'E new':>6} {'E old':>6}")
+    print(
+        f"{args.model} on digits (D={theta.numel()}), PGPE + {args.bound}, P={args.popsize}, batch {args.batch}, "
+        f"block {args.block_size}, {args.batch_chunks} batch chunk(s) ({num_items} items), 1 thread; "
+        f"per-rank work, max over ranks, best of {args.repeat}, no communication"
+    )
+    print(
+        f"{'ranks':>5} {'eval s':>8} {'upd new':>8} {'upd old':>8} {'t new':>8} {'t old':>8} {'E new':>6} {'E old':>6}"
+    )
     for r in rows:
-        print(f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "
-              f"{r['t_old']:8.4f} {r['eff_new']:6.2f} {r['eff_old']:6.2f}")
+        print(
+            f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "
+            f"{r['t_old']:8.4f} {r['eff_new']:6.2f} {r['eff_old']:6.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "D": theta.numel(), "rows": rows}, indent=2))
     return 0

@@ -5,6 +5,7 @@
 
 Every option is passed on to tools/scaling.py (see its --help for weak scaling, the model and PNG).
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,17 +1,14 @@
 #!/usr/bin/env bash
 # Lint and type check: ruff (rules in pyproject.toml [tool.ruff]) over the package, tests and tools,
 # then mypy over mpigls/ ([tool.mypy]). Uses $PY (tools/setup_env.sh) or python3 from PATH.
-# `ruff format --check` joins in once the tree has been formatted: whoever runs `ruff format .` over
-# the whole tree also creates the marker file .ruff-formatted; until then formatting is not enforced.
+# The tree is formatted with `ruff format .` (settings in pyproject.toml); `ruff format --check` keeps it so.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PY:-python3}"
 echo "[lint] ruff check"
 "$PY" -m ruff check --quiet .
-if [ -f .ruff-formatted ]; then
-  echo "[lint] ruff format --check"
-  "$PY" -m ruff format --check --quiet .
-fi
+echo "[lint] ruff format --check"
+"$PY" -m ruff format --check --quiet .
 echo "[lint] mypy mpigls"
 "$PY" -m mypy

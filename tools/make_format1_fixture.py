@@ -13,6 +13,7 @@ to generation 5 and records the sha256 of theta (little-endian float32) in
 The overrides are stored in the JSON too, so a test resumes with exactly the same config.
 Running it with a newer mpigls writes format-2 files, which is not what the fixtures are for.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,30 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 
 COMMON = {
-    "data.name": "digits", "data.num_train": 128, "data.num_test": 32, "model.name": "mlp-tiny",
-    "bound.method": "ibp", "bound.eps": 0.02, "optimizer.lr": 0.01, "train.epochs": 2,
-    "train.batch_size": 32, "train.checkpoint_every": 1, "train.keep_last": 1, "train.threads": 1,
-    "train.progress": False, "eval.methods": "[ibp]", "eval.pgd_steps": 0,
+    "data.name": "digits",
+    "data.num_train": 128,
+    "data.num_test": 32,
+    "model.name": "mlp-tiny",
+    "bound.method": "ibp",
+    "bound.eps": 0.02,
+    "optimizer.lr": 0.01,
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "train.checkpoint_every": 1,
+    "train.keep_last": 1,
+    "train.threads": 1,
+    "train.progress": False,
+    "eval.methods": "[ibp]",
+    "eval.pgd_steps": 0,
 }
 PER_OPTIMIZER = {
-    "pgpe": {"optimizer.name": "pgpe", "optimizer.popsize": 8, "optimizer.block_size": 2,
-             "optimizer.sigma_init": 0.01},
-    "rgs": {"optimizer.name": "rgs", "optimizer.num_samples": 4, "optimizer.block_size": 2,
-            "optimizer.sigma_init": 0.01},
+    "pgpe": {"optimizer.name": "pgpe", "optimizer.popsize": 8, "optimizer.block_size": 2, "optimizer.sigma_init": 0.01},
+    "rgs": {
+        "optimizer.name": "rgs",
+        "optimizer.num_samples": 4,
+        "optimizer.block_size": 2,
+        "optimizer.sigma_init": 0.01,
+    },
     "grad": {"optimizer.name": "grad", "optimizer.block_size": 16},
 }
 FIRST, THEN = 3, 5
@@ -56,8 +71,11 @@ def main() -> int:
             shutil.copyfile(Path(tmp) / "latest.h5", GOLDEN / f"format1_{opt}.h5")
             res = train.train(cfg, tmp, max_generations=THEN, log=lambda m: None)
         ckpt = checkpoint.load(GOLDEN / f"format1_{opt}.h5")
-        expected["runs"][opt] = {"overrides": overrides(opt), "theta_sha256_at_first": checkpoint.theta_sha256(ckpt.theta),
-                                 "theta_sha256_resumed": checkpoint.theta_sha256(res.theta.numpy())}
+        expected["runs"][opt] = {
+            "overrides": overrides(opt),
+            "theta_sha256_at_first": checkpoint.theta_sha256(ckpt.theta),
+            "theta_sha256_resumed": checkpoint.theta_sha256(res.theta.numpy()),
+        }
         print(opt, res.generation, expected["runs"][opt]["theta_sha256_resumed"][:16])
     (GOLDEN / "format1_expected.json").write_text(json.dumps(expected, indent=2) + "\n")
     return 0

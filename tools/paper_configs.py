@@ -18,6 +18,7 @@ Schedules (paper App. B.1 / B.2):
 Values the paper does not state (PGD schedule, SABR/STAPS lambdas for CNN3, batch sizes of GRAD)
 are marked "not stated in the paper" in each file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,11 +55,17 @@ def pgd(ds, eps_label, arch):
     mnist = ds == "mnist"
     return {
         "_comment": "PGD adversarial training: a Table 1 row and the warm start of the PGPE rows "
-                    "(schedule not stated in the paper)",
-        "data": data_section(ds), "model": {"name": arch},
+        "(schedule not stated in the paper)",
+        "data": data_section(ds),
+        "model": {"name": arch},
         "bound": {"method": "pgd", "eps": eps, "eps_schedule": "constant"},
-        "optimizer": {"name": "grad", "lr": 1e-3, "lr_milestones": [20, 25] if mnist else [80, 90],
-                      "lr_factor": 0.2, "block_size": 64},
+        "optimizer": {
+            "name": "grad",
+            "lr": 1e-3,
+            "lr_milestones": [20, 25] if mnist else [80, 90],
+            "lr_factor": 0.2,
+            "block_size": 64,
+        },
         "train": {"epochs": 30 if mnist else 100, "batch_size": 256 if mnist else 128, "checkpoint_every": 500},
         "eval": {"methods": ["ibp", "crown-ibp", "deeppoly"]},
     }
@@ -67,15 +74,29 @@ def pgd(ds, eps_label, arch):
 def grad(ds, eps_label, arch, method):
     eps, _ = SETTINGS[(ds, eps_label)]
     mnist = ds == "mnist"
-    bound = {"method": method, "eps": eps, "eps_schedule": "smooth", "warmup_epochs": 0,
-             "anneal_epochs": 20 if mnist else 80}
+    bound = {
+        "method": method,
+        "eps": eps,
+        "eps_schedule": "smooth",
+        "warmup_epochs": 0,
+        "anneal_epochs": 20 if mnist else 80,
+    }
     if method in LAMBDAS:
         bound["options"] = {"sabr_lambda": LAMBDAS[method]}
     return {
-        "_comment": "paper App. B.1 (GRAD)" + (f"; lambda {LAMBDAS[method]} (paper Table 3)" if method in LAMBDAS else ""),
-        "data": data_section(ds), "model": {"name": arch}, "bound": bound,
-        "optimizer": {"name": "grad", "lr": 5e-5, "lr_milestones": [50, 60] if mnist else [120, 140],
-                      "lr_factor": 0.2, "grad_clip": 10.0, "block_size": 64},
+        "_comment": "paper App. B.1 (GRAD)"
+        + (f"; lambda {LAMBDAS[method]} (paper Table 3)" if method in LAMBDAS else ""),
+        "data": data_section(ds),
+        "model": {"name": arch},
+        "bound": bound,
+        "optimizer": {
+            "name": "grad",
+            "lr": 5e-5,
+            "lr_milestones": [50, 60] if mnist else [120, 140],
+            "lr_factor": 0.2,
+            "grad_clip": 10.0,
+            "block_size": 64,
+        },
         "train": {"epochs": 70 if mnist else 160, "batch_size": 256 if mnist else 128, "checkpoint_every": 500},
         "eval": {"methods": ["ibp", "crown-ibp", "deeppoly"]},
     }
@@ -85,7 +106,9 @@ def pgpe(ds, eps_label, arch, method, popsize=256, lr=3e-4):
     eps, large = SETTINGS[(ds, eps_label)]
     mnist = ds == "mnist"
     bound = {"method": method, "eps": eps}
-    bound |= {"eps_schedule": "smooth", "warmup_epochs": 0, "anneal_epochs": 50} if large else {"eps_schedule": "constant"}
+    bound |= (
+        {"eps_schedule": "smooth", "warmup_epochs": 0, "anneal_epochs": 50} if large else {"eps_schedule": "constant"}
+    )
     if method in LAMBDAS:
         bound["options"] = {"sabr_lambda": LAMBDAS[method]}
     return {
@@ -93,9 +116,18 @@ def pgpe(ds, eps_label, arch, method, popsize=256, lr=3e-4):
         "data": data_section(ds),
         "model": {"name": arch, "init_from": f"runs/paper/{row_name(ds, eps_label, arch, 'pgd', 'grad')}/latest.h5"},
         "bound": bound,
-        "optimizer": {"name": "pgpe", "popsize": popsize, "lr": lr, "step_rule": "adam", "sigma_init": 1e-3,
-                      "fixed_sigma": True, "fitness_shaping": "centered_ranks", "lr_milestones": [110, 130],
-                      "lr_factor": 0.4, "block_size": 16},
+        "optimizer": {
+            "name": "pgpe",
+            "popsize": popsize,
+            "lr": lr,
+            "step_rule": "adam",
+            "sigma_init": 1e-3,
+            "fixed_sigma": True,
+            "fitness_shaping": "centered_ranks",
+            "lr_milestones": [110, 130],
+            "lr_factor": 0.4,
+            "block_size": 16,
+        },
         "train": {"epochs": 150, "batch_size": 512 if mnist else 128, "checkpoint_every": 100},
         "eval": {"methods": ["ibp", "crown-ibp", "deeppoly"]},
     }
@@ -110,7 +142,8 @@ def rows() -> dict[str, dict]:
             out[row_name(ds, eps_label, "cnn3", m, "pgpe")] = pgpe(ds, eps_label, "cnn3", m)
     for p in (64, 128, 256, 512, 1024):  # Table 2
         out[row_name("mnist", "0.1", "cnn3", "deeppoly", "pgpe", f"-pop{p}")] = pgpe(
-            "mnist", "0.1", "cnn3", "deeppoly", popsize=p, lr=1e-4 if p == 64 else 3e-4)
+            "mnist", "0.1", "cnn3", "deeppoly", popsize=p, lr=1e-4 if p == 64 else 3e-4
+        )
     out[row_name("mnist", "0.1", "cnn5", "pgd", "grad")] = pgd("mnist", "0.1", "cnn5")  # Table 3
     for m in ("ibp", "sabr", "staps", "deeppoly"):
         out[row_name("mnist", "0.1", "cnn5", m, "grad")] = grad("mnist", "0.1", "cnn5", m)

@@ -20,6 +20,7 @@ t1 / t_n. Next to every measured point the model of tools/scaling_model.py predi
 Writes OUT.json and OUT.png (time per generation and parallel efficiency vs ranks, ideal lines).
 Exit status 1 if strong scaling gave different theta for different rank counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,25 @@ from mpigls import checkpoint  # noqa: E402
 def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dict:
     out = workdir / f"{tag}-n{n}"
     launcher = shlex.split(args.launcher.format(n=n))
-    cmd = [*launcher, sys.executable, "-m", "mpi4py", "-m", "mpigls", "train", args.config, "--out", str(out),
-           "--max-generations", str(args.generations), "--no-eval", "--set", "train.progress=false",
-           "--set", f"train.threads={args.threads}"]
+    cmd = [
+        *launcher,
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "mpigls",
+        "train",
+        args.config,
+        "--out",
+        str(out),
+        "--max-generations",
+        str(args.generations),
+        "--no-eval",
+        "--set",
+        "train.progress=false",
+        "--set",
+        f"train.threads={args.threads}",
+    ]
     for kv in args.set:
         cmd += ["--set", kv]
     if popsize is not None:
@@ -58,22 +75,39 @@ def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dic
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    info = json.loads(subprocess.run([sys.executable, "-m", "mpigls", "inspect", "--json", str(out / "latest.h5")],
-                                     capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "mpigls", "inspect", "--json", str(out / "latest.h5")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            check=True,
+        ).stdout
+    )
     ck = checkpoint.load(out / "latest.h5")
-    per_gen = np.asarray(ck.metrics["time/generation_s"])[args.skip:]
-    return {"ranks": n, "popsize": int(ck.config["optimizer"]["popsize"]), "D": int(ck.theta.size),
-            "median_s_per_gen": float(np.median(per_gen)), "min_s_per_gen": float(per_gen.min()),
-            "max_s_per_gen": float(per_gen.max()), "wall_s": wall, "generations": int(info["generation"]),
-            "theta_sha256": info["theta_sha256"], "block_size": int(ck.config["optimizer"]["block_size"]),
-            "batch_size": int(ck.config["train"]["batch_size"]),
-            "batch_chunks": int(ck.config["optimizer"].get("batch_chunks", 1)),
-            "fixed_sigma": bool(ck.config["optimizer"].get("fixed_sigma", False))}
+    per_gen = np.asarray(ck.metrics["time/generation_s"])[args.skip :]
+    return {
+        "ranks": n,
+        "popsize": int(ck.config["optimizer"]["popsize"]),
+        "D": int(ck.theta.size),
+        "median_s_per_gen": float(np.median(per_gen)),
+        "min_s_per_gen": float(per_gen.min()),
+        "max_s_per_gen": float(per_gen.max()),
+        "wall_s": wall,
+        "generations": int(info["generation"]),
+        "theta_sha256": info["theta_sha256"],
+        "block_size": int(ck.config["optimizer"]["block_size"]),
+        "batch_size": int(ck.config["train"]["batch_size"]),
+        "batch_chunks": int(ck.config["optimizer"].get("batch_chunks", 1)),
+        "fixed_sigma": bool(ck.config["optimizer"].get("fixed_sigma", False)),
+    }
 
 
 def predict(rows: list[dict], args) -> None:
     """Fill 'model_s_per_gen' from the 1-rank row with the scaling model (host terms measured here)."""
     import scaling_model as sm
+
     base = next((r for r in rows if r["ranks"] == 1), None)
     if base is None:
         return
@@ -83,13 +117,13 @@ def predict(rows: list[dict], args) -> None:
         return sm.Work(r.get("batch_size", 1), r["block_size"], r.get("batch_chunks", 1))
 
     terms = sm.measure_terms(D, pairs=min(4, P1 // 2), fixed_sigma=base["fixed_sigma"])
-    net = sm.Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9,
-                     pcie_Bps=math.inf)
-    host1 = sm.t_gen(1, P1, D, 0.0, terms, net, K=10 ** 9, fixed_sigma=base["fixed_sigma"], work=work(base))["total"]
+    net = sm.Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9, pcie_Bps=math.inf)
+    host1 = sm.t_gen(1, P1, D, 0.0, terms, net, K=10**9, fixed_sigma=base["fixed_sigma"], work=work(base))["total"]
     c_member = max(0.0, base["median_s_per_gen"] - host1) / P1
     for r in rows:
-        r["model_s_per_gen"] = sm.t_gen(r["ranks"], r["popsize"], D, c_member, terms, net, K=10 ** 9,
-                                        fixed_sigma=r["fixed_sigma"], work=work(r))["total"]
+        r["model_s_per_gen"] = sm.t_gen(
+            r["ranks"], r["popsize"], D, c_member, terms, net, K=10**9, fixed_sigma=r["fixed_sigma"], work=work(r)
+        )["total"]
 
 
 def summarise(rows: list[dict], mode: str) -> None:
@@ -98,29 +132,37 @@ def summarise(rows: list[dict], mode: str) -> None:
         r["speedup"] = base["median_s_per_gen"] / r["median_s_per_gen"]
         # "min": the fastest generation, closer to the uncontended time on a shared (loaded) machine
         for key, stat in (("efficiency", "median_s_per_gen"), ("efficiency_min", "min_s_per_gen")):
-            r[key] = (base[stat] * base["ranks"] / (r[stat] * r["ranks"]) if mode == "strong"
-                      else base[stat] / r[stat])
+            r[key] = base[stat] * base["ranks"] / (r[stat] * r["ranks"]) if mode == "strong" else base[stat] / r[stat]
         if "model_s_per_gen" in r:
             m = base.get("model_s_per_gen", base["median_s_per_gen"])
-            r["model_efficiency"] = (m * base["ranks"] / (r["model_s_per_gen"] * r["ranks"]) if mode == "strong"
-                                     else m / r["model_s_per_gen"])
+            r["model_efficiency"] = (
+                m * base["ranks"] / (r["model_s_per_gen"] * r["ranks"])
+                if mode == "strong"
+                else m / r["model_s_per_gen"]
+            )
 
 
 def print_table(mode: str, rows: list[dict]) -> None:
     print(f"{mode} scaling")
-    print(f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} {'eff(min)':>8} "
-          f"{'model s/gen':>11} {'model eff':>9}  theta")
+    print(
+        f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} {'eff(min)':>8} "
+        f"{'model s/gen':>11} {'model eff':>9}  theta"
+    )
     for r in rows:
-        print(f"{r['ranks']:5d} {r['popsize']:6d} {r['median_s_per_gen']:9.4f} {r['min_s_per_gen']:8.4f} "
-              f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} {r['efficiency_min']:8.2f} "
-              f"{r.get('model_s_per_gen', math.nan):11.4f} {r.get('model_efficiency', math.nan):9.2f}  "
-              f"{r['theta_sha256'][:12]}")
+        print(
+            f"{r['ranks']:5d} {r['popsize']:6d} {r['median_s_per_gen']:9.4f} {r['min_s_per_gen']:8.4f} "
+            f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} {r['efficiency_min']:8.2f} "
+            f"{r.get('model_s_per_gen', math.nan):11.4f} {r.get('model_efficiency', math.nan):9.2f}  "
+            f"{r['theta_sha256'][:12]}"
+        )
 
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode, marker in (("strong", "o"), ("weak", "s")):
         rows = result.get(mode)
@@ -128,16 +170,19 @@ def plot(result: dict, path: Path) -> None:
             continue
         n = [r["ranks"] for r in rows]
         t = [r["median_s_per_gen"] for r in rows]
-        line, = axes[0].loglog(n, t, marker + "-", label=f"{mode} (measured)")
+        (line,) = axes[0].loglog(n, t, marker + "-", label=f"{mode} (measured)")
         ideal = [t[0] * n[0] / k for k in n] if mode == "strong" else [t[0]] * len(n)
         axes[0].loglog(n, ideal, ":", color=line.get_color(), label=f"{mode} ideal")
         if all("model_s_per_gen" in r for r in rows):
-            axes[0].loglog(n, [r["model_s_per_gen"] for r in rows], "x--", color=line.get_color(),
-                           label=f"{mode} model")
-            axes[1].semilogx(n, [r["model_efficiency"] for r in rows], "x--", color=line.get_color(),
-                             label=f"{mode} model")
-        axes[1].semilogx(n, [r["efficiency"] for r in rows], marker + "-", color=line.get_color(),
-                         label=f"{mode} (measured)")
+            axes[0].loglog(
+                n, [r["model_s_per_gen"] for r in rows], "x--", color=line.get_color(), label=f"{mode} model"
+            )
+            axes[1].semilogx(
+                n, [r["model_efficiency"] for r in rows], "x--", color=line.get_color(), label=f"{mode} model"
+            )
+        axes[1].semilogx(
+            n, [r["efficiency"] for r in rows], marker + "-", color=line.get_color(), label=f"{mode} (measured)"
+        )
     all_n = sorted({r["ranks"] for m in ("strong", "weak") for r in result.get(m) or []})
     axes[1].semilogx(all_n, [1.0] * len(all_n), "k-", lw=0.8, label="ideal")
     axes[0].set(xlabel="ranks", ylabel="s / generation (median)", title=result.get("label", "mpigls scaling"))
@@ -202,14 +247,22 @@ def main(argv=None) -> int:
     if args.merge:
         return merge(args.merge, out, args)
     ranks = [int(n) for n in args.ranks.split(",")]
-    result = {"label": args.label or " ".join(args.set), "config": args.config, "overrides": args.set,
-              "generations": args.generations, "threads": args.threads, "launcher": args.launcher}
+    result = {
+        "label": args.label or " ".join(args.set),
+        "config": args.config,
+        "overrides": args.set,
+        "generations": args.generations,
+        "threads": args.threads,
+        "launcher": args.launcher,
+    }
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        for mode in (["strong", "weak"] if args.mode == "both" else [args.mode]):
-            rows = [run_point(n, None if mode == "strong" else args.weak_popsize_per_rank * n, args, work, mode)
-                    for n in ranks]
+        for mode in ["strong", "weak"] if args.mode == "both" else [args.mode]:
+            rows = [
+                run_point(n, None if mode == "strong" else args.weak_popsize_per_rank * n, args, work, mode)
+                for n in ranks
+            ]
             if not args.no_model:
                 predict(rows, args)
             summarise(rows, mode)

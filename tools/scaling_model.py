@@ -46,6 +46,7 @@ Compared with, for the same compute and noise costs (whole pairs per rank, no ch
     python tools/scaling_model.py --out bench-out/scaling_model      # .json and .png
     python tools/scaling_model.py --compute cnn3=1.0,cnn5=10 --popsizes 256 --chunks 1,8 --call-ms 0.5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,28 +69,33 @@ from mpigls import checkpoint, dist, models  # noqa: E402
 from mpigls.optim import pgpe  # noqa: E402
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
-MODELS = [("cnn3", "mnist", (1, 28, 28)), ("cnn3", "cifar10", (3, 32, 32)),
-          ("cnn5", "mnist", (1, 28, 28)), ("cnn5", "cifar10", (3, 32, 32)),
-          ("cnn7", "mnist", (1, 28, 28)), ("cnn7", "cifar10", (3, 32, 32))]
+MODELS = [
+    ("cnn3", "mnist", (1, 28, 28)),
+    ("cnn3", "cifar10", (3, 32, 32)),
+    ("cnn5", "mnist", (1, 28, 28)),
+    ("cnn5", "cifar10", (3, 32, 32)),
+    ("cnn7", "mnist", (1, 28, 28)),
+    ("cnn7", "cifar10", (3, 32, 32)),
+]
 DEFAULT_COMPUTE_S = {"cnn3": 1.0, "cnn5": 10.0, "cnn7": 100.0}  # 1-GPU generation at P=256, B=512 (H100)
 
 
 @dataclass(frozen=True)
 class Network:
-    latency_s: float = 2e-6          # InfiniBand HDR, one hop, MPI small message
-    bandwidth_Bps: float = 25e9      # 200 Gb/s per rank
-    pcie_Bps: float = 25e9           # host -> GPU copy of the noise
+    latency_s: float = 2e-6  # InfiniBand HDR, one hop, MPI small message
+    bandwidth_Bps: float = 25e9  # 200 Gb/s per rank
+    pcie_Bps: float = 25e9  # host -> GPU copy of the noise
 
 
 @dataclass(frozen=True)
 class Gpu:
     """ASSUMED GPU overheads that do not shrink with the work (seconds)."""
 
-    call_s: float = 0.5e-3           # per bound call (one work item): ~100 kernel launches x 5 us
-    fixed_s: float = 1e-3            # per generation: minibatch/theta to the GPU, losses back, syncs
-    prefetch: bool = True            # host noise overlaps the bounds (the default on GPUs)
-    hbm_Bps: float = 2e12            # what-if "update on the GPU": effective memory bandwidth
-    launch_s: float = 5e-6           # ... and per kernel launch
+    call_s: float = 0.5e-3  # per bound call (one work item): ~100 kernel launches x 5 us
+    fixed_s: float = 1e-3  # per generation: minibatch/theta to the GPU, losses back, syncs
+    prefetch: bool = True  # host noise overlaps the bounds (the default on GPUs)
+    hbm_Bps: float = 2e12  # what-if "update on the GPU": effective memory bandwidth
+    launch_s: float = 5e-6  # ... and per kernel launch
 
 
 @dataclass(frozen=True)
@@ -105,10 +111,10 @@ class Work:
 class Terms:
     """Host costs measured on this machine (seconds)."""
 
-    t_noise: float      # per normal number
-    t_sum: float        # per pair-element of the fixed-point partial sums (with the sigma term)
-    t_apply: float      # per parameter for applying the step
-    t_ckpt: float       # per parameter for a checkpoint write
+    t_noise: float  # per normal number
+    t_sum: float  # per pair-element of the fixed-point partial sums (with the sigma term)
+    t_apply: float  # per parameter for applying the step
+    t_ckpt: float  # per parameter for a checkpoint write
 
 
 def _best(fn, repeat=3):
@@ -133,8 +139,16 @@ def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = F
     summed = (pgpe.partial_sums(w, range(pairs), z, exps), exps)
     t_apply = _best(lambda: pgpe.tell(state, params, 0, losses, summed=summed), repeat) / D
     theta = np.zeros(D, np.float32)
-    ck = checkpoint.Checkpoint(generation=1, epoch=0, batch_in_epoch=1, theta=theta, sigma=theta.copy(),
-                               opt_state={"step/m": theta.copy(), "step/v": theta.copy()}, config={}, arch={})
+    ck = checkpoint.Checkpoint(
+        generation=1,
+        epoch=0,
+        batch_in_epoch=1,
+        theta=theta,
+        sigma=theta.copy(),
+        opt_state={"step/m": theta.copy(), "step/v": theta.copy()},
+        config={},
+        arch={},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t_ckpt = _best(lambda: checkpoint.save(tmp, ck, keep_last=1), 2) / D
     return Terms(t_noise, t_sum, t_apply, t_ckpt)
@@ -176,9 +190,20 @@ def rank_loads(n: int, P: int, work: Work) -> list[dict]:
     return loads
 
 
-def t_gen(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K: int = 100,
-          fixed_sigma: bool = False, work: Work = Work(), gpu: Gpu = Gpu(0.0, 0.0, False),
-          sharded: bool = False, device_update: bool = False) -> dict:
+def t_gen(
+    n: int,
+    P: int,
+    D: int,
+    c_member: float,
+    terms: Terms,
+    net: Network,
+    K: int = 100,
+    fixed_sigma: bool = False,
+    work: Work = Work(),
+    gpu: Gpu = Gpu(0.0, 0.0, False),
+    sharded: bool = False,
+    device_update: bool = False,
+) -> dict:
     """The model's terms (seconds) for N = n ranks, population P, D parameters: the slowest rank's
     compute / noise / h2d / update, then the collectives and the checkpoint share. What-ifs (not
     implemented): ``sharded`` step (D/N per rank + an allgather of 16 D bytes); ``device_update``:
@@ -195,13 +220,20 @@ def t_gen(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K
     for load in rank_loads(n, P, work):
         compute = load["members"] * c_member + load["items"] * gpu.call_s + gpu.fixed_s
         noise = load["noise_pairs"] * D * terms.t_noise
-        terms_r = {"compute": compute, "noise": max(0.0, noise - compute) if gpu.prefetch else noise,
-                   "h2d": load["noise_pairs"] * D * 4 / net.pcie_Bps,
-                   "update": load["sum_pairs"] * D * t_sum + step}
+        terms_r = {
+            "compute": compute,
+            "noise": max(0.0, noise - compute) if gpu.prefetch else noise,
+            "h2d": load["noise_pairs"] * D * 4 / net.pcie_Bps,
+            "update": load["sum_pairs"] * D * t_sum + step,
+        }
         if not worst or sum(terms_r.values()) > sum(worst.values()):
             worst = terms_r
-    out = dict(worst, allgather=allgather_s(n, P * work.chunks, net),
-               allreduce=allreduce_s(n, (1 if fixed_sigma else 2) * 8 * D, net), checkpoint=D * terms.t_ckpt / K)
+    out = dict(
+        worst,
+        allgather=allgather_s(n, P * work.chunks, net),
+        allreduce=allreduce_s(n, (1 if fixed_sigma else 2) * 8 * D, net),
+        checkpoint=D * terms.t_ckpt / K,
+    )
     out["total"] = sum(out.values())
     return out
 
@@ -215,16 +247,33 @@ def allgather_bytes_s(n: int, nbytes: float, net: Network) -> float:
 
 def t_openai_es(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K: int = 100) -> float:
     pairs = math.ceil(P / 2 / min(n, P // 2))
-    return (2 * pairs * c_member + pairs * D * terms.t_noise + pairs * D * 4 / net.pcie_Bps
-            + (P // 2) * D * terms.t_sum + D * terms.t_apply + allgather_s(n, P, net) + D * terms.t_ckpt / K)
+    return (
+        2 * pairs * c_member
+        + pairs * D * terms.t_noise
+        + pairs * D * 4 / net.pcie_Bps
+        + (P // 2) * D * terms.t_sum
+        + D * terms.t_apply
+        + allgather_s(n, P, net)
+        + D * terms.t_ckpt / K
+    )
 
 
 def t_evotorch(n: int, P: int, D: int, c_member: float, terms: Terms, net: Network, K: int = 100) -> float:
     pairs = math.ceil(P / 2 / min(n, P // 2))
-    comm = 0.0 if n == 1 else (n * 16 * D / net.bandwidth_Bps + math.ceil(math.log2(n)) * 8 * D / net.bandwidth_Bps
-                               + n * net.latency_s)
-    return (2 * pairs * c_member + pairs * D * terms.t_noise + pairs * D * 4 / net.pcie_Bps
-            + pairs * D * terms.t_sum + D * terms.t_apply + comm + D * terms.t_ckpt / K)
+    comm = (
+        0.0
+        if n == 1
+        else (n * 16 * D / net.bandwidth_Bps + math.ceil(math.log2(n)) * 8 * D / net.bandwidth_Bps + n * net.latency_s)
+    )
+    return (
+        2 * pairs * c_member
+        + pairs * D * terms.t_noise
+        + pairs * D * 4 / net.pcie_Bps
+        + pairs * D * terms.t_sum
+        + D * terms.t_apply
+        + comm
+        + D * terms.t_ckpt / K
+    )
 
 
 def scale_out_work(n: int, P: int, batch: int) -> Work:
@@ -271,51 +320,84 @@ def main(argv=None) -> int:
         D = models.num_params(models.build(name, shape, 10, [0.0] * shape[0], [1.0] * shape[0]))
         terms = measure_terms(D, pairs=args.pairs, fixed_sigma=fixed_sigma)
         for P in popsizes:
-            c_member = compute[name] / 256   # per member over the whole batch: the 1-GPU time scales with P
-            model = functools.partial(lambda n, work, P, D, c, terms, sharded=False, dev=False: t_gen(
-                n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev), P=P, D=D, c=c_member, terms=terms)
-            base = model(1, Work(B, 8, 1))["total"]            # one GPU: default block size, no chunks
-            base_dev = model(1, Work(B, 8, 1), dev=True)["total"]   # the same, for the what-if
+            c_member = compute[name] / 256  # per member over the whole batch: the 1-GPU time scales with P
+            model = functools.partial(
+                lambda n, work, P, D, c, terms, sharded=False, dev=False: t_gen(
+                    n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev
+                ),
+                P=P,
+                D=D,
+                c=c_member,
+                terms=terms,
+            )
+            base = model(1, Work(B, 8, 1))["total"]  # one GPU: default block size, no chunks
+            base_dev = model(1, Work(B, 8, 1), dev=True)["total"]  # the same, for the what-if
             oe1 = t_openai_es(1, P, D, c_member, terms, net, K)
             ev1 = t_evotorch(1, P, D, c_member, terms, net, K)
             for n in ranks:
                 work = scale_out_work(n, P, B)
                 tg = model(n, work)
-                whole = model(n, Work(B, 1, 1))                # ranks own whole pairs (batch_chunks = 1)
+                whole = model(n, Work(B, 1, 1))  # ranks own whole pairs (batch_chunks = 1)
                 shard = model(n, work, sharded=True)
                 dev = model(n, work, dev=True)
-                results.append({"model": name, "dataset": ds, "D": D, "P": P, "batch": B, "ranks": n,
-                                "block": work.block, "chunks": work.chunks,
-                                "items": -(-P // 2 // work.block) * work.chunks, "terms": tg, "t_gen": tg["total"],
-                                "efficiency": base / (n * tg["total"]),
-                                "efficiency_whole_pairs": base / (n * whole["total"]),
-                                "efficiency_sharded_step": base / (n * shard["total"]),
-                                "efficiency_device_update": base_dev / (n * dev["total"]),
-                                "openai_es_t": t_openai_es(n, P, D, c_member, terms, net, K),
-                                "evotorch_t": t_evotorch(n, P, D, c_member, terms, net, K),
-                                "measured_terms": asdict(terms), "compute_1gpu_P256_s": compute[name]})
+                results.append(
+                    {
+                        "model": name,
+                        "dataset": ds,
+                        "D": D,
+                        "P": P,
+                        "batch": B,
+                        "ranks": n,
+                        "block": work.block,
+                        "chunks": work.chunks,
+                        "items": -(-P // 2 // work.block) * work.chunks,
+                        "terms": tg,
+                        "t_gen": tg["total"],
+                        "efficiency": base / (n * tg["total"]),
+                        "efficiency_whole_pairs": base / (n * whole["total"]),
+                        "efficiency_sharded_step": base / (n * shard["total"]),
+                        "efficiency_device_update": base_dev / (n * dev["total"]),
+                        "openai_es_t": t_openai_es(n, P, D, c_member, terms, net, K),
+                        "evotorch_t": t_evotorch(n, P, D, c_member, terms, net, K),
+                        "measured_terms": asdict(terms),
+                        "compute_1gpu_P256_s": compute[name],
+                    }
+                )
                 results[-1]["openai_es_eff"] = oe1 / (n * results[-1]["openai_es_t"])
                 results[-1]["evotorch_eff"] = ev1 / (n * results[-1]["evotorch_t"])
-    print(f"network: {args.bandwidth_gbit:g} Gb/s, {args.latency_us:g} us; compute (1 GPU, P=256, B={B}) = {compute} s, "
-          f"GPU overhead {args.call_ms:g} ms per bound call + {args.fixed_ms:g} ms per generation [ASSUMED, no GPU "
-          f"here]; host terms measured here with {args.threads} thread(s), {args.sigma} sigma")
-    print(f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'M':>3} {'C':>3} {'items':>5} {'t_gen s':>9} {'E':>5} "
-          f"{'compute':>8} {'noise':>8} {'update':>8} {'gather':>8} {'reduce':>8} {'E C=1':>6} {'E shard':>7} "
-          f"{'E dev':>5} {'E OpenAI-ES':>11} {'E EvoTorch':>10}")
+    print(
+        f"network: {args.bandwidth_gbit:g} Gb/s, {args.latency_us:g} us; compute (1 GPU, P=256, B={B}) = {compute} s, "
+        f"GPU overhead {args.call_ms:g} ms per bound call + {args.fixed_ms:g} ms per generation [ASSUMED, no GPU "
+        f"here]; host terms measured here with {args.threads} thread(s), {args.sigma} sigma"
+    )
+    print(
+        f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'M':>3} {'C':>3} {'items':>5} {'t_gen s':>9} {'E':>5} "
+        f"{'compute':>8} {'noise':>8} {'update':>8} {'gather':>8} {'reduce':>8} {'E C=1':>6} {'E shard':>7} "
+        f"{'E dev':>5} {'E OpenAI-ES':>11} {'E EvoTorch':>10}"
+    )
     for r in results:
         t = r["terms"]
-        print(f"{r['model'] + '/' + r['dataset'][:5]:12} {r['D']:9d} {r['P']:5d} {r['ranks']:5d} {r['block']:3d} "
-              f"{r['chunks']:3d} {r['items']:5d} {r['t_gen']:9.4f} {r['efficiency']:5.2f} {t['compute']:8.4f} "
-              f"{t['noise'] + t['h2d']:8.4f} {t['update']:8.4f} {t['allgather']:8.2e} {t['allreduce']:8.2e} "
-              f"{r['efficiency_whole_pairs']:6.2f} {r['efficiency_sharded_step']:7.2f} {r['efficiency_device_update']:5.2f} "
-              f"{r['openai_es_eff']:11.2f} "
-              f"{r['evotorch_eff']:10.2f}")
+        print(
+            f"{r['model'] + '/' + r['dataset'][:5]:12} {r['D']:9d} {r['P']:5d} {r['ranks']:5d} {r['block']:3d} "
+            f"{r['chunks']:3d} {r['items']:5d} {r['t_gen']:9.4f} {r['efficiency']:5.2f} {t['compute']:8.4f} "
+            f"{t['noise'] + t['h2d']:8.4f} {t['update']:8.4f} {t['allgather']:8.2e} {t['allreduce']:8.2e} "
+            f"{r['efficiency_whole_pairs']:6.2f} {r['efficiency_sharded_step']:7.2f} {r['efficiency_device_update']:5.2f} "
+            f"{r['openai_es_eff']:11.2f} "
+            f"{r['evotorch_eff']:10.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"network": asdict(net), "gpu_assumed": asdict(gpu), "compute_1gpu_P256_s": compute, "batch": B,
-            "checkpoint_every": K, "sigma": args.sigma, "threads": args.threads,
-            "note": "compute and GPU overheads are assumed parameters (no GPU measured); host terms measured on "
-                    "this machine; E against 1 GPU with block 8, 1 chunk"}
+    meta = {
+        "network": asdict(net),
+        "gpu_assumed": asdict(gpu),
+        "compute_1gpu_P256_s": compute,
+        "batch": B,
+        "checkpoint_every": K,
+        "sigma": args.sigma,
+        "threads": args.threads,
+        "note": "compute and GPU overheads are assumed parameters (no GPU measured); host terms measured on "
+        "this machine; E against 1 GPU with block 8, 1 chunk",
+    }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
@@ -324,8 +406,10 @@ def main(argv=None) -> int:
 
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     keys = sorted({(r["model"], r["dataset"], r["P"]) for r in results})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab10").colors
@@ -333,7 +417,7 @@ def plot(results: list[dict], path: Path) -> None:
         rows = [r for r in results if (r["model"], r["dataset"], r["P"]) == key]
         n = [r["ranks"] for r in rows]
         label = f"{key[0]}/{key[1]} P={key[2]}"
-        line, = axes[0].loglog(n, [r["t_gen"] for r in rows], "o-", label=label, color=colors[i % len(colors)])
+        (line,) = axes[0].loglog(n, [r["t_gen"] for r in rows], "o-", label=label, color=colors[i % len(colors)])
         axes[1].semilogx(n, [r["efficiency"] for r in rows], "o-", color=line.get_color(), label=label)
         axes[1].semilogx(n, [r["efficiency_whole_pairs"] for r in rows], "-.", color=line.get_color())
         axes[1].semilogx(n, [r["openai_es_eff"] for r in rows], ":", color=line.get_color())
@@ -341,8 +425,12 @@ def plot(results: list[dict], path: Path) -> None:
     axes[1].semilogx(n_all, [1.0] * len(n_all), "k-", lw=0.8, label="ideal")
     axes[1].axhline(0.8, color="grey", lw=0.6, ls="--")
     axes[0].set(xlabel="GPUs (ranks)", ylabel="modelled s / generation", title="t_gen(N), items split over examples")
-    axes[1].set(xlabel="GPUs (ranks)", ylabel="parallel efficiency", ylim=(0, 1.05),
-                title="split minibatch (solid), whole pairs (dash-dot), OpenAI-ES (dotted)")
+    axes[1].set(
+        xlabel="GPUs (ranks)",
+        ylabel="parallel efficiency",
+        ylim=(0, 1.05),
+        title="split minibatch (solid), whole pairs (dash-dot), OpenAI-ES (dotted)",
+    )
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ s Phi(t) = phi(t)), where the original loss is well below 1.
 
 Usage:  python tools/toy_discontinuous.py --out toy_discontinuous.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def smoothed_toy_loss(w: np.ndarray, sigma: float) -> np.ndarray:
     return (1 - cdf) + w * cdf + sigma * pdf
 
 
-def run_gls(w0: float, *, steps: int = 300, sigma: float = 0.3, popsize: int = 16, lr: float = 0.05,
-            seed: int = 0) -> np.ndarray:
+def run_gls(
+    w0: float, *, steps: int = 300, sigma: float = 0.3, popsize: int = 16, lr: float = 0.05, seed: int = 0
+) -> np.ndarray:
     """PGPE (Adam, fixed sigma, centered ranks) on l; returns the centre trajectory (steps + 1,)."""
     params = pgpe.PGPEParams(popsize=popsize, lr=lr, sigma_init=sigma, fixed_sigma=True, step_rule="adam")
     state = pgpe.init(params, torch.tensor([w0]))
@@ -65,6 +67,7 @@ def run_gd(w0: float, *, steps: int = 300, lr: float = 0.05) -> np.ndarray:
 def plot(path: str, *, steps: int, sigma: float, seed: int, starts=(-0.5, 0.8)) -> dict:
     """Write the figure; returns the final w and l(w) of every run."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -78,8 +81,13 @@ def plot(path: str, *, steps: int, sigma: float, seed: int, starts=(-0.5, 0.8)) 
     for s in sorted({0.1, sigma, 1.0}):
         ax_loss.plot(grid, smoothed_toy_loss(grid, s), label=f"smoothed, sigma={s:g}")
     for name, traj in runs.items():
-        ax_loss.plot(traj[-1], float(toy_loss(torch.tensor(traj[-1]))), "o" if "GLS" in name else "x", ms=9,
-                     label=f"end of {name}")
+        ax_loss.plot(
+            traj[-1],
+            float(toy_loss(torch.tensor(traj[-1]))),
+            "o" if "GLS" in name else "x",
+            ms=9,
+            label=f"end of {name}",
+        )
         ax_path.plot(traj, ls="-" if "GLS" in name else "--", label=name)
     ax_loss.set(xlabel="w", ylabel="loss", title="Original vs Gaussian-smoothed toy loss")
     ax_loss.legend(fontsize=7)

@@ -21,6 +21,7 @@ relaxation's own (``options(method)``): deeppoly and alpha-crown: ``conv_mode`` 
 
 Shapes: P population, D weights (parameters of one network), B batch, K classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,23 @@ from . import alpha_crown, crown, hbox, ibp, registry, sabr
 from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
 from .registry import Relaxation, register
 
-__all__ = ["METHODS", "SOUND_METHODS", "COMMON_OPTIONS", "POPULATION_MODES", "Relaxation", "register",
-           "options", "margin_lower_bounds", "make_problem",
-           "alpha_crown", "crown", "hbox", "ibp", "registry", "sabr"]
+__all__ = [
+    "METHODS",
+    "SOUND_METHODS",
+    "COMMON_OPTIONS",
+    "POPULATION_MODES",
+    "Relaxation",
+    "register",
+    "options",
+    "margin_lower_bounds",
+    "make_problem",
+    "alpha_crown",
+    "crown",
+    "hbox",
+    "ibp",
+    "registry",
+    "sabr",
+]
 
 # The built-in relaxations, in registration order (a relaxation registered later is accepted by
 # margin_lower_bounds and certified_loss too: see registry.RELAXATIONS).
@@ -69,12 +84,20 @@ def _member_loop(method: str, population: str, num_members: int) -> bool:
 _STATE_SHARE = 0.4
 
 
-def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, weights=None,
-                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> Problem:
+def make_problem(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    weights=None,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+) -> Problem:
     """Validate the inputs and build the normalised input box."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"x must be a (B, C, H, W) tensor of pixels in [0, 1], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"x must be a (B, C, H, W) tensor of pixels in [0, 1], got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     batch = x.shape[0]
     y = torch.as_tensor(y, device=x.device)
     if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
@@ -97,9 +120,17 @@ def make_problem(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, we
     return Problem(net, x, y.long(), eps_t, lo, hi, float(memory_budget_mb), model, weights)
 
 
-def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, method: str,
-                        weights: torch.Tensor | None = None, *, params: torch.Tensor | None = None,
-                        **opts) -> torch.Tensor:
+def margin_lower_bounds(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    method: str,
+    weights: torch.Tensor | None = None,
+    *,
+    params: torch.Tensor | None = None,
+    **opts,
+) -> torch.Tensor:
     """Lower bounds on z_y - z_i, i != y ascending: (B, K-1), or (P, B, K-1) for weights (P, D).
 
     ``params=`` is the deprecated name of ``weights=`` (``population.renamed_weights``).
@@ -114,8 +145,9 @@ def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; allowed: {list(options(method))}")
     if weights is not None and weights.ndim == 2 and _member_loop(method, population, weights.shape[0]):
-        return torch.stack([margin_lower_bounds(model, x, y, eps, method, w, memory_budget_mb=budget, **opts)
-                            for w in weights])
+        return torch.stack(
+            [margin_lower_bounds(model, x, y, eps, method, w, memory_budget_mb=budget, **opts) for w in weights]
+        )
     prob = make_problem(model, x, y, eps, weights, budget)
     num_p, num_b = prob.net.num_members, x.shape[0]
     pc, bc = num_p, num_b
@@ -128,8 +160,9 @@ def margin_lower_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, 
     return out[0] if prob.net.single else out
 
 
-def _state_chunks(relaxation: Relaxation, model, x, y, eps, weights, pc: int, bc: int, budget: float,
-                  opts: dict) -> torch.Tensor:
+def _state_chunks(
+    relaxation: Relaxation, model, x, y, eps, weights, pc: int, bc: int, budget: float, opts: dict
+) -> torch.Tensor:
     """The engine on chunks of ``pc`` members x ``bc`` examples: (P, B, K-1).
 
     Unlike ``common.over_pairs`` (which slices a built problem), each chunk's problem is built
@@ -140,11 +173,12 @@ def _state_chunks(relaxation: Relaxation, model, x, y, eps, weights, pc: int, bc
     num_p = 1 if weights is None or weights.ndim == 1 else weights.shape[0]
     out_p = []
     for p0 in range(0, num_p, pc):
-        part = weights if weights is None or weights.ndim == 1 else weights[p0:p0 + pc]
+        part = weights if weights is None or weights.ndim == 1 else weights[p0 : p0 + pc]
         out_b = []
         for b0 in range(0, x.shape[0], bc):
-            sub = make_problem(model, x[b0:b0 + bc], y[b0:b0 + bc], eps[b0:b0 + bc], part,
-                               budget * (1 - _STATE_SHARE))
+            sub = make_problem(
+                model, x[b0 : b0 + bc], y[b0 : b0 + bc], eps[b0 : b0 + bc], part, budget * (1 - _STATE_SHARE)
+            )
             out_b.append(relaxation.engine(sub, **opts))
         out_p.append(torch.cat(out_b, 1))
     return torch.cat(out_p, 0)

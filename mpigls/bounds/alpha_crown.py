@@ -9,6 +9,7 @@ The result is detached: the bound is an optimum over alpha, trained with PGPE, n
 
 Shapes: P population, B batch, S rows (K-1), K classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,16 +27,25 @@ _GRAPH_FACTOR = 8
 __all__ = ["bound"]
 
 
-def bound(prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode: str = "auto",
-          rows: str = "auto") -> torch.Tensor:
+def bound(
+    prob: Problem, alpha_steps: int = 20, alpha_lr: float = 0.1, conv_mode: str = "auto", rows: str = "auto"
+) -> torch.Tensor:
     """Margin lower bounds (P, B, K-1), detached."""
     if int(alpha_steps) < 0 or not float(alpha_lr) > 0:
         raise ValueError(f"alpha-crown needs alpha_steps >= 0 and alpha_lr > 0, got {alpha_steps}, {alpha_lr}")
     with torch.no_grad():
-        layers = tuple(dataclasses.replace(layer, weight=layer.weight.detach(), bias=layer.bias.detach())
-                       for layer in prob.net.layers)
-        prob = dataclasses.replace(prob, net=dataclasses.replace(prob.net, layers=layers), x=prob.x.detach(),
-                                   eps=prob.eps.detach(), lo=prob.lo.detach(), hi=prob.hi.detach())
+        layers = tuple(
+            dataclasses.replace(layer, weight=layer.weight.detach(), bias=layer.bias.detach())
+            for layer in prob.net.layers
+        )
+        prob = dataclasses.replace(
+            prob,
+            net=dataclasses.replace(prob.net, layers=layers),
+            x=prob.x.detach(),
+            eps=prob.eps.detach(),
+            lo=prob.lo.detach(),
+            hi=prob.hi.detach(),
+        )
         bounds = crown.intermediate_bounds(prob, refine=True, conv_mode=conv_mode, rows=rows)
         base = [relu_relax(lo, hi) for lo, hi in bounds]
         best = crown.final_bound(prob, base)

@@ -17,6 +17,7 @@ A+ x_L + A- x_U = A mid - |A| rad.
 
 Shapes: P population, B batch, S specification rows, N neurons of a layer (flattened), K classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,21 @@ from torch import nn
 from ..margins import other_classes
 from ..population import Stack
 
-__all__ = ["Problem", "Relax", "input_box", "margin_spec", "relu_relax", "backsubstitute",
-           "concretize", "ibp_layer", "plan_chunks", "over_pairs", "run_chunked", "pair_state",
-           "DEFAULT_MEMORY_BUDGET_MB"]
+__all__ = [
+    "Problem",
+    "Relax",
+    "input_box",
+    "margin_spec",
+    "relu_relax",
+    "backsubstitute",
+    "concretize",
+    "ibp_layer",
+    "plan_chunks",
+    "over_pairs",
+    "run_chunked",
+    "pair_state",
+    "DEFAULT_MEMORY_BUDGET_MB",
+]
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 # Working tensors alive per back-substitution row element (A, its positive/negative parts, the
@@ -68,8 +81,9 @@ class Problem:
 
     def examples(self, b0: int, b1: int) -> Problem:
         """Examples b0:b1 (every relaxation bounds each example on its own)."""
-        return dataclasses.replace(self, x=self.x[b0:b1], y=self.y[b0:b1], eps=self.eps[b0:b1],
-                                   lo=self.lo[:, b0:b1], hi=self.hi[:, b0:b1])
+        return dataclasses.replace(
+            self, x=self.x[b0:b1], y=self.y[b0:b1], eps=self.eps[b0:b1], lo=self.lo[:, b0:b1], hi=self.hi[:, b0:b1]
+        )
 
 
 @dataclass(frozen=True)
@@ -130,8 +144,7 @@ def relu_relax(lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor | N
     shift = torch.where(unstable, -slope_u * lower, torch.zeros_like(upper))
     if alpha is None:
         alpha = torch.where(unstable, (upper > -lower).to(upper.dtype), active.to(upper.dtype))
-    return Relax(alpha.unsqueeze(2) if alpha.ndim == lower.ndim else alpha,
-                 slope_u.unsqueeze(2), shift.unsqueeze(2))
+    return Relax(alpha.unsqueeze(2) if alpha.ndim == lower.ndim else alpha, slope_u.unsqueeze(2), shift.unsqueeze(2))
 
 
 def concretize(a: torch.Tensor, const: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -143,8 +156,9 @@ def concretize(a: torch.Tensor, const: torch.Tensor, lo: torch.Tensor, hi: torch
     return const + torch.matmul(a, mid).squeeze(-1) - torch.matmul(a.abs(), rad).squeeze(-1)
 
 
-def backsubstitute(net: Stack, k: int, a: torch.Tensor, const: torch.Tensor, relax: list[Relax],
-                   lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def backsubstitute(
+    net: Stack, k: int, a: torch.Tensor, const: torch.Tensor, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
     """Lower bound of A . h + c where h is the input of affine layer ``k``.
 
     a (P, B, S, *layers[k].in_shape), const (P, B, S); relax[i] relaxes the ReLU after layer i.
@@ -164,8 +178,9 @@ def backsubstitute(net: Stack, k: int, a: torch.Tensor, const: torch.Tensor, rel
     return concretize(a, const, lo, hi)
 
 
-def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
-                budget_mb: float, work_factor: int | None = None) -> tuple[int, int, int]:
+def plan_chunks(
+    num_members: int, batch: int, rows: int, row_numel: int, budget_mb: float, work_factor: int | None = None
+) -> tuple[int, int, int]:
     """Chunk sizes (members, batch, rows) so that chunk rows x ``row_numel`` floats fit the budget.
 
     Depends only on its arguments, so identical calls chunk (and round) identically.
@@ -181,8 +196,9 @@ def plan_chunks(num_members: int, batch: int, rows: int, row_numel: int,
     return member_chunk, batch_chunk, row_chunk
 
 
-def over_pairs(prob: Problem, members: int, examples: int, fn: Callable[..., torch.Tensor],
-               recompute: bool = False) -> torch.Tensor:
+def over_pairs(
+    prob: Problem, members: int, examples: int, fn: Callable[..., torch.Tensor], recompute: bool = False
+) -> torch.Tensor:
     """The chunk loop: ``fn(sub, p0, p1, b0, b1)`` -> (p, b, ...) for every chunk of ``members``
     members x ``examples`` examples (``sub = prob.members(p0, p1).examples(b0, b1)``), joined to
     (P, B, ...). A member chunk's weights are sliced once for all its example chunks, so their
@@ -208,8 +224,9 @@ def over_pairs(prob: Problem, members: int, examples: int, fn: Callable[..., tor
     return torch.cat(out_p, 0) if len(out_p) > 1 else out_p[0]
 
 
-def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows, solve=None,
-                row_numel: int | None = None) -> torch.Tensor:
+def run_chunked(
+    prob: Problem, k: int, rows: int, relax: list[Relax], make_rows, solve=None, row_numel: int | None = None
+) -> torch.Tensor:
     """Back-substitute ``rows`` specification rows per (member, example) from layer ``k``, chunked.
 
     ``make_rows(net, p0, p1, b0, b1, r0, r1)`` returns (A (p, b, r, *layers[k].in_shape), c (p, b, r))
@@ -218,11 +235,10 @@ def run_chunked(prob: Problem, k: int, rows: int, relax: list[Relax], make_rows,
     """
     net = prob.net
     if row_numel is None:
-        sizes = [layer.in_shape for layer in net.layers[:k + 1]] + [net.layers[k].out_shape]
+        sizes = [layer.in_shape for layer in net.layers[: k + 1]] + [net.layers[k].out_shape]
         row_numel = max(int(torch.Size(s).numel()) for s in sizes)
     num_p, num_b = net.num_members, prob.x.shape[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers
-                                           for t in (layer.weight, layer.bias))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers for t in (layer.weight, layer.bias))
     # backward keeps every level's intermediates of a chunk, not just a working set
     pc, bc, rc = plan_chunks(num_p, num_b, rows, row_numel * (k + 1 if grad else 1), prob.memory_budget_mb)
     # With autograd every chunk's intermediates would stay alive until backward; when the work

@@ -12,6 +12,7 @@ Rows are chunked over (members x batch) and rows to the memory budget (``common.
 
 Shapes: P population, B batch, S rows, N neurons of a layer, K classes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,11 +29,11 @@ ROW_MODES = ("auto", "packed", "groups", "padded")
 
 def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
     net = prob.net
-    if conv_mode == "dense" or not all(layer.is_conv for layer in net.layers[:k + 1]):
+    if conv_mode == "dense" or not all(layer.is_conv for layer in net.layers[: k + 1]):
         return False
     if conv_mode == "patches":
         return True
-    dense = sum(torch.Size(layer.in_shape).numel() for layer in net.layers[:k + 1])
+    dense = sum(torch.Size(layer.in_shape).numel() for layer in net.layers[: k + 1])
     return patches.patch_numel(net, k)[1] < dense
 
 
@@ -42,8 +43,9 @@ def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
 GROUP_FILL = 0.35
 
 
-def _refine_packed(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
-                   hi_ibp: torch.Tensor, conv_mode: str, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _refine_packed(
+    prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor, hi_ibp: torch.Tensor, conv_mode: str, rows: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``_refine`` with rows for the unstable neurons only (``rows.py``): packed row pairs, or
     whole window groups (member, example, location) that hold an unstable neuron."""
     p, b = lo_ibp.shape[:2]
@@ -62,8 +64,9 @@ def _refine_packed(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tens
     active = torch.nonzero(per_group.any(-1)).squeeze(1)
     fill = flat.numel() / (active.numel() * per_group.shape[-1])
     if rows == "groups" or (rows == "auto" and fill >= GROUP_FILL):
-        res = packed_rows.bound_groups(prob.net, k, relax, prob.lo, prob.hi, active, use_patches,
-                                       prob.memory_budget_mb)  # (G, 2n)
+        res = packed_rows.bound_groups(
+            prob.net, k, relax, prob.lo, prob.hi, active, use_patches, prob.memory_budget_mb
+        )  # (G, 2n)
         n = per_group.shape[-1]
         low, up = res[:, :n], -res[:, n:]
         # neuron flat index of (group, row): patches (p, b, c, loc); dense (p, b, n)
@@ -76,21 +79,40 @@ def _refine_packed(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tens
         keep = mask.index_select(0, idx.reshape(-1))
         flat_g = idx.reshape(-1)[keep]
         low, up = low.reshape(-1)[keep], up.reshape(-1)[keep]
-        return (lo_f.index_put((flat_g,), torch.maximum(lo_f.index_select(0, flat_g), low)).view_as(lo_ibp),
-                hi_f.index_put((flat_g,), torch.minimum(hi_f.index_select(0, flat_g), up)).view_as(hi_ibp))
+        return (
+            lo_f.index_put((flat_g,), torch.maximum(lo_f.index_select(0, flat_g), low)).view_as(lo_ibp),
+            hi_f.index_put((flat_g,), torch.minimum(hi_f.index_select(0, flat_g), up)).view_as(hi_ibp),
+        )
     num_n = lo_f.shape[0] // max(1, p * b)
     flat2 = flat.repeat_interleave(2)
     sign = torch.tensor([1.0, -1.0], dtype=lo_ibp.dtype, device=lo_ibp.device).repeat(flat.numel())
-    res = packed_rows.bound_rows(prob.net, k, relax, prob.lo, prob.hi, flat2 // (b * num_n),
-                                 (flat2 // num_n) % b, flat2 % num_n, sign, use_patches,
-                                 prob.memory_budget_mb)
+    res = packed_rows.bound_rows(
+        prob.net,
+        k,
+        relax,
+        prob.lo,
+        prob.hi,
+        flat2 // (b * num_n),
+        (flat2 // num_n) % b,
+        flat2 % num_n,
+        sign,
+        use_patches,
+        prob.memory_budget_mb,
+    )
     new_lo = torch.maximum(lo_f.index_select(0, flat), res[0::2])
     new_hi = torch.minimum(hi_f.index_select(0, flat), -res[1::2])
     return (lo_f.index_put((flat,), new_lo).view_as(lo_ibp), hi_f.index_put((flat,), new_hi).view_as(hi_ibp))
 
 
-def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
-            hi_ibp: torch.Tensor, conv_mode: str = "auto", rows: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def _refine(
+    prob: Problem,
+    k: int,
+    relax: list[Relax],
+    lo_ibp: torch.Tensor,
+    hi_ibp: torch.Tensor,
+    conv_mode: str = "auto",
+    rows: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Back-substitution bounds of layer k's unstable neurons, intersected with the IBP ones."""
     # rows == "auto" used to pick the padded engine for dense rows into a conv layer (small feature
     # maps, e.g. 8x8 digits); since dense rows run channels-last (rows.py) groups are faster there
@@ -143,8 +165,9 @@ def _refine(prob: Problem, k: int, relax: list[Relax], lo_ibp: torch.Tensor,
     return lo_out, hi_out
 
 
-def intermediate_bounds(prob: Problem, refine: bool = True, conv_mode: str = "auto",
-                        rows: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def intermediate_bounds(
+    prob: Problem, refine: bool = True, conv_mode: str = "auto", rows: str = "auto"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Pre-activation bounds (P, B, *shape) of every hidden layer: DeepPoly (refine) or IBP.
 
     ``rows``: "packed" (one row pair per unstable neuron, ``rows.py``), "groups" (every neuron of
@@ -175,8 +198,10 @@ def final_bound(prob: Problem, relax: list[Relax]) -> torch.Tensor:
     k = len(net.layers) - 1
     w_c, b_c = margin_spec(net, prob.y)
     shape = net.layers[k].in_shape
-    grad = torch.is_grad_enabled() and (any(t.requires_grad for layer in net.layers for t in (layer.weight, layer.bias))
-                                        or any(t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift)))
+    grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for layer in net.layers for t in (layer.weight, layer.bias))
+        or any(t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+    )
     if prob.lo.device.type == "cpu" and not grad and k > 0:
         # CPU, no autograd: members one by one, channels-last, cache-sized example chunks
         # (grouped convolutions over members are slower than a loop of plain ones on CPU)

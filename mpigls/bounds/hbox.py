@@ -11,6 +11,7 @@ merged with the margin matrix C. Generators cost E = C*H*W rows per example, chu
 
 Shapes: P population, B batch, E generators (input pixels), S rows, K classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,7 @@ def bound(prob: Problem) -> torch.Tensor:
     widest = max(math.prod(layer.in_shape) for layer in net.layers)
     widest = max(widest, max(math.prod(layer.out_shape) for layer in net.layers))
     num_p, num_b = net.num_members, prob.x.shape[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers
-                                           for t in (layer.weight, layer.bias))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers for t in (layer.weight, layer.bias))
     # The budget sizes the forward working set; with autograd a chunk's backward holds about one
     # generator tensor per layer, so chunks are recomputed in backward (see common.over_pairs)
     # whenever they do not all fit at once, and the peak is a few budgets.

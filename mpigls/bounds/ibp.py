@@ -13,6 +13,7 @@ the result equals the unchunked one up to the float rounding of the convolution 
 
 Shapes: P population, B batch, K classes.
 """
+
 from __future__ import annotations
 
 import math

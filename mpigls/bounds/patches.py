@@ -12,6 +12,7 @@ This does the same arithmetic as dense back-substitution on the receptive field 
 
 Shapes: P population, B batch, R rows, C channels, K patch size, L window positions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -89,13 +90,15 @@ def _conv_t_plain(a: torch.Tensor, weight: torch.Tensor, stride) -> torch.Tensor
     p, m, o = a.shape[:3]
     c, kh, kw = weight.shape[2:]
     a_m = a[0] if p == 1 else a.transpose(0, 1).reshape(m, p * o, *a.shape[3:])
-    out = F.conv_transpose2d(a_m.contiguous(memory_format=torch.channels_last),
-                             weight.reshape(p * o, c, kh, kw), None, stride, 0, groups=p)
+    out = F.conv_transpose2d(
+        a_m.contiguous(memory_format=torch.channels_last), weight.reshape(p * o, c, kh, kw), None, stride, 0, groups=p
+    )
     return out.view(m, p, c, *out.shape[2:]).transpose(0, 1)
 
 
-def backsubstitute(net: Stack, k: int, idx: torch.Tensor, sign: torch.Tensor, relax: list[Relax],
-                   lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def backsubstitute(
+    net: Stack, k: int, idx: torch.Tensor, sign: torch.Tensor, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
     """Lower bounds (p, b, r) of sign * h_k[idx] for flat neuron indices idx (p, b, r) of conv layer k."""
     lay = net.layers[k]
     p, b, r = idx.shape
@@ -107,16 +110,16 @@ def backsubstitute(net: Stack, k: int, idx: torch.Tensor, sign: torch.Tensor, re
     geos = geometry(net, k)
     for j, i in enumerate(range(k - 1, -1, -1)):
         geo, rel = geos[j], relax[i]
-        alpha, slope, shift = (_pick(_windows(t.squeeze(2), geo, (out_h, out_w)), loc)
-                               for t in (rel.alpha, rel.slope, rel.shift))
+        alpha, slope, shift = (
+            _pick(_windows(t.squeeze(2), geo, (out_h, out_w)), loc) for t in (rel.alpha, rel.slope, rel.shift)
+        )
         neg = a.clamp(max=0)
         const = const + (neg * shift).sum(-1)
         a = torch.addcmul(a * alpha, neg, slope - alpha)
         layer = net.layers[i]
         c_in = layer.out_shape[0]
         patch = a.reshape(p, b * r, c_in, geo[0], geo[1])
-        const = const + torch.matmul(patch.sum((-1, -2)).view(p, b * r, c_in),
-                                     layer.bias.unsqueeze(-1)).view(p, b, r)
+        const = const + torch.matmul(patch.sum((-1, -2)).view(p, b * r, c_in), layer.bias.unsqueeze(-1)).view(p, b, r)
         a = _conv_t(patch, layer.weight, layer.stride).reshape(p, b, r, -1)
     mid, rad = (hi + lo) / 2, (hi - lo) / 2
     mid, rad = (_pick(_windows(t, geos[-1], (out_h, out_w)), loc) for t in (mid, rad))

@@ -10,6 +10,7 @@ loop ``common.over_pairs``.
 Adding a relaxation is one module with its engine plus one ``register(Relaxation(...))`` line
 below (see CONTRIBUTING.md, "How to add a relaxation").
 """
+
 from __future__ import annotations
 
 import functools
@@ -95,7 +96,7 @@ def window_state(prob: Problem) -> int:
     net = prob.net
     per_pair = pair_state(prob)
     for k in range(1, len(net.layers) - 1):
-        if all(layer.is_conv for layer in net.layers[:k + 1]):
+        if all(layer.is_conv for layer in net.layers[: k + 1]):
             per_pair += 3 * math.prod(net.layers[k].out_shape[1:]) * patches.patch_numel(net, k)[1]
     return per_pair
 
@@ -106,8 +107,16 @@ register(Relaxation("hbox", hbox.bound))
 register(Relaxation("crown-ibp", functools.partial(crown.bound, refine=False)))
 register(Relaxation("deeppoly", functools.partial(crown.bound, refine=True), _BACKSUB, state=window_state))
 register(Relaxation("crown", functools.partial(crown.bound, refine=True), _BACKSUB, state=window_state))
-register(Relaxation("alpha-crown", alpha_crown.bound, ("alpha_steps", "alpha_lr", *_BACKSUB),
-                    differentiable=False, state=window_state))
+register(
+    Relaxation(
+        "alpha-crown",
+        alpha_crown.bound,
+        ("alpha_steps", "alpha_lr", *_BACKSUB),
+        differentiable=False,
+        state=window_state,
+    )
+)
 # sabr bounds only a small box around a PGD point: a training loss, never a certificate
-register(Relaxation("sabr", sabr.bound, ("sabr_lambda", "pgd_steps", "pgd_step_size", "generator"),
-                    sound=False, state=None))
+register(
+    Relaxation("sabr", sabr.bound, ("sabr_lambda", "pgd_steps", "pgd_step_size", "generator"), sound=False, state=None)
+)

@@ -30,6 +30,7 @@ the results agree to float rounding; rows are independent, so chunking only chan
 
 Shapes: P population, B batch, R rows, E elements of a row at one level, L window positions.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,10 +72,10 @@ def _conv_transpose(x: torch.Tensor, weight: torch.Tensor, stride, padding=(0, 0
     oneDNN on CPU (CNN5 MNIST: (1024, 16, 14, 14) -> (1024, 1, 28, 28) 54-60 ms vs 118 ms, 1 thread,
     same results to float rounding); everything else runs in oneDNN, channels-last."""
     if x.device.type == "cpu" and weight.shape[1] == 1:
-        return torch.ops.aten.slow_conv_transpose2d(x, weight, tuple(weight.shape[-2:]), None, tuple(stride),
-                                                    tuple(padding), tuple(out_pad), (1, 1))
-    return F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), weight, None, stride, padding,
-                              out_pad)
+        return torch.ops.aten.slow_conv_transpose2d(
+            x, weight, tuple(weight.shape[-2:]), None, tuple(stride), tuple(padding), tuple(out_pad), (1, 1)
+        )
+    return F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), weight, None, stride, padding, out_pad)
 
 
 def _transfer_patch(a: torch.Tensor, weight: torch.Tensor, stride, mat: torch.Tensor | None) -> torch.Tensor:
@@ -124,8 +125,10 @@ def _dense_adjoint(layer, m: int, a: torch.Tensor, in_map: tuple[int, ...]) -> t
     weight = layer.weight[m]
     kh, kw = weight.shape[-2:]
     h_in, w_in = layer.in_shape[-2:]
-    out_pad = (h_in - ((h - 1) * layer.stride[0] - 2 * layer.padding[0] + kh),
-               w_in - ((w - 1) * layer.stride[1] - 2 * layer.padding[1] + kw))
+    out_pad = (
+        h_in - ((h - 1) * layer.stride[0] - 2 * layer.padding[0] + kh),
+        w_in - ((w - 1) * layer.stride[1] - 2 * layer.padding[1] + kw),
+    )
     out = _conv_transpose(a.reshape(r, h, w, c).permute(0, 3, 1, 2), weight, layer.stride, layer.padding, out_pad)
     return out.permute(0, 2, 3, 1).reshape(r, -1)
 
@@ -162,16 +165,16 @@ def _segments(member: torch.Tensor, p0: int, p1: int) -> list[tuple[int, int, in
 class _Plan(NamedTuple):
     """Geometry and memory plan shared by both layouts for rows starting at layer k."""
 
-    levels: list[int]          # layers k-1 .. 0 the rows pass through
-    num_l: int                 # window locations per example (1 in dense mode)
-    geos: list                 # patch geometry per level (patch mode; empty in dense mode)
-    out_hw: tuple[int, int]    # output grid of conv layer k (patch mode)
-    sizes: list[int]           # row length entering each level, then the input
-    mats: list[bool]           # level j applied as a small dense patch matrix
+    levels: list[int]  # layers k-1 .. 0 the rows pass through
+    num_l: int  # window locations per example (1 in dense mode)
+    geos: list  # patch geometry per level (patch mode; empty in dense mode)
+    out_hw: tuple[int, int]  # output grid of conv layer k (patch mode)
+    sizes: list[int]  # row length entering each level, then the input
+    mats: list[bool]  # level j applied as a small dense patch matrix
     e_max: int
-    pad_in: int                # zero columns appended to the rows reaching the input (see PAD_COLS)
-    budget: float              # floats
-    pc: int                    # member chunk
+    pad_in: int  # zero columns appended to the rows reaching the input (see PAD_COLS)
+    budget: float  # floats
+    pc: int  # member chunk
 
 
 def _plan(net: Stack, k: int, use_patches: bool, batch: int, budget_mb: float) -> _Plan:
@@ -189,7 +192,8 @@ def _plan(net: Stack, k: int, use_patches: bool, batch: int, budget_mb: float) -
         mats = [False] * len(levels)
     # member chunk: relaxation window tables (3 per level) + input tables + patch matrices
     table_floats = 3 * batch * num_l * sum(sizes[:-1]) + sum(
-        sizes[j] * sizes[j + 1] for j in range(len(levels)) if mats[j])
+        sizes[j] * sizes[j + 1] for j in range(len(levels)) if mats[j]
+    )
     budget = budget_mb * 2**20 / 4
     pc = max(1, min(net.num_members, int(budget / 2 // max(1, table_floats))))
     pad_in = (-sizes[-1]) % PAD_COLS if levels and mats[-1] else 0
@@ -197,9 +201,11 @@ def _plan(net: Stack, k: int, use_patches: bool, batch: int, budget_mb: float) -
 
 
 def _needs_grad(net: Stack, k: int, relax: list[Relax]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for layer in net.layers[:k + 1]
-                                           for t in (layer.weight, layer.bias)) or any(
-        t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for layer in net.layers[: k + 1] for t in (layer.weight, layer.bias))
+        or any(t.requires_grad for r in relax for t in (r.alpha, r.slope, r.shift))
+    )
 
 
 def _window_table(t: torch.Tensor, plan: _Plan, j: int) -> torch.Tensor:
@@ -211,9 +217,19 @@ def _window_table(t: torch.Tensor, plan: _Plan, j: int) -> torch.Tensor:
     return w.reshape(-1, w.shape[-1])
 
 
-def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor,
-               member: torch.Tensor, example: torch.Tensor, neuron: torch.Tensor, sign: torch.Tensor,
-               use_patches: bool, budget_mb: float) -> torch.Tensor:
+def bound_rows(
+    net: Stack,
+    k: int,
+    relax: list[Relax],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    member: torch.Tensor,
+    example: torch.Tensor,
+    neuron: torch.Tensor,
+    sign: torch.Tensor,
+    use_patches: bool,
+    budget_mb: float,
+) -> torch.Tensor:
     """Lower bounds (R,) of sign * h_k[member, example, neuron] (h_k: output of affine layer k).
 
     ``member`` must be sorted ascending; relax[i] relaxes the ReLU after layer i with a per-neuron
@@ -226,8 +242,15 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
     if num_r == 0:
         return torch.zeros(0, dtype=dtype, device=device)
     plan = _plan(net, k, use_patches, batch, budget_mb)
-    levels, num_l, geos, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.mats,
-                                                    plan.e_max, plan.budget, plan.pc)
+    levels, num_l, geos, mats, e_max, budget, pc = (
+        plan.levels,
+        plan.num_l,
+        plan.geos,
+        plan.mats,
+        plan.e_max,
+        plan.budget,
+        plan.pc,
+    )
     if use_patches:
         chan, loc = neuron // num_l, neuron % num_l
     else:
@@ -280,8 +303,12 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                     hot.scatter_(1, ch[a0:a1, None], sg[a0:a1, None])
                     parts.append(_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k)))
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
-                const = lay.bias[p0:p1].reshape(-1).index_select(
-                    0, (mem - p0) * lay.out_shape[0] + ch // (math.prod(lay.out_shape[1:]))) * sg
+                const = (
+                    lay.bias[p0:p1]
+                    .reshape(-1)
+                    .index_select(0, (mem - p0) * lay.out_shape[0] + ch // (math.prod(lay.out_shape[1:])))
+                    * sg
+                )
             for j, i in enumerate(levels):
                 al_t, d_t, sh_t = tables[j]
                 neg = a.clamp(max=0)
@@ -297,8 +324,11 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
                     rows = a[a0:a1]
                     if use_patches:
                         mat = pmats[j][m - p0] if j in pmats else None
-                        parts.append(_transfer_patch(rows.reshape(-1, c_in, geos[j][0], geos[j][1]),
-                                                     layer.weight[m], layer.stride, mat))
+                        parts.append(
+                            _transfer_patch(
+                                rows.reshape(-1, c_in, geos[j][0], geos[j][1]), layer.weight[m], layer.stride, mat
+                            )
+                        )
                     else:
                         parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -316,8 +346,16 @@ def bound_rows(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: tor
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor,
-                 groups: torch.Tensor, use_patches: bool, budget_mb: float) -> torch.Tensor:
+def bound_groups(
+    net: Stack,
+    k: int,
+    relax: list[Relax],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    groups: torch.Tensor,
+    use_patches: bool,
+    budget_mb: float,
+) -> torch.Tensor:
     """Lower bounds (G, 2 N) of +h_k and -h_k for every neuron sharing a window group.
 
     A group is one (member, example, window location): flat id (p B + b) L + loc with L the
@@ -334,8 +372,15 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
     if num_g == 0:
         return torch.zeros(0, 2 * num_n, dtype=dtype, device=device)
     plan = _plan(net, k, use_patches, batch, budget_mb)
-    levels, num_l, geos, mats, e_max, budget, pc = (plan.levels, plan.num_l, plan.geos, plan.mats,
-                                                    plan.e_max, plan.budget, plan.pc)
+    levels, num_l, geos, mats, e_max, budget, pc = (
+        plan.levels,
+        plan.num_l,
+        plan.geos,
+        plan.mats,
+        plan.e_max,
+        plan.budget,
+        plan.pc,
+    )
     gc = max(1, min(int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)), _cpu_cap(device, e_max * 2 * num_n)))
     grad = _needs_grad(net, k, relax)
     in_mid, in_rad = _input_box(net, lo, hi, use_patches)
@@ -358,9 +403,19 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
             tables.append((windows(al, j), windows(sl - al, j), windows(sh, j)))
         mid_t = F.pad(windows(in_mid if shared_input else in_mid[p0:p1], k), (0, plan.pad_in))
         rad_t = F.pad(windows(in_rad if shared_input else in_rad[p0:p1], k), (0, plan.pad_in))
-        pmats = {j: [_patch_matrix(net.layers[i].weight[m], geos[j][:2], net.layers[i].stride,
-                                   plan.pad_in if j == len(levels) - 1 else 0)
-                     for m in range(p0, p1)] for j, i in enumerate(levels) if mats[j]}
+        pmats = {
+            j: [
+                _patch_matrix(
+                    net.layers[i].weight[m],
+                    geos[j][:2],
+                    net.layers[i].stride,
+                    plan.pad_in if j == len(levels) - 1 else 0,
+                )
+                for m in range(p0, p1)
+            ]
+            for j, i in enumerate(levels)
+            if mats[j]
+        }
         # signed first rows (p, 2N, E0) and their negative parts
         if use_patches or not lay.is_conv:
             w0 = lay.weight[p0:p1].reshape(p1 - p0, num_n, -1)
@@ -368,8 +423,7 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                 w0 = _hwc(w0, _in_map(net, k))
         else:
             hot = torch.eye(num_n, dtype=dtype, device=device)
-            w0 = torch.stack([_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k))
-                              for m in range(p0, p1)])
+            w0 = torch.stack([_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k)) for m in range(p0, p1)])
         b0 = lay.bias[p0:p1].reshape(p1 - p0, -1)
         if not use_patches and lay.is_conv:
             b0 = b0.repeat_interleave(math.prod(lay.out_shape[1:]), dim=1)
@@ -377,8 +431,9 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
         b0 = torch.cat([b0, -b0], 1)
         w0_neg = w0.clamp(max=0)
 
-        def chunk(s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats,
-                  w0=w0, w0_neg=w0_neg, b0=b0):
+        def chunk(
+            s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats, w0=w0, w0_neg=w0_neg, b0=b0
+        ):
             gid = groups[s0:s1]
             mem = member_of[s0:s1]
             local = gid - p0 * batch * num_l
@@ -416,8 +471,11 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                     nxt = torch.empty(ng, nr, pmats[j][0].shape[1], dtype=dtype, device=device)
                     for m, a0, a1 in segs:
                         bias.append(per_chan[a0:a1] @ layer.bias[m])
-                        torch.matmul(a[a0:a1].reshape((a1 - a0) * nr, -1), pmats[j][m - p0],
-                                     out=nxt[a0:a1].view((a1 - a0) * nr, -1))
+                        torch.matmul(
+                            a[a0:a1].reshape((a1 - a0) * nr, -1),
+                            pmats[j][m - p0],
+                            out=nxt[a0:a1].view((a1 - a0) * nr, -1),
+                        )
                     parts = [nxt]
                     segs_t = []
                 else:
@@ -427,15 +485,21 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
                     rows = a[a0:a1].reshape((a1 - a0) * nr, -1)
                     if use_patches:
                         mat = pmats[j][m - p0] if j in pmats else None
-                        parts.append(_transfer_patch(rows.reshape(-1, c_in, geos[j][0], geos[j][1]),
-                                                     layer.weight[m], layer.stride, mat))
+                        parts.append(
+                            _transfer_patch(
+                                rows.reshape(-1, c_in, geos[j][0], geos[j][1]), layer.weight[m], layer.stride, mat
+                            )
+                        )
                     else:
                         parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
                 const = const + (torch.cat(bias) if len(bias) > 1 else bias[0])
                 a = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(ng, nr, -1)
             mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
-            return const + torch.matmul(a, mid.unsqueeze(-1)).squeeze(-1) \
+            return (
+                const
+                + torch.matmul(a, mid.unsqueeze(-1)).squeeze(-1)
                 - torch.matmul(a.abs(), rad.unsqueeze(-1)).squeeze(-1)
+            )
 
         spans = list(range(g_lo, g_hi, gc))
         for s0 in spans:
@@ -447,8 +511,16 @@ def bound_groups(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: t
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def bound_spec(net: Stack, k: int, relax: list[Relax], lo: torch.Tensor, hi: torch.Tensor,
-               a: torch.Tensor, const: torch.Tensor, budget_mb: float) -> torch.Tensor:
+def bound_spec(
+    net: Stack,
+    k: int,
+    relax: list[Relax],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    a: torch.Tensor,
+    const: torch.Tensor,
+    budget_mb: float,
+) -> torch.Tensor:
     """Lower bounds (P, B, S) of A . h + c, h the input of affine layer k: A (P, B, S, *in_shape), c (P, B, S).
 
     Dense rows (e.g. the merged margin specification) member by member, in HWC order through each

@@ -8,6 +8,7 @@ adversarial and IBP training. The PGD point is detached; the IBP part is differe
 
 Shapes: P population, D weights, B batch, K classes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,13 @@ def _ibp_small(prob: Problem, x_adv: torch.Tensor, lam: float) -> torch.Tensor:
     return ibp.bound(dataclasses.replace(prob, lo=lo, hi=hi))
 
 
-def bound(prob: Problem, sabr_lambda: float = 0.4, pgd_steps: int = 8, pgd_step_size: float | None = None,
-          generator: torch.Generator | None = None) -> torch.Tensor:
+def bound(
+    prob: Problem,
+    sabr_lambda: float = 0.4,
+    pgd_steps: int = 8,
+    pgd_step_size: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Small-box margin lower bounds (P, B, K-1) around a PGD point of ``prob.model`` with
     ``prob.weights`` (step size ``attacks.step_size_for``: 2.5 eps / steps by default)."""
     if prob.model is None:
@@ -50,8 +56,16 @@ def bound(prob: Problem, sabr_lambda: float = 0.4, pgd_steps: int = 8, pgd_step_
     return _ibp_small(prob, x_adv, float(sabr_lambda))
 
 
-def bound_at(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps, x_adv: torch.Tensor,
-             weights: torch.Tensor | None = None, sabr_lambda: float = 0.4, **opts) -> torch.Tensor:
+def bound_at(
+    model: nn.Sequential,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps,
+    x_adv: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    sabr_lambda: float = 0.4,
+    **opts,
+) -> torch.Tensor:
     """SABR bounds around a given point x_adv ((B,...) or (P,B,...)): (B, K-1) or (P, B, K-1)."""
     from . import make_problem
 

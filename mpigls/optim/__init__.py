@@ -8,6 +8,7 @@ losses, and import neither mpigls.dist nor mpigls.checkpoint.
 Each optimizer is one unit for the training loop (``unit.Optimizer``: Params, init, work items,
 evaluate, exchange, tell, state dicts), registered by name in ``registry.OPTIMIZERS``.
 """
+
 from mpigls.optim import grad, pgpe, registry, rgs, schedules, shaping, steprules, unit
 
 __all__ = ["grad", "pgpe", "registry", "rgs", "schedules", "shaping", "steprules", "unit"]

@@ -9,6 +9,7 @@ x0.2 after epochs 50 and 60 on MNIST (schedules.lr_at). A non-finite gradient sk
 
 Shapes: D parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,8 @@ class GRADParams(steprules.StepRuleParams):
 @dataclass(frozen=True)
 class GRADState:
     """The state of a first-order optimizer (GRAD, and RGS which reuses it)."""
-    center: torch.Tensor            # (D,) float32
+
+    center: torch.Tensor  # (D,) float32
     step_state: steprules.StepState
     generation: int
 
@@ -51,36 +53,52 @@ def init(params, center: torch.Tensor, name: str = "GRAD") -> GRADState:
     return GRADState(center, steprules.init(params.step_rule, center), 0)
 
 
-def tell(state: GRADState, params, grad: torch.Tensor, lr: float | None = None,
-         prefix: str = "grad") -> tuple[GRADState, dict]:
+def tell(
+    state: GRADState, params, grad: torch.Tensor, lr: float | None = None, prefix: str = "grad"
+) -> tuple[GRADState, dict]:
     """One step with the loss gradient ``grad`` (D,); returns (new state, metrics named ``prefix/...``)."""
     if grad.shape != state.center.shape:
-        raise ValueError(f"{prefix.upper()} tell needs a gradient of shape {tuple(state.center.shape)}, "
-                         f"got {tuple(grad.shape)}")
+        raise ValueError(
+            f"{prefix.upper()} tell needs a gradient of shape {tuple(state.center.shape)}, got {tuple(grad.shape)}"
+        )
     lr = params.lr if lr is None else float(lr)
     grad = grad.detach().to(state.center.device, torch.float32)
     if not bool(torch.isfinite(grad).all()):
-        return (dataclasses.replace(state, generation=state.generation + 1),
-                {f"{prefix}/skipped": 1, f"{prefix}/grad_norm": math.nan, f"{prefix}/grad_clipped": 0,
-                 f"{prefix}/step_norm": 0.0, f"{prefix}/lr": lr})
+        return (
+            dataclasses.replace(state, generation=state.generation + 1),
+            {
+                f"{prefix}/skipped": 1,
+                f"{prefix}/grad_norm": math.nan,
+                f"{prefix}/grad_clipped": 0,
+                f"{prefix}/step_norm": 0.0,
+                f"{prefix}/lr": lr,
+            },
+        )
     center, step_state, metrics = steprules.descend(state.center, state.step_state, grad, params, lr, prefix)
     return GRADState(center, step_state, state.generation + 1), {f"{prefix}/skipped": 0, **metrics}
 
 
 def state_to_dict(state: GRADState) -> dict:
-    return {"center": state.center.detach().cpu().numpy().copy(), "generation": int(state.generation),
-            **steprules.state_to_dict(state.step_state)}
+    return {
+        "center": state.center.detach().cpu().numpy().copy(),
+        "generation": int(state.generation),
+        **steprules.state_to_dict(state.step_state),
+    }
 
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu", name: str = "GRAD") -> GRADState:
     missing = {"center", "generation", *steprules.STATE_KEYS} - set(d)
     if missing:
         raise ValueError(f"{name} state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
-    return GRADState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
-                     steprules.state_from_dict(d, device=device), int(d["generation"]))
+    return GRADState(
+        torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
+        steprules.state_from_dict(d, device=device),
+        int(d["generation"]),
+    )
 
 
 # ----------------------------------------------------------------------------- the loop's unit
+
 
 def _num_items(params: GRADParams, batch_size: int) -> int:
     return batch_size  # the work items are the batch's examples
@@ -90,6 +108,7 @@ def _num_items(params: GRADParams, batch_size: int) -> int:
 class Local:
     """This rank's blocks: their gradient rows (k, D) float32 CPU, each the block's mean gradient
     weighted by its share of the batch, and the weighted block losses (k,) float64."""
+
     rows: list[torch.Tensor]
     losses: list[torch.Tensor]
 
@@ -114,5 +133,14 @@ def _tell(work: unit.Work, state: GRADState, params: GRADParams, all_losses, gra
     return tell(state, params, grad, lr=lr)
 
 
-UNIT = unit.Optimizer(name="grad", Params=GRADParams, init=init, num_items=_num_items, evaluate=_evaluate,
-                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict)
+UNIT = unit.Optimizer(
+    name="grad",
+    Params=GRADParams,
+    init=init,
+    num_items=_num_items,
+    evaluate=_evaluate,
+    exchange=_exchange,
+    tell=_tell,
+    state_to_dict=state_to_dict,
+    state_from_dict=state_from_dict,
+)

@@ -37,6 +37,7 @@ relative 2**-41 of the largest contribution; the float32 centre step does not se
 
 Shapes: P population (popsize), n pairs (P/2), D parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,13 +53,32 @@ from mpigls import noise
 from mpigls.optim import shaping, steprules, unit
 from mpigls.optim.unit import param
 
-__all__ = ["NOISE_CHUNK", "FRACTION_BITS", "PGPEParams", "PGPEState", "Weights", "init", "ask", "pair_noise",
-           "population", "weights", "exponents", "partial_sums", "from_sums", "max_abs_noise", "full_sums",
-           "gradients", "tell", "state_to_dict", "state_from_dict", "UNIT"]
+__all__ = [
+    "NOISE_CHUNK",
+    "FRACTION_BITS",
+    "PGPEParams",
+    "PGPEState",
+    "Weights",
+    "init",
+    "ask",
+    "pair_noise",
+    "population",
+    "weights",
+    "exponents",
+    "partial_sums",
+    "from_sums",
+    "max_abs_noise",
+    "full_sums",
+    "gradients",
+    "tell",
+    "state_to_dict",
+    "state_from_dict",
+    "UNIT",
+]
 
-NOISE_CHUNK = 64          # pairs regenerated at once by the serial path (never changes the bits)
-FRACTION_BITS = 40        # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
-_MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)   # integer terms a float64 sum adds without rounding
+NOISE_CHUNK = 64  # pairs regenerated at once by the serial path (never changes the bits)
+FRACTION_BITS = 40  # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
+_MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)  # integer terms a float64 sum adds without rounding
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,29 +97,36 @@ class PGPEParams(steprules.StepRuleParams):
     def __post_init__(self):
         if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
             p = self.popsize if isinstance(self.popsize, int) else 2
-            raise ValueError(f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize!r}; "
-                             f"use {max(2, p - 1 if p % 2 else p)} or {max(2, p + 1)}")
+            raise ValueError(
+                f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize!r}; "
+                f"use {max(2, p - 1 if p % 2 else p)} or {max(2, p + 1)}"
+            )
         steprules.check_positive("sigma_init", self.sigma_init)
         steprules.check_positive("sigma_min", self.sigma_min)
         if self.sigma_lr < 0:
             raise ValueError(f"optimizer.sigma_lr must be >= 0, got {self.sigma_lr}")
         if self.sigma_max_change is not None and not 0 < self.sigma_max_change <= 1:
-            raise ValueError(f"optimizer.sigma_max_change must lie in (0, 1] or be null (unbounded), "
-                             f"got {self.sigma_max_change}")
+            raise ValueError(
+                f"optimizer.sigma_max_change must lie in (0, 1] or be null (unbounded), got {self.sigma_max_change}"
+            )
         if not self.sigma_min <= self.sigma_init <= self.sigma_max:
-            raise ValueError(f"optimizer.sigma_init={self.sigma_init} must lie in [sigma_min, sigma_max] = "
-                             f"[{self.sigma_min}, {self.sigma_max}]; change one of the three")
+            raise ValueError(
+                f"optimizer.sigma_init={self.sigma_init} must lie in [sigma_min, sigma_max] = "
+                f"[{self.sigma_min}, {self.sigma_max}]; change one of the three"
+            )
         if self.popsize // 2 > 1 << 22:
-            raise ValueError(f"optimizer.popsize={self.popsize} exceeds 2**23, the fixed-point headroom of the "
-                             "exact PGPE sums; use a smaller population")
+            raise ValueError(
+                f"optimizer.popsize={self.popsize} exceeds 2**23, the fixed-point headroom of the "
+                "exact PGPE sums; use a smaller population"
+            )
         steprules.check_params(self)
         shaping.check_shaping(self.fitness_shaping)
 
 
 @dataclass(frozen=True)
 class PGPEState:
-    center: torch.Tensor            # (D,) float32, theta
-    sigma: torch.Tensor             # (D,) float32
+    center: torch.Tensor  # (D,) float32, theta
+    sigma: torch.Tensor  # (D,) float32
     step_state: steprules.StepState
     generation: int
 
@@ -109,8 +136,7 @@ def init(params: PGPEParams, center: torch.Tensor) -> PGPEState:
     if center.ndim != 1 or center.numel() == 0:
         raise ValueError(f"PGPE centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
     center = center.detach().to(torch.float32).clone()
-    return PGPEState(center, torch.full_like(center, params.sigma_init),
-                     steprules.init(params.step_rule, center), 0)
+    return PGPEState(center, torch.full_like(center, params.sigma_init), steprules.init(params.step_rule, center), 0)
 
 
 def _check_losses(losses: torch.Tensor, params: PGPEParams) -> torch.Tensor:
@@ -135,13 +161,13 @@ class Weights:
 def weights(params: PGPEParams, losses: torch.Tensor) -> Weights:
     """Fitness-shaped pair weights from the full population's losses (P,) [+0,-0,+1,-1,...]."""
     r = _check_losses(losses, params)
-    valid = (torch.isfinite(r[0::2]) & torch.isfinite(r[1::2]))          # (n,)
+    valid = torch.isfinite(r[0::2]) & torch.isfinite(r[1::2])  # (n,)
     num_valid = int(valid.sum())
     zero = torch.zeros((), dtype=torch.float64)
     if num_valid == 0:
         z = torch.zeros(params.popsize // 2, dtype=torch.float64)
         return Weights(z, z.clone(), 0)
-    member_valid = valid.repeat_interleave(2)                            # (P,)
+    member_valid = valid.repeat_interleave(2)  # (P,)
     u = torch.zeros_like(r)
     u[member_valid] = shaping.shape(r[member_valid], params.fitness_shaping).to(torch.float64)
     baseline = u[member_valid].mean()
@@ -197,8 +223,14 @@ def _quantised_sum(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rows.mul_(scale[:, None]).round_().sum(dim=0)
 
 
-def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[int, int],
-                 with_sigma: bool = True, column_chunk: int | None = None) -> torch.Tensor:
+def partial_sums(
+    w: Weights,
+    pairs: Sequence[int],
+    z: torch.Tensor,
+    exps: tuple[int, int],
+    with_sigma: bool = True,
+    column_chunk: int | None = None,
+) -> torch.Tensor:
     """Fixed-point partial sums over ``pairs`` with their noise z (M, D): int64 (2, D) on z's device.
 
     Row 0 sums round(w_j 2**(F - e_c) z_j), row 1 round(v_j 2**(F - e_s) (z_j^2 - 1)) (zeros when
@@ -216,9 +248,10 @@ def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[
         return out
     if keep.numel() > _MAX_ROWS_EXACT:
         for lo in range(0, keep.numel(), _MAX_ROWS_EXACT):
-            part = keep[lo:lo + _MAX_ROWS_EXACT]
-            out += partial_sums(w, [pairs[i] for i in part.tolist()], z[part.to(z.device)], exps, with_sigma,
-                                column_chunk)
+            part = keep[lo : lo + _MAX_ROWS_EXACT]
+            out += partial_sums(
+                w, [pairs[i] for i in part.tolist()], z[part.to(z.device)], exps, with_sigma, column_chunk
+            )
         return out
     # w * 2**k is exact in float64 (a power of two), so (w 2**k) z == 2**k (w z) bit for bit
     shift_c = torch.tensor(float(FRACTION_BITS - exps[0]), dtype=torch.float64)
@@ -226,14 +259,14 @@ def partial_sums(w: Weights, pairs: Sequence[int], z: torch.Tensor, exps: tuple[
     scale_c = torch.ldexp(w.center[idx[keep]], shift_c).to(z.device)
     scale_s = torch.ldexp(w.sigma[idx[keep]], shift_s).to(z.device)
     rows = z if keep.numel() == len(pairs) else z[keep.to(z.device)]
-    if column_chunk is None:   # keep the (M, chunk) float64 temporaries in cache on a CPU
+    if column_chunk is None:  # keep the (M, chunk) float64 temporaries in cache on a CPU
         column_chunk = max(1024, (1 << 17) // rows.shape[0]) if z.device.type == "cpu" else 1 << 22
     for lo in range(0, num_params, column_chunk):
-        cols = rows[:, lo:lo + column_chunk]
-        out[0, lo:lo + column_chunk] = _quantised_sum(cols.to(torch.float64, copy=True), scale_c).to(torch.int64)
+        cols = rows[:, lo : lo + column_chunk]
+        out[0, lo : lo + column_chunk] = _quantised_sum(cols.to(torch.float64, copy=True), scale_c).to(torch.int64)
         if with_sigma:
             sq = cols.to(torch.float64, copy=True)
-            out[1, lo:lo + column_chunk] = _quantised_sum(sq.mul_(sq).sub_(1.0), scale_s).to(torch.int64)
+            out[1, lo : lo + column_chunk] = _quantised_sum(sq.mul_(sq).sub_(1.0), scale_s).to(torch.int64)
     return out
 
 
@@ -271,8 +304,14 @@ def full_sums(state: PGPEState, params: PGPEParams, seed: int, w: Weights, with_
     return total, exps
 
 
-def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor, with_sigma: bool = True,
-              summed: tuple[torch.Tensor, tuple[int, int]] | None = None):
+def gradients(
+    state: PGPEState,
+    params: PGPEParams,
+    seed: int,
+    losses: torch.Tensor,
+    with_sigma: bool = True,
+    summed: tuple[torch.Tensor, tuple[int, int]] | None = None,
+):
     """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 CPU tensors.
 
     With fitness_shaping="raw", g_theta is an unbiased estimate of grad L_sigma(theta) and g_sigma
@@ -286,7 +325,7 @@ def gradients(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Ten
         return None, None, 0
     total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed
     sum_c, sum_s = from_sums(total, exps)
-    denom = state.sigma.detach().to("cpu", torch.float64).mul_(w.num_valid)      # n * sigma
+    denom = state.sigma.detach().to("cpu", torch.float64).mul_(w.num_valid)  # n * sigma
     return (sum_c.div_(denom), sum_s.div_(denom) if with_sigma else None, w.num_valid)
 
 
@@ -303,9 +342,14 @@ def _sigma_step(sigma: torch.Tensor, grad_sigma: torch.Tensor, params: PGPEParam
     return proposed.clamp_(min=params.sigma_min, max=params.sigma_max), clipped
 
 
-def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
-         lr: float | None = None, summed: tuple[torch.Tensor, tuple[int, int]] | None = None
-         ) -> tuple[PGPEState, dict]:
+def tell(
+    state: PGPEState,
+    params: PGPEParams,
+    seed: int,
+    losses: torch.Tensor,
+    lr: float | None = None,
+    summed: tuple[torch.Tensor, tuple[int, int]] | None = None,
+) -> tuple[PGPEState, dict]:
     """Update from the full population's losses (P,) ordered [+0,-0,+1,-1,...].
 
     ``lr`` overrides params.lr (schedules). ``summed``: the fixed-point totals over all pairs and
@@ -315,15 +359,27 @@ def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
     r = _check_losses(losses, params)
     lr = params.lr if lr is None else float(lr)
     finite = r[torch.isfinite(r)]
-    metrics = {"pgpe/num_nonfinite": int(r.numel() - finite.numel()), "pgpe/lr": lr,
-               "pgpe/loss_mean": float(finite.mean()) if finite.numel() else math.nan,
-               "pgpe/loss_min": float(finite.min()) if finite.numel() else math.nan}
-    grad_center, grad_sigma, num_valid = gradients(state, params, seed, r, with_sigma=not params.fixed_sigma,
-                                                    summed=summed)
+    metrics = {
+        "pgpe/num_nonfinite": int(r.numel() - finite.numel()),
+        "pgpe/lr": lr,
+        "pgpe/loss_mean": float(finite.mean()) if finite.numel() else math.nan,
+        "pgpe/loss_min": float(finite.min()) if finite.numel() else math.nan,
+    }
+    grad_center, grad_sigma, num_valid = gradients(
+        state, params, seed, r, with_sigma=not params.fixed_sigma, summed=summed
+    )
     metrics["pgpe/num_valid_pairs"] = num_valid
     if num_valid == 0:
-        metrics.update({"pgpe/skipped": 1, "pgpe/grad_norm": math.nan, "pgpe/grad_sigma_norm": math.nan,
-                        "pgpe/step_norm": 0.0, "pgpe/sigma_clipped_frac": 0.0, **_sigma_metrics(state.sigma)})
+        metrics.update(
+            {
+                "pgpe/skipped": 1,
+                "pgpe/grad_norm": math.nan,
+                "pgpe/grad_sigma_norm": math.nan,
+                "pgpe/step_norm": 0.0,
+                "pgpe/sigma_clipped_frac": 0.0,
+                **_sigma_metrics(state.sigma),
+            }
+        )
         return dataclasses.replace(state, generation=state.generation + 1), metrics
     device = state.center.device
     grad = grad_center.to(torch.float32).to(device)
@@ -333,24 +389,35 @@ def tell(state: PGPEState, params: PGPEParams, seed: int, losses: torch.Tensor,
     if not params.fixed_sigma:
         new_sigma, clipped = _sigma_step(state.sigma.detach().to("cpu", torch.float64), grad_sigma, params)
         sigma = new_sigma.to(torch.float32).to(device)
-    metrics.update({"pgpe/skipped": 0, "pgpe/grad_norm": float(torch.linalg.vector_norm(grad)),
-                    "pgpe/grad_sigma_norm": (math.nan if grad_sigma is None
-                                             else float(torch.linalg.vector_norm(grad_sigma))),
-                    "pgpe/step_norm": float(torch.linalg.vector_norm(delta)),
-                    "pgpe/sigma_clipped_frac": clipped, **_sigma_metrics(sigma)})
+    metrics.update(
+        {
+            "pgpe/skipped": 0,
+            "pgpe/grad_norm": float(torch.linalg.vector_norm(grad)),
+            "pgpe/grad_sigma_norm": (math.nan if grad_sigma is None else float(torch.linalg.vector_norm(grad_sigma))),
+            "pgpe/step_norm": float(torch.linalg.vector_norm(delta)),
+            "pgpe/sigma_clipped_frac": clipped,
+            **_sigma_metrics(sigma),
+        }
+    )
     return PGPEState(center, sigma, step_state, state.generation + 1), metrics
 
 
 def _sigma_metrics(sigma: torch.Tensor) -> dict:
-    return {"pgpe/sigma_mean": float(sigma.mean()), "pgpe/sigma_min": float(sigma.min()),
-            "pgpe/sigma_max": float(sigma.max())}
+    return {
+        "pgpe/sigma_mean": float(sigma.mean()),
+        "pgpe/sigma_min": float(sigma.min()),
+        "pgpe/sigma_max": float(sigma.max()),
+    }
 
 
 def state_to_dict(state: PGPEState) -> dict:
     """Flat dict of numpy arrays and Python scalars (for the HDF5 checkpoint)."""
-    return {"center": state.center.detach().cpu().numpy().copy(),
-            "sigma": state.sigma.detach().cpu().numpy().copy(),
-            "generation": int(state.generation), **steprules.state_to_dict(state.step_state)}
+    return {
+        "center": state.center.detach().cpu().numpy().copy(),
+        "sigma": state.sigma.detach().cpu().numpy().copy(),
+        "generation": int(state.generation),
+        **steprules.state_to_dict(state.step_state),
+    }
 
 
 def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
@@ -358,13 +425,17 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
     missing = {"center", "sigma", "generation", *steprules.STATE_KEYS} - set(d)
     if missing:
         raise ValueError(f"PGPE state dict lacks keys {sorted(missing)}; was it written by a different optimizer?")
-    return PGPEState(torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
-                     torch.as_tensor(np.asarray(d["sigma"], dtype=np.float32)).to(device),
-                     steprules.state_from_dict(d, device=device), int(d["generation"]))
+    return PGPEState(
+        torch.as_tensor(np.asarray(d["center"], dtype=np.float32)).to(device),
+        torch.as_tensor(np.asarray(d["sigma"], dtype=np.float32)).to(device),
+        steprules.state_from_dict(d, device=device),
+        int(d["generation"]),
+    )
 
 
 # ----------------------------------------------------------------------------- the loop's unit
 # The distributed generation lives in mpigls.pgpe_dist (imported when called: it imports this module).
+
 
 def _num_items(params: PGPEParams, batch_size: int) -> int:
     return params.popsize // 2  # the work items are the antithetic pairs
@@ -372,12 +443,14 @@ def _num_items(params: PGPEParams, batch_size: int) -> int:
 
 def _open(seed: int, device: torch.device):
     from mpigls import pgpe_dist
+
     return contextlib.closing(pgpe_dist.NoiseSource(seed, pgpe_dist.prefetch_default(device)))
 
 
 def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
     """This rank's members' losses (global order) and the noise it keeps for its share of the sums."""
     from mpigls import pgpe_dist
+
     split = pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks)
     return pgpe_dist.evaluate(state, params, blocks, split, work.resource, work.loss, work.device)
 
@@ -385,9 +458,11 @@ def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
 def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local):
     """All P losses, then one exact int64 allreduce of the ranks' fixed-point partial sums."""
     from mpigls import pgpe_dist
+
     losses, kept = local
-    all_losses = pgpe_dist.gather_losses(comm, pgpe_dist.split_of(params, work.block_size, work.batch_size,
-                                                                  work.chunks), losses)
+    all_losses = pgpe_dist.gather_losses(
+        comm, pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks), losses
+    )
     return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept)
 
 
@@ -395,6 +470,15 @@ def _tell(work: unit.Work, state: PGPEState, params: PGPEParams, all_losses: tor
     return tell(state, params, work.seed, all_losses, lr=lr, summed=summed)
 
 
-UNIT = unit.Optimizer(name="pgpe", Params=PGPEParams, init=init, num_items=_num_items, evaluate=_evaluate,
-                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict,
-                      open=_open)
+UNIT = unit.Optimizer(
+    name="pgpe",
+    Params=PGPEParams,
+    init=init,
+    num_items=_num_items,
+    evaluate=_evaluate,
+    exchange=_exchange,
+    tell=_tell,
+    state_to_dict=state_to_dict,
+    state_from_dict=state_from_dict,
+    open=_open,
+)

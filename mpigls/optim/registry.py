@@ -4,6 +4,7 @@ Adding an optimizer: write its module (Params, state, the unit's functions: see 
 CONTRIBUTING.md) and add ONE line here. The config section, ``mpigls config`` and the checkpoint
 follow from the unit.
 """
+
 from __future__ import annotations
 
 from mpigls.optim import grad, pgpe, rgs

@@ -19,6 +19,7 @@ weight decay, and an Adam / ClipUp / SGD step (steprules). A non-finite grad_sum
 
 Shapes: D parameters, n samples.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,10 @@ class RGSParams(grad_opt.GRADParams):
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"optimizer.num_samples must be a positive integer, got {self.num_samples!r}")
         if self.antithetic and self.num_samples % 2:
-            raise ValueError(f"optimizer.num_samples must be even when antithetic=true, got {self.num_samples}; "
-                             f"use {self.num_samples + 1} or set antithetic=false")
+            raise ValueError(
+                f"optimizer.num_samples must be even when antithetic=true, got {self.num_samples}; "
+                f"use {self.num_samples + 1} or set antithetic=false"
+            )
         if not (self.sigma_init >= 0 and math.isfinite(self.sigma_init)):
             raise ValueError(f"optimizer.sigma_init must be a finite number >= 0, got {self.sigma_init!r}")
 
@@ -80,8 +83,7 @@ def sample_points(state: RGSState, params: RGSParams, seed: int, indices: Sequen
     return state.center + params.sigma * z
 
 
-def tell(state: RGSState, params: RGSParams, grad_sum: torch.Tensor,
-         lr: float | None = None) -> tuple[RGSState, dict]:
+def tell(state: RGSState, params: RGSParams, grad_sum: torch.Tensor, lr: float | None = None) -> tuple[RGSState, dict]:
     """Step with the mean gradient grad_sum / num_samples; returns (new state, metrics)."""
     if grad_sum.shape != state.center.shape:
         raise ValueError(f"RGS tell needs grad_sum of shape {tuple(state.center.shape)}, got {tuple(grad_sum.shape)}")
@@ -96,6 +98,7 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu") -> RGSState:
 
 
 # ----------------------------------------------------------------------------- the loop's unit
+
 
 def _num_items(params: RGSParams, batch_size: int) -> int:
     return params.num_samples
@@ -121,5 +124,14 @@ def _tell(work: unit.Work, state: RGSState, params: RGSParams, all_losses, grad_
     return tell(state, params, grad_sum, lr=lr)
 
 
-UNIT = unit.Optimizer(name="rgs", Params=RGSParams, init=init, num_items=_num_items, evaluate=_evaluate,
-                      exchange=_exchange, tell=_tell, state_to_dict=state_to_dict, state_from_dict=state_from_dict)
+UNIT = unit.Optimizer(
+    name="rgs",
+    Params=RGSParams,
+    init=init,
+    num_items=_num_items,
+    evaluate=_evaluate,
+    exchange=_exchange,
+    tell=_tell,
+    state_to_dict=state_to_dict,
+    state_from_dict=state_from_dict,
+)

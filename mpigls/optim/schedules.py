@@ -14,6 +14,7 @@ milestones=(110, 130) with factor 0.4 means "x0.4 after the 110th and after the 
 (GLS paper App. B.2 for PGPE; App. B.1: x0.2 after 50 and 60 for GRAD on MNIST).
 Warm starting from a checkpoint is done by the training loop, not here.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,17 @@ __all__ = ["EPS_SCHEDULES", "eps_at", "lr_at"]
 EPS_SCHEDULES = ("constant", "linear", "smooth")
 
 
-def eps_at(step: float, *, eps_max: float, kind: str = "smooth", start: float = 0, length: float = 0,
-           eps_start: float = 0.0, mid: float = 0.25, beta: float = 4.0) -> float:
+def eps_at(
+    step: float,
+    *,
+    eps_max: float,
+    kind: str = "smooth",
+    start: float = 0,
+    length: float = 0,
+    eps_start: float = 0.0,
+    mid: float = 0.25,
+    beta: float = 4.0,
+) -> float:
     """eps at global batch ``step`` for an annealing ramp from ``start`` over ``length`` steps."""
     if kind not in EPS_SCHEDULES:
         raise ValueError(f"eps schedule kind must be one of {list(EPS_SCHEDULES)}, got {kind!r}")
@@ -44,10 +54,10 @@ def eps_at(step: float, *, eps_max: float, kind: str = "smooth", start: float = 
         return float(eps_start + (eps_max - eps_start) * (step - start) / length)
     mid_step = start + mid * length
     ramp = mid_step - start
-    alpha = (eps_max - eps_start) / ((end - mid_step) * beta * ramp ** (beta - 1) + ramp ** beta)
+    alpha = (eps_max - eps_start) / ((end - mid_step) * beta * ramp ** (beta - 1) + ramp**beta)
     if step < mid_step:
         return float(eps_start + alpha * (step - start) ** beta)
-    mid_eps = eps_start + alpha * ramp ** beta
+    mid_eps = eps_start + alpha * ramp**beta
     return float(mid_eps + (eps_max - mid_eps) * (step - mid_step) / (end - mid_step))
 
 

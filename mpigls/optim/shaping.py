@@ -16,6 +16,7 @@ Utilities are float64 (they weight a float64 accumulation in PGPE).
 
 Shapes: P population.
 """
+
 from __future__ import annotations
 
 import torch

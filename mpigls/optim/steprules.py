@@ -17,6 +17,7 @@ the same bits on every rank and every thread count.
 
 Shapes: D parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,26 @@ import torch
 
 from mpigls.optim.unit import param
 
-__all__ = ["STEP_RULES", "StepRuleParams", "StepState", "init", "adam", "clipup", "sgd", "apply", "step",
-           "clip_grad_norm", "decay", "descend", "check_step_rule", "check_params", "check_positive",
-           "state_to_dict", "state_from_dict", "STATE_KEYS"]
+__all__ = [
+    "STEP_RULES",
+    "StepRuleParams",
+    "StepState",
+    "init",
+    "adam",
+    "clipup",
+    "sgd",
+    "apply",
+    "step",
+    "clip_grad_norm",
+    "decay",
+    "descend",
+    "check_step_rule",
+    "check_params",
+    "check_positive",
+    "state_to_dict",
+    "state_from_dict",
+    "STATE_KEYS",
+]
 
 STEP_RULES = ("adam", "clipup", "sgd")
 
@@ -102,19 +120,21 @@ def init(rule: str, like: torch.Tensor) -> StepState:
     return StepState(0, empty, empty.clone(), empty.clone())
 
 
-def adam(state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-         eps: float = 1e-8) -> tuple[torch.Tensor, StepState]:
+def adam(
+    state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+) -> tuple[torch.Tensor, StepState]:
     """One Adam step: returns (delta (D,), new state); apply as theta - delta."""
     t = state.t + 1
     m = beta1 * state.m + (1.0 - beta1) * grad
     v = beta2 * state.v + (1.0 - beta2) * grad * grad
-    m_hat = m / (1.0 - beta1 ** t)
-    v_hat = v / (1.0 - beta2 ** t)
+    m_hat = m / (1.0 - beta1**t)
+    v_hat = v / (1.0 - beta2**t)
     return lr * m_hat / (v_hat.sqrt() + eps), StepState(t, m, v, state.velocity)
 
 
-def clipup(state: StepState, grad: torch.Tensor, *, lr: float, momentum: float = 0.9,
-           max_speed: float | None = None) -> tuple[torch.Tensor, StepState]:
+def clipup(
+    state: StepState, grad: torch.Tensor, *, lr: float, momentum: float = 0.9, max_speed: float | None = None
+) -> tuple[torch.Tensor, StepState]:
     """One ClipUp step: returns (delta (D,), new state); delta is the clipped velocity."""
     max_speed = 2.0 * lr if max_speed is None else max_speed
     norm = torch.linalg.vector_norm(grad)
@@ -132,9 +152,18 @@ def sgd(state: StepState, grad: torch.Tensor, *, lr: float) -> tuple[torch.Tenso
     return lr * grad, dataclasses.replace(state, t=state.t + 1)
 
 
-def apply(rule: str, state: StepState, grad: torch.Tensor, *, lr: float, beta1: float = 0.9,
-          beta2: float = 0.999, adam_eps: float = 1e-8, momentum: float = 0.9,
-          max_speed: float | None = None) -> tuple[torch.Tensor, StepState]:
+def apply(
+    rule: str,
+    state: StepState,
+    grad: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    adam_eps: float = 1e-8,
+    momentum: float = 0.9,
+    max_speed: float | None = None,
+) -> tuple[torch.Tensor, StepState]:
     """Dispatch to ``rule``; the keyword names match the optimizer Params fields."""
     if rule == "adam":
         return adam(state, grad, lr=lr, beta1=beta1, beta2=beta2, eps=adam_eps)
@@ -148,8 +177,17 @@ def apply(rule: str, state: StepState, grad: torch.Tensor, *, lr: float, beta1: 
 
 def step(params: StepRuleParams, state: StepState, grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, StepState]:
     """``apply`` with the rule and hyperparameters of an optimizer's Params."""
-    return apply(params.step_rule, state, grad, lr=lr, beta1=params.beta1, beta2=params.beta2,
-                 adam_eps=params.adam_eps, momentum=params.momentum, max_speed=params.max_speed)
+    return apply(
+        params.step_rule,
+        state,
+        grad,
+        lr=lr,
+        beta1=params.beta1,
+        beta2=params.beta2,
+        adam_eps=params.adam_eps,
+        momentum=params.momentum,
+        max_speed=params.max_speed,
+    )
 
 
 def clip_grad_norm(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, float]:
@@ -171,26 +209,35 @@ def decay(center: torch.Tensor, delta: torch.Tensor, lr: float, weight_decay: fl
     return new - (lr * weight_decay) * center if weight_decay else new
 
 
-def descend(center: torch.Tensor, step_state: StepState, grad: torch.Tensor, params, lr: float,
-            prefix: str) -> tuple[torch.Tensor, StepState, dict]:
+def descend(
+    center: torch.Tensor, step_state: StepState, grad: torch.Tensor, params, lr: float, prefix: str
+) -> tuple[torch.Tensor, StepState, dict]:
     """Clip, take one step-rule step, apply weight decay (shared by RGS and GRAD)."""
     grad, norm = clip_grad_norm(grad, params.grad_clip)
     delta, step_state = step(params, step_state, grad, lr)
     clipped = int(params.grad_clip is not None and params.grad_clip > 0 and norm > params.grad_clip)
-    metrics = {f"{prefix}/grad_norm": norm, f"{prefix}/grad_clipped": clipped,
-               f"{prefix}/step_norm": float(torch.linalg.vector_norm(delta)), f"{prefix}/lr": lr}
+    metrics = {
+        f"{prefix}/grad_norm": norm,
+        f"{prefix}/grad_clipped": clipped,
+        f"{prefix}/step_norm": float(torch.linalg.vector_norm(delta)),
+        f"{prefix}/lr": lr,
+    }
     return decay(center, delta, lr, params.weight_decay), step_state, metrics
 
 
 def state_to_dict(state: StepState, prefix: str = "step/") -> dict:
-    return {f"{prefix}t": int(state.t), f"{prefix}m": state.m.detach().cpu().numpy().copy(),
-            f"{prefix}v": state.v.detach().cpu().numpy().copy(),
-            f"{prefix}velocity": state.velocity.detach().cpu().numpy().copy()}
+    return {
+        f"{prefix}t": int(state.t),
+        f"{prefix}m": state.m.detach().cpu().numpy().copy(),
+        f"{prefix}v": state.v.detach().cpu().numpy().copy(),
+        f"{prefix}velocity": state.velocity.detach().cpu().numpy().copy(),
+    }
 
 
 STATE_KEYS = ("step/t", "step/m", "step/v", "step/velocity")
 
 
 def state_from_dict(d: dict, prefix: str = "step/", device: torch.device | str = "cpu") -> StepState:
-    return StepState(int(d[f"{prefix}t"]), *(torch.as_tensor(d[f"{prefix}{k}"]).to(device)
-                                             for k in ("m", "v", "velocity")))
+    return StepState(
+        int(d[f"{prefix}t"]), *(torch.as_tensor(d[f"{prefix}{k}"]).to(device) for k in ("m", "v", "velocity"))
+    )

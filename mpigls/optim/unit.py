@@ -27,6 +27,7 @@ collectives the optimizer uses (allgather_concat, allreduce_sum_exact, allreduce
 
 Shapes: D parameters, n points.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,15 +41,28 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["param", "help_of", "LoopParams", "Work", "Optimizer", "block_items", "num_blocks", "exact_row_sum",
-           "gather_losses", "split_state", "join_state"]
+__all__ = [
+    "param",
+    "help_of",
+    "LoopParams",
+    "Work",
+    "Optimizer",
+    "block_items",
+    "num_blocks",
+    "exact_row_sum",
+    "gather_losses",
+    "split_state",
+    "join_state",
+]
 
 
 def param(default: Any, help: str) -> Any:  # noqa: A002 - the metadata key, as in argparse
     """A Params field with its ONE default and its documentation (shown by ``mpigls config``)."""
     if isinstance(default, (list, dict)):
+
         def fresh() -> Any:  # a new list/dict per instance
             return copy.copy(default)
+
         return dataclasses.field(default_factory=fresh, metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -67,11 +81,17 @@ class LoopParams:
 
     lr_milestones: list = param([], "epochs after which the lr is multiplied by lr_factor (paper PGPE: [110, 130])")
     lr_factor: float = param(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
-    block_size: int = param(8, "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
-                               "unit of distribution, fixed so results do not depend on the number of ranks")
-    batch_chunks: int = param(1, "example chunks each PGPE member's minibatch is split into: work blocks are (pair "
-                                 "block, chunk), so more ranks than pair blocks get work; 1 = unsplit. Losses equal "
-                                 "the unsplit ones to float rounding, bitwise the same for any number of ranks")
+    block_size: int = param(
+        8,
+        "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
+        "unit of distribution, fixed so results do not depend on the number of ranks",
+    )
+    batch_chunks: int = param(
+        1,
+        "example chunks each PGPE member's minibatch is split into: work blocks are (pair "
+        "block, chunk), so more ranks than pair blocks get work; 1 = unsplit. Losses equal "
+        "the unsplit ones to float rounding, bitwise the same for any number of ranks",
+    )
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -122,9 +142,9 @@ class Optimizer:
 
     name: str
     Params: type
-    init: Callable[[Any, torch.Tensor], Any]                      # (params, theta0 (D,)) -> state
-    num_items: Callable[[Any, int], int]                          # (params, batch_size) -> work items
-    evaluate: Callable[[Work, Any, Any, Sequence[int]], Any]      # (work, state, params, blocks) -> local
+    init: Callable[[Any, torch.Tensor], Any]  # (params, theta0 (D,)) -> state
+    num_items: Callable[[Any, int], int]  # (params, batch_size) -> work items
+    evaluate: Callable[[Work, Any, Any, Sequence[int]], Any]  # (work, state, params, blocks) -> local
     exchange: Callable[[Any, Work, Any, Any, Any], tuple[torch.Tensor, Any]]  # (comm, work, state, params, local)
     tell: Callable[[Work, Any, Any, torch.Tensor, Any, float], tuple[Any, dict]]
     state_to_dict: Callable[[Any], dict]

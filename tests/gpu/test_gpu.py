@@ -15,6 +15,7 @@ with a reason. ``bash tools/test.sh`` runs this CPU lane; ``bash tools/test.sh -
 Every test starts from TF32 *enabled* (torch's cuDNN default, and matmul too), as a user's process
 would be: the certifying paths must switch it off themselves. Shapes: B batch, K classes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import tiny_overrides  # noqa: E402
 
 _STANDIN = os.environ.get("MPIGLS_GPU_TEST_DEVICE") == "cpu"
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not (torch.cuda.is_available() or _STANDIN), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() or _STANDIN), reason="needs a CUDA GPU"),
+]
 GPU = torch.device("cpu") if _STANDIN else torch.device("cuda", 0)
 CPU = torch.device("cpu")
 DEVICE_NAME = "cpu" if _STANDIN else "cuda"
@@ -67,8 +70,11 @@ def _net(name, shape, seed=0, k=10, batch=6):
 
 
 def _strict(settings: dict) -> bool:
-    return not (settings["cudnn_allow_tf32"] or settings["matmul_allow_tf32"]
-                or settings["float32_matmul_precision"] != "highest")
+    return not (
+        settings["cudnn_allow_tf32"]
+        or settings["matmul_allow_tf32"]
+        or settings["float32_matmul_precision"] != "highest"
+    )
 
 
 def _certifying_bounds(model, x, y, eps, method, device, **opts):
@@ -107,13 +113,22 @@ def _worst_margin(model, x, y, eps, num=64, seed=0):
     pts = (lo + (hi - lo) * u).to(dev)
     with torch.no_grad():
         worst = margins(model(pts.flatten(0, 1)).view(num, x.shape[0], -1), y.to(dev)).min(0).values
-    adv = pgd(model, x.to(dev), y.to(dev), eps, 20, 2.5 * eps / 20, loss="margin",
-              generator=noise.torch_generator(seed, noise.STREAM_ATTACK, 0))
+    adv = pgd(
+        model,
+        x.to(dev),
+        y.to(dev),
+        eps,
+        20,
+        2.5 * eps / 20,
+        loss="margin",
+        generator=noise.torch_generator(seed, noise.STREAM_ATTACK, 0),
+    )
     with torch.no_grad():
         return torch.minimum(worst, margins(model(adv), y.to(dev))).to(CPU)
 
 
 # ----------------------------------------------------------------------------- bounds
+
 
 @pytest.mark.parametrize("name,shape", NETS)
 @pytest.mark.parametrize("method", SOUND)
@@ -146,8 +161,10 @@ def test_gpu_bounds_equal_cpu_bounds_to_float32_rounding(method, name, shape):
 
 
 @CUDA_ONLY
-@pytest.mark.skipif(not _STANDIN and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
-                    reason="TF32 exists from compute capability 8.0 (Ampere)")
+@pytest.mark.skipif(
+    not _STANDIN and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+    reason="TF32 exists from compute capability 8.0 (Ampere)",
+)
 def test_tf32_would_break_the_equality_test():
     """The equality test above is sensitive enough to catch TF32 (what the old code computed)."""
     model, x, y = _net("cnn5", (3, 32, 32), seed=1)
@@ -158,6 +175,7 @@ def test_tf32_would_break_the_equality_test():
 
 
 # ----------------------------------------------------------------------------- certify
+
 
 def _small_digits_model():
     ds = data.load("digits", None, num_train=64, num_test=200)
@@ -171,8 +189,10 @@ def test_certify_on_gpu_equals_certify_on_cpu():
     theta = models.flat_params(model)
     methods = ["ibp", "hbox", "crown-ibp", "deeppoly"]
     for eps in (0.0, 0.002, 0.01):
-        cpu, gpu = (certify.evaluate(model.to(dev), theta, ds.test_x, ds.test_y, eps, methods, batch_size=50,
-                                     pgd_steps=5) for dev in (CPU, GPU))
+        cpu, gpu = (
+            certify.evaluate(model.to(dev), theta, ds.test_x, ds.test_y, eps, methods, batch_size=50, pgd_steps=5)
+            for dev in (CPU, GPU)
+        )
         assert cpu["natural"] > 0 and cpu["certified/ibp"] > 0 or eps > 0, cpu  # not a vacuous comparison
         for key in ("natural", *(f"certified/{m}" for m in methods)):
             assert gpu[key] == cpu[key], (eps, key, cpu, gpu)
@@ -181,13 +201,39 @@ def test_certify_on_gpu_equals_certify_on_cpu():
 
 
 def test_certify_cli_on_gpu_equals_cpu(tmp_path, capsys):
-    assert cli.main(["train", "--out", str(tmp_path), "--max-generations", "2", "--no-eval",
-                     *[a for o in tiny_overrides(**{"train.device": "cpu"}) for a in ("--set", o)]]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--out",
+                str(tmp_path),
+                "--max-generations",
+                "2",
+                "--no-eval",
+                *[a for o in tiny_overrides(**{"train.device": "cpu"}) for a in ("--set", o)],
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = {}
     for dev in ("cpu", DEVICE_NAME):
-        assert cli.main(["certify", str(tmp_path / "latest.h5"), "--json", "--eps", "0.01",
-                         "--methods", "ibp,crown-ibp,deeppoly", "--set", f"train.device={dev}"]) == 0
+        assert (
+            cli.main(
+                [
+                    "certify",
+                    str(tmp_path / "latest.h5"),
+                    "--json",
+                    "--eps",
+                    "0.01",
+                    "--methods",
+                    "ibp,crown-ibp,deeppoly",
+                    "--set",
+                    f"train.device={dev}",
+                ]
+            )
+            == 0
+        )
         out[dev] = json.loads(capsys.readouterr().out)
     a, b = out["cpu"], out[DEVICE_NAME]
     assert {k: v for k, v in a.items() if k != "pgd"} == {k: v for k, v in b.items() if k != "pgd"}
@@ -195,13 +241,28 @@ def test_certify_cli_on_gpu_equals_cpu(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- training
 
+
 def _train_cfg(optimizer, **extra):
-    opts = {"pgpe": {"optimizer.popsize": 16, "optimizer.block_size": 2},
-            "rgs": {"optimizer.num_samples": 6, "optimizer.block_size": 2},
-            "grad": {"optimizer.block_size": 16}}[optimizer]
-    return config.load_config(None, tiny_overrides(**{
-        "optimizer.name": optimizer, "bound.method": "crown-ibp", "data.num_train": 512,
-        "train.batch_size": 64, "train.device": DEVICE_NAME, "train.epochs": 0.75, **opts, **extra}))
+    opts = {
+        "pgpe": {"optimizer.popsize": 16, "optimizer.block_size": 2},
+        "rgs": {"optimizer.num_samples": 6, "optimizer.block_size": 2},
+        "grad": {"optimizer.block_size": 16},
+    }[optimizer]
+    return config.load_config(
+        None,
+        tiny_overrides(
+            **{
+                "optimizer.name": optimizer,
+                "bound.method": "crown-ibp",
+                "data.num_train": 512,
+                "train.batch_size": 64,
+                "train.device": DEVICE_NAME,
+                "train.epochs": 0.75,
+                **opts,
+                **extra,
+            }
+        ),
+    )
 
 
 def _sha(theta: torch.Tensor) -> str:
@@ -251,10 +312,21 @@ def _mpi_ready() -> bool:
 
 @pytest.mark.skipif(not _mpi_ready(), reason="mpiexec / mpi4py not available")
 def test_gpu_training_same_bits_for_1_and_2_mpi_processes_sharing_one_gpu(tmp_path):
-    sets = [a for o in tiny_overrides(**{"optimizer.name": "grad", "optimizer.block_size": 16,
-                                          "bound.method": "crown-ibp", "data.num_train": 512,
-                                          "train.batch_size": 64, "train.epochs": 0.75,
-                                          "train.device": DEVICE_NAME}) for a in ("--set", o)]
+    sets = [
+        a
+        for o in tiny_overrides(
+            **{
+                "optimizer.name": "grad",
+                "optimizer.block_size": 16,
+                "bound.method": "crown-ibp",
+                "data.num_train": 512,
+                "train.batch_size": 64,
+                "train.epochs": 0.75,
+                "train.device": DEVICE_NAME,
+            }
+        )
+        for a in ("--set", o)
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     shas = []
     for ranks in (1, 2):
@@ -270,6 +342,7 @@ def test_gpu_training_same_bits_for_1_and_2_mpi_processes_sharing_one_gpu(tmp_pa
 
 # ----------------------------------------------------------------------------- landscape
 
+
 def test_landscape_on_gpu_equals_cpu():
     """The landscape's bounds (certified losses, paper Fig. 6) on the device: true fp32, = CPU to rounding."""
     model, x, y = _net("cnn3", (1, 28, 28), seed=2, batch=4)
@@ -279,8 +352,17 @@ def test_landscape_on_gpu_equals_cpu():
     for key, dev in (("cpu", CPU), ("device", GPU)):
         model = model.to(dev)
         out[key] = landscape.landscape(
-            model, x.to(dev), y.to(dev), 2 / 255, direction.to(dev), alphas=[-0.5, 0.0, 0.5], sigmas=[0.05],
-            methods=("ibp", "deeppoly"), num_samples=4, chunk_size=8)
+            model,
+            x.to(dev),
+            y.to(dev),
+            2 / 255,
+            direction.to(dev),
+            alphas=[-0.5, 0.0, 0.5],
+            sigmas=[0.05],
+            methods=("ibp", "deeppoly"),
+            num_samples=4,
+            chunk_size=8,
+        )
     a, b = out["cpu"], out["device"]
     for key in ("original", "smoothed_mean"):
         assert a[key].shape == b[key].shape and (a[key] > 0).all(), key
@@ -290,8 +372,10 @@ def test_landscape_on_gpu_equals_cpu():
 
 # ----------------------------------------------------------------------------- binding
 
+
 def _bind_rows(world: int, fake_nodes: int) -> list:
     """(local_rank, device, current CUDA device or None, threads) of every ThreadComm rank."""
+
     def bind(comm):
         dev = dist.bind_device(comm, device=DEVICE_NAME, threads=1)
         current = torch.cuda.current_device() if dev.type == "cuda" else None
@@ -314,7 +398,9 @@ def test_device_binding_with_several_ranks_per_device():
         assert current == (None if _STANDIN else dev.index)
     rows = _bind_rows(4, fake_nodes=2)  # 2 simulated nodes of 2 ranks: local ranks 0, 1
     assert [r[0] for r in rows] == [0, 1, 0, 1]
-    assert [r[1] for r in rows] == ([CPU] * 4 if _STANDIN else [torch.device("cuda", lr % count) for lr in (0, 1, 0, 1)])
+    assert [r[1] for r in rows] == (
+        [CPU] * 4 if _STANDIN else [torch.device("cuda", lr % count) for lr in (0, 1, 0, 1)]
+    )
 
 
 @CUDA_ONLY

@@ -4,6 +4,7 @@ on every rank (PGPE).
 
 Run: mpiexec -n 3 python -m mpi4py -m pytest --with-mpi tests/mpi/test_mpi_chunks.py -q
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,21 @@ pytestmark = pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("optimizer,chunks", [("pgpe", 1), ("pgpe", 2), ("pgpe", 4)])
 def test_chunked_training_is_bitwise_the_one_process_run(mpi_tmp_path, optimizer, chunks):
     comm = dist.init_comm()
-    cfg = config.load_config(None, tiny_overrides(**{"optimizer.name": optimizer, "optimizer.batch_chunks": chunks,
-                                                     "train.checkpoint_every": 100}))
+    cfg = config.load_config(
+        None,
+        tiny_overrides(
+            **{"optimizer.name": optimizer, "optimizer.batch_chunks": chunks, "train.checkpoint_every": 100}
+        ),
+    )
     quiet = lambda msg: None
     got = train.train(cfg, mpi_tmp_path / f"{optimizer}{chunks}-mpi", comm=comm, max_generations=3, log=quiet)
-    ref = train.train(cfg, mpi_tmp_path / f"{optimizer}{chunks}-serial{comm.rank}", comm=dist.SerialComm(),
-                      max_generations=3, log=quiet)
+    ref = train.train(
+        cfg,
+        mpi_tmp_path / f"{optimizer}{chunks}-serial{comm.rank}",
+        comm=dist.SerialComm(),
+        max_generations=3,
+        log=quiet,
+    )
     assert got.generation == ref.generation == 3
     assert torch.equal(got.theta, ref.theta)
     comm.check_consistent("theta-chunks", got.theta.numpy().tobytes())

@@ -2,6 +2,7 @@
 
 Run: mpiexec -n 2 python -m mpi4py -m pytest --with-mpi tests/mpi -q
 """
+
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ def comm():
 def test_init_comm_is_mpi(comm):
     assert isinstance(comm, dist.MPIComm) and isinstance(comm, dist.Comm)
     from mpi4py import MPI
+
     assert comm.world_size == MPI.COMM_WORLD.Get_size() and comm.rank == MPI.COMM_WORLD.Get_rank()
     assert comm.is_root == (comm.rank == 0)
     assert comm._comm != MPI.COMM_WORLD  # a clone, not the world itself
@@ -65,7 +67,7 @@ def test_exact_sum_matches_serial_bits(comm, num_rows):
     rows = torch.randn(num_rows, 101, generator=g) * torch.logspace(-5, 5, 101)
     want = dist.SerialComm().allreduce_sum_exact(rows)
     mine = dist.block_range(num_rows, comm.rank, comm.world_size)
-    got = comm.allreduce_sum_exact(rows[mine.start:mine.stop])
+    got = comm.allreduce_sum_exact(rows[mine.start : mine.stop])
     assert got.numpy().tobytes() == want.numpy().tobytes()
     comm.check_consistent("exact-sum", got.numpy().tobytes())
 

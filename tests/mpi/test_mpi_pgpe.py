@@ -3,6 +3,7 @@ allreduce, and the new state is bitwise the serial pgpe.tell on every rank (any 
 
 Run: mpiexec -n 3 python -m mpi4py -m pytest --with-mpi tests/mpi/test_mpi_pgpe.py -q
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def test_distributed_tell_is_serial_tell_bitwise(comm, block_size, fixed_sigma):
     local, kept = pgpe_dist.evaluate(state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"))
     source.close()
     all_losses = pgpe_dist.gather_losses(comm, split, local)
-    new, _ = pgpe.tell(state, params, 4, all_losses,
-                       summed=pgpe_dist.reduce_sums(comm, state, params, 4, all_losses, kept))
+    new, _ = pgpe.tell(
+        state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(comm, state, params, 4, all_losses, kept)
+    )
     ref, _ = pgpe.tell(state, params, 4, loss(pgpe.ask(state, params, 4, range(11))))
     assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
     comm.check_consistent("pgpe", new.center.numpy().tobytes() + new.sigma.numpy().tobytes())
@@ -60,8 +62,9 @@ def test_chunked_minibatch_state_is_serial_reference_bitwise(comm, chunks):
         local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss, torch.device("cpu"))
         source.close()
         all_losses = pgpe_dist.gather_losses(c, split, local)
-        return pgpe.tell(state, params, 4, all_losses,
-                         summed=pgpe_dist.reduce_sums(c, state, params, 4, all_losses, kept))[0], all_losses
+        return pgpe.tell(
+            state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(c, state, params, 4, all_losses, kept)
+        )[0], all_losses
 
     new, losses = step(comm, dist.my_blocks(split.num_items, comm.rank, comm.world_size))
     ref, ref_losses = step(dist.SerialComm(), range(split.num_items))
