@@ -133,6 +133,26 @@ def _dense_adjoint(layer, m: int, a: torch.Tensor, in_map: tuple[int, ...]) -> t
     return out.permute(0, 2, 3, 1).reshape(r, -1)
 
 
+def _transfer(net: Stack, i: int, m: int, rows: torch.Tensor, geo, mat: torch.Tensor | None) -> torch.Tensor:
+    """Rows (n, ...) at the output of affine layer ``i`` of member ``m`` moved to its input: through
+    the member's patch transfer when ``geo`` (the rows' window height and width) is given, with its
+    patch matrix ``mat`` if one was built, else through the dense adjoint."""
+    layer = net.layers[i]
+    if geo is not None:
+        c_in = layer.out_shape[0]
+        return _transfer_patch(rows.reshape(-1, c_in, geo[0], geo[1]), layer.weight[m], layer.stride, mat)
+    return _dense_adjoint(layer, m, rows, _in_map(net, i))
+
+
+def _over_spans(chunk, lo: int, hi: int, step: int, grad: bool) -> list[torch.Tensor]:
+    """``chunk(s0, s1)`` over [lo, hi) in spans of ``step``; with autograd and several spans each
+    span is recomputed in the backward pass (activation checkpointing) instead of kept alive."""
+    spans = range(lo, hi, step)
+    if grad and len(spans) > 1:
+        return [torch.utils.checkpoint.checkpoint(chunk, s0, min(hi, s0 + step), use_reentrant=False) for s0 in spans]
+    return [chunk(s0, min(hi, s0 + step)) for s0 in spans]
+
+
 def _per_chan(a: torch.Tensor, c_in: int, hwc: bool) -> torch.Tensor:
     """Sum of rows (..., E) over each channel's positions (patch windows CHW, dense maps HWC)."""
     if hwc:
@@ -319,30 +339,14 @@ def bound_rows(
                 per_chan = _per_chan(a, c_in, not use_patches)
                 bias = layer.bias[p0:p1].index_select(0, mem - p0)
                 const = const + (per_chan * bias).sum(-1)
-                parts = []
-                for m, a0, a1 in segs:
-                    rows = a[a0:a1]
-                    if use_patches:
-                        mat = pmats[j][m - p0] if j in pmats else None
-                        parts.append(
-                            _transfer_patch(
-                                rows.reshape(-1, c_in, geos[j][0], geos[j][1]), layer.weight[m], layer.stride, mat
-                            )
-                        )
-                    else:
-                        parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
+                geo, mats_j = (geos[j] if use_patches else None), pmats.get(j)
+                parts = [_transfer(net, i, m, a[a0:a1], geo, mats_j[m - p0] if mats_j else None) for m, a0, a1 in segs]
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
             gin = group if not shared_input else ex * num_l + lc
             mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
             return const + (a * mid).sum(-1) - (a.abs() * rad).sum(-1)
 
-        spans = list(range(r_lo, r_hi, rc))
-        for s0 in spans:
-            s1 = min(r_hi, s0 + rc)
-            if grad and len(spans) > 1:
-                out.append(torch.utils.checkpoint.checkpoint(chunk, s0, s1, use_reentrant=False))
-            else:
-                out.append(chunk(s0, s1))
+        out.extend(_over_spans(chunk, r_lo, r_hi, rc, grad))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -480,18 +484,11 @@ def bound_groups(
                     segs_t = []
                 else:
                     segs_t = segs
+                geo, mats_j = (geos[j] if use_patches else None), pmats.get(j)
                 for m, a0, a1 in segs_t:
                     bias.append(per_chan[a0:a1] @ layer.bias[m])
                     rows = a[a0:a1].reshape((a1 - a0) * nr, -1)
-                    if use_patches:
-                        mat = pmats[j][m - p0] if j in pmats else None
-                        parts.append(
-                            _transfer_patch(
-                                rows.reshape(-1, c_in, geos[j][0], geos[j][1]), layer.weight[m], layer.stride, mat
-                            )
-                        )
-                    else:
-                        parts.append(_dense_adjoint(layer, m, rows, _in_map(net, i)))
+                    parts.append(_transfer(net, i, m, rows, geo, mats_j[m - p0] if mats_j else None))
                 const = const + (torch.cat(bias) if len(bias) > 1 else bias[0])
                 a = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(ng, nr, -1)
             mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
@@ -501,13 +498,7 @@ def bound_groups(
                 - torch.matmul(a.abs(), rad.unsqueeze(-1)).squeeze(-1)
             )
 
-        spans = list(range(g_lo, g_hi, gc))
-        for s0 in spans:
-            s1 = min(g_hi, s0 + gc)
-            if grad and len(spans) > 1:
-                out.append(torch.utils.checkpoint.checkpoint(chunk, s0, s1, use_reentrant=False))
-            else:
-                out.append(chunk(s0, s1))
+        out.extend(_over_spans(chunk, g_lo, g_hi, gc, grad))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
