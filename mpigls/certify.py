@@ -84,10 +84,7 @@ def evaluate(
         with torch.no_grad():
             counts["natural"] += _correct(model(xb), yb)
         if pgd_steps:
-            gen = noise.torch_generator(seed, noise.STREAM_ATTACK, 1 << 30, block)
-            x_adv = attacks.pgd(model, xb, yb, eps, pgd_steps, attacks.default_step_size(eps, pgd_steps), generator=gen)
-            with torch.no_grad():
-                counts["pgd"] += _correct(model(x_adv), yb)
+            counts["pgd"] += int(_pgd_robust(model, xb, yb, eps, pgd_steps, 1, seed, block).sum())
         for method in methods:
             with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
                 lb = bounds.margin_lower_bounds(model, xb, yb, eps, method, **(bound_options or {}))
@@ -95,6 +92,26 @@ def evaluate(
     gathered = comm.allgather_obj(counts)
     total = {k: sum(c[k] for c in gathered) for k in counts}
     return {k: v / len(y) for k, v in total.items()} | {"num_examples": len(y), "eps": float(eps)}
+
+
+def evaluate_configured(
+    cfg, model: torch.nn.Sequential, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, comm=None
+) -> dict:
+    """``evaluate`` with a run's settings (bound.eps, eval.methods/batch_size/pgd_steps, train.seed):
+    the one place the final ``eval.json``, the live val/* metrics and a run's certify take them from."""
+    ev = cfg.eval
+    return evaluate(
+        model,
+        theta,
+        x,
+        y,
+        cfg.bound.eps,
+        list(ev.methods),
+        comm=comm,
+        batch_size=ev.batch_size,
+        pgd_steps=ev.pgd_steps,
+        seed=cfg.train.seed,
+    )
 
 
 def _pgd_robust(model, xb, yb, eps, steps, restarts, seed, block) -> torch.Tensor:

@@ -209,18 +209,7 @@ def _final_eval(cfg, result, comm) -> dict:
     dataset, model, _ = train_mod.build_problem(cfg)
     model.to(result.device)  # the device training used (a GPU when the rank has one)
     n = cfg.eval.num_test or len(dataset.test_y)
-    res = certify.evaluate(
-        model,
-        result.theta,
-        dataset.test_x[:n],
-        dataset.test_y[:n],
-        cfg.bound.eps,
-        list(cfg.eval.methods),
-        comm=comm,
-        batch_size=cfg.eval.batch_size,
-        pgd_steps=cfg.eval.pgd_steps,
-        seed=cfg.train.seed,
-    )
+    res = certify.evaluate_configured(cfg, model, result.theta, dataset.test_x[:n], dataset.test_y[:n], comm=comm)
     if comm.is_root:
         parts = [f"{k} {100 * v:.2f}%" for k, v in res.items() if k not in ("num_examples", "eps")]
         print(
@@ -389,18 +378,8 @@ def _certify_run(run, comm):
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
     n = cfg.eval.num_test or len(dataset.test_y)
     t0 = time.perf_counter()
-    res = certify.evaluate(
-        model,
-        torch.from_numpy(ckpt.theta.copy()),
-        dataset.test_x[:n],
-        dataset.test_y[:n],
-        cfg.bound.eps,
-        list(cfg.eval.methods),
-        comm=comm,
-        batch_size=cfg.eval.batch_size,
-        pgd_steps=cfg.eval.pgd_steps,
-        seed=cfg.train.seed,
-    )
+    theta = torch.from_numpy(ckpt.theta.copy())
+    res = certify.evaluate_configured(cfg, model, theta, dataset.test_x[:n], dataset.test_y[:n], comm=comm)
     if comm.is_root:
         rundir.write_json(
             run.directory / f"certify_{ckpt.generation:08d}.json",

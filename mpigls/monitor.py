@@ -182,19 +182,7 @@ class Validator:
 
     def __call__(self, theta: torch.Tensor) -> dict[str, float]:
         t0 = time.perf_counter()
-        ev = self.cfg.eval
-        res = certify.evaluate(
-            self.model,
-            theta,
-            self.x,
-            self.y,
-            self.cfg.bound.eps,
-            list(ev.methods),
-            comm=self.comm,
-            batch_size=ev.batch_size,
-            pgd_steps=ev.pgd_steps,
-            seed=self.cfg.train.seed,
-        )
+        res = certify.evaluate_configured(self.cfg, self.model, theta, self.x, self.y, comm=self.comm)
         out = {
             f"val/{k}": float(v)
             for k, v in res.items()
