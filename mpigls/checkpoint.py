@@ -512,12 +512,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
             raise CheckpointError(f"{path}: cannot migrate checkpoint format {v} to {v + 1}: {exc}") from exc
     a = raw["attrs"]
     ckpt = Checkpoint(
-        generation=int(a["generation"]),
-        epoch=int(a["epoch"]),
-        batch_in_epoch=int(a["batch_in_epoch"]),
-        theta=raw["theta"],
-        sigma=raw["sigma"],
-        opt_state=raw["opt_state"],
+        **_state_fields(raw),
         config=raw["config"],
         arch=raw["arch"],
         metrics=raw["metrics"],
@@ -533,21 +528,22 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
     return ckpt
 
 
+def _state_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The Checkpoint fields ``state_sha256`` covers, from a file's content as read."""
+    a = raw["attrs"]
+    return {
+        "generation": int(a["generation"]),
+        "epoch": int(a["epoch"]),
+        "batch_in_epoch": int(a["batch_in_epoch"]),
+        "theta": raw["theta"],
+        "sigma": raw["sigma"],
+        "opt_state": raw["opt_state"],
+    }
+
+
 def _raw_sha256(raw: dict[str, Any]) -> str:
     """``state_sha256`` of a file's content as read (any format: the recipe never changed)."""
-    a = raw["attrs"]
-    return state_sha256(
-        Checkpoint(
-            generation=int(a["generation"]),
-            epoch=int(a["epoch"]),
-            batch_in_epoch=int(a["batch_in_epoch"]),
-            theta=raw["theta"],
-            sigma=raw["sigma"],
-            opt_state=raw["opt_state"],
-            config={},
-            arch={},
-        )
-    )
+    return state_sha256(Checkpoint(**_state_fields(raw), config={}, arch={}))
 
 
 def _migrate_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
