@@ -113,10 +113,6 @@ class LocalNoise:
     max_abs: float
 
 
-def block_pairs(block: int, block_size: int, num_pairs: int) -> list[int]:
-    return list(range(block * block_size, min((block + 1) * block_size, num_pairs)))
-
-
 def split_of(params: pgpe.PGPEParams, block_size: int, batch_size: int = 1, chunks: int = 1) -> work.WorkSplit:
     """The work items of a PGPE generation: (pair block, example chunk), two losses per pair."""
     return work.WorkSplit(params.popsize // 2, block_size, batch_size, chunks, per_member=2)

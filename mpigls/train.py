@@ -67,12 +67,7 @@ def train(
     dataset, model, arch = build_problem(cfg)
     preflight.validate(cfg, dataset, model, comm)  # the same checks as `train --dry-run`
     device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
-    gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size
-    if gens_per_epoch < 1:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the training set "
-            f"({len(dataset.train_y)} examples); lower train.batch_size or raise data.num_train"
-        )
+    gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size  # >= 1: preflight refuses a larger batch
     total = math.ceil(cfg.train.epochs * gens_per_epoch)
     stop_at = total if max_generations is None else min(total, max_generations)
     opt, params = registry.get(cfg.optimizer.name), cfg.optimizer.params

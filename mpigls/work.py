@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .optim import unit
+
 __all__ = ["ATTACK_METHODS", "WorkSplit", "check"]
 
 # per-example losses keyed on a per-generation attack generator drawn for the whole batch: a chunk
@@ -86,7 +88,7 @@ class WorkSplit:
 
     @property
     def num_units(self) -> int:
-        return -(-self.num_members // self.unit_size)
+        return unit.num_blocks(self.num_members, self.unit_size)
 
     @property
     def num_items(self) -> int:
@@ -98,9 +100,9 @@ class WorkSplit:
             raise ValueError(f"work item must be in [0, {self.num_items}), got {i}")
         return divmod(i, self.chunks)
 
-    def members(self, unit: int) -> list[int]:
-        """Member indices (pairs or samples) of a unit."""
-        return list(range(unit * self.unit_size, min((unit + 1) * self.unit_size, self.num_members)))
+    def members(self, u: int) -> list[int]:
+        """Member indices (pairs or samples) of unit ``u``."""
+        return list(unit.block_items(u, self.unit_size, self.num_members))
 
     def examples(self, chunk: int) -> slice:
         """Example rows [start, stop) of a chunk of the minibatch."""
@@ -127,9 +129,9 @@ class WorkSplit:
             return gathered
         out = torch.empty(total, dtype=torch.float64)
         at = 0
-        for unit in range(self.num_units):
-            width = len(self.members(unit)) * self.per_member
-            lo = unit * self.unit_size * self.per_member
+        for u in range(self.num_units):
+            width = len(self.members(u)) * self.per_member
+            lo = u * self.unit_size * self.per_member
             parts = gathered[at : at + width * self.chunks].reshape(self.chunks, width)
             acc = parts[0] * (self.examples(0).stop / self.batch_size)
             for c in range(1, self.chunks):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mpigls import dist, losses, models, noise, pgpe_dist  # noqa: E402
-from mpigls.optim import pgpe  # noqa: E402
+from mpigls.optim import pgpe, unit  # noqa: E402
 
 
 def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     rows = []
     for n in (int(r) for r in args.ranks.split(",")):
         blocks = dist.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
-        pairs = [pgpe_dist.block_pairs(b, bs, num_pairs) for b in blocks]
+        pairs = [list(unit.block_items(b, bs, num_pairs)) for b in blocks]
         t_noise = best_of(lambda pairs=pairs: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
         zs = [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
         local = pgpe_dist.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
