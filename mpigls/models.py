@@ -12,8 +12,10 @@ Shapes: P population, D parameters, C/H/W image, K classes.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +30,21 @@ __all__ = [
     "affine_parameters",
     "load_flat_",
     "architecture_dict",
+    "private_rng",
 ]
+
+_GLOBAL_RNG = threading.RLock()
+
+
+@contextlib.contextmanager
+def private_rng(seed: int | None = None) -> Iterator[None]:
+    """Use torch's process-wide CPU generator (seeded with ``seed`` if given) and restore it after,
+    one thread at a time: ranks run as threads of one process (``dist.run_threaded``) would otherwise
+    restore each other's saved state in the middle of a seeded model initialisation."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 class Normalize(nn.Module):

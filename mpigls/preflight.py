@@ -151,7 +151,7 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
     theta = models.flat_params(model)[None]
     x1, y1 = dataset.train_x[:1], dataset.train_y[:1]
     try:
-        with torch.random.fork_rng(devices=[]):
+        with models.private_rng():
             value = losses.certified_loss(model, x1, y1, cfg.bound.eps, cfg.bound.method, weights=theta, **opts)
     except (ValueError, TypeError) as exc:
         raise ConfigError(

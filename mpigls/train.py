@@ -97,7 +97,9 @@ def train(
         cleanup.callback(live.close)
         if progress is not None:
             cleanup.callback(progress.close)
-        resource = cleanup.enter_context(opt.open(cfg.train.seed, device))
+        resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
+        if unit.state_on_device(params):  # optimizer.noise: device: noise, sums and step on the device
+            state = unit.to_device(state, device)
         # train.tf32 / train.deterministic, restored when training ends
         cleanup.enter_context(
             precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=device)
@@ -176,11 +178,17 @@ def _start(
             say(f"warm start from {cfg.model.init_from} (generation {warm.generation})")
         return opt.init(cfg.optimizer.params, theta0), {}
     checkpoint.check_compatible(ckpt, arch)
-    if ckpt.noise_scheme != noise.NOISE_SCHEME:
+    if ckpt.noise_scheme != _noise_scheme(cfg):
+        known = {v: k for k, v in noise.SCHEMES.items()}
+        hint = (
+            f"set optimizer.noise={known[ckpt.noise_scheme]} to resume it"
+            if ckpt.noise_scheme in known
+            else "use the mpigls version that wrote it"
+        )
         raise ValueError(
-            f"checkpoint in {out_dir} uses noise scheme {ckpt.noise_scheme!r} but this mpigls "
-            f"generates {noise.NOISE_SCHEME!r}; resuming would change the trajectory. "
-            "Use the mpigls version that wrote it, or start a new output directory"
+            f"checkpoint in {out_dir} uses noise scheme {ckpt.noise_scheme!r} but this run "
+            f"generates {_noise_scheme(cfg)!r} (optimizer.noise); resuming would change the trajectory. "
+            f"{hint}, or start a new output directory"
         )
     stored = stored_config(ckpt.config)
     if stored.get("optimizer", {}).get("name") != cfg.optimizer.name:
@@ -215,6 +223,12 @@ def _start(
     return state, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
 
 
+def _noise_scheme(cfg: Config) -> str:
+    """The run's noise construction as the checkpoint records it (``optimizer.noise``; host for
+    optimizers without perturbation noise)."""
+    return noise.scheme_id(getattr(cfg.optimizer.params, "noise", "host"))
+
+
 def _root_load(comm, path_or_none_fn: Callable[[], object]):
     """Run a disk-reading function on rank 0 and broadcast its result (or its exception) to all ranks."""
     result, error = None, None
@@ -232,8 +246,7 @@ def _root_load(comm, path_or_none_fn: Callable[[], object]):
 def build_problem(cfg: Config):
     """Dataset and model (on CPU) for a config; the model's initial weights come from train.seed."""
     dataset = data.load(cfg.data.name, cfg.data.root, num_train=cfg.data.num_train, num_test=cfg.data.num_test)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
+    with models.private_rng(cfg.train.seed):
         model = models.build(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)
     arch = models.architecture_dict(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)
     return dataset, model, arch
@@ -380,7 +393,7 @@ class _Saver:
                 config=to_dict(self.cfg),
                 arch=self.arch,
                 metrics={k: np.asarray(v, dtype=np.float64) for k, v in history.items()},
-                noise_scheme=noise.NOISE_SCHEME,
+                noise_scheme=_noise_scheme(self.cfg),
                 world_size=comm.world_size,
             )
             try:

@@ -83,3 +83,32 @@ def test_normalize_layer_and_bad_input():
         models.build("cnn5", (1, 2, 2), 10)
     with pytest.raises(ValueError, match="model.name"):
         models.build("resnet", (1, 8, 8), 10)
+
+
+def test_seeded_build_is_not_disturbed_by_other_threads_using_the_global_rng():
+    """Ranks run as threads share torch's global generator: a thread restoring its saved state
+    (fork_rng) in the middle of another's seeded initialisation used to change that model."""
+    import threading
+
+    with models.private_rng(3):
+        ref = models.flat_params(models.build("cnn3", (1, 8, 8), 10, [0.5], [0.5]))
+    stop, bad = threading.Event(), []
+
+    def disturb():
+        while not stop.is_set():
+            with models.private_rng():
+                torch.rand(1000)
+
+    def build():
+        for _ in range(30):
+            with models.private_rng(3):
+                theta = models.flat_params(models.build("cnn3", (1, 8, 8), 10, [0.5], [0.5]))
+            bad.append(not torch.equal(theta, ref))
+
+    threads = [threading.Thread(target=disturb), threading.Thread(target=build)]
+    for t in threads:
+        t.start()
+    threads[1].join()
+    stop.set()
+    threads[0].join()
+    assert len(bad) == 30 and not any(bad)
