@@ -240,8 +240,10 @@ def stored_config(values: dict) -> dict:
     if name not in registry.OPTIMIZERS:
         return values
     keep = set(optimizer_keys(name))
-    # a loop key added later (optimizer.batch_chunks) is absent from older configs: they ran with its default
-    added = {k: v for k, v in to_dict(LoopParams()).items() if k not in opt}
+    # a key added later (optimizer.batch_chunks, optimizer.noise) is absent from older configs: they
+    # ran with its default (a new key's default keeps the old behaviour)
+    defaults = {**to_dict(LoopParams()), **to_dict(registry.get(name).Params())}
+    added = {k: v for k, v in defaults.items() if k not in opt}
     return {**values, "optimizer": {**{k: v for k, v in opt.items() if k in keep}, **added}}
 
 

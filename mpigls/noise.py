@@ -8,8 +8,11 @@ SeedSequence of the words (seed, stream, generation, member). numpy's Generator 
 stable across platforms and releases for a fixed bit generator, and the result is copied to the
 compute device afterwards.
 
-NOISE_SCHEME names this construction; it is stored in every checkpoint so that a change of
-scheme is detected instead of silently changing the optimisation trajectory.
+That is the ``host`` scheme (``optimizer.noise: host``, the default). The ``device`` scheme
+(``mpigls.philox``: Philox-4x32-10 and an inverse normal CDF in plain torch ops) generates the
+numbers on the training device itself, with the same bits on a CPU and on any GPU, but different
+numbers from ``host``. ``scheme_id`` names each construction; it is stored in every checkpoint so
+that a change of scheme is detected instead of silently changing the optimisation trajectory.
 
 Shapes: D parameters, M members.
 """
@@ -22,8 +25,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mpigls import philox
+
 __all__ = [
     "NOISE_SCHEME",
+    "SCHEMES",
+    "SCHEME_HELP",
+    "check_scheme",
+    "scheme_id",
     "STREAM_PGPE",
     "STREAM_RGS",
     "STREAM_ATTACK",
@@ -39,6 +48,24 @@ STREAM_PGPE = 0
 STREAM_RGS = 1
 STREAM_ATTACK = 2
 STREAM_DATA = 3
+SCHEMES = {"host": NOISE_SCHEME, "device": philox.SCHEME}  # optimizer.noise -> checkpoint noise_scheme
+SCHEME_HELP = (
+    "where the perturbation noise is generated: host (numpy Philox on the CPU, copied to the device) or "
+    "device (Philox-4x32 in torch ops on the training device, which also keeps the optimizer state and "
+    "update there; the same bits on CPU and GPU, other numbers than host)"
+)
+
+
+def check_scheme(name: str) -> str:
+    """``name`` if it is a noise scheme (``optimizer.noise``), else a ValueError listing them."""
+    if name not in SCHEMES:
+        raise ValueError(f"optimizer.noise must be one of {', '.join(SCHEMES)}, got {name!r}")
+    return name
+
+
+def scheme_id(name: str) -> str:
+    """The checkpoint's ``noise_scheme`` for ``optimizer.noise`` = name."""
+    return SCHEMES[check_scheme(name)]
 
 
 def _check_words(words: Sequence[int]) -> list[int]:
@@ -64,13 +91,26 @@ def member_noise(seed: int, generation: int, member: int, num_params: int, strea
 
 
 def noise_block(
-    seed: int, generation: int, members: Sequence[int], num_params: int, stream: int = STREAM_PGPE
+    seed: int,
+    generation: int,
+    members: Sequence[int],
+    num_params: int,
+    stream: int = STREAM_PGPE,
+    scheme: str = "host",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Stacked member noise, shape (M, D); row i equals ``member_noise(..., members[i], ...)``."""
+    """Stacked member noise, shape (M, D) float32; with the host scheme row i equals
+    ``member_noise(..., members[i], ...)``. Host: drawn on the CPU, then moved to ``device`` (if
+    given); device: generated on ``device`` (default CPU), the same bits wherever."""
+    if check_scheme(scheme) == "device":
+        members = [_check_words((m,))[0] for m in members]
+        _check_words((seed, generation, stream))
+        return philox.gaussian(seed, stream, generation, members, num_params, device or "cpu")
     out = np.empty((len(members), num_params), dtype=np.float32)
     for row, member in enumerate(members):
         numpy_generator(seed, stream, generation, member).standard_normal(num_params, dtype=np.float32, out=out[row])
-    return torch.from_numpy(out)
+    block = torch.from_numpy(out)
+    return block if device is None else block.to(device)
 
 
 def torch_generator(seed: int, *words: int) -> torch.Generator:

@@ -68,19 +68,25 @@ def prefetch_default(device: torch.device) -> bool:
 class NoiseSource:
     """Counter-based PGPE noise for (generation, pairs), optionally one request ahead.
 
-    ``get(gen, pairs, D)`` returns the block's noise (float32 CPU); with ``prefetch``,
-    ``hint(gen, pairs, D)`` starts generating a block expected next on a worker thread (numpy
-    releases the GIL while it fills the array). A wrong hint costs time, never bits.
+    ``get(gen, pairs, D)`` returns the block's noise (float32): with the host scheme drawn on the CPU
+    (the caller moves it), with the device scheme generated on ``device``. With ``prefetch`` (host
+    scheme only: device noise is queued on the device like the bounds), ``hint(gen, pairs, D)``
+    starts generating a block expected next on a worker thread (numpy releases the GIL while it
+    fills the array). A wrong hint costs time, never bits.
     """
 
-    def __init__(self, seed: int, prefetch: bool = False) -> None:
+    def __init__(
+        self, seed: int, prefetch: bool = False, scheme: str = "host", device: torch.device | str = "cpu"
+    ) -> None:
         self.seed = seed
-        self.prefetch = prefetch
-        self._pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        self.scheme = scheme
+        self.device = torch.device(device) if scheme == "device" else None
+        self.prefetch = prefetch and scheme == "host"
+        self._pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
         self._pending: dict[tuple, Future] = {}
 
     def _make(self, gen: int, pairs: tuple[int, ...], num_params: int) -> torch.Tensor:
-        return pgpe.pair_noise(self.seed, gen, pairs, num_params)
+        return pgpe.pair_noise(self.seed, gen, pairs, num_params, self.scheme, self.device)
 
     def hint(self, gen: int, pairs: Sequence[int], num_params: int) -> None:
         key = (gen, tuple(int(j) for j in pairs), num_params)
@@ -216,7 +222,7 @@ def reduce_sums(
         if not pairs:
             continue
         if z is None:
-            z = pgpe.pair_noise(seed, state.generation, pairs, D).to(device)
+            z = pgpe.pair_noise(seed, state.generation, pairs, D, params.noise, device)
         acc += pgpe.partial_sums(w, pairs, z, exps, with_sigma)
     rows = 2 if with_sigma else 1
     total = comm.allreduce_sum_int(acc[:rows].to("cpu").reshape(-1)).reshape(rows, D)

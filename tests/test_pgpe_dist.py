@@ -55,7 +55,7 @@ def distributed_step(
     split = pgpe_dist.split_of(params, block_size, B if chunks else 1, chunks or 1)
     loss_fn = per_example if chunks else lambda points, ex: quadratic(points)
     items = dist.my_blocks(split.num_items, comm.rank, comm.world_size)
-    source = pgpe_dist.NoiseSource(seed, prefetch)
+    source = pgpe_dist.NoiseSource(seed, prefetch, params.noise)
     try:
         local, kept = pgpe_dist.evaluate(
             state, params, items, split, source, loss_fn, torch.device("cpu"), keep_bytes=keep_bytes

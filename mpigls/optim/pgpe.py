@@ -93,6 +93,7 @@ class PGPEParams(steprules.StepRuleParams):
     sigma_max: float = param(1.0, "upper clamp of sigma")
     fixed_sigma: bool = param(True, "keep sigma at sigma_init (the paper's setting)")
     fitness_shaping: str = param("centered_ranks", "fitness shaping of the losses: " + ", ".join(shaping.SHAPINGS))
+    noise: str = param("host", noise.SCHEME_HELP)
 
     def __post_init__(self):
         if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
@@ -121,6 +122,7 @@ class PGPEParams(steprules.StepRuleParams):
             )
         steprules.check_params(self)
         shaping.check_shaping(self.fitness_shaping)
+        noise.check_scheme(self.noise)
 
 
 @dataclass(frozen=True)
@@ -176,12 +178,20 @@ def weights(params: PGPEParams, losses: torch.Tensor) -> Weights:
     return Weights(w_center, w_sigma, num_valid)
 
 
-def pair_noise(seed: int, generation: int, pairs: Sequence[int], num_params: int) -> torch.Tensor:
-    """z_j of a generation for the given pairs: (len(pairs), D) float32 CPU (counter-based, mpigls.noise).
+def pair_noise(
+    seed: int,
+    generation: int,
+    pairs: Sequence[int],
+    num_params: int,
+    scheme: str = "host",
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """z_j of a generation for the given pairs: (len(pairs), D) float32 (counter-based, mpigls.noise),
+    on ``device`` (host scheme: drawn on the CPU and moved there; device scheme: generated there).
 
     It does not depend on the state, so the next generation's noise can be prepared in advance.
     """
-    return noise.noise_block(seed, generation, [int(j) for j in pairs], num_params, noise.STREAM_PGPE)
+    return noise.noise_block(seed, generation, [int(j) for j in pairs], num_params, noise.STREAM_PGPE, scheme, device)
 
 
 def population(state: PGPEState, z: torch.Tensor) -> torch.Tensor:
@@ -200,7 +210,10 @@ def _check_pairs(params: PGPEParams, pairs: Sequence[int]) -> list[int]:
 
 def ask(state: PGPEState, params: PGPEParams, seed: int, pairs: Sequence[int]) -> torch.Tensor:
     """Population rows for the given pairs: (2*len(pairs), D), rows [theta+eps_j, theta-eps_j] per j."""
-    return population(state, pair_noise(seed, state.generation, _check_pairs(params, pairs), state.center.numel()))
+    pairs = _check_pairs(params, pairs)
+    return population(
+        state, pair_noise(seed, state.generation, pairs, state.center.numel(), params.noise, state.center.device)
+    )
 
 
 def exponents(w: Weights, max_abs_z: float) -> tuple[int, int]:
@@ -270,9 +283,12 @@ def partial_sums(
     return out
 
 
-def from_sums(summed: torch.Tensor, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 (2, D) fixed-point totals -> (S_c, S_s) float64 CPU."""
-    summed = summed.to("cpu")
+def from_sums(
+    summed: torch.Tensor, exps: tuple[int, int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (2, D) fixed-point totals -> (S_c, S_s) float64 on ``device`` (exact scalings by powers
+    of two: the same bits on any device)."""
+    summed = summed.to(device)
 
     def back(i: int, e: int) -> torch.Tensor:
         # x * 2**k is exactly ldexp(x, k) while 2**k is a normal float64 (always, for real exponents)
@@ -295,12 +311,12 @@ def full_sums(state: PGPEState, params: PGPEParams, seed: int, w: Weights, with_
     """
     num_pairs = params.popsize // 2
     chunks = [range(s, min(num_pairs, s + NOISE_CHUNK)) for s in range(0, num_pairs, NOISE_CHUNK)]
-    D, gen = state.center.numel(), state.generation
-    max_z = max(max_abs_noise(pair_noise(seed, gen, c, D)) for c in chunks)
+    D, gen, dev = state.center.numel(), state.generation, state.center.device
+    max_z = max(max_abs_noise(pair_noise(seed, gen, c, D, params.noise, dev)) for c in chunks)
     exps = exponents(w, max_z)
-    total = torch.zeros((2, D), dtype=torch.int64)
+    total = torch.zeros((2, D), dtype=torch.int64, device=dev)
     for c in chunks:
-        total += partial_sums(w, c, pair_noise(seed, gen, c, D), exps, with_sigma)
+        total += partial_sums(w, c, pair_noise(seed, gen, c, D, params.noise, dev), exps, with_sigma)
     return total, exps
 
 
@@ -312,7 +328,8 @@ def gradients(
     with_sigma: bool = True,
     summed: tuple[torch.Tensor, tuple[int, int]] | None = None,
 ):
-    """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 CPU tensors.
+    """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 tensors on the state's
+    device (IEEE-exact scalings and one division: the same bits on any device).
 
     With fitness_shaping="raw", g_theta is an unbiased estimate of grad L_sigma(theta) and g_sigma
     one of dL_sigma/dsigma (up to the O(1/n) effect of the sample-mean baseline). Returns
@@ -324,8 +341,8 @@ def gradients(
     if w.num_valid == 0:
         return None, None, 0
     total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed
-    sum_c, sum_s = from_sums(total, exps)
-    denom = state.sigma.detach().to("cpu", torch.float64).mul_(w.num_valid)  # n * sigma
+    sum_c, sum_s = from_sums(total, exps, state.center.device)
+    denom = state.sigma.detach().to(torch.float64).mul_(w.num_valid)  # n * sigma
     return (sum_c.div_(denom), sum_s.div_(denom) if with_sigma else None, w.num_valid)
 
 
@@ -382,13 +399,13 @@ def tell(
         )
         return dataclasses.replace(state, generation=state.generation + 1), metrics
     device = state.center.device
-    grad = grad_center.to(torch.float32).to(device)
+    grad = grad_center.to(device, torch.float32)
     delta, step_state = steprules.step(params, state.step_state, grad, lr)
     center = steprules.decay(state.center, delta, lr, params.weight_decay)
     sigma, clipped = state.sigma, 0.0
     if not params.fixed_sigma:
-        new_sigma, clipped = _sigma_step(state.sigma.detach().to("cpu", torch.float64), grad_sigma, params)
-        sigma = new_sigma.to(torch.float32).to(device)
+        new_sigma, clipped = _sigma_step(state.sigma.detach().to(torch.float64), grad_sigma.to(device), params)
+        sigma = new_sigma.to(torch.float32)
     metrics.update(
         {
             "pgpe/skipped": 0,
@@ -441,10 +458,11 @@ def _num_items(params: PGPEParams, batch_size: int) -> int:
     return params.popsize // 2  # the work items are the antithetic pairs
 
 
-def _open(seed: int, device: torch.device):
+def _open(seed: int, device: torch.device, params: PGPEParams):
     from mpigls import pgpe_dist
 
-    return contextlib.closing(pgpe_dist.NoiseSource(seed, pgpe_dist.prefetch_default(device)))
+    source = pgpe_dist.NoiseSource(seed, pgpe_dist.prefetch_default(device), params.noise, device)
+    return contextlib.closing(source)
 
 
 def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):

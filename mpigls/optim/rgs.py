@@ -42,6 +42,7 @@ class RGSParams(grad_opt.GRADParams):
     num_samples: int = param(8, "RGS gradient samples per step")
     sigma_init: float = param(1e-3, "standard deviation of the Gaussian smoothing (RGS keeps it fixed); paper: 1e-3")
     antithetic: bool = param(True, "antithetic samples: 2k and 2k+1 use +z_k and -z_k (needs an even num_samples)")
+    noise: str = param("host", noise.SCHEME_HELP)
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +55,7 @@ class RGSParams(grad_opt.GRADParams):
             )
         if not (self.sigma_init >= 0 and math.isfinite(self.sigma_init)):
             raise ValueError(f"optimizer.sigma_init must be a finite number >= 0, got {self.sigma_init!r}")
+        noise.check_scheme(self.noise)
 
     @property
     def sigma(self) -> float:
@@ -76,7 +78,7 @@ def sample_points(state: RGSState, params: RGSParams, seed: int, indices: Sequen
         raise ValueError(f"RGS sample indices must be in [0, {params.num_samples}), got {bad[:5]}")
     num_params = state.center.numel()
     keys = [i // 2 for i in indices] if params.antithetic else indices
-    z = noise.noise_block(seed, state.generation, keys, num_params, noise.STREAM_RGS).to(state.center.device)
+    z = noise.noise_block(seed, state.generation, keys, num_params, noise.STREAM_RGS, params.noise, state.center.device)
     if params.antithetic:
         signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in indices], device=z.device)
         z = z * signs[:, None]

@@ -128,7 +128,7 @@ class Work:
     chunks: int = 1
 
 
-def _no_resource(seed: int, device: torch.device) -> contextlib.AbstractContextManager:
+def _no_resource(seed: int, device: torch.device, params: Any) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -136,8 +136,10 @@ def _no_resource(seed: int, device: torch.device) -> contextlib.AbstractContextM
 class Optimizer:
     """An optimizer as one unit: its Params class and the functions the loop calls (module docstring).
 
-    ``open(seed, device)`` is a context manager kept open for the whole run; what it yields is
-    ``Work.resource``. Register a new one with one line in ``mpigls.optim.registry.OPTIMIZERS``.
+    ``open(seed, device, params)`` is a context manager kept open for the whole run; what it yields
+    is ``Work.resource``. ``params`` may ask for the state on the training device
+    (``state_on_device``); else the state lives on the CPU. Register a new one with one line in
+    ``mpigls.optim.registry.OPTIMIZERS``.
     """
 
     name: str
@@ -149,7 +151,25 @@ class Optimizer:
     tell: Callable[[Work, Any, Any, torch.Tensor, Any, float], tuple[Any, dict]]
     state_to_dict: Callable[[Any], dict]
     state_from_dict: Callable[[dict], Any]
-    open: Callable[[int, torch.device], contextlib.AbstractContextManager] = _no_resource
+    open: Callable[[int, torch.device, Any], contextlib.AbstractContextManager] = _no_resource
+
+
+def state_on_device(params: Any) -> bool:
+    """Does this run keep its optimizer state (and so the update) on the training device? Yes with
+    ``optimizer.noise: device``; otherwise on the CPU, as checkpoints store it."""
+    return getattr(params, "noise", "host") == "device"
+
+
+def to_device(state: Any, device: torch.device | str) -> Any:
+    """``state`` (a frozen dataclass, possibly nested) with every tensor moved to ``device``."""
+    changes = {}
+    for f in dataclasses.fields(state):
+        value = getattr(state, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.to(device)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = to_device(value, device)
+    return dataclasses.replace(state, **changes)
 
 
 def block_items(block: int, block_size: int, num_items: int) -> range:

@@ -31,8 +31,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpigls import bounds, certify, checkpoint, cli, config, data, dist, landscape, models, noise, precision, train
+from mpigls import (
+    bounds,
+    certify,
+    checkpoint,
+    cli,
+    config,
+    data,
+    dist,
+    landscape,
+    models,
+    noise,
+    philox,
+    precision,
+    train,
+)
 from mpigls.attacks import margins, pgd
+from mpigls.optim import pgpe, unit
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -245,6 +260,8 @@ def test_certify_cli_on_gpu_equals_cpu(tmp_path, capsys):
 def _train_cfg(optimizer, **extra):
     opts = {
         "pgpe": {"optimizer.popsize": 16, "optimizer.block_size": 2},
+        # optimizer.noise: device: noise generated on the GPU, state and update there too
+        "pgpe-device-noise": {"optimizer.popsize": 16, "optimizer.block_size": 2, "optimizer.noise": "device"},
         "rgs": {"optimizer.num_samples": 6, "optimizer.block_size": 2},
         "grad": {"optimizer.block_size": 16},
     }[optimizer]
@@ -252,7 +269,7 @@ def _train_cfg(optimizer, **extra):
         None,
         tiny_overrides(
             **{
-                "optimizer.name": optimizer,
+                "optimizer.name": optimizer.split("-")[0],
                 "bound.method": "crown-ibp",
                 "data.num_train": 512,
                 "train.batch_size": 64,
@@ -269,7 +286,7 @@ def _sha(theta: torch.Tensor) -> str:
     return hashlib.sha256(theta.numpy().tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("optimizer", ["pgpe", "rgs", "grad"])
+@pytest.mark.parametrize("optimizer", ["pgpe", "pgpe-device-noise", "rgs", "grad"])
 def test_gpu_training_is_bitwise_reproducible_run_to_run(tmp_path, optimizer):
     cfg = _train_cfg(optimizer)
     before = precision.current_settings()
@@ -280,7 +297,7 @@ def test_gpu_training_is_bitwise_reproducible_run_to_run(tmp_path, optimizer):
     assert not torch.equal(runs[0].theta, models.flat_params(train.build_problem(cfg)[1]))  # it trained
 
 
-@pytest.mark.parametrize("optimizer", ["pgpe", "rgs", "grad"])
+@pytest.mark.parametrize("optimizer", ["pgpe", "pgpe-device-noise", "rgs", "grad"])
 def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkeypatch, optimizer):
     """Ranks as threads of one process (ThreadComm), all bound to the same GPU."""
     monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
@@ -301,6 +318,35 @@ def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkey
         assert all(r.device.type == GPU.type for r in results)
         shas[world] = _sha(results[0].theta)
     assert len(set(shas.values())) == 1, shas
+
+
+def test_device_noise_same_bits_on_gpu_and_cpu():
+    """optimizer.noise: device (mpigls.philox): integer Philox and IEEE-exact float64 steps, so the
+    GPU's numbers are the CPU's bit for bit (the GPU also takes other chunk sizes)."""
+    for seed, stream, gen, members, dim in [
+        (0, 0, 0, [0], 9),
+        (7, 0, 3, range(8), 165_850),
+        (2**40, 1, 99, [5, 1], 70_001),
+    ]:
+        cpu = philox.gaussian(seed, stream, gen, members, dim, CPU)
+        assert torch.equal(philox.gaussian(seed, stream, gen, members, dim, GPU).cpu(), cpu)
+
+
+def test_pgpe_update_with_device_noise_same_bits_on_gpu_and_cpu():
+    """Given the same losses, the whole PGPE update (noise, fixed-point sums, Adam, the sigma step)
+    runs on the GPU and gives the CPU's bits."""
+    params = pgpe.PGPEParams(popsize=24, lr=0.05, sigma_init=0.02, fixed_sigma=False, sigma_lr=0.2, noise="device")
+    state = pgpe.init(params, torch.linspace(-1.0, 1.0, 5000))
+    losses = torch.linspace(0.0, 1.0, 24, dtype=torch.float64).flip(0).sin()
+    on_cpu, on_gpu = state, unit.to_device(state, GPU)
+    for generation in range(3):
+        on_cpu, _ = pgpe.tell(on_cpu, params, 11, losses.roll(generation))
+        on_gpu, _ = pgpe.tell(on_gpu, params, 11, losses.roll(generation))
+        assert on_gpu.center.device.type == GPU.type
+        for a, b in [(on_cpu.center, on_gpu.center), (on_cpu.sigma, on_gpu.sigma)]:
+            assert torch.equal(a, b.cpu())
+        assert torch.equal(on_cpu.step_state.m, on_gpu.step_state.m.cpu())
+        assert torch.equal(on_cpu.step_state.v, on_gpu.step_state.v.cpu())
 
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
