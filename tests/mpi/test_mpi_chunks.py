@@ -17,20 +17,28 @@ from conftest import tiny_overrides
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
-@pytest.mark.parametrize("optimizer,chunks", [("pgpe", 1), ("pgpe", 2), ("pgpe", 4)])
-def test_chunked_training_is_bitwise_the_one_process_run(mpi_tmp_path, optimizer, chunks):
+@pytest.mark.parametrize(
+    "optimizer,chunks,noise", [("pgpe", 1, "host"), ("pgpe", 2, "host"), ("pgpe", 4, "host"), ("pgpe", 2, "device")]
+)
+def test_chunked_training_is_bitwise_the_one_process_run(mpi_tmp_path, optimizer, chunks, noise):
+    """optimizer.noise: device as well (noise from mpigls.philox, state and update on the device)."""
     comm = dist.init_comm()
     cfg = config.load_config(
         None,
         tiny_overrides(
-            **{"optimizer.name": optimizer, "optimizer.batch_chunks": chunks, "train.checkpoint_every": 100}
+            **{
+                "optimizer.name": optimizer,
+                "optimizer.batch_chunks": chunks,
+                "optimizer.noise": noise,
+                "train.checkpoint_every": 100,
+            }
         ),
     )
     quiet = lambda msg: None
-    got = train.train(cfg, mpi_tmp_path / f"{optimizer}{chunks}-mpi", comm=comm, max_generations=3, log=quiet)
+    got = train.train(cfg, mpi_tmp_path / f"{optimizer}{chunks}{noise}-mpi", comm=comm, max_generations=3, log=quiet)
     ref = train.train(
         cfg,
-        mpi_tmp_path / f"{optimizer}{chunks}-serial{comm.rank}",
+        mpi_tmp_path / f"{optimizer}{chunks}{noise}-serial{comm.rank}",
         comm=dist.SerialComm(),
         max_generations=3,
         log=quiet,
