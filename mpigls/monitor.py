@@ -220,7 +220,7 @@ class Monitor:
         """``metrics`` plus the validation results when due; appends the generation's log line."""
         if self.due(generation):
             assert self.validator is not None  # due() is False without eval.every
-            val = self.validator(theta)
+            val = self.validator(theta.detach().cpu())
             metrics = {**metrics, **val}
             self._say(
                 f"val gen {generation:6d}  "

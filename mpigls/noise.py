@@ -50,9 +50,9 @@ STREAM_ATTACK = 2
 STREAM_DATA = 3
 SCHEMES = {"host": NOISE_SCHEME, "device": philox.SCHEME}  # optimizer.noise -> checkpoint noise_scheme
 SCHEME_HELP = (
-    "where the perturbation noise is generated: host (numpy Philox on the CPU, copied to the device) or "
-    "device (Philox-4x32 in torch ops on the training device, which also keeps the optimizer state and "
-    "update there; the same bits on CPU and GPU, other numbers than host)"
+    "where the perturbation noise is generated: host (numpy Philox on the CPU, copied to the device; on a "
+    "GPU drawn ahead on a host thread) or device (Philox-4x32 in torch ops on the training device; the same "
+    "bits on CPU and GPU, other numbers than host)"
 )
 
 

@@ -180,8 +180,9 @@ def evaluate(
             else:
                 source.hint(gen + 1, split.members(units[0]), D)
             max_abs = max(max_abs, pgpe.max_abs_noise(z))
+            z = z.to(device, non_blocking=True)  # kept on the device: the sums run where the state is
             with torch.no_grad():
-                points = pgpe.population(on_device, z.to(device, non_blocking=True))
+                points = pgpe.population(on_device, z)
         mine = summed_by(split, item)
         if mine:
             if not keep:

@@ -98,8 +98,9 @@ def train(
         if progress is not None:
             cleanup.callback(progress.close)
         resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
-        if unit.state_on_device(params):  # optimizer.noise: device: noise, sums and step on the device
-            state = unit.to_device(state, device)
+        # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
+        # run there (checkpoints and the returned theta are copied to the CPU)
+        state = unit.to_device(state, device)
         # train.tf32 / train.deterministic, restored when training ends
         cleanup.enter_context(
             precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=device)

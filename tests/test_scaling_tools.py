@@ -1,5 +1,6 @@
 """tools/scaling_model.py formulas and tools/scaling.py's merge (no MPI runs here)."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -62,12 +63,36 @@ def test_split_minibatch_gives_every_rank_work_and_sums_each_pair_once():
     # prefetch: the host noise is hidden behind the bounds up to the compute time
     assert chunked["noise"] == pytest.approx(max(0.0, D * 1e-8 - chunked["compute"]))
     assert chunked["allgather"] == sm.allgather_s(1024, 8 * P, NET)
-    # the what-ifs only shrink the update term
-    for kw in ({"sharded": True}, {"device_update": True}):
-        alt = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu, **kw)
-        assert alt["update"] < chunked["update"] and alt["compute"] == chunked["compute"]
+    # the sharded step (what-if) only shrinks the update term
+    alt = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu, sharded=True)
+    assert alt["update"] < chunked["update"] and alt["compute"] == chunked["compute"]
+    # the device scheme: noise, sums and step from the counted ops at the GPU's rates, no PCIe copy
+    dev_terms = dataclasses.replace(
+        TERMS,
+        dev_noise=sm.OpCount(300, 2e3 * 4 * D),
+        dev_sums=sm.OpCount(20, 50 * 4 * D),
+        dev_step=sm.OpCount(60, 100 * D),
+        pairs=4,
+    )
+    dev = sm.t_gen(1024, P, D, c, dev_terms, NET, work=sm.Work(B, 1, 8), gpu=gpu, device=True)
+    assert dev["h2d"] == 0 and dev["compute"] == chunked["compute"]
+    assert dev["noise"] == pytest.approx(300 * gpu.launch_s + 2e3 * D / gpu.hbm_Bps)  # one pair of one block
+    step = 60 * gpu.launch_s + 100 * D / gpu.hbm_Bps + 16 * D / NET.pcie_Bps
+    sums = 20 * gpu.launch_s + 50 * D / gpu.hbm_Bps  # the rank summing its pair (chunk 0's owner)
+    assert dev["update"] == pytest.approx(sums + step)
     assert sm.scale_out_work(1024, P, B) == sm.Work(B, 1, 8)
     assert sm.scale_out_work(8, P, B) == sm.Work(B, 8, 1)
+
+
+def test_weak_scaling_keeps_the_per_rank_work():
+    """P grows with N (whole blocks of 8 pairs): each rank's terms stay, only the collectives grow."""
+    D, c, B = 100_000, 0.01, 512
+    one = sm.t_gen(1, 32, D, c, TERMS, NET, work=sm.Work(B, 8, 1))
+    many = sm.t_gen(1024, 32 * 1024, D, c, TERMS, NET, work=sm.Work(B, 8, 1))
+    for k in ("compute", "noise", "update"):
+        assert many[k] == pytest.approx(one[k])
+    assert many["allgather"] == sm.allgather_s(1024, 32 * 1024, NET)
+    assert 0.9 < one["total"] / many["total"] < 1.0
 
 
 def test_baselines_keep_their_serial_terms():

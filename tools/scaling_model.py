@@ -14,16 +14,22 @@ contiguous run of them (dist.block_range), ranks beyond the item count idle. Per
             5 us = 0.5 ms) and t_fixed per generation (minibatch and theta to the GPU, losses back,
             synchronisations: 1 ms). Assumes the GPU is as efficient on 2 members x 64 examples as on
             a large block (optimistic: small calls leave an H100 partly idle).
-  noise     (pairs of the blocks it touches) * D * t_noise: host counter-based normals, MEASURED
-            here. With prefetch (default on GPU) a block's noise is drawn on a host thread while the
-            previous bound call runs on the GPU: exposed = max(0, noise - compute).
-  h2d       the same pairs * D * 4 B / PCIe (25 GB/s).
-  sums      (pairs it sums) * D * t_sum: fixed-point partial sums, MEASURED here on the CPU (each
+  Two noise schemes (optimizer.noise), both implemented:
+  host      noise: (pairs of the blocks it touches) * D * t_noise, counter-based normals on the host,
+            MEASURED here. With prefetch (default on GPU) a block's noise is drawn on a host thread
+            while the previous bound call runs on the GPU: exposed = max(0, noise - compute).
+            h2d: the same pairs * D * 4 B / PCIe (25 GB/s).
+            sums: (pairs it sums) * D * t_sum, fixed-point partial sums, MEASURED here on the CPU (each
             pair once: pair j of a block by the owner of the block's chunk j % C).
-  step      D * t_apply: applying the update (shaping, Adam, sigma), MEASURED, replicated on every
-            rank. Two what-if columns (not implemented): "E shard", the step sharded (D/N * t_apply + an
-            allgather of the float32 centre, sigma and moments, 16 D bytes); "E dev", the sums and the
-            step on the GPU (memory-bound at 2 TB/s, 40 passes over D, 40 launches of 5 us).
+            step: D * t_apply, applying the update (shaping, Adam, sigma), MEASURED, on every rank.
+  device    noise, sums and step run on the GPU (mpigls.philox; the state lives there). Their torch
+            ops are COUNTED here by running the real code under a dispatch counter (ops, bytes read
+            and written); GPU time = ops * 5 us launch + bytes / 2 TB/s (ASSUMED H100 figures), per
+            noise block, per partial-sum call and per step; plus the int64 totals' round trip
+            through the host for the allreduce (16 D B over PCIe).
+  What-if (not implemented): "E shard", the host step sharded (D/N * t_apply + an allgather of the
+            float32 centre, sigma and moments, 16 D bytes).
+  Weak scaling: P = P1 * N (P1 = 32: the paper's 256 on 8 GPUs), whole pair blocks of 8.
   allgather P C float64 item results, recursive doubling: log2(N) a + (N-1)/N * 8 P C / b, plus the
             scalar max |z| allreduce: 2 log2(N) a.
   allreduce one int64 vector of 2 D (D with fixed sigma), the better of ring
@@ -31,9 +37,10 @@ contiguous run of them (dist.block_range), ranks beyond the item count idle. Per
   checkpoint rank 0 writes 4 D float32 (theta, sigma, Adam m, v) every K generations (MEASURED).
 Network (assumption, a typical HPC fabric): 200 Gb/s InfiniBand HDR: b = 25 GB/s per rank, a = 2 us.
 
-Efficiency E(N) = t_gen(1 GPU, block 8, 1 chunk) / (N t_gen(N)): against the best single-GPU
-configuration (the default block size, no chunks), so the per-call overhead of many small items is
-charged to the scaled-out run, not hidden in the baseline.
+Efficiency E(N) = t_gen(1 GPU, block 8, 1 chunk, best scheme) / (N t_gen(N)): against the best
+single-GPU configuration (the default block size, no chunks, the faster noise scheme), so the
+per-call overhead of many small items is charged to the scaled-out run, not hidden in the baseline.
+Weak: E_weak(N) = t_gen(1, P1) / t_gen(N, P1 N).
 
 Compared with, for the same compute and noise costs (whole pairs per rank, no chunks):
   OpenAI-ES (Salimans et al. 2017): workers exchange scalars only (allgather of P losses + seeds),
@@ -65,7 +72,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpigls import checkpoint, dist, models  # noqa: E402
+from mpigls import checkpoint, dist, models, philox  # noqa: E402
 from mpigls.optim import pgpe  # noqa: E402
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
@@ -108,13 +115,52 @@ class Work:
 
 
 @dataclass(frozen=True)
+class OpCount:
+    """Torch ops (kernel launches on a GPU) and bytes they read and write, counted on the real code."""
+
+    ops: int
+    bytes: float
+
+    def gpu_s(self, gpu: Gpu, scale: float = 1.0) -> float:
+        """GPU seconds when the bytes scale by ``scale``: launches + memory traffic (ASSUMED rates)."""
+        return self.ops * gpu.launch_s + scale * self.bytes / gpu.hbm_Bps
+
+
+@dataclass(frozen=True)
 class Terms:
-    """Host costs measured on this machine (seconds)."""
+    """Host costs measured on this machine (seconds) and the device scheme's counted ops."""
 
     t_noise: float  # per normal number
     t_sum: float  # per pair-element of the fixed-point partial sums (with the sigma term)
     t_apply: float  # per parameter for applying the step
     t_ckpt: float  # per parameter for a checkpoint write
+    dev_noise: OpCount = OpCount(0, 0.0)  # one noise block of ``pairs`` pairs x D (device scheme)
+    dev_sums: OpCount = OpCount(0, 0.0)  # one partial-sum call over ``pairs`` pairs x D
+    dev_step: OpCount = OpCount(0, 0.0)  # one tell (weights, gradients, Adam, sigma) over D
+    pairs: int = 1  # the pairs the device counts were taken with (bytes scale linearly)
+
+
+def count_ops(fn) -> dict:
+    """Run ``fn()`` and count the torch ops that are not views (each a kernel launch on a GPU) and
+    the bytes of their tensor inputs and outputs: {"ops": int, "bytes": float}."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Counter(TorchDispatchMode):
+        ops, nbytes = 0, 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                Counter.ops += 1
+                for t in tree_flatten((args, kwargs, out))[0]:
+                    if isinstance(t, torch.Tensor):
+                        Counter.nbytes += t.numel() * t.element_size()
+            return out
+
+    with Counter():
+        fn()
+    return {"ops": Counter.ops, "bytes": Counter.nbytes}
 
 
 def _best(fn, repeat=3):
@@ -151,7 +197,15 @@ def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = F
     )
     with tempfile.TemporaryDirectory() as tmp:
         t_ckpt = _best(lambda: checkpoint.save(tmp, ck, keep_last=1), 2) / D
-    return Terms(t_noise, t_sum, t_apply, t_ckpt)
+    # the device scheme: the same code as on a GPU (one column chunk, as there), ops counted
+    dparams = pgpe.PGPEParams(popsize=2 * pairs, sigma_init=1e-3, fixed_sigma=fixed_sigma, noise="device")
+    dstate = pgpe.init(dparams, torch.zeros(D))
+    # as on a GPU: one generator chunk of up to 2^22 counters (the CPU takes cache-sized ones)
+    gpu_chunk = philox._chunk_counters(torch.device("cuda"), pairs)
+    dev_noise = OpCount(**count_ops(lambda: philox.gaussian(0, 0, 0, range(pairs), D, chunk=gpu_chunk)))
+    dev_sums = OpCount(**count_ops(lambda: pgpe.partial_sums(w, range(pairs), z, exps, column_chunk=1 << 22)))
+    dev_step = OpCount(**count_ops(lambda: pgpe.tell(dstate, dparams, 0, losses, summed=summed)))
+    return Terms(t_noise, t_sum, t_apply, t_ckpt, dev_noise, dev_sums, dev_step, pairs)
 
 
 def allgather_s(n: int, P: int, net: Network) -> float:
@@ -178,15 +232,26 @@ def rank_loads(n: int, P: int, work: Work) -> list[dict]:
     loads = []
     for r in range(min(n, items)):
         rng = dist.block_range(items, r, n)
-        members, noise_units, sum_pairs = 0.0, set(), 0
+        members, noise_units, sum_pairs, sum_calls = 0.0, set(), 0, 0
         for i in rng:
             u, c = divmod(i, work.chunks)
             size = min(work.block, num_pairs - u * work.block)
             members += 2 * size * (base + (1 if c < extra else 0)) / work.batch
             noise_units.add(u)
-            sum_pairs += sum(1 for j in range(u * work.block, u * work.block + size) if j % work.chunks == c)
+            mine = sum(1 for j in range(u * work.block, u * work.block + size) if j % work.chunks == c)
+            sum_pairs += mine
+            sum_calls += mine > 0
         noise_pairs = sum(min(work.block, num_pairs - u * work.block) for u in noise_units)
-        loads.append({"members": members, "items": len(rng), "noise_pairs": noise_pairs, "sum_pairs": sum_pairs})
+        loads.append(
+            {
+                "members": members,
+                "items": len(rng),
+                "noise_pairs": noise_pairs,
+                "noise_blocks": len(noise_units),
+                "sum_pairs": sum_pairs,
+                "sum_calls": sum_calls,
+            }
+        )
     return loads
 
 
@@ -202,16 +267,20 @@ def t_gen(
     work: Work = Work(),
     gpu: Gpu = Gpu(0.0, 0.0, False),
     sharded: bool = False,
-    device_update: bool = False,
+    device: bool = False,
+    update_on_device: bool | None = None,
 ) -> dict:
     """The model's terms (seconds) for N = n ranks, population P, D parameters: the slowest rank's
-    compute / noise / h2d / update, then the collectives and the checkpoint share. What-ifs (not
-    implemented): ``sharded`` step (D/N per rank + an allgather of 16 D bytes); ``device_update``:
-    the partial sums and the step on the GPU (memory-bound: 4 passes of 4 B per pair-element, 40
-    passes over D and 40 kernel launches for the step)."""
-    t_sum = 16 / gpu.hbm_Bps if device_update else terms.t_sum
-    if device_update:
-        step = 40 * 4 * D / gpu.hbm_Bps + 40 * gpu.launch_s
+    compute / noise / h2d / update, then the collectives and the checkpoint share. ``device``: the
+    device noise scheme (noise generated on the GPU, from the counted ops); else host noise.
+    ``update_on_device`` (default: ``device``): the fixed-point sums and the step on the GPU (counted
+    ops; what ``train`` does on a GPU with either scheme), else on the host (measured; the code
+    before the state moved to the device). What-if (not implemented): ``sharded`` host step (D/N per
+    rank + an allgather of 16 D bytes)."""
+    per_pair = 1.0 / terms.pairs
+    on_gpu = device if update_on_device is None else update_on_device
+    if on_gpu:
+        step = terms.dev_step.gpu_s(gpu) + 16 * D / net.pcie_Bps  # + the int64 totals via the host
     elif sharded and n > 1:
         step = math.ceil(D / n) * terms.t_apply + allgather_bytes_s(n, 16 * D, net)
     else:
@@ -219,13 +288,27 @@ def t_gen(
     worst: dict = {}
     for load in rank_loads(n, P, work):
         compute = load["members"] * c_member + load["items"] * gpu.call_s + gpu.fixed_s
-        noise = load["noise_pairs"] * D * terms.t_noise
-        terms_r = {
-            "compute": compute,
-            "noise": max(0.0, noise - compute) if gpu.prefetch else noise,
-            "h2d": load["noise_pairs"] * D * 4 / net.pcie_Bps,
-            "update": load["sum_pairs"] * D * t_sum + step,
-        }
+        if on_gpu:
+            sums = (
+                load["sum_calls"] * terms.dev_sums.ops * gpu.launch_s
+                + load["sum_pairs"] * per_pair * terms.dev_sums.bytes / gpu.hbm_Bps
+            )
+        else:
+            sums = load["sum_pairs"] * D * terms.t_sum
+        if device:  # queued on the GPU with the bounds: nothing overlaps, nothing crosses PCIe
+            noise = (
+                load["noise_blocks"] * terms.dev_noise.ops * gpu.launch_s
+                + load["noise_pairs"] * per_pair * terms.dev_noise.bytes / gpu.hbm_Bps
+            )
+            terms_r = {"compute": compute, "noise": noise, "h2d": 0.0, "update": sums + step}
+        else:
+            noise = load["noise_pairs"] * D * terms.t_noise
+            terms_r = {
+                "compute": compute,
+                "noise": max(0.0, noise - compute) if gpu.prefetch else noise,
+                "h2d": load["noise_pairs"] * D * 4 / net.pcie_Bps,
+                "update": sums + step,
+            }
         if not worst or sum(terms_r.values()) > sum(worst.values()):
             worst = terms_r
     out = dict(
@@ -289,6 +372,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compute", default="", help="1-GPU seconds per generation at P=256, B=512, e.g. cnn3=1,cnn5=10")
     p.add_argument("--popsizes", default="256")
+    p.add_argument("--weak-popsize", type=int, default=32, help="weak scaling: popsize per GPU (paper: 256 on 8)")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--ranks", default="1,8,64,256,1024")
     p.add_argument("--call-ms", type=float, default=0.5, help="ASSUMED GPU overhead per bound call (work item)")
@@ -322,24 +406,29 @@ def main(argv=None) -> int:
         for P in popsizes:
             c_member = compute[name] / 256  # per member over the whole batch: the 1-GPU time scales with P
             model = functools.partial(
-                lambda n, work, P, D, c, terms, sharded=False, dev=False: t_gen(
-                    n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev
+                lambda n, work, P, D, c, terms, sharded=False, dev=False, upd=True: t_gen(
+                    n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev, upd
                 ),
-                P=P,
                 D=D,
                 c=c_member,
                 terms=terms,
             )
-            base = model(1, Work(B, 8, 1))["total"]  # one GPU: default block size, no chunks
-            base_dev = model(1, Work(B, 8, 1), dev=True)["total"]  # the same, for the what-if
+            # one GPU: default block size, no chunks, the faster noise scheme
+            base = min(
+                model(1, Work(B, 8, 1), P=P, upd=u, dev=d)["total"] for u in (False, True) for d in (False, True)
+            )
             oe1 = t_openai_es(1, P, D, c_member, terms, net, K)
             ev1 = t_evotorch(1, P, D, c_member, terms, net, K)
+            P1 = args.weak_popsize
+            weak1 = {d: model(1, Work(B, 8, 1), P=P1, dev=d)["total"] for d in (False, True)}
             for n in ranks:
                 work = scale_out_work(n, P, B)
-                tg = model(n, work)
-                whole = model(n, Work(B, 1, 1))  # ranks own whole pairs (batch_chunks = 1)
-                shard = model(n, work, sharded=True)
-                dev = model(n, work, dev=True)
+                tg = model(n, work, P=P)
+                whole = model(n, Work(B, 1, 1), P=P)  # ranks own whole pairs (batch_chunks = 1)
+                host_update = model(n, work, P=P, upd=False)  # the update on the host (before)
+                shard = model(n, work, P=P, upd=False, sharded=True)
+                dev = model(n, work, P=P, dev=True)
+                weak = {d: model(n, Work(B, 8, 1), P=P1 * n, dev=d)["total"] for d in (False, True)}
                 results.append(
                     {
                         "model": name,
@@ -355,8 +444,13 @@ def main(argv=None) -> int:
                         "t_gen": tg["total"],
                         "efficiency": base / (n * tg["total"]),
                         "efficiency_whole_pairs": base / (n * whole["total"]),
+                        "efficiency_host_update": base / (n * host_update["total"]),
                         "efficiency_sharded_step": base / (n * shard["total"]),
-                        "efficiency_device_update": base_dev / (n * dev["total"]),
+                        "efficiency_device": base / (n * dev["total"]),
+                        "terms_device": dev,
+                        "weak_popsize": P1 * n,
+                        "weak_efficiency": weak1[False] / weak[False],
+                        "weak_efficiency_device": weak1[True] / weak[True],
                         "openai_es_t": t_openai_es(n, P, D, c_member, terms, net, K),
                         "evotorch_t": t_evotorch(n, P, D, c_member, terms, net, K),
                         "measured_terms": asdict(terms),
@@ -372,8 +466,8 @@ def main(argv=None) -> int:
     )
     print(
         f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'M':>3} {'C':>3} {'items':>5} {'t_gen s':>9} {'E':>5} "
-        f"{'compute':>8} {'noise':>8} {'update':>8} {'gather':>8} {'reduce':>8} {'E C=1':>6} {'E shard':>7} "
-        f"{'E dev':>5} {'E OpenAI-ES':>11} {'E EvoTorch':>10}"
+        f"{'compute':>8} {'noise':>8} {'update':>8} {'gather':>8} {'reduce':>8} {'E C=1':>6} {'E hupd':>6} "
+        f"{'E dev':>5} {'Ew host':>7} {'Ew dev':>6} {'E OpenAI-ES':>11} {'E EvoTorch':>10}"
     )
     for r in results:
         t = r["terms"]
@@ -381,8 +475,8 @@ def main(argv=None) -> int:
             f"{r['model'] + '/' + r['dataset'][:5]:12} {r['D']:9d} {r['P']:5d} {r['ranks']:5d} {r['block']:3d} "
             f"{r['chunks']:3d} {r['items']:5d} {r['t_gen']:9.4f} {r['efficiency']:5.2f} {t['compute']:8.4f} "
             f"{t['noise'] + t['h2d']:8.4f} {t['update']:8.4f} {t['allgather']:8.2e} {t['allreduce']:8.2e} "
-            f"{r['efficiency_whole_pairs']:6.2f} {r['efficiency_sharded_step']:7.2f} {r['efficiency_device_update']:5.2f} "
-            f"{r['openai_es_eff']:11.2f} "
+            f"{r['efficiency_whole_pairs']:6.2f} {r['efficiency_host_update']:6.2f} {r['efficiency_device']:5.2f} "
+            f"{r['weak_efficiency']:7.2f} {r['weak_efficiency_device']:6.2f} {r['openai_es_eff']:11.2f} "
             f"{r['evotorch_eff']:10.2f}"
         )
     out = Path(args.out)
@@ -395,8 +489,10 @@ def main(argv=None) -> int:
         "checkpoint_every": K,
         "sigma": args.sigma,
         "threads": args.threads,
+        "weak_popsize_per_gpu": args.weak_popsize,
         "note": "compute and GPU overheads are assumed parameters (no GPU measured); host terms measured on "
-        "this machine; E against 1 GPU with block 8, 1 chunk",
+        "this machine; device-scheme ops counted on the real code, timed at the assumed launch and HBM rates; "
+        "E against 1 GPU with block 8, 1 chunk, the faster noise scheme",
     }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
     plot(results, out.with_suffix(".png"))

@@ -137,9 +137,8 @@ class Optimizer:
     """An optimizer as one unit: its Params class and the functions the loop calls (module docstring).
 
     ``open(seed, device, params)`` is a context manager kept open for the whole run; what it yields
-    is ``Work.resource``. ``params`` may ask for the state on the training device
-    (``state_on_device``); else the state lives on the CPU. Register a new one with one line in
-    ``mpigls.optim.registry.OPTIMIZERS``.
+    is ``Work.resource``. The loop keeps the state on the training device (``to_device``), so
+    ``tell`` runs there. Register a new one with one line in ``mpigls.optim.registry.OPTIMIZERS``.
     """
 
     name: str
@@ -152,12 +151,6 @@ class Optimizer:
     state_to_dict: Callable[[Any], dict]
     state_from_dict: Callable[[dict], Any]
     open: Callable[[int, torch.device, Any], contextlib.AbstractContextManager] = _no_resource
-
-
-def state_on_device(params: Any) -> bool:
-    """Does this run keep its optimizer state (and so the update) on the training device? Yes with
-    ``optimizer.noise: device``; otherwise on the CPU, as checkpoints store it."""
-    return getattr(params, "noise", "host") == "device"
 
 
 def to_device(state: Any, device: torch.device | str) -> Any:
