@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         base = None
         ops = count_ops(options["device"])
         print(
-            f"D={D}, block {args.block}: the device scheme runs {ops['ops']} torch ops, "
+            f"D={D}, block {args.block}: the device scheme runs {ops['ops']} torch ops here ({device.type} chunking), "
             f"{ops['bytes'] / (D * args.block):.0f} bytes moved per number"
         )
         for name, fn in options.items():
