@@ -103,7 +103,7 @@ def noise_block(
     ``member_noise(..., members[i], ...)``. Host: drawn on the CPU, then moved to ``device`` (if
     given); device: generated on ``device`` (default CPU), the same bits wherever."""
     if check_scheme(scheme) == "device":
-        members = [_check_words((m,))[0] for m in members]
+        members = _check_words(members)
         _check_words((seed, generation, stream))
         return philox.gaussian(seed, stream, generation, members, num_params, device or "cpu")
     out = np.empty((len(members), num_params), dtype=np.float32)

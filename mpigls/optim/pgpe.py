@@ -404,7 +404,7 @@ def tell(
     center = steprules.decay(state.center, delta, lr, params.weight_decay)
     sigma, clipped = state.sigma, 0.0
     if not params.fixed_sigma:
-        new_sigma, clipped = _sigma_step(state.sigma.detach().to(torch.float64), grad_sigma.to(device), params)
+        new_sigma, clipped = _sigma_step(state.sigma.detach().to(torch.float64), grad_sigma, params)
         sigma = new_sigma.to(torch.float32)
     metrics.update(
         {
