@@ -10,8 +10,8 @@ number does not depend on the number of ranks; rank r owns a contiguous run of i
    example chunks, and keeps z_j of the pairs it sums (pair j of a block: the owner of chunk
    j % chunks, so the ranks sharing a block share its sums; up to a memory budget);
 2. all-gathers the item results (per-member chunk means) and recombines the P losses in a fixed
-   order on every rank (``gather_losses``; one chunk: the losses as evaluated), and agrees on
-   max |z| (one scalar allreduce, for the shared fixed-point exponent);
+   order on every rank (``gather_losses``; one chunk: the losses as evaluated); max |z| (for the
+   shared fixed-point exponent) and the loop's stop flags ride in the same all-gather;
 3. sums w_j z_j and v_j (z_j^2 - 1) over the pairs it keeps in fixed point (``pgpe.partial_sums``;
    each pair exactly once) and adds the int64 vectors of all
    ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with fixed sigma). Integer addition is
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from . import work
-from .optim import pgpe
+from .optim import pgpe, unit
 
 __all__ = [
     "KEEP_NOISE_BYTES",
@@ -197,25 +197,37 @@ def evaluate(
     return losses, LocalNoise(done, kept, max_abs)
 
 
-def gather_losses(comm, split: work.WorkSplit, local: torch.Tensor) -> torch.Tensor:
-    """All P losses (P,) float64 on every rank: one all-gather of the item results, then the chunks
-    are recombined in a fixed order (``work.WorkSplit.combine``). Collective."""
-    return split.combine(comm.allgather_concat(local))
+def gather_losses(
+    comm, split: work.WorkSplit, local: torch.Tensor, control: unit.Control | None = None, max_abs: float = 0.0
+) -> tuple[torch.Tensor, unit.Control, float]:
+    """(All P losses (P,) float64, the agreed loop ``control``, max |z| over all ranks) on every rank:
+    ONE all-gather of the item results with the flags and this rank's max |z| riding along
+    (``unit.gather_losses``); the chunks are recombined in a fixed order (``work.WorkSplit.combine``).
+    Collective."""
+    body, agreed, (top,) = unit.gather_losses(comm, local, control or unit.Control(), [max_abs])
+    return split.combine(body), agreed, top
 
 
 def reduce_sums(
-    comm, state: pgpe.PGPEState, params: pgpe.PGPEParams, seed: int, all_losses: torch.Tensor, local: LocalNoise
+    comm,
+    state: pgpe.PGPEState,
+    params: pgpe.PGPEParams,
+    seed: int,
+    all_losses: torch.Tensor,
+    local: LocalNoise,
+    max_abs: float | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """The exact fixed-point totals over all ranks' pairs for ``pgpe.tell(..., summed=...)``.
 
     Collective: every rank must call it with the same ``all_losses``. None when no pair is valid
-    (every rank sees the same losses, so every rank skips the collectives alike).
+    (every rank sees the same losses, so every rank skips the collectives alike). ``max_abs``: max |z|
+    over all ranks when already agreed (``gather_losses``), else one scalar allreduce finds it.
     """
     w = pgpe.weights(params, all_losses)
     if w.num_valid == 0:
         return None
     with_sigma = not params.fixed_sigma
-    exps = pgpe.exponents(w, comm.allreduce_max(local.max_abs))
+    exps = pgpe.exponents(w, comm.allreduce_max(local.max_abs) if max_abs is None else max_abs)
     D = state.center.numel()
     device = next((z.device for z in local.z if z is not None), state.center.device)
     acc = torch.zeros((2, D), dtype=torch.int64, device=device)

@@ -111,9 +111,11 @@ def train(
             eps, lr = _schedules(cfg, generation, gens_per_epoch)
             work = _work(cfg, model, x, y, eps, _bound_options(cfg, generation), device, resource)
             local = opt.evaluate(work, state, params, blocks)
-            if blocks.agree_stop(comm):  # a stop signal cut this generation short on some rank
+            # the stop flags ride in the exchange's first collective (one all-gather of the losses)
+            control = unit.Control(cut_short=blocks.cut_short, stop=stop_signal.requested)
+            all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
+            if blocks.settle(agreed.cut_short):  # a stop signal cut this generation short on some rank
                 break
-            all_losses, reduced = opt.exchange(comm, work, state, params, local)
             state, metrics = opt.tell(work, state, params, all_losses, reduced, lr)
             generation += 1
             skipped_in_a_row = _check_finite(metrics, all_losses, generation, skipped_in_a_row, cfg, say)
@@ -122,7 +124,7 @@ def train(
             _report(progress, say, cfg, metrics, generation, gens_per_epoch, stop_at)
             if cfg.train.consistency_every and generation % cfg.train.consistency_every == 0:
                 comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes())
-            stopped = comm.agree_any(stop_signal.requested)
+            stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
             if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
                 ckpt_path = save(state, history)
             if stopped:

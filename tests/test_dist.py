@@ -154,6 +154,32 @@ def test_nonfinite_on_one_rank_raises_on_all():
     assert all("rank 2: 1" in m for m in msgs)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_allgather_head_one_collective_for_flags_scalars_and_losses(n):
+    """allgather_head: column-wise max of the heads (flags OR, max |z|) and the bodies concatenated in
+    rank order with their bits kept (lengths differ per rank, one rank may have none), in ONE
+    collective on every comm; SerialComm returns its own."""
+
+    def body(comm):
+        r = comm.rank
+        calls = []
+        orig = comm._allgather_array
+        comm._allgather_array = lambda a: calls.append(a.size) or orig(a)
+        losses = torch.arange(r, dtype=torch.float64) / 3 + r
+        top, cat = comm.allgather_head([float(r == n - 1), 0.0, 0.5 * r - 7], losses)
+        return top, cat, len(calls)
+
+    out = dist.run_threaded(body, n)
+    want = torch.cat([torch.arange(r, dtype=torch.float64) / 3 + r for r in range(n)])
+    for top, cat, calls in out:
+        assert top == [1.0, 0.0, 0.5 * (n - 1) - 7] and calls == 1
+        assert cat.dtype == torch.float64 and torch.equal(cat, want)
+    serial_top, serial_cat = dist.SerialComm().allgather_head([], torch.tensor([1.5], dtype=torch.float64))
+    assert serial_top == [] and serial_cat.tolist() == [1.5]
+    with pytest.raises(ValueError, match="1-D body"):
+        dist.SerialComm().allgather_head([0.0], torch.zeros(2, 2))
+
+
 def test_thread_comm_collectives_and_fake_nodes():
     def body(comm):
         cat = comm.allgather_concat(torch.full((comm.rank,), float(comm.rank), dtype=torch.float64))

@@ -56,8 +56,9 @@ def _evaluate(work, state, params, blocks):
     return out
 
 
-def _exchange(comm, work, state, params, local):
-    return unit.gather_losses(comm, local), None  # every rank gets all 2n losses in global order
+def _exchange(comm, work, state, params, local, control):
+    losses, agreed, _ = unit.gather_losses(comm, local, control)  # all 2n losses in global order
+    return losses, None, agreed
 
 
 def _tell(work, state, params, all_losses, _reduced, lr):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpigls import dist, noise, pgpe_dist
-from mpigls.optim import pgpe
+from mpigls.optim import pgpe, unit
 
 D = 37
 A = torch.linspace(0.5, 3.0, D, dtype=torch.float64)
@@ -62,12 +62,14 @@ def distributed_step(
         )
     finally:
         source.close()
-    all_losses = pgpe_dist.gather_losses(comm, split, local)
+    # the fused path: losses and max |z| over the ranks in one all-gather
+    all_losses, agreed, max_abs = pgpe_dist.gather_losses(comm, split, local, max_abs=kept.max_abs)
+    assert agreed == unit.Control() and max_abs == comm.allreduce_max(kept.max_abs)
     if out is not None:
         out.append(all_losses)
     if spoil is not None:
         all_losses = spoil(all_losses)
-    summed = pgpe_dist.reduce_sums(comm, state, params, seed, all_losses, kept)
+    summed = pgpe_dist.reduce_sums(comm, state, params, seed, all_losses, kept, max_abs)
     return pgpe.tell(state, params, seed, all_losses, summed=summed)
 
 

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     local, _ = pgpe_dist.evaluate(
         state, params, list(range(num_items)), split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
     )
-    all_losses = pgpe_dist.gather_losses(comm, split, local)
+    all_losses = pgpe_dist.gather_losses(comm, split, local)[0]
     ranks = [int(n) for n in args.ranks.split(",")]
     best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
     for _ in range(args.repeat):

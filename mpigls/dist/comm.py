@@ -21,7 +21,7 @@ import hashlib
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,6 +50,7 @@ class Comm(Protocol):
     @property
     def is_root(self) -> bool: ...
     def allgather_concat(self, t: torch.Tensor) -> torch.Tensor: ...
+    def allgather_head(self, head: Sequence[float], body: torch.Tensor) -> tuple[list[float], torch.Tensor]: ...
     def allgather_obj(self, obj: Any) -> list: ...
     def bcast_obj(self, obj: Any, root: int = 0) -> Any: ...
     def agree_any(self, flag: bool) -> bool: ...
@@ -127,6 +128,24 @@ class CommBase:
         if len(dtypes) != 1:
             raise RuntimeError(f"allgather_concat: ranks passed different dtypes {sorted(dtypes)}")
         return torch.from_numpy(np.concatenate(parts)).to(t.device)
+
+    def allgather_head(self, head: Sequence[float], body: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+        """ONE all-gather for a generation's scalars: (column-wise max of every rank's ``head``, the
+        rank-order concatenation of every rank's 1-D ``body``) on every rank.
+
+        ``head``: the same number of floats on every rank (flags as 0/1, whose max is their OR; a
+        max |z|); ``body``: float64 (per-item losses), lengths may differ. The body's bits are kept.
+        """
+        h = np.asarray([float(x) for x in head], dtype=np.float64)
+        if body.dim() != 1:
+            raise ValueError(f"allgather_head takes a 1-D body, got shape {tuple(body.shape)}; flatten it first")
+        b = body.detach().to("cpu", torch.float64).contiguous().numpy()
+        parts = self._allgather_array(np.concatenate([h, b]))
+        if any(p.size < h.size for p in parts):
+            raise RuntimeError(f"allgather_head: ranks passed heads of different lengths (this rank: {h.size})")
+        heads = np.stack([p[: h.size] for p in parts])
+        top = heads.max(axis=0) if h.size else heads.reshape(-1)[:0]
+        return [float(x) for x in top], torch.from_numpy(np.concatenate([p[h.size :] for p in parts])).to(body.device)
 
     def agree_any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (logical OR all-reduce)."""

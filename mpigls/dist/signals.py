@@ -110,5 +110,10 @@ class StoppableBlocks(Sequence[int]):
 
     def agree_stop(self, comm: Comm) -> bool:
         """Collective: True on every rank if any rank cut its blocks short in this generation."""
-        self.stopped = comm.agree_any(self.cut_short)
+        return self.settle(comm.agree_any(self.cut_short))
+
+    def settle(self, any_cut_short: bool) -> bool:
+        """Record the outcome agreed elsewhere (the OR of ``cut_short`` over the ranks, e.g. riding in
+        the loss all-gather) as ``stopped``; returns it."""
+        self.stopped = bool(any_cut_short)
         return self.stopped

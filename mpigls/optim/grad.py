@@ -124,9 +124,11 @@ def _evaluate(work: unit.Work, state: GRADState, params: GRADParams, blocks) -> 
     return Local(rows, losses)
 
 
-def _exchange(comm, work: unit.Work, state: GRADState, params: GRADParams, local: Local):
-    grad = unit.exact_row_sum(comm, local.rows, state.center.numel())
-    return unit.gather_losses(comm, local.losses).sum().reshape(1), grad
+def _exchange(comm, work: unit.Work, state: GRADState, params: GRADParams, local: Local, control):
+    losses, agreed, _ = unit.gather_losses(comm, local.losses, control)
+    if agreed.cut_short:  # the generation is dropped
+        return losses.sum().reshape(1), None, agreed
+    return losses.sum().reshape(1), unit.exact_row_sum(comm, local.rows, state.center.numel()), agreed
 
 
 def _tell(work: unit.Work, state: GRADState, params: GRADParams, all_losses, grad: torch.Tensor, lr: float):

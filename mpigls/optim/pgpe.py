@@ -473,15 +473,17 @@ def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
     return pgpe_dist.evaluate(state, params, blocks, split, work.resource, work.loss, work.device)
 
 
-def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local):
-    """All P losses, then one exact int64 allreduce of the ranks' fixed-point partial sums."""
+def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local, control: unit.Control):
+    """All P losses, the agreed control and max |z| in ONE all-gather, then one exact int64 allreduce
+    of the ranks' fixed-point partial sums (none when the generation was cut short)."""
     from mpigls import pgpe_dist
 
     losses, kept = local
-    all_losses = pgpe_dist.gather_losses(
-        comm, pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks), losses
-    )
-    return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept)
+    split = pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks)
+    all_losses, agreed, max_abs = pgpe_dist.gather_losses(comm, split, losses, control, kept.max_abs)
+    if agreed.cut_short:  # the generation is dropped
+        return all_losses, None, agreed
+    return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept, max_abs), agreed
 
 
 def _tell(work: unit.Work, state: PGPEState, params: PGPEParams, all_losses: torch.Tensor, summed, lr: float):

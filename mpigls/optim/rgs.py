@@ -117,9 +117,11 @@ def _evaluate(work: unit.Work, state: RGSState, params: RGSParams, blocks) -> gr
     return grad_opt.Local(rows, losses)
 
 
-def _exchange(comm, work: unit.Work, state: RGSState, params: RGSParams, local: grad_opt.Local):
-    grad_sum = unit.exact_row_sum(comm, local.rows, state.center.numel())
-    return unit.gather_losses(comm, local.losses), grad_sum
+def _exchange(comm, work: unit.Work, state: RGSState, params: RGSParams, local: grad_opt.Local, control):
+    losses, agreed, _ = unit.gather_losses(comm, local.losses, control)
+    if agreed.cut_short:  # the generation is dropped
+        return losses, None, agreed
+    return losses, unit.exact_row_sum(comm, local.rows, state.center.numel()), agreed
 
 
 def _tell(work: unit.Work, state: RGSState, params: RGSParams, all_losses, grad_sum: torch.Tensor, lr: float):

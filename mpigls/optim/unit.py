@@ -2,15 +2,21 @@
 
 The loop (mpigls.train) knows no optimizer by name. Per generation it calls, on every rank,
 
-    local            = opt.evaluate(work, state, params, my_blocks)   # this rank's blocks only
-    all_losses, red  = opt.exchange(comm, work, state, params, local)  # collectives: exact sums
-    state, metrics   = opt.tell(work, state, params, all_losses, red, lr)
+    local                    = opt.evaluate(work, state, params, my_blocks)  # this rank's blocks only
+    all_losses, red, agreed  = opt.exchange(comm, work, state, params, local, control)  # collectives
+    state, metrics           = opt.tell(work, state, params, all_losses, red, lr)
 
 where ``my_blocks`` are this rank's indices among ``ceil(num_items / block_size)`` fixed-size
 blocks of the generation's work items (``num_items``: PGPE pairs, RGS samples, GRAD examples).
 The blocks do not depend on the number of ranks, and ``exchange`` must combine the ranks' parts
 exactly (fixed-point / integer sums, gathers in global order), so every rank gets the same bits
 for any world size. ``tell`` is pure and the same on every rank.
+
+``control`` (``Control``) carries the loop's per-generation flags (a rank's evaluation was cut short
+by a stop signal; a stop was requested). ``exchange`` agrees on them in its FIRST collective, the
+one all-gather of the losses (``gather_losses``: ``comm.allgather_head``), so a generation's scalars
+cost one collective however many flags ride along. When the agreed ``cut_short`` is set, the
+generation is dropped: ``exchange`` makes no further collective and returns ``red = None``.
 
 State: one frozen dataclass per optimizer with at least ``center`` (θ, (D,) float32) and
 ``generation``; ``sigma`` (D,) when the optimizer has one. ``state_to_dict`` returns a flat dict of
@@ -46,6 +52,7 @@ __all__ = [
     "help_of",
     "LoopParams",
     "Work",
+    "Control",
     "Optimizer",
     "block_items",
     "num_blocks",
@@ -128,6 +135,26 @@ class Work:
     chunks: int = 1
 
 
+@dataclass(frozen=True)
+class Control:
+    """The loop's flags of one generation; ``gather_losses`` ORs them over the ranks.
+
+    ``cut_short``: this rank's evaluation ended early on a stop signal (the generation is dropped).
+    ``stop``: a stop was requested on this rank (the generation completes, is checkpointed, the run
+    ends). ``extra`` are the optimizer's own scalars agreed in the same collective (their max).
+    """
+
+    cut_short: bool = False
+    stop: bool = False
+
+    def head(self) -> list[float]:
+        return [float(self.cut_short), float(self.stop)]
+
+    @classmethod
+    def from_head(cls, head: Sequence[float]) -> Control:
+        return cls(cut_short=head[0] > 0, stop=head[1] > 0)
+
+
 def _no_resource(seed: int, device: torch.device, params: Any) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
@@ -146,7 +173,8 @@ class Optimizer:
     init: Callable[[Any, torch.Tensor], Any]  # (params, theta0 (D,)) -> state
     num_items: Callable[[Any, int], int]  # (params, batch_size) -> work items
     evaluate: Callable[[Work, Any, Any, Sequence[int]], Any]  # (work, state, params, blocks) -> local
-    exchange: Callable[[Any, Work, Any, Any, Any], tuple[torch.Tensor, Any]]  # (comm, work, state, params, local)
+    # (comm, work, state, params, local, control) -> (all_losses, reduced or None, agreed control)
+    exchange: Callable[[Any, Work, Any, Any, Any, Control], tuple[torch.Tensor, Any, Control]]
     tell: Callable[[Work, Any, Any, torch.Tensor, Any, float], tuple[Any, dict]]
     state_to_dict: Callable[[Any], dict]
     state_from_dict: Callable[[dict], Any]
@@ -181,9 +209,17 @@ def exact_row_sum(comm: Any, rows: list[torch.Tensor], num_params: int) -> torch
     return comm.allreduce_sum_exact(stacked.reshape(-1, num_params))
 
 
-def gather_losses(comm: Any, parts: list[torch.Tensor]) -> torch.Tensor:
-    """All ranks' float64 losses concatenated in global (block) order."""
-    return comm.allgather_concat(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+def gather_losses(
+    comm: Any, parts: list[torch.Tensor] | torch.Tensor, control: Control, extra: Sequence[float] = ()
+) -> tuple[torch.Tensor, Control, list[float]]:
+    """ONE all-gather: (all ranks' float64 losses concatenated in global (block) order, the agreed
+    ``control``, the max over ranks of each ``extra`` scalar)."""
+    if isinstance(parts, torch.Tensor):
+        body = parts
+    else:
+        body = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    top, losses = comm.allgather_head([*control.head(), *extra], body.to(torch.float64))
+    return losses, Control.from_head(top[:2]), top[2:]
 
 
 def split_state(opt: Optimizer, state: Any) -> tuple[np.ndarray, np.ndarray | None, int, dict]:

@@ -57,6 +57,8 @@ def test_collectives(comm):
     assert comm.agree_any(r == n - 1) is True and comm.agree_any(False) is False
     assert comm.all_arrive(60.0) is True  # every rank calls it: the non-blocking barrier completes
     assert comm.allreduce_max(float(r)) == float(n - 1)
+    top, cat = comm.allgather_head([float(r == 0), float(r)], torch.full((r,), r + 0.25, dtype=torch.float64))
+    assert top == [1.0, float(n - 1)] and cat.tolist() == [i + 0.25 for i in range(n) for _ in range(i)]
     assert comm.allreduce_sum_int(torch.tensor([r, 1], dtype=torch.int64)).tolist() == [n * (n - 1) // 2, n]
     comm.barrier()
 

@@ -33,7 +33,7 @@ def test_distributed_tell_is_serial_tell_bitwise(comm, block_size, fixed_sigma):
     source = pgpe_dist.NoiseSource(4, prefetch=comm.rank % 2 == 1)
     local, kept = pgpe_dist.evaluate(state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"))
     source.close()
-    all_losses = pgpe_dist.gather_losses(comm, split, local)
+    all_losses = pgpe_dist.gather_losses(comm, split, local)[0]
     new, _ = pgpe.tell(
         state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(comm, state, params, 4, all_losses, kept)
     )
@@ -61,7 +61,7 @@ def test_chunked_minibatch_state_is_serial_reference_bitwise(comm, chunks):
         source = pgpe_dist.NoiseSource(4, prefetch=c.rank % 2 == 1)
         local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss, torch.device("cpu"))
         source.close()
-        all_losses = pgpe_dist.gather_losses(c, split, local)
+        all_losses = pgpe_dist.gather_losses(c, split, local)[0]
         return pgpe.tell(
             state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(c, state, params, 4, all_losses, kept)
         )[0], all_losses
