@@ -134,3 +134,42 @@ def test_merge_checks_theta_and_writes_png(tmp_path, same, capsys):
     assert merged["strong"][2]["efficiency"] == pytest.approx(4.0 / (4 * 1.25))
     assert merged["weak"][1]["efficiency"] == pytest.approx(4.0 / 2.2)
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeats_give_paired_efficiency_and_merge_does_not_pair(tmp_path):
+    """Interleaved repeats: a point's s/gen is the median of its repeats' medians and its efficiency
+    the median of the paired ratios (repeat k against the base's repeat k), with their range; a
+    slow repeat that hit both rank counts (machine drift) cancels in its pair. Merged files (separate
+    jobs) are not paired. A theta differing in any repeat fails the strong check."""
+
+    def run(n, t, sha="a" * 64):
+        return {
+            "ranks": n,
+            "popsize": 64,
+            "D": 10,
+            "median_s_per_gen": t,
+            "min_s_per_gen": t * 0.9,
+            "max_s_per_gen": t * 1.1,
+            "wall_s": 1.0,
+            "theta_sha256": sha,
+        }
+
+    # repeat 1 ran while the machine was twice as slow for both rank counts
+    ones = scaling.combine_repeats([run(1, 1.0), run(1, 2.0), run(1, 1.1)])
+    twos = scaling.combine_repeats([run(2, 0.55), run(2, 1.1), run(2, 0.5)])
+    assert ones["median_s_per_gen"] == 1.1 and ones["repeat_s_per_gen"] == [1.0, 2.0, 1.1]
+    assert twos["min_s_per_gen"] == pytest.approx(0.45) and twos["repeats"] == 3
+    rows = [ones, twos]
+    scaling.summarise(rows, "strong")
+    paired = [1.0 / 1.1, 2.0 / 2.2, 1.1 / 1.0]
+    assert twos["efficiency"] == pytest.approx(sorted(paired)[1])
+    assert twos["efficiency_paired_range"] == pytest.approx([min(paired), max(paired)])
+    unpaired = [dict(ones), dict(twos)]
+    scaling.summarise(unpaired, "strong", paired=False)
+    assert unpaired[1]["efficiency"] == pytest.approx(1.1 / (2 * 0.55))
+    # merge: one file per rank count, a repeat with another theta fails the check
+    bad = scaling.combine_repeats([run(2, 0.5), run(2, 0.5, "b" * 64)])
+    for i, row in enumerate([ones, bad]):
+        (tmp_path / f"p{i}.json").write_text(json.dumps({"strong": [row]}))
+    args = type("A", (), {"label": "t"})()
+    assert scaling.merge(sorted(map(str, tmp_path.glob("p*.json"))), tmp_path / "all", args) == 1

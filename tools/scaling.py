@@ -3,10 +3,13 @@
 Strong scaling: a fixed population on 1..N ranks; every rank count must end with the same theta
 (checked with ``mpigls inspect --json``'s theta_sha256: world-size invariance).
 Weak scaling: popsize = --weak-popsize-per-rank * ranks (a different problem per rank count, so
-theta is not compared). Seconds per generation are the median of the checkpoint's
+theta is not compared). Seconds per generation of a run are the median of the checkpoint's
 ``time/generation_s`` after --skip warm-up generations (the minimum is reported too: on a shared,
-loaded machine it is closer to the uncontended time). Efficiency: strong t1 / (n t_n), weak
-t1 / t_n. Next to every measured point the model of tools/scaling_model.py predicts t_n from the
+loaded machine it is closer to the uncontended time). Every rank count runs --repeats times,
+interleaved (1, 2, ..., 1, 2, ...); a point's s/gen is the median over its repeats, and its
+efficiency the median over repeats k of the PAIRED ratio of repeat k (strong t1 / (n t_n), weak
+t1 / t_n), with the range of those ratios: the runs of a pair ran next to each other, so a drift
+of a shared machine's speed cancels. Every repeat must give the same theta (strong). Next to every measured point the model of tools/scaling_model.py predicts t_n from the
 1-rank run (compute per member = t1 minus the measured host terms, shared-memory network:
 --latency-us / --bandwidth-gbit).
 
@@ -126,13 +129,44 @@ def predict(rows: list[dict], args) -> None:
         )["total"]
 
 
-def summarise(rows: list[dict], mode: str) -> None:
+def combine_repeats(runs: list[dict]) -> dict:
+    """One row from the repeated runs of one rank count: the median over repeats of each run's median
+    s/gen, the extremes over all runs, every run's median and theta kept (``repeat_*``)."""
+    row = dict(runs[0])
+    meds = [r["median_s_per_gen"] for r in runs]
+    row.update(
+        median_s_per_gen=float(np.median(meds)),
+        min_s_per_gen=min(r["min_s_per_gen"] for r in runs),
+        max_s_per_gen=max(r["max_s_per_gen"] for r in runs),
+        wall_s=sum(r["wall_s"] for r in runs),
+        repeats=len(runs),
+        repeat_s_per_gen=meds,
+        repeat_theta_sha256=[r["theta_sha256"] for r in runs],
+    )
+    return row
+
+
+def summarise(rows: list[dict], mode: str, paired: bool = True) -> None:
+    """Speedup and efficiency of every row against the 1-rank row (``paired``: the repeats of each
+    rank count ran interleaved with the base's, in this invocation)."""
     base = next((r for r in rows if r["ranks"] == 1), rows[0])
+
+    def eff(t1: float, tn: float, n: int) -> float:
+        return t1 * base["ranks"] / (tn * n) if mode == "strong" else t1 / tn
+
     for r in rows:
         r["speedup"] = base["median_s_per_gen"] / r["median_s_per_gen"]
         # "min": the fastest generation, closer to the uncontended time on a shared (loaded) machine
         for key, stat in (("efficiency", "median_s_per_gen"), ("efficiency_min", "min_s_per_gen")):
-            r[key] = base[stat] * base["ranks"] / (r[stat] * r["ranks"]) if mode == "strong" else base[stat] / r[stat]
+            r[key] = eff(base[stat], r[stat], r["ranks"])
+        # paired: repeat k of this rank count against repeat k of the base, run next to each other
+        # (the rank counts are interleaved), so a drift of the machine's speed cancels
+        t1s, tns = base.get("repeat_s_per_gen"), r.get("repeat_s_per_gen")
+        if paired and t1s and tns and len(t1s) == len(tns):
+            paired = [eff(a, b, r["ranks"]) for a, b in zip(t1s, tns)]
+            r["efficiency_paired"] = float(np.median(paired))
+            r["efficiency_paired_range"] = [min(paired), max(paired)]
+            r["efficiency"] = r["efficiency_paired"]
         if "model_s_per_gen" in r:
             m = base.get("model_s_per_gen", base["median_s_per_gen"])
             r["model_efficiency"] = (
@@ -145,13 +179,15 @@ def summarise(rows: list[dict], mode: str) -> None:
 def print_table(mode: str, rows: list[dict]) -> None:
     print(f"{mode} scaling")
     print(
-        f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} {'eff(min)':>8} "
-        f"{'model s/gen':>11} {'model eff':>9}  theta"
+        f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} {'eff range':>11} "
+        f"{'eff(min)':>8} {'model s/gen':>11} {'model eff':>9}  theta"
     )
     for r in rows:
+        lo, hi = r.get("efficiency_paired_range", [math.nan, math.nan])
         print(
             f"{r['ranks']:5d} {r['popsize']:6d} {r['median_s_per_gen']:9.4f} {r['min_s_per_gen']:8.4f} "
-            f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} {r['efficiency_min']:8.2f} "
+            f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} {lo:5.2f}-{hi:<5.2f} "
+            f"{r['efficiency_min']:8.2f} "
             f"{r.get('model_s_per_gen', math.nan):11.4f} {r.get('model_efficiency', math.nan):9.2f}  "
             f"{r['theta_sha256'][:12]}"
         )
@@ -212,10 +248,10 @@ def merge(paths: list[str], out: Path, args) -> int:
         rows = sorted(result[mode], key=lambda r: r["ranks"])
         result[mode] = rows
         if rows:
-            summarise(rows, mode)
+            summarise(rows, mode, paired=False)  # separate jobs: their repeats did not run side by side
             print_table(mode, rows)
     if result["strong"]:
-        ok = len({r["theta_sha256"] for r in result["strong"]}) == 1
+        ok = len({t for r in result["strong"] for t in r.get("repeat_theta_sha256", [r["theta_sha256"]])}) == 1
         result["identical_theta"] = ok
         print("strong scaling: theta identical across rank counts:", ok)
     write(result, out)
@@ -230,6 +266,12 @@ def main(argv=None) -> int:
     p.add_argument("--weak-popsize-per-rank", type=int, default=32)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--skip", type=int, default=2, help="warm-up generations left out of the statistics")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per rank count, interleaved (1,2,..,1,2,..); efficiency = median of the paired ratios",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--launcher", default="mpiexec -n {n}", help='e.g. "srun -n {n} --gpus-per-task=1"')
     p.add_argument("--set", action="append", default=[], help="config override passed to mpigls train")
@@ -259,17 +301,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for mode in ["strong", "weak"] if args.mode == "both" else [args.mode]:
-            rows = [
-                run_point(n, None if mode == "strong" else args.weak_popsize_per_rank * n, args, work, mode)
-                for n in ranks
-            ]
+            runs: dict[int, list[dict]] = {n: [] for n in ranks}
+            for k in range(args.repeats):  # interleaved: 1, 2, ..., 1, 2, ... (drift hits all alike)
+                for n in ranks:
+                    popsize = None if mode == "strong" else args.weak_popsize_per_rank * n
+                    runs[n].append(run_point(n, popsize, args, work, f"{mode}-r{k}"))
+            rows = [combine_repeats(runs[n]) for n in ranks]
             if not args.no_model:
                 predict(rows, args)
             summarise(rows, mode)
             print_table(mode, rows)
             result[mode] = rows
             if mode == "strong":
-                ok = len({r["theta_sha256"] for r in rows}) == 1
+                ok = len({t for r in rows for t in r["repeat_theta_sha256"]}) == 1
                 result["identical_theta"] = ok
                 print("strong scaling: theta identical across rank counts:", ok)
     write(result, out)

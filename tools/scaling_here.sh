@@ -1,6 +1,6 @@
 #!/bin/bash
 # Every scaling measurement of the README's Scaling section, one command (2+ cores, no GPU needed):
-#   bash tools/scaling_here.sh [OUTDIR]        (default bench-out/scaling; ~20 min on 2 quiet cores)
+#   bash tools/scaling_here.sh [OUTDIR]        (default bench-out/scaling; ~40 min on 2 quiet cores)
 # PGPE + IBP on the bundled digits, P=64, batch 16, 1 thread per rank, ranks 1 and 2 (strong: same
 # P, theta must be identical; weak: P = 32 per rank), then the tell benchmark and the model.
 set -euo pipefail
@@ -10,14 +10,14 @@ PY=${PYTHON:-python}
 RANKS=${RANKS:-1,2}
 export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
 for m in cnn3 cnn5 cnn7; do
-  $PY tools/scaling.py --mode both --ranks "$RANKS" --generations "${GENERATIONS:-12}" --skip 2 --weak-popsize-per-rank 32 \
+  $PY tools/scaling.py --mode both --ranks "$RANKS" --generations "${GENERATIONS:-20}" --skip 4 --repeats "${REPEATS:-3}" --weak-popsize-per-rank 32 \
     --set model.name=$m --set bound.method=ibp --set bound.eps_schedule=constant --set optimizer.popsize=64 \
     --set train.batch_size=16 --set optimizer.block_size=8 --label "PGPE+IBP $m digits P=64 B=16" \
     --out "$OUT/strong-weak-$m"
 done
 # one pair block split into 2 example chunks (optimizer.batch_chunks): work for a second rank with 1 block
 for m in cnn5 cnn7; do
-  $PY tools/scaling.py --mode strong --ranks "$RANKS" --generations "${GENERATIONS:-12}" --skip 2 \
+  $PY tools/scaling.py --mode strong --ranks "$RANKS" --generations "${GENERATIONS:-20}" --skip 4 --repeats "${REPEATS:-3}" \
     --set model.name=$m --set bound.method=ibp --set bound.eps_schedule=constant --set optimizer.popsize=64 \
     --set train.batch_size=16 --set optimizer.block_size=32 --set optimizer.batch_chunks=2 \
     --label "PGPE+IBP $m digits P=64 B=16 block 32 x 2 chunks" --out "$OUT/strong-chunks-$m"

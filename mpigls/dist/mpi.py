@@ -28,6 +28,9 @@ LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
 LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
+_MAX_NDIM = 8  # array ranks the buffer all-gather of shapes carries
+
+
 class MPIComm(CommBase):
     """A clone of COMM_WORLD (or of ``base``) with the node layout resolved once at construction:
     ranks on one node share memory (``Split_type(COMM_TYPE_SHARED)``), or ``fake_nodes`` nodes of
@@ -64,9 +67,17 @@ class MPIComm(CommBase):
 
     def _allgather_array(self, a: np.ndarray) -> list[np.ndarray]:
         a = np.ascontiguousarray(a)
-        meta = self._comm.allgather((a.dtype.str, a.shape))
-        if len({m[0] for m in meta}) != 1:
-            raise RuntimeError(f"collective called with different dtypes on different ranks: {meta}")
+        if a.ndim > _MAX_NDIM:
+            raise ValueError(f"_allgather_array takes at most {_MAX_NDIM} dimensions, got shape {a.shape}")
+        # (dtype number, ndim, shape) of every rank in one fixed-size buffer all-gather (no pickling)
+        head = np.zeros(2 + _MAX_NDIM, dtype=np.int64)
+        head[0], head[1], head[2 : 2 + a.ndim] = a.dtype.num, a.ndim, a.shape
+        heads = np.empty((self.world_size, head.size), dtype=np.int64)
+        self._comm.Allgather(head, heads)
+        if len(set(heads[:, 0].tolist())) != 1:
+            names = self._comm.allgather(a.dtype.str)  # every rank sees the mismatch: still collective
+            raise RuntimeError(f"collective called with different dtypes on different ranks: {names}")
+        meta = [(a.dtype.str, tuple(int(x) for x in h[2 : 2 + h[1]])) for h in heads]
         counts = [int(np.prod(s)) for _, s in meta]
         recv = np.empty(sum(counts), dtype=a.dtype)
         self._comm.Allgatherv(a.reshape(-1), [recv, counts])

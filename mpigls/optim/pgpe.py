@@ -347,14 +347,15 @@ def gradients(
 
 
 def _sigma_step(sigma: torch.Tensor, grad_sigma: torch.Tensor, params: PGPEParams):
-    """New sigma (float64) and the fraction of entries held by the relative-change bound."""
+    """New sigma (float64) and the number of entries held by the relative-change bound (a 0-d
+    tensor on sigma's device: read with the other metrics in one synchronisation)."""
     # sigma - ((lr sigma) sigma) g, in place (a - b == a + (-b) exactly)
     proposed = (params.sigma_lr * sigma).mul_(sigma).mul_(grad_sigma).neg_().add_(sigma)
-    clipped = 0.0
+    clipped = torch.zeros((), dtype=torch.int64, device=sigma.device)
     if params.sigma_max_change is not None:
         low = sigma * (1.0 - params.sigma_max_change)
         high = sigma * (1.0 + params.sigma_max_change)
-        clipped = float(((proposed < low) | (proposed > high)).sum()) / max(1, proposed.numel())
+        clipped = ((proposed < low) | (proposed > high)).sum()
         proposed = proposed.clamp_(min=low, max=high)
     return proposed.clamp_(min=params.sigma_min, max=params.sigma_max), clipped
 
@@ -402,29 +403,38 @@ def tell(
     grad = grad_center.to(device, torch.float32)
     delta, step_state = steprules.step(params, state.step_state, grad, lr)
     center = steprules.decay(state.center, delta, lr, params.weight_decay)
-    sigma, clipped = state.sigma, 0.0
+    sigma, clipped = state.sigma, torch.zeros((), dtype=torch.int64, device=device)
     if not params.fixed_sigma:
         new_sigma, clipped = _sigma_step(state.sigma.detach().to(torch.float64), grad_sigma, params)
         sigma = new_sigma.to(torch.float32)
+    norm_sigma = clipped if grad_sigma is None else torch.linalg.vector_norm(grad_sigma)  # placeholder: nan below
+    # one device -> host copy (one synchronisation on a GPU) for all of them; float32 -> float64 is exact
+    (grad_norm, sigma_norm, step_norm, num_clipped), sigma_stats = _read(
+        [torch.linalg.vector_norm(grad), norm_sigma, torch.linalg.vector_norm(delta), clipped], sigma
+    )
     metrics.update(
         {
             "pgpe/skipped": 0,
-            "pgpe/grad_norm": float(torch.linalg.vector_norm(grad)),
-            "pgpe/grad_sigma_norm": (math.nan if grad_sigma is None else float(torch.linalg.vector_norm(grad_sigma))),
-            "pgpe/step_norm": float(torch.linalg.vector_norm(delta)),
-            "pgpe/sigma_clipped_frac": clipped,
-            **_sigma_metrics(sigma),
+            "pgpe/grad_norm": grad_norm,
+            "pgpe/grad_sigma_norm": math.nan if grad_sigma is None else sigma_norm,
+            "pgpe/step_norm": step_norm,
+            "pgpe/sigma_clipped_frac": num_clipped / max(1, sigma.numel()),
+            **sigma_stats,
         }
     )
     return PGPEState(center, sigma, step_state, state.generation + 1), metrics
 
 
+def _read(scalars: list[torch.Tensor], sigma: torch.Tensor) -> tuple[list[float], dict]:
+    """The 0-d ``scalars`` and sigma's mean/min/max as Python floats, in one device -> host copy."""
+    stats = [sigma.mean(), sigma.min(), sigma.max()]
+    values = torch.stack([t.to(torch.float64) for t in [*scalars, *stats]]).tolist()
+    mean, lo, hi = values[len(scalars) :]
+    return values[: len(scalars)], {"pgpe/sigma_mean": mean, "pgpe/sigma_min": lo, "pgpe/sigma_max": hi}
+
+
 def _sigma_metrics(sigma: torch.Tensor) -> dict:
-    return {
-        "pgpe/sigma_mean": float(sigma.mean()),
-        "pgpe/sigma_min": float(sigma.min()),
-        "pgpe/sigma_max": float(sigma.max()),
-    }
+    return _read([], sigma)[1]
 
 
 def state_to_dict(state: PGPEState) -> dict:

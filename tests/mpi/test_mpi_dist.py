@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,12 @@ def test_collectives(comm):
     assert comm.agree_any(r == n - 1) is True and comm.agree_any(False) is False
     assert comm.all_arrive(60.0) is True  # every rank calls it: the non-blocking barrier completes
     assert comm.allreduce_max(float(r)) == float(n - 1)
+    # shapes and dtypes travel in a fixed-size buffer all-gather: 2-d and empty parts keep theirs
+    parts = comm._allgather_array(np.full((r, 2), r, dtype=np.int32))
+    assert [p.shape for p in parts] == [(i, 2) for i in range(n)] and all(p.dtype == np.int32 for p in parts)
+    if n > 1:
+        with pytest.raises(RuntimeError, match="different dtypes"):
+            comm._allgather_array(np.zeros(1, dtype=np.float32 if r == 0 else np.float64))
     top, cat = comm.allgather_head([float(r == 0), float(r)], torch.full((r,), r + 0.25, dtype=torch.float64))
     assert top == [1.0, float(n - 1)] and cat.tolist() == [i + 0.25 for i in range(n) for _ in range(i)]
     assert comm.allreduce_sum_int(torch.tensor([r, 1], dtype=torch.int64)).tolist() == [n * (n - 1) // 2, n]
