@@ -10,8 +10,9 @@ interleaved (1, 2, ..., 1, 2, ...); a point's s/gen is the median over its repea
 efficiency the median over repeats k of the PAIRED ratio of repeat k (strong t1 / (n t_n), weak
 t1 / t_n), with the range of those ratios: the runs of a pair ran next to each other, so a drift
 of a shared machine's speed cancels. Every repeat must give the same theta (strong). Next to
-every measured point the model of tools/scaling_model.py predicts t_n from the 1-rank run (compute per member = t1 minus the measured host terms, shared-memory network:
---latency-us / --bandwidth-gbit).
+every measured point the model of tools/scaling_model.py predicts t_n from the 1-rank run
+(compute per member = t1 minus the measured host terms, shared-memory network: --latency-us /
+--bandwidth-gbit).
 
     python tools/scaling.py --ranks 1,2 --mode both --out bench-out/scaling-cnn3 \
         --set model.name=cnn3 --set bound.method=ibp --set optimizer.popsize=64 --set train.batch_size=16
