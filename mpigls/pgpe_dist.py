@@ -216,8 +216,9 @@ def reduce_sums(
     all_losses: torch.Tensor,
     local: LocalNoise,
     max_abs: float | None = None,
-) -> tuple[torch.Tensor, tuple[int, int]] | None:
-    """The exact fixed-point totals over all ranks' pairs for ``pgpe.tell(..., summed=...)``.
+) -> tuple[torch.Tensor, tuple[int, int], pgpe.Weights] | None:
+    """The exact fixed-point totals over all ranks' pairs, their exponents and the pair weights, for
+    ``pgpe.tell(..., summed=...)`` (which then does not shape the losses again).
 
     Collective: every rank must call it with the same ``all_losses``. None when no pair is valid
     (every rank sees the same losses, so every rank skips the collectives alike). ``max_abs``: max |z|
@@ -241,4 +242,4 @@ def reduce_sums(
     total = comm.allreduce_sum_int(acc[:rows].to("cpu").reshape(-1)).reshape(rows, D)
     if not with_sigma:
         total = torch.cat([total, torch.zeros((1, D), dtype=torch.int64)])
-    return total, exps
+    return total, exps, w

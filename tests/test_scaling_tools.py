@@ -23,7 +23,8 @@ def test_collective_formulas():
     assert sm.allreduce_s(8, 16e6, NET) == pytest.approx(6 * 2e-6 + 2 * 7 / 8 * 16e6 / 25e9)
     # the bandwidth term saturates at 2 * bytes / b: doubling the ranks barely changes it
     assert sm.allreduce_s(1024, 16e6, NET) < 1.01 * 2 * 16e6 / 25e9 + 2 * 10 * 2e-6
-    assert sm.allgather_s(4, 256, NET) == pytest.approx(2 * 2e-6 + 3 / 4 * 8 * 256 / 25e9 + 4 * 2e-6)
+    # one all-gather (shapes, then the losses with 3 head floats per rank): 2 log2(N) latencies
+    assert sm.allgather_s(4, 256, NET) == pytest.approx(2 * 2 * 2e-6 + 3 / 4 * (8 * 256 + 24 * 4) / 25e9)
 
 
 def test_t_gen_terms_and_efficiency():
@@ -58,7 +59,10 @@ def test_split_minibatch_gives_every_rank_work_and_sums_each_pair_once():
     assert len(sm.rank_loads(1024, P, sm.Work(B, 1, 1))) == 128  # whole pairs: 896 ranks idle
     chunked = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu)
     whole = sm.t_gen(1024, P, D, c, TERMS, NET, work=sm.Work(B, 1, 1), gpu=gpu)
-    assert chunked["compute"] == pytest.approx(2 * c / 8 + 5e-4 + 1e-3)
+    # launches are asynchronous: an item costs max(its GPU work, its launches), plus the fixed term
+    assert chunked["compute"] == pytest.approx(max(2 * c / 8, 5e-4) + 1e-3)
+    tiny = sm.t_gen(1024, P, D, 1e-5, TERMS, NET, work=sm.Work(B, 1, 8), gpu=gpu)
+    assert tiny["compute"] == pytest.approx(5e-4 + 1e-3)  # launch-bound item
     assert chunked["total"] < whole["total"]
     # prefetch: the host noise is hidden behind the bounds up to the compute time
     assert chunked["noise"] == pytest.approx(max(0.0, D * 1e-8 - chunked["compute"]))
@@ -173,3 +177,10 @@ def test_repeats_give_paired_efficiency_and_merge_does_not_pair(tmp_path):
         (tmp_path / f"p{i}.json").write_text(json.dumps({"strong": [row]}))
     args = type("A", (), {"label": "t"})()
     assert scaling.merge(sorted(map(str, tmp_path.glob("p*.json"))), tmp_path / "all", args) == 1
+
+
+def test_fixed_overhead_is_the_minibatch_over_pcie_plus_the_syncs():
+    net = sm.Network(pcie_Bps=25e9)
+    mnist = sm.fixed_overhead_s(512, (1, 28, 28), net, sync_s=20e-6)
+    assert mnist == pytest.approx(512 * 784 * 4 / 25e9 + sm.SYNCS_PER_GENERATION * 20e-6)
+    assert sm.fixed_overhead_s(512, (3, 32, 32), net) > mnist

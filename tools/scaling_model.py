@@ -6,14 +6,18 @@
 Work items (mpigls.work): the P/2 pairs in blocks of M pairs, each member's minibatch of B examples
 in C chunks (optimizer.block_size, optimizer.batch_chunks); items = ceil(P/2 / M) * C, rank r owns a
 contiguous run of them (dist.block_range), ranks beyond the item count idle. Per rank r:
-  compute   sum over its items of 2 |block| n_c / B * c_member  +  items_r * t_call  +  t_fixed.
+  compute   sum over its items of max(2 |block| n_c / B * c_member, t_call)  +  t_fixed.
             c_member = t_1gpu / P: the issue's H100 targets divided evenly over member-examples
             (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our guess).
             NOT measurable here (no GPU): ASSUMED, as are the two overheads that do not shrink with
             the work: t_call per bound call (kernel launches of one block/chunk: ~100 launches x
-            5 us = 0.5 ms) and t_fixed per generation (minibatch and theta to the GPU, losses back,
-            synchronisations: 1 ms). Assumes the GPU is as efficient on 2 members x 64 examples as on
-            a large block (optimistic: small calls leave an H100 partly idle).
+            5 us = 0.5 ms; launches are asynchronous, so an item costs the larger of its GPU work
+            and its launches) and t_fixed per generation, derived from what train does on a GPU
+            each generation (``fixed_overhead_s``): the minibatch over PCIe plus 3 host-device
+            synchronisations (losses back, the int64 totals for the allreduce, the metrics in one
+            copy) of an ASSUMED 20 us each (theta and sigma stay on the GPU). A sensitivity table
+            gives E(N max) for other t_fixed. Assumes the GPU is as efficient on 2 members x 64
+            examples as on a large block (optimistic: small calls leave an H100 partly idle).
   Two noise schemes (optimizer.noise), both implemented:
   host      noise: (pairs of the blocks it touches) * D * t_noise, counter-based normals on the host,
             MEASURED here. With prefetch (default on GPU) a block's noise is drawn on a host thread
@@ -30,8 +34,8 @@ contiguous run of them (dist.block_range), ranks beyond the item count idle. Per
   What-if (not implemented): "E shard", the host step sharded (D/N * t_apply + an allgather of the
             float32 centre, sigma and moments, 16 D bytes).
   Weak scaling: P = P1 * N (P1 = 32: the paper's 256 on 8 GPUs), whole pair blocks of 8.
-  allgather P C float64 item results, recursive doubling: log2(N) a + (N-1)/N * 8 P C / b, plus the
-            scalar max |z| allreduce: 2 log2(N) a.
+  allgather P C float64 item results with 3 floats per rank riding along (stop flags, max |z|),
+            recursive doubling, shapes first: 2 log2(N) a + (N-1)/N * (8 P C + 24 N) / b.
   allreduce one int64 vector of 2 D (D with fixed sigma), the better of ring
             2 (N-1) a + 2 (N-1)/N * 16 D / b and Rabenseifner 2 log2(N) a + 2 (N-1)/N * 16 D / b.
   checkpoint rank 0 writes 4 D float32 (theta, sigma, Adam m, v) every K generations (MEASURED).
@@ -57,6 +61,7 @@ Compared with, for the same compute and noise costs (whole pairs per rank, no ch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -84,6 +89,9 @@ MODELS = [
     ("cnn7", "mnist", (1, 28, 28)),
     ("cnn7", "cifar10", (3, 32, 32)),
 ]
+SYNC_S = 20e-6  # ASSUMED cost of one host-device synchronisation (launch queue drained, one round trip)
+SYNCS_PER_GENERATION = 3  # losses to the host, int64 totals to the host for the allreduce, the metrics
+SWEEP_FIXED_MS = (0.0, 0.1, 0.25, 0.5, 1.0)  # the sensitivity table's per-generation overheads
 DEFAULT_COMPUTE_S = {"cnn3": 1.0, "cnn5": 10.0, "cnn7": 100.0}  # 1-GPU generation at P=256, B=512 (H100)
 
 
@@ -99,10 +107,18 @@ class Gpu:
     """ASSUMED GPU overheads that do not shrink with the work (seconds)."""
 
     call_s: float = 0.5e-3  # per bound call (one work item): ~100 kernel launches x 5 us
-    fixed_s: float = 1e-3  # per generation: minibatch/theta to the GPU, losses back, syncs
+    fixed_s: float = 1e-3  # per generation (main derives it: ``fixed_overhead_s``)
     prefetch: bool = True  # host noise overlaps the bounds (the default on GPUs)
     hbm_Bps: float = 2e12  # what-if "update on the GPU": effective memory bandwidth
     launch_s: float = 5e-6  # ... and per kernel launch
+
+
+def fixed_overhead_s(batch: int, shape: tuple[int, ...], net: Network, sync_s: float = SYNC_S) -> float:
+    """The GPU path's per-generation cost that no rank count shrinks, from what ``train`` does on a
+    GPU each generation: the minibatch to the device (float32, over PCIe) and SYNCS_PER_GENERATION
+    host-device synchronisations (the losses back, the int64 totals for the allreduce, the metrics
+    in one copy), each ASSUMED to cost ``sync_s``. theta and sigma stay on the device."""
+    return batch * math.prod(shape) * 4 / net.pcie_Bps + SYNCS_PER_GENERATION * sync_s
 
 
 @dataclass(frozen=True)
@@ -209,10 +225,13 @@ def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = F
 
 
 def allgather_s(n: int, P: int, net: Network) -> float:
+    """The generation's one all-gather of P float64 item results, with a head of 3 floats per rank
+    riding along (stop flags, max |z|: ``comm.allgather_head``); MPIComm sends the shapes first
+    (a fixed-size buffer all-gather), hence two latency terms."""
     if n == 1:
         return 0.0
     lg = math.ceil(math.log2(n))
-    return lg * net.latency_s + (n - 1) / n * 8 * P / net.bandwidth_Bps + 2 * lg * net.latency_s
+    return 2 * lg * net.latency_s + (n - 1) / n * (8 * P + 24 * n) / net.bandwidth_Bps
 
 
 def allreduce_s(n: int, nbytes: float, net: Network) -> float:
@@ -287,7 +306,9 @@ def t_gen(
         step = D * terms.t_apply
     worst: dict = {}
     for load in rank_loads(n, P, work):
-        compute = load["members"] * c_member + load["items"] * gpu.call_s + gpu.fixed_s
+        # kernel launches are asynchronous: an item costs its GPU work or its launches, the larger
+        per_item = load["members"] * c_member / load["items"]
+        compute = load["items"] * max(per_item, gpu.call_s) + gpu.fixed_s
         if on_gpu:
             sums = (
                 load["sum_calls"] * terms.dev_sums.ops * gpu.launch_s
@@ -376,7 +397,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--ranks", default="1,8,64,256,1024")
     p.add_argument("--call-ms", type=float, default=0.5, help="ASSUMED GPU overhead per bound call (work item)")
-    p.add_argument("--fixed-ms", type=float, default=1.0, help="ASSUMED GPU overhead per generation")
+    p.add_argument(
+        "--fixed-ms",
+        type=float,
+        default=None,
+        help="GPU overhead per generation (default: the minibatch over PCIe + 3 synchronisations of "
+        "--sync-us, per dataset)",
+    )
+    p.add_argument("--sync-us", type=float, default=SYNC_S * 1e6, help="ASSUMED cost of one host-device sync")
     p.add_argument("--latency-us", type=float, default=2.0)
     p.add_argument("--bandwidth-gbit", type=float, default=200.0)
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -392,7 +420,6 @@ def main(argv=None) -> int:
         k, v = kv.split("=")
         compute[k] = float(v)
     net = Network(latency_s=args.latency_us * 1e-6, bandwidth_Bps=args.bandwidth_gbit / 8 * 1e9)
-    gpu = Gpu(args.call_ms * 1e-3, args.fixed_ms * 1e-3, True)
     fixed_sigma, K, B = args.sigma == "fixed", args.checkpoint_every, args.batch
     ranks = [int(r) for r in args.ranks.split(",")]
     popsizes = [int(x) for x in args.popsizes.split(",")]
@@ -402,21 +429,34 @@ def main(argv=None) -> int:
         if f"{name}/{ds}" not in wanted:
             continue
         D = models.num_params(models.build(name, shape, 10, [0.0] * shape[0], [1.0] * shape[0]))
+        fixed_s = (
+            fixed_overhead_s(B, shape, net, args.sync_us * 1e-6) if args.fixed_ms is None else args.fixed_ms * 1e-3
+        )
+        gpu = Gpu(args.call_ms * 1e-3, fixed_s, True)
         terms = measure_terms(D, pairs=args.pairs, fixed_sigma=fixed_sigma)
         for P in popsizes:
             c_member = compute[name] / 256  # per member over the whole batch: the 1-GPU time scales with P
             model = functools.partial(
-                lambda n, work, P, D, c, terms, sharded=False, dev=False, upd=True: t_gen(
+                lambda n, work, P, D, c, terms, gpu, sharded=False, dev=False, upd=True: t_gen(
                     n, P, D, c, terms, net, K, fixed_sigma, work, gpu, sharded, dev, upd
                 ),
                 D=D,
                 c=c_member,
                 terms=terms,
+                gpu=gpu,
             )
+
             # one GPU: default block size, no chunks, the faster noise scheme
-            base = min(
-                model(1, Work(B, 8, 1), P=P, upd=u, dev=d)["total"] for u in (False, True) for d in (False, True)
-            )
+            def base_for(g: Gpu, model=model, P=P) -> float:
+                return min(
+                    model(1, Work(B, 8, 1), P=P, upd=u, dev=d, gpu=g)["total"]
+                    for u in (False, True)
+                    for d in (False, True)
+                )
+
+            base = base_for(gpu)
+            swept = {ms: dataclasses.replace(gpu, fixed_s=ms * 1e-3) for ms in SWEEP_FIXED_MS}
+            swept_base = {ms: base_for(g) for ms, g in swept.items()}
             oe1 = t_openai_es(1, P, D, c_member, terms, net, K)
             ev1 = t_evotorch(1, P, D, c_member, terms, net, K)
             P1 = args.weak_popsize
@@ -457,12 +497,22 @@ def main(argv=None) -> int:
                         "compute_1gpu_P256_s": compute[name],
                     }
                 )
+                results[-1]["fixed_overhead_s"] = gpu.fixed_s
+                results[-1]["efficiency_vs_fixed_overhead"] = {
+                    f"{ms:g}": swept_base[ms] / (n * model(n, work, P=P, gpu=swept[ms])["total"])
+                    for ms in SWEEP_FIXED_MS
+                }
                 results[-1]["openai_es_eff"] = oe1 / (n * results[-1]["openai_es_t"])
                 results[-1]["evotorch_eff"] = ev1 / (n * results[-1]["evotorch_t"])
     print(
         f"network: {args.bandwidth_gbit:g} Gb/s, {args.latency_us:g} us; compute (1 GPU, P=256, B={B}) = {compute} s, "
-        f"GPU overhead {args.call_ms:g} ms per bound call + {args.fixed_ms:g} ms per generation [ASSUMED, no GPU "
-        f"here]; host terms measured here with {args.threads} thread(s), {args.sigma} sigma"
+        f"GPU overhead {args.call_ms:g} ms per bound call (hidden behind longer GPU work) + per generation "
+        + (
+            f"the minibatch over PCIe + {SYNCS_PER_GENERATION} syncs of {args.sync_us:g} us"
+            if args.fixed_ms is None
+            else f"{args.fixed_ms:g} ms"
+        )
+        + f" [ASSUMED, no GPU here]; host terms measured here with {args.threads} thread(s), {args.sigma} sigma"
     )
     print(
         f"{'model':12} {'D':>9} {'P':>5} {'N':>5} {'M':>3} {'C':>3} {'items':>5} {'t_gen s':>9} {'E':>5} "
@@ -479,6 +529,19 @@ def main(argv=None) -> int:
             f"{r['weak_efficiency']:7.2f} {r['weak_efficiency_device']:6.2f} {r['openai_es_eff']:11.2f} "
             f"{r['evotorch_eff']:10.2f}"
         )
+    top = max(ranks)
+    print(
+        f"\nE({top}) if the per-generation GPU overhead (fixed term) were ... ms, every other term as above "
+        "(the baseline 1-GPU time uses the same overhead)"
+    )
+    print(f"{'model':12} {'P':>5} {'derived ms':>10} " + " ".join(f"{ms:>6g}" for ms in SWEEP_FIXED_MS))
+    for r in results:
+        if r["ranks"] == top:
+            sweep = r["efficiency_vs_fixed_overhead"]
+            print(
+                f"{r['model'] + '/' + r['dataset'][:5]:12} {r['P']:5d} {r['fixed_overhead_s'] * 1e3:10.3f} "
+                + " ".join(f"{sweep[f'{ms:g}']:6.2f}" for ms in SWEEP_FIXED_MS)
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -326,7 +326,7 @@ def gradients(
     seed: int,
     losses: torch.Tensor,
     with_sigma: bool = True,
-    summed: tuple[torch.Tensor, tuple[int, int]] | None = None,
+    summed: tuple | None = None,
 ):
     """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 tensors on the state's
     device (IEEE-exact scalings and one division: the same bits on any device).
@@ -334,13 +334,14 @@ def gradients(
     With fitness_shaping="raw", g_theta is an unbiased estimate of grad L_sigma(theta) and g_sigma
     one of dL_sigma/dsigma (up to the O(1/n) effect of the sample-mean baseline). Returns
     (None, None, 0) when no pair has two finite losses; g_sigma is None when not ``with_sigma``.
-    ``summed``: (int64 (2, D) totals of ``partial_sums`` over all pairs, exponents), e.g. from an
-    allreduce over ranks; without it the noise of all pairs is regenerated here.
+    ``summed``: (int64 (2, D) totals of ``partial_sums`` over all pairs, exponents[, the Weights of
+    ``losses`` they were formed with: not computed again]), e.g. from an allreduce over ranks
+    (``pgpe_dist.reduce_sums``); without it the noise of all pairs is regenerated here.
     """
-    w = weights(params, losses)
+    w = summed[2] if summed is not None and len(summed) == 3 else weights(params, losses)
     if w.num_valid == 0:
         return None, None, 0
-    total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed
+    total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed[:2]
     sum_c, sum_s = from_sums(total, exps, state.center.device)
     denom = state.sigma.detach().to(torch.float64).mul_(w.num_valid)  # n * sigma
     return (sum_c.div_(denom), sum_s.div_(denom) if with_sigma else None, w.num_valid)
@@ -366,7 +367,7 @@ def tell(
     seed: int,
     losses: torch.Tensor,
     lr: float | None = None,
-    summed: tuple[torch.Tensor, tuple[int, int]] | None = None,
+    summed: tuple | None = None,
 ) -> tuple[PGPEState, dict]:
     """Update from the full population's losses (P,) ordered [+0,-0,+1,-1,...].
 
