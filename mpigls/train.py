@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, losses, models, monitor, noise, precision, preflight, rundir
+from . import checkpoint, data, dist, hostmem, losses, models, monitor, noise, precision, preflight, rundir
 from .config import Config, changed_keys, stored_config, to_dict
 from .optim import registry, schedules, unit
 
@@ -97,6 +97,7 @@ def train(
         cleanup.callback(live.close)
         if progress is not None:
             cleanup.callback(progress.close)
+        hostmem.keep_freed_memory()  # reuse freed tensor memory instead of faulting pages in again
         resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
         # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
         # run there (checkpoints and the returned theta are copied to the CPU)

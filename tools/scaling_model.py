@@ -198,8 +198,12 @@ def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = F
     z = pgpe.pair_noise(0, 0, range(pairs), D)
     exps = pgpe.exponents(w, pgpe.max_abs_noise(z))
     t_sum = _best(lambda: pgpe.partial_sums(w, range(pairs), z, exps), repeat) / (pairs * D)
-    summed = (pgpe.partial_sums(w, range(pairs), z, exps), exps)
-    t_apply = _best(lambda: pgpe.tell(state, params, 0, losses, summed=summed), repeat) / D
+    total = pgpe.partial_sums(w, range(pairs), z, exps)
+
+    def step(st, prm):  # what train does once per generation besides the sums: shape the losses, tell
+        return pgpe.tell(st, prm, 0, losses, summed=(total, exps, pgpe.weights(prm, losses)))
+
+    t_apply = _best(lambda: step(state, params), repeat) / D
     theta = np.zeros(D, np.float32)
     ck = checkpoint.Checkpoint(
         generation=1,
@@ -220,7 +224,7 @@ def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = F
     gpu_chunk = philox._chunk_counters(torch.device("cuda"), pairs)
     dev_noise = OpCount(**count_ops(lambda: philox.gaussian(0, 0, 0, range(pairs), D, chunk=gpu_chunk)))
     dev_sums = OpCount(**count_ops(lambda: pgpe.partial_sums(w, range(pairs), z, exps, column_chunk=1 << 22)))
-    dev_step = OpCount(**count_ops(lambda: pgpe.tell(dstate, dparams, 0, losses, summed=summed)))
+    dev_step = OpCount(**count_ops(lambda: step(dstate, dparams)))
     return Terms(t_noise, t_sum, t_apply, t_ckpt, dev_noise, dev_sums, dev_step, pairs)
 
 
