@@ -168,6 +168,9 @@ def test_repeats_give_paired_efficiency_and_merge_does_not_pair(tmp_path):
     paired = [1.0 / 1.1, 2.0 / 2.2, 1.1 / 1.0]
     assert twos["efficiency"] == pytest.approx(sorted(paired)[1])
     assert twos["efficiency_paired_range"] == pytest.approx([min(paired), max(paired)])
+    twos["machine_ceiling"], twos["machine_ceiling_range"] = 0.8, [0.7, 0.9]
+    scaling.summarise(rows, "strong")
+    assert twos["efficiency_vs_ceiling"] == pytest.approx(sorted(paired)[1] / 0.8)
     unpaired = [dict(ones), dict(twos)]
     scaling.summarise(unpaired, "strong", paired=False)
     assert unpaired[1]["efficiency"] == pytest.approx(1.1 / (2 * 0.55))

@@ -21,6 +21,10 @@ every measured point the model of tools/scaling_model.py predicts t_n from the 1
     # merge the JSON files written by jobs/scaling.sbatch array tasks:
     python tools/scaling.py --merge bench-out/scaling-sweep/*.json --out bench-out/scaling-sweep/all
 
+--ceiling (strong and weak, one node): in every repeat also run the per-rank population as N
+independent 1-rank processes at once and alone; their ratio is the machine's ceiling for N ranks
+(no communication at all), and eff/ceil the efficiency relative to it.
+
 Writes OUT.json and OUT.png (time per generation and parallel efficiency vs ranks, ideal lines).
 Exit status 1 if strong scaling gave different theta for different rank counts.
 """
@@ -35,6 +39,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +135,29 @@ def predict(rows: list[dict], args) -> None:
         )["total"]
 
 
+def machine_ceiling(n: int, popsize: int, args, workdir: Path, tag: str) -> float:
+    """What n ranks on this machine could reach with NO communication: t(one 1-rank run of the
+    per-rank population, alone) / t(n such runs at once, independent processes). Below 1 when the
+    ranks slow each other down through the machine (shared caches, memory bandwidth, a VM's
+    neighbours), whatever the code does."""
+    if popsize < 2 or popsize % 2:
+        raise SystemExit(f"--ceiling needs an even per-rank population, got P/{n} = {popsize}")
+    alone = run_point(1, popsize, args, workdir, f"{tag}-alone{n}")["median_s_per_gen"]
+    together: list[float] = [0.0] * n
+
+    def one(i: int) -> None:
+        together[i] = run_point(1, popsize, args, workdir, f"{tag}-together{n}-{i}")["median_s_per_gen"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not all(together):
+        raise SystemExit("--ceiling: a concurrent run failed (see above)")
+    return alone / max(together)
+
+
 def combine_repeats(runs: list[dict]) -> dict:
     """One row from the repeated runs of one rank count: the median over repeats of each run's median
     s/gen, the extremes over all runs, every run's median and theta kept (``repeat_*``)."""
@@ -168,6 +196,8 @@ def summarise(rows: list[dict], mode: str, paired: bool = True) -> None:
             r["efficiency_paired"] = float(np.median(paired))
             r["efficiency_paired_range"] = [min(paired), max(paired)]
             r["efficiency"] = r["efficiency_paired"]
+        if "machine_ceiling" in r:  # how close the run came to what the machine allows
+            r["efficiency_vs_ceiling"] = r["efficiency"] / r["machine_ceiling"]
         if "model_s_per_gen" in r:
             m = base.get("model_s_per_gen", base["median_s_per_gen"])
             r["model_efficiency"] = (
@@ -181,14 +211,16 @@ def print_table(mode: str, rows: list[dict]) -> None:
     print(f"{mode} scaling")
     print(
         f"{'ranks':>5} {'P':>6} {'s/gen':>9} {'min':>8} {'max':>8} {'speedup':>8} {'eff':>6} {'eff range':>11} "
-        f"{'eff(min)':>8} {'model s/gen':>11} {'model eff':>9}  theta"
+        f"{'eff(min)':>8} {'ceiling':>7} {'c range':>11} {'eff/ceil':>8} {'model s/gen':>11} {'model eff':>9}  theta"
     )
     for r in rows:
         lo, hi = r.get("efficiency_paired_range", [math.nan, math.nan])
+        clo, chi = r.get("machine_ceiling_range", [math.nan, math.nan])
         print(
             f"{r['ranks']:5d} {r['popsize']:6d} {r['median_s_per_gen']:9.4f} {r['min_s_per_gen']:8.4f} "
             f"{r['max_s_per_gen']:8.4f} {r['speedup']:8.2f} {r['efficiency']:6.2f} {lo:5.2f}-{hi:<5.2f} "
-            f"{r['efficiency_min']:8.2f} "
+            f"{r['efficiency_min']:8.2f} {r.get('machine_ceiling', math.nan):7.2f} {clo:5.2f}-{chi:<5.2f} "
+            f"{r.get('efficiency_vs_ceiling', math.nan):8.2f} "
             f"{r.get('model_s_per_gen', math.nan):11.4f} {r.get('model_efficiency', math.nan):9.2f}  "
             f"{r['theta_sha256'][:12]}"
         )
@@ -274,6 +306,12 @@ def main(argv=None) -> int:
         help="runs per rank count, interleaved (1,2,..,1,2,..); efficiency = median of the paired ratios",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also measure the machine's ceiling per rank count (N independent 1-rank runs of the per-rank "
+        "population at once vs one alone, in every repeat; one node only)",
+    )
     p.add_argument("--launcher", default="mpiexec -n {n}", help='e.g. "srun -n {n} --gpus-per-task=1"')
     p.add_argument("--set", action="append", default=[], help="config override passed to mpigls train")
     p.add_argument("--latency-us", type=float, default=1.0, help="network latency for the model (local: shm)")
@@ -303,11 +341,20 @@ def main(argv=None) -> int:
         work = Path(args.workdir or tmp)
         for mode in ["strong", "weak"] if args.mode == "both" else [args.mode]:
             runs: dict[int, list[dict]] = {n: [] for n in ranks}
+            ceilings: dict[int, list[float]] = {n: [] for n in ranks if n > 1}
             for k in range(args.repeats):  # interleaved: 1, 2, ..., 1, 2, ... (drift hits all alike)
                 for n in ranks:
                     popsize = None if mode == "strong" else args.weak_popsize_per_rank * n
                     runs[n].append(run_point(n, popsize, args, work, f"{mode}-r{k}"))
+                    if args.ceiling and n > 1:
+                        per_rank = runs[1][0]["popsize"] // n if mode == "strong" else args.weak_popsize_per_rank
+                        ceilings[n].append(machine_ceiling(n, per_rank, args, work, f"{mode}-r{k}"))
             rows = [combine_repeats(runs[n]) for n in ranks]
+            for r in rows:
+                if ceilings.get(r["ranks"]):
+                    c = ceilings[r["ranks"]]
+                    r["machine_ceiling"] = float(np.median(c))
+                    r["machine_ceiling_range"] = [min(c), max(c)]
             if not args.no_model:
                 predict(rows, args)
             summarise(rows, mode)
