@@ -321,6 +321,45 @@ def test_signal_mid_generation_stops_at_once_and_resumes_bitwise(tmp_path, capsy
     assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
 
 
+@pytest.mark.parametrize("where", ["last block", "after the exchange"])
+def test_signal_at_the_end_of_a_generation_rides_in_the_exchange(tmp_path, capsys, monkeypatch, where):
+    """The stop flags ride in the loss all-gather (unit.Control). A signal during the LAST block of
+    generation 3 is agreed in that generation's exchange: generation 3 completes and is the checkpoint.
+    A signal after the exchange (here: in generation 2's validation) is seen by generation 3's
+    evaluation, which is dropped: the checkpoint is generation 2. Either way the run resumes bitwise."""
+    from mpigls import monitor
+
+    extra = {"optimizer.block_size": 1, "train.checkpoint_every": 100}  # popsize 10: 5 blocks per generation
+    ref = train.train(tiny_cfg(**extra), tmp_path / "ref", max_generations=4, log=lambda m: None)
+    if where == "last block":
+        _raise_sigterm_at(monkeypatch, 1 + 5 * 2 + 5)  # preflight trial, generations 1-2, block 5 of 3
+        done = 3
+    else:
+        real, calls = monitor.Monitor.update, [0]
+
+        def update(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == 2:  # generation 2, after its exchange
+                signal.raise_signal(signal.SIGTERM)
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(monitor.Monitor, "update", update)
+        done = 2
+    code, out, err = run_cli(
+        capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4, *_sets(**extra)
+    )
+    assert code == 3, err
+    assert f"checkpoint written at generation {done}" in out
+    assert ("during generation 3" in out) == (where == "after the exchange")
+    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == done
+    monkeypatch.undo()
+    res = train.train(tiny_cfg(**extra), tmp_path / "r", max_generations=4, log=lambda m: None)
+    assert res.generation == 4
+    a = checkpoint.load(tmp_path / "r" / checkpoint.LATEST)
+    b = checkpoint.load(tmp_path / "ref" / checkpoint.LATEST)
+    assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
+
+
 def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():
     class Stop:
         requested = False
