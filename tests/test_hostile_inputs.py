@@ -355,6 +355,7 @@ def test_signal_at_the_end_of_a_generation_rides_in_the_exchange(tmp_path, capsy
     monkeypatch.undo()
     res = train.train(tiny_cfg(**extra), tmp_path / "r", max_generations=4, log=lambda m: None)
     assert res.generation == 4
+    assert checkpoint.theta_sha256(res.theta.numpy()) == checkpoint.theta_sha256(ref.theta.numpy())
     a = checkpoint.load(tmp_path / "r" / checkpoint.LATEST)
     b = checkpoint.load(tmp_path / "ref" / checkpoint.LATEST)
     assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
