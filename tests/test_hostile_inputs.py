@@ -301,24 +301,35 @@ def _raise_sigterm_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(losses, "certified_loss", wrapped)
 
 
-def test_signal_mid_generation_stops_at_once_and_resumes_bitwise(tmp_path, capsys, monkeypatch):
-    extra = {"optimizer.block_size": 1, "train.checkpoint_every": 100}  # popsize 10: 5 blocks per generation
-    ref = train.train(tiny_cfg(**extra), tmp_path / "ref", max_generations=4, log=lambda m: None)
-    # calls: 1 preflight trial, then 5 per generation; call 13 is block 2 of generation 3
-    _raise_sigterm_at(monkeypatch, 13)
+_STOP_EXTRA = {"optimizer.block_size": 1, "train.checkpoint_every": 100}  # popsize 10: 5 blocks per generation
+
+
+def _stop_then_resume_bitwise(tmp_path, capsys, monkeypatch, arm, done: int) -> str:
+    """A 4-generation reference run; then the CLI run with ``arm()`` installing a SIGTERM: it must
+    exit 3 with the checkpoint at generation ``done``, and resuming without the signal must end on
+    the reference's theta and state bit for bit. Returns the stopped run's stdout."""
+    ref = train.train(tiny_cfg(**_STOP_EXTRA), tmp_path / "ref", max_generations=4, log=lambda m: None)
+    arm()
     code, out, err = run_cli(
-        capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4, *_sets(**extra)
+        capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4, *_sets(**_STOP_EXTRA)
     )
     assert code == 3, err
-    assert "during generation 3" in out and "checkpoint written at generation 2" in out
-    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == 2
+    assert f"checkpoint written at generation {done}" in out
+    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == done
     monkeypatch.undo()
-    res = train.train(tiny_cfg(**extra), tmp_path / "r", max_generations=4, log=lambda m: None)
+    res = train.train(tiny_cfg(**_STOP_EXTRA), tmp_path / "r", max_generations=4, log=lambda m: None)
     assert res.generation == 4
     assert checkpoint.theta_sha256(res.theta.numpy()) == checkpoint.theta_sha256(ref.theta.numpy())
     a = checkpoint.load(tmp_path / "r" / checkpoint.LATEST)
     b = checkpoint.load(tmp_path / "ref" / checkpoint.LATEST)
     assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
+    return out
+
+
+def test_signal_mid_generation_stops_at_once_and_resumes_bitwise(tmp_path, capsys, monkeypatch):
+    # calls: 1 preflight trial, then 5 per generation; call 13 is block 2 of generation 3
+    out = _stop_then_resume_bitwise(tmp_path, capsys, monkeypatch, lambda: _raise_sigterm_at(monkeypatch, 13), 2)
+    assert "during generation 3" in out
 
 
 @pytest.mark.parametrize("where", ["last block", "after the exchange"])
@@ -329,12 +340,7 @@ def test_signal_at_the_end_of_a_generation_rides_in_the_exchange(tmp_path, capsy
     evaluation, which is dropped: the checkpoint is generation 2. Either way the run resumes bitwise."""
     from mpigls import monitor
 
-    extra = {"optimizer.block_size": 1, "train.checkpoint_every": 100}  # popsize 10: 5 blocks per generation
-    ref = train.train(tiny_cfg(**extra), tmp_path / "ref", max_generations=4, log=lambda m: None)
-    if where == "last block":
-        _raise_sigterm_at(monkeypatch, 1 + 5 * 2 + 5)  # preflight trial, generations 1-2, block 5 of 3
-        done = 3
-    else:
+    def after_the_exchange():
         real, calls = monitor.Monitor.update, [0]
 
         def update(self, *a, **k):
@@ -344,21 +350,13 @@ def test_signal_at_the_end_of_a_generation_rides_in_the_exchange(tmp_path, capsy
             return real(self, *a, **k)
 
         monkeypatch.setattr(monitor.Monitor, "update", update)
-        done = 2
-    code, out, err = run_cli(
-        capsys, "train", "--out", tmp_path / "r", "--no-eval", "--max-generations", 4, *_sets(**extra)
-    )
-    assert code == 3, err
-    assert f"checkpoint written at generation {done}" in out
+
+    if where == "last block":  # preflight trial, generations 1-2, block 5 of 3
+        arm, done = (lambda: _raise_sigterm_at(monkeypatch, 1 + 5 * 2 + 5)), 3
+    else:
+        arm, done = after_the_exchange, 2
+    out = _stop_then_resume_bitwise(tmp_path, capsys, monkeypatch, arm, done)
     assert ("during generation 3" in out) == (where == "after the exchange")
-    assert checkpoint.load(tmp_path / "r" / checkpoint.LATEST).generation == done
-    monkeypatch.undo()
-    res = train.train(tiny_cfg(**extra), tmp_path / "r", max_generations=4, log=lambda m: None)
-    assert res.generation == 4
-    assert checkpoint.theta_sha256(res.theta.numpy()) == checkpoint.theta_sha256(ref.theta.numpy())
-    a = checkpoint.load(tmp_path / "r" / checkpoint.LATEST)
-    b = checkpoint.load(tmp_path / "ref" / checkpoint.LATEST)
-    assert checkpoint.state_sha256(a) == checkpoint.state_sha256(b)
 
 
 def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():

@@ -124,11 +124,18 @@ def _evaluate(work: unit.Work, state: GRADState, params: GRADParams, blocks) -> 
     return Local(rows, losses)
 
 
-def _exchange(comm, work: unit.Work, state: GRADState, params: GRADParams, local: Local, control):
+def exchange_rows(comm, local: Local, num_params: int, control: unit.Control):
+    """(all ranks' losses in block order, the exact sum (D,) of all gradient rows or None when the
+    generation was cut short, the agreed control): GRAD's and RGS's exchange."""
     losses, agreed, _ = unit.gather_losses(comm, local.losses, control)
-    if agreed.cut_short:  # the generation is dropped
-        return losses.sum().reshape(1), None, agreed
-    return losses.sum().reshape(1), unit.exact_row_sum(comm, local.rows, state.center.numel()), agreed
+    if agreed.cut_short:  # the generation is dropped: no further collective
+        return losses, None, agreed
+    return losses, unit.exact_row_sum(comm, local.rows, num_params), agreed
+
+
+def _exchange(comm, work: unit.Work, state: GRADState, params: GRADParams, local: Local, control):
+    losses, grad, agreed = exchange_rows(comm, local, state.center.numel(), control)
+    return losses.sum().reshape(1), grad, agreed
 
 
 def _tell(work: unit.Work, state: GRADState, params: GRADParams, all_losses, grad: torch.Tensor, lr: float):

@@ -118,10 +118,7 @@ def _evaluate(work: unit.Work, state: RGSState, params: RGSParams, blocks) -> gr
 
 
 def _exchange(comm, work: unit.Work, state: RGSState, params: RGSParams, local: grad_opt.Local, control):
-    losses, agreed, _ = unit.gather_losses(comm, local.losses, control)
-    if agreed.cut_short:  # the generation is dropped
-        return losses, None, agreed
-    return losses, unit.exact_row_sum(comm, local.rows, state.center.numel()), agreed
+    return grad_opt.exchange_rows(comm, local, state.center.numel(), control)
 
 
 def _tell(work: unit.Work, state: RGSState, params: RGSParams, all_losses, grad_sum: torch.Tensor, lr: float):
