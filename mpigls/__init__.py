@@ -1,9 +1,18 @@
 """mpigls: MPI-parallel certified training with Gaussian Loss Smoothing (arXiv 2403.07095).
 
-Public modules (import them directly, e.g. ``from mpigls import bounds``):
-``models`` (architectures, flat-vector views), ``bounds`` (``margin_lower_bounds``), ``losses``,
-``noise`` (counter-based perturbations), ``optim`` (PGPE, RGS, GRAD), ``data``, ``config``,
-``dist`` (the only mpi4py user), ``checkpoint`` (the only h5py user), ``train``, ``certify``, ``cli``.
+The packages, from the bottom up (``docs/architecture.md`` draws the map):
+
+``nn``          the networks, their batched forward over P weight vectors, the margins
+``numerics``    counter-based noise (``noise``, ``philox``) and deterministic float settings
+``bounds``      the relaxations behind ``bounds.margin_lower_bounds`` (IBP, CROWN/DeepPoly, ...)
+``objectives``  natural, PGD and certified losses; the PGD attack
+``optim``       PGPE, RGS and GRAD as pure maths over flat vectors
+``parallel``    ranks: communicators, exact sums, the work split, PGPE's distributed generation
+``evaluation``  certification, the complete verifier, loss landscapes
+``run``         one training run: the loop, run directory, checkpoints, monitoring
+``analysis``    runs as data (``analysis.load_run``), report tables, plots
+``config``, ``data``, ``cli``  the YAML config, the datasets, the command line
+
 We minimise loss everywhere.
 """
 
@@ -13,27 +22,18 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = [
-    "attacks",
+    "analysis",
     "bounds",
-    "certify",
-    "checkpoint",
     "cli",
     "config",
     "data",
-    "dist",
-    "landscape",
-    "losses",
-    "models",
-    "noise",
+    "evaluation",
+    "nn",
+    "numerics",
+    "objectives",
     "optim",
-    "population",
-    "precision",
-    "train",
-    "analysis",
-    "analysis_report",
-    "analysis_tightness",
-    "monitor",
-    "plotting",
+    "parallel",
+    "run",
 ]
 
 

@@ -17,7 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from . import config as config_mod, dist, precision
+from mpigls import config as config_mod, parallel
+from mpigls.numerics import precision
 
 __all__ = ["main", "build_parser"]
 
@@ -160,16 +161,16 @@ def _cmd_train(args, comm) -> int:
 
             print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
         return 0
-    from . import train as train_mod
+    from mpigls.run import train as train_mod
 
     if args.dry_run:
-        from . import preflight, rundir
+        from mpigls.run import preflight, rundir
 
         dataset, model, arch = train_mod.build_problem(cfg)
         plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
         if comm.is_root:
-            from .models import num_params
+            from mpigls.nn.models import num_params
 
             print(
                 f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
@@ -180,11 +181,11 @@ def _cmd_train(args, comm) -> int:
         return 0
     result = train_mod.train(cfg, args.out, comm, max_generations=args.max_generations, restart=args.restart)
     if result.stopped_by_signal:
-        return dist.EXIT_PREEMPTED
+        return parallel.EXIT_PREEMPTED
     if not args.no_eval and result.finished:
         res = _final_eval(cfg, result, comm)
         if comm.is_root:
-            from . import checkpoint, rundir
+            from mpigls.run import checkpoint, rundir
 
             rundir.write_json(
                 Path(args.out) / EVAL_FILE,
@@ -204,7 +205,8 @@ EVAL_FILE = "eval.json"  # the final test evaluation of a finished run, next to 
 
 @precision.strict_fp32()  # eval.json is a certificate: true fp32 (certify.evaluate also enters it)
 def _final_eval(cfg, result, comm) -> dict:
-    from . import certify, train as train_mod
+    from mpigls.evaluation import certify
+    from mpigls.run import train as train_mod
 
     dataset, model, _ = train_mod.build_problem(cfg)
     model.to(result.device)  # the device training used (a GPU when the rank has one)
@@ -222,13 +224,14 @@ def _final_eval(cfg, result, comm) -> dict:
 def _cmd_certify(args, comm) -> int:
     import torch
 
-    from . import certify, checkpoint, rundir, train as train_mod
+    from mpigls.evaluation import certify
+    from mpigls.run import checkpoint, rundir, train as train_mod
 
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
-    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
+    model.to(parallel.bind_device(comm, cfg.train.device, cfg.train.threads))
     methods = args.methods.split(",") if args.methods else list(cfg.eval.methods)
     eps = cfg.bound.eps if args.eps is None else args.eps
     if not (math.isfinite(eps) and 0 <= eps <= 1):
@@ -292,7 +295,7 @@ def _cmd_certify(args, comm) -> int:
 
 
 def _cmd_inspect(args, comm) -> int:
-    from . import checkpoint
+    from mpigls.run import checkpoint
 
     summary = checkpoint.summary(args.checkpoint)
     if comm.is_root:
@@ -308,13 +311,14 @@ def _cmd_inspect(args, comm) -> int:
 def _cmd_landscape(args, comm) -> int:
     import torch
 
-    from . import checkpoint, landscape, train as train_mod
+    from mpigls.evaluation import landscape
+    from mpigls.run import checkpoint, train as train_mod
 
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
-    device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
+    device = parallel.bind_device(comm, cfg.train.device, cfg.train.threads)
     if comm.is_root:
         path = landscape.run_from_checkpoint(
             model.to(device),
@@ -335,7 +339,8 @@ def _cmd_landscape(args, comm) -> int:
 
 
 def _cmd_plot(args, comm) -> int:
-    from . import analysis, plotting
+    from mpigls import analysis
+    from mpigls.analysis import plotting
 
     out = _png_path(args.out, "metrics.png")
     runs = analysis.load_runs(args.paths)
@@ -347,7 +352,8 @@ def _cmd_plot(args, comm) -> int:
 
 
 def _cmd_report(args, comm) -> int:
-    from . import analysis, analysis_report
+    from mpigls import analysis
+    from mpigls.analysis import report as analysis_report
 
     runs = analysis.load_runs(args.runs)
     if args.certify:  # rank 0 decides what is missing, so every rank certifies the same runs
@@ -367,7 +373,9 @@ def _certify_run(run, comm):
 
     import torch
 
-    from . import analysis, certify, checkpoint, rundir, train as train_mod
+    from mpigls import analysis
+    from mpigls.evaluation import certify
+    from mpigls.run import checkpoint, rundir, train as train_mod
 
     if run.checkpoint_path is None:
         raise FileNotFoundError(f"run {run.label} has no checkpoint to certify yet")
@@ -375,7 +383,7 @@ def _certify_run(run, comm):
     cfg = config_mod.from_dict(ckpt.config)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
-    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
+    model.to(parallel.bind_device(comm, cfg.train.device, cfg.train.threads))
     n = cfg.eval.num_test or len(dataset.test_y)
     t0 = time.perf_counter()
     theta = torch.from_numpy(ckpt.theta.copy())
@@ -399,21 +407,22 @@ def _certify_run(run, comm):
 def _cmd_tightness(args, comm) -> int:
     import torch
 
-    from . import analysis_tightness, checkpoint, plotting, rundir, train as train_mod
+    from mpigls.analysis import plotting, tightness as analysis_tightness
+    from mpigls.run import checkpoint, rundir, train as train_mod
 
     out = _png_path(args.out, "tightness.png")
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     radii = analysis_tightness.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
     methods = [m for m in args.methods.split(",") if m]
-    from .bounds import SOUND_METHODS
+    from mpigls.bounds import SOUND_METHODS
 
     bad = [m for m in methods if m not in SOUND_METHODS]
     if bad:
         raise ValueError(f"--methods {bad} are not sound relaxations; choose among {list(SOUND_METHODS)}")
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch)
-    model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
+    model.to(parallel.bind_device(comm, cfg.train.device, cfg.train.threads))
     n = args.num_test or cfg.eval.num_test or len(dataset.test_y)
     res = analysis_tightness.tightness(
         model,
@@ -469,7 +478,7 @@ def _load_usable(path: str):
     parameters are finite."""
     import numpy as np
 
-    from . import checkpoint
+    from mpigls.run import checkpoint
 
     ckpt = checkpoint.load(path)
     if not isinstance(ckpt.config, dict):
@@ -535,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
             fake_nodes = config_mod.load_config(args.config, args.overrides).train.fake_nodes
         except (*USER_ERRORS, config_mod.ConfigError):
             fake_nodes = None  # reported below, on every rank, by the command itself
-    comm = dist.init_comm(fake_nodes=fake_nodes)
+    comm = parallel.init_comm(fake_nodes=fake_nodes)
     # Every rank validates the same input, so user errors fail alike everywhere; run_guarded makes
     # all ranks leave with one exit code (2 user error, 3 preempted) or aborts the job on a crash.
-    return dist.run_guarded(
+    return parallel.run_guarded(
         lambda: _COMMANDS[args.command](args, comm),
         comm,
         user_errors=(*USER_ERRORS, config_mod.ConfigError),

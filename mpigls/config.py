@@ -6,7 +6,7 @@ what is allowed and how to fix it. Each field's ``help`` metadata is the documen
 ``mpigls config`` (``--markdown``: README's table). Derived quantities are properties, never fields.
 
 The ``optimizer`` section is not written here: it is built from the chosen optimizer's own Params
-class (``mpigls.optim.registry``; one default, one validation, one help text per key) plus the
+class (``mpigls.run.optimizers``; one default, one validation, one help text per key) plus the
 loop's keys (``optim.unit.LoopParams``). Configs stored in checkpoints by older versions hold
 every optimizer's keys: read them through ``stored_config``.
 """
@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from .optim import registry
-from .optim.schedules import EPS_SCHEDULES
-from .optim.unit import LoopParams, help_of, param
+from mpigls.optim.schedules import EPS_SCHEDULES
+from mpigls.optim.unit import LoopParams, help_of, param
+from mpigls.run import optimizers
 
 __all__ = [
     "ConfigError",
@@ -83,7 +83,7 @@ class DataConfig:
     )
 
     def __post_init__(self):
-        from .data import AUGMENTATIONS, DATASETS
+        from mpigls.data import AUGMENTATIONS, DATASETS
 
         _require(self.name in DATASETS, f"data.name must be one of {list(DATASETS)}, got {self.name!r}")
         _require(
@@ -111,7 +111,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        from .models import ARCHITECTURES
+        from mpigls.nn.models import ARCHITECTURES
 
         _require(self.name in ARCHITECTURES, f"model.name must be one of {list(ARCHITECTURES)}, got {self.name!r}")
 
@@ -167,7 +167,7 @@ class OptimizerConfig:
     optimizer's own Params fields, flat in YAML and on ``--set`` (``optimizer.lr=1e-3``).
 
     Nothing here repeats an optimizer's field: defaults, validation and help come from its Params
-    class (registered in ``mpigls.optim.registry``). ``cfg.optimizer.popsize`` reads the Params
+    class (registered in ``mpigls.run.optimizers``). ``cfg.optimizer.popsize`` reads the Params
     field; a key the chosen optimizer does not have is a ConfigError naming its valid keys.
     """
 
@@ -177,11 +177,11 @@ class OptimizerConfig:
 
     def __post_init__(self):
         _require(
-            self.name in registry.OPTIMIZERS,
-            f"optimizer.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(self.name)}",
+            self.name in optimizers.OPTIMIZERS,
+            f"optimizer.name must be one of {list(optimizers.OPTIMIZERS)}, got {short_repr(self.name)}",
         )
         if self.params is None:
-            object.__setattr__(self, "params", registry.get(self.name).Params())
+            object.__setattr__(self, "params", optimizers.get(self.name).Params())
 
     def __getattr__(self, key: str) -> Any:  # only called when normal lookup fails: the flat keys
         if key.startswith("__"):
@@ -205,7 +205,7 @@ def optimizer_keys(name: str) -> list[str]:
     return (
         ["name"]
         + [f.name for f in dataclasses.fields(LoopParams)]
-        + [f.name for f in dataclasses.fields(registry.get(name).Params)]
+        + [f.name for f in dataclasses.fields(optimizers.get(name).Params)]
     )
 
 
@@ -213,9 +213,9 @@ def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"config section {path} must be a mapping, got {type(values).__name__}")
     name = values.get("name", OptimizerConfig.name)
-    if name not in registry.OPTIMIZERS:
-        raise ConfigError(f"{path}.name must be one of {list(registry.OPTIMIZERS)}, got {short_repr(name)}")
-    params_cls = registry.get(name).Params
+    if name not in optimizers.OPTIMIZERS:
+        raise ConfigError(f"{path}.name must be one of {list(optimizers.OPTIMIZERS)}, got {short_repr(name)}")
+    params_cls = optimizers.get(name).Params
     loop_names = {f.name for f in dataclasses.fields(LoopParams)}
     own = {f.name for f in dataclasses.fields(params_cls)}
     unknown = [k for k in values if k != "name" and k not in loop_names and k not in own]
@@ -237,12 +237,12 @@ def stored_config(values: dict) -> dict:
         return values
     opt = values["optimizer"]
     name = opt.get("name", OptimizerConfig.name)
-    if name not in registry.OPTIMIZERS:
+    if name not in optimizers.OPTIMIZERS:
         return values
     keep = set(optimizer_keys(name))
     # a key added later (optimizer.batch_chunks, optimizer.noise) is absent from older configs: they
     # ran with its default (a new key's default keeps the old behaviour)
-    defaults = {**to_dict(LoopParams()), **to_dict(registry.get(name).Params())}
+    defaults = {**to_dict(LoopParams()), **to_dict(optimizers.get(name).Params())}
     added = {k: v for k, v in defaults.items() if k not in opt}
     return {**values, "optimizer": {**{k: v for k, v in opt.items() if k in keep}, **added}}
 
@@ -642,20 +642,20 @@ def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
             f"{prefix}name",
             repr(OptimizerConfig.name),
             "the optimizer, one of "
-            + ", ".join(registry.OPTIMIZERS)
-            + " (mpigls.optim.registry); the keys marked [...] below belong to the optimizers named",
+            + ", ".join(optimizers.OPTIMIZERS)
+            + " (mpigls.run.optimizers); the keys marked [...] below belong to the optimizers named",
         )
     ]
     rows += [(f"{prefix}{f.name}", repr(_default(f)), help_of(f)) for f in dataclasses.fields(LoopParams)]
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
-    for name, opt in registry.OPTIMIZERS.items():
+    for name, opt in optimizers.OPTIMIZERS.items():
         for f in dataclasses.fields(opt.Params):
             owners.setdefault(f.name, []).append(name)
             fields.setdefault(f.name, f)
     for key, f in fields.items():
         defaults = {
-            n: repr(_default(next(g for g in dataclasses.fields(registry.get(n).Params) if g.name == key)))
+            n: repr(_default(next(g for g in dataclasses.fields(optimizers.get(n).Params) if g.name == key)))
             for n in owners[key]
         }
         default = (
@@ -663,6 +663,6 @@ def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
             if len(set(defaults.values())) == 1
             else ", ".join(f"{n}: {d}" for n, d in defaults.items())
         )
-        who = "all" if len(owners[key]) == len(registry.OPTIMIZERS) else ", ".join(owners[key])
+        who = "all" if len(owners[key]) == len(optimizers.OPTIMIZERS) else ", ".join(owners[key])
         rows.append((f"{prefix}{key}", default, f"[{who}] {help_of(f)}"))
     return rows

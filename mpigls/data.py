@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .noise import STREAM_DATA, numpy_generator
+from mpigls.numerics.noise import STREAM_DATA, numpy_generator
 
 __all__ = ["DATASETS", "AUGMENTATIONS", "Dataset", "load", "batch_indices", "augment"]
 

@@ -93,7 +93,7 @@ def tf32_on():
     """torch's GPU default for cuDNN (TF32 allowed), here for matmul too; restored afterwards."""
     import torch
 
-    from mpigls import precision
+    from mpigls.numerics import precision
 
     before = precision.current_settings()
     torch.backends.cudnn.allow_tf32 = True

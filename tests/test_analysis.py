@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import (
-    analysis,
-    analysis_report,
-    analysis_tightness,
-    certify,
-    checkpoint,
-    cli,
-    config,
-    monitor,
-    plotting,
-    train,
-)
+from mpigls import analysis, cli, config
+from mpigls.analysis import plotting, report as analysis_report, tightness as analysis_tightness
+from mpigls.evaluation import certify
+from mpigls.run import checkpoint, monitor, train
 
 from conftest import tiny_overrides
 

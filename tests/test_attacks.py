@@ -2,8 +2,8 @@
 
 import torch
 
-from mpigls import models
-from mpigls.attacks import margins, pgd
+from mpigls.nn import models
+from mpigls.objectives.attacks import margins, pgd
 
 
 def setup():

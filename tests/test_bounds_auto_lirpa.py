@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-from mpigls import models
 from mpigls.bounds import margin_lower_bounds
+from mpigls.nn import models
 
 from conftest import REPO
 

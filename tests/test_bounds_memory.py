@@ -21,7 +21,7 @@ BUDGET_MB = 16.0
 
 SCRIPT = r"""
 import json, sys, torch
-from mpigls import models
+from mpigls.nn import models
 from mpigls.bounds import margin_lower_bounds
 
 def status(key):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mpigls import models
 from mpigls.bounds import margin_lower_bounds
+from mpigls.nn import models
 
 CASES = [("cnn3", (1, 8, 8)), ("cnn5", (1, 8, 8)), ("mlp-tiny", (1, 4, 4)), ("cnn3", (2, 6, 6))]
 

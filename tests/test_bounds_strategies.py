@@ -9,8 +9,8 @@ auto choice in float32 (equal to float32 rounding), and checked for soundness by
 import pytest
 import torch
 
-from mpigls import models
 from mpigls.bounds import margin_lower_bounds
+from mpigls.nn import models
 from test_bounds import make, worst_margin
 from test_bounds_reference import reference
 

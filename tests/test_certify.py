@@ -8,7 +8,10 @@ import json
 import pytest
 import torch
 
-from mpigls import certify, checkpoint, cli, config as config_mod, dist, precision, train as train_mod
+from mpigls import cli, config as config_mod, parallel
+from mpigls.evaluation import certify
+from mpigls.numerics import precision
+from mpigls.run import checkpoint, train as train_mod
 
 from conftest import tiny_overrides
 
@@ -57,7 +60,7 @@ def test_union_verifier_and_rank_independence(trained):
 
         return certify.certify(copy.deepcopy(model), theta, x, y, comm=comm, **kw)
 
-    results = [dist.run_threaded(run, w)[0] for w in (1, 2, 3)]
+    results = [parallel.run_threaded(run, w)[0] for w in (1, 2, 3)]
     summary, s = results[0]
     drop = {"verify/time_s"}
     for other in results[1:]:
@@ -137,7 +140,9 @@ def test_only_sound_methods_certify():
     import pytest as _pytest
     import torch as _torch
 
-    from mpigls import bounds, certify as certify_mod, config, models
+    from mpigls import bounds, config
+    from mpigls.evaluation import certify as certify_mod
+    from mpigls.nn import models
 
     assert bounds.SOUND_METHODS == config.CERTIFY_METHODS
     assert "sabr" not in bounds.SOUND_METHODS

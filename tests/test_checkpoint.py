@@ -1,4 +1,4 @@
-"""Tests of mpigls.checkpoint: round trip, atomic replacement, fallbacks and clear errors."""
+"""Tests of mpigls.run.checkpoint: round trip, atomic replacement, fallbacks and clear errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mpigls import checkpoint as C, rundir as R
+from mpigls.run import checkpoint as C, rundir as R
 
 h5py = C.h5py  # only checkpoint.py imports h5py; tests borrow it to craft damaged files
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_crash_mid_write_leaves_latest_readable_and_temp_is_cleaned(tmp_path, mo
 
 _LOOP = """
 import sys, numpy as np
-from mpigls import checkpoint as C
+from mpigls.run import checkpoint as C
 d, g = sys.argv[1], 0
 theta = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
 while True:

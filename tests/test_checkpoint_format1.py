@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpigls import analysis, checkpoint, cli, config, train
+from mpigls import analysis, cli, config
+from mpigls.run import checkpoint, train
 
 GOLDEN = Path(__file__).parent / "golden"
 EXPECTED = json.loads((GOLDEN / "format1_expected.json").read_text())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mpigls import checkpoint
+from mpigls.run import checkpoint
 
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
 

@@ -92,7 +92,7 @@ def test_cifar_augment_is_a_padded_crop_and_flip():
 def test_augment_stream_independent_of_batch_order_stream():
     # numpy's SeedSequence zero-pads keys: without the tag, batch 0's augmentation would reuse the
     # batch-order stream of the same epoch
-    from mpigls.noise import STREAM_DATA, numpy_generator
+    from mpigls.numerics.noise import STREAM_DATA, numpy_generator
 
     tagged = numpy_generator(5, STREAM_DATA, 0, 0, 1).random(4)
     assert not np.array_equal(tagged, numpy_generator(5, STREAM_DATA, 0).random(4))

@@ -27,10 +27,10 @@ pytestmark = [
 
 SCRIPT = r"""
 import os, signal, sys, time
-from mpigls import dist
+from mpigls import parallel
 
 mode = sys.argv[1]
-comm = dist.init_comm()
+comm = parallel.init_comm()
 last = comm.world_size - 1
 
 
@@ -50,20 +50,20 @@ def body():
             raise FileNotFoundError("data.root /nowhere does not exist; set data.root")
         comm.barrier()
     elif mode == "preempt":
-        with dist.StopSignal() as stop:
+        with parallel.StopSignal() as stop:
             for generation in range(10_000):
                 if generation == 5 and comm.rank == last:
                     os.kill(os.getpid(), signal.SIGUSR1)
                 if comm.agree_any(stop.requested):
                     print(f"rank {comm.rank} stops at generation {generation}", flush=True)
-                    return dist.EXIT_PREEMPTED
+                    return parallel.EXIT_PREEMPTED
     elif mode == "wait_signal":
-        with dist.StopSignal() as stop:
+        with parallel.StopSignal() as stop:
             print("ready", flush=True)
             while not comm.agree_any(stop.requested):
                 time.sleep(0.01)
             print(f"rank {comm.rank} got signal {stop.signum}", flush=True)
-            return dist.EXIT_PREEMPTED
+            return parallel.EXIT_PREEMPTED
     return 0
 
 
@@ -72,7 +72,7 @@ if mode == "unguarded":
         raise RuntimeError("unguarded boom")
     comm.barrier()
 else:
-    raise SystemExit(dist.run_guarded(body, comm))
+    raise SystemExit(parallel.run_guarded(body, comm))
 """
 
 

@@ -26,7 +26,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpigls import checkpoint, cli, config, dist, rundir, train
+from mpigls import cli, config, parallel
+from mpigls.run import checkpoint, rundir, train
 
 from conftest import REPO, mpiexec, tiny_overrides
 
@@ -288,7 +289,7 @@ def test_bound_memory_budget_beyond_the_machine_is_refused(tmp_path, capsys):
 
 def _raise_sigterm_at(monkeypatch, call: int) -> None:
     """SIGTERM this process inside the ``call``-th bound evaluation (a generation in progress)."""
-    from mpigls import losses
+    from mpigls.objectives import losses
 
     real, calls = losses.certified_loss, [0]
 
@@ -338,7 +339,7 @@ def test_signal_at_the_end_of_a_generation_rides_in_the_exchange(tmp_path, capsy
     generation 3 is agreed in that generation's exchange: generation 3 completes and is the checkpoint.
     A signal after the exchange (here: in generation 2's validation) is seen by generation 3's
     evaluation, which is dropped: the checkpoint is generation 2. Either way the run resumes bitwise."""
-    from mpigls import monitor
+    from mpigls.run import monitor
 
     def after_the_exchange():
         real, calls = monitor.Monitor.update, [0]
@@ -368,7 +369,7 @@ def test_stoppable_blocks_stop_between_blocks_and_stay_stopped():
             return flag
 
     stop = Stop()
-    blocks = dist.StoppableBlocks([3, 4, 5], stop)
+    blocks = parallel.StoppableBlocks([3, 4, 5], stop)
     assert list(blocks) == [3, 4, 5] and len(blocks) == 3 and blocks[1] == 4
     assert not blocks.agree_stop(Comm())
     seen = []

@@ -1,4 +1,4 @@
-"""mpigls.hostmem: the allocator settings are applied once, can be switched off, and are harmless."""
+"""mpigls.run.hostmem: the allocator settings are applied once, can be switched off, and are harmless."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from mpigls import hostmem
+from mpigls.run import hostmem
 
 
 def _fresh(monkeypatch, value):
@@ -34,7 +34,7 @@ def test_a_process_with_the_settings_computes_the_same_bits():
     """Only where memory comes from changes: a computation allocating blocks above glibc's default
     mmap threshold gives the same bits with and without the settings (separate processes)."""
     code = (
-        "import sys, torch, hashlib; from mpigls import hostmem; "
+        "import sys, torch, hashlib; from mpigls.run import hostmem; "
         "print(hostmem.keep_freed_memory(), file=sys.stderr); "
         "g = torch.Generator().manual_seed(0); a = torch.randn(512, 2048, generator=g); "
         "out = [(a @ a.T).relu().sum(0) for _ in range(3)]; "

@@ -9,8 +9,8 @@ calls and to the float64 reference of tests/test_bounds_reference.py.
 import pytest
 import torch
 
-from mpigls import models
 from mpigls.bounds import ibp, make_problem, margin_lower_bounds
+from mpigls.nn import models
 from test_bounds_reference import reference
 
 CASES = [("cnn3", (1, 8, 8)), ("cnn5", (1, 8, 8)), ("mlp-tiny", (1, 4, 4)), ("cnn3", (3, 12, 12))]

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import landscape, losses, models, noise
+from mpigls.evaluation import landscape
+from mpigls.nn import models
+from mpigls.numerics import noise
+from mpigls.objectives import losses
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpigls import models
-from mpigls.attacks import default_step_size
-from mpigls.losses import LOSS_METHODS, certified_loss, natural_ce, robust_ce
+from mpigls.nn import models
+from mpigls.objectives.attacks import default_step_size
+from mpigls.objectives.losses import LOSS_METHODS, certified_loss, natural_ce, robust_ce
 
 
 def test_robust_ce_is_ce_of_negated_margins():

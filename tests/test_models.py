@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpigls import models
+from mpigls.nn import models
 
 
 def _layers(model):
@@ -43,7 +43,7 @@ def test_only_allowed_layers():
 
 
 def test_affine_layer_without_bias_is_a_clear_error():
-    from mpigls.population import stack
+    from mpigls.nn.population import stack
 
     m = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3, bias=False))
     with pytest.raises(TypeError, match="bias"):

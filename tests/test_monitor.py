@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import certify, checkpoint, config, dist, monitor, train
+from mpigls import config, parallel
+from mpigls.evaluation import certify
+from mpigls.run import checkpoint, monitor, train
 
 from conftest import run_mpigls, tiny_overrides
 
@@ -79,9 +81,9 @@ def test_validation_is_identical_for_any_rank_count(world_size):
         res = monitor.Validator(cfg, dataset, model, comm)(theta)
         return {k: v for k, v in res.items() if not k.startswith("time/")}
 
-    serial = run(dist.SerialComm())
+    serial = run(parallel.SerialComm())
     assert set(serial) == {"val/natural", "val/pgd", "val/certified/ibp", "val/certified/deeppoly"}
-    for got in dist.run_threaded(run, world_size):
+    for got in parallel.run_threaded(run, world_size):
         assert got == serial
 
 

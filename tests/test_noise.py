@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from mpigls import noise
+from mpigls.numerics import noise
 
 
 def test_member_noise_is_a_pure_function_of_its_key():

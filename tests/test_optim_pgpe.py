@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mpigls import noise
+from mpigls.numerics import noise
 from mpigls.optim import pgpe
 
 D = 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import noise
+from mpigls.numerics import noise
 from mpigls.optim import grad as gradopt, rgs
 
 D = 3

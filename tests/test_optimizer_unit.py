@@ -1,5 +1,5 @@
 """Adding an optimizer touches its own module and ONE registry line: a toy random-direction
-finite-difference optimizer, defined here, trains through mpigls.train.train (config section,
+finite-difference optimizer, defined here, trains through mpigls.run.train.train (config section,
 checkpoint, resume, 1 and 2 ranks with the same θ bits) without any other change."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import checkpoint, config, dist, models, noise, train
-from mpigls.optim import registry, unit
+from mpigls import config, parallel
+from mpigls.nn import models
+from mpigls.numerics import noise
+from mpigls.optim import unit
+from mpigls.run import checkpoint, optimizers, train
 
 from conftest import tiny_overrides
 
@@ -87,7 +90,7 @@ TOY = unit.Optimizer(
 
 @pytest.fixture
 def fd(monkeypatch):
-    monkeypatch.setitem(registry.OPTIMIZERS, "fd", TOY)  # the one registry line
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "fd", TOY)  # the one registry line
 
 
 def _cfg(**extra):
@@ -140,7 +143,7 @@ def test_toy_trains_resumes_and_stores_theta_once(fd, tmp_path):
 
 
 def test_toy_on_two_ranks_gives_the_same_bits(fd, tmp_path, monkeypatch):
-    monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
+    monkeypatch.setattr(parallel.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
     lock, build = threading.Lock(), train.build_problem
 
     def build_in_turn(cfg):  # build_problem seeds torch's process-wide RNG: threads take turns
@@ -150,7 +153,7 @@ def test_toy_on_two_ranks_gives_the_same_bits(fd, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_problem", build_in_turn)
     cfg = _cfg(**{"train.epochs": 0.5, "optimizer.directions": 7, "optimizer.block_size": 2})  # 4 blocks, ragged
     one = train.train(cfg, tmp_path / "w1", log=lambda m: None)
-    two = dist.run_threaded(lambda comm: train.train(cfg, tmp_path / "w2", comm, log=lambda m: None), 2)
+    two = parallel.run_threaded(lambda comm: train.train(cfg, tmp_path / "w2", comm, log=lambda m: None), 2)
     assert one.generation == 4 and not torch.equal(one.theta, models.flat_params(build(cfg)[1]))  # it moved
     for r in two:
         assert torch.equal(r.theta, one.theta)

@@ -1,4 +1,4 @@
-"""The device noise scheme (mpigls.philox, ``optimizer.noise: device``): Philox-4x32-10 against the
+"""The device noise scheme (mpigls.numerics.philox, ``optimizer.noise: device``): Philox-4x32-10 against the
 Random123 known answers, the normal quantile against scipy, the distribution of the numbers, and the
 same bits for any chunking, member order and block; then PGPE and RGS with the scheme: one process
 equals 1, 2 and 3 ranks bit for bit, resume is bitwise, the checkpoint records the scheme and a
@@ -12,8 +12,10 @@ import scipy.special
 import scipy.stats
 import torch
 
-from mpigls import checkpoint, config, dist, noise, philox, train
+from mpigls import config, parallel
+from mpigls.numerics import noise, philox
 from mpigls.optim import pgpe, rgs
+from mpigls.run import checkpoint, train
 
 from conftest import tiny_overrides
 
@@ -122,7 +124,7 @@ def test_noise_block_dispatches_and_checks():
 
 
 def test_pgpe_distributed_update_with_device_noise_equals_serial_for_1_to_3_ranks():
-    from test_pgpe_dist import assert_same, distributed_step, serial_step, setup
+    from test_pgpe_unit import assert_same, distributed_step, serial_step, setup
 
     for fixed_sigma in (False, True):
         params, state = setup(fixed_sigma=fixed_sigma, noise="device")
@@ -131,7 +133,7 @@ def test_pgpe_distributed_update_with_device_noise_equals_serial_for_1_to_3_rank
         assert not torch.equal(ref.center, host.center)  # other numbers than the host scheme
         for world in (1, 2, 3):
             for keep in (0, 1 << 30):
-                for new, metrics in dist.run_threaded(
+                for new, metrics in parallel.run_threaded(
                     lambda comm, k=keep, p=params, s=state: distributed_step(comm, p, s, 7, 3, keep_bytes=k), world
                 ):
                     assert_same(new, ref)
@@ -144,7 +146,7 @@ def _cfg(**extra):
 
 def _quiet(monkeypatch):
     # signal handlers: main thread only (the seeded model build needs no lock: models.private_rng)
-    monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)
+    monkeypatch.setattr(parallel.StopSignal, "install", lambda self: self)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +160,7 @@ def test_pgpe_train_with_device_noise_same_bits_on_1_2_3_ranks_and_resumes(tmp_p
     one = train.train(cfg, tmp_path / "w1", log=lambda m: None)
     assert one.generation == 4
     for world in (2, 3):
-        for r in dist.run_threaded(
+        for r in parallel.run_threaded(
             lambda comm, w=world: train.train(cfg, tmp_path / f"w{w}", comm, log=lambda m: None), world
         ):
             assert torch.equal(r.theta, one.theta)
@@ -190,7 +192,7 @@ def test_rgs_with_device_noise_same_bits_on_1_and_2_ranks(tmp_path, monkeypatch)
     over = {"optimizer.name": "rgs", "optimizer.num_samples": 4, "optimizer.block_size": 1, "train.epochs": 0.25}
     cfg = config.load_config(None, overrides=tiny_overrides(**{**over, "optimizer.noise": "device"}))
     one = train.train(cfg, tmp_path / "w1", log=lambda m: None)
-    for r in dist.run_threaded(lambda comm: train.train(cfg, tmp_path / "w2", comm, log=lambda m: None), 2):
+    for r in parallel.run_threaded(lambda comm: train.train(cfg, tmp_path / "w2", comm, log=lambda m: None), 2):
         assert torch.equal(r.theta, one.theta)
     host = train.train(config.load_config(None, overrides=tiny_overrides(**over)), tmp_path / "h", log=lambda m: None)
     assert not torch.equal(host.theta, one.theta)

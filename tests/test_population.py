@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mpigls import models, population
+from mpigls.nn import models, population
 
 
 @pytest.mark.parametrize("name,shape", [("cnn3", (1, 12, 12)), ("cnn5", (3, 16, 16)), ("mlp-tiny", (1, 4, 4))])

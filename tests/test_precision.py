@@ -12,7 +12,12 @@ import threading
 import pytest
 import torch
 
-from mpigls import bounds, certify, config, dist, losses, models, precision, train
+from mpigls import bounds, config, parallel
+from mpigls.evaluation import certify
+from mpigls.nn import models
+from mpigls.numerics import precision
+from mpigls.objectives import losses
+from mpigls.run import train
 
 from conftest import REPO, tiny_overrides
 
@@ -76,7 +81,7 @@ def test_strict_fp32_wins_over_a_tf32_training_context_in_any_order(tf32_on):
 
 
 def test_overlapping_threads_never_see_tf32_inside_strict_fp32(tf32_on):
-    """Ranks as threads (dist.run_threaded) enter and leave at different times."""
+    """Ranks as threads (parallel.run_threaded) enter and leave at different times."""
     seen, barrier = [], threading.Barrier(2)
 
     def rank(r):
@@ -221,7 +226,7 @@ def test_certify_evaluate_counts_match_a_direct_computation(tf32_on):
 
 
 def test_landscape_runs_in_strict_fp32(monkeypatch, tf32_on):
-    from mpigls import landscape
+    from mpigls.evaluation import landscape
 
     model, _, x, y = _tiny_model()
     seen = []
@@ -249,8 +254,8 @@ print("RESULT " + json.dumps({"codes": codes, "mpi4py": sorted(m for m in sys.mo
 """
 
 _LAUNCHER_VARS = (
-    *dist.LAUNCHER_SIZE_VARS,
-    *dist.LAUNCHER_RANK_VARS,
+    *parallel.LAUNCHER_SIZE_VARS,
+    *parallel.LAUNCHER_RANK_VARS,
     "SLURM_PROCID",
     "SLURM_NTASKS",
     "SLURM_STEP_NUM_TASKS",
@@ -288,27 +293,27 @@ def test_launcher_detection_from_the_environment(monkeypatch):
     for var in _LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # `import mpi4py` fails, as if not installed
-    assert not dist.launched_by_mpi()
-    assert isinstance(dist.init_comm(), dist.SerialComm)
+    assert not parallel.launched_by_mpi()
+    assert isinstance(parallel.init_comm(), parallel.SerialComm)
     monkeypatch.setenv("PMI_SIZE", "1")  # mpiexec -n 1 without mpi4py: one process is fine
-    assert dist.launched_by_mpi() and isinstance(dist.init_comm(), dist.SerialComm)
+    assert parallel.launched_by_mpi() and isinstance(parallel.init_comm(), parallel.SerialComm)
     monkeypatch.delenv("PMI_SIZE")
     for var, value in (("PMIX_RANK", "0"), ("MPI_LOCALNRANKS", "2"), ("OMPI_COMM_WORLD_SIZE", "3")):
         monkeypatch.setenv(var, value)
-        assert dist.launched_by_mpi()
+        assert parallel.launched_by_mpi()
         with pytest.raises(RuntimeError, match=r"mpigls\[mpi\]"):
-            dist.init_comm()
+            parallel.init_comm()
         monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not dist.launched_by_mpi()  # one SLURM task, e.g. a single-GPU job
+    assert not parallel.launched_by_mpi()  # one SLURM task, e.g. a single-GPU job
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert dist.launched_by_mpi()
+    assert parallel.launched_by_mpi()
 
 
 def test_init_comm_without_a_launcher_does_not_import_mpi4py():
     code = (
-        "import sys; from mpigls import cli, dist; c = dist.init_comm(); "
+        "import sys; from mpigls import cli, parallel; c = parallel.init_comm(); "
         "print(type(c).__name__, 'mpi4py' in sys.modules)"
     )
     out = subprocess.run(

@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 
-from mpigls import config, losses, models, population
+from mpigls import config
 from mpigls.bounds import METHODS, SOUND_METHODS, Relaxation, margin_lower_bounds, options, register, registry
 from mpigls.bounds.common import Problem, ibp_layer
-from mpigls.margins import margins, other_classes
+from mpigls.nn import models, population
+from mpigls.nn.margins import margins, other_classes
+from mpigls.objectives import losses
 
 
 def make(name="cnn3", shape=(1, 8, 8), k=5, batch=4, seed=0):

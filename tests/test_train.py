@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import checkpoint, config, train
+from mpigls import config
+from mpigls.run import checkpoint, train
 
 from conftest import tiny_overrides
 

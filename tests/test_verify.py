@@ -16,8 +16,10 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from mpigls import bounds, models, verify as V
-from mpigls.models import Normalize
+from mpigls import bounds
+from mpigls.evaluation import verify as V
+from mpigls.nn import models
+from mpigls.nn.models import Normalize
 
 
 def _tiny(seed: int, n_in: int, hidden: list[int], k: int) -> nn.Sequential:

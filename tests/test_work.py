@@ -1,12 +1,15 @@
-"""Work items (member block, example chunk) of mpigls.work: the arithmetic, the fixed-order
+"""Work items (member block, example chunk) of mpigls.parallel.work: the arithmetic, the fixed-order
 recombination of chunk means, the refusals, and that every loss method allowed with
 batch_chunks > 1 gives per-member losses whose chunked recombination is the unchunked mean."""
 
 import pytest
 import torch
 
-from mpigls import config, models, train, work
-from mpigls.losses import LOSS_METHODS, certified_loss
+from mpigls import config
+from mpigls.nn import models
+from mpigls.objectives.losses import LOSS_METHODS, certified_loss
+from mpigls.parallel import work
+from mpigls.run import train
 
 from conftest import tiny_overrides
 

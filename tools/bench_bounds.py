@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mpigls import models
 from mpigls.bounds import crown, make_problem, margin_lower_bounds
+from mpigls.nn import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import auto_lirpa_compat

@@ -41,8 +41,10 @@ from pathlib import Path
 
 import torch
 
-from mpigls import data as mdata, losses, models
+from mpigls import data as mdata
 from mpigls.bounds import margin_lower_bounds
+from mpigls.nn import models
+from mpigls.objectives import losses
 from mpigls.optim import pgpe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

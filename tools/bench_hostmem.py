@@ -1,4 +1,4 @@
-"""Training with and without ``mpigls.hostmem.keep_freed_memory`` (env MPIGLS_KEEP_FREED_MEMORY=1/0),
+"""Training with and without ``mpigls.run.hostmem.keep_freed_memory`` (env MPIGLS_KEEP_FREED_MEMORY=1/0),
 at 1 and 2 ranks, interleaved A B A B ...: median s/gen (checkpoint ``time/generation_s``), the
 kernel's share of the CPU time (/proc/stat: system time is where page faults are served) and theta
 (identical with and without: the allocator never changes numbers).

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_generation as bg
-from mpigls import losses, models
 from mpigls.bounds import ibp
+from mpigls.nn import models
+from mpigls.objectives import losses
 from mpigls.optim import pgpe
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpigls import checkpoint, config, monitor, train
+from mpigls import config
+from mpigls.run import checkpoint, monitor, train
 
 
 def main() -> None:

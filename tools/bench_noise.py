@@ -1,9 +1,9 @@
 """Noise-generation options for PGPE, measured side by side (ns per float32 number, and per block).
 
 Options (all keyed by (seed, stream, generation, member) or a block of members):
-  numpy-member   numpy Philox-4x64 + SeedSequence per member, float32 ziggurat (mpigls.noise today)
+  numpy-member   numpy Philox-4x64 + SeedSequence per member, float32 ziggurat (mpigls.numerics.noise today)
   numpy-block    one SeedSequence per block of M members, one standard_normal call of M*D
-  device         the device scheme (optimizer.noise: device, mpigls.philox): Philox-4x32-10 in torch
+  device         the device scheme (optimizer.noise: device, mpigls.numerics.philox): Philox-4x32-10 in torch
                  int64 ops + AS241 inverse normal in single IEEE float64 steps; the same bits on CPU
                  and GPU. Also counted: its kernels (torch ops) per block and bytes moved per number,
                  what a GPU's time follows (tools/scaling_model.py turns them into GPU estimates)
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from mpigls import noise  # noqa: E402
+from mpigls.numerics import noise  # noqa: E402
 from scaling_model import count_ops  # noqa: E402
 
 

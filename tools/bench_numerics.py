@@ -32,7 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpigls import bounds, checkpoint, config, models, precision, train  # noqa: E402
+from mpigls import bounds, config  # noqa: E402
+from mpigls.nn import models  # noqa: E402
+from mpigls.numerics import precision  # noqa: E402
+from mpigls.run import checkpoint, train  # noqa: E402
 
 OPTIMIZERS = {
     "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16},

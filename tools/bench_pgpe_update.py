@@ -28,8 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpigls import dist, losses, models, noise, pgpe_dist  # noqa: E402
+from mpigls import parallel  # noqa: E402
+from mpigls.nn import models  # noqa: E402
+from mpigls.numerics import noise  # noqa: E402
+from mpigls.objectives import losses  # noqa: E402
 from mpigls.optim import pgpe, unit  # noqa: E402
+from mpigls.parallel import pgpe_unit  # noqa: E402
 
 
 def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     seed, num_pairs, bs = 0, args.popsize // 2, args.block_size
     num_blocks = math.ceil(num_pairs / bs)
     fake_losses = torch.randn(args.popsize, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    comm = dist.SerialComm()
+    comm = parallel.SerialComm()
 
     orig = pgpe.gradients
     pgpe.gradients = old_gradients
@@ -100,14 +104,14 @@ def main(argv=None) -> int:
 
     rows = []
     for n in (int(r) for r in args.ranks.split(",")):
-        blocks = dist.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
+        blocks = parallel.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
         pairs = [list(unit.block_items(b, bs, num_pairs)) for b in blocks]
         t_noise = best_of(lambda pairs=pairs: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
         zs = [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
-        local = pgpe_dist.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
+        local = pgpe_unit.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
 
         def new_tell(local=local):
-            summed = pgpe_dist.reduce_sums(comm, state, params, seed, fake_losses, local)
+            summed = pgpe_unit.reduce_sums(comm, state, params, seed, fake_losses, local)
             return pgpe.tell(state, params, seed, fake_losses, summed=summed)
 
         t_new = best_of(new_tell, args.repeat)
@@ -143,17 +147,17 @@ def main(argv=None) -> int:
         x = torch.rand((args.overlap_batch, *shape))
         y = torch.randint(0, 10, (args.overlap_batch,))
         loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], 0.01, "ibp", weights=pts)  # noqa: E731
-        blocks = dist.my_blocks(num_blocks, 0, 1)
-        split = pgpe_dist.split_of(params, bs, args.overlap_batch)
+        blocks = parallel.my_blocks(num_blocks, 0, 1)
+        split = pgpe_unit.split_of(params, bs, args.overlap_batch)
         overlap = {}
         for prefetch in (False, True):
-            src = pgpe_dist.NoiseSource(seed, prefetch)
+            src = pgpe_unit.NoiseSource(seed, prefetch)
             st = state
 
             def generation(src=src):
                 nonlocal st
-                local_losses, kept = pgpe_dist.evaluate(st, params, blocks, split, src, loss_fn, torch.device("cpu"))
-                summed = pgpe_dist.reduce_sums(comm, st, params, seed, local_losses, kept)
+                local_losses, kept = pgpe_unit.evaluate(st, params, blocks, split, src, loss_fn, torch.device("cpu"))
+                summed = pgpe_unit.reduce_sums(comm, st, params, seed, local_losses, kept)
                 st, _ = pgpe.tell(st, params, seed, local_losses, summed=summed)
 
             generation()

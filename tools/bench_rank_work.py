@@ -29,8 +29,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_pgpe_update import old_gradients  # noqa: E402
-from mpigls import data, dist, losses, models, pgpe_dist  # noqa: E402
+from mpigls import data, parallel  # noqa: E402
+from mpigls.nn import models  # noqa: E402
+from mpigls.objectives import losses  # noqa: E402
 from mpigls.optim import pgpe  # noqa: E402
+from mpigls.parallel import pgpe_unit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,26 +58,26 @@ def main(argv=None) -> int:
     state = pgpe.init(params, theta)
     x, y = ds.train_x[: args.batch], ds.train_y[: args.batch]
     loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], args.eps, args.bound, weights=pts)  # noqa: E731
-    split = pgpe_dist.split_of(params, args.block_size, args.batch, args.batch_chunks)
+    split = pgpe_unit.split_of(params, args.block_size, args.batch, args.batch_chunks)
     num_items = split.num_items
-    comm = dist.SerialComm()
+    comm = parallel.SerialComm()
     # the full population's losses once (every rank sees them after the allgather)
-    local, _ = pgpe_dist.evaluate(
-        state, params, list(range(num_items)), split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
+    local, _ = pgpe_unit.evaluate(
+        state, params, list(range(num_items)), split, pgpe_unit.NoiseSource(0), loss_fn, torch.device("cpu")
     )
-    all_losses = pgpe_dist.gather_losses(comm, split, local)[0]
+    all_losses = pgpe_unit.gather_losses(comm, split, local)[0]
     ranks = [int(n) for n in args.ranks.split(",")]
     best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
     for _ in range(args.repeat):
         for n in ranks:
             for r in range(n):
-                items = dist.my_blocks(num_items, r, n)
+                items = parallel.my_blocks(num_items, r, n)
                 t0 = time.perf_counter()
-                _, kept = pgpe_dist.evaluate(
-                    state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
+                _, kept = pgpe_unit.evaluate(
+                    state, params, items, split, pgpe_unit.NoiseSource(0), loss_fn, torch.device("cpu")
                 )
                 t1 = time.perf_counter()
-                summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
+                summed = pgpe_unit.reduce_sums(comm, state, params, 0, all_losses, kept)
                 pgpe.tell(state, params, 0, all_losses, summed=summed)
                 t2 = time.perf_counter()
                 orig, pgpe.gradients = pgpe.gradients, old_gradients

@@ -61,7 +61,8 @@ def overrides(opt: str) -> list[str]:
 
 def main() -> int:
     sys.path.insert(0, str(REPO))
-    from mpigls import checkpoint, config, train
+    from mpigls import config
+    from mpigls.run import checkpoint, train
 
     expected = {"written_by_commit": "027d07e", "first_generations": FIRST, "resumed_to": THEN, "runs": {}}
     for opt in PER_OPTIMIZER:

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from mpigls import checkpoint  # noqa: E402
+from mpigls.run import checkpoint  # noqa: E402
 
 
 def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dict:

@@ -26,7 +26,7 @@ for m in cnn3 cnn5; do
     --set model.name=$m "${C[@]}" --set optimizer.popsize=256 --set train.batch_size=64 \
     --label "PGPE+IBP $m digits P=256 B=64" --out "$OUT/strong-$m-256"
 done
-# the host allocator setting, paired (mpigls/hostmem.py)
+# the host allocator setting, paired (mpigls/run/hostmem.py)
 $PY tools/bench_hostmem.py --ranks "$RANKS" --repeats "${REPEATS:-3}" --generations 40 --out "$OUT/hostmem-cnn3.json" \
   --set model.name=cnn3 "${C[@]}" --set optimizer.popsize=64 --set train.batch_size=16
 $PY tools/bench_hostmem.py --ranks "$RANKS" --repeats "${REPEATS:-3}" --out "$OUT/hostmem-cnn5.json" \

@@ -3,9 +3,9 @@
     t_gen(N) = max over ranks [compute + exposed noise + h2d + partial sums + step]
                + allgather(P C) + allreduce(D) + checkpoint(D) / K
 
-Work items (mpigls.work): the P/2 pairs in blocks of M pairs, each member's minibatch of B examples
+Work items (mpigls.parallel.work): the P/2 pairs in blocks of M pairs, each member's minibatch of B examples
 in C chunks (optimizer.block_size, optimizer.batch_chunks); items = ceil(P/2 / M) * C, rank r owns a
-contiguous run of them (dist.block_range), ranks beyond the item count idle. Per rank r:
+contiguous run of them (parallel.block_range), ranks beyond the item count idle. Per rank r:
   compute   sum over its items of max(2 |block| n_c / B * c_member, t_call)  +  t_fixed.
             c_member = t_1gpu / P: the issue's H100 targets divided evenly over member-examples
             (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our guess).
@@ -26,7 +26,7 @@ contiguous run of them (dist.block_range), ranks beyond the item count idle. Per
             sums: (pairs it sums) * D * t_sum, fixed-point partial sums, MEASURED here on the CPU (each
             pair once: pair j of a block by the owner of the block's chunk j % C).
             step: D * t_apply, applying the update (shaping, Adam, sigma), MEASURED, on every rank.
-  device    noise, sums and step run on the GPU (mpigls.philox; the state lives there). Their torch
+  device    noise, sums and step run on the GPU (mpigls.numerics.philox; the state lives there). Their torch
             ops are COUNTED here by running the real code under a dispatch counter (ops, bytes read
             and written); GPU time = ops * 5 us launch + bytes / 2 TB/s (ASSUMED H100 figures), per
             noise block, per partial-sum call and per step; plus the int64 totals' round trip
@@ -77,8 +77,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mpigls import checkpoint, dist, models, philox  # noqa: E402
+from mpigls import parallel  # noqa: E402
+from mpigls.nn import models  # noqa: E402
+from mpigls.numerics import philox  # noqa: E402
 from mpigls.optim import pgpe  # noqa: E402
+from mpigls.run import checkpoint  # noqa: E402
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
 MODELS = [
@@ -247,14 +250,14 @@ def allreduce_s(n: int, nbytes: float, net: Network) -> float:
 
 def rank_loads(n: int, P: int, work: Work) -> list[dict]:
     """Per busy rank: member-examples (in units of whole-batch members), items, pairs whose noise it
-    draws and pairs it sums, from the real item split (mpigls.work / dist.block_range)."""
+    draws and pairs it sums, from the real item split (mpigls.parallel.work / parallel.block_range)."""
     num_pairs = P // 2
     units = -(-num_pairs // work.block)
     items = units * work.chunks
     base, extra = divmod(work.batch, work.chunks)
     loads = []
     for r in range(min(n, items)):
-        rng = dist.block_range(items, r, n)
+        rng = parallel.block_range(items, r, n)
         members, noise_units, sum_pairs, sum_calls = 0.0, set(), 0, 0
         for i in rng:
             u, c = divmod(i, work.chunks)

@@ -29,10 +29,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..population import renamed_weights, stack
-from . import alpha_crown, crown, hbox, ibp, registry, sabr
-from .common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
-from .registry import Relaxation, register
+from mpigls.bounds import alpha_crown, crown, hbox, ibp, registry, sabr
+from mpigls.bounds.common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
+from mpigls.bounds.registry import Relaxation, register
+from mpigls.nn.population import renamed_weights, stack
 
 __all__ = [
     "METHODS",

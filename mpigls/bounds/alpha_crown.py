@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from . import crown
-from .common import Problem, Relax, over_pairs, plan_chunks, relu_relax
+from mpigls.bounds import crown
+from mpigls.bounds.common import Problem, Relax, over_pairs, plan_chunks, relu_relax
 
 # Row-sized tensors one level of the final back-substitution keeps for backward (A, its negative
 # part, the products with alpha and slope, the transposed-layer output) plus working copies.

@@ -29,8 +29,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..margins import other_classes
-from ..population import Stack
+from mpigls.nn.margins import other_classes
+from mpigls.nn.population import Stack
 
 __all__ = [
     "Problem",

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ibp, patches, rows as packed_rows
-from .common import Problem, Relax, ibp_layer, margin_spec, relu_relax, run_chunked
+from mpigls.bounds import ibp, patches, rows as packed_rows
+from mpigls.bounds.common import Problem, Relax, ibp_layer, margin_spec, relu_relax, run_chunked
 
 __all__ = ["intermediate_bounds", "bound", "final_bound"]
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .common import Problem, margin_spec, over_pairs, plan_chunks
+from mpigls.bounds.common import Problem, margin_spec, over_pairs, plan_chunks
 
 __all__ = ["bound"]
 

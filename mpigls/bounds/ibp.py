@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ..margins import other_classes
-from .common import Problem, ibp_layer, over_pairs
+from mpigls.bounds.common import Problem, ibp_layer, over_pairs
+from mpigls.nn.margins import other_classes
 
 __all__ = ["activation_bounds", "bound", "chunk_shape"]
 

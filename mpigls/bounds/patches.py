@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..population import Stack
-from .common import Relax
+from mpigls.bounds.common import Relax
+from mpigls.nn.population import Stack
 
 __all__ = ["geometry", "patch_numel", "backsubstitute"]
 

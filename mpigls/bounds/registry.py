@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import alpha_crown, crown, hbox, ibp, patches, sabr
-from .common import Problem, pair_state
+from mpigls.bounds import alpha_crown, crown, hbox, ibp, patches, sabr
+from mpigls.bounds.common import Problem, pair_state
 
 __all__ = ["Relaxation", "register", "unregister", "get", "RELAXATIONS", "window_state"]
 

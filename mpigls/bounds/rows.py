@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..population import Stack
-from . import patches
-from .common import Relax
+from mpigls.bounds import patches
+from mpigls.bounds.common import Relax
+from mpigls.nn.population import Stack
 
 __all__ = ["bound_rows", "bound_groups", "bound_spec", "PATCH_MATRIX_MAX", "CPU_CHUNK_BYTES"]
 

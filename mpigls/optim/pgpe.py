@@ -40,7 +40,6 @@ Shapes: P population (popsize), n pairs (P/2), D parameters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -49,8 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpigls import noise
-from mpigls.optim import shaping, steprules, unit
+from mpigls.numerics import noise
+from mpigls.optim import shaping, steprules
 from mpigls.optim.unit import param
 
 __all__ = [
@@ -73,7 +72,6 @@ __all__ = [
     "tell",
     "state_to_dict",
     "state_from_dict",
-    "UNIT",
 ]
 
 NOISE_CHUNK = 64  # pairs regenerated at once by the serial path (never changes the bits)
@@ -186,7 +184,7 @@ def pair_noise(
     scheme: str = "host",
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """z_j of a generation for the given pairs: (len(pairs), D) float32 (counter-based, mpigls.noise),
+    """z_j of a generation for the given pairs: (len(pairs), D) float32 (counter-based, mpigls.numerics.noise),
     on ``device`` (host scheme: drawn on the CPU and moved there; device scheme: generated there).
 
     It does not depend on the state, so the next generation's noise can be prepared in advance.
@@ -336,7 +334,7 @@ def gradients(
     (None, None, 0) when no pair has two finite losses; g_sigma is None when not ``with_sigma``.
     ``summed``: (int64 (2, D) totals of ``partial_sums`` over all pairs, exponents[, the Weights of
     ``losses`` they were formed with: not computed again]), e.g. from an allreduce over ranks
-    (``pgpe_dist.reduce_sums``); without it the noise of all pairs is regenerated here.
+    (``pgpe_unit.reduce_sums``); without it the noise of all pairs is regenerated here.
     """
     w = summed[2] if summed is not None and len(summed) == 3 else weights(params, losses)
     if w.num_valid == 0:
@@ -459,57 +457,3 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
         steprules.state_from_dict(d, device=device),
         int(d["generation"]),
     )
-
-
-# ----------------------------------------------------------------------------- the loop's unit
-# The distributed generation lives in mpigls.pgpe_dist (imported when called: it imports this module).
-
-
-def _num_items(params: PGPEParams, batch_size: int) -> int:
-    return params.popsize // 2  # the work items are the antithetic pairs
-
-
-def _open(seed: int, device: torch.device, params: PGPEParams):
-    from mpigls import pgpe_dist
-
-    source = pgpe_dist.NoiseSource(seed, pgpe_dist.prefetch_default(device), params.noise, device)
-    return contextlib.closing(source)
-
-
-def _evaluate(work: unit.Work, state: PGPEState, params: PGPEParams, blocks):
-    """This rank's members' losses (global order) and the noise it keeps for its share of the sums."""
-    from mpigls import pgpe_dist
-
-    split = pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks)
-    return pgpe_dist.evaluate(state, params, blocks, split, work.resource, work.loss, work.device)
-
-
-def _exchange(comm, work: unit.Work, state: PGPEState, params: PGPEParams, local, control: unit.Control):
-    """All P losses, the agreed control and max |z| in ONE all-gather, then one exact int64 allreduce
-    of the ranks' fixed-point partial sums (none when the generation was cut short)."""
-    from mpigls import pgpe_dist
-
-    losses, kept = local
-    split = pgpe_dist.split_of(params, work.block_size, work.batch_size, work.chunks)
-    all_losses, agreed, max_abs = pgpe_dist.gather_losses(comm, split, losses, control, kept.max_abs)
-    if agreed.cut_short:  # the generation is dropped
-        return all_losses, None, agreed
-    return all_losses, pgpe_dist.reduce_sums(comm, state, params, work.seed, all_losses, kept, max_abs), agreed
-
-
-def _tell(work: unit.Work, state: PGPEState, params: PGPEParams, all_losses: torch.Tensor, summed, lr: float):
-    return tell(state, params, work.seed, all_losses, lr=lr, summed=summed)
-
-
-UNIT = unit.Optimizer(
-    name="pgpe",
-    Params=PGPEParams,
-    init=init,
-    num_items=_num_items,
-    evaluate=_evaluate,
-    exchange=_exchange,
-    tell=_tell,
-    state_to_dict=state_to_dict,
-    state_from_dict=state_from_dict,
-    open=_open,
-)

@@ -9,10 +9,10 @@ the information. For a step function the a.e. gradient is 0 and RGS sees nothing
 this is why RGS backpropagates through a differentiable relaxation. We MINIMISE the loss.
 
 Antithetic (optional): samples 2k and 2k+1 share the noise +z_k and -z_k.
-z comes from mpigls.noise with stream STREAM_RGS, keyed by (seed, generation, k).
+z comes from mpigls.numerics.noise with stream STREAM_RGS, keyed by (seed, generation, k).
 
 Division of labour: the training loop evaluates, on each rank, the backprop gradient at its slice
-of ``sample_points``, sums them, and all-reduces the sum exactly (dist.allreduce_sum_exact);
+of ``sample_points``, sums them, and all-reduces the sum exactly (parallel.allreduce_sum_exact);
 ``tell`` receives that sum (D,) and divides by num_samples. Then: global-norm clipping,
 weight decay, and an Adam / ClipUp / SGD step (steprules). A non-finite grad_sum skips the step
 ("rgs/skipped" = 1; the generation still advances).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpigls import noise
+from mpigls.numerics import noise
 from mpigls.optim import grad as grad_opt, unit
 from mpigls.optim.unit import param
 

@@ -76,7 +76,7 @@ class StepState:
     t: number of steps taken. m, v: Adam's first and second moments (D,). velocity: ClipUp's
     velocity (D,). Slots the rule does not use are empty tensors of shape (0,). The names are the
     checkpoint keys ``step/t``, ``step/m``, ``step/v``, ``step/velocity`` (format 1 kept ClipUp's
-    velocity in ``step/m``; mpigls.checkpoint migrates it).
+    velocity in ``step/m``; mpigls.run.checkpoint migrates it).
     """
 
     t: int

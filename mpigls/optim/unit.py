@@ -1,6 +1,6 @@
 """What an optimizer is to the training loop: one record of a few functions (``Optimizer``).
 
-The loop (mpigls.train) knows no optimizer by name. Per generation it calls, on every rank,
+The loop (mpigls.run.train) knows no optimizer by name. Per generation it calls, on every rank,
 
     local                    = opt.evaluate(work, state, params, my_blocks)  # this rank's blocks only
     all_losses, red, agreed  = opt.exchange(comm, work, state, params, local, control)  # collectives
@@ -28,7 +28,7 @@ optimizer whose fields carry ONE default, whose ``__post_init__`` is the ONE val
 field metadata "help" documents the key. The config section ``optimizer`` is ``name`` +
 ``LoopParams`` + the chosen optimizer's Params fields (mpigls.config builds it from these classes).
 
-This module imports neither mpigls.dist nor mpigls.checkpoint; ``comm`` is anything with the
+This module imports neither mpigls.parallel nor mpigls.run.checkpoint; ``comm`` is anything with the
 collectives the optimizer uses (allgather_concat, allreduce_sum_exact, allreduce_sum_int, ...).
 
 Shapes: D parameters, n points.
@@ -120,8 +120,8 @@ class Work:
 
     ``loss(points, examples=slice(None))``: losses (n,) of the parameter vectors ``points`` (n, D)
     on the generation's batch examples ``examples``, without gradients. ``chunks``: example chunks
-    per member (``optimizer.batch_chunks``, mpigls.work). ``grad(points, examples)``: per-row loss gradients (n, D) and losses
-    (n,) at ``points`` on the batch examples ``examples`` (a slice; ``slice(None)``: all).
+    per member (``optimizer.batch_chunks``, mpigls.parallel.work). ``grad(points, examples)``: per-row
+    loss gradients (n, D) and losses (n,) at ``points`` on the batch examples ``examples`` (a slice; ``slice(None)``: all).
     ``resource``: what the optimizer's ``open`` returned (e.g. PGPE's noise source), or None.
     """
 
@@ -165,7 +165,7 @@ class Optimizer:
 
     ``open(seed, device, params)`` is a context manager kept open for the whole run; what it yields
     is ``Work.resource``. The loop keeps the state on the training device (``to_device``), so
-    ``tell`` runs there. Register a new one with one line in ``mpigls.optim.registry.OPTIMIZERS``.
+    ``tell`` runs there. Register a new one with one line in ``mpigls.run.optimizers.OPTIMIZERS``.
     """
 
     name: str

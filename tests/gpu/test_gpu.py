@@ -31,23 +31,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpigls import (
-    bounds,
-    certify,
-    checkpoint,
-    cli,
-    config,
-    data,
-    dist,
-    landscape,
-    models,
-    noise,
-    philox,
-    precision,
-    train,
-)
-from mpigls.attacks import margins, pgd
+from mpigls import bounds, cli, config, data, parallel
+from mpigls.evaluation import certify, landscape
+from mpigls.nn import models
+from mpigls.numerics import noise, philox, precision
+from mpigls.objectives.attacks import margins, pgd
 from mpigls.optim import pgpe, unit
+from mpigls.run import checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -300,7 +290,7 @@ def test_gpu_training_is_bitwise_reproducible_run_to_run(tmp_path, optimizer):
 @pytest.mark.parametrize("optimizer", ["pgpe", "pgpe-device-noise", "rgs", "grad"])
 def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkeypatch, optimizer):
     """Ranks as threads of one process (ThreadComm), all bound to the same GPU."""
-    monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
+    monkeypatch.setattr(parallel.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
     # build_problem seeds torch's global (process-wide) RNG for the initial weights: threads must take turns
     lock, build = threading.Lock(), train.build_problem
 
@@ -313,7 +303,7 @@ def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkey
     shas = {}
     for world in (1, 2, 3):
         out = tmp_path / f"w{world}"
-        results = dist.run_threaded(lambda comm, out=out: train.train(cfg, out, comm, log=lambda m: None), world)
+        results = parallel.run_threaded(lambda comm, out=out: train.train(cfg, out, comm, log=lambda m: None), world)
         assert len({_sha(r.theta) for r in results}) == 1  # every rank holds the same state
         assert all(r.device.type == GPU.type for r in results)
         shas[world] = _sha(results[0].theta)
@@ -321,7 +311,7 @@ def test_gpu_training_same_bits_for_1_2_3_ranks_sharing_one_gpu(tmp_path, monkey
 
 
 def test_device_noise_same_bits_on_gpu_and_cpu():
-    """optimizer.noise: device (mpigls.philox): integer Philox and IEEE-exact float64 steps, so the
+    """optimizer.noise: device (mpigls.numerics.philox): integer Philox and IEEE-exact float64 steps, so the
     GPU's numbers are the CPU's bit for bit (the GPU also takes other chunk sizes)."""
     for seed, stream, gen, members, dim in [
         (0, 0, 0, [0], 9),
@@ -423,13 +413,13 @@ def _bind_rows(world: int, fake_nodes: int) -> list:
     """(local_rank, device, current CUDA device or None, threads) of every ThreadComm rank."""
 
     def bind(comm):
-        dev = dist.bind_device(comm, device=DEVICE_NAME, threads=1)
+        dev = parallel.bind_device(comm, device=DEVICE_NAME, threads=1)
         current = torch.cuda.current_device() if dev.type == "cuda" else None
         return comm.local_rank, dev, current, torch.get_num_threads()
 
     before = torch.get_num_threads()
     try:
-        return dist.run_threaded(bind, world, fake_nodes=fake_nodes)
+        return parallel.run_threaded(bind, world, fake_nodes=fake_nodes)
     finally:
         torch.set_num_threads(before)
 
@@ -451,6 +441,6 @@ def test_device_binding_with_several_ranks_per_device():
 
 @CUDA_ONLY
 def test_several_ranks_per_gpu_warn_about_contention(caplog):
-    with caplog.at_level("WARNING", logger="mpigls.dist"):
+    with caplog.at_level("WARNING", logger="mpigls.parallel"):
         _bind_rows(2 * torch.cuda.device_count() + 1, fake_nodes=1)
     assert "share" in caplog.text

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpigls import checkpoint, dist, rundir
+from mpigls import parallel
+from mpigls.run import checkpoint, rundir
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
 def test_root_saves_all_ranks_load_identical(mpi_tmp_path):
-    comm = dist.init_comm()
+    comm = parallel.init_comm()
     theta = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
     ckpt = checkpoint.Checkpoint(
         4,

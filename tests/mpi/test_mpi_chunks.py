@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpigls import config, dist, train
+from mpigls import config, parallel
+from mpigls.run import train
 
 from conftest import tiny_overrides
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.mpi(min_size=2)
     "optimizer,chunks,noise", [("pgpe", 1, "host"), ("pgpe", 2, "host"), ("pgpe", 4, "host"), ("pgpe", 2, "device")]
 )
 def test_chunked_training_is_bitwise_the_one_process_run(mpi_tmp_path, optimizer, chunks, noise):
-    """optimizer.noise: device as well (noise from mpigls.philox, state and update on the device)."""
-    comm = dist.init_comm()
+    """optimizer.noise: device as well (noise from mpigls.numerics.philox, state and update on the device)."""
+    comm = parallel.init_comm()
     cfg = config.load_config(
         None,
         tiny_overrides(
@@ -39,7 +40,7 @@ def test_chunked_training_is_bitwise_the_one_process_run(mpi_tmp_path, optimizer
     ref = train.train(
         cfg,
         mpi_tmp_path / f"{optimizer}{chunks}{noise}-serial{comm.rank}",
-        comm=dist.SerialComm(),
+        comm=parallel.SerialComm(),
         max_generations=3,
         log=quiet,
     )

@@ -1,4 +1,4 @@
-"""mpigls.dist under a real MPI launch; pass at any world size >= 2.
+"""mpigls.parallel under a real MPI launch; pass at any world size >= 2.
 
 Run: mpiexec -n 2 python -m mpi4py -m pytest --with-mpi tests/mpi -q
 """
@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from mpigls import dist
+from mpigls import parallel
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
 @pytest.fixture(scope="module")
 def comm():
-    return dist.init_comm()
+    return parallel.init_comm()
 
 
 def test_init_comm_is_mpi(comm):
-    assert isinstance(comm, dist.MPIComm) and isinstance(comm, dist.Comm)
+    assert isinstance(comm, parallel.MPIComm) and isinstance(comm, parallel.Comm)
     from mpi4py import MPI
 
     assert comm.world_size == MPI.COMM_WORLD.Get_size() and comm.rank == MPI.COMM_WORLD.Get_rank()
@@ -35,7 +35,7 @@ def test_init_comm_is_mpi(comm):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_fake_nodes_layout(k):
-    c = dist.init_comm(fake_nodes=k)
+    c = parallel.init_comm(fake_nodes=k)
     n = c.world_size
     per = math.ceil(n / k)
     assert c.node == c.rank // per and c.local_rank == c.rank % per
@@ -74,8 +74,8 @@ def test_collectives(comm):
 def test_exact_sum_matches_serial_bits(comm, num_rows):
     g = torch.Generator().manual_seed(num_rows)
     rows = torch.randn(num_rows, 101, generator=g) * torch.logspace(-5, 5, 101)
-    want = dist.SerialComm().allreduce_sum_exact(rows)
-    mine = dist.block_range(num_rows, comm.rank, comm.world_size)
+    want = parallel.SerialComm().allreduce_sum_exact(rows)
+    mine = parallel.block_range(num_rows, comm.rank, comm.world_size)
     got = comm.allreduce_sum_exact(rows[mine.start : mine.stop])
     assert got.numpy().tobytes() == want.numpy().tobytes()
     comm.check_consistent("exact-sum", got.numpy().tobytes())
@@ -98,8 +98,8 @@ def test_check_consistent_names_ranks(comm):
 def test_bind_device_logs_once(comm, caplog):
     before = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="mpigls.dist"):
-            dev = dist.bind_device(comm, device="cpu", threads=1)
+        with caplog.at_level("INFO", logger="mpigls.parallel"):
+            dev = parallel.bind_device(comm, device="cpu", threads=1)
         assert dev.type == "cpu" and torch.get_num_threads() == 1
         if comm.is_root:
             assert all(f"rank {i}:" in caplog.text for i in range(comm.world_size))
@@ -110,7 +110,7 @@ def test_bind_device_logs_once(comm, caplog):
 
 
 def test_stop_flag_agreement(comm):
-    stop = dist.StopSignal()
+    stop = parallel.StopSignal()
     if comm.rank == comm.world_size - 1:
         stop.signum = 10  # as if SIGUSR1 arrived on one rank only
     assert comm.agree_any(stop.requested) is True

@@ -11,15 +11,16 @@ import dataclasses
 import pytest
 import torch
 
-from mpigls import dist, pgpe_dist
+from mpigls import parallel
 from mpigls.optim import pgpe
+from mpigls.parallel import pgpe_unit
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
 @pytest.fixture(scope="module")
 def comm():
-    return dist.init_comm()
+    return parallel.init_comm()
 
 
 @pytest.mark.parametrize("block_size,fixed_sigma", [(1, False), (3, False), (4, True)])
@@ -28,14 +29,14 @@ def test_distributed_tell_is_serial_tell_bitwise(comm, block_size, fixed_sigma):
     params = pgpe.PGPEParams(popsize=22, lr=0.01, sigma_init=0.1, fixed_sigma=fixed_sigma)
     state = dataclasses.replace(pgpe.init(params, torch.linspace(-1, 1, D)), generation=5)
     loss = lambda x: (x.double() ** 2).sum(-1) + torch.sin(7 * x[:, 0].double())
-    split = pgpe_dist.split_of(params, block_size)
-    blocks = dist.my_blocks(split.num_items, comm.rank, comm.world_size)
-    source = pgpe_dist.NoiseSource(4, prefetch=comm.rank % 2 == 1)
-    local, kept = pgpe_dist.evaluate(state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"))
+    split = pgpe_unit.split_of(params, block_size)
+    blocks = parallel.my_blocks(split.num_items, comm.rank, comm.world_size)
+    source = pgpe_unit.NoiseSource(4, prefetch=comm.rank % 2 == 1)
+    local, kept = pgpe_unit.evaluate(state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"))
     source.close()
-    all_losses = pgpe_dist.gather_losses(comm, split, local)[0]
+    all_losses = pgpe_unit.gather_losses(comm, split, local)[0]
     new, _ = pgpe.tell(
-        state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(comm, state, params, 4, all_losses, kept)
+        state, params, 4, all_losses, summed=pgpe_unit.reduce_sums(comm, state, params, 4, all_losses, kept)
     )
     ref, _ = pgpe.tell(state, params, 4, loss(pgpe.ask(state, params, 4, range(11))))
     assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
@@ -55,19 +56,19 @@ def test_chunked_minibatch_state_is_serial_reference_bitwise(comm, chunks):
     def loss(points, ex):
         return ((points[:, None, :] - X[ex][None]) ** 2).sum(-1).mean(-1)
 
-    split = pgpe_dist.split_of(params, 2, B, chunks)
+    split = pgpe_unit.split_of(params, 2, B, chunks)
 
     def step(c, items):
-        source = pgpe_dist.NoiseSource(4, prefetch=c.rank % 2 == 1)
-        local, kept = pgpe_dist.evaluate(state, params, items, split, source, loss, torch.device("cpu"))
+        source = pgpe_unit.NoiseSource(4, prefetch=c.rank % 2 == 1)
+        local, kept = pgpe_unit.evaluate(state, params, items, split, source, loss, torch.device("cpu"))
         source.close()
-        all_losses = pgpe_dist.gather_losses(c, split, local)[0]
+        all_losses = pgpe_unit.gather_losses(c, split, local)[0]
         return pgpe.tell(
-            state, params, 4, all_losses, summed=pgpe_dist.reduce_sums(c, state, params, 4, all_losses, kept)
+            state, params, 4, all_losses, summed=pgpe_unit.reduce_sums(c, state, params, 4, all_losses, kept)
         )[0], all_losses
 
-    new, losses = step(comm, dist.my_blocks(split.num_items, comm.rank, comm.world_size))
-    ref, ref_losses = step(dist.SerialComm(), range(split.num_items))
+    new, losses = step(comm, parallel.my_blocks(split.num_items, comm.rank, comm.world_size))
+    ref, ref_losses = step(parallel.SerialComm(), range(split.num_items))
     assert torch.equal(losses, ref_losses)
     assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
     full = loss(pgpe.ask(state, params, 4, range(5)), slice(0, B)).double()

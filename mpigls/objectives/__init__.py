@@ -1,0 +1,1 @@
+"""What training minimises: the natural, adversarial (PGD) and certified losses, and the PGD attack."""
