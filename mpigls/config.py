@@ -116,8 +116,8 @@ class ModelConfig:
         _require(self.name in ARCHITECTURES, f"model.name must be one of {list(ARCHITECTURES)}, got {self.name!r}")
 
 
-# the bound methods that are sound over the whole eps box (mpigls.bounds.SOUND_METHODS; a test
-# keeps the two equal without importing torch here)
+# the bound methods that are sound over the whole eps box (mpigls.bounds.SOUND_METHODS; the config
+# names them without importing the bounds engine, and tests/test_registry.py keeps the two equal)
 CERTIFY_METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown")
 BOUND_METHODS = ("ibp", "hbox", "crown-ibp", "deeppoly", "crown", "alpha-crown", "sabr", "staps", "pgd", "natural")
 

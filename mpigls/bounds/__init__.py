@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from mpigls.bounds import alpha_crown, crown, hbox, ibp, registry, sabr
-from mpigls.bounds.common import DEFAULT_MEMORY_BUDGET_MB, Problem, input_box, plan_chunks
+from mpigls.bounds.common import DEFAULT_MEMORY_BUDGET_MB, make_problem, plan_chunks
 from mpigls.bounds.registry import Relaxation, register
-from mpigls.nn.population import renamed_weights, stack
+from mpigls.nn.population import renamed_weights
 
 __all__ = [
     "METHODS",
@@ -82,42 +82,6 @@ def _member_loop(method: str, population: str, num_members: int) -> bool:
 # (pre-activation bounds, relaxations, window tables: ``Relaxation.state``); the engines chunk
 # their rows in the rest.
 _STATE_SHARE = 0.4
-
-
-def make_problem(
-    model: nn.Sequential,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps,
-    weights=None,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-) -> Problem:
-    """Validate the inputs and build the normalised input box."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(
-            f"x must be a (B, C, H, W) tensor of pixels in [0, 1], got "
-            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-        )
-    batch = x.shape[0]
-    y = torch.as_tensor(y, device=x.device)
-    if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"y must be an integer tensor of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
-    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    if eps_t.ndim == 0:
-        eps_t = eps_t.expand(batch)
-    if eps_t.shape != (batch,):
-        raise ValueError(f"eps must be a float or a tensor of shape ({batch},), got shape {tuple(eps_t.shape)}")
-    if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
-        raise ValueError(f"eps must be finite and non-negative, got {eps_t.tolist()}")
-    if memory_budget_mb is None or not float(memory_budget_mb) > 0:
-        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}; use e.g. 1024")
-    net = stack(model, weights, tuple(x.shape[1:]))
-    num_k = net.layers[-1].out_shape[0]
-    if batch and (int(y.min()) < 0 or int(y.max()) >= num_k):
-        raise ValueError(f"labels y must lie in [0, {num_k}), got min {int(y.min())} max {int(y.max())}")
-    eps_t = eps_t.view(batch, 1, 1, 1)
-    lo, hi = input_box(x, eps_t, net)
-    return Problem(net, x, y.long(), eps_t, lo, hi, float(memory_budget_mb), model, weights)
 
 
 def margin_lower_bounds(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpigls.bounds import ibp
-from mpigls.bounds.common import Problem
+from mpigls.bounds.common import Problem, make_problem
 from mpigls.objectives.attacks import pgd, step_size_for
 
 __all__ = ["small_box", "bound", "bound_at"]
@@ -67,8 +67,6 @@ def bound_at(
     **opts,
 ) -> torch.Tensor:
     """SABR bounds around a given point x_adv ((B,...) or (P,B,...)): (B, K-1) or (P, B, K-1)."""
-    from mpigls.bounds import make_problem
-
     prob = make_problem(model, x, y, eps, weights, **opts)
     out = _ibp_small(prob, x_adv, float(sabr_lambda))
     return out[0] if prob.net.single else out

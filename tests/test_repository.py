@@ -1,0 +1,234 @@
+"""The repository keeps its shape: every source file is linted, the package's imports form no cycle and
+``optim/`` stays pure maths, the docs' links and commands exist, and no file speaks of the project's
+history or of paths outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mpigls"
+
+
+def _tracked(*patterns: str) -> list[Path]:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *patterns],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [ROOT / p for p in out if (ROOT / p).is_file()]
+
+
+# ----------------------------------------------------------------------------- lint covers everything
+
+
+def test_ruff_lints_every_python_file_of_the_repository():
+    """Ruff's default excludes (``dist``, ``build``, ``.venv``, ...) match folders anywhere: no source file
+    may fall under one of them unnoticed."""
+    pytest.importorskip("ruff")
+    shown = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--show-files", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    linted = {Path(line.strip()).resolve() for line in shown.splitlines() if line.strip().endswith(".py")}
+    excluded = {"tests/golden"}  # pinned outputs, not code (pyproject: extend-exclude)
+    sources = [
+        p.resolve()
+        for p in _tracked("*.py")
+        if not any(p.relative_to(ROOT).as_posix().startswith(e + "/") for e in excluded)
+    ]
+    assert sources, "no Python files found"
+    missing = sorted(str(p.relative_to(ROOT)) for p in sources if p not in linted)
+    assert not missing, f"files ruff does not lint (a default exclude matches them?): {missing}"
+
+
+# ----------------------------------------------------------------------------- the import graph
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The mpigls modules this file imports, at module level or inside functions: ``from pkg import sub``
+    depends on the module ``pkg.sub``, ``from pkg import name`` on ``pkg`` (its ``__init__``)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] != "mpigls":
+                continue
+            for a in node.names:
+                found.add(f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module)
+    return found & modules
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports(path, set(files)) - {name} for name, path in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d) :] + [d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_imports_form_no_cycle():
+    graph = _graph()
+    assert "mpigls.run.train" in graph and "mpigls.parallel.pgpe_unit" in graph["mpigls.run.optimizers"]
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+# what optim/ may import: tensors and maths (and the counter-based noise it draws its perturbations from)
+OPTIM_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "contextlib", "copy", "numpy", "torch"}
+OPTIM_ALLOWED_MPIGLS = ("mpigls.optim", "mpigls.numerics.noise", "mpigls.numerics.philox", "mpigls.numerics")
+
+
+def test_optim_imports_no_io_threads_or_communication():
+    bad = []
+    for path in sorted((PACKAGE / "optim").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+                if node.module in ("mpigls", "mpigls.numerics"):
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for n in names:
+                if n.startswith("mpigls"):
+                    ok = n.startswith(OPTIM_ALLOWED_MPIGLS)
+                else:
+                    ok = n.split(".")[0] in OPTIM_ALLOWED
+                if not ok:
+                    bad.append(f"{path.relative_to(ROOT)}: {n}")
+    assert not bad, bad
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _markdown_files() -> list[Path]:
+    return [p for p in _tracked("*.md") if "tests/golden" not in p.as_posix()]
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for md in _markdown_files():
+        text = md.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if path and not (md.parent / path).exists():
+                broken.append(f"{md.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def _subcommands() -> set[str]:
+    from mpigls import cli
+
+    parser = cli.build_parser()
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return set(actions[0].choices) if actions else set()
+
+
+def test_every_command_and_path_named_in_the_readme_exists():
+    text = (ROOT / "README.md").read_text()
+    code = "\n".join(re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text))
+    subcommands = _subcommands()
+    unknown = sorted(
+        {c for c in re.findall(r"(?:^|[\s$(])mpigls ([a-z][a-z-]*)", code, flags=re.M) if c not in subcommands}
+    )
+    assert not unknown, f"README names mpigls subcommands that do not exist: {unknown}"
+    paths = set(re.findall(r"(?<![\w/.-])((?:tools|jobs|configs|docs|benchmarks|tests)/[\w./-]*\w)", text))
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README names paths that do not exist: {missing}"
+
+
+# ----------------------------------------------------------------------------- wording
+
+
+# Phrases of a lab notebook, and places outside the repository. Built from pieces so that this file
+# does not match itself.
+_DIARY = [
+    "this " + "round",
+    "last " + "round",
+    "next " + "round",
+    "earlier " + "today",
+    "this " + "session",
+    "under " + "load",
+    "DESIGN" + ".md",
+    "STYLE" + ".md",
+    "/work" + "/",
+    "../" + "shared",
+    "shared" + "/gpu",
+]
+_ISSUE_REF = re.compile(r"\b[Ii]ssue #?\d+\b")
+
+
+def test_no_file_speaks_of_history_or_of_paths_outside_the_repository():
+    hits = []
+    for path in _tracked():
+        if path.suffix in {".png", ".h5", ".pdf", ".npz", ".pt", ".onnx"} or "tests/golden" in path.as_posix():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            low = line.lower()
+            for phrase in _DIARY:
+                if phrase.lower() in low:
+                    hits.append(f"{path.relative_to(ROOT)}:{lineno}: {phrase!r}")
+            if _ISSUE_REF.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{lineno}: issue number")
+    assert not hits, "\n".join(hits[:50])
