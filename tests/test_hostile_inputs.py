@@ -1,4 +1,4 @@
-"""Hostile inputs, second round (issue 15): every bad value ends in one paragraph with a defined exit
+"""Hostile inputs: every bad value ends in one paragraph with a defined exit
 code, within a time limit, and no file of an earlier run is lost.
 
 Most cases call ``cli.main`` in-process (as ``mpigls`` does) and check: the exit code, that stderr
