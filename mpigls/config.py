@@ -3,7 +3,7 @@
 Precedence: ``--set section.key=value`` > YAML file > defaults. Unknown keys, wrong types and
 impossible values raise ``ConfigError`` (a ValueError) with the offending key, the value given,
 what is allowed and how to fix it. Each field's ``help`` metadata is the documentation shown by
-``mpigls config`` (``--markdown``: README's table). Derived quantities are properties, never fields.
+``mpigls config`` (``--markdown``: the table in docs/guide/configuration.md). Derived quantities are properties, never fields.
 
 The ``optimizer`` section is not written here: it is built from the chosen optimizer's own Params
 class (``mpigls.run.optimizers``; one default, one validation, one help text per key) plus the
@@ -618,7 +618,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for every key, for ``mpigls config`` and README's table.
+    """(key, default, help) rows for every key, for ``mpigls config`` and the docs' key table.
 
     The optimizer section lists ``name``, the loop keys, then every registered optimizer's Params
     fields once, each help text starting with the optimizers that own the key, e.g. "[pgpe, rgs]"."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from mpigls import cli, config
 
 GOLDEN = Path(__file__).parent / "golden" / "surface.txt"
+CONFIG_DOC = Path(__file__).parents[1] / "docs" / "guide" / "configuration.md"
 
 
 def surface() -> str:
@@ -27,13 +28,13 @@ def test_surface_matches_golden():
     assert surface() == GOLDEN.read_text()
 
 
-def test_readme_config_table_is_mpigls_config_markdown(capsys):
-    """README's key table is the output of `mpigls config --markdown` (the Params' field metadata)."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+def test_docs_config_table_is_mpigls_config_markdown(capsys):
+    """The key table of docs/guide/configuration.md is the output of `mpigls config --markdown`."""
+    text = CONFIG_DOC.read_text()
     begin, end = "<!-- mpigls config --markdown: begin -->\n", "<!-- mpigls config --markdown: end -->"
     table = text[text.index(begin) + len(begin) : text.index(end)]
     assert cli.main(["config", "--markdown"]) == 0
-    assert table == capsys.readouterr().out, "regenerate README's table with `mpigls config --markdown`"
+    assert table == capsys.readouterr().out, "regenerate docs/guide/configuration.md's table: mpigls config --markdown"
 
 
 def test_main_returns_exit_codes(capsys, tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's analysis example: four short digits runs (IBP and DeepPoly, each with GRAD and
+# The analysis example of docs/guide/analysis.md: four short digits runs (IBP and DeepPoly, each with GRAD and
 # PGPE; eps 0.05, validation every 10 generations), then `mpigls plot`, `mpigls report` and
 # `mpigls tightness` on them. Outputs go to runs/analysis/ (OUT=... to change); the plot to
 # docs/example-plot.png when DOCS=1. Minutes on a laptop (one process per run; MPI works too).

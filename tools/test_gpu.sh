@@ -3,8 +3,9 @@
 # Usage: bash tools/test_gpu.sh [--bench] [pytest args]   (also: bash tools/test.sh --gpu ...)
 #        MPIGLS_GPU_TEST_DEVICE=cpu bash tools/test_gpu.sh   the same tests with the CPU standing in for
 #        the GPU (checks the tests' logic and the device paths anywhere; CUDA-only checks skip; ~2 min)
-# On an offline GPU node (no pip; see /work/shared/gpu/README.md) it uses .device/device-env.sh when
-# the checkout carries it; elsewhere $PY if set, else the project venv (tools/setup_env.sh). Fails when no CUDA GPU
+# Interpreter: $PY if set; else .device/device-env.sh when the checkout carries one (for an offline GPU
+# node without a package index: a script that puts an interpreter with mpigls's dependencies on PATH,
+# see docs/guide/cluster-gpu.md); else the project venv (tools/setup_env.sh). Fails when no CUDA GPU
 # is visible, so that a run where every test skipped is never mistaken for a green GPU run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -4,8 +4,8 @@ column per optimizer (GRAD, PGPE, RGS).
 
 Each run contributes its stored certification result (``Run.best_certification`` at the run's
 training radius ``bound.eps``); several runs in one cell (seeds) give mean ± std and their count.
-``certified`` is the per-sample union of all bound certificates when the result stores it (as
-``mpigls certify`` does), otherwise the best single method (a lower bound of the union), marked
+``certified`` is the per-sample union of all bound certificates when the result stores it (the
+``mpigls certify`` results), otherwise the best single method (a lower bound of the union), marked
 with ``*``. Accuracies are percentages. Formats: Markdown, CSV (the same wide table, numbers only)
 and JSON (every cell with mean, std, n and the runs behind it).
 """

@@ -72,7 +72,7 @@ def _member_loop(method: str, population: str, num_members: int) -> bool:
     """Whether to bound member by member. "auto" is batched: measured on CPU (CNN3 MNIST, P=8,
     B=128, tools/bench_generation.py --options population=loop|batched) the two are within
     noise for deeppoly, whose row work runs per member anyway (rows.py); batched keeps ibp and
-    crown-ibp in single passes. Not measured on GPU."""
+    crown-ibp in single passes."""
     if population != "auto":
         return population == "loop"
     return False

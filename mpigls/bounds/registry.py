@@ -8,7 +8,7 @@ budget and calls the engine on each chunk; engines chunk their own working set w
 loop ``common.over_pairs``.
 
 Adding a relaxation is one module with its engine plus one ``register(Relaxation(...))`` line
-below (see CONTRIBUTING.md, "How to add a relaxation").
+below (see docs/architecture.md, "Adding a relaxation").
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ _ROW_WORK = 8
 # On CPU a row chunk's widest row tensor is capped at this many bytes so that the elementwise
 # passes of a chunk run in cache (the tensors of a budget-sized chunk are memory-bound). Measured
 # on CNN3 MNIST, P=16, B=128 (1 thread): intermediate bounds 3.1-4.0 s at budget-sized chunks
-# (~30 MB), 2.2-2.4 s at 0.4-4 MB; see README "Bounds: speed and strategies".
+# (~30 MB), 2.2-2.4 s at 0.4-4 MB; see docs/bounds-performance.md.
 CPU_CHUNK_BYTES = 2**21
 # The patch matrix onto the input gets zero columns up to a multiple of this (the input windows
 # zeros too, so results are unchanged): alone, sgemm with 128 output columns ran ~1.5x faster than

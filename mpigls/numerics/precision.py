@@ -9,7 +9,7 @@ Three jobs, one module (the only place that changes torch's global numeric flags
     ``torch.set_float32_matmul_precision("highest")``) and restores the previous values on exit,
     also after an exception. torch enables TF32 for cuDNN by default; TF32 rounds the inputs of
     every product to a 10-bit mantissa (relative error ~5e-4), which moved GPU margin lower bounds
-    *above* the CPU ones by up to 4.7e-3. Every computation that certifies (the final
+    *above* the CPU ones by up to 4.7e-3 on an H100. Every computation that certifies (the final
     evaluation and ``eval.json``, ``mpigls certify``, the landscape) runs inside it. On a CPU-only
     build the flags exist and are switched all the same; they change nothing there.
 
@@ -56,7 +56,7 @@ CERTIFY_MARGIN = 1e-5
 
 Derivation: with TF32 off, the same bounds computed on CPU and on an H100 (different summation
 orders and kernels, both round-to-nearest fp32) differed by at most 3e-7 for bound magnitudes
-0.2-0.5, i.e. about 5 units in the last place of the values involved; that spread is
+0.2-0.5 (measured on an H100), i.e. about 5 units in the last place of the values involved; that spread is
 the empirical size of the rounding error of a whole bound computation. 1e-5 is 33x the largest
 measured gap, while being ~1e-4 of a typical certified margin, so it costs a negligible share of
 certified accuracy (``tools/bench_numerics.py`` [3] counts the examples it costs: 0 of 200 digits test

@@ -1,7 +1,7 @@
 """The optimizers the training loop can run: ``config optimizer.name`` -> its unit (mpigls.optim.unit).
 
 Adding an optimizer: write its module (Params, state, the unit's functions: see optim/unit.py and
-CONTRIBUTING.md) and add ONE line here. PGPE's unit lives in ``mpigls.parallel.pgpe_unit`` (its
+docs/architecture.md) and add ONE line here. PGPE's unit lives in ``mpigls.parallel.pgpe_unit`` (its
 generation is distributed item by item); RGS and GRAD exchange gradient rows and define their units
 beside their maths. The config section, ``mpigls config`` and the checkpoint
 follow from the unit.

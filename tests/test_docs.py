@@ -1,0 +1,101 @@
+"""The documentation is usable as shipped: every relative link resolves, every ``mpigls`` subcommand
+and script README names exists, and no text in the repository speaks of its own history or of paths
+outside the repository."""
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from mpigls import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
+SKIP_DIRS = {".git", ".venv", ".ruff_cache", ".mypy_cache", "__pycache__", "runs", "bench-out", ".device"}
+TEXT_SUFFIXES = {".py", ".md", ".sh", ".sbatch", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".json", ""}
+# Diary wording and places a user of the repository does not have. Built from parts so that this
+# file does not match itself.
+FORBIDDEN = re.compile(
+    "|".join(
+        [
+            "this " + "round",
+            "last " + "round",
+            "earlier " + "today",
+            "under " + "load",
+            "DESIGN" + r"\.md",
+            "STYLE" + r"\.md",
+            "/wo" + "rk/",
+            r"\.\./sha" + "red",
+        ]
+    )
+)
+
+
+def _without_code(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def _anchors(path: Path) -> set[str]:
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def _links(path: Path) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"\]\(([^)\s]+)\)", _without_code(path.read_text(encoding="utf-8")))]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    broken = []
+    for link in _links(page):
+        if re.match(r"[a-z]+:", link):  # http:, https:, mailto:
+            continue
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        if not path.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(f"{link} (no such heading)")
+    assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_readme_names_only_real_subcommands_and_scripts():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subcommands = set(sub.choices)
+    code = " ".join(re.findall(r"```.*?```", text, flags=re.S) + re.findall(r"`[^`\n]+`", text))
+    named = set(re.findall(r"\bmpigls (\w[\w-]*)", code))
+    assert named, "README names no mpigls subcommand"
+    assert named <= subcommands, f"README names unknown subcommands {sorted(named - subcommands)}"
+    paths = set(re.findall(r"\b((?:tools|jobs|configs)/[\w./-]*\w)", text))
+    assert paths, "README names no script or config"
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def _text_files():
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if path.is_file() and path.suffix in TEXT_SUFFIXES and path != Path(__file__).resolve():
+            yield path, rel
+
+
+def test_no_history_or_outside_paths_in_the_repository():
+    hits = []
+    for path, rel in _text_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if FORBIDDEN.search(line):
+                hits.append(f"{rel}:{number}: {line.strip()[:100]}")
+    assert not hits, "diary wording or a path outside the repository:\n" + "\n".join(hits)
