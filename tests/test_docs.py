@@ -4,6 +4,7 @@ outside the repository."""
 
 import argparse
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,17 @@ from mpigls import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
-SKIP_DIRS = {".git", ".venv", ".ruff_cache", ".mypy_cache", "__pycache__", "runs", "bench-out", ".device"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".hypothesis",
+    ".ruff_cache",
+    ".mypy_cache",
+    "__pycache__",
+    "runs",
+    "bench-out",
+    ".device",
+}
 TEXT_SUFFIXES = {".py", ".md", ".sh", ".sbatch", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".json", ""}
 # Diary wording and places a user of the repository does not have. Built from parts so that this
 # file does not match itself.
@@ -21,6 +32,10 @@ FORBIDDEN = re.compile(
         [
             "this " + "round",
             "last " + "round",
+            "next " + "round",
+            "this " + "session",
+            r"\b[Ii]ssue #?\d+\b",
+            "shared" + "/gpu",
             "earlier " + "today",
             "under " + "load",
             "DESIGN" + r"\.md",
@@ -80,7 +95,20 @@ def test_readme_names_only_real_subcommands_and_scripts():
 
 
 def _text_files():
-    for path in sorted(ROOT.rglob("*")):
+    """The repository's files: what git tracks plus what it would add (not ignored); every file under
+    the root except the skipped folders when this is not a git checkout."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        paths = [ROOT / p for p in listed]
+    except (OSError, subprocess.CalledProcessError):
+        paths = sorted(ROOT.rglob("*"))
+    for path in paths:
         rel = path.relative_to(ROOT)
         if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
             continue
