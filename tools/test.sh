@@ -2,8 +2,8 @@
 # The whole test suite on a fresh machine: set up the environment, lint and type check
 # (tools/lint.sh; fails fast), check the release (tools/release_check.sh: build, twine check, the
 # wheel in a fresh environment runs the quickstart by name), run the serial tests, then the MPI
-# tests under 2, 3 and 4 ranks (python -m mpi4py: a failure on one rank aborts the job, and pytest-timeout's thread method turns
-# a hang into a failure).
+# tests under 2, 3 and 4 ranks (python -m mpi4py: a failure on one rank aborts the job, and
+# pytest-timeout's thread method turns a hang into a failure).
 # Usage: bash tools/test.sh [--no-lint] [pytest args for the serial run, e.g. -m "not slow" -x]
 #        bash tools/test.sh --gpu [--bench] [pytest args]   the GPU tests instead (tools/test_gpu.sh)
 set -euo pipefail
