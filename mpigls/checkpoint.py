@@ -271,9 +271,9 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def _package_version() -> str:
-    from . import __version__  # the one place the version is written (pyproject reads it too)
+    import mpigls  # the one place the version is written (pyproject reads it too)
 
-    return __version__
+    return mpigls.__version__
 
 
 def _write_file(path: Path, ckpt: Checkpoint) -> None:

@@ -71,8 +71,10 @@ def names(kind: Kind = RECIPES) -> list[str]:
 
 
 def _close(kind: Kind, name: str) -> list[str]:
-    """Names that look like ``name``: close spellings, or the same file name in a subfolder."""
+    """Names that look like ``name``: the same file name in another folder (``configs/quickstart.yaml``
+    -> ``quickstart``, a paper row without ``paper/``), or close spellings."""
     all_names = names(kind)
+    name = _key(kind, name)
     leaf = name.rsplit("/", 1)[-1]
     same_leaf = [n for n in all_names if n.rsplit("/", 1)[-1] == leaf]
     return list(dict.fromkeys(same_leaf + difflib.get_close_matches(name, all_names, n=5, cutoff=0.6)))
@@ -81,7 +83,7 @@ def _close(kind: Kind, name: str) -> list[str]:
 def _unknown(kind: Kind, name: str, what: str) -> FileNotFoundError:
     close = _close(kind, name)
     hint = f"close names: {', '.join(close)}; " if close else ""
-    return FileNotFoundError(f"{what} {name!r}; {hint}`{kind.list_command}` lists them all")
+    return FileNotFoundError(f"{what}; {hint}`{kind.list_command}` lists them all")
 
 
 def _key(kind: Kind, name: str) -> str:
@@ -98,7 +100,7 @@ def path(name: str, kind: Kind = RECIPES) -> Path:
         raise ValueError(f"name a built-in {kind.label}; `{kind.list_command}` lists them")
     found = _files(kind).get(_key(kind, name))
     if found is None:
-        raise _unknown(kind, name, f"no built-in {kind.label} named")
+        raise _unknown(kind, name, f"no built-in {kind.label} is named {name!r}")
     return found
 
 
@@ -109,7 +111,7 @@ def resolve_config(arg: str) -> str:
         return arg
     found = _files(RECIPES).get(_key(RECIPES, arg))
     if found is None:
-        raise _unknown(RECIPES, arg, "config file does not exist and no built-in recipe is named")
+        raise _unknown(RECIPES, arg, f"config file {arg!r} does not exist and no built-in recipe has that name")
     return str(found)
 
 

@@ -65,6 +65,11 @@ def test_an_unknown_name_is_refused_with_close_names(tmp_path, monkeypatch, caps
     assert code == 2
     assert "'quikstart'" in err and "close names: quickstart" in err and "`mpigls recipes`" in err
     assert not (tmp_path / "r").exists()
+    # the checkout's path to a recipe, given where no checkout is, points at the recipe's name
+    with pytest.raises(
+        FileNotFoundError, match=r"'configs/quickstart\.yaml' does not exist.*; close names: quickstart;"
+    ):
+        recipes.resolve_config("configs/quickstart.yaml")
     # the leaf of a row in a subfolder points at it
     with pytest.raises(FileNotFoundError, match=r"close names: paper/mnist-0\.1-cnn3-deeppoly-pgpe\b"):
         recipes.path("mnist-0.1-cnn3-deeppoly-pgpe")
