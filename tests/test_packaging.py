@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,23 @@ def test_citation_names_the_software_and_the_paper():
     assert paper["doi"] == "10.48550/arXiv.2403.07095" and paper["authors"][0]["family-names"] == "Balauca"
     assert "MIT License" in (REPO / "LICENSE").read_text()
     assert re.search(r'^license = "MIT"', (REPO / "pyproject.toml").read_text(), re.M)
+
+
+@pytest.mark.slow  # three mpigls processes
+def test_a_copied_paper_sh_runs_the_shipped_rows(tmp_path, capsys):
+    """Copied out of the package, jobs/paper.sh finds its rows through `mpigls recipes path` (a
+    stand-in PYTHON runs that for real and records the train/certify commands instead of running them)."""
+    assert run(capsys, "recipes", "--jobs", "copy", "paper.sh", tmp_path)[0] == 0
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\n[ "$3" = recipes ] && exec "{sys.executable}" "$@"\necho "RAN $*"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), RUNS=str(tmp_path / "runs"), PYTHONPATH=str(REPO))
+    cmd = ["bash", str(tmp_path / "paper.sh")]
+    res = subprocess.run([*cmd, "mnist-0.1-cnn3-ibp-pgpe"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    ran = [line.split()[3:5] for line in res.stdout.splitlines() if line.startswith("RAN")]
+    paper = REPO / "configs" / "paper"
+    assert ran[0] == ["train", str(paper / "mnist-0.1-cnn3-pgd-grad.yaml")]  # the warm start first
+    assert ran[1] == ["train", str(paper / "mnist-0.1-cnn3-ibp-pgpe.yaml")] and ran[2][0] == "certify"
+    bad = subprocess.run([*cmd, "no-such-row"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "no built-in recipe is named 'paper/no-such-row'" in bad.stderr
