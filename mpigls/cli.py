@@ -501,12 +501,7 @@ def _cmd_recipes(args, comm) -> int:
     elif args.action == "path":
         print(recipes.path(args.name, kind))
     else:
-        found = recipes.names(kind)
-        width = max(map(len, found), default=0)
-        use = "mpigls train NAME --out DIR" if kind is recipes.RECIPES else "mpigls recipes --jobs copy NAME DIR"
-        print(f"{len(found)} built-in {kind.label}s ({use}; show one: mpigls recipes {'--jobs ' * args.jobs}show NAME)")
-        for name in found:
-            print(f"  {name:{width}s}  {recipes.describe(name, kind)}".rstrip())
+        print(recipes.listing(kind))
     return 0
 
 

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Kind", "RECIPES", "JOBS", "root", "names", "path", "resolve_config", "describe", "copy"]
+__all__ = ["Kind", "RECIPES", "JOBS", "root", "names", "path", "resolve_config", "describe", "listing", "copy"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Kind:
 
 RECIPES = Kind("recipe", "_recipes", "configs", (".yaml",), True, "mpigls recipes")
 JOBS = Kind("job script", "_jobs", "jobs", (".sh", ".sbatch"), False, "mpigls recipes --jobs")
+_USE = {RECIPES: "mpigls train NAME --out DIR", JOBS: "mpigls recipes --jobs copy NAME DIR"}
 
 
 def root(kind: Kind = RECIPES) -> Path:
@@ -130,6 +131,14 @@ def describe(name: str, kind: Kind = RECIPES, width: int = 80) -> str:
     leaf = name.rsplit("/", 1)[-1]
     text = " ".join(words).removeprefix(f"{leaf}:").strip()
     return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def listing(kind: Kind = RECIPES) -> str:
+    """What ``mpigls recipes`` prints: a header line, then one line per name with its description."""
+    found = names(kind)
+    width = max(map(len, found), default=0)
+    head = f"{len(found)} built-in {kind.label}s ({_USE[kind]}; show one: {kind.list_command} show NAME)"
+    return "\n".join([head] + [f"  {name:{width}s}  {describe(name, kind)}".rstrip() for name in found])
 
 
 def copy(name: str, directory: str | os.PathLike, kind: Kind = RECIPES, force: bool = False) -> Path:
