@@ -40,17 +40,19 @@ say "contents: every recipe and job script in the wheel, license and citation in
 import sys, tarfile, zipfile
 from pathlib import Path
 
-root, wheel, sdist = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-in_wheel = set(zipfile.ZipFile(wheel).namelist())
-want = {f"mpigls/_recipes/{p.relative_to(root / 'configs').as_posix()}" for p in (root / "configs").rglob("*.yaml")}
-want |= {f"mpigls/_jobs/{p.name}" for p in (root / "jobs").iterdir() if p.suffix in (".sh", ".sbatch")}
-missing = sorted(want - in_wheel)
+root, wheel, sdist = Path(sys.argv[1]), zipfile.ZipFile(sys.argv[2]), sys.argv[3]
+in_wheel = set(wheel.namelist())
+want = {f"mpigls/_recipes/{p.relative_to(root / 'configs').as_posix()}": p for p in (root / "configs").rglob("*.yaml")}
+want |= {f"mpigls/_jobs/{p.name}": p for p in (root / "jobs").iterdir() if p.suffix in (".sh", ".sbatch")}
+missing = sorted(set(want) - in_wheel)
+differ = sorted(n for n in set(want) & in_wheel if wheel.read(n) != want[n].read_bytes())
 licenses = [n for n in in_wheel if n.endswith(".dist-info/licenses/LICENSE")]
 top = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 absent = sorted({"LICENSE", "CITATION.cff", "CHANGELOG.md"} - top)
-if missing or not licenses or absent:
-    sys.exit(f"wheel lacks {missing or ''} {'' if licenses else 'LICENSE'}; sdist lacks {absent or ''}")
-print(f"wheel: {len(want)} recipes and job scripts, {licenses[0]}; sdist: LICENSE, CITATION.cff, CHANGELOG.md")
+if missing or differ or not licenses or absent:
+    sys.exit(f"wheel lacks {missing} (differ: {differ}){'' if licenses else ' and LICENSE'}; sdist lacks {absent}")
+print(f"wheel: the {len(want)} files of configs/ and jobs/ byte for byte, and {licenses[0]}")
+print("sdist: LICENSE, CITATION.cff, CHANGELOG.md")
 EOF
 
 say "fresh virtual environment outside the checkout, mpigls only from the wheel"
