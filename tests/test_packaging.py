@@ -37,6 +37,23 @@ def test_names_are_the_files_of_configs_and_jobs():
     assert recipes.names()[0].count("/") == 0 and recipes.names()[-1].count("/") == 1  # top level first
 
 
+def test_an_installed_package_reads_its_own_copy_a_checkout_its_folders(tmp_path, monkeypatch):
+    """Installed from a wheel, the recipes lie in mpigls/_recipes (preferred); in a checkout, in
+    configs/ beside the package folder; with neither, the error says how to get them."""
+    package = tmp_path / "site" / "mpigls"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(recipes, "__file__", str(package / "recipes.py"))
+    with pytest.raises(FileNotFoundError, match="reinstall mpigls from its wheel"):
+        recipes.names()
+    (tmp_path / "site" / "configs" / "paper").mkdir(parents=True)
+    (tmp_path / "site" / "configs" / "paper" / "row.yaml").write_text("# a row\n")
+    assert recipes.names() == ["paper/row"]
+    (package / "_recipes").mkdir()
+    (package / "_recipes" / "quickstart.yaml").write_text("# packaged\n")
+    (package / "_recipes" / "_draft.yaml").write_text("")  # private names are not recipes
+    assert recipes.names() == ["quickstart"] and recipes.describe("quickstart") == "packaged"
+
+
 def test_a_name_resolves_to_the_shipped_file_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Path(recipes.resolve_config("quickstart")) == REPO / "configs" / "quickstart.yaml"
