@@ -2,6 +2,8 @@
 # Reproduce one row of the GLS paper's Tables 1-3: warm start -> training -> certification.
 #
 #   bash jobs/paper.sh ROW                 # ROW = a file name in configs/paper/ without .yaml
+#   (installed from a wheel: `mpigls recipes --jobs copy paper.sh .` and `bash paper.sh ROW`; ROW as in
+#   `mpigls recipes`, without the paper/ prefix)
 #   NP=8 DATA=/scratch/datasets bash jobs/paper.sh mnist-0.1-cnn3-deeppoly-pgpe
 #   SMOKE=1 bash jobs/paper.sh mnist-0.1-cnn3-deeppoly-pgpe   # minutes on a CPU: digits, 1 epoch, tiny popsize
 #
@@ -18,10 +20,14 @@
 # CERT_ARGS (extra `mpigls certify` arguments, e.g. "--num-test 1000").
 set -euo pipefail
 ROW=${1:?usage: jobs/paper.sh ROW (a config name in configs/paper/)}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-CONFIG="$HERE/configs/paper/$ROW.yaml"
-[[ -f "$CONFIG" ]] || { echo "jobs/paper.sh: no recipe $CONFIG; rows: $(ls "$HERE/configs/paper" | sed 's/\.yaml$//' | tr '\n' ' ')" >&2; exit 2; }
 NP=${NP:-1}; PYTHON=${PYTHON:-python}; MPIEXEC=${MPIEXEC:-mpiexec}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -d "$HERE/configs/paper" ]]; then  # in a checkout: its configs/paper/
+  CONFIG="$HERE/configs/paper/$ROW.yaml"
+  [[ -f "$CONFIG" ]] || { echo "jobs/paper.sh: no recipe $CONFIG; rows: $(ls "$HERE/configs/paper" | sed 's/\.yaml$//' | tr '\n' ' ')" >&2; exit 2; }
+else  # a copy (mpigls recipes --jobs copy paper.sh DIR): the installed package's recipe
+  CONFIG=$("$PYTHON" -m mpigls recipes path "paper/$ROW") || exit 2
+fi
 if [[ "${SMOKE:-0}" == 1 ]]; then RUNS=${RUNS:-runs/paper-smoke}; else RUNS=${RUNS:-runs/paper}; fi
 VERIFY_TIME=${VERIFY_TIME:-60}
 SETS=()

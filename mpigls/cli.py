@@ -1,6 +1,7 @@
-"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness``.
+"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness | recipes``.
 
 One process:      mpigls train configs/quickstart.yaml --out runs/quick
+Built-in recipe:  mpigls train quickstart --out runs/quick       (``mpigls recipes`` lists them)
 Two MPI ranks:    mpiexec -n 2 python -m mpi4py -m mpigls train configs/quickstart.yaml --out runs/quick
 SLURM:            srun python -m mpi4py -m mpigls train configs/mnist-cnn3-deeppoly-pgpe.yaml --out $SCRATCH/run1
 
@@ -17,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from mpigls import config as config_mod, parallel
+from mpigls import __version__, config as config_mod, parallel, recipes
 from mpigls.numerics import precision
 
 __all__ = ["main", "build_parser"]
@@ -29,10 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpigls", description="MPI-parallel certified training with Gaussian Loss Smoothing."
     )
+    parser.add_argument("--version", action="version", version=f"mpigls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train (or resume) from a YAML config")
-    tr.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    tr.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config file, or the name of a built-in recipe (`mpigls recipes`) when no such file "
+        "exists (default: built-in defaults)",
+    )
     tr.add_argument("--out", required=True, help="output directory: checkpoints, DIR/latest.h5, metrics")
     tr.add_argument(
         "--max-generations",
@@ -150,11 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
+
+    rc = sub.add_parser(
+        "recipes", help="the built-in configs (`mpigls train NAME` runs one) and job scripts: list, show, copy"
+    )
+    rc.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "show", "copy", "path"),
+        default="list",
+        help="list (default); show NAME: print it; copy NAME [DIR]: write it into DIR to edit; path NAME: its file",
+    )
+    rc.add_argument("name", nargs="?", help="a name from the list, e.g. quickstart or paper/mnist-0.1-cnn3-ibp-grad")
+    rc.add_argument("dir", nargs="?", default=".", help="copy: the directory to write into (default: .)")
+    rc.add_argument("--jobs", action="store_true", help="the job scripts (SLURM, mpirun) instead of the configs")
+    rc.add_argument("--force", action="store_true", help="copy: overwrite an existing file")
     return parser
 
 
+def _train_config(args) -> str | None:
+    """The config file ``mpigls train`` reads: the argument when a file exists there, else the built-in recipe."""
+    return None if args.config is None else recipes.resolve_config(args.config)
+
+
 def _cmd_train(args, comm) -> int:
-    cfg = config_mod.load_config(args.config, args.overrides)
+    cfg = config_mod.load_config(_train_config(args), args.overrides)
     if args.print_config:
         if comm.is_root:
             import yaml
@@ -467,6 +494,26 @@ def _cmd_config(args, comm) -> int:
     return 0
 
 
+def _cmd_recipes(args, comm) -> int:
+    kind = recipes.JOBS if args.jobs else recipes.RECIPES
+    if args.action != "list" and not args.name:
+        raise ValueError(f"mpigls recipes {args.action} needs a NAME; `{kind.list_command}` lists them")
+    if args.action == "copy":  # every rank checks the name (one error everywhere), rank 0 writes
+        recipes.path(args.name, kind)
+        if comm.is_root:
+            print(f"wrote {recipes.copy(args.name, args.dir, kind, force=args.force)}")
+        return 0
+    if not comm.is_root:
+        return 0
+    if args.action == "show":
+        print(recipes.path(args.name, kind).read_text(encoding="utf-8"), end="")
+    elif args.action == "path":
+        print(recipes.path(args.name, kind))
+    else:
+        print(recipes.listing(kind))
+    return 0
+
+
 _CERTIFY_ARCH_ADVICE = (
     "the checkpoint's own config describes its model and data: drop the --set overrides that "
     "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
@@ -533,6 +580,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "tightness": _cmd_tightness,
     "config": _cmd_config,
+    "recipes": _cmd_recipes,
 }
 
 
@@ -541,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     fake_nodes = None
     if args.command == "train":
         try:
-            fake_nodes = config_mod.load_config(args.config, args.overrides).train.fake_nodes
+            fake_nodes = config_mod.load_config(_train_config(args), args.overrides).train.fake_nodes
         except (*USER_ERRORS, config_mod.ConfigError):
             fake_nodes = None  # reported below, on every rank, by the command itself
     comm = parallel.init_comm(fake_nodes=fake_nodes)

@@ -142,6 +142,7 @@ class Checkpoint:
     world_size: int = 1
     created: str = ""  # filled by load(); save() records the current time
     host: str = ""  # filled by load(); save() records the writing host
+    mpigls_version: str = ""  # filled by load(); save() records mpigls.__version__
     format_version: int = FORMAT_VERSION  # filled by load(): the file's version (older ones were migrated)
 
 
@@ -270,12 +271,9 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def _package_version() -> str:
-    try:
-        from importlib.metadata import version
+    import mpigls  # the one place the version is written (pyproject reads it too)
 
-        return version("mpigls")
-    except Exception:  # noqa: BLE001 - not installed (source checkout): informational only
-        return "unknown"
+    return mpigls.__version__
 
 
 def _write_file(path: Path, ckpt: Checkpoint) -> None:
@@ -521,6 +519,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
         world_size=int(a.get("world_size", 1)),
         created=str(a.get("created", "")),
         host=str(a.get("host", "")),
+        mpigls_version=str(a.get("mpigls_version", "")),
         format_version=version,
     )
     if ckpt.theta.dtype != np.float32 or ckpt.theta.ndim != 1:
@@ -635,6 +634,7 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
         "world_size": c.world_size,
         "created": c.created,
         "host": c.host,
+        "mpigls_version": c.mpigls_version,
         "config": c.config,
         "arch": c.arch,
     }
