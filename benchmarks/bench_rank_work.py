@@ -4,37 +4,32 @@ machine, unlike wall-clock runs of several ranks that compete for cores with oth
 For every N and every rank r of N, times what rank r computes in a generation: evaluating its
 blocks (noise, population, bound-based loss) plus its update share, for the new distributed update
 (its own pairs' fixed-point sums + the step) and the previous one (every rank regenerated all
-P/2 pairs and summed in float64: tools/bench_pgpe_update.old_gradients). t_N = max over ranks;
+P/2 pairs and summed in float64: benchmarks/bench_pgpe_update.old_gradients). t_N = max over ranks;
 the runs for different N are interleaved and the best of --repeat is kept. Communication is NOT
-included (on one node: tens of microseconds for these sizes; see tools/scaling_model.py).
+included (on one node: tens of microseconds for these sizes; see benchmarks/scaling_model.py).
 Efficiency E(N) = t_1 / (N t_N).
 
-    python tools/bench_rank_work.py --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4 \
-        --out bench-out/rank_work_cnn7.json
+    python -m benchmarks.bench_rank_work --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from bench_pgpe_update import old_gradients  # noqa: E402
-from mpigls import data, dist, losses, models, pgpe_dist  # noqa: E402
-from mpigls.optim import pgpe  # noqa: E402
+from benchmarks import common
+from benchmarks.bench_pgpe_update import old_gradients
+from mpigls import data, dist, losses, models, pgpe_dist
+from mpigls.optim import pgpe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--model", default="cnn7")
     p.add_argument("--popsize", type=int, default=64)
     p.add_argument("--block-size", type=int, default=8)
@@ -44,7 +39,6 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", default="bench-out/rank_work.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ds = data.load("digits")
@@ -115,8 +109,7 @@ def main(argv=None) -> int:
             f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "
             f"{r['t_old']:8.4f} {r['eff_new']:6.2f} {r['eff_old']:6.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "D": theta.numel(), "rows": rows}, indent=2))
+    common.write_record("bench_rank_work", args, {"rows": rows, "D": theta.numel()}, args.out, args.note)
     return 0
 
 
