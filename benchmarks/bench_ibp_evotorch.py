@@ -85,10 +85,10 @@ def main(argv=None) -> int:
         f"rounds={args.rounds} (median s; ratios = median of the per-round ratios)"
     )
     print(f"{'path':<12}{'seconds':>10}{'vs EvoTorch':>13}{'vs unchunked':>14}")
-    for r in rows:
+    for row in rows:
         print(
-            f"{r['path']:<12}{r['median_s']:>10.3f}{r.get('speedup_vs_evotorch', float('nan')):>13.2f}"
-            f"{r['speedup_vs_unchunked']:>14.2f}"
+            f"{row['path']:<12}{row['median_s']:>10.3f}{row.get('speedup_vs_evotorch', float('nan')):>13.2f}"
+            f"{row['speedup_vs_unchunked']:>14.2f}"
         )
     diff = float((ref - old).abs().max())
     print(f"max |loss chunked - unchunked| = {diff:.3g}" + ("" if evo else "; EvoTorch not installed, not timed"))

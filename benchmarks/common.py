@@ -138,7 +138,7 @@ def timer(
     return run
 
 
-def interleave(peers: Mapping[str, Callable[[], T]], repeats: int, *, alternate: bool = False) -> dict[str, list[T]]:
+def interleave(peers: Mapping[K, Callable[[], T]], repeats: int, *, alternate: bool = False) -> dict[K, list[T]]:
     """Call every peer once per round for ``repeats`` rounds; each peer's results in round order.
 
     Rounds run A B C, A B C, ...; with ``alternate`` every odd round runs backwards (A B C, C B A),
