@@ -39,7 +39,7 @@ SHAPES = {
 
 def bound_fn(model, x, method, budget):
     """f(x, y, eps) -> margin lower bounds; method "auto_lirpa" is auto_LiRPA 0.3's CROWN in
-    patches mode (benchmarks/auto_lirpa_compat.py), the reference the issue quotes timings for."""
+    patches mode (benchmarks/auto_lirpa_compat.py), the reference implementation."""
     if method == REFERENCE:
         return auto_lirpa_compat.bounder(model, x, "deeppoly", "patches")
     return lambda xb, yb, eps: margin_lower_bounds(model, xb, yb, eps, method, memory_budget_mb=budget)

@@ -7,9 +7,9 @@ Work items (mpigls.work): the P/2 pairs in blocks of M pairs, each member's mini
 in C chunks (optimizer.block_size, optimizer.batch_chunks); items = ceil(P/2 / M) * C, rank r owns a
 contiguous run of them (dist.block_range), ranks beyond the item count idle. Per rank r:
   compute   sum over its items of max(2 |block| n_c / B * c_member, t_call)  +  t_fixed.
-            c_member = t_1gpu / P: the issue's H100 targets divided evenly over member-examples
-            (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our guess).
-            NOT measurable here (no GPU): ASSUMED, as are the two overheads that do not shrink with
+            c_member = t_1gpu / P: assumed one-H100 times divided evenly over member-examples
+            (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s; --compute).
+            Not measured by this model (it needs no GPU): ASSUMED, as are the two overheads that do not shrink with
             the work: t_call per bound call (kernel launches of one block/chunk: ~100 launches x
             5 us = 0.5 ms; launches are asynchronous, so an item costs the larger of its GPU work
             and its launches) and t_fixed per generation, derived from what train does on a GPU
