@@ -36,8 +36,8 @@ from benchmarks import common
 from mpigls import bounds, checkpoint, config, models, precision, train
 
 OPTIMIZERS = {
-    "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16},
-    "rgs": {"optimizer.num_samples": 8, "optimizer.block_size": 4},
+    "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16, "optimizer.sigma_init": 0.01},
+    "rgs": {"optimizer.num_samples": 8, "optimizer.block_size": 4, "optimizer.sigma_init": 0.01},
     "grad": {"optimizer.block_size": 32},
 }
 
@@ -53,7 +53,6 @@ def _cfg(device: str, optimizer: str, det: bool, tf32: bool, generations: int, b
         "bound.eps": 0.02,
         "optimizer.name": optimizer,
         "optimizer.lr": 0.01,
-        "optimizer.sigma_init": 0.01,
         "train.epochs": generations / per_epoch,
         "train.batch_size": batch,
         "train.device": device,
