@@ -15,14 +15,13 @@ Efficiency E(N) = t_1 / (N t_N).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
 
 from benchmarks import common
-from benchmarks.bench_pgpe_update import old_gradients
+from benchmarks.bench_pgpe_update import with_old_gradients
 from mpigls import data, dist, losses, models, pgpe_dist
 from mpigls.optim import pgpe
 
@@ -58,27 +57,27 @@ def main(argv=None) -> int:
     )
     all_losses = pgpe_dist.gather_losses(comm, split, local)[0]
     ranks = [int(n) for n in args.ranks.split(",")]
-    best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
-    for _ in range(args.repeat):
-        for n in ranks:
-            for r in range(n):
-                items = dist.my_blocks(num_items, r, n)
-                t0 = time.perf_counter()
-                _, kept = pgpe_dist.evaluate(
-                    state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
-                )
-                t1 = time.perf_counter()
-                summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
-                pgpe.tell(state, params, 0, all_losses, summed=summed)
-                t2 = time.perf_counter()
-                orig, pgpe.gradients = pgpe.gradients, old_gradients
-                try:
-                    pgpe.tell(state, params, 0, all_losses)
-                finally:
-                    pgpe.gradients = orig
-                t3 = time.perf_counter()
-                for kind, t in (("eval", t1 - t0), ("new", t2 - t1), ("old", t3 - t2)):
-                    best[n, r, kind] = min(best[n, r, kind], t)
+
+    def rank_share(n: int, r: int):
+        """Rank r of n's generation, timed in three parts: {"eval", "new", "old"} seconds."""
+        items = dist.my_blocks(num_items, r, n)
+
+        def run() -> dict[str, float]:
+            t0 = time.perf_counter()
+            _, kept = pgpe_dist.evaluate(
+                state, params, items, split, pgpe_dist.NoiseSource(0), loss_fn, torch.device("cpu")
+            )
+            t1 = time.perf_counter()
+            summed = pgpe_dist.reduce_sums(comm, state, params, 0, all_losses, kept)
+            pgpe.tell(state, params, 0, all_losses, summed=summed)
+            t2 = time.perf_counter()
+            with_old_gradients(lambda: pgpe.tell(state, params, 0, all_losses))()
+            return {"eval": t1 - t0, "new": t2 - t1, "old": time.perf_counter() - t2}
+
+        return run
+
+    runs = common.interleave({(n, r): rank_share(n, r) for n in ranks for r in range(n)}, args.repeat)
+    best = {(n, r, kind): min(t[kind] for t in runs[n, r]) for (n, r) in runs for kind in ("eval", "new", "old")}
     rows = []
     for n in ranks:
         new = max(best[n, r, "eval"] + best[n, r, "new"] for r in range(n))

@@ -66,7 +66,6 @@ import functools
 import math
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,12 +176,8 @@ def count_ops(fn) -> dict:
 
 
 def _best(fn, repeat=3):
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The fastest of ``repeat`` calls (a host term of the model: its uncontended cost)."""
+    return common.spread(common.time_peers({"term": fn}, repeat, warmup=0)["term"]).low
 
 
 def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = False) -> Terms:
