@@ -2,19 +2,14 @@
 the same margin lower bounds as our ibp, crown-ibp and deeppoly (skipped where auto_LiRPA is not
 installed; tools/setup_env.sh installs it)."""
 
-import sys
 import zlib
 
 import pytest
 import torch
 
-from mpigls.bounds import margin_lower_bounds
+from benchmarks import auto_lirpa_compat
 from mpigls.nn import models
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-import auto_lirpa_compat
+from mpigls.bounds import margin_lower_bounds
 
 pytestmark = pytest.mark.skipif(auto_lirpa_compat.load() is None, reason="auto_LiRPA is not installed")
 

@@ -1,6 +1,9 @@
 """Format-1 checkpoints (θ, σ and the generation stored twice) written by the OLD code (commit
-027d07e, tools/make_format1_fixture.py) still load, migrate, resume to the same θ bits the old code
-reached, and are read by inspect / certify / analysis."""
+027d07e) still load, migrate, resume to the same θ bits the old code reached, and are read by
+inspect / certify / analysis. The fixtures under tests/golden/ were written once by that commit:
+per optimizer, 3 generations of digits / mlp-tiny with the overrides stored in
+format1_expected.json (``latest.h5`` copied to format1_<opt>.h5), then resumed to generation 5 for
+the expected θ sha256; a newer mpigls writes format 2, so they cannot be regenerated."""
 
 import json
 import shutil

@@ -1,17 +1,12 @@
-"""tools/scaling_model.py formulas and tools/scaling.py's merge (no MPI runs here)."""
+"""benchmarks/scaling_model.py formulas and benchmarks/scaling.py's merge (no MPI runs here)."""
 
 import dataclasses
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import scaling
-import scaling_model as sm
+from benchmarks import scaling, scaling_model as sm
 
 NET = sm.Network(latency_s=2e-6, bandwidth_Bps=25e9, pcie_Bps=25e9)
 TERMS = sm.Terms(t_noise=1e-8, t_sum=2e-9, t_apply=5e-9, t_ckpt=1e-9)
@@ -133,7 +128,9 @@ def test_merge_checks_theta_and_writes_png(tmp_path, same, capsys):
     args = type("A", (), {"label": "t"})()
     code = scaling.merge(sorted(map(str, tmp_path.glob("p*.json"))), tmp_path / "all", args)
     assert code == (0 if same else 1)
-    merged = json.loads((tmp_path / "all.json").read_text())
+    record = json.loads((tmp_path / "all.json").read_text())
+    assert record["benchmark"] == "scaling" and record["params"]["merge"] == sorted(map(str, tmp_path.glob("p*.json")))
+    merged = record["results"]
     assert [r["ranks"] for r in merged["strong"]] == [1, 2, 4]
     assert merged["strong"][2]["efficiency"] == pytest.approx(4.0 / (4 * 1.25))
     assert merged["weak"][1]["efficiency"] == pytest.approx(4.0 / 2.2)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Lint and type check: ruff (rules in pyproject.toml [tool.ruff]) over the package, tests and tools,
-# then mypy over mpigls/ ([tool.mypy]). Uses $PY (tools/setup_env.sh) or python3 from PATH.
+# Lint and type check: ruff (rules in pyproject.toml [tool.ruff]) over the package, tests, benchmarks
+# and tools, then mypy over mpigls/ and the benchmarks' shared helper ([tool.mypy]).
+# Uses $PY (tools/setup_env.sh) or python3 from PATH.
 # The tree is formatted with `ruff format .` (settings in pyproject.toml); `ruff format --check` keeps it so.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

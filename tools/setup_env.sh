@@ -26,8 +26,8 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "[setup] installing mpigls[test,mpi,mpich] into $VENV (torch is large: a few minutes the first time)"
   _setup_pip install --upgrade pip
   _setup_pip install -e "$ROOT[test,mpi,mpich]"
-  # the reference CROWN for cross-checks (tests/test_bounds_auto_lirpa.py, tools/bench_bounds.py);
-  # its pins (torch<1.13) are obsolete, tools/auto_lirpa_compat.py shims it, so no dependencies
+  # the reference CROWN for cross-checks (tests/test_bounds_auto_lirpa.py, benchmarks/bench_bounds.py);
+  # its pins (torch<1.13) are obsolete, benchmarks/auto_lirpa_compat.py shims it, so no dependencies
   _setup_pip install --no-deps "auto_LiRPA==0.3" "appdirs>=1.4" \
     || echo "[setup] note: auto_LiRPA not installed; the cross-check against it will be skipped"
   touch "$STAMP"

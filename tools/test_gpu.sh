@@ -35,7 +35,7 @@ if [ "${MPIGLS_GPU_TEST_DEVICE:-}" = "cpu" ]; then STANDIN=" (CPU standing in fo
 echo "[test-gpu] $(date +%T) pytest -m gpu tests/gpu$STANDIN"
 "$PY" -m pytest -q -rs -m gpu "${TIMEOUT_ARGS[@]}" tests/gpu "$@"
 if [ "$BENCH" = 1 ]; then
-  echo "[test-gpu] $(date +%T) benchmark: tools/bench_numerics.py"
-  "$PY" tools/bench_numerics.py --device cuda --out bench_numerics_gpu.json
+  echo "[test-gpu] $(date +%T) benchmark: python -m benchmarks.bench_numerics (record under benchmarks/records/)"
+  "$PY" -m benchmarks.bench_numerics --device cuda --note "bash tools/test.sh --gpu --bench"
 fi
 echo "[test-gpu] $(date +%T) all green$STANDIN"

@@ -70,7 +70,7 @@ def options(method: str) -> tuple[str, ...]:
 
 def _member_loop(method: str, population: str, num_members: int) -> bool:
     """Whether to bound member by member. "auto" is batched: measured on CPU (CNN3 MNIST, P=8,
-    B=128, tools/bench_generation.py --options population=loop|batched) the two are within
+    B=128, benchmarks/bench_generation.py --options population=loop|batched) the two are within
     noise for deeppoly, whose row work runs per member anyway (rows.py); batched keeps ibp and
     crown-ibp in single passes."""
     if population != "auto":

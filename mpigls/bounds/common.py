@@ -50,7 +50,7 @@ __all__ = [
 
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 # Working tensors alive per back-substitution row element (A, its positive/negative parts, the
-# transposed-convolution input/output copies); calibrated with tools/bench_bounds.py.
+# transposed-convolution input/output copies); calibrated with benchmarks/bench_bounds.py.
 _WORK_FACTOR = 6
 
 

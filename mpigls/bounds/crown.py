@@ -39,7 +39,7 @@ def _use_patches(prob: Problem, k: int, conv_mode: str) -> bool:
 
 # Group layout (every neuron of a window group gets its rows, no gathers) when at least this
 # fraction of the rows in groups that hold an unstable neuron is needed; packed rows otherwise.
-# Measured with tools/bench_generation.py --fill on CNN3/CNN5 MNIST (CPU).
+# Measured with benchmarks/bench_generation.py --fill on CNN3/CNN5 MNIST (CPU).
 GROUP_FILL = 0.35
 
 

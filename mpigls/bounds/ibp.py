@@ -8,7 +8,7 @@ On CPU a population is bounded in chunks of (member, example) pairs whose widest
 fits ``CPU_CHUNK_BYTES`` (about one core's L2 cache): the whole-population tensors (P*B*neurons)
 are memory bound, elementwise passes and grouped convolutions on cache-sized chunks are several
 times faster (CNN3 MNIST, P=64, B=128, 1 thread: 0.83 s whole, 0.11-0.18 s in chunks of 2-4
-members; ``tools/bench_ibp_evotorch.py``). Every member and example is bounded independently, so
+members; ``benchmarks/bench_ibp_evotorch.py``). Every member and example is bounded independently, so
 the result equals the unchunked one up to the float rounding of the convolution kernels.
 
 Shapes: P population, B batch, K classes.

@@ -47,7 +47,7 @@ from mpigls.nn.population import Stack
 __all__ = ["bound_rows", "bound_groups", "bound_spec", "PATCH_MATRIX_MAX", "CPU_CHUNK_BYTES"]
 
 # A patch-to-patch map with at most this many entries is applied as one dense matrix per member
-# (a matmul); larger ones as a transposed convolution. Measured on CPU (tools/bench_generation.py):
+# (a matmul); larger ones as a transposed convolution. Measured on CPU (benchmarks/bench_generation.py):
 # CNN3/CNN5 first-level maps (<= 256 x 121) are several times faster as matrices.
 PATCH_MATRIX_MAX = 2**17
 # Live row-sized float tensors of a row chunk (a, its negative part, three gathered relaxation

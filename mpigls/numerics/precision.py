@@ -59,7 +59,7 @@ orders and kernels, both round-to-nearest fp32) differed by at most 3e-7 for bou
 0.2-0.5 (measured on an H100), i.e. about 5 units in the last place of the values involved; that spread is
 the empirical size of the rounding error of a whole bound computation. 1e-5 is 33x the largest
 measured gap, while being ~1e-4 of a typical certified margin, so it costs a negligible share of
-certified accuracy (``tools/bench_numerics.py`` [3] counts the examples it costs: 0 of 200 digits test
+certified accuracy (``benchmarks/bench_numerics.py`` [3] counts the examples it costs: 0 of 200 digits test
 examples for ibp, crown-ibp and deeppoly after 40 GRAD generations, smallest positive bound 0.014). It is a guard, not
 a proof: a rigorous alternative is directed rounding (every lower bound rounded towards -inf),
 which torch cannot do (cuBLAS/cuDNN/oneDNN kernels always round to nearest and expose no rounding

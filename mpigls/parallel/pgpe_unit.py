@@ -60,7 +60,7 @@ KEEP_NOISE_BYTES = int(os.environ.get("MPIGLS_KEEP_NOISE_BYTES", 4 << 30))
 def prefetch_default(device: torch.device) -> bool:
     """Prepare noise on a background thread? Env MPIGLS_NOISE_PREFETCH=0/1 decides, else on for GPUs
     (the host is idle while the device computes bounds) and off on CPU (it would compete with the
-    bounds for the rank's cores; measured in tools/bench_pgpe_update.py)."""
+    bounds for the rank's cores; measured in benchmarks/bench_pgpe_update.py)."""
     env = os.environ.get("MPIGLS_NOISE_PREFETCH")
     if env is not None and env != "":
         return env not in ("0", "false", "no")

@@ -10,7 +10,7 @@ memory work they contend for). ``keep_freed_memory`` raises the mmap and trim th
 instead of returning it between blocks. Numbers do not change (only where memory comes from).
 
 Linux/glibc only; elsewhere, or with MPIGLS_KEEP_FREED_MEMORY=0, nothing is done. Measured in
-``tools/bench_hostmem.py`` (paired s/gen, kernel share); ``/usr/bin/time`` counts the page faults
+``benchmarks/bench_hostmem.py`` (paired s/gen, kernel share); ``/usr/bin/time`` counts the page faults
 (PGPE+IBP CNN5 on digits, P=64, B=64: ~20,700 minor faults per generation by default, none once warm
 with the setting).
 """

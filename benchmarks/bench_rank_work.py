@@ -4,40 +4,34 @@ machine, unlike wall-clock runs of several ranks that compete for cores with oth
 For every N and every rank r of N, times what rank r computes in a generation: evaluating its
 blocks (noise, population, bound-based loss) plus its update share, for the new distributed update
 (its own pairs' fixed-point sums + the step) and the previous one (every rank regenerated all
-P/2 pairs and summed in float64: tools/bench_pgpe_update.old_gradients). t_N = max over ranks;
+P/2 pairs and summed in float64: benchmarks/bench_pgpe_update.old_gradients). t_N = max over ranks;
 the runs for different N are interleaved and the best of --repeat is kept. Communication is NOT
-included (on one node: tens of microseconds for these sizes; see tools/scaling_model.py).
+included (on one node: tens of microseconds for these sizes; see benchmarks/scaling_model.py).
 Efficiency E(N) = t_1 / (N t_N).
 
-    python tools/bench_rank_work.py --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4 \
-        --out bench-out/rank_work_cnn7.json
+    python -m benchmarks.bench_rank_work --model cnn7 --popsize 64 --batch 16 --bound ibp --ranks 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from bench_pgpe_update import old_gradients  # noqa: E402
-from mpigls import data, parallel  # noqa: E402
-from mpigls.nn import models  # noqa: E402
-from mpigls.objectives import losses  # noqa: E402
-from mpigls.optim import pgpe  # noqa: E402
-from mpigls.parallel import pgpe_unit  # noqa: E402
+from benchmarks import common
+from benchmarks.bench_pgpe_update import with_old_gradients
+from mpigls import data, parallel
+from mpigls.objectives import losses
+from mpigls.nn import models
+from mpigls.parallel import pgpe_unit
+from mpigls.optim import pgpe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--model", default="cnn7")
     p.add_argument("--popsize", type=int, default=64)
     p.add_argument("--block-size", type=int, default=8)
@@ -47,7 +41,6 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", default="bench-out/rank_work.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     ds = data.load("digits")
@@ -67,27 +60,27 @@ def main(argv=None) -> int:
     )
     all_losses = pgpe_unit.gather_losses(comm, split, local)[0]
     ranks = [int(n) for n in args.ranks.split(",")]
-    best = {(n, r, kind): math.inf for n in ranks for r in range(n) for kind in ("eval", "new", "old")}
-    for _ in range(args.repeat):
-        for n in ranks:
-            for r in range(n):
-                items = parallel.my_blocks(num_items, r, n)
-                t0 = time.perf_counter()
-                _, kept = pgpe_unit.evaluate(
-                    state, params, items, split, pgpe_unit.NoiseSource(0), loss_fn, torch.device("cpu")
-                )
-                t1 = time.perf_counter()
-                summed = pgpe_unit.reduce_sums(comm, state, params, 0, all_losses, kept)
-                pgpe.tell(state, params, 0, all_losses, summed=summed)
-                t2 = time.perf_counter()
-                orig, pgpe.gradients = pgpe.gradients, old_gradients
-                try:
-                    pgpe.tell(state, params, 0, all_losses)
-                finally:
-                    pgpe.gradients = orig
-                t3 = time.perf_counter()
-                for kind, t in (("eval", t1 - t0), ("new", t2 - t1), ("old", t3 - t2)):
-                    best[n, r, kind] = min(best[n, r, kind], t)
+
+    def rank_share(n: int, r: int):
+        """Rank r of n's generation, timed in three parts: {"eval", "new", "old"} seconds."""
+        items = parallel.my_blocks(num_items, r, n)
+
+        def run() -> dict[str, float]:
+            t0 = time.perf_counter()
+            _, kept = pgpe_unit.evaluate(
+                state, params, items, split, pgpe_unit.NoiseSource(0), loss_fn, torch.device("cpu")
+            )
+            t1 = time.perf_counter()
+            summed = pgpe_unit.reduce_sums(comm, state, params, 0, all_losses, kept)
+            pgpe.tell(state, params, 0, all_losses, summed=summed)
+            t2 = time.perf_counter()
+            with_old_gradients(lambda: pgpe.tell(state, params, 0, all_losses))()
+            return {"eval": t1 - t0, "new": t2 - t1, "old": time.perf_counter() - t2}
+
+        return run
+
+    runs = common.interleave({(n, r): rank_share(n, r) for n in ranks for r in range(n)}, args.repeat)
+    best = {(n, r, kind): min(t[kind] for t in runs[n, r]) for (n, r) in runs for kind in ("eval", "new", "old")}
     rows = []
     for n in ranks:
         new = max(best[n, r, "eval"] + best[n, r, "new"] for r in range(n))
@@ -118,8 +111,7 @@ def main(argv=None) -> int:
             f"{r['ranks']:5d} {r['eval']:8.4f} {r['update_new']:8.4f} {r['update_old']:8.4f} {r['t_new']:8.4f} "
             f"{r['t_old']:8.4f} {r['eff_new']:6.2f} {r['eff_old']:6.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "D": theta.numel(), "rows": rows}, indent=2))
+    common.write_record("bench_rank_work", args, {"rows": rows, "D": theta.numel()}, args.out, args.note)
     return 0
 
 

@@ -6,33 +6,28 @@ Options (all keyed by (seed, stream, generation, member) or a block of members):
   device         the device scheme (optimizer.noise: device, mpigls.numerics.philox): Philox-4x32-10 in torch
                  int64 ops + AS241 inverse normal in single IEEE float64 steps; the same bits on CPU
                  and GPU. Also counted: its kernels (torch ops) per block and bytes moved per number,
-                 what a GPU's time follows (tools/scaling_model.py turns them into GPU estimates)
+                 what a GPU's time follows (benchmarks/scaling_model.py turns them into GPU estimates)
   table-slice    OpenAI-ES shared noise table: a member's noise is a slice at a hashed offset
                  (a copy only; slices of different members overlap, i.e. correlated noise)
   torch-randn    torch's own CPU generator (reference only: streams differ between CPU and CUDA)
 
-    python tools/bench_noise.py --dims 165850 --block 16 --repeat 3 --out bench-out/noise.json
+    python -m benchmarks.bench_noise --dims 165850 --block 16 --repeat 3
 
-Runs on CUDA too when available (--device cuda); prints a table and writes JSON.
+The options run interleaved, --repeat rounds (median and range; the ratio to numpy-member is the
+median of the per-round ratios). Runs on CUDA too (--device cuda); prints a table, writes a record.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-
-from mpigls.numerics import noise  # noqa: E402
-from scaling_model import count_ops  # noqa: E402
+from benchmarks import common
+from benchmarks.scaling_model import count_ops
+from mpigls.numerics import noise
 
 
 def numpy_block(seed: int, gen: int, members, num_params: int) -> torch.Tensor:
@@ -50,31 +45,19 @@ class Table:
         return torch.stack([self.table[o : o + num_params] for o in offs])
 
 
-def timed(fn, repeat: int, sync) -> float:
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--dims", default="165850", help="comma-separated D values (CNN5 = 165850)")
     p.add_argument("--block", type=int, default=16, help="members per block")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--table-size", type=int, default=1 << 25)
-    p.add_argument("--out", default="bench-out/noise.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = common.sync_for(device)
     members = list(range(args.block))
     table = Table(args.table_size, device)
     rows = []
@@ -86,24 +69,24 @@ def main(argv=None) -> int:
             "table-slice": lambda D=D: table.block(1, 2, members, D),
             "torch-randn": lambda D=D: torch.randn((len(members), D), device=device),
         }
-        base = None
         ops = count_ops(options["device"])
         print(
             f"D={D}, block {args.block}: the device scheme runs {ops['ops']} torch ops here ({device.type} chunking), "
             f"{ops['bytes'] / (D * args.block):.0f} bytes moved per number"
         )
-        for name, fn in options.items():
-            t = timed(fn, args.repeat, sync)
-            base = base or t
+        times = common.time_peers(options, args.repeat, sync=sync)
+        for name in options:
+            t = common.spread(times[name])
             rows.append(
                 {
                     "option": name,
                     "D": D,
                     "block": args.block,
                     "device": str(device),
-                    "s_per_block": t,
-                    "ns_per_number": 1e9 * t / (D * args.block),
-                    "vs_numpy_member": base / t,
+                    "s_per_block": t.median,
+                    "s_per_block_range": [t.low, t.high],
+                    "ns_per_number": 1e9 * t.median / (D * args.block),
+                    "vs_numpy_member": common.ratio_spread(times["numpy-member"], times[name]).median,
                     **({"ops": ops["ops"], "bytes": ops["bytes"]} if name == "device" else {}),
                 }
             )
@@ -112,8 +95,7 @@ def main(argv=None) -> int:
         print(
             f"{r['option']:14} {r['D']:9d} {r['s_per_block']:9.4f} {r['ns_per_number']:10.2f} {r['vs_numpy_member']:22.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "threads": args.threads}, indent=2))
+    common.write_record("bench_noise", args, {"rows": rows}, args.out, args.note)
     return 0
 
 

@@ -4,36 +4,32 @@ the noise kept from evaluation, then one exact int64 allreduce), measured in the
 
 For N ranks the new path times rank 0's share (blocks of rank 0 of N) on a SerialComm, so the
 network term (one allreduce of 2 D int64, one scalar allreduce) is NOT included: see
-tools/scaling_model.py for it. The old path is the same for every N (it did not shrink).
+benchmarks/scaling_model.py for it. The old path is the same for every N (it did not shrink).
 Also measures the overlap option: one generation's evaluate+update with noise prefetching on a
 background thread on and off (on CPU with one thread per rank it competes with the bounds).
+Every timed call runs interleaved with the others, --repeat rounds (median; speedups are the
+median of the per-round ratios).
 
-    python tools/bench_pgpe_update.py --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64 \
-        --out bench-out/pgpe_update.json
+    python -m benchmarks.bench_pgpe_update --model cnn5 --shape 1,28,28 --popsize 256 --ranks 1,2,8,64
 
-Prints a table and writes JSON.
+Prints a table and writes a record.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mpigls import parallel  # noqa: E402
-from mpigls.nn import models  # noqa: E402
-from mpigls.numerics import noise  # noqa: E402
-from mpigls.objectives import losses  # noqa: E402
-from mpigls.optim import pgpe, unit  # noqa: E402
-from mpigls.parallel import pgpe_unit  # noqa: E402
+from benchmarks import common
+from mpigls import parallel
+from mpigls.objectives import losses
+from mpigls.nn import models
+from mpigls.numerics import noise
+from mpigls.parallel import pgpe_unit
+from mpigls.optim import pgpe, unit
 
 
 def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):
@@ -57,17 +53,25 @@ def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):
     return acc_c / (w.num_valid * sigma), acc_s / (w.num_valid * sigma) if with_sigma else None, w.num_valid
 
 
-def best_of(fn, repeat):
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+OVERLAP = {"no_prefetch": False, "prefetch": True}
+
+
+def with_old_gradients(fn):
+    """``fn`` run with ``pgpe.gradients`` replaced by ``old_gradients`` (restored after)."""
+
+    def run():
+        orig, pgpe.gradients = pgpe.gradients, old_gradients
+        try:
+            return fn()
+        finally:
+            pgpe.gradients = orig
+
+    return run
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--model", default="cnn5")
     p.add_argument("--shape", default="1,28,28", help="C,H,W of the input (MNIST 1,28,28; CIFAR 3,32,32)")
     p.add_argument("--popsize", type=int, default=256)
@@ -77,7 +81,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fixed-sigma", action="store_true")
     p.add_argument("--overlap-batch", type=int, default=16, help="batch for the prefetch on/off generation (0: skip)")
-    p.add_argument("--out", default="bench-out/pgpe_update.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -92,21 +95,16 @@ def main(argv=None) -> int:
     fake_losses = torch.randn(args.popsize, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     comm = parallel.SerialComm()
 
-    orig = pgpe.gradients
-    pgpe.gradients = old_gradients
-    try:
-        t_old = best_of(lambda: pgpe.tell(state, params, seed, fake_losses), args.repeat)
-        old_state, _ = pgpe.tell(state, params, seed, fake_losses)
-    finally:
-        pgpe.gradients = orig
+    old_tell = with_old_gradients(lambda: pgpe.tell(state, params, seed, fake_losses))
+    old_state, _ = old_tell()
     new_state, _ = pgpe.tell(state, params, seed, fake_losses)  # serial new path (regenerates): for the check
     max_diff = float((new_state.center - old_state.center).abs().max())
 
-    rows = []
+    peers = {"old": old_tell}
+    pairs_of = {}
     for n in (int(r) for r in args.ranks.split(",")):
         blocks = parallel.my_blocks(num_blocks, 0, n) if n <= num_blocks else [0]
-        pairs = [list(unit.block_items(b, bs, num_pairs)) for b in blocks]
-        t_noise = best_of(lambda pairs=pairs: [pgpe.pair_noise(seed, 0, q, D) for q in pairs], args.repeat)
+        pairs = pairs_of[n] = [list(unit.block_items(b, bs, num_pairs)) for b in blocks]
         zs = [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
         local = pgpe_unit.LocalNoise(pairs, zs, max(pgpe.max_abs_noise(z) for z in zs))
 
@@ -114,17 +112,22 @@ def main(argv=None) -> int:
             summed = pgpe_unit.reduce_sums(comm, state, params, seed, fake_losses, local)
             return pgpe.tell(state, params, seed, fake_losses, summed=summed)
 
-        t_new = best_of(new_tell, args.repeat)
+        peers[f"noise{n}"] = lambda pairs=pairs: [pgpe.pair_noise(seed, 0, q, D) for q in pairs]
+        peers[f"new{n}"] = new_tell
+    times = common.time_peers(peers, args.repeat)
+    med = {k: common.spread(v).median for k, v in times.items()}
+    rows = []
+    for n, pairs in pairs_of.items():
         rows.append(
             {
                 "ranks": n,
                 "pairs_per_rank": sum(map(len, pairs)),
-                "old_tell_s": t_old,
-                "new_tell_s": t_new,
-                "tell_speedup": t_old / t_new,
-                "eval_noise_s": t_noise,
-                "old_total_s": t_old + t_noise,
-                "new_total_s": t_new + t_noise,
+                "old_tell_s": med["old"],
+                "new_tell_s": med[f"new{n}"],
+                "tell_speedup": common.ratio_spread(times["old"], times[f"new{n}"]).median,
+                "eval_noise_s": med[f"noise{n}"],
+                "old_total_s": med["old"] + med[f"noise{n}"],
+                "new_total_s": med[f"new{n}"] + med[f"noise{n}"],
             }
         )
     print(
@@ -149,42 +152,30 @@ def main(argv=None) -> int:
         loss_fn = lambda pts, ex: losses.certified_loss(model, x[ex], y[ex], 0.01, "ibp", weights=pts)  # noqa: E731
         blocks = parallel.my_blocks(num_blocks, 0, 1)
         split = pgpe_unit.split_of(params, bs, args.overlap_batch)
-        overlap = {}
-        for prefetch in (False, True):
-            src = pgpe_unit.NoiseSource(seed, prefetch)
+        sources = {name: pgpe_unit.NoiseSource(seed, prefetch) for name, prefetch in OVERLAP.items()}
+
+        def generation(src):
             st = state
 
-            def generation(src=src):
+            def run():
                 nonlocal st
                 local_losses, kept = pgpe_unit.evaluate(st, params, blocks, split, src, loss_fn, torch.device("cpu"))
                 summed = pgpe_unit.reduce_sums(comm, st, params, seed, local_losses, kept)
                 st, _ = pgpe.tell(st, params, seed, local_losses, summed=summed)
 
-            generation()
-            overlap["prefetch" if prefetch else "no_prefetch"] = best_of(generation, args.repeat)
+            return run
+
+        times = common.time_peers({name: generation(src) for name, src in sources.items()}, args.repeat)
+        for src in sources.values():
             src.close()
-        overlap["speedup"] = overlap["no_prefetch"] / overlap["prefetch"]
+        overlap = {name: common.spread(t).median for name, t in times.items()}
+        overlap["speedup"] = common.ratio_spread(times["no_prefetch"], times["prefetch"]).median
         print(
             f"one generation on CPU (IBP, batch {args.overlap_batch}, 1 rank): no prefetch "
             f"{overlap['no_prefetch']:.3f} s, prefetch {overlap['prefetch']:.3f} s, ratio {overlap['speedup']:.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "shape": shape,
-                "D": D,
-                "popsize": args.popsize,
-                "block_size": bs,
-                "threads": args.threads,
-                "rows": rows,
-                "max_theta_diff_old_new": max_diff,
-                "overlap": overlap,
-            },
-            indent=2,
-        )
-    )
+    results = {"rows": rows, "D": D, "max_theta_diff_old_new": max_diff, "overlap": overlap}
+    common.write_record("bench_pgpe_update", args, results, args.out, args.note)
     return 0
 
 

@@ -1,9 +1,12 @@
-"""What the numeric settings of issue 11 cost and change, on one device, in one run.
+"""What the numeric settings (train.deterministic, train.tf32, the certification margin) cost and change.
+
+Everything on one device, in one run:
 
 1. Training speed: seconds per generation of in-process ``train.train`` with ``train.deterministic``
    true vs false and (on a GPU) ``train.tf32`` false vs true, for each optimizer; the median of the
-   generations after ``--skip`` warm-up ones; settings alternate within each repeat so machine load
-   hits them alike; ratios are against deterministic=true, tf32=false (the defaults) of the same run.
+   generations after ``--skip`` warm-up ones; the settings run interleaved, every other round
+   backwards (``common.interleave``), so machine load hits them alike; ratios are the median of the
+   per-round ratios against deterministic=true, tf32=false (the defaults).
    Also whether two runs of the same settings gave the same theta bits.
 2. Bound gaps (GPU only): max |bound on the device - bound on the CPU| per method with TF32 off
    (strict_fp32, what certificates use) and on (torch's cuDNN default), and the bound magnitude.
@@ -11,10 +14,10 @@
    (0, CERTIFY_MARGIN], i.e. certified by "> 0" but not by "> CERTIFY_MARGIN", for a model trained
    a few generations with GRAD.
 
-    python tools/bench_numerics.py                      # CPU
-    python tools/bench_numerics.py --device cuda         # GPU (also: bash tools/test.sh --gpu --bench)
+    python -m benchmarks.bench_numerics                  # CPU
+    python -m benchmarks.bench_numerics --device cuda    # GPU (also: bash tools/test.sh --gpu --bench)
 
-Prints tables and writes JSON (--out).
+Prints tables and writes a record (``benchmarks.common``).
 """
 
 from __future__ import annotations
@@ -29,17 +32,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mpigls import bounds, config  # noqa: E402
-from mpigls.nn import models  # noqa: E402
-from mpigls.numerics import precision  # noqa: E402
-from mpigls.run import checkpoint, train  # noqa: E402
+from benchmarks import common
+from mpigls import bounds, config
+from mpigls.run import checkpoint, train
+from mpigls.nn import models
+from mpigls.numerics import precision
 
 OPTIMIZERS = {
-    "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16},
-    "rgs": {"optimizer.num_samples": 8, "optimizer.block_size": 4},
+    "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16, "optimizer.sigma_init": 0.01},
+    "rgs": {"optimizer.num_samples": 8, "optimizer.block_size": 4, "optimizer.sigma_init": 0.01},
     "grad": {"optimizer.block_size": 32},
 }
 
@@ -55,7 +56,6 @@ def _cfg(device: str, optimizer: str, det: bool, tf32: bool, generations: int, b
         "bound.eps": 0.02,
         "optimizer.name": optimizer,
         "optimizer.lr": 0.01,
-        "optimizer.sigma_init": 0.01,
         "train.epochs": generations / per_epoch,
         "train.batch_size": batch,
         "train.device": device,
@@ -69,31 +69,37 @@ def _cfg(device: str, optimizer: str, det: bool, tf32: bool, generations: int, b
     return config.load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
 
 
+def one_run(args, opt: str, mode: tuple[bool, bool]):
+    """A callable training once with (deterministic, tf32) = ``mode``: (median s/gen, theta's sha256)."""
+
+    def run() -> tuple[float, str]:
+        cfg = _cfg(args.device, opt, *mode, args.generations, args.batch, args.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train.train(cfg, tmp, log=lambda m: None)
+            per_gen = checkpoint.load(Path(tmp) / "latest.h5").metrics["time/generation_s"][args.skip :]
+        return statistics.median(per_gen.tolist()), checkpoint.theta_sha256(res.theta.numpy())
+
+    return run
+
+
 def speed(args) -> list[dict]:
-    modes = [(True, False), (False, False)] + ([(True, True), (False, True)] if args.device == "cuda" else [])
+    default = (True, False)
+    modes = [default, (False, False)] + ([(True, True), (False, True)] if args.device == "cuda" else [])
     rows = []
     for opt in args.optimizers:
-        times = {m: [] for m in modes}
-        shas = {m: set() for m in modes}
-        for rep in range(args.repeats):
-            for mode in modes if rep % 2 == 0 else modes[::-1]:
-                cfg = _cfg(args.device, opt, *mode, args.generations, args.batch, args.model)
-                with tempfile.TemporaryDirectory() as tmp:
-                    res = train.train(cfg, tmp, log=lambda m: None)
-                    per_gen = checkpoint.load(Path(tmp) / "latest.h5").metrics["time/generation_s"][args.skip :]
-                times[mode].append(statistics.median(per_gen.tolist()))
-                shas[mode].add(checkpoint.theta_sha256(res.theta.numpy()))
-        base = statistics.median(times[(True, False)])
+        runs = common.interleave({m: one_run(args, opt, m) for m in modes}, args.repeats, alternate=True)
+        times = {m: [t for t, _ in runs[m]] for m in modes}
         for mode in modes:
-            t = statistics.median(times[mode])
+            ratio = common.ratio_spread(times[mode], times[default])
             rows.append(
                 {
                     "optimizer": opt,
                     "deterministic": mode[0],
                     "tf32": mode[1],
-                    "s_per_gen": t,
-                    "ratio_vs_default": t / base,
-                    "same_bits_every_repeat": len(shas[mode]) == 1,
+                    "s_per_gen": statistics.median(times[mode]),
+                    "ratio_vs_default": ratio.median,
+                    "ratio_vs_default_range": [ratio.low, ratio.high],
+                    "same_bits_every_repeat": len({sha for _, sha in runs[mode]}) == 1,
                 }
             )
     return rows
@@ -149,8 +155,9 @@ def margin_cost(args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--optimizers", default="pgpe,rgs,grad", type=lambda s: s.split(","))
     p.add_argument("--generations", type=int, default=8)
@@ -158,8 +165,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--model", default="cnn3")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default="bench-out/numerics.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA GPU")
     t0 = time.time()
@@ -192,22 +198,9 @@ def main() -> None:
     )
     for method, c in cost.items():
         print(f"{method:10s} {c}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "device": device_name,
-                "torch": torch.__version__,
-                "speed": rows,
-                "bound_gaps": gaps,
-                "margin_cost": cost,
-                "args": vars(args),
-                "wall_s": time.time() - t0,
-            },
-            indent=2,
-        )
-    )
-    print(f"\nwrote {args.out} ({time.time() - t0:.0f} s)")
+    results = {"rows": rows, "bound_gaps": gaps, "margin_cost": cost, "device_name": device_name}
+    common.write_record("bench_numerics", args, results, args.out, args.note)
+    print(f"({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -5,32 +5,29 @@ pixels with a randomly initialised network, once under torch.no_grad (as PGPE ev
 once with autograd followed by backward when the method is differentiable (as RGS / GRAD), and
 reports the seconds of both, the peak memory
 (CUDA: torch.cuda.max_memory_allocated; CPU: growth of the max RSS over the state after
-warm-up, each measurement in a fresh subprocess unless --no-isolate, since max RSS never
-decreases) and the mean number of IBP-unstable ReLUs per example. Prints a table and writes
-JSON (--out). Method ``auto_lirpa`` times the reference, auto_LiRPA 0.3's CROWN in patches mode
-(bounds + backward as for the others), when it is installed (see tools/auto_lirpa_compat.py).
+warm-up, ``common.PeakMemory``; CPU rows each in a fresh subprocess unless --no-isolate) and
+the mean number of IBP-unstable ReLUs per example; times are the median (and range) of
+``--repeats`` calls. Prints a table and writes a record (``benchmarks.common``). Method
+``auto_lirpa`` times the reference, auto_LiRPA 0.3's CROWN in patches mode (bounds + backward as
+for the others), when it is installed (see benchmarks/auto_lirpa_compat.py).
 
-  python tools/bench_bounds.py --out bench.json [--methods ibp,deeppoly] [--batch 64] [--devices cpu,cuda]
+  python -m benchmarks.bench_bounds [--methods ibp,deeppoly] [--batch 64] [--devices cpu,cuda] [--out rec.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
+import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from mpigls.bounds import crown, make_problem, margin_lower_bounds
+from benchmarks import auto_lirpa_compat, common
 from mpigls.nn import models
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import auto_lirpa_compat
+from mpigls.bounds import crown, make_problem, margin_lower_bounds
 
 REFERENCE = "auto_lirpa"
 DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr", REFERENCE}
@@ -40,42 +37,30 @@ SHAPES = {
 }
 
 
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bound_fn(model, x, method, budget):
     """f(x, y, eps) -> margin lower bounds; method "auto_lirpa" is auto_LiRPA 0.3's CROWN in
-    patches mode (tools/auto_lirpa_compat.py), the reference the issue quotes timings for."""
+    patches mode (benchmarks/auto_lirpa_compat.py), the reference implementation."""
     if method == REFERENCE:
         return auto_lirpa_compat.bounder(model, x, "deeppoly", "patches")
     return lambda xb, yb, eps: margin_lower_bounds(model, xb, yb, eps, method, memory_budget_mb=budget)
 
 
 def run_one(model, x, y, eps, method, device, budget):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """(seconds of the no-grad bound, seconds of bound + backward, peak MiB of the latter, mean bound)."""
     f = bound_fn(model, x, method, budget)
-    rss0 = maxrss_mb()
+    sync = common.sync_for(device)
     t_start = time.perf_counter()  # after tracing (auto_LiRPA)
     with torch.no_grad():
         f(x, y, eps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
-    lb = f(x, y, eps)
-    if method in DIFFERENTIABLE:
-        lb.sum().backward()
-        model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = maxrss_mb() - rss0
+    with common.PeakMemory(device) as mem:
+        lb = f(x, y, eps)
+        if method in DIFFERENTIABLE:
+            lb.sum().backward()
+            model.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    return t0 - t_start, t2 - t0, peak, float(lb.detach().mean())
+    return t0 - t_start, t2 - t0, mem.mb, float(lb.detach().mean())
 
 
 def measure(args, device, model_name, data, method) -> dict:
@@ -90,11 +75,9 @@ def measure(args, device, model_name, data, method) -> dict:
         bounds = crown.intermediate_bounds(make_problem(model, x, y, eps), refine=False)
     unstable = [float(((lo < 0) & (hi > 0)).flatten(2).sum(-1).float().mean()) for lo, hi in bounds]
     bound_fn(model, x[:2], method, args.budget)(x[:2], y[:2], eps)  # warm-up
-    best = None
-    for _ in range(args.repeats):
-        res = run_one(model, x, y, eps, method, device, args.budget)
-        best = res if best is None or res[1] < best[1] else best
-    t_bound, t_total, peak, mean_lb = best
+    runs = [run_one(model, x, y, eps, method, device, args.budget) for _ in range(args.repeats)]
+    t_bound, t_total = common.spread([r[0] for r in runs]), common.spread([r[1] for r in runs])
+    peak, mean_lb = max(r[2] for r in runs), runs[-1][3]
     return {
         "device": device.type,
         "model": model_name,
@@ -103,8 +86,11 @@ def measure(args, device, model_name, data, method) -> dict:
         "eps": eps,
         "batch": args.batch,
         "method": method,
-        "bound_nograd_s": t_bound,
-        "bound_grad_backward_s": t_total,
+        "bound_nograd_s": t_bound.median,
+        "bound_nograd_s_range": [t_bound.low, t_bound.high],
+        "bound_grad_backward_s": t_total.median,
+        "bound_grad_backward_s_range": [t_total.low, t_total.high],
+        "repeats": args.repeats,
         "peak_mb": peak,
         "mean_lb": mean_lb,
         "ibp_unstable_per_layer": unstable,
@@ -113,7 +99,7 @@ def measure(args, device, model_name, data, method) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench_bounds.json")
+    common.add_record_args(ap)
     ap.add_argument("--methods", default="ibp,crown-ibp,sabr,hbox,deeppoly,alpha-crown")
     ap.add_argument("--models", default="cnn3,cnn5")
     ap.add_argument("--datasets", default="mnist,cifar")
@@ -121,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--budget", type=float, default=1024.0, help="memory_budget_mb")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (median, range)")
     ap.add_argument(
         "--identity-normalize",
         action="store_true",
@@ -137,6 +123,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args, torch.device(dev_name), model_name, data, method)))
         return 0
     rows = []
+    # the subprocesses import benchmarks and mpigls from this checkout
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")])))
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     print(
         f"{'device':6} {'model':5} {'data':6} {'method':12} {'nograd s':>8} {'grad+bwd':>8} {'peak MB':>8} "
@@ -150,7 +138,8 @@ def main(argv=None) -> int:
                     if dev_name == "cpu" and not args.no_isolate:
                         cmd = [
                             sys.executable,
-                            __file__,
+                            "-m",
+                            "benchmarks.bench_bounds",
                             "--single",
                             f"{dev_name},{model_name},{data},{method}",
                             "--batch",
@@ -162,9 +151,8 @@ def main(argv=None) -> int:
                         ]
                         cmd += ["--identity-normalize"] if args.identity_normalize else []
                         cmd += ["--threads", str(args.threads)] if args.threads else []
-                        row = json.loads(
-                            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-                        )
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=common.REPO, env=env)
+                        row = json.loads(out.stdout.splitlines()[-1])
                     else:
                         row = measure(args, device, model_name, data, method)
                     rows.append(row)
@@ -174,18 +162,8 @@ def main(argv=None) -> int:
                         f"{sum(row['ibp_unstable_per_layer']):9.0f} {row['mean_lb']:10.3f}",
                         flush=True,
                     )
-    meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "memory_budget_mb": args.budget,
-    }
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    params = {k: v for k, v in vars(args).items() if k != "single"}
+    common.write_record("bench_bounds", params, {"rows": rows}, args.out, args.note)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 auto_LiRPA 0.3, the newest on PyPI, was written for torch < 1.13 and numpy < 2; three small
 shims let it import and trace our networks. They only touch symbols that moved, never its
-bounding code. Used by tests/test_bounds_auto_lirpa.py and tools/bench_bounds.py; mpigls itself
+bounding code. Used by tests/test_bounds_auto_lirpa.py and benchmarks/bench_bounds.py; mpigls itself
 never imports auto_LiRPA. Install it without its pinned dependencies:
 
     pip install --no-deps auto_LiRPA==0.3 appdirs

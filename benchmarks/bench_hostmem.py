@@ -3,14 +3,13 @@ at 1 and 2 ranks, interleaved A B A B ...: median s/gen (checkpoint ``time/gener
 kernel's share of the CPU time (/proc/stat: system time is where page faults are served) and theta
 (identical with and without: the allocator never changes numbers).
 
-    python tools/bench_hostmem.py --ranks 1,2 --repeats 3 --out bench-out/hostmem.json \
+    python -m benchmarks.bench_hostmem --ranks 1,2 --repeats 3 \
         --set model.name=cnn5 --set bound.method=ibp --set optimizer.popsize=256 --set train.batch_size=64
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -18,10 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import scaling  # noqa: E402
+from benchmarks import common, scaling
 
 
 def cpu_times() -> list[int]:
@@ -30,9 +26,26 @@ def cpu_times() -> list[int]:
         return [int(x) for x in f.readline().split()[1:9]]
 
 
+def run_with(keep: str, n: int, args, workdir: Path):
+    """One training run of ``n`` ranks with MPIGLS_KEEP_FREED_MEMORY=``keep`` per call: its row
+    (``scaling.run_point``) with the kernel's share of the busy CPU time during the run."""
+    calls = iter(range(1 << 30))
+
+    def run() -> dict:
+        os.environ["MPIGLS_KEEP_FREED_MEMORY"] = keep
+        before = cpu_times()
+        row = scaling.run_point(n, None, args, workdir, f"keep{keep}-r{next(calls)}")
+        d = np.subtract(cpu_times(), before)
+        row["system_share"] = float(d[2] / max(1, d[0] + d[1] + d[2] + d[4] + d[5] + d[6] + d[7]))
+        return row
+
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    common.add_record_args(p)
+    p.add_argument("--config", default="configs/quickstart.yaml", help="relative to the repository root")
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--generations", type=int, default=30)
@@ -40,20 +53,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--launcher", default="mpiexec -n {n}")
     p.add_argument("--set", action="append", default=[])
-    p.add_argument("--out", default="bench-out/hostmem.json")
     args = p.parse_args(argv)
     ranks = [int(n) for n in args.ranks.split(",")]
-    runs: dict[tuple[int, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(args.repeats):
-            for n in ranks:
-                for keep in ("1", "0"):
-                    os.environ["MPIGLS_KEEP_FREED_MEMORY"] = keep
-                    before = cpu_times()
-                    row = scaling.run_point(n, None, args, Path(tmp), f"keep{keep}-r{k}")
-                    d = np.subtract(cpu_times(), before)
-                    row["system_share"] = float(d[2] / max(1, d[0] + d[1] + d[2] + d[4] + d[5] + d[6] + d[7]))
-                    runs.setdefault((n, keep), []).append(row)
+        runs = common.interleave(
+            {(n, keep): run_with(keep, n, args, Path(tmp)) for n in ranks for keep in ("1", "0")}, args.repeats
+        )
     os.environ.pop("MPIGLS_KEEP_FREED_MEMORY", None)
     print(f"{' '.join(args.set)}; {args.repeats} interleaved repeats, median s/gen; system = kernel share of busy CPU")
     print(
@@ -62,7 +67,7 @@ def main(argv=None) -> int:
     table = []
     for n in ranks:
         on, off = runs[(n, "1")], runs[(n, "0")]
-        pairs = [b["median_s_per_gen"] / a["median_s_per_gen"] for a, b in zip(on, off)]
+        pairs = common.paired_ratios([r["median_s_per_gen"] for r in off], [r["median_s_per_gen"] for r in on])
         same = len({r["theta_sha256"] for r in on + off}) == 1
         rec = {
             "ranks": n,
@@ -92,20 +97,13 @@ def main(argv=None) -> int:
                 for r in table
             )
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "overrides": args.set,
-                "repeats": args.repeats,
-                "rows": table,
-                "runs": {f"{n}-{k}": v for (n, k), v in runs.items()},
-            },
-            indent=2,
-        )
+    common.write_record(
+        "bench_hostmem",
+        args,
+        {"rows": table, "runs": {f"{n}-{k}": v for (n, k), v in runs.items()}},
+        args.out,
+        args.note,
     )
-    print(f"wrote {out}")
     return 0 if all(r["identical_theta"] for r in table) else 1
 
 

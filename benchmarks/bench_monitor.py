@@ -1,7 +1,7 @@
 """Cost of live monitoring: one metrics.jsonl line per generation, and validation every K generations,
 against the generation it accompanies, all measured in this one run (digits CNN3, PGPE + IBP).
 
-    python tools/bench_monitor.py [--generations 40] [--json bench-out/monitor.json]
+    python -m benchmarks.bench_monitor [--generations 40] [--out record.json]
 
 Prints a table: seconds per generation without monitoring, the metrics-log append per generation
 (and as a fraction of a generation), and one validation pass (eval.num_val=256, IBP + DeepPoly +
@@ -11,24 +11,22 @@ Prints a table: seconds per generation without monitoring, the metrics-log appen
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mpigls import config
+from benchmarks import common
 from mpigls.run import checkpoint, monitor, train
+from mpigls import config
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_record_args(ap)
     ap.add_argument("--generations", type=int, default=40)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--validations", type=int, default=3, help="validation passes timed (median)")
+    args = ap.parse_args(argv)
     sets = [
         "data.name=digits",
         "model.name=cnn3",
@@ -60,7 +58,7 @@ def main() -> None:
         dataset, model, _ = train.build_problem(cfg)
         validator = monitor.Validator(cfg, dataset, model, train.dist.SerialComm())
         theta = train.torch.from_numpy(ck.theta.copy())
-        val_s = statistics.median(validator(theta)["time/val_s"] for _ in range(3))
+        val_s = statistics.median(validator(theta)["time/val_s"] for _ in range(args.validations))
     rows = {
         "generation_s": gen_s,
         "metrics_log_append_s": append_s,
@@ -72,10 +70,9 @@ def main() -> None:
     print(f"{'quantity':34s} value")
     for k, v in rows.items():
         print(f"{k:34s} {v:.3g}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    common.write_record("bench_monitor", dict(vars(args), overrides=sets), {"rows": [rows]}, args.out, args.note)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

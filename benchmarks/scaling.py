@@ -10,22 +10,23 @@ interleaved (1, 2, ..., 1, 2, ...); a point's s/gen is the median over its repea
 efficiency the median over repeats k of the PAIRED ratio of repeat k (strong t1 / (n t_n), weak
 t1 / t_n), with the range of those ratios: the runs of a pair ran next to each other, so a drift
 of a shared machine's speed cancels. Every repeat must give the same theta (strong). Next to
-every measured point the model of tools/scaling_model.py predicts t_n from the 1-rank run
+every measured point the model of benchmarks/scaling_model.py predicts t_n from the 1-rank run
 (compute per member = t1 minus the measured host terms, shared-memory network: --latency-us /
 --bandwidth-gbit).
 
-    python tools/scaling.py --ranks 1,2 --mode both --out bench-out/scaling-cnn3 \
+    python -m benchmarks.scaling --ranks 1,2 --mode both \
         --set model.name=cnn3 --set bound.method=ibp --set optimizer.popsize=64 --set train.batch_size=16
     # on a cluster (one GPU per rank):
-    python tools/scaling.py --launcher "srun -n {n} --gpus-per-task=1" --ranks 1,2,4,8 --set train.device=cuda ...
-    # merge the JSON files written by jobs/scaling.sbatch array tasks:
-    python tools/scaling.py --merge bench-out/scaling-sweep/*.json --out bench-out/scaling-sweep/all
+    python -m benchmarks.scaling --launcher "srun -n {n} --gpus-per-task=1" --ranks 1,2,4,8 --set train.device=cuda ...
+    # merge the records written by jobs/scaling.sbatch array tasks:
+    python -m benchmarks.scaling --merge sweep/*.json --out sweep/all.json
 
 --ceiling (strong and weak, one node): in every repeat also run the per-rank population as N
 independent 1-rank processes at once and alone; their ratio is the machine's ceiling for N ranks
 (no communication at all), and eff/ceil the efficiency relative to it.
 
-Writes OUT.json and OUT.png (time per generation and parallel efficiency vs ranks, ideal lines).
+Writes the record (``--out``, default under benchmarks/records/) and a PNG next to it (time per
+generation and parallel efficiency vs ranks, ideal lines).
 Exit status 1 if strong scaling gave different theta for different rank counts.
 """
 
@@ -45,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+from benchmarks import common, scaling_model as sm
+from mpigls.run import checkpoint
 
-from mpigls.run import checkpoint  # noqa: E402
+REPO = common.REPO
 
 
 def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dict:
@@ -115,8 +115,6 @@ def run_point(n: int, popsize: int | None, args, workdir: Path, tag: str) -> dic
 
 def predict(rows: list[dict], args) -> None:
     """Fill 'model_s_per_gen' from the 1-rank row with the scaling model (host terms measured here)."""
-    import scaling_model as sm
-
     base = next((r for r in rows if r["ranks"] == 1), None)
     if base is None:
         return
@@ -158,6 +156,24 @@ def machine_ceiling(n: int, popsize: int, args, workdir: Path, tag: str) -> floa
     return alone / max(together)
 
 
+def point(n: int, mode: str, args, workdir: Path):
+    """A callable running ``n`` ranks once (strong: the config's popsize; weak: --weak-popsize-per-rank
+    per rank) and, with --ceiling and n > 1, the machine's ceiling next to it: {"row", "ceiling"}."""
+    calls = iter(range(1 << 30))
+
+    def run() -> dict:
+        k = next(calls)
+        popsize = None if mode == "strong" else args.weak_popsize_per_rank * n
+        row = run_point(n, popsize, args, workdir, f"{mode}-r{k}")
+        out = {"row": row}
+        if args.ceiling and n > 1:
+            per_rank = row["popsize"] // n if mode == "strong" else args.weak_popsize_per_rank
+            out["ceiling"] = machine_ceiling(n, per_rank, args, workdir, f"{mode}-r{k}")
+        return out
+
+    return run
+
+
 def combine_repeats(runs: list[dict]) -> dict:
     """One row from the repeated runs of one rank count: the median over repeats of each run's median
     s/gen, the extremes over all runs, every run's median and theta kept (``repeat_*``)."""
@@ -192,9 +208,9 @@ def summarise(rows: list[dict], mode: str, paired: bool = True) -> None:
         # (the rank counts are interleaved), so a drift of the machine's speed cancels
         t1s, tns = base.get("repeat_s_per_gen"), r.get("repeat_s_per_gen")
         if paired and t1s and tns and len(t1s) == len(tns):
-            paired = [eff(a, b, r["ranks"]) for a, b in zip(t1s, tns)]
-            r["efficiency_paired"] = float(np.median(paired))
-            r["efficiency_paired_range"] = [min(paired), max(paired)]
+            effs = common.spread([eff(a, b, r["ranks"]) for a, b in zip(t1s, tns)])
+            r["efficiency_paired"] = effs.median
+            r["efficiency_paired_range"] = [effs.low, effs.high]
             r["efficiency"] = r["efficiency_paired"]
         if "machine_ceiling" in r:  # how close the run came to what the machine allows
             r["efficiency_vs_ceiling"] = r["efficiency"] / r["machine_ceiling"]
@@ -263,17 +279,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+def write(result: dict, out: Path | None, params: dict, note: str = "") -> Path:
+    """The record of ``result`` at ``out`` (.json; default under benchmarks/records/) and its PNG next to it."""
+    path = common.write_record("scaling", params, result, out and out.with_suffix(".json"), note)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
+    return path
 
 
-def merge(paths: list[str], out: Path, args) -> int:
+def merge(paths: list[str], out: Path | None, args) -> int:
+    """One record from the records (or bare results) of separate runs, e.g. the tasks of a cluster job."""
     result = {"label": args.label or "merged", "strong": [], "weak": []}
     for p in paths:
         part = json.loads(Path(p).read_text())
+        part = part.get("results", part)  # a record, or the results alone
         for mode in ("strong", "weak"):
             result[mode] += part.get(mode) or []
     ok = True
@@ -287,13 +306,14 @@ def merge(paths: list[str], out: Path, args) -> int:
         ok = len({t for r in result["strong"] for t in r.get("repeat_theta_sha256", [r["theta_sha256"]])}) == 1
         result["identical_theta"] = ok
         print("strong scaling: theta identical across rank counts:", ok)
-    write(result, out)
+    write(result, out, {"merge": paths, "label": result["label"]}, getattr(args, "note", ""))
     return 0 if ok else 1
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    common.add_record_args(p)
+    p.add_argument("--config", default="configs/quickstart.yaml", help="relative to the repository root")
     p.add_argument("--mode", choices=["strong", "weak", "both"], default="both")
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
     p.add_argument("--weak-popsize-per-rank", type=int, default=32)
@@ -320,11 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="")
     p.add_argument("--workdir", default=None, help="keep run directories here (default: a temp dir)")
     p.add_argument("--merge", nargs="+", default=None, help="merge JSON files of earlier runs instead of running")
-    p.add_argument("--out", default="bench-out/scaling", help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix in (".json", ".png"):
-        out = out.with_suffix("")
+    out = Path(args.out) if args.out else None
     if args.merge:
         return merge(args.merge, out, args)
     ranks = [int(n) for n in args.ranks.split(",")]
@@ -340,15 +357,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for mode in ["strong", "weak"] if args.mode == "both" else [args.mode]:
-            runs: dict[int, list[dict]] = {n: [] for n in ranks}
-            ceilings: dict[int, list[float]] = {n: [] for n in ranks if n > 1}
-            for k in range(args.repeats):  # interleaved: 1, 2, ..., 1, 2, ... (drift hits all alike)
-                for n in ranks:
-                    popsize = None if mode == "strong" else args.weak_popsize_per_rank * n
-                    runs[n].append(run_point(n, popsize, args, work, f"{mode}-r{k}"))
-                    if args.ceiling and n > 1:
-                        per_rank = runs[1][0]["popsize"] // n if mode == "strong" else args.weak_popsize_per_rank
-                        ceilings[n].append(machine_ceiling(n, per_rank, args, work, f"{mode}-r{k}"))
+            points = common.interleave({n: point(n, mode, args, work) for n in ranks}, args.repeats)
+            runs = {n: [p["row"] for p in points[n]] for n in ranks}
+            ceilings = {n: [p["ceiling"] for p in points[n]] for n in ranks if n > 1 and args.ceiling}
             rows = [combine_repeats(runs[n]) for n in ranks]
             for r in rows:
                 if ceilings.get(r["ranks"]):
@@ -364,7 +375,7 @@ def main(argv=None) -> int:
                 ok = len({t for r in rows for t in r["repeat_theta_sha256"]}) == 1
                 result["identical_theta"] = ok
                 print("strong scaling: theta identical across rank counts:", ok)
-    write(result, out)
+    write(result, out, vars(args), args.note)
     return 0 if ok else 1
 
 

@@ -7,9 +7,9 @@ Work items (mpigls.parallel.work): the P/2 pairs in blocks of M pairs, each memb
 in C chunks (optimizer.block_size, optimizer.batch_chunks); items = ceil(P/2 / M) * C, rank r owns a
 contiguous run of them (parallel.block_range), ranks beyond the item count idle. Per rank r:
   compute   sum over its items of max(2 |block| n_c / B * c_member, t_call)  +  t_fixed.
-            c_member = t_1gpu / P: the issue's H100 targets divided evenly over member-examples
-            (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s, our guess).
-            NOT measurable here (no GPU): ASSUMED, as are the two overheads that do not shrink with
+            c_member = t_1gpu / P: assumed one-H100 times divided evenly over member-examples
+            (CNN3 DeepPoly P=256, B=512: 1 s per generation; CNN5: 10 s; CNN7: 100 s; --compute).
+            Not measured by this model (it needs no GPU): ASSUMED, as are the two overheads that do not shrink with
             the work: t_call per bound call (kernel launches of one block/chunk: ~100 launches x
             5 us = 0.5 ms; launches are asynchronous, so an item costs the larger of its GPU work
             and its launches) and t_fixed per generation, derived from what train does on a GPU
@@ -54,8 +54,8 @@ Compared with, for the same compute and noise costs (whole pairs per rank, no ch
             distributed PGPE does, with its sample count) to the main process, which averages and
             sends the new centre and sigma (2 D) back: N * 16 D / b + log2(N) * 8 D / b + N a.
 
-    python tools/scaling_model.py --out bench-out/scaling_model      # .json and .png
-    python tools/scaling_model.py --compute cnn3=1.0,cnn5=10 --popsizes 256 --chunks 1,8 --call-ms 0.5
+    python -m benchmarks.scaling_model                 # the record (.json) and a plot next to it (.png)
+    python -m benchmarks.scaling_model --compute cnn3=1.0,cnn5=10 --popsizes 256 --call-ms 0.5
 """
 
 from __future__ import annotations
@@ -63,25 +63,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mpigls import parallel  # noqa: E402
-from mpigls.nn import models  # noqa: E402
-from mpigls.numerics import philox  # noqa: E402
-from mpigls.optim import pgpe  # noqa: E402
-from mpigls.run import checkpoint  # noqa: E402
+from benchmarks import common
+from mpigls.run import checkpoint
+from mpigls import parallel
+from mpigls.nn import models
+from mpigls.numerics import philox
+from mpigls.optim import pgpe
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
 MODELS = [
@@ -183,12 +179,8 @@ def count_ops(fn) -> dict:
 
 
 def _best(fn, repeat=3):
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The fastest of ``repeat`` calls (a host term of the model: its uncontended cost)."""
+    return common.spread(common.time_peers({"term": fn}, repeat, warmup=0)["term"]).low
 
 
 def measure_terms(D: int, pairs: int = 4, repeat: int = 3, fixed_sigma: bool = False) -> Terms:
@@ -398,6 +390,7 @@ def scale_out_work(n: int, P: int, batch: int) -> Work:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_record_args(p)
     p.add_argument("--compute", default="", help="1-GPU seconds per generation at P=256, B=512, e.g. cnn3=1,cnn5=10")
     p.add_argument("--popsizes", default="256")
     p.add_argument("--weak-popsize", type=int, default=32, help="weak scaling: popsize per GPU (paper: 256 on 8)")
@@ -419,7 +412,6 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(f"{m}/{d}" for m, d, _ in MODELS))
     p.add_argument("--pairs", type=int, default=4, help="pairs timed per host term (scaled linearly)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="bench-out/scaling_model", help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     compute = dict(DEFAULT_COMPUTE_S)
@@ -549,8 +541,6 @@ def main(argv=None) -> int:
                 f"{r['model'] + '/' + r['dataset'][:5]:12} {r['P']:5d} {r['fixed_overhead_s'] * 1e3:10.3f} "
                 + " ".join(f"{sweep[f'{ms:g}']:6.2f}" for ms in SWEEP_FIXED_MS)
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "network": asdict(net),
         "gpu_assumed": asdict(gpu),
@@ -564,9 +554,9 @@ def main(argv=None) -> int:
         "this machine; device-scheme ops counted on the real code, timed at the assumed launch and HBM rates; "
         "E against 1 GPU with block 8, 1 chunk, the faster noise scheme",
     }
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+    out = common.write_record("scaling_model", args, {"rows": results, "meta": meta}, args.out, args.note)
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 
