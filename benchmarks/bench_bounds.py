@@ -26,8 +26,8 @@ import time
 import torch
 
 from benchmarks import auto_lirpa_compat, common
-from mpigls.nn import models
 from mpigls.bounds import crown, make_problem, margin_lower_bounds
+from mpigls.nn import models
 
 REFERENCE = "auto_lirpa"
 DIFFERENTIABLE = {"ibp", "hbox", "crown-ibp", "deeppoly", "sabr", REFERENCE}

@@ -39,13 +39,12 @@ import torch
 
 from benchmarks import auto_lirpa_compat, common
 from mpigls import data as mdata, parallel
-from mpigls.run import hostmem
-from mpigls.objectives import losses
+from mpigls.bounds import margin_lower_bounds
 from mpigls.nn import models
 from mpigls.numerics import precision
-from mpigls.bounds import margin_lower_bounds
+from mpigls.objectives import losses
 from mpigls.optim import pgpe, unit
-from mpigls.run import optimizers
+from mpigls.run import hostmem, optimizers
 
 SHAPES = {"mnist": ((1, 28, 28), 0.1), "cifar": ((3, 32, 32), 2 / 255)}
 

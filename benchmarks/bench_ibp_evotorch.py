@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from benchmarks import bench_generation as bg, common
-from mpigls.objectives import losses
-from mpigls.nn import models
 from mpigls.bounds import ibp
+from mpigls.nn import models
+from mpigls.objectives import losses
 from mpigls.optim import pgpe
 
 UNCHUNKED = 1 << 62

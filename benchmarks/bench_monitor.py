@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from mpigls.run import checkpoint, monitor, train
 from mpigls import config
+from mpigls.run import checkpoint, monitor, train
 
 
 def main(argv=None) -> int:

@@ -34,9 +34,9 @@ import torch
 
 from benchmarks import common
 from mpigls import bounds, config
-from mpigls.run import checkpoint, train
 from mpigls.nn import models
 from mpigls.numerics import precision
+from mpigls.run import checkpoint, train
 
 OPTIMIZERS = {
     "pgpe": {"optimizer.popsize": 64, "optimizer.block_size": 16, "optimizer.sigma_init": 0.01},

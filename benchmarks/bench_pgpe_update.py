@@ -25,11 +25,11 @@ import torch
 
 from benchmarks import common
 from mpigls import parallel
-from mpigls.objectives import losses
 from mpigls.nn import models
 from mpigls.numerics import noise
-from mpigls.parallel import pgpe_unit
+from mpigls.objectives import losses
 from mpigls.optim import pgpe, unit
+from mpigls.parallel import pgpe_unit
 
 
 def old_gradients(state, params, seed, losses_, with_sigma=True, summed=None):

@@ -23,10 +23,10 @@ import torch
 from benchmarks import common
 from benchmarks.bench_pgpe_update import with_old_gradients
 from mpigls import data, parallel
-from mpigls.objectives import losses
 from mpigls.nn import models
-from mpigls.parallel import pgpe_unit
+from mpigls.objectives import losses
 from mpigls.optim import pgpe
+from mpigls.parallel import pgpe_unit
 
 
 def main(argv=None) -> int:

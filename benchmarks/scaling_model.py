@@ -73,11 +73,11 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from mpigls.run import checkpoint
 from mpigls import parallel
 from mpigls.nn import models
 from mpigls.numerics import philox
 from mpigls.optim import pgpe
+from mpigls.run import checkpoint
 
 # (name, dataset, input shape): the paper's MNIST and CIFAR-10 shapes
 MODELS = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks import auto_lirpa_compat
-from mpigls.nn import models
 from mpigls.bounds import margin_lower_bounds
+from mpigls.nn import models
 
 pytestmark = pytest.mark.skipif(auto_lirpa_compat.load() is None, reason="auto_LiRPA is not installed")
 
