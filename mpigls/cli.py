@@ -1,4 +1,4 @@
-"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness``.
+"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness | export | data``.
 
 One process:      mpigls train configs/quickstart.yaml --out runs/quick
 Two MPI ranks:    mpiexec -n 2 python -m mpi4py -m mpigls train configs/quickstart.yaml --out runs/quick
@@ -145,6 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--num-radii", type=int, default=11, help="radii from 0 to --max-eps")
     ti.add_argument(
         "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)"
+    )
+
+    ex = sub.add_parser(
+        "export", help="a checkpoint's network as ONNX, and VNN-LIB robustness properties for external verifiers"
+    )
+    ex.add_argument("checkpoint")
+    ex.add_argument("--onnx", required=True, help="ONNX file to write (float32, opset 13, normalisation included)")
+    ex.add_argument(
+        "--vnnlib",
+        default=None,
+        metavar="DIR",
+        help="also write one VNN-LIB property per test sample and instances.csv",
+    )
+    ex.add_argument(
+        "--eps", type=float, default=None, help="radius of the properties (default: the config's bound.eps)"
+    )
+    ex.add_argument(
+        "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test or all)"
+    )
+    ex.add_argument("--timeout", type=float, default=60.0, help="seconds per instance written into instances.csv")
+    ex.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="symbolic batch dimension (default: batch 1, as VNN-COMP tools expect)",
+    )
+    ex.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the checkpoint's config, e.g. --set data.root=/data",
     )
 
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
@@ -447,6 +479,36 @@ def _cmd_tightness(args, comm) -> int:
     return 0
 
 
+def _cmd_export(args, comm) -> int:
+    from . import export
+
+    ckpt = _load_usable(args.checkpoint)
+    cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    if comm.is_root:  # files are written once
+        res = export.export(
+            ckpt,
+            cfg,
+            args.onnx,
+            vnnlib_dir=args.vnnlib,
+            eps=args.eps,
+            num_test=args.num_test,
+            timeout=args.timeout,
+            batch=None if args.dynamic_batch else 1,
+            source=Path(args.checkpoint).name,
+        )
+        print(
+            f"wrote {res.onnx_path} (opset {export.interop.OPSET}); onnxruntime vs mpigls on {res.checked} test "
+            f"samples: max |logit difference| {res.max_abs_diff:.3g}"
+        )
+        if args.vnnlib:
+            print(
+                f"wrote {len(res.property_paths)} VNN-LIB properties (eps={res.eps}) and "
+                f"{Path(args.vnnlib) / 'instances.csv'}"
+            )
+    comm.barrier()
+    return 0
+
+
 def _cmd_config(args, comm) -> int:
     if comm.is_root:
         rows = config_mod.describe()
@@ -524,6 +586,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "tightness": _cmd_tightness,
     "config": _cmd_config,
+    "export": _cmd_export,
 }
 
 

@@ -106,8 +106,8 @@ class ModelConfig:
     name: str = _f("cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny")
     init_from: str | None = _f(
         None,
-        "warm start: path of an mpigls checkpoint whose theta initialises training "
-        "(the paper starts PGPE from a PGD-trained network)",
+        "warm start: an mpigls checkpoint (.h5), ONNX file (.onnx) or PyTorch state dict (.pt) of "
+        "model.name whose weights initialise training (the paper starts PGPE from a PGD-trained network)",
     )
 
     def __post_init__(self):

@@ -7,8 +7,8 @@ dataclasses cannot see alone because it depends on the data, the model or the ma
 * ``train.batch_size`` above the training set size; an ``optimizer.batch_chunks`` the loss cannot
   be split by (``work.check``);
 * ``bound.options`` the bound method rejects (tried once on one training example);
-* a ``model.init_from`` checkpoint that is missing, unreadable, for another architecture or not
-  finite (checked here for the dry run; ``train`` reads it where a fresh run starts);
+* a ``model.init_from`` checkpoint, ONNX file or PyTorch state dict that is missing, unreadable,
+  for another architecture or not finite (checked here for the dry run; ``train`` reads it where a fresh run starts);
 * sizes the machine cannot hold: an estimate of the host memory of one generation
   (population-sized vectors, one work block's parameter rows and activations, optimizer state),
   times the ranks on this node, against the available memory (``MemAvailable`` and the cgroup
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, losses, models, noise, work
+from . import checkpoint, interop, losses, models, noise, work
 from .config import Config, ConfigError, short_repr
 
 __all__ = ["validate", "estimate_memory_bytes", "available_memory_bytes"]
@@ -162,14 +162,21 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
 
 
 def check_init_from(cfg: Config, arch: dict) -> checkpoint.Checkpoint | None:
-    """The warm-start checkpoint (None if none): it exists, loads, fits the architecture, is finite."""
+    """The warm-start checkpoint (None if none): it exists, loads, fits the architecture, is finite.
+    An ONNX file or PyTorch state dict (``interop.IMPORT_SUFFIXES``) is imported as a generation-0
+    checkpoint of the architecture; its layer shapes are checked against ``model.name``."""
     path = cfg.model.init_from
     if not path:
         return None
     if not Path(path).exists():
         raise FileNotFoundError(
             f"model.init_from {short_repr(path, 200)} does not exist; give an mpigls checkpoint "
-            "(.h5) or set model.init_from=null"
+            "(.h5), an ONNX file (.onnx) or a PyTorch state dict (.pt), or set model.init_from=null"
+        )
+    if interop.foreign_kind(path) is not None:
+        theta = interop.load_foreign(path, arch)
+        return checkpoint.Checkpoint(
+            generation=0, epoch=0, batch_in_epoch=0, theta=theta, sigma=None, opt_state={}, config={}, arch=dict(arch)
         )
     warm = checkpoint.load(path)
     checkpoint.check_compatible(warm, arch, advice="use a checkpoint of the same model and data as the config")
