@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerConfig",
     "TrainConfig",
     "EvalConfig",
+    "TrackConfig",
     "Config",
     "load_config",
     "from_dict",
@@ -333,6 +334,30 @@ class EvalConfig:
         _require(self.num_val >= 1, f"eval.num_val must be >= 1, got {self.num_val}")
 
 
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackConfig:
+    tensorboard: bool = _f(
+        False, "write TensorBoard event files to OUT/tensorboard (rank 0; pip install mpigls[tensorboard])"
+    )
+    wandb: bool = _f(False, "log to Weights & Biases, files under OUT/wandb (rank 0; pip install mpigls[wandb])")
+    wandb_mode: str = _f(
+        "offline", "W&B mode: offline (no network or account; upload later with `wandb sync`) or online"
+    )
+    wandb_project: str = _f("mpigls", "W&B project")
+    wandb_entity: str | None = _f(None, "W&B entity, a user or team (null: the account's default)")
+    wandb_name: str | None = _f(None, "W&B run name (null: the name of the output directory)")
+
+    def __post_init__(self):
+        _require(
+            self.wandb_mode in WANDB_MODES,
+            f"track.wandb_mode must be one of {list(WANDB_MODES)}, got {short_repr(self.wandb_mode)}",
+        )
+        _require(bool(self.wandb_project.strip()), "track.wandb_project must not be empty; use e.g. mpigls")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -341,6 +366,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -465,12 +491,12 @@ RUNTIME_KEYS = frozenset(
 
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) whose value differs between two config dicts and changes the computation:
-    ``{key: (old, new)}``, eval.* and RUNTIME_KEYS left out."""
+    ``{key: (old, new)}``, eval.*, track.* and RUNTIME_KEYS left out."""
     a, b = flatten(old), flatten(new)
     return {
         k: (a.get(k), b.get(k))
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")
+        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith(("eval.", "track."))
     }
 
 

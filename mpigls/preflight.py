@@ -3,7 +3,8 @@
 ``validate`` refuses (ConfigError, a ValueError: one paragraph, exit code 2) what the config
 dataclasses cannot see alone because it depends on the data, the model or the machine:
 
-* ``train.device=cuda`` without a GPU; ``train.threads`` above the CPU count;
+* ``train.device=cuda`` without a GPU; ``train.threads`` above the CPU count; a ``track.*``
+  tracker whose package is not installed;
 * ``train.batch_size`` above the training set size; an ``optimizer.batch_chunks`` the loss cannot
   be split by (``work.check``);
 * ``bound.options`` the bound method rejects (tried once on one training example);
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, interop, losses, models, noise, work
+from . import checkpoint, interop, losses, models, noise, tracking, work
 from .config import Config, ConfigError, short_repr
 
 __all__ = ["validate", "estimate_memory_bytes", "available_memory_bytes"]
@@ -210,6 +211,7 @@ def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> 
         work.check(cfg.optimizer.name, cfg.bound.method, cfg.optimizer.batch_chunks, cfg.train.batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    tracking.check_available(cfg)  # a missing tracker package: the error names its extra, on every rank
     if arch is not None:
         check_init_from(cfg, arch)
     _check_bound_options(cfg, model, dataset)
