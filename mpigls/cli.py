@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a key of the checkpoint's config, e.g. --set data.root=/data",
     )
 
+    da = sub.add_parser("data", help="dataset tools: `mpigls data fetch mnist --root DIR` downloads a dataset")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    fe = dsub.add_parser("fetch", help="download MNIST or CIFAR-10 with torchvision (md5 checked) into --root")
+    fe.add_argument("name", choices=("mnist", "cifar10"))
+    fe.add_argument("--root", required=True, help="the directory to use as data.root")
+    fe.add_argument("--mirror", default=None, help="URL prefix of a server holding the same files (a site mirror)")
+
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
     return parser
@@ -197,6 +204,10 @@ def _cmd_train(args, comm) -> int:
     if args.dry_run:
         from . import preflight, rundir
 
+        if cfg.data.download:
+            from . import fetch
+
+            fetch.ensure(comm, cfg.data.name, cfg.data.root, say=print if comm.is_root else lambda m: None)
         dataset, model, arch = train_mod.build_problem(cfg)
         plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
@@ -509,6 +520,15 @@ def _cmd_export(args, comm) -> int:
     return 0
 
 
+def _cmd_data(args, comm) -> int:
+    from . import fetch
+
+    say = print if comm.is_root else (lambda m: None)
+    fetch.ensure(comm, args.name, args.root, mirror=args.mirror, say=say)
+    say(f"{args.name} ready in {args.root}: use --set data.name={args.name} --set data.root={args.root}")
+    return 0
+
+
 def _cmd_config(args, comm) -> int:
     if comm.is_root:
         rows = config_mod.describe()
@@ -587,6 +607,7 @@ _COMMANDS = {
     "tightness": _cmd_tightness,
     "config": _cmd_config,
     "export": _cmd_export,
+    "data": _cmd_data,
 }
 
 

@@ -82,6 +82,11 @@ class DataConfig:
     augment: str = _f(
         "auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar"
     )
+    download: bool = _f(
+        False,
+        "download mnist or cifar10 into data.root when missing (rank 0, torchvision's downloader and "
+        "checksums; the other ranks wait); false: a missing dataset is an error",
+    )
 
     def __post_init__(self):
         from .data import AUGMENTATIONS, DATASETS
@@ -97,6 +102,11 @@ class DataConfig:
                 f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
                 f"dataset, e.g. --set data.root=/scratch/datasets",
             )
+        _require(
+            not self.download or self.name in ("mnist", "cifar10", "digits", "synthetic"),
+            f"data.download=true can fetch mnist and cifar10, not data.name={self.name!r}; place the "
+            f"{self.name} files under data.root by hand and set data.download=false",
+        )
         for key in ("num_train", "num_test"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"data.{key} must be positive or null, got {value}")
@@ -475,6 +485,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 RUNTIME_KEYS = frozenset(
     {
         "model.init_from",
+        "data.download",
         "train.threads",
         "train.progress",
         "train.log_every",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, dist, hostmem, losses, models, monitor, noise, precision, preflight, rundir
+from . import checkpoint, data, dist, fetch, hostmem, losses, models, monitor, noise, precision, preflight, rundir
 from .config import Config, changed_keys, stored_config, to_dict
 from .optim import registry, schedules, unit
 
@@ -64,6 +64,8 @@ def train(
     out_dir = rundir.out_path(out_dir)
     if max_generations is not None and max_generations < 0:
         raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
+    if cfg.data.download:  # rank 0 downloads a missing dataset, the others wait
+        fetch.ensure(comm, cfg.data.name, cfg.data.root, say=say)
     dataset, model, arch = build_problem(cfg)
     preflight.validate(cfg, dataset, model, comm)  # the same checks as `train --dry-run`
     device = dist.bind_device(comm, cfg.train.device, cfg.train.threads)
