@@ -495,8 +495,11 @@ def _cmd_export(args, comm) -> int:
 
     ckpt = _load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
-    if comm.is_root:  # files are written once
-        res = export.export(
+    from .train import _root_load
+
+    res = _root_load(  # rank 0 writes the files; its error, if any, is raised on every rank
+        comm,
+        lambda: export.export(
             ckpt,
             cfg,
             args.onnx,
@@ -506,7 +509,9 @@ def _cmd_export(args, comm) -> int:
             timeout=args.timeout,
             batch=None if args.dynamic_batch else 1,
             source=Path(args.checkpoint).name,
-        )
+        ),
+    )
+    if comm.is_root:
         print(
             f"wrote {res.onnx_path} (opset {export.interop.OPSET}); onnxruntime vs mpigls on {res.checked} test "
             f"samples: max |logit difference| {res.max_abs_diff:.3g}"
@@ -516,7 +521,6 @@ def _cmd_export(args, comm) -> int:
                 f"wrote {len(res.property_paths)} VNN-LIB properties (eps={res.eps}) and "
                 f"{Path(args.vnnlib) / 'instances.csv'}"
             )
-    comm.barrier()
     return 0
 
 
