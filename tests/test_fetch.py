@@ -2,11 +2,14 @@
 local directory over HTTP on 127.0.0.1 (checksums verified), a failing downloader, rank 0
 downloading while the other ranks wait."""
 
+import contextlib
 import functools
 import gzip
 import hashlib
 import http.server
+import pickle
 import struct
+import tarfile
 import threading
 
 import numpy as np
@@ -22,10 +25,28 @@ def _idx(array: np.ndarray) -> bytes:
     return struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
+@contextlib.contextmanager
+def _serve(directory):
+    """An HTTP server on 127.0.0.1 serving ``directory``; yields its URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def mnist_mirror(tmp_path, monkeypatch):
-    """An HTTP server on 127.0.0.1 serving MNIST-format .gz files (6 train, 4 test images), with
-    torchvision's expected md5 sums pointed at them; yields (its URL, the arrays)."""
+    """A local HTTP mirror of MNIST-format .gz files (6 train, 4 test images), with torchvision's
+    expected md5 sums pointed at them; yields (its URL, the arrays)."""
     rng = np.random.default_rng(0)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -43,19 +64,43 @@ def mnist_mirror(tmp_path, monkeypatch):
     from torchvision.datasets import MNIST
 
     monkeypatch.setattr(MNIST, "resources", resources)
+    with _serve(mirror) as url:
+        yield url, arrays
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(mirror)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", arrays
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_fetch_cifar10_from_a_local_mirror_with_checksums(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 download (tar.gz md5, extraction, per-batch md5) into the layout mpigls reads."""
+    from torchvision.datasets import CIFAR10
+
+    rng = np.random.default_rng(1)
+    build = tmp_path / "build" / "cifar-10-batches-py"
+    build.mkdir(parents=True)
+    md5 = {}
+    batches = {name: 3 for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")}
+    batches["test_batch"] = 2
+    labels = {}
+    for name, n in batches.items():
+        labels[name] = rng.integers(0, 10, n).tolist()
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": labels[name]}
+        (build / name).write_bytes(pickle.dumps(entry))
+    (build / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    for f in build.iterdir():
+        md5[f.name] = hashlib.md5(f.read_bytes()).hexdigest()
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    with tarfile.open(mirror / CIFAR10.filename, "w:gz") as tar:
+        tar.add(build, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5((mirror / CIFAR10.filename).read_bytes()).hexdigest())
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    root = tmp_path / "data"
+    with _serve(mirror) as url:
+        fetch.fetch("cifar10", root, mirror=url, say=lambda m: None)
+    ds = data.load("cifar10", root)
+    assert ds.train_x.shape == (15, 3, 32, 32) and ds.test_x.shape == (2, 3, 32, 32)
+    assert ds.train_y.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # no archive, no temporary directory
 
 
 def _no_leftovers(root):
