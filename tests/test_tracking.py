@@ -151,3 +151,18 @@ def test_track_config_is_validated_and_does_not_count_as_a_change():
         _cfg(**{"track.wandb_mode": "cloud"})
     a, b = config.to_dict(_cfg()), config.to_dict(_cfg(**{"track.tensorboard": True}))
     assert config.changed_keys(a, b) == {}
+
+
+def test_only_rank0_writes_tensorboard_events(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mpigls import dist
+
+    monkeypatch.setattr(dist.StopSignal, "install", lambda self: self)  # signal handlers: main thread only
+    cfg = _cfg(**{"track.tensorboard": True, "eval.every": 0})
+    dist.run_threaded(lambda comm: train.train(cfg, tmp_path, comm, max_generations=2, log=lambda m: None), 2)
+    assert len(list((tmp_path / tracking.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(tmp_path / tracking.TENSORBOARD_DIR))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/mean")] == [1, 2]
