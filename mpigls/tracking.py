@@ -93,13 +93,16 @@ class _WandB:
             config=config,
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
-        self.run_id = run_id
+        self.run_id, self._wandb = run_id, wandb
 
     def log(self, generation: int, metrics: dict) -> None:
         self.run.log({**_scalars(metrics), "generation": generation}, step=generation)
 
     def close(self) -> None:
         self.run.finish()
+        # wait for W&B's service to write everything out: when training returns, OUT/wandb is complete
+        # (offline: ready for `wandb sync`, readable by a resume in the same process)
+        self._wandb.teardown()
 
 
 class Trackers:
