@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ce = sub.add_parser("certify", help="natural, PGD, certified and complete-verifier accuracy of a checkpoint")
-    ce.add_argument("checkpoint")
+    ce.add_argument("checkpoint", help="an mpigls checkpoint (.h5), or an ONNX / PyTorch network with --config")
     ce.add_argument(
         "--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)"
     )
@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a key of the checkpoint's config, e.g. --set data.root=/data",
+    )
+    ce.add_argument(
+        "--config",
+        default=None,
+        help="for an ONNX (.onnx) or PyTorch state dict (.pt) network: the YAML config naming its model and data",
     )
     ce.add_argument("--json", action="store_true", help="print JSON")
 
@@ -267,8 +272,7 @@ def _cmd_certify(args, comm) -> int:
 
     from . import certify, checkpoint, rundir, train as train_mod
 
-    ckpt = _load_usable(args.checkpoint)
-    cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    ckpt, cfg = _network_and_config(args)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
     model.to(dist.bind_device(comm, cfg.train.device, cfg.train.threads))
@@ -548,6 +552,32 @@ _CERTIFY_ARCH_ADVICE = (
     "the checkpoint's own config describes its model and data: drop the --set overrides that "
     "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
 )
+
+
+def _network_and_config(args):
+    """(checkpoint, config) for ``certify``: an mpigls checkpoint with its own config (plus --set), or
+    an ONNX file / PyTorch state dict with the config given by --config (model.name and data.*),
+    imported as a generation-0 checkpoint (``preflight.check_init_from``: shapes checked)."""
+    from . import interop, preflight, train as train_mod
+
+    if interop.foreign_kind(args.checkpoint) is None:
+        if args.config:
+            raise ValueError(
+                f"--config is for ONNX and PyTorch files; {args.checkpoint} carries its own config "
+                "(change keys with --set)"
+            )
+        ckpt = _load_usable(args.checkpoint)
+        return ckpt, config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    if not args.config:
+        raise ValueError(
+            f"{args.checkpoint} is an ONNX/PyTorch network without an mpigls config: pass --config CONFIG.yaml "
+            "naming its model.name, data.* and bound.eps (e.g. the config it would be trained with)"
+        )
+    cfg = config_mod.load_config(args.config, [*args.overrides, f"model.init_from={args.checkpoint}"])
+    _, _, arch = train_mod.build_problem(cfg)
+    ckpt = preflight.check_init_from(cfg, arch)
+    ckpt.config = config_mod.to_dict(cfg)
+    return ckpt, cfg
 
 
 def _load_usable(path: str):

@@ -257,3 +257,38 @@ def test_missing_extra_names_it(monkeypatch, tmp_path, module, extra):
         else:
             interop.onnx_forward(path, np.zeros((1, 1, 8, 8), np.float32))
     assert isinstance(info.value, ValueError)  # the CLI reports it as a user error (exit 2)
+
+
+def test_certify_an_imported_network_equals_certifying_its_checkpoint(tmp_path, capsys):
+    """`mpigls certify net.onnx --config C` (and a .pt) gives the checkpoint's own per-sample results."""
+    import json
+
+    import yaml
+
+    cfg = config.load_config(None, tiny_overrides())
+    train.train(cfg, tmp_path / "run", max_generations=3, log=lambda m: None)
+    ckpt = checkpoint.load(tmp_path / "run" / "latest.h5")
+    _, model, _ = train.build_problem(cfg)
+    models.load_flat_(model, torch.from_numpy(ckpt.theta))
+    interop.save_onnx(model, (1, 8, 8), tmp_path / "net.onnx")
+    torch.save(model.state_dict(), tmp_path / "net.pt")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    common = ["--num-test", "16", "--methods", "ibp,deeppoly", "--json"]
+    results = {}
+    for name, extra in (
+        ("latest.h5", []),
+        ("net.onnx", ["--config", str(tmp_path / "cfg.yaml")]),
+        ("net.pt", ["--config", str(tmp_path / "cfg.yaml")]),
+    ):
+        path = tmp_path / ("run" if name == "latest.h5" else "") / name
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["certify", str(path), *common, "--results", str(out), *extra]) == 0
+        capsys.readouterr()
+        results[name] = json.loads(out.read_text())
+    assert (
+        results["net.onnx"]["theta_sha256"] == results["latest.h5"]["theta_sha256"] == results["net.pt"]["theta_sha256"]
+    )
+    for name in ("net.onnx", "net.pt"):
+        assert results[name]["samples"] == results["latest.h5"]["samples"]
+    assert cli.main(["certify", str(tmp_path / "net.onnx"), *common]) == 2
+    assert "pass --config CONFIG.yaml" in capsys.readouterr().err
