@@ -576,6 +576,7 @@ def _network_and_config(args):
     cfg = config_mod.load_config(args.config, [*args.overrides, f"model.init_from={args.checkpoint}"])
     _, _, arch = train_mod.build_problem(cfg)
     ckpt = preflight.check_init_from(cfg, arch)
+    assert ckpt is not None  # model.init_from is set above
     ckpt.config = config_mod.to_dict(cfg)
     return ckpt, cfg
 
