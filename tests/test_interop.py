@@ -112,6 +112,7 @@ def test_import_names_the_first_mismatching_layer(tmp_path):
         interop.load_foreign(tmp_path / "bn.pt", arch)
 
 
+@pytest.mark.slow
 def test_warm_start_from_onnx_and_state_dict(tmp_path):
     """model.init_from=net.onnx / net.pt starts training at the imported weights (generation 0 ==
     the file's theta); a file of another architecture stops the run with the layer named."""
