@@ -263,6 +263,14 @@ def _onnx_layers(path, arch: Mapping[str, Any]) -> list[tuple[str, np.ndarray, n
                 if a.name == "value":
                     consts[n.output[0]] = numpy_helper.to_array(a.t).astype(np.float64)
 
+    def const(name: str, n) -> np.ndarray:
+        if name not in consts:
+            raise ValueError(
+                f"{path}: input {name!r} of node {n.name or n.op_type} ({n.op_type}) is not a constant; mpigls imports "
+                "networks whose weights are initializers or Constant nodes"
+            )
+        return consts[name]
+
     def const_input(n) -> np.ndarray:
         found = [consts[i] for i in n.input if i in consts]
         if len(found) != 1:
@@ -296,17 +304,15 @@ def _onnx_layers(path, arch: Mapping[str, Any]) -> list[tuple[str, np.ndarray, n
                 scale = scale / c
             continue
         if op == "Conv":
-            w = consts.get(n.input[1])
-            if w is None:
-                raise ValueError(f"{path}: {label} has a weight that is not a constant")
-            b = consts[n.input[2]] if len(n.input) > 2 and n.input[2] else np.zeros(w.shape[0])
+            w = const(n.input[1], n)
+            b = const(n.input[2], n) if len(n.input) > 2 and n.input[2] else np.zeros(w.shape[0])
             layers.append((label, w, b))
         elif op == "Gemm":
             if attrs.get("transA", 0) or len(n.input) < 3:
                 raise ValueError(f"{path}: {label} must be x @ W^T + b (transA=0, with a bias)")
-            w = consts[n.input[1]] * float(attrs.get("alpha", 1.0))
+            w = const(n.input[1], n) * float(attrs.get("alpha", 1.0))
             w = w if attrs.get("transB", 0) else w.T
-            b = np.broadcast_to(consts[n.input[2]] * float(attrs.get("beta", 1.0)), (w.shape[0],))
+            b = np.broadcast_to(const(n.input[2], n) * float(attrs.get("beta", 1.0)), (w.shape[0],))
             layers.append((label, w, np.array(b)))
         elif op == "MatMul":
             open_matmul = (label, const_input(n).T)

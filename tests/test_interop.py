@@ -293,3 +293,25 @@ def test_certify_an_imported_network_equals_certifying_its_checkpoint(tmp_path, 
         assert results[name]["samples"] == results["latest.h5"]["samples"]
     assert cli.main(["certify", str(tmp_path / "net.onnx"), *common]) == 2
     assert "pass --config CONFIG.yaml" in capsys.readouterr().err
+
+
+def test_import_refuses_unsupported_operators_by_name(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((3, 16), np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(3, np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["f"], axis=1),
+            helper.make_node("Sigmoid", ["f"], ["s"], name="act"),
+            helper.make_node("Gemm", ["s", "w", "b"], ["y"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        initializer=[w, b],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "sig.onnx"))
+    arch = models.architecture_dict("mlp-tiny", (1, 4, 4), 3, None, None)
+    with pytest.raises(ValueError, match=r"unsupported ONNX operator Sigmoid \(Sigmoid node 'act'\)"):
+        interop.load_foreign(tmp_path / "sig.onnx", arch)
