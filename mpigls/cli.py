@@ -1,4 +1,4 @@
-"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness | recipes``.
+"""Command line: ``mpigls train | certify | inspect | landscape | plot | report | tightness | recipes | export | data``.
 
 One process:      mpigls train configs/quickstart.yaml --out runs/quick
 Built-in recipe:  mpigls train quickstart --out runs/quick       (``mpigls recipes`` lists them)
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ce = sub.add_parser("certify", help="natural, PGD, certified and complete-verifier accuracy of a checkpoint")
-    ce.add_argument("checkpoint")
+    ce.add_argument("checkpoint", help="an mpigls checkpoint (.h5), or an ONNX / PyTorch network with --config")
     ce.add_argument(
         "--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)"
     )
@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a key of the checkpoint's config, e.g. --set data.root=/data",
+    )
+    ce.add_argument(
+        "--config",
+        default=None,
+        help="for an ONNX (.onnx) or PyTorch state dict (.pt) network: the YAML config naming its model and data",
     )
     ce.add_argument("--json", action="store_true", help="print JSON")
 
@@ -155,6 +160,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)"
     )
 
+    ex = sub.add_parser(
+        "export", help="a checkpoint's network as ONNX, and VNN-LIB robustness properties for external verifiers"
+    )
+    ex.add_argument("checkpoint")
+    ex.add_argument("--onnx", required=True, help="ONNX file to write (float32, opset 13, normalisation included)")
+    ex.add_argument(
+        "--vnnlib",
+        default=None,
+        metavar="DIR",
+        help="also write one VNN-LIB property per test sample and instances.csv",
+    )
+    ex.add_argument(
+        "--eps", type=float, default=None, help="radius of the properties (default: the config's bound.eps)"
+    )
+    ex.add_argument(
+        "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test or all)"
+    )
+    ex.add_argument("--timeout", type=float, default=60.0, help="seconds per instance written into instances.csv")
+    ex.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="symbolic batch dimension (default: batch 1, as VNN-COMP tools expect)",
+    )
+    ex.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the checkpoint's config, e.g. --set data.root=/data",
+    )
+
+    da = sub.add_parser("data", help="dataset tools: `mpigls data fetch mnist --root DIR` downloads a dataset")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    fe = dsub.add_parser("fetch", help="download MNIST or CIFAR-10 with torchvision (md5 checked) into --root")
+    fe.add_argument("name", choices=("mnist", "cifar10"))
+    fe.add_argument("--root", required=True, help="the directory to use as data.root")
+    fe.add_argument("--mirror", default=None, help="URL prefix of a server holding the same files (a site mirror)")
+
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
 
@@ -193,6 +237,10 @@ def _cmd_train(args, comm) -> int:
     if args.dry_run:
         from mpigls.run import preflight, rundir
 
+        if cfg.data.download:
+            from mpigls.interop import fetch
+
+            fetch.ensure(comm, cfg.data.name, cfg.data.root, say=print if comm.is_root else lambda m: None)
         dataset, model, arch = train_mod.build_problem(cfg)
         plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
@@ -254,8 +302,7 @@ def _cmd_certify(args, comm) -> int:
     from mpigls.evaluation import certify
     from mpigls.run import checkpoint, rundir, train as train_mod
 
-    ckpt = _load_usable(args.checkpoint)
-    cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    ckpt, cfg = _network_and_config(args)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
     model.to(parallel.bind_device(comm, cfg.train.device, cfg.train.threads))
@@ -483,6 +530,49 @@ def _cmd_tightness(args, comm) -> int:
     return 0
 
 
+def _cmd_export(args, comm) -> int:
+    from mpigls.interop import export
+
+    ckpt = _load_usable(args.checkpoint)
+    cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    from mpigls.run.train import _root_load
+
+    res = _root_load(  # rank 0 writes the files; its error, if any, is raised on every rank
+        comm,
+        lambda: export.export(
+            ckpt,
+            cfg,
+            args.onnx,
+            vnnlib_dir=args.vnnlib,
+            eps=args.eps,
+            num_test=args.num_test,
+            timeout=args.timeout,
+            batch=None if args.dynamic_batch else 1,
+            source=Path(args.checkpoint).name,
+        ),
+    )
+    if comm.is_root:
+        print(
+            f"wrote {res.onnx_path} (opset {export.onnx_io.OPSET}); onnxruntime vs mpigls on {res.checked} test "
+            f"samples: max |logit difference| {res.max_abs_diff:.3g}"
+        )
+        if args.vnnlib:
+            print(
+                f"wrote {len(res.property_paths)} VNN-LIB properties (eps={res.eps}) and "
+                f"{Path(args.vnnlib) / 'instances.csv'}"
+            )
+    return 0
+
+
+def _cmd_data(args, comm) -> int:
+    from mpigls.interop import fetch
+
+    say = print if comm.is_root else (lambda m: None)
+    fetch.ensure(comm, args.name, args.root, mirror=args.mirror, say=say)
+    say(f"{args.name} ready in {args.root}: use --set data.name={args.name} --set data.root={args.root}")
+    return 0
+
+
 def _cmd_config(args, comm) -> int:
     if comm.is_root:
         rows = config_mod.describe()
@@ -518,6 +608,34 @@ _CERTIFY_ARCH_ADVICE = (
     "the checkpoint's own config describes its model and data: drop the --set overrides that "
     "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
 )
+
+
+def _network_and_config(args):
+    """(checkpoint, config) for ``certify``: an mpigls checkpoint with its own config (plus --set), or
+    an ONNX file / PyTorch state dict with the config given by --config (model.name and data.*),
+    imported as a generation-0 checkpoint (``preflight.check_init_from``: shapes checked)."""
+    from mpigls.interop import onnx_io
+    from mpigls.run import preflight, train as train_mod
+
+    if onnx_io.foreign_kind(args.checkpoint) is None:
+        if args.config:
+            raise ValueError(
+                f"--config is for ONNX and PyTorch files; {args.checkpoint} carries its own config "
+                "(change keys with --set)"
+            )
+        ckpt = _load_usable(args.checkpoint)
+        return ckpt, config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    if not args.config:
+        raise ValueError(
+            f"{args.checkpoint} is an ONNX/PyTorch network without an mpigls config: pass --config CONFIG.yaml "
+            "naming its model.name, data.* and bound.eps (e.g. the config it would be trained with)"
+        )
+    cfg = config_mod.load_config(args.config, [*args.overrides, f"model.init_from={args.checkpoint}"])
+    _, _, arch = train_mod.build_problem(cfg)
+    ckpt = preflight.check_init_from(cfg, arch)
+    assert ckpt is not None  # model.init_from is set above
+    ckpt.config = config_mod.to_dict(cfg)
+    return ckpt, cfg
 
 
 def _load_usable(path: str):
@@ -581,6 +699,8 @@ _COMMANDS = {
     "tightness": _cmd_tightness,
     "config": _cmd_config,
     "recipes": _cmd_recipes,
+    "export": _cmd_export,
+    "data": _cmd_data,
 }
 
 

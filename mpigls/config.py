@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerConfig",
     "TrainConfig",
     "EvalConfig",
+    "TrackConfig",
     "Config",
     "load_config",
     "from_dict",
@@ -81,6 +82,11 @@ class DataConfig:
     augment: str = _f(
         "auto", "augmentation: auto (cifar-style for cifar10/tinyimagenet, none otherwise), none, flip, cifar"
     )
+    download: bool = _f(
+        False,
+        "download mnist or cifar10 into data.root when missing (rank 0, torchvision's downloader and "
+        "checksums; the other ranks wait); false: a missing dataset is an error",
+    )
 
     def __post_init__(self):
         from mpigls.data import AUGMENTATIONS, DATASETS
@@ -96,6 +102,11 @@ class DataConfig:
                 f"data.root is required for data.name={self.name!r}: set it to the directory holding the "
                 f"dataset, e.g. --set data.root=/scratch/datasets",
             )
+        _require(
+            not self.download or self.name in ("mnist", "cifar10", "digits", "synthetic"),
+            f"data.download=true can fetch mnist and cifar10, not data.name={self.name!r}; place the "
+            f"{self.name} files under data.root by hand and set data.download=false",
+        )
         for key in ("num_train", "num_test"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"data.{key} must be positive or null, got {value}")
@@ -106,8 +117,8 @@ class ModelConfig:
     name: str = _f("cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny")
     init_from: str | None = _f(
         None,
-        "warm start: path of an mpigls checkpoint whose theta initialises training "
-        "(the paper starts PGPE from a PGD-trained network)",
+        "warm start: an mpigls checkpoint (.h5), ONNX file (.onnx) or PyTorch state dict (.pt) of "
+        "model.name whose weights initialise training (the paper starts PGPE from a PGD-trained network)",
     )
 
     def __post_init__(self):
@@ -333,6 +344,30 @@ class EvalConfig:
         _require(self.num_val >= 1, f"eval.num_val must be >= 1, got {self.num_val}")
 
 
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackConfig:
+    tensorboard: bool = _f(
+        False, "write TensorBoard event files to OUT/tensorboard (rank 0; pip install mpigls[tensorboard])"
+    )
+    wandb: bool = _f(False, "log to Weights & Biases, files under OUT/wandb (rank 0; pip install mpigls[wandb])")
+    wandb_mode: str = _f(
+        "offline", "W&B mode: offline (no network or account; upload later with `wandb sync`) or online"
+    )
+    wandb_project: str = _f("mpigls", "W&B project")
+    wandb_entity: str | None = _f(None, "W&B entity, a user or team (null: the account's default)")
+    wandb_name: str | None = _f(None, "W&B run name (null: the name of the output directory)")
+
+    def __post_init__(self):
+        _require(
+            self.wandb_mode in WANDB_MODES,
+            f"track.wandb_mode must be one of {list(WANDB_MODES)}, got {short_repr(self.wandb_mode)}",
+        )
+        _require(bool(self.wandb_project.strip()), "track.wandb_project must not be empty; use e.g. mpigls")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -341,6 +376,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -449,6 +485,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 RUNTIME_KEYS = frozenset(
     {
         "model.init_from",
+        "data.download",
         "train.threads",
         "train.progress",
         "train.log_every",
@@ -465,12 +502,12 @@ RUNTIME_KEYS = frozenset(
 
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) whose value differs between two config dicts and changes the computation:
-    ``{key: (old, new)}``, eval.* and RUNTIME_KEYS left out."""
+    ``{key: (old, new)}``, eval.*, track.* and RUNTIME_KEYS left out."""
     a, b = flatten(old), flatten(new)
     return {
         k: (a.get(k), b.get(k))
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith("eval.")
+        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith(("eval.", "track."))
     }
 
 

@@ -23,9 +23,11 @@ _setup_pip() {
   return "$rc"
 }
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
-  echo "[setup] installing mpigls[test,mpi,mpich] into $VENV (torch is large: a few minutes the first time)"
+  echo "[setup] installing mpigls[test,mpi,mpich,onnx,tensorboard,wandb] into $VENV (torch is large: a few minutes the first time)"
   _setup_pip install --upgrade pip
-  _setup_pip install -e "$ROOT[test,mpi,mpich]"
+  _setup_pip install -e "$ROOT[test,mpi,mpich,onnx,tensorboard,wandb]"
+  # an external complete verifier for the ONNX/VNN-LIB cross-check (tools/marabou_check.py, a slow test)
+  _setup_pip install "maraboupy>=2.0" || echo "[setup] note: maraboupy not installed; the Marabou cross-check will be skipped"
   # the reference CROWN for cross-checks (tests/test_bounds_auto_lirpa.py, benchmarks/bench_bounds.py);
   # its pins (torch<1.13) are obsolete, benchmarks/auto_lirpa_compat.py shims it, so no dependencies
   _setup_pip install --no-deps "auto_LiRPA==0.3" "appdirs>=1.4" \

@@ -18,6 +18,9 @@ carry the config. A kill can leave a truncated last line: readers skip it. On re
 generation G the log is first cut back to the records with generation <= G (the checkpoint's
 history), so re-run generations never appear twice; readers also keep only the last record of any
 generation.
+
+Trackers: the same records go to TensorBoard / Weights & Biases when ``track.*`` enables them
+(``mpigls.interop.trackers``, rank 0).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import torch
 
 from mpigls.evaluation import certify
+from mpigls.interop import trackers
 
 __all__ = ["METRICS_FILE", "SCHEMA", "Monitor", "Validator", "MetricsLog", "read_metrics_log", "truncate_log"]
 
@@ -212,6 +216,8 @@ class Monitor:
         self.log = (
             MetricsLog(Path(out_dir) / METRICS_FILE, start_generation, to_dict(cfg), say) if comm.is_root else None
         )
+        # TensorBoard / W&B (track.*): fed the same records as the metrics log, on rank 0
+        self.trackers = trackers.open_trackers(cfg, out_dir, start_generation, say) if comm.is_root else None
 
     def due(self, generation: int) -> bool:
         return bool(self.every) and (generation % self.every == 0 or generation == self.total)
@@ -228,8 +234,12 @@ class Monitor:
             )
         if self.log is not None:
             self.log.append(generation, metrics)
+        if self.trackers is not None:
+            self.trackers.log(generation, metrics)
         return metrics
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.trackers is not None:
+            self.trackers.close()

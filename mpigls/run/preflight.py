@@ -3,12 +3,13 @@
 ``validate`` refuses (ConfigError, a ValueError: one paragraph, exit code 2) what the config
 dataclasses cannot see alone because it depends on the data, the model or the machine:
 
-* ``train.device=cuda`` without a GPU; ``train.threads`` above the CPU count;
+* ``train.device=cuda`` without a GPU; ``train.threads`` above the CPU count; a ``track.*``
+  tracker whose package is not installed;
 * ``train.batch_size`` above the training set size; an ``optimizer.batch_chunks`` the loss cannot
   be split by (``work.check``);
 * ``bound.options`` the bound method rejects (tried once on one training example);
-* a ``model.init_from`` checkpoint that is missing, unreadable, for another architecture or not
-  finite (checked here for the dry run; ``train`` reads it where a fresh run starts);
+* a ``model.init_from`` checkpoint, ONNX file or PyTorch state dict that is missing, unreadable,
+  for another architecture or not finite (checked here for the dry run; ``train`` reads it where a fresh run starts);
 * sizes the machine cannot hold: an estimate of the host memory of one generation
   (population-sized vectors, one work block's parameter rows and activations, optimizer state),
   times the ranks on this node, against the available memory (``MemAvailable`` and the cgroup
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from mpigls.config import Config, ConfigError, short_repr
+from mpigls.interop import onnx_io, trackers
 from mpigls.nn import models
 from mpigls.numerics import noise
 from mpigls.objectives import losses
@@ -166,14 +168,21 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
 
 
 def check_init_from(cfg: Config, arch: dict) -> checkpoint.Checkpoint | None:
-    """The warm-start checkpoint (None if none): it exists, loads, fits the architecture, is finite."""
+    """The warm-start checkpoint (None if none): it exists, loads, fits the architecture, is finite.
+    An ONNX file or PyTorch state dict (``onnx_io.IMPORT_SUFFIXES``) is imported as a generation-0
+    checkpoint of the architecture; its layer shapes are checked against ``model.name``."""
     path = cfg.model.init_from
     if not path:
         return None
     if not Path(path).exists():
         raise FileNotFoundError(
             f"model.init_from {short_repr(path, 200)} does not exist; give an mpigls checkpoint "
-            "(.h5) or set model.init_from=null"
+            "(.h5), an ONNX file (.onnx) or a PyTorch state dict (.pt), or set model.init_from=null"
+        )
+    if onnx_io.foreign_kind(path) is not None:
+        theta = onnx_io.load_foreign(path, arch)
+        return checkpoint.Checkpoint(
+            generation=0, epoch=0, batch_in_epoch=0, theta=theta, sigma=None, opt_state={}, config={}, arch=dict(arch)
         )
     warm = checkpoint.load(path)
     checkpoint.check_compatible(warm, arch, advice="use a checkpoint of the same model and data as the config")
@@ -207,6 +216,7 @@ def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> 
         work.check(cfg.optimizer.name, cfg.bound.method, cfg.optimizer.batch_chunks, cfg.train.batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    trackers.check_available(cfg)  # a missing tracker package: the error names its extra, on every rank
     if arch is not None:
         check_init_from(cfg, arch)
     _check_bound_options(cfg, model, dataset)

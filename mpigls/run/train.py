@@ -27,6 +27,7 @@ import torch
 
 from mpigls import data, parallel
 from mpigls.config import Config, changed_keys, stored_config, to_dict
+from mpigls.interop import fetch
 from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import losses
@@ -68,6 +69,8 @@ def train(
     out_dir = rundir.out_path(out_dir)
     if max_generations is not None and max_generations < 0:
         raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
+    if cfg.data.download:  # rank 0 downloads a missing dataset, the others wait
+        fetch.ensure(comm, cfg.data.name, cfg.data.root, say=say)
     dataset, model, arch = build_problem(cfg)
     preflight.validate(cfg, dataset, model, comm)  # the same checks as `train --dry-run`
     device = parallel.bind_device(comm, cfg.train.device, cfg.train.threads)
