@@ -258,6 +258,17 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints kept in the output directory")
     log_every: int = _f(10, "generations between log lines on rank 0")
     consistency_every: int = _f(100, "generations between cross-rank theta hash checks (0: off)")
+    lock_stale_s: float = _f(
+        3600.0,
+        "seconds without a heartbeat after which another run takes over the run-directory lock "
+        "(a dead process on the same host is taken over at once; 0: only then)",
+    )
+    hang_timeout: float = _f(
+        0.0,
+        "seconds a generation may take (at least; 10x the recent median if longer) before the "
+        "hang watchdog names the ranks that have not arrived (0: off)",
+    )
+    hang_abort: bool = _f(True, "the watchdog also ends the job, exit code 4 (requeue resumes it)")
     max_skipped_steps: int = _f(
         20,
         "consecutive skipped steps (every loss or the gradient non-finite) "
@@ -297,6 +308,8 @@ class TrainConfig:
         _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(self.consistency_every >= 0, f"train.consistency_every must be >= 0, got {self.consistency_every}")
+        _require(self.lock_stale_s >= 0, f"train.lock_stale_s must be >= 0 seconds, got {self.lock_stale_s}")
+        _require(self.hang_timeout >= 0, f"train.hang_timeout must be >= 0 seconds (0: off), got {self.hang_timeout}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _require(self.threads is None or self.threads >= 1, f"train.threads must be >= 1 or null, got {self.threads}")
         _require(
@@ -457,6 +470,9 @@ RUNTIME_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_last",
         "train.consistency_every",
+        "train.lock_stale_s",
+        "train.hang_timeout",
+        "train.hang_abort",
         "train.max_skipped_steps",
         "train.epochs",
     }
