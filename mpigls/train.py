@@ -112,6 +112,10 @@ def train(
         if progress is not None:
             cleanup.callback(progress.close)
         hostmem.keep_freed_memory()  # reuse freed tensor memory instead of faulting pages in again
+        watch = dist.watchdog.start(
+            comm, cfg.train.hang_timeout, abort=cfg.train.hang_abort, on_abort=lock.release if lock else None
+        )  # train.hang_timeout: names the ranks a stuck generation waits for
+        cleanup.callback(watch.close)
         resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
         # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
         # run there (checkpoints and the returned theta are copied to the CPU)
@@ -124,10 +128,12 @@ def train(
             ckpt_path = save(state, history)
         while generation < stop_at:
             t0 = time.perf_counter()
+            watch.begin(generation + 1)
             x, y = batches.at(generation)
             eps, lr = _schedules(cfg, generation, gens_per_epoch)
             work = _work(cfg, model, x, y, eps, _bound_options(cfg, generation), device, resource)
             local = opt.evaluate(work, state, params, blocks)
+            watch.mark(dist.watchdog.EXCHANGE)
             # the stop flags ride in the exchange's first collective (one all-gather of the losses)
             control = unit.Control(cut_short=blocks.cut_short, stop=stop_signal.requested)
             all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
@@ -146,6 +152,7 @@ def train(
             stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
             if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
                 ckpt_path = save(state, history)
+            watch.mark(dist.watchdog.DONE)
             if stopped:
                 say(
                     f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "

@@ -12,6 +12,7 @@ Everything else in mpigls receives a ``Comm`` and never touches MPI. The modules
 ``device``     a rank's device and thread count (``bind_device``)
 ``signals``    SIGTERM / SIGUSR1 / SIGINT as a flag (``StopSignal``) and blocks cut short on it
 ``guard``      one exit code for the whole job (``run_guarded``)
+``watchdog``   a generation far slower than the recent ones: name the ranks behind, end the job
 ``exitcodes``  the exit codes
 =============  ==================================================================================
 
@@ -23,13 +24,14 @@ from .blocks import block_range, my_blocks
 from .comm import Comm, SerialComm, ThreadComm, run_threaded
 from .device import bind_device
 from .exact import FRACTION_BITS, HEADROOM_BITS, fixed_point, fixed_point_exponent, from_fixed_point
-from .exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, USER_ERRORS
+from . import watchdog
+from .exitcodes import EXIT_FAILURE, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, USER_ERRORS
 from .guard import format_user_error, run_guarded
 from .mpi import LAUNCHER_RANK_VARS, LAUNCHER_SIZE_VARS, MPIComm, init_comm, launched_by_mpi
 from .signals import StopSignal, StoppableBlocks
 
 __all__ = [
-    "EXIT_OK", "EXIT_FAILURE", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "USER_ERRORS",
+    "EXIT_OK", "EXIT_FAILURE", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "EXIT_HUNG", "USER_ERRORS", "watchdog",
     "FRACTION_BITS", "HEADROOM_BITS", "fixed_point_exponent", "fixed_point", "from_fixed_point",
     "Comm", "SerialComm", "ThreadComm", "run_threaded", "MPIComm", "init_comm", "launched_by_mpi",
     "LAUNCHER_SIZE_VARS", "LAUNCHER_RANK_VARS",

@@ -121,6 +121,10 @@ class MPIComm(CommBase):
             time.sleep(0.005)
         return True
 
+    def watchdog_comm(self) -> Any:
+        """A new private duplicate of the job's communicator for the hang watchdog's messages (collective)."""
+        return self._comm.Dup()
+
     def free(self) -> None:
         """Release the cloned communicators (collective). For code that builds several MPIComm in
         one job (the MPI tests); a job's own communicator lives until MPI finalises."""
