@@ -68,6 +68,15 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
+def short_text(text: str, limit: int = 600) -> str:
+    """``text`` unquoted, cut at a word boundary to about ``limit`` characters with a note of its length
+    (ordinary messages stay whole; only an unbounded value is cut)."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 30].rsplit(" ", 1)[0]
+    return f"{head} … ({len(text)} characters in all)"
+
+
 MAX_VALUE_LEN = 4096  # no config value (a name, a path, a list of milestones) is longer
 MAX_SEED = 2**63 - 1  # torch.manual_seed and the noise keys take any integer in [0, 2**63 - 1]
 
@@ -506,7 +515,7 @@ class _ConfigLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise ConfigError(
-                f"{self._source} uses the YAML {kind}{short_repr(event.anchor, 40)[1:-1]} "
+                f"{self._source} uses the YAML {kind}{short_text(str(event.anchor), 40)} "
                 f"({event.start_mark.line + 1 if event.start_mark else '?'}:"
                 f"{event.start_mark.column + 1 if event.start_mark else '?'}); anchors and aliases are "
                 "not allowed in mpigls configs (nested aliases can expand to gigabytes): write each "
@@ -619,7 +628,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             values = yaml_load(text, source=f"config file {name}") or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {name} is not valid YAML: {short_repr(str(exc), 400)[1:-1]}") from None
+            raise ConfigError(f"config file {name} is not valid YAML: {short_text(str(exc), 400)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {name} must contain a mapping of sections, got {type(values).__name__}")
     return from_dict(apply_overrides(values, overrides or []))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, losses, models, noise, work
-from .config import Config, ConfigError, short_repr
+from .config import Config, ConfigError, short_repr, short_text
 
 __all__ = ["validate", "estimate_memory_bytes", "available_memory_bytes"]
 
@@ -156,7 +156,7 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError(
             f"bound.options {short_repr(dict(cfg.bound.options), 200)} are not accepted by "
-            f"bound.method={cfg.bound.method}: {short_repr(str(exc), 300)[1:-1]}"
+            f"bound.method={cfg.bound.method}: {short_text(str(exc))}"
         ) from None
     del value
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import short_repr
+from .config import short_repr, short_text
 
 __all__ = [
     "RunDirError",
@@ -113,11 +113,11 @@ class Scan:
 
 
 def _reason(p: Path, exc: BaseException) -> str:
-    """``name: why`` in one line, at most ~250 characters."""
+    """``name: why`` in one line (whole, unless unboundedly long)."""
     msg = " ".join(str(exc).replace(str(p), p.name).split())
     if not msg.startswith(p.name):
         msg = f"{p.name}: {msg}"
-    return short_repr(msg, 250)[1:-1]
+    return short_text(msg)
 
 
 def scan(d: Path) -> Scan:

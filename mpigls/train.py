@@ -85,7 +85,11 @@ def train(
             f"nothing to do: {out_dir} is already at generation {generation}, beyond --max-generations "
             f"{max_generations}; no generation was run and nothing was written"
         )
-        stop_at = generation
+        if lock is not None:
+            lock.release()
+        latest = comm.bcast_obj(str(rundir.find_latest(out_dir)) if comm.is_root else None)
+        last = {k: v[-1] for k, v in history.items() if v}
+        return TrainResult(generation, state.center.detach().cpu().clone(), False, latest, last, device, total)
     # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.work.check)
     num_blocks = (
         unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
