@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .exitcodes import EXIT_HUNG, flush_std
+from .exitcodes import EXIT_HUNG
 
 __all__ = ["HangWatchdog", "start", "FACTOR", "WINDOW", "EXCHANGE", "DONE"]
 
@@ -36,7 +36,6 @@ FACTOR = 10.0  # a generation this many times the recent median is "far longer"
 WINDOW = 20  # generations in the recent median
 EXCHANGE, DONE = 0, 1  # the marks of a generation: entered its exchange; completed it
 _PHASE = {EXCHANGE: "reached the exchange of", DONE: "completed"}
-_TAG = 7301
 
 
 class HangWatchdog:
@@ -45,7 +44,7 @@ class HangWatchdog:
 
     def __init__(
         self,
-        mpi_comm: Any,
+        channel: Any,
         hosts: list[str],
         timeout_s: float,
         *,
@@ -54,8 +53,8 @@ class HangWatchdog:
         on_abort: Callable[[], None] | None = None,
         poll_s: float = 0.1,
     ):
-        self._comm, self._hosts = mpi_comm, hosts
-        self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+        self._comm, self._hosts = channel, hosts  # a dist.mpi channel: send / poll / abort
+        self.rank, self.size = channel.Get_rank(), channel.Get_size()
         self.timeout_s, self.abort, self._on_abort, self._poll_s = timeout_s, abort, on_abort, poll_s
         self._say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._lock = threading.Lock()
@@ -63,7 +62,6 @@ class HangWatchdog:
         self._generation, self._t0 = 0, time.monotonic()
         self._recent: deque[float] = deque(maxlen=WINDOW)
         self._reported = -1
-        self._pending: list[Any] = []
         self._stop = threading.Event()
         self.reports: list[str] = []
         self._thread = threading.Thread(target=self._run, name="mpigls-hang-watchdog", daemon=True)
@@ -82,9 +80,7 @@ class HangWatchdog:
             self._marks[self.rank] = (g, phase)
             if phase == DONE:
                 self._recent.append(time.monotonic() - self._t0)
-        dests = [0] if self.rank != 0 else range(1, self.size)
-        self._pending = [r for r in self._pending if not r.Test()]
-        self._pending += [self._comm.isend((g, phase), dest=d, tag=_TAG) for d in dests]
+        self._comm.send((g, phase), [0] if self.rank != 0 else range(1, self.size))
 
     def limit_s(self) -> float:
         with self._lock:
@@ -99,12 +95,7 @@ class HangWatchdog:
     # ----------------------------------------------------------------- watchdog thread
 
     def _drain(self) -> None:
-        from mpi4py import MPI
-
-        status = MPI.Status()
-        while self._comm.iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
-            src = status.Get_source()
-            mark = self._comm.recv(source=src, tag=_TAG)
+        for src, mark in self._comm.poll():
             with self._lock:
                 self._marks[src] = max(self._marks[src], tuple(mark))
 
@@ -153,8 +144,7 @@ class HangWatchdog:
         if self.abort:
             if self._on_abort is not None:
                 self._on_abort()
-            flush_std()
-            self._comm.Abort(EXIT_HUNG)
+            self._comm.abort(EXIT_HUNG)
 
 
 class _Off:
