@@ -167,7 +167,15 @@ def _cmd_train(args, comm) -> int:
         from . import preflight, rundir
 
         dataset, model, arch = train_mod.build_problem(cfg)
-        plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
+
+        def plan_run() -> str:
+            from . import runlock
+
+            if Path(args.out).is_dir():  # a directory in use: train would be refused
+                runlock.check_free(args.out, cfg.train.lock_stale_s)
+            return rundir.describe(args.out, restart=args.restart)
+
+        plan = train_mod._root_load(comm, plan_run)
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
         if comm.is_root:
             from .models import num_params

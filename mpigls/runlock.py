@@ -30,7 +30,17 @@ from typing import Any
 
 from .rundir import RunDirError
 
-__all__ = ["LOCK_NAME", "HEARTBEAT_S", "RunLock", "Holder", "acquire", "read_holder", "is_stale"]
+__all__ = [
+    "LOCK_NAME",
+    "HEARTBEAT_S",
+    "RunLock",
+    "Holder",
+    "acquire",
+    "check_free",
+    "in_use",
+    "read_holder",
+    "is_stale",
+]
 
 LOCK_NAME = "mpigls.lock"
 HEARTBEAT_S = 60.0  # the most seconds between heartbeats while generations run
@@ -174,6 +184,25 @@ def _create(path: Path, holder: Holder) -> RunLock | None:
     return lock
 
 
+def in_use(directory: str | os.PathLike, holder: Holder) -> RunDirError:
+    """The refusal of a second writer, naming the holder."""
+    path = Path(directory) / LOCK_NAME
+    return RunDirError(
+        f"--out {str(Path(directory))!r} is in use by another mpigls train ({holder.describe()}; lock file "
+        f"{path}). Two runs writing one directory would overwrite each other's checkpoints and log. Wait for "
+        "it to end or stop it, or pass another --out. If that job is really gone (its node died), the lock "
+        "is taken over automatically once it is stale (no heartbeat for train.lock_stale_s seconds), or "
+        "delete the lock file"
+    )
+
+
+def check_free(directory: str | os.PathLike, stale_after_s: float = 3600.0) -> None:
+    """Raise what ``acquire`` would raise for a directory held by a live run; change nothing (dry run)."""
+    holder = read_holder(Path(directory) / LOCK_NAME)
+    if holder is not None and is_stale(holder, stale_after_s) is None:
+        raise in_use(directory, holder)
+
+
 def acquire(directory: str | os.PathLike, *, stale_after_s: float = 3600.0, command: str = "", say=print) -> RunLock:
     """Take the lock of an existing run directory, taking over a stale one with a warning; raises
     RunDirError naming the holder when another live run holds it."""
@@ -190,13 +219,7 @@ def acquire(directory: str | os.PathLike, *, stale_after_s: float = 3600.0, comm
             continue  # released in between: try again
         why = is_stale(holder, stale_after_s)
         if why is None:
-            raise RunDirError(
-                f"--out {str(Path(directory))!r} is in use by another mpigls train ({holder.describe()}; lock file "
-                f"{path}). Two runs writing one directory would overwrite each other's checkpoints and log. Wait for "
-                "it to end or stop it, or pass another --out. If that job is really gone (its node died), the lock "
-                "is taken over automatically once it is stale (no heartbeat for train.lock_stale_s seconds), or "
-                "delete the lock file"
-            )
+            raise in_use(directory, holder)
         aside = path.with_name(f"{LOCK_NAME}.stale-{me.token}")
         try:
             os.rename(path, aside)  # only one of several starters gets it

@@ -135,6 +135,8 @@ def test_lock_without_heartbeat_is_taken_over_only_after_lock_stale_s(tmp_path, 
     code = cli.main(["train", "--out", str(d), "--no-eval", "--max-generations", "1", *_sets()])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "PID 1 on host node-that-died" in err and "last heartbeat 6" in err  # ~600 s ago
+    assert cli.main(["train", "--out", str(d), "--dry-run", *_sets()]) == 2  # --dry-run says so too
+    assert "is in use by another mpigls train" in capsys.readouterr().err
     assert not (d / checkpoint.LATEST).exists()
     logs: list[str] = []
     res = train.train(_cfg(**{"train.lock_stale_s": 300}), d, max_generations=1, log=logs.append)
