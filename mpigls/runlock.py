@@ -139,6 +139,8 @@ class RunLock:
                 return
             self._last_beat = time.monotonic()
             current = read_holder(self.path)
+            if current is None and _create(self.path, self.holder) is not None:
+                current = self.holder  # deleted by hand: this run still holds the directory, so it is recreated
             if current is None or (current.token and current.token != self.holder.token):
                 self.held, self._lost = False, [current]
         if self._lost:

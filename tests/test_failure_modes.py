@@ -111,6 +111,21 @@ def test_certify_prints_first_then_says_where_it_could_not_save(run2, tmp_path, 
     assert f"error: the per-sample results could not be saved to {elsewhere}" in cap.err
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (0555) directory anyway")
+def test_certify_in_a_real_read_only_directory(run2, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / checkpoint.LATEST).write_bytes((run2 / checkpoint.LATEST).read_bytes())
+    ro.chmod(0o555)
+    try:
+        code = cli.main(["certify", str(ro / checkpoint.LATEST), "--num-test", "8", "--methods", "ibp"])
+    finally:
+        ro.chmod(0o755)
+    cap = capsys.readouterr()
+    assert code == 0 and "certified/ibp" in cap.out and "Traceback" not in cap.err
+    assert "could not be saved to" in cap.err and "--results FILE" in cap.err
+
+
 def test_inspect_and_certify_accept_a_run_directory(run2, tmp_path, capsys):
     assert cli.main(["inspect", str(run2), "--json"]) == 0
     assert '"generation": 2' in capsys.readouterr().out

@@ -170,6 +170,17 @@ def test_lock_is_released_on_error_and_readers_need_none(tmp_path, capsys, monke
     assert not (d / runlock.LOCK_NAME).exists()
 
 
+def test_a_lock_deleted_by_hand_is_recreated_at_the_next_heartbeat(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    lock = runlock.acquire(d)
+    (d / runlock.LOCK_NAME).unlink()
+    lock.heartbeat()
+    assert runlock.read_holder(d / runlock.LOCK_NAME).token == lock.holder.token
+    lock.release()
+    assert not (d / runlock.LOCK_NAME).exists()
+
+
 def test_a_taken_over_lock_stops_the_old_run_at_its_next_save(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
