@@ -154,9 +154,12 @@ class MPIComm(CommBase):
             time.sleep(0.005)
         return True
 
-    def watchdog_comm(self) -> _Channel:
+    def watchdog_comm(self) -> _Channel | None:
         """A private channel for the hang watchdog's messages, on a new duplicate of the job's
-        communicator (collective)."""
+        communicator (collective); None when MPI runs without THREAD_MULTIPLE (mpi4py's default is
+        to ask for it), which a second thread calling MPI needs."""
+        if self._MPI.Query_thread() < self._MPI.THREAD_MULTIPLE:
+            return None
         return _Channel(self._comm.Dup(), self._MPI)
 
     def free(self) -> None:

@@ -178,4 +178,12 @@ def start(
     import socket
 
     hosts = comm.allgather_obj(socket.gethostname())
-    return HangWatchdog(raw(), hosts, timeout_s, abort=abort, say=say, on_abort=on_abort)
+    channel = raw()
+    if channel is None:
+        if comm.is_root:
+            (say or print)(
+                "warning: train.hang_timeout is set but MPI was initialised without THREAD_MULTIPLE, which the "
+                "hang watchdog needs; it is off (set mpi4py.rc.thread_level = 'multiple', the default)"
+            )
+        return _Off()
+    return HangWatchdog(channel, hosts, timeout_s, abort=abort, say=say, on_abort=on_abort)
