@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         append_s = (time.perf_counter() - t0) / n
         log.close()
         dataset, model, _ = train.build_problem(cfg)
-        validator = monitor.Validator(cfg, dataset, model, train.dist.SerialComm())
+        validator = monitor.Validator(cfg, dataset, model, train.parallel.SerialComm())
         theta = train.torch.from_numpy(ck.theta.copy())
         val_s = statistics.median(validator(theta)["time/val_s"] for _ in range(args.validations))
     rows = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from mpigls import __version__, config as config_mod, parallel, recipes
@@ -67,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ce = sub.add_parser("certify", help="natural, PGD, certified and complete-verifier accuracy of a checkpoint")
-    ce.add_argument("checkpoint", help="an mpigls checkpoint (.h5), or an ONNX / PyTorch network with --config")
+    ce.add_argument(
+        "checkpoint",
+        help="a checkpoint file, a run directory (its newest loadable checkpoint), or an ONNX / PyTorch network "
+        "with --config",
+    )
     ce.add_argument(
         "--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)"
     )
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--json", action="store_true", help="print JSON")
 
     ins = sub.add_parser("inspect", help="summary of a checkpoint")
-    ins.add_argument("checkpoint")
+    ins.add_argument("checkpoint", help="a checkpoint file, or a run directory (its newest loadable checkpoint)")
     ins.add_argument("--json", action="store_true", help="print JSON (generation, theta_sha256, last metrics, ...)")
 
     la = sub.add_parser(
@@ -242,7 +247,15 @@ def _cmd_train(args, comm) -> int:
 
             fetch.ensure(comm, cfg.data.name, cfg.data.root, say=print if comm.is_root else lambda m: None)
         dataset, model, arch = train_mod.build_problem(cfg)
-        plan = train_mod._root_load(comm, lambda: rundir.describe(args.out, restart=args.restart))
+
+        def plan_run() -> str:
+            from mpigls.run import runlock
+
+            if Path(args.out).is_dir():  # a directory in use: train would be refused
+                runlock.check_free(args.out, cfg.train.lock_stale_s)
+            return rundir.describe(args.out, restart=args.restart)
+
+        plan = train_mod._root_load(comm, plan_run)
         preflight.validate(cfg, dataset, model, comm, arch=None if plan.startswith("resume") else arch)
         if comm.is_root:
             from mpigls.nn.models import num_params
@@ -302,6 +315,7 @@ def _cmd_certify(args, comm) -> int:
     from mpigls.evaluation import certify
     from mpigls.run import checkpoint, rundir, train as train_mod
 
+    args.checkpoint = _checkpoint_file(args.checkpoint)
     ckpt, cfg = _network_and_config(args)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice=_CERTIFY_ARCH_ADVICE)
@@ -331,8 +345,23 @@ def _cmd_certify(args, comm) -> int:
         verify_time_limit=args.time_limit or None,
         verify_max_domains=args.max_domains,
     )
-    if comm.is_root:
-        path = Path(args.results) if args.results else certify.results_path(args.checkpoint, eps)
+    if not comm.is_root:
+        return 0
+    path = Path(args.results) if args.results else certify.results_path(args.checkpoint, eps)
+    # the accuracies first: a results file that cannot be written must not cost the answer
+    if args.json:
+        print(json.dumps(json_safe(res), indent=2, allow_nan=False))
+    else:
+        print(
+            "\n".join(
+                f"{k:24s} {100 * v:6.2f}%"
+                for k, v in res.items()
+                if k in ("natural", "adversarial", "certified", "verified") or k.startswith("certified/")
+            )
+        )
+        if args.verify:
+            print(f"{'unknown':24s} {res['unknown']:6d}\n{'falsified':24s} {res['falsified']:6d}")
+    try:
         rundir.write_json(
             path,
             {
@@ -352,26 +381,24 @@ def _cmd_certify(args, comm) -> int:
                 "samples": json_safe(samples),
             },
         )
-        if args.json:
-            print(json.dumps(json_safe(res), indent=2, allow_nan=False))
-        else:
-            print(
-                "\n".join(
-                    f"{k:24s} {100 * v:6.2f}%"
-                    for k, v in res.items()
-                    if k in ("natural", "adversarial", "certified", "verified") or k.startswith("certified/")
-                )
-            )
-            if args.verify:
-                print(f"{'unknown':24s} {res['unknown']:6d}\n{'falsified':24s} {res['falsified']:6d}")
-            print(f"({n} test examples, eps={eps}, {res['time_s']:.1f} s; per-sample results in {path})")
+    except OSError as exc:
+        where = "--results" if args.results else "the default place beside the checkpoint"
+        print(
+            f"{'error' if args.results else 'warning'}: the per-sample results could not be saved to {path} "
+            f"({where}: {exc.strerror or exc}); the accuracies above are complete. Pass --results FILE in a "
+            "writable directory to keep them",
+            file=sys.stderr,
+        )
+        return parallel.EXIT_USER_ERROR if args.results else 0
+    if not args.json:
+        print(f"({n} test examples, eps={eps}, {res['time_s']:.1f} s; per-sample results in {path})")
     return 0
 
 
 def _cmd_inspect(args, comm) -> int:
     from mpigls.run import checkpoint
 
-    summary = checkpoint.summary(args.checkpoint)
+    summary = checkpoint.summary(_checkpoint_file(args.checkpoint))
     if comm.is_root:
         if args.json:
             print(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
@@ -636,6 +663,23 @@ def _network_and_config(args):
     assert ckpt is not None  # model.init_from is set above
     ckpt.config = config_mod.to_dict(cfg)
     return ckpt, cfg
+
+
+def _checkpoint_file(path: str) -> str:
+    """A checkpoint file as given, or for a run directory its newest loadable checkpoint (as ``plot`` and
+    ``report`` take run directories)."""
+    from mpigls.run import checkpoint, rundir
+
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    found = rundir.find_latest(p)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path} is a directory without a loadable checkpoint ({checkpoint.LATEST} or ckpt_*.h5); give a "
+            "checkpoint file or the --out directory of a run that has written one"
+        )
+    return str(found)
 
 
 def _load_usable(path: str):

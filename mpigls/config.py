@@ -69,6 +69,15 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
 
 
+def short_text(text: str, limit: int = 600) -> str:
+    """``text`` unquoted, cut at a word boundary to about ``limit`` characters with a note of its length
+    (ordinary messages stay whole; only an unbounded value is cut)."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 30].rsplit(" ", 1)[0]
+    return f"{head} … ({len(text)} characters in all)"
+
+
 MAX_VALUE_LEN = 4096  # no config value (a name, a path, a list of milestones) is longer
 MAX_SEED = 2**63 - 1  # torch.manual_seed and the noise keys take any integer in [0, 2**63 - 1]
 
@@ -269,6 +278,17 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints kept in the output directory")
     log_every: int = _f(10, "generations between log lines on rank 0")
     consistency_every: int = _f(100, "generations between cross-rank theta hash checks (0: off)")
+    lock_stale_s: float = _f(
+        3600.0,
+        "seconds without a heartbeat after which another run takes over the run-directory lock "
+        "(a dead process on the same host is taken over at once; 0: only then)",
+    )
+    hang_timeout: float = _f(
+        0.0,
+        "seconds a generation may take (at least; 10x the recent median if longer) before the "
+        "hang watchdog names the ranks that have not arrived (0: off)",
+    )
+    hang_abort: bool = _f(True, "the watchdog also ends the job, exit code 4 (requeue resumes it)")
     max_skipped_steps: int = _f(
         20,
         "consecutive skipped steps (every loss or the gradient non-finite) "
@@ -308,6 +328,8 @@ class TrainConfig:
         _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(self.consistency_every >= 0, f"train.consistency_every must be >= 0, got {self.consistency_every}")
+        _require(self.lock_stale_s >= 0, f"train.lock_stale_s must be >= 0 seconds, got {self.lock_stale_s}")
+        _require(self.hang_timeout >= 0, f"train.hang_timeout must be >= 0 seconds (0: off), got {self.hang_timeout}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _require(self.threads is None or self.threads >= 1, f"train.threads must be >= 1 or null, got {self.threads}")
         _require(
@@ -494,6 +516,9 @@ RUNTIME_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_last",
         "train.consistency_every",
+        "train.lock_stale_s",
+        "train.hang_timeout",
+        "train.hang_abort",
         "train.max_skipped_steps",
         "train.epochs",
     }
@@ -527,7 +552,7 @@ class _ConfigLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
             raise ConfigError(
-                f"{self._source} uses the YAML {kind}{short_repr(event.anchor, 40)[1:-1]} "
+                f"{self._source} uses the YAML {kind}{short_text(str(event.anchor), 40)} "
                 f"({event.start_mark.line + 1 if event.start_mark else '?'}:"
                 f"{event.start_mark.column + 1 if event.start_mark else '?'}); anchors and aliases are "
                 "not allowed in mpigls configs (nested aliases can expand to gigabytes): write each "
@@ -640,7 +665,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             values = yaml_load(text, source=f"config file {name}") or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {name} is not valid YAML: {short_repr(str(exc), 400)[1:-1]}") from None
+            raise ConfigError(f"config file {name} is not valid YAML: {short_text(str(exc), 400)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {name} must contain a mapping of sections, got {type(values).__name__}")
     return from_dict(apply_overrides(values, overrides or []))

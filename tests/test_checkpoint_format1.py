@@ -1,9 +1,13 @@
 """Format-1 checkpoints (θ, σ and the generation stored twice) written by the OLD code (commit
-027d07e) still load, migrate, resume to the same θ bits the old code reached, and are read by
-inspect / certify / analysis. The fixtures under tests/golden/ were written once by that commit:
-per optimizer, 3 generations of digits / mlp-tiny with the overrides stored in
-format1_expected.json (``latest.h5`` copied to format1_<opt>.h5), then resumed to generation 5 for
-the expected θ sha256; a newer mpigls writes format 2, so they cannot be regenerated."""
+027d07e) still load, migrate, resume to the θ the old code reached,
+and are read by inspect / certify / analysis.
+
+What is compared bit for bit and what to a tolerance: the fixtures' bytes (θ as stored, the
+checksum) are read back, so they are exact on every machine. The θ the old code reached after
+resuming is a float trajectory computed on one machine: another CPU or another torch / MKL build
+rounds mlp-tiny's matrix products differently (one float32 ulp in one member's loss is enough), so
+it is compared to a tolerance far below the distance the two resumed generations move θ. On one
+machine, resuming the format-1 file and the same state re-saved as format 2 must agree bitwise."""
 
 import json
 import shutil
@@ -12,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mpigls import analysis, cli, config
 from mpigls.run import checkpoint, train
@@ -19,6 +24,12 @@ from mpigls.run import checkpoint, train
 GOLDEN = Path(__file__).parent / "golden"
 EXPECTED = json.loads((GOLDEN / "format1_expected.json").read_text())
 OPTIMIZERS = sorted(EXPECTED["runs"])
+# θ after the old code resumed each fixture to generation `resumed_to` (float32, one machine)
+RESUMED = dict(np.load(GOLDEN / EXPECTED["resumed_theta"]))
+# across machines: float rounding of another BLAS build moves θ by ~1e-5 in two generations;
+# the two generations themselves move it by ~2e-2, and a mis-migrated state (Adam's m and v
+# swapped, the step counter off by one) by far more than this
+CROSS_MACHINE_ATOL = 1e-4
 
 
 def _fixture(opt: str) -> Path:
@@ -52,7 +63,10 @@ def test_format1_resumes_to_the_old_codes_theta(tmp_path, opt):
     logs = []
     res = train.train(cfg, tmp_path, max_generations=EXPECTED["resumed_to"], log=logs.append)
     assert res.generation == EXPECTED["resumed_to"]
-    assert checkpoint.theta_sha256(res.theta.numpy()) == run["theta_sha256_resumed"]
+    old = RESUMED[opt]
+    np.testing.assert_allclose(res.theta.numpy(), old, rtol=0, atol=CROSS_MACHINE_ATOL)
+    moved = np.abs(old - checkpoint.load(_fixture(opt)).theta).max()
+    assert moved > 100 * CROSS_MACHINE_ATOL  # the tolerance cannot hide the resumed generations
     assert any("checkpoint format 1, migrated" in m for m in logs), logs
     assert not any("config differs" in m for m in logs), logs  # foreign keys are not "changes"
     new = checkpoint.load(tmp_path / checkpoint.LATEST)  # the next save is format 2, θ once
@@ -60,6 +74,23 @@ def test_format1_resumes_to_the_old_codes_theta(tmp_path, opt):
     with h5py.File(tmp_path / checkpoint.LATEST, "r", locking=False) as f:
         assert "center" not in f["optimizer"] and f.attrs["format_version"] == 2
     assert np.array_equal(new.metrics["generation"], np.arange(1, EXPECTED["resumed_to"] + 1))
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_format1_resume_equals_the_format2_resume_bitwise(tmp_path, opt):
+    """The migration is lossless: the same state re-saved as format 2 resumes to the same θ bits."""
+    run = EXPECTED["runs"][opt]
+    cfg = config.load_config(None, run["overrides"])
+    (tmp_path / "old").mkdir()
+    shutil.copyfile(_fixture(opt), tmp_path / "old" / checkpoint.LATEST)
+    checkpoint.save(tmp_path / "new", checkpoint.load(_fixture(opt)), keep_last=1)
+    with h5py.File(tmp_path / "new" / checkpoint.LATEST, "r", locking=False) as f:
+        assert f.attrs["format_version"] == 2
+    quiet = lambda msg: None
+    a = train.train(cfg, tmp_path / "old", max_generations=EXPECTED["resumed_to"], log=quiet)
+    b = train.train(cfg, tmp_path / "new", max_generations=EXPECTED["resumed_to"], log=quiet)
+    assert a.generation == b.generation == EXPECTED["resumed_to"]
+    assert torch.equal(a.theta, b.theta)
 
 
 def test_inspect_certify_and_analysis_read_format1(tmp_path, capsys):

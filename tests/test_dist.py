@@ -216,7 +216,19 @@ def test_check_consistent_names_differing_ranks():
         return ""
 
     msgs = parallel.run_threaded(body, 4)
-    assert all("theta@gen7" in m and "[1, 3]" in m for m in msgs)
+    assert all("theta@gen7" in m and "rank(s) [1, 3] (host(s)" in m and "than rank(s) [0, 2]" in m for m in msgs)
+
+    def odd_one(comm):  # the largest agreeing group is named as the reference, even without rank 0
+        try:
+            comm.check_consistent("theta", b"a" if comm.rank == 0 else b"b", generation=9)
+        except RuntimeError as exc:
+            return str(exc)
+        return ""
+
+    assert all(
+        "failed at generation 9: rank(s) [0] (host(s)" in m and "than rank(s) [1, 2]" in m
+        for m in parallel.run_threaded(odd_one, 3)
+    )
     assert parallel.run_threaded(lambda c: c.check_consistent("ok", b"x"), 3) == [None] * 3
 
 

@@ -90,7 +90,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # ---------------------------------------------------------------------- 1. never lose a run
 
-BOTH = (checkpoint.LATEST, "ckpt_00000002.h5")  # copytree made them two files (in a run: one, hard-linked)
+BOTH = (checkpoint.LATEST, "ckpt_00000002.h5")  # latest.h5 and its copy
 
 
 def _version_99(d: Path) -> None:
@@ -174,8 +174,9 @@ def test_some_unloadable_resume_from_newest_loadable_and_keep_the_others(tmp_pat
     train.train(
         tiny_cfg(**{"train.checkpoint_every": 1, "train.keep_last": 5}), d, max_generations=4, log=lambda m: None
     )
-    with h5py.File(d / "ckpt_00000004.h5", "r+") as f:  # latest.h5 is a hard link to it: both unreadable
-        f.attrs["format_version"] = 99
+    for name in ("ckpt_00000004.h5", checkpoint.LATEST):  # latest.h5 is a copy of it: both unreadable
+        with h5py.File(d / name, "r+") as f:
+            f.attrs["format_version"] = 99
     old = d / "ckpt_00000001.h5"
     data = old.read_bytes()
     old.write_bytes(data[: len(data) // 2])  # an older one truncated: retention must not delete it either
@@ -527,13 +528,33 @@ def _save_variant(run2: Path, dst: Path, **changes) -> Path:
 
 def test_certify_checkpoint_whose_config_is_not_a_mapping(run2, tmp_path, capsys):
     path = _save_variant(run2, tmp_path)
-    with h5py.File(path, "r+") as f:  # the config is outside the state checksum: the file still loads
+    with h5py.File(path, "r+") as f:
         del f[checkpoint.DS_CONFIG]
         f[checkpoint.DS_CONFIG] = json.dumps([1, 2, 3])
+    code, _, err = run_cli(capsys, "certify", path)  # the config checksum catches the edit
+    assert code == 2
+    one_paragraph(err, "config or architecture does not match its checksum")
+    with h5py.File(path, "r+") as f:  # a file written before the config checksum existed
+        del f.attrs["config_sha256"]
     assert checkpoint.load(path).config == [1, 2, 3]
     code, _, err = run_cli(capsys, "certify", path)
     assert code == 2
     one_paragraph(err, "not a mapping")
+
+
+def test_edited_eps_in_the_stored_config_is_refused(run2, tmp_path, capsys):
+    """Editing eps 0.05 -> 0.09 in the file's bytes (same length) must not certify at 0.09 silently."""
+    path = tmp_path / "edited.h5"
+    path.write_bytes((run2 / checkpoint.LATEST).read_bytes())
+    data = path.read_bytes()
+    assert data.count(b'"eps": 0.05') == 1
+    path.write_bytes(data.replace(b'"eps": 0.05', b'"eps": 0.09'))
+    with pytest.raises(checkpoint.CheckpointError, match="config or architecture does not match its checksum"):
+        checkpoint.load(path)
+    code, out, err = run_cli(capsys, "certify", path, "--num-test", 4)
+    assert code == 2 and "certified" not in out
+    one_paragraph(err, "edited or damaged")
+    assert checkpoint.load(run2 / checkpoint.LATEST).config["bound"]["eps"] == 0.05  # the intact file loads
 
 
 # ---------------------------------------------------------------------- 5. --dry-run validates like train

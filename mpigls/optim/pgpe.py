@@ -79,6 +79,12 @@ FRACTION_BITS = 40  # fixed-point bits below the largest contribution; n <= 2**2
 _MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)  # integer terms a float64 sum adds without rounding
 
 
+def _even_choices(p: int) -> str:
+    """The nearest valid population sizes to ``p`` (even, >= 2), for an error message."""
+    below, above = p - 1 if p % 2 else p - 2, p + 1 if p % 2 else p + 2
+    return f"{below} or {above}" if below >= 2 else f"{max(2, above if p >= 2 else 2)}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PGPEParams(steprules.StepRuleParams):
     """PGPE hyperparameters (defaults: the GLS paper, Sec. 4 and App. B.2: fixed sigma)."""
@@ -98,7 +104,7 @@ class PGPEParams(steprules.StepRuleParams):
             p = self.popsize if isinstance(self.popsize, int) else 2
             raise ValueError(
                 f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize!r}; "
-                f"use {max(2, p - 1 if p % 2 else p)} or {max(2, p + 1)}"
+                f"use {_even_choices(p)}"
             )
         steprules.check_positive("sigma_init", self.sigma_init)
         steprules.check_positive("sigma_min", self.sigma_min)

@@ -59,7 +59,7 @@ class Comm(Protocol):
     def allreduce_max(self, x: float) -> float: ...
     def allreduce_sum_int(self, q: torch.Tensor) -> torch.Tensor: ...
     def allreduce_sum_exact(self, t: torch.Tensor) -> torch.Tensor: ...
-    def check_consistent(self, tag: str, data: bytes) -> None: ...
+    def check_consistent(self, tag: str, data: bytes, generation: int | None = None) -> None: ...
 
     def abort(self, code: int = EXIT_FAILURE) -> NoReturn:
         """End every rank of the job now with ``code`` (not collective)."""
@@ -169,18 +169,32 @@ class CommBase:
         size and of which rank holds which row: ``exact.allreduce_sum_exact``."""
         return exact.allreduce_sum_exact(self, t)
 
-    def check_consistent(self, tag: str, data: bytes) -> None:
-        """Raise RuntimeError on every rank if ``data`` differs between ranks (compared by sha256)."""
+    def check_consistent(self, tag: str, data: bytes, generation: int | None = None) -> None:
+        """Raise RuntimeError on every rank if ``data`` differs between ranks (compared by sha256): the
+        message names the ranks (and their hosts) outside the largest group of agreeing ranks."""
+        import socket
+
         digest = hashlib.sha256(data).hexdigest()
-        digests = self.allgather_obj(digest)
-        differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise RuntimeError(
-                f"cross-rank consistency check '{tag}' failed: rank(s) {differ} differ from rank 0 "
-                f"(sha256 rank 0 {digests[0][:16]}…, rank {differ[0]} {digests[differ[0]][:16]}…). The "
-                "ranks no longer compute identical state; this is a bug or non-deterministic hardware "
-                "(try device=cpu or report it)."
-            )
+        gathered = self.allgather_obj((digest, socket.gethostname()))
+        digests = [d for d, _ in gathered]
+        if len(set(digests)) == 1:
+            return
+        groups: dict[str, list[int]] = {}
+        for r, d in enumerate(digests):
+            groups.setdefault(d, []).append(r)
+        ordered = sorted(groups.values(), key=lambda ranks: (-len(ranks), ranks[0]))
+        majority, odd = ordered[0], sorted(r for g in ordered[1:] for r in g)
+        hosts = sorted({gathered[r][1] for r in odd})
+        at = f" at generation {generation}" if generation is not None else ""
+        raise RuntimeError(
+            f"cross-rank consistency check '{tag}' failed{at}: rank(s) {odd} (host(s) {', '.join(hosts)}) hold a "
+            f"different {tag} than rank(s) {majority} ({len(groups)} distinct values). The ranks no longer compute "
+            "identical state, so their steps would drift apart. Usual causes: nodes with different CPUs/GPUs or "
+            "different torch/MKL builds (each rank's own float work rounds differently), or a bug. What to do: run "
+            "on nodes of one type with one software environment (e.g. a SLURM --constraint), set train.device=cpu "
+            "and the same MKL_CBWR value (e.g. MKL_CBWR=COMPATIBLE) on every node, then resume from the last "
+            "checkpoint (written by rank 0); report it if it persists on identical nodes."
+        )
 
 
 class SerialComm(CommBase):

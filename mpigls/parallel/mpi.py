@@ -32,6 +32,39 @@ LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK",
 _MAX_NDIM = 8  # array ranks the buffer all-gather of shapes carries
 
 
+class _Channel:
+    """Small point-to-point messages for the hang watchdog, safe to use from two threads (MPI runs in
+    THREAD_MULTIPLE): non-blocking sends from the main thread, polling receives in the watchdog's."""
+
+    def __init__(self, comm: Any, MPI: Any, tag: int = 7301) -> None:
+        self._comm, self._MPI, self._tag = comm, MPI, tag
+        self._pending: list[Any] = []
+
+    def Get_rank(self) -> int:
+        return int(self._comm.Get_rank())
+
+    def Get_size(self) -> int:
+        return int(self._comm.Get_size())
+
+    def send(self, obj: Any, dests: Any) -> None:
+        """Send ``obj`` to every rank in ``dests`` without waiting (completed sends are released)."""
+        self._pending = [r for r in self._pending if not r.Test()]
+        self._pending += [self._comm.isend(obj, dest=d, tag=self._tag) for d in dests]
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Every message that has arrived, as (source rank, object); never blocks."""
+        got, status = [], self._MPI.Status()
+        while self._comm.iprobe(source=self._MPI.ANY_SOURCE, tag=self._tag, status=status):
+            src = status.Get_source()
+            got.append((src, self._comm.recv(source=src, tag=self._tag)))
+        return got
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job now with ``code``."""
+        flush_std()
+        self._comm.Abort(code)
+
+
 class MPIComm(CommBase):
     """A clone of COMM_WORLD (or of ``base``) with the node layout resolved once at construction:
     ranks on one node share memory (``Split_type(COMM_TYPE_SHARED)``), or ``fake_nodes`` nodes of
@@ -121,6 +154,14 @@ class MPIComm(CommBase):
                 return False
             time.sleep(0.005)
         return True
+
+    def watchdog_comm(self) -> _Channel | None:
+        """A private channel for the hang watchdog's messages, on a new duplicate of the job's
+        communicator (collective); None when MPI runs without THREAD_MULTIPLE (mpi4py's default is
+        to ask for it), which a second thread calling MPI needs."""
+        if self._MPI.Query_thread() < self._MPI.THREAD_MULTIPLE:
+            return None
+        return _Channel(self._comm.Dup(), self._MPI)
 
     def free(self) -> None:
         """Release the cloned communicators (collective). For code that builds several MPIComm in

@@ -4,7 +4,7 @@ File layout (``FORMAT_VERSION`` 2; names are the module constants below)::
 
     /                 attrs: schema="mpigls-checkpoint", format_version, noise_scheme, generation,
                              epoch, batch_in_epoch, num_params, world_size, created (UTC ISO 8601),
-                             host, mpigls_version, state_sha256
+                             host, mpigls_version, state_sha256, config_sha256
     /theta            (D,) <f4   θ: the centre of the search distribution / the network parameters
     /sigma            (D,) <f4   per-parameter std (absent when the optimizer has none)
     /optimizer/       the REST of the optimizer state (never θ, σ or the generation again): one
@@ -21,7 +21,9 @@ position of ``generation`` when it was written (informational for ``mpigls inspe
 recomputes them from the config and warns when they differ, i.e. the batch size or the training
 set changed). ``state_sha256`` covers generation/epoch/batch position, θ, σ and the optimizer
 state (dtype, shape and little-endian bytes of each entry, in sorted key order) and is verified
-on load, before any migration.
+on load, before any migration. ``config_sha256`` covers the stored ``/config`` and ``/arch`` strings
+as written (a certificate at an edited ``eps`` must not pass for the run's); files written before it
+existed lack the attribute and are read without that check (the next save of a resumed run adds it).
 
 Format 1 (mpigls up to commit 027d07e) also stored θ, σ and the generation inside /optimizer
 (``center``, ``sigma``, ``generation``) and created the metrics datasets extendable.
@@ -31,12 +33,12 @@ checks that the two copies agree bit for bit, drops the inner one and moves the 
 
 Atomicity (``save``; call on one rank only — rank 0): the file is written as ``.tmp-*.h5`` in the
 target directory, flushed, fsync'ed and renamed (``os.replace``) to ``ckpt_{generation:08d}.h5``;
-the directory is fsync'ed. ``latest.h5`` is then a *hard link* to that file, made under a temp name
-and renamed over ``latest.h5``. rename() within one directory is atomic on POSIX file systems
+the directory is fsync'ed. ``latest.h5`` is then a *copy* of that file (fsync'ed), made under a temp
+name and renamed over ``latest.h5``. rename() within one directory is atomic on POSIX file systems
 including NFS and Lustre, so at every instant ``latest.h5`` is either the previous or the new
-complete checkpoint; as a separate link it stays readable when ``ckpt_*`` files are pruned (a
-symlink could dangle). Where hard links are unsupported the file is copied (and fsync'ed) under a
-temp name instead. A kill at any moment leaves at worst a ``.tmp-*.h5`` file, which
+complete checkpoint. A copy, not a hard link: a damaged block of one file leaves the other intact
+(the resume then falls back to it), and it stays readable when ``ckpt_*`` files are pruned (a
+symlink could dangle). A kill at any moment leaves at worst a ``.tmp-*.h5`` file, which
 ``rundir.clean_stale_temps`` removes at the next start. HDF5 file locking is disabled (``locking=False``)
 because files are never modified in place and flock is often unavailable on Lustre/NFS.
 The policy of a run directory (which file to resume, refuse, move aside, stale temp files) and
@@ -291,13 +293,16 @@ def _write_file(path: Path, ckpt: Checkpoint) -> None:
         a["host"] = socket.gethostname()
         a["mpigls_version"] = _package_version()
         a["state_sha256"] = state_sha256(ckpt)
+        config_text = json.dumps(ckpt.config, default=str)
+        arch_text = json.dumps(ckpt.arch, default=str)
+        a["config_sha256"] = _config_sha256(config_text, arch_text)
         f.create_dataset(DS_THETA, data=ckpt.theta)
         if ckpt.sigma is not None:
             f.create_dataset(DS_SIGMA, data=ckpt.sigma)
         _write_state(f.create_group(GRP_OPTIMIZER), ckpt.opt_state)
         _write_state(f.create_group(GRP_EXTRA), ckpt.extra)
-        f.create_dataset(DS_CONFIG, data=json.dumps(ckpt.config, default=str))
-        f.create_dataset(DS_ARCH, data=json.dumps(ckpt.arch, default=str))
+        f.create_dataset(DS_CONFIG, data=config_text)
+        f.create_dataset(DS_ARCH, data=arch_text)
         mg = f.create_group(GRP_METRICS)
         for k, v in ckpt.metrics.items():  # the whole history, rewritten at every save (one file per save)
             mg.create_dataset(_quote(k), data=v).attrs["key"] = k
@@ -305,12 +310,15 @@ def _write_file(path: Path, ckpt: Checkpoint) -> None:
     fsync_path(path)
 
 
-def _link_or_copy(src: Path, dst_tmp: Path) -> None:
-    try:
-        os.link(src, dst_tmp)
-    except OSError:
-        shutil.copyfile(src, dst_tmp)
-        fsync_path(dst_tmp)
+def _config_sha256(config_text: str, arch_text: str) -> str:
+    """``config_sha256``: the stored config and architecture strings, exactly as written."""
+    return hashlib.sha256(config_text.encode() + b"\0" + arch_text.encode()).hexdigest()
+
+
+def _copy(src: Path, dst_tmp: Path) -> None:
+    shutil.copyfile(src, dst_tmp)
+    os.chmod(dst_tmp, 0o666 & ~umask())  # mkstemp made it 0600; checkpoints are shared like other outputs
+    fsync_path(dst_tmp)
 
 
 def umask() -> int:
@@ -341,11 +349,10 @@ def save(directory: str | os.PathLike, ckpt: Checkpoint, keep_last: int | None =
         fd, link_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}latest-", suffix=".h5", dir=d)
         os.close(fd)
         link_tmp = Path(link_name)
-        link_tmp.unlink()  # os.link needs a free name; mkstemp only reserved a unique one
-        _link_or_copy(final, link_tmp)
+        _copy(final, link_tmp)
         os.replace(link_tmp, d / LATEST)
         fsync_path(d, directory=True)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed flush / close (disk full) as RuntimeError
         raise CheckpointWriteError(_write_failure(d, final, exc)) from exc
     finally:
         for p in (tmp, link_tmp):
@@ -364,10 +371,11 @@ class CheckpointWriteError(ValueError):
     """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
 
 
-def _write_failure(d: Path, final: Path, exc: OSError) -> str:
-    reason = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno else " ".join(str(exc).split())
+def _write_failure(d: Path, final: Path, exc: OSError | RuntimeError) -> str:
+    code = getattr(exc, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) and code else " ".join(str(exc).split())
     m = re.search(r"errno = (\d+)", str(exc))  # h5py reports the OS error inside its message
-    if m and not (isinstance(exc.errno, int) and exc.errno):
+    if m and not (isinstance(code, int) and code):
         reason = f"{os.strerror(int(m.group(1)))} ({reason[:200]})"
     return (
         f"could not write checkpoint {final.name} in {d}: {reason}. The previous checkpoint "
@@ -414,8 +422,10 @@ def _read_raw(f: h5py.File) -> dict[str, Any]:
     raw["sigma"] = np.array(f[DS_SIGMA][()]) if DS_SIGMA in f else None
     raw["opt_state"] = _read_state(f[GRP_OPTIMIZER])
     raw["extra"] = _read_state(f[GRP_EXTRA]) if GRP_EXTRA in f else {}
-    raw["config"] = json.loads(_str_ds(f, DS_CONFIG))
-    raw["arch"] = json.loads(_str_ds(f, DS_ARCH))
+    config_text, arch_text = _str_ds(f, DS_CONFIG), _str_ds(f, DS_ARCH)
+    raw["config_sha256"] = _config_sha256(config_text, arch_text)
+    raw["config"] = json.loads(config_text)
+    raw["arch"] = json.loads(arch_text)
     raw["metrics"] = {
         str(ds.attrs.get("key", urllib.parse.unquote(n))): np.array(ds[()]) for n, ds in f[GRP_METRICS].items()
     }
@@ -502,6 +512,14 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
             f"{path}: the state checksum does not match (stored {raw['attrs']['state_sha256'][:16]}…, "
             f"computed {_raw_sha256(raw)[:16]}…); the file was modified or damaged; "
             "use an older checkpoint"
+        )
+    stored_config_sha = raw["attrs"].get("config_sha256")
+    if verify and stored_config_sha is not None and stored_config_sha != raw["config_sha256"]:
+        raise CheckpointError(
+            f"{path}: the stored config or architecture does not match its checksum (stored "
+            f"{str(stored_config_sha)[:16]}…, computed {raw['config_sha256'][:16]}…); the file was edited or "
+            "damaged, so its eps, model or data settings cannot be trusted; use an older checkpoint, or pass "
+            "settings explicitly (certify --eps / --set) to a checkpoint that loads"
         )
     for v in range(version, FORMAT_VERSION):
         try:

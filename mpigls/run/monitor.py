@@ -110,8 +110,11 @@ def truncate_log(path: str | os.PathLike, generation: int) -> int:
     removed += start != len(raw)  # a cut last line
     if removed:
         tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, path)
+        finally:  # a full disk fails the write: no partial temp file is left behind
+            tmp.unlink(missing_ok=True)
     return removed
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpigls.config import Config, ConfigError, short_repr
+from mpigls.config import Config, ConfigError, short_repr, short_text
 from mpigls.interop import onnx_io, trackers
 from mpigls.nn import models
 from mpigls.numerics import noise
@@ -162,7 +162,7 @@ def _check_bound_options(cfg: Config, model, dataset) -> None:
     except (ValueError, TypeError) as exc:
         raise ConfigError(
             f"bound.options {short_repr(dict(cfg.bound.options), 200)} are not accepted by "
-            f"bound.method={cfg.bound.method}: {short_repr(str(exc), 300)[1:-1]}"
+            f"bound.method={cfg.bound.method}: {short_text(str(exc))}"
         ) from None
     del value
 

@@ -13,6 +13,8 @@ Policy (rank 0 only; ``train`` broadcasts the outcome):
   why it failed; nothing is changed. ``restart=True`` (``mpigls train --restart``) moves every run
   file (``RUN_FILES``) into ``DIR/aside-<UTC time>/`` and starts from generation 0. Nothing here
   ever deletes a checkpoint.
+* ``train`` calls all this under the run-directory lock (mpigls.run.runlock): a second ``train`` on a
+  running directory is refused before it reads, cleans or truncates anything.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpigls.config import short_repr
+from mpigls.config import short_repr, short_text
 from mpigls.run import checkpoint
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "out_path",
     "Scan",
     "scan",
+    "make_dir",
     "prepare",
     "describe",
     "move_aside",
@@ -110,11 +113,11 @@ class Scan:
 
 
 def _reason(p: Path, exc: BaseException) -> str:
-    """``name: why`` in one line, at most ~250 characters."""
+    """``name: why`` in one line (whole, unless unboundedly long)."""
     msg = " ".join(str(exc).replace(str(p), p.name).split())
     if not msg.startswith(p.name):
         msg = f"{p.name}: {msg}"
-    return short_repr(msg, 250)[1:-1]
+    return short_text(msg)
 
 
 def scan(d: Path) -> Scan:
@@ -173,11 +176,8 @@ def _refusal(d: Path, sc: Scan) -> RunDirError:
     )
 
 
-def prepare(
-    out: str | os.PathLike, *, restart: bool = False, say: Callable[[str], None] = print
-) -> checkpoint.Checkpoint | None:
-    """Make ``out`` ready for a run and return the checkpoint to resume from (None: start fresh).
-    Rank 0 only. Raises RunDirError for every user error (see the module docstring)."""
+def make_dir(out: str | os.PathLike) -> Path:
+    """Check ``--out``, create it if missing and probe that it is writable (rank 0; before the run lock)."""
     d = out_path(out)
     _check_path(d)
     try:
@@ -187,6 +187,15 @@ def prepare(
             f"cannot create the output directory {str(d)!r} ({exc.strerror or exc}); pass another --out directory"
         ) from None
     _check_writable(d, "the output directory")
+    return d
+
+
+def prepare(
+    out: str | os.PathLike, *, restart: bool = False, say: Callable[[str], None] = print
+) -> checkpoint.Checkpoint | None:
+    """Make ``out`` ready for a run and return the checkpoint to resume from (None: start fresh).
+    Rank 0 only. Raises RunDirError for every user error (see the module docstring)."""
+    d = make_dir(out)
     clean_stale_temps(d)
     if restart:
         old = sorted(p for p in d.iterdir() if RUN_FILES.match(p.name) and p.is_file())
@@ -256,7 +265,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Remove ``.tmp-*.h5`` / ``.tmp-*.json`` left by an interrupted save; returns what was removed. Call at start
-    on rank 0 only, before any save, and never while another job writes to the same directory."""
+    on rank 0 only, before any save, holding the run-directory lock (another job may be mid-write otherwise)."""
     d = Path(directory)
     if not d.is_dir():
         return []

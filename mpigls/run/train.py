@@ -32,7 +32,7 @@ from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import losses
 from mpigls.optim import schedules, unit
-from mpigls.run import checkpoint, hostmem, monitor, optimizers, preflight, rundir
+from mpigls.run import checkpoint, hostmem, monitor, optimizers, preflight, rundir, runlock
 
 __all__ = ["TrainResult", "TrainingDiverged", "train", "build_problem"]
 
@@ -78,9 +78,25 @@ def train(
     total = math.ceil(cfg.train.epochs * gens_per_epoch)
     stop_at = total if max_generations is None else min(total, max_generations)
     opt, params = optimizers.get(cfg.optimizer.name), cfg.optimizer.params
-    state, history = _start(cfg, comm, out_dir, restart, opt, model, arch, gens_per_epoch, say)
+    lock = _lock(comm, cfg, out_dir, say)  # rank 0 holds it until train returns or raises
+    try:
+        state, history = _start(cfg, comm, out_dir, restart, opt, model, arch, gens_per_epoch, say)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     model = model.to(device)
     generation = state.generation
+    if stop_at < generation:
+        say(
+            f"nothing to do: {out_dir} is already at generation {generation}, beyond --max-generations "
+            f"{max_generations}; no generation was run and nothing was written"
+        )
+        if lock is not None:
+            lock.release()
+        latest = comm.bcast_obj(str(rundir.find_latest(out_dir)) if comm.is_root else None)
+        last = {k: v[-1] for k, v in history.items() if v}
+        return TrainResult(generation, state.center.detach().cpu().clone(), False, latest, last, device, total)
     # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.parallel.work.check)
     num_blocks = (
         unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
@@ -96,15 +112,21 @@ def train(
     # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
     blocks = parallel.StoppableBlocks(parallel.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
     batches = _Batches(cfg, dataset, gens_per_epoch, device)
-    save = _Saver(comm, out_dir, cfg, opt, arch, gens_per_epoch)
+    save = _Saver(comm, out_dir, cfg, opt, arch, gens_per_epoch, lock)
     ckpt_path, stopped, skipped_in_a_row = None, False, 0
     progress = _progress(comm, cfg, generation, stop_at)
     with contextlib.ExitStack() as cleanup:
+        if lock is not None:
+            cleanup.callback(lock.release)
         cleanup.callback(stop_signal.uninstall)
         cleanup.callback(live.close)
         if progress is not None:
             cleanup.callback(progress.close)
         hostmem.keep_freed_memory()  # reuse freed tensor memory instead of faulting pages in again
+        watch = parallel.watchdog.start(
+            comm, cfg.train.hang_timeout, abort=cfg.train.hang_abort, on_abort=lock.release if lock else None
+        )  # train.hang_timeout: names the ranks a stuck generation waits for
+        cleanup.callback(watch.close)
         resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
         # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
         # run there (checkpoints and the returned theta are copied to the CPU)
@@ -113,12 +135,16 @@ def train(
         cleanup.enter_context(
             precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=device)
         )
+        if generation == 0 and stop_at == 0:  # --max-generations 0: the initial state as a checkpoint
+            ckpt_path = save(state, history)
         while generation < stop_at:
             t0 = time.perf_counter()
+            watch.begin(generation + 1)
             x, y = batches.at(generation)
             eps, lr = _schedules(cfg, generation, gens_per_epoch)
             work = _work(cfg, model, x, y, eps, _bound_options(cfg, generation), device, resource)
             local = opt.evaluate(work, state, params, blocks)
+            watch.mark(parallel.watchdog.EXCHANGE)
             # the stop flags ride in the exchange's first collective (one all-gather of the losses)
             control = unit.Control(cut_short=blocks.cut_short, stop=stop_signal.requested)
             all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
@@ -131,10 +157,13 @@ def train(
             _append_metrics(history, metrics, generation)
             _report(progress, say, cfg, metrics, generation, gens_per_epoch, stop_at)
             if cfg.train.consistency_every and generation % cfg.train.consistency_every == 0:
-                comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes())
+                comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes(), generation=generation)
+            if lock is not None:
+                lock.heartbeat(force=False)
             stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
             if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
                 ckpt_path = save(state, history)
+            watch.mark(parallel.watchdog.DONE)
             if stopped:
                 say(
                     f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
@@ -164,6 +193,22 @@ def train(
 
 
 # ----------------------------------------------------------------------------- start: resume or fresh
+
+
+def _lock(comm, cfg: Config, out_dir: Path, say: Callable[[str], None]) -> runlock.RunLock | None:
+    """Create --out and take its run lock on rank 0 (None on the other ranks); every rank raises
+    the same RunDirError when another run holds it."""
+    lock, error = None, None
+    if comm.is_root:
+        try:
+            d = rundir.make_dir(out_dir)
+            lock = runlock.acquire(d, stale_after_s=cfg.train.lock_stale_s, command=" ".join(sys.argv), say=say)
+        except Exception as exc:  # noqa: BLE001 - re-raised identically on every rank below
+            error = exc
+    error = comm.bcast_obj(error)
+    if error is not None:
+        raise error
+    return lock
 
 
 def _start(
@@ -388,6 +433,7 @@ class _Saver:
     opt: unit.Optimizer
     arch: dict
     gens_per_epoch: int
+    lock: runlock.RunLock | None = None  # rank 0: its heartbeat is rewritten after every save
 
     def __call__(self, state, history: dict) -> str | None:
         comm = self.comm
@@ -408,8 +454,10 @@ class _Saver:
                 world_size=comm.world_size,
             )
             try:
+                if self.lock is not None:
+                    self.lock.heartbeat()  # refuses to write when another run took the directory over
                 path = str(checkpoint.save(self.out_dir, ckpt, keep_last=self.cfg.train.keep_last))
-            except checkpoint.CheckpointWriteError as exc:  # disk full: raised alike on every rank below
+            except (checkpoint.CheckpointWriteError, rundir.RunDirError) as exc:  # raised alike on every rank
                 path = exc
         path = comm.bcast_obj(path)
         if isinstance(path, BaseException):
