@@ -206,10 +206,8 @@ def main(argv=None) -> int:
         json.dump(record, f, indent=1)
     for e in engines:
         w = record["wall_s"][e]
-        print(
         c = record["cpu_s"][e]["median"]
         print(f"{e:11} wall median {w['median']:.3f} s [{w['min']:.3f}, {w['max']:.3f}]  cpu median {c:.3f} s")
-        )
     for k, v in record.get("paired_ratio_wall", {}).items():
         print(f"{k}: median {v['median']:.1f}x [{v['min']:.1f}, {v['max']:.1f}]")
     print(f"wrote {args.out}")
