@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..population import Stack
-from .common import Problem, Relax, margin_spec, over_pairs, plan_chunks, relu_relax
+from .common import Problem, Relax, margin_spec, over_pairs, plan_chunks
 
 __all__ = ["MATRIX_MAX", "CPU_CHUNK_BYTES", "fits", "layer_matrices", "intermediate_bounds", "final_bound", "bound"]
 
@@ -88,6 +88,19 @@ def _member_mm(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 1:
         return torch.mm(a[0], m[0]).unsqueeze(0)
     return torch.bmm(a, m)
+
+
+def _relax(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``common.relu_relax`` of flat bounds (p, b, N) as (alpha, slope - alpha, shift), with the
+    masks multiplied in instead of ``torch.where`` (several times slower on CPU). The values are
+    the same: the masks are 0/1 and disjoint, so every product and sum is exact."""
+    unstable = ((lower < 0) & (upper > 0)).to(lower.dtype)
+    active = (lower >= 0).to(lower.dtype)
+    denom = (upper - lower) * unstable + (1 - unstable)
+    slope = (upper / denom) * unstable + active
+    shift = -slope * lower * unstable
+    alpha = (upper > -lower).to(lower.dtype) * unstable + active
+    return alpha.unsqueeze(2), (slope - alpha).unsqueeze(2), shift
 
 
 def _flat_relax(r: Relax, p: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +229,7 @@ def _chunk_bounds(mats, biases, mid, rad, refine: bool, tiles: _Tiles):
         if not refine:
             bounds.append((l_ibp, u_ibp))
             continue
-        relax.append(_flat_relax(relu_relax(l_prev, u_prev), *l_prev.shape[:2]))
+        relax.append(_relax(l_prev, u_prev))
         n = mats[k].shape[1]
         res = _layer_rows(mats, biases, relax, k, mid, rad, h_mid, tiles)
         unstable = (l_ibp < 0) & (u_ibp > 0)
@@ -316,11 +329,7 @@ def bound(prob: Problem, refine: bool = True) -> torch.Tensor:
     def fn(mats, biases, mid, rad, tiles, p0, p1, b0, b1):
         got, relax = _chunk_bounds(mats, biases, mid, rad, refine, tiles)
         if got:
-            relax = (
-                relax + [_flat_relax(relu_relax(*got[-1]), p1 - p0, b1 - b0)]
-                if refine
-                else [_flat_relax(relu_relax(lo, hi), p1 - p0, b1 - b0) for lo, hi in got]
-            )
+            relax = relax + [_relax(*got[-1])] if refine else [_relax(lo, hi) for lo, hi in got]
         return _chunk_final(mats, biases, relax, mid, rad, w_c[p0:p1, b0:b1], b_c[p0:p1, b0:b1], tiles)
 
     return _run(prob, _needs_grad(prob), fn)
