@@ -37,8 +37,9 @@ def _check(conv_mode: str, rows: str) -> None:
 def use_matrix(prob: Problem, conv_mode: str = "auto", rows: str = "auto") -> bool:
     """Whether back-substitution runs in matrix mode (``matrix.py``): when asked for, or under
     "auto" (both options) on CPU for a network whose layers are small as dense matrices
-    (``matrix.fits``). Measured on CPU with benchmarks/bench_deeppoly_generation.py (CNN3 digits,
-    P=64, B=128, 1 thread): several times faster than the row engines; not measured on GPU."""
+    (``matrix.fits``). Measured on CPU, 1 thread (benchmarks/bench_deeppoly_generation.py for
+    CNN3 digits, P=64, B=128): several times faster than the row engines on CNN3 and CNN5 digits,
+    about twice as fast on the MLPs (8x8 and MNIST inputs); not measured on GPU."""
     if conv_mode == "matrix":
         return True
     return conv_mode == "auto" and rows == "auto" and prob.lo.device.type == "cpu" and matrix.fits(prob.net)
