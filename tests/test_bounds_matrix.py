@@ -143,3 +143,19 @@ def test_matrix_option_validation():
     model, weights, x, y = digits_population()
     with pytest.raises(ValueError, match="conv_mode"):
         margin_lower_bounds(model, x, y, 0.1, "deeppoly", weights, conv_mode="matrices")
+
+
+def test_relaxation_without_where_equals_relu_relax():
+    """The mask-multiplied relaxation of matrix mode equals common.relu_relax, boundary cases
+    (l = 0, u = 0, l = u, u = -l) included."""
+    from mpigls.bounds.common import relu_relax
+
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.randn(2, 3, 50, generator=gen)
+    hi = lo + 2 * torch.rand(2, 3, 50, generator=gen)
+    lo[0, 0, :4], hi[0, 0, :4] = torch.tensor([0.0, -1.0, 0.5, -2.0]), torch.tensor([1.0, 0.0, 0.5, 2.0])
+    alpha, diff, shift = matrix._relax(lo, hi)
+    ref = relu_relax(lo, hi)
+    assert torch.equal(alpha, ref.alpha)
+    assert torch.equal(diff, ref.slope - ref.alpha)
+    assert torch.equal(shift, ref.shift.squeeze(2))
