@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
     torch.set_num_threads(args.threads)
+    commit = _commit()  # the code being measured (before anything may change the checkout)
 
     ds = mdata.load("digits")
     torch.manual_seed(args.seed)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
 
     record: dict = {
         "benchmark": "deeppoly_generation",
-        "commit": _commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpu": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count()},
