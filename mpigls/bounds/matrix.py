@@ -3,14 +3,15 @@
 When each affine layer of a network is small as a dense matrix (at most ``MATRIX_MAX`` entries,
 e.g. CNN3 on the 8x8 digits: 128 x 64, 32 x 128 and 10 x 32), the layer is written out once per
 member as its matrix M_i (N_out x N_in, neurons in CHW order; a convolution applied to the
-identity) and its bias per neuron. Back-substitution is then nothing but batched matrix
-products and a few elementwise passes:
+identity) and its bias per neuron. Back-substitution is then nothing but matrix products and a
+few elementwise passes:
 
 - the rows of layer k's pre-activation bounds are [M_k; -M_k] (every neuron, both signs), shared
-  by the examples of a member until the first ReLU relaxation meets them;
+  by the examples of a member until the first ReLU relaxation meets them; the constant terms that
+  only need those shared rows (the relaxation shifts and, for k = 1, the image M_0 mid + b_0 of
+  the box centre) are small products for all pairs at once (``_layer_rows``);
 - through the ReLU after layer i: A <- A alpha + A- (s - alpha), c <- c + A- t (``common``);
-  through layer i: c <- c + A b_i, A <- A M_i, one (rows x N_out) @ (N_out x N_in) product per
-  member for all its examples and rows at once;
+  through layer i: c <- c + A b_i, A <- A M_i;
 - at the input: min over the box of A x + c = A mid - |A| rad + c.
 
 The arithmetic per row is that of the other engines (same relaxations, same order of layers), so
@@ -21,8 +22,10 @@ the stable neurons are wasted work, but with a few hundred neurons the products 
 any selection of rows.
 
 Pairs (member, example) are independent: they are cut into chunks (``common.over_pairs``) that
-fit the memory budget and, on CPU, the cache (``CPU_CHUNK_BYTES``); chunking changes nothing
-but float rounding. With autograd a chunked call recomputes each chunk in backward.
+fit the memory budget, and a chunk's row work into tiles (``_Tiles``): on CPU one member at a
+time (a plain matrix product runs several times faster than a batched one) with the rows of a
+tile capped at ``CPU_CHUNK_BYTES`` so that its elementwise passes run in cache. Chunks and tiles
+change nothing but float rounding. With autograd a chunked call recomputes each chunk in backward.
 
 Shapes: P population, B batch, R rows, N neurons of a layer (flattened, CHW), S specification rows.
 """
