@@ -7,8 +7,8 @@ three engines on the same network, inputs and noise, in interleaved repeats (the
 rotates from repeat to repeat):
 
 - ``matrix``: the default, ``conv_mode="auto"`` (matrix mode for this small network);
-- ``rows``: the row engines, ``conv_mode="dense"`` (what "auto" picked for CNN3 digits before
-  matrix mode existed: dense rows touch fewer elements than patches there);
+- ``rows``: the row engines, ``conv_mode="dense"`` (the row engine "auto" picks for CNN3 digits
+  when matrix mode is not used: dense rows touch fewer elements than patches there);
 - ``auto_lirpa``: auto_LiRPA 0.3 CROWN (patches), one network at a time over the P members
   (``tools/auto_lirpa_compat.py``; needs ``pip install --no-deps auto_LiRPA==0.3 appdirs``),
   the same losses from its bounds.
