@@ -25,6 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # file name and title of each benchmark's results
 NAMES = {
     "bench_bounds": ("bounds-speed", "Bound methods: seconds and peak memory per batch"),
+    "bench_deeppoly_generation": (
+        "deeppoly-generation",
+        "PGPE + DeepPoly generation on one core: matrix mode, the row engines, the auto_LiRPA member loop",
+    ),
     "bench_generation": (
         "generation-time",
         "Seconds per PGPE generation: the population's bounds and the training step",

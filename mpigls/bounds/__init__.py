@@ -15,7 +15,8 @@ Options accepted by every method: ``memory_budget_mb`` (chunking never changes t
 float rounding and identical calls give identical bits) and ``population`` ("auto", "batched":
 all members in one pass, "loop": member by member; same results). The others are each
 relaxation's own (``options(method)``): deeppoly and alpha-crown: ``conv_mode`` ("auto",
-"patches", "dense"), ``rows`` ("auto", "packed", "groups", "padded"; see
+"patches", "dense", "matrix": every layer as an explicit matrix, ``matrix.py``, which "auto"
+picks on CPU for small networks), ``rows`` ("auto", "packed", "groups", "padded"; see
 ``crown.intermediate_bounds``); alpha-crown: ``alpha_steps``, ``alpha_lr``; sabr:
 ``sabr_lambda``, ``pgd_steps``, ``pgd_step_size``, ``generator``.
 
@@ -29,7 +30,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from mpigls.bounds import alpha_crown, crown, hbox, ibp, registry, sabr
+from mpigls.bounds import alpha_crown, crown, hbox, ibp, matrix, registry, sabr
 from mpigls.bounds.common import DEFAULT_MEMORY_BUDGET_MB, make_problem, plan_chunks
 from mpigls.bounds.registry import Relaxation, register
 from mpigls.nn.population import renamed_weights
@@ -48,6 +49,7 @@ __all__ = [
     "crown",
     "hbox",
     "ibp",
+    "matrix",
     "registry",
     "sabr",
 ]

@@ -48,7 +48,7 @@ def bound(
         )
         bounds = crown.intermediate_bounds(prob, refine=True, conv_mode=conv_mode, rows=rows)
         base = [relu_relax(lo, hi) for lo, hi in bounds]
-        best = crown.final_bound(prob, base)
+        best = crown.final_bound(prob, base, conv_mode, rows)
     if alpha_steps == 0 or not bounds:
         return best
     # Each (member, example)'s alphas only touch its own bound and Adam is elementwise, so the
@@ -62,12 +62,20 @@ def bound(
 
     def chunk(sub: Problem, p0: int, p1: int, b0: int, b1: int) -> torch.Tensor:
         sub_bounds = [(lo[p0:p1, b0:b1], hi[p0:p1, b0:b1]) for lo, hi in bounds]
-        return _optimise(sub, sub_bounds, best[p0:p1, b0:b1], alpha_steps, alpha_lr)
+        return _optimise(sub, sub_bounds, best[p0:p1, b0:b1], alpha_steps, alpha_lr, conv_mode, rows)
 
     return over_pairs(prob, pc, bc, chunk)
 
 
-def _optimise(prob: Problem, bounds, best: torch.Tensor, alpha_steps: int, alpha_lr: float) -> torch.Tensor:
+def _optimise(
+    prob: Problem,
+    bounds,
+    best: torch.Tensor,
+    alpha_steps: int,
+    alpha_lr: float,
+    conv_mode: str = "auto",
+    rows: str = "auto",
+) -> torch.Tensor:
     """Projected Adam on the lower slopes of one chunk; the best bound seen per row."""
     base = [relu_relax(lo, hi) for lo, hi in bounds]
     num_s = best.shape[2]
@@ -77,7 +85,7 @@ def _optimise(prob: Problem, bounds, best: torch.Tensor, alpha_steps: int, alpha
     for _ in range(int(alpha_steps)):
         with torch.enable_grad():
             relax = [Relax(torch.where(m, a, r.alpha), r.slope, r.shift) for a, m, r in zip(alphas, unstable, base)]
-            lb = crown.final_bound(prob, relax)
+            lb = crown.final_bound(prob, relax, conv_mode, rows)
             opt.zero_grad(set_to_none=True)
             (-lb.sum()).backward()
         best = torch.maximum(best, lb.detach())
@@ -88,5 +96,5 @@ def _optimise(prob: Problem, bounds, best: torch.Tensor, alpha_steps: int, alpha
                 a.clamp_(0.0, 1.0)
     with torch.no_grad():
         relax = [Relax(torch.where(m, a, r.alpha), r.slope, r.shift) for a, m, r in zip(alphas, unstable, base)]
-        best = torch.maximum(best, crown.final_bound(prob, relax))
+        best = torch.maximum(best, crown.final_bound(prob, relax, conv_mode, rows))
     return best

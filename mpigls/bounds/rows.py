@@ -33,6 +33,7 @@ Shapes: P population, B batch, R rows, E elements of a row at one level, L windo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -237,6 +238,41 @@ def _window_table(t: torch.Tensor, plan: _Plan, j: int) -> torch.Tensor:
     return w.reshape(-1, w.shape[-1])
 
 
+class _Tables(NamedTuple):
+    """What the rows of one member chunk meet, built once per chunk (shared by both layouts)."""
+
+    relax: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per level: alpha, slope - alpha, shift windows
+    mid: torch.Tensor  # input box centre windows (padded by ``_Plan.pad_in``)
+    rad: torch.Tensor
+    pmats: dict[int, list[torch.Tensor]]  # level -> per-member patch matrix (levels with ``_Plan.mats``)
+
+
+def _member_tables(
+    net: Stack, k: int, relax: list[Relax], plan: _Plan, in_mid: torch.Tensor, in_rad: torch.Tensor, p0: int, p1: int
+) -> _Tables:
+    """Window tables of members p0:p1: relaxations per level, the input box, the patch matrices."""
+    tables = []
+    for j, i in enumerate(plan.levels):
+        rel = relax[i]
+        al, sl, sh = (t[p0:p1].squeeze(2) for t in (rel.alpha, rel.slope, rel.shift))
+        tables.append((_window_table(al, plan, j), _window_table(sl - al, plan, j), _window_table(sh, plan, j)))
+    shared = in_mid.shape[0] == 1
+    mid = F.pad(_window_table(in_mid if shared else in_mid[p0:p1], plan, k), (0, plan.pad_in))
+    rad = F.pad(_window_table(in_rad if shared else in_rad[p0:p1], plan, k), (0, plan.pad_in))
+    last = len(plan.levels) - 1
+    pmats = {
+        j: [
+            _patch_matrix(
+                net.layers[i].weight[m], plan.geos[j][:2], net.layers[i].stride, plan.pad_in if j == last else 0
+            )
+            for m in range(p0, p1)
+        ]
+        for j, i in enumerate(plan.levels)
+        if plan.mats[j]
+    }
+    return _Tables(tables, mid, rad, pmats)
+
+
 def bound_rows(
     net: Stack,
     k: int,
@@ -262,15 +298,7 @@ def bound_rows(
     if num_r == 0:
         return torch.zeros(0, dtype=dtype, device=device)
     plan = _plan(net, k, use_patches, batch, budget_mb)
-    levels, num_l, geos, mats, e_max, budget, pc = (
-        plan.levels,
-        plan.num_l,
-        plan.geos,
-        plan.mats,
-        plan.e_max,
-        plan.budget,
-        plan.pc,
-    )
+    levels, num_l, geos, e_max, budget, pc = plan.levels, plan.num_l, plan.geos, plan.e_max, plan.budget, plan.pc
     if use_patches:
         chan, loc = neuron // num_l, neuron % num_l
     else:
@@ -280,32 +308,15 @@ def bound_rows(
     in_mid, in_rad = _input_box(net, lo, hi, use_patches)
     shared_input = lo.shape[0] == 1
 
-    def windows(t: torch.Tensor, j: int) -> torch.Tensor:
-        return _window_table(t, plan, j)
-
     out = []
     for p0 in range(0, num_p, pc):
         p1 = min(num_p, p0 + pc)
         r_lo, r_hi = torch.searchsorted(member, torch.tensor([p0, p1], device=device)).tolist()
         if r_hi == r_lo:
             continue
-        tables = []
-        for j, i in enumerate(levels):
-            rel = relax[i]
-            al = rel.alpha[p0:p1].squeeze(2)
-            sl = rel.slope[p0:p1].squeeze(2)
-            sh = rel.shift[p0:p1].squeeze(2)
-            tables.append((windows(al, j), windows(sl - al, j), windows(sh, j)))
-        mid_t = F.pad(windows(in_mid if shared_input else in_mid[p0:p1], k), (0, plan.pad_in))
-        rad_t = F.pad(windows(in_rad if shared_input else in_rad[p0:p1], k), (0, plan.pad_in))
-        pmats = {}
-        for j, i in enumerate(levels):
-            if mats[j]:
-                w = net.layers[i].weight
-                pad = plan.pad_in if j == len(levels) - 1 else 0
-                pmats[j] = [_patch_matrix(w[m], geos[j][:2], net.layers[i].stride, pad) for m in range(p0, p1)]
+        tab = _member_tables(net, k, relax, plan, in_mid, in_rad, p0, p1)
 
-        def chunk(s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats):
+        def chunk(s0, s1, p0=p0, p1=p1, tab=tab):
             mem, ex, ch, lc, sg = (t[s0:s1] for t in (member, example, chan, loc, sign))
             segs = _segments(mem, p0, p1)
             group = ((mem - p0) * batch + ex) * num_l + lc
@@ -330,7 +341,7 @@ def bound_rows(
                     * sg
                 )
             for j, i in enumerate(levels):
-                al_t, d_t, sh_t = tables[j]
+                al_t, d_t, sh_t = tab.relax[j]
                 neg = a.clamp(max=0)
                 const = const + (neg * sh_t.index_select(0, group)).sum(-1)
                 a = torch.addcmul(a * al_t.index_select(0, group), neg, d_t.index_select(0, group))
@@ -339,15 +350,130 @@ def bound_rows(
                 per_chan = _per_chan(a, c_in, not use_patches)
                 bias = layer.bias[p0:p1].index_select(0, mem - p0)
                 const = const + (per_chan * bias).sum(-1)
-                geo, mats_j = (geos[j] if use_patches else None), pmats.get(j)
+                geo, mats_j = (geos[j] if use_patches else None), tab.pmats.get(j)
                 parts = [_transfer(net, i, m, a[a0:a1], geo, mats_j[m - p0] if mats_j else None) for m, a0, a1 in segs]
                 a = torch.cat(parts) if len(parts) > 1 else parts[0]
             gin = group if not shared_input else ex * num_l + lc
-            mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
+            mid, rad = tab.mid.index_select(0, gin), tab.rad.index_select(0, gin)
             return const + (a * mid).sum(-1) - (a.abs() * rad).sum(-1)
 
         out.extend(_over_spans(chunk, r_lo, r_hi, rc, grad))
     return torch.cat(out) if len(out) > 1 else out[0]
+
+
+class _FirstRows(NamedTuple):
+    """Signed rows of every neuron of layer k for members p0:p1: [+h_k; -h_k] on its input."""
+
+    w: torch.Tensor  # (p, 2N, E0)
+    neg: torch.Tensor  # its negative part
+    bias: torch.Tensor  # (p, 2N)
+
+
+def _first_rows(net: Stack, k: int, use_patches: bool, p0: int, p1: int, num_n: int, dtype, device) -> _FirstRows:
+    lay = net.layers[k]
+    if use_patches or not lay.is_conv:
+        w0 = lay.weight[p0:p1].reshape(p1 - p0, num_n, -1)
+        if not use_patches:
+            w0 = _hwc(w0, _in_map(net, k))
+    else:  # dense rows of a conv layer: the adjoint of one-hot rows
+        hot = torch.eye(num_n, dtype=dtype, device=device)
+        w0 = torch.stack([_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k)) for m in range(p0, p1)])
+    b0 = lay.bias[p0:p1].reshape(p1 - p0, -1)
+    if not use_patches and lay.is_conv:
+        b0 = b0.repeat_interleave(math.prod(lay.out_shape[1:]), dim=1)
+    w0 = torch.cat([w0, -w0], 1)
+    return _FirstRows(w0, w0.clamp(max=0), torch.cat([b0, -b0], 1))
+
+
+class _GroupChunk(NamedTuple):
+    """Everything a span of groups of one member chunk needs (``_bound_group_span``)."""
+
+    net: Stack
+    plan: _Plan
+    groups: torch.Tensor
+    member_of: torch.Tensor
+    batch: int
+    p0: int
+    p1: int
+    tables: _Tables
+    first: _FirstRows
+    use_patches: bool
+    shared_input: bool
+    grad: bool
+
+
+def _first_level(ctx: _GroupChunk, relax_j, segs, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared first rows through the first ReLU, member by member (rows (G, 2N, E), constants)."""
+    al_t, d_t, sh_t = relax_j
+    first, p0 = ctx.first, ctx.p0
+    if not ctx.grad and len(segs) > 1:  # write the members' rows in place (no cat)
+        a = torch.empty(n_groups, *first.w.shape[1:], dtype=first.w.dtype, device=first.w.device)
+        const = torch.empty(n_groups, first.w.shape[1], dtype=first.w.dtype, device=first.w.device)
+        for m, a0, a1 in segs:
+            w, wn = first.w[m - p0], first.neg[m - p0]
+            torch.mul(w, al_t[a0:a1, None], out=a[a0:a1])
+            a[a0:a1].addcmul_(wn, d_t[a0:a1, None])
+            torch.addmm(first.bias[m - p0], sh_t[a0:a1], wn.T, out=const[a0:a1])
+        return a, const
+    parts_a, parts_c = [], []
+    for m, a0, a1 in segs:
+        w, wn = first.w[m - p0], first.neg[m - p0]
+        parts_a.append(torch.addcmul(w * al_t[a0:a1, None], wn, d_t[a0:a1, None]))
+        parts_c.append(sh_t[a0:a1] @ wn.T + first.bias[m - p0])
+    return _joined(parts_a), _joined(parts_c)
+
+
+def _relu_level(a: torch.Tensor, const: torch.Tensor, relax_j) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (G, R, E) through a later ReLU whose windows are shared by a group's rows."""
+    al_t, d_t, sh_t = relax_j
+    neg = a.clamp(max=0)
+    const = const + torch.matmul(neg, sh_t.unsqueeze(-1)).squeeze(-1)
+    return torch.addcmul(a * al_t.unsqueeze(1), neg, d_t.unsqueeze(1)), const
+
+
+def _affine_level(ctx: _GroupChunk, j: int, i: int, a: torch.Tensor, segs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (G, R, E) through affine layer i, member by member: (next rows, bias terms (G, R))."""
+    net, p0 = ctx.net, ctx.p0
+    layer = net.layers[i]
+    ng, nr = a.shape[:2]
+    per_chan = _per_chan(a, layer.out_shape[0], not ctx.use_patches)
+    pmats = ctx.tables.pmats.get(j)
+    bias = [per_chan[a0:a1] @ layer.bias[m] for m, a0, a1 in segs]
+    if pmats is not None and not ctx.grad and len(segs) > 1:  # matrices: write in place (no cat)
+        nxt = torch.empty(ng, nr, pmats[0].shape[1], dtype=a.dtype, device=a.device)
+        for m, a0, a1 in segs:
+            torch.matmul(a[a0:a1].reshape((a1 - a0) * nr, -1), pmats[m - p0], out=nxt[a0:a1].view((a1 - a0) * nr, -1))
+        return nxt, _joined(bias)
+    geo = ctx.plan.geos[j] if ctx.use_patches else None
+    parts = [
+        _transfer(net, i, m, a[a0:a1].reshape((a1 - a0) * nr, -1), geo, pmats[m - p0] if pmats else None)
+        for m, a0, a1 in segs
+    ]
+    return _joined(parts).view(ng, nr, -1), _joined(bias)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _bound_group_span(ctx: _GroupChunk, s0: int, s1: int) -> torch.Tensor:
+    """Lower bounds (s1 - s0, 2N) of the groups s0:s1 (all of member chunk ctx.p0:ctx.p1)."""
+    gid = ctx.groups[s0:s1]
+    segs = _segments(ctx.member_of[s0:s1], ctx.p0, ctx.p1)
+    cells = ctx.batch * ctx.plan.num_l  # groups per member
+    local = gid - ctx.p0 * cells
+    a = const = torch.empty(0)
+    for j, i in enumerate(ctx.plan.levels):
+        relax_j = tuple(t.index_select(0, local) for t in ctx.tables.relax[j])
+        if j == 0:
+            a, const = _first_level(ctx, relax_j, segs, len(gid))
+        else:
+            a, const = _relu_level(a, const, relax_j)
+        a, bias = _affine_level(ctx, j, i, a, segs)
+        const = const + bias
+    gin = gid % cells if ctx.shared_input else local
+    mid, rad = ctx.tables.mid.index_select(0, gin), ctx.tables.rad.index_select(0, gin)
+    return const + torch.matmul(a, mid.unsqueeze(-1)).squeeze(-1) - torch.matmul(a.abs(), rad.unsqueeze(-1)).squeeze(-1)
 
 
 def bound_groups(
@@ -367,139 +493,43 @@ def bound_groups(
     (rows: all N neurons of layer k). ``groups`` must be ascending. Row n of a group is +h_k,
     row N + n is -h_k. All rows of a group share their relaxation windows, so they meet them by
     broadcasting (no per-row gather) and the first level and the input are matrix products.
+    Member chunk by member chunk: the window tables (``_member_tables``) and signed first rows
+    (``_first_rows``) once, then spans of groups (``_bound_group_span``) sized to the budget.
     """
     lay = net.layers[k]
     num_p, batch = net.num_members, lo.shape[1]
     dtype, device = lo.dtype, lo.device
     num_n = lay.out_shape[0] if use_patches else math.prod(lay.out_shape)
-    num_g = groups.shape[0]
-    if num_g == 0:
+    if groups.shape[0] == 0:
         return torch.zeros(0, 2 * num_n, dtype=dtype, device=device)
     plan = _plan(net, k, use_patches, batch, budget_mb)
-    levels, num_l, geos, mats, e_max, budget, pc = (
-        plan.levels,
-        plan.num_l,
-        plan.geos,
-        plan.mats,
-        plan.e_max,
-        plan.budget,
-        plan.pc,
-    )
-    gc = max(1, min(int(budget / 2 // (_ROW_WORK * e_max * 2 * num_n)), _cpu_cap(device, e_max * 2 * num_n)))
+    row_floats = plan.e_max * 2 * num_n
+    gc = max(1, min(int(plan.budget / 2 // (_ROW_WORK * row_floats)), _cpu_cap(device, row_floats)))
     grad = _needs_grad(net, k, relax)
     in_mid, in_rad = _input_box(net, lo, hi, use_patches)
-    shared_input = lo.shape[0] == 1
-    member_of = groups // (batch * num_l)
-
-    def windows(t: torch.Tensor, j: int) -> torch.Tensor:
-        return _window_table(t, plan, j)
-
+    member_of = groups // (batch * plan.num_l)
     out = []
-    for p0 in range(0, num_p, pc):
-        p1 = min(num_p, p0 + pc)
+    for p0 in range(0, num_p, plan.pc):
+        p1 = min(num_p, p0 + plan.pc)
         g_lo, g_hi = torch.searchsorted(member_of, torch.tensor([p0, p1], device=device)).tolist()
         if g_hi == g_lo:
             continue
-        tables = []
-        for j, i in enumerate(levels):
-            rel = relax[i]
-            al, sl, sh = (t[p0:p1].squeeze(2) for t in (rel.alpha, rel.slope, rel.shift))
-            tables.append((windows(al, j), windows(sl - al, j), windows(sh, j)))
-        mid_t = F.pad(windows(in_mid if shared_input else in_mid[p0:p1], k), (0, plan.pad_in))
-        rad_t = F.pad(windows(in_rad if shared_input else in_rad[p0:p1], k), (0, plan.pad_in))
-        pmats = {
-            j: [
-                _patch_matrix(
-                    net.layers[i].weight[m],
-                    geos[j][:2],
-                    net.layers[i].stride,
-                    plan.pad_in if j == len(levels) - 1 else 0,
-                )
-                for m in range(p0, p1)
-            ]
-            for j, i in enumerate(levels)
-            if mats[j]
-        }
-        # signed first rows (p, 2N, E0) and their negative parts
-        if use_patches or not lay.is_conv:
-            w0 = lay.weight[p0:p1].reshape(p1 - p0, num_n, -1)
-            if not use_patches:
-                w0 = _hwc(w0, _in_map(net, k))
-        else:
-            hot = torch.eye(num_n, dtype=dtype, device=device)
-            w0 = torch.stack([_dense_adjoint(lay, m, _hwc(hot, lay.out_shape), _in_map(net, k)) for m in range(p0, p1)])
-        b0 = lay.bias[p0:p1].reshape(p1 - p0, -1)
-        if not use_patches and lay.is_conv:
-            b0 = b0.repeat_interleave(math.prod(lay.out_shape[1:]), dim=1)
-        w0 = torch.cat([w0, -w0], 1)
-        b0 = torch.cat([b0, -b0], 1)
-        w0_neg = w0.clamp(max=0)
-
-        def chunk(
-            s0, s1, p0=p0, p1=p1, tables=tables, mid_t=mid_t, rad_t=rad_t, pmats=pmats, w0=w0, w0_neg=w0_neg, b0=b0
-        ):
-            gid = groups[s0:s1]
-            mem = member_of[s0:s1]
-            local = gid - p0 * batch * num_l
-            segs = _segments(mem, p0, p1)
-            gin = local if not shared_input else gid % (batch * num_l)
-            a = torch.empty(0)  # set by level 0
-            for j, i in enumerate(levels):
-                al_t, d_t, sh_t = (t.index_select(0, local) for t in tables[j])
-                if j == 0 and not grad and len(segs) > 1:  # write members' rows in place (no cat)
-                    a = torch.empty(len(gid), *w0.shape[1:], dtype=dtype, device=device)
-                    const = torch.empty(len(gid), w0.shape[1], dtype=dtype, device=device)
-                    for m, a0, a1 in segs:
-                        w, wn = w0[m - p0], w0_neg[m - p0]
-                        torch.mul(w, al_t[a0:a1, None], out=a[a0:a1])
-                        a[a0:a1].addcmul_(wn, d_t[a0:a1, None])
-                        torch.addmm(b0[m - p0], sh_t[a0:a1], wn.T, out=const[a0:a1])
-                elif j == 0:
-                    parts_a, parts_c = [], []
-                    for m, a0, a1 in segs:
-                        w, wn = w0[m - p0], w0_neg[m - p0]
-                        parts_a.append(torch.addcmul(w * al_t[a0:a1, None], wn, d_t[a0:a1, None]))
-                        parts_c.append(sh_t[a0:a1] @ wn.T + b0[m - p0])
-                    a = torch.cat(parts_a) if len(parts_a) > 1 else parts_a[0]
-                    const = torch.cat(parts_c) if len(parts_c) > 1 else parts_c[0]
-                else:
-                    neg = a.clamp(max=0)
-                    const = const + torch.matmul(neg, sh_t.unsqueeze(-1)).squeeze(-1)
-                    a = torch.addcmul(a * al_t.unsqueeze(1), neg, d_t.unsqueeze(1))
-                layer = net.layers[i]
-                c_in = layer.out_shape[0]
-                ng, nr = a.shape[:2]
-                per_chan = _per_chan(a, c_in, not use_patches)
-                parts, bias = [], []
-                if not grad and j in pmats and len(segs) > 1:  # matrices: write in place (no cat)
-                    nxt = torch.empty(ng, nr, pmats[j][0].shape[1], dtype=dtype, device=device)
-                    for m, a0, a1 in segs:
-                        bias.append(per_chan[a0:a1] @ layer.bias[m])
-                        torch.matmul(
-                            a[a0:a1].reshape((a1 - a0) * nr, -1),
-                            pmats[j][m - p0],
-                            out=nxt[a0:a1].view((a1 - a0) * nr, -1),
-                        )
-                    parts = [nxt]
-                    segs_t = []
-                else:
-                    segs_t = segs
-                geo, mats_j = (geos[j] if use_patches else None), pmats.get(j)
-                for m, a0, a1 in segs_t:
-                    bias.append(per_chan[a0:a1] @ layer.bias[m])
-                    rows = a[a0:a1].reshape((a1 - a0) * nr, -1)
-                    parts.append(_transfer(net, i, m, rows, geo, mats_j[m - p0] if mats_j else None))
-                const = const + (torch.cat(bias) if len(bias) > 1 else bias[0])
-                a = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(ng, nr, -1)
-            mid, rad = mid_t.index_select(0, gin), rad_t.index_select(0, gin)
-            return (
-                const
-                + torch.matmul(a, mid.unsqueeze(-1)).squeeze(-1)
-                - torch.matmul(a.abs(), rad.unsqueeze(-1)).squeeze(-1)
-            )
-
-        out.extend(_over_spans(chunk, g_lo, g_hi, gc, grad))
-    return torch.cat(out) if len(out) > 1 else out[0]
+        ctx = _GroupChunk(
+            net,
+            plan,
+            groups,
+            member_of,
+            batch,
+            p0,
+            p1,
+            _member_tables(net, k, relax, plan, in_mid, in_rad, p0, p1),
+            _first_rows(net, k, use_patches, p0, p1, num_n, dtype, device),
+            use_patches,
+            lo.shape[0] == 1,
+            grad,
+        )
+        out.extend(_over_spans(functools.partial(_bound_group_span, ctx), g_lo, g_hi, gc, grad))
+    return _joined(out)
 
 
 def bound_spec(
