@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import torch
 
-from mpigls.nn.population import Stack
 from mpigls.bounds.common import Problem, Relax, margin_spec, over_pairs, plan_chunks
+from mpigls.nn.population import Stack
 
 __all__ = ["MATRIX_MAX", "CPU_CHUNK_BYTES", "fits", "layer_matrices", "intermediate_bounds", "final_bound", "bound"]
 
