@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
+
+    from . import study_cli
+
+    study_cli.add_parser(sub)
     return parser
 
 
@@ -458,6 +462,14 @@ def _cmd_config(args, comm) -> int:
     return 0
 
 
+def _cmd_study(args, comm) -> int:
+    from . import study_cli
+
+    if comm.world_size > 1:
+        raise ValueError("mpigls study runs in one process (each run is its own process); start it without mpiexec")
+    return study_cli.run(args)
+
+
 _CERTIFY_ARCH_ADVICE = (
     "the checkpoint's own config describes its model and data: drop the --set overrides that "
     "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
@@ -524,6 +536,7 @@ _COMMANDS = {
     "report": _cmd_report,
     "tightness": _cmd_tightness,
     "config": _cmd_config,
+    "study": _cmd_study,
 }
 
 
