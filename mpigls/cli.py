@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="list every config key with its default and meaning")
     cf.add_argument("--markdown", action="store_true")
 
-    from . import study_cli
+    from . import diagnose, study_cli
 
     study_cli.add_parser(sub)
+    diagnose.add_parser(sub)
     return parser
 
 
@@ -462,6 +463,12 @@ def _cmd_config(args, comm) -> int:
     return 0
 
 
+def _diagnose(args, comm) -> int:
+    from . import diagnose
+
+    return diagnose.run(args, comm)
+
+
 def _cmd_study(args, comm) -> int:
     from . import study_cli
 
@@ -537,6 +544,7 @@ _COMMANDS = {
     "tightness": _cmd_tightness,
     "config": _cmd_config,
     "study": _cmd_study,
+    "diagnose": _diagnose,
 }
 
 
