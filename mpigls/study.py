@@ -314,7 +314,8 @@ def _stage(rows: dict[str, Row], name: str) -> int:
 
 
 def expand(study: Study) -> list[StudyRun]:
-    """Every run of the study, ordered by stage, then row, global axes, grid point and seed."""
+    """Every run of the study, ordered by stage (warm-start runs first in theirs), then global axes,
+    row, grid point and seed."""
     rows = {r.name: r for r in study.rows}
     runs = []
     for group in itertools.product(*study.axes) if study.axes else [()]:
@@ -359,7 +360,8 @@ def expand(study: Study) -> list[StudyRun]:
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         raise StudyError(f"study {study.name}: two runs share an id; give the axis values distinct labels")
-    return [r for _, r in sorted(enumerate(runs), key=lambda t: (t[1].stage, t[0]))]
+    needed = {r.after for r in runs if r.after}  # warm starts first within their stage: they unblock others
+    return [r for _, r in sorted(enumerate(runs), key=lambda t: (t[1].stage, t[1].id not in needed, t[0]))]
 
 
 # ------------------------------------------------------------------------------------------- state
