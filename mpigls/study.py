@@ -620,6 +620,7 @@ def run_study(
         for r in blocked:
             pending.remove(r)
             outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+            log(f"[study] {r.id}: {outcome[r.id]}")
         for r in ready:
             if len(running) >= jobs and not inline:
                 break
@@ -653,6 +654,7 @@ def run_study(
         if not running and pending and not ready:
             for r in pending:  # their dependency did not finish in this invocation
                 outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                log(f"[study] {r.id}: {outcome[r.id]}")
             pending = []
         if running:
             time.sleep(poll_s)

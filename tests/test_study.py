@@ -171,3 +171,18 @@ def test_report_figure_is_written(tmp_path):
     result = study_report.build([_record("pgpe", "a", s, 0.4, 0.3 + 0.01 * s, 0.8) for s in range(3)])
     out = study_report.plot(result, tmp_path / "fig.png")
     assert out.stat().st_size > 1000
+
+
+def test_cli_status_and_slurm_index(tmp_path, capsys):
+    from mpigls import cli
+
+    s, paths = _study(tmp_path)
+    common = ["--runs", str(paths.runs), "--results", str(paths.results)]
+    assert cli.main(["study", "status", str(s.path), *common]) == 0
+    out = capsys.readouterr().out
+    assert "1  ibp/lr=0.01/seed1  not started" in out and "(stage 0: 2, stage 1: 2)" in out
+    # a SLURM task names (stage, index); the index counts the runs of that stage in status order
+    assert cli.main(["study", "run", str(s.path), *common, "--stage", "1", "--index", "0"]) == 1
+    assert "ibp/lr=0.01/seed0: blocked" in capsys.readouterr().out  # its warm start has not run
+    assert cli.main(["study", "run", str(s.path), *common, "--stage", "1", "--index", "2"]) == 2
+    assert "stage 1 has 2 runs" in capsys.readouterr().err
