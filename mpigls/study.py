@@ -37,6 +37,7 @@ runners never train the same run at once and every run is trained exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -44,6 +45,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -605,60 +607,95 @@ def run_study(
             return "finished"
         return outcome.get(run.after, "pending")
 
-    while pending or running:
-        for rid, (proc, fh) in list(running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            fh.close()
-            del running[rid]
-            state = {0: "finished", 3: "interrupted", EXIT_BUSY: "busy"}.get(rc, f"failed (exit {rc})")
-            outcome[rid] = state
-            log(f"[study] {rid}: {state} (log {paths.runs / rid / LOG_FILE})")
-        ready = [r for r in pending if dep_state(r) == "finished"]
-        blocked = [r for r in pending if dep_state(r) not in ("finished", "pending")]
-        for r in blocked:
-            pending.remove(r)
-            outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
-            log(f"[study] {r.id}: {outcome[r.id]}")
-        for r in ready:
-            if len(running) >= jobs and not inline:
-                break
-            pending.remove(r)
-            if inline:
-                outcome[r.id] = run_one(study, r, paths, max_generations=max_generations, log=log)
-                continue
-            d = paths.run_dir(r)
-            d.mkdir(parents=True, exist_ok=True)
-            fh = open(d / LOG_FILE, "a")  # noqa: SIM115 - closed when the process is reaped
-            cmd = [
-                sys.executable,
-                "-m",
-                "mpigls",
-                "study",
-                "run",
-                str(study.path),
-                "--inline",
-                "--only",
-                r.id,
-                "--runs",
-                str(paths.runs),
-                "--results",
-                str(paths.results),
-            ]
-            if max_generations is not None:
-                cmd += ["--max-generations", str(max_generations)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", _WORKER_ENV: "1"}
-            running[r.id] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh)
-            log(f"[study] {r.id}: started (stage {r.stage}, pid {running[r.id][0].pid})")
-        if not running and pending and not ready:
-            for r in pending:  # their dependency did not finish in this invocation
+    stop = _Stop(running, log) if not inline else None
+    with stop if stop is not None else contextlib.nullcontext():
+        while pending or running:
+            if stop is not None and stop.requested:  # no new runs; the running ones checkpoint and stop
+                for r in pending:
+                    outcome[r.id] = "not started (stopped)"
+                pending = []
+            for rid, (proc, fh) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[rid]
+                state = {0: "finished", 3: "interrupted", EXIT_BUSY: "busy"}.get(rc, f"failed (exit {rc})")
+                if stop is not None and stop.requested and rc < 0:  # stopped before it could checkpoint
+                    state = "interrupted"
+                outcome[rid] = state
+                log(f"[study] {rid}: {state} (log {paths.runs / rid / LOG_FILE})")
+            ready = [r for r in pending if dep_state(r) == "finished"]
+            blocked = [r for r in pending if dep_state(r) not in ("finished", "pending")]
+            for r in blocked:
+                pending.remove(r)
                 outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
                 log(f"[study] {r.id}: {outcome[r.id]}")
-            pending = []
-        if running:
-            time.sleep(poll_s)
+            for r in ready:
+                if len(running) >= jobs and not inline:
+                    break
+                pending.remove(r)
+                if inline:
+                    outcome[r.id] = run_one(study, r, paths, max_generations=max_generations, log=log)
+                    continue
+                d = paths.run_dir(r)
+                d.mkdir(parents=True, exist_ok=True)
+                fh = open(d / LOG_FILE, "a")  # noqa: SIM115 - closed when the process is reaped
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "mpigls",
+                    "study",
+                    "run",
+                    str(study.path),
+                    "--inline",
+                    "--only",
+                    r.id,
+                    "--runs",
+                    str(paths.runs),
+                    "--results",
+                    str(paths.results),
+                ]
+                if max_generations is not None:
+                    cmd += ["--max-generations", str(max_generations)]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", _WORKER_ENV: "1"}
+                running[r.id] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh)
+                log(f"[study] {r.id}: started (stage {r.stage}, pid {running[r.id][0].pid})")
+            if not running and pending and not ready:
+                for r in pending:  # their dependency did not finish in this invocation
+                    outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                    log(f"[study] {r.id}: {outcome[r.id]}")
+                pending = []
+            if running:
+                time.sleep(poll_s)
     return outcome
+
+
+class _Stop:
+    """While the runner waits: SIGTERM / SIGINT / SIGUSR1 are passed on to the run processes as
+    SIGUSR1 (each writes a checkpoint and stops: mpigls train's stop signal) and no run is started."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, running: dict, log: Callable[[str], None]):
+        self.running, self.log, self.requested = running, log, False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.log(f"[study] signal {signum}: stopping the {len(self.running)} running run(s) at a checkpoint")
+        for proc, _ in self.running.values():
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)
+
+    def __enter__(self) -> _Stop:
+        with contextlib.suppress(ValueError):  # not the main thread: no forwarding
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def status(study: Study, paths: Paths) -> list[tuple[StudyRun, str]]:

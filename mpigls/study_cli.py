@@ -67,7 +67,8 @@ def run(args) -> int:
         )
         counts: dict[str, int] = {}
         for state in outcome.values():
-            counts[state.split(" ")[0]] = counts.get(state.split(" ")[0], 0) + 1
+            key = state.split(" (")[0]
+            counts[key] = counts.get(key, 0) + 1
         print(f"[study] {study.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), flush=True)
         if any(s.startswith(("failed", "blocked")) for s in outcome.values()):
             return 1
