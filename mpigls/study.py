@@ -501,6 +501,12 @@ def run_one(
         return "finished"
     if run.after is not None and read_record(paths.results / (run.after.replace("/", "__") + ".json")) is None:
         raise StudyError(f"run {run.id} starts from {run.after}, which has not finished; run that first")
+    if run.after is not None and not (paths.runs / run.after / "latest.h5").is_file():
+        raise StudyError(
+            f"run {run.id} starts from the final checkpoint of {run.after}, {paths.runs / run.after / 'latest.h5'}, "
+            f"which is missing although that run has a record; copy its run directory there, or delete its "
+            f"record {paths.results / (run.after.replace('/', '__') + '.json')} to train it again"
+        )
     d = paths.run_dir(run)
     d.mkdir(parents=True, exist_ok=True)
     with open(d / LOCK_FILE, "a") as lock:
