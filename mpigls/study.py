@@ -409,7 +409,7 @@ def resolved_config(run: StudyRun, paths: Paths) -> config_mod.Config:
     values = run.config
     if run.after is not None:
         dep = paths.runs / run.after / checkpoint.LATEST
-        values = _apply(values, [("model.init_from", str(dep.resolve()))], run.id)
+        values = _apply(values, [("model.init_from", str(dep))], run.id)
     return config_mod.from_dict(values)
 
 

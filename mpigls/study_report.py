@@ -191,9 +191,11 @@ def plot(result: dict, out: str | Path, metric: str = "certified") -> Path:
         ax.set_title(group or "study", fontsize=9)
         ax.set_ylabel(f"test {_title(metric)} accuracy (%)" if metric != "certified" else "certified accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
+        top = max((s.mean + (s.std or 0.0) for s in stats if math.isfinite(s.mean)), default=1.0)
+        ax.set_ylim(0, max(1.0, 1.15 * top + 1.0))  # accuracies: the error bar is clipped at 0
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _OPTIMIZER_COLORS.values()]
-    fig.legend(handles, [k.upper() for k in _OPTIMIZER_COLORS], loc="upper right", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.legend(handles, [k.upper() for k in _OPTIMIZER_COLORS], loc="center right", fontsize=8)
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)
