@@ -102,7 +102,7 @@ def run(args) -> int:
     md = study_report.format_markdown(result)
     (out / "table.md").write_text(md)
     (out / "table.json").write_text(study_report.to_json(result))
-    fig = study_report.plot(result, out / "figure.png")
+    fig = study_report.plot(result, out / "figure.png", title=study.name)
     print(md, end="")
     print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {fig} ({len(records)} runs)")
     return 0

@@ -164,7 +164,7 @@ def to_json(result: dict) -> str:
     return json.dumps(conv(result), indent=2) + "\n"
 
 
-def plot(result: dict, out: str | Path, metric: str = "certified") -> Path:
+def plot(result: dict, out: str | Path, metric: str = "certified", title: str = "") -> Path:
     """Bars of the selected rows' test ``metric`` (mean, error bar: sample std), one panel per
     group, coloured by optimizer (the layout of the paper's Fig. 1)."""
     import matplotlib
@@ -188,7 +188,7 @@ def plot(result: dict, out: str | Path, metric: str = "certified") -> Path:
         for xi, s in zip(x, stats):
             ax.text(xi, s.mean + (s.std or 0.0) + 0.5, f"n={s.n}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, [r["row"] for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(group or "study", fontsize=9)
+        ax.set_title(" ".join(t for t in (title, group) if t), fontsize=9)
         ax.set_ylabel(f"test {_title(metric)} accuracy (%)" if metric != "certified" else "certified accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
         top = max((s.mean + (s.std or 0.0) for s in stats if math.isfinite(s.mean)), default=1.0)
