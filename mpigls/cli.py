@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "report", help="results table in the layout of the paper's Table 1 from stored certification results"
     )
-    rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
+    rp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run directories (or checkpoint files), or study files (mpigls study report: --out is then a folder)",
+    )
     rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
     rp.add_argument(
         "--certify",
@@ -353,6 +358,15 @@ def _cmd_plot(args, comm) -> int:
 
 def _cmd_report(args, comm) -> int:
     from . import analysis, analysis_report
+
+    if all(Path(r).suffix in (".yaml", ".yml") and Path(r).is_file() for r in args.runs):
+        from . import study as study_mod, study_cli  # study files: seed-aggregated tables and figure
+
+        for path in args.runs:
+            study = study_mod.load_study(path)
+            if comm.is_root:
+                study_cli.report(study, study_mod.Paths.default(study), args.out)
+        return 0
 
     runs = analysis.load_runs(args.runs)
     if args.certify:  # rank 0 decides what is missing, so every rank certifies the same runs

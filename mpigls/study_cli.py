@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import study as study_mod
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "report"]
 
 
 def add_parser(sub) -> None:
@@ -91,13 +91,19 @@ def run(args) -> int:
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )
         return 0
+    return report(study, paths, args.out)
+
+
+def report(study: study_mod.Study, paths: study_mod.Paths, out_dir: str | None = None) -> int:
+    """Write table.md, table.json and figure.png of a study's finished runs into ``out_dir``
+    (default: the results folder) and print the Markdown table."""
     from . import study_report
 
     records = study_mod.read_records(paths)
     if not records:
-        raise FileNotFoundError(f"no finished runs in {paths.results}; run `mpigls study run {args.study}` first")
+        raise FileNotFoundError(f"no finished runs in {paths.results}; run `mpigls study run {study.path}` first")
     result = study_report.build(records, study.select, [r.name for r in study.rows])
-    out = Path(args.out) if args.out else paths.results
+    out = Path(out_dir) if out_dir else paths.results
     out.mkdir(parents=True, exist_ok=True)
     md = study_report.format_markdown(result)
     (out / "table.md").write_text(md)

@@ -186,3 +186,19 @@ def test_cli_status_and_slurm_index(tmp_path, capsys):
     assert "ibp/lr=0.01/seed0: blocked" in capsys.readouterr().out  # its warm start has not run
     assert cli.main(["study", "run", str(s.path), *common, "--stage", "1", "--index", "2"]) == 2
     assert "stage 1 has 2 runs" in capsys.readouterr().err
+
+
+def test_mpigls_report_of_a_study_file(tmp_path, monkeypatch, capsys):
+    from mpigls import cli
+
+    monkeypatch.chdir(tmp_path)
+    s, _ = _study(tmp_path)
+    results = tmp_path / "results" / "studies" / "tiny"
+    results.mkdir(parents=True)
+    for seed, cert in enumerate((0.30, 0.36)):
+        rec = _record("ibp", "lr=0.01", seed, cert, cert, 0.8)
+        (results / f"ibp__lr=0.01__seed{seed}.json").write_text(json.dumps(rec))
+    assert cli.main(["report", str(s.path)]) == 0
+    assert "| ibp | lr=0.01 | 80.0 ± 0.0 (n=2) |" in capsys.readouterr().out
+    assert {p.name for p in results.iterdir()} >= {"table.md", "table.json", "figure.png"}
+    assert json.loads((results / "table.json").read_text())["rows"][0]["test"]["certified"]["n"] == 2
