@@ -202,3 +202,14 @@ def test_mpigls_report_of_a_study_file(tmp_path, monkeypatch, capsys):
     assert "| ibp | lr=0.01 | 80.0 ± 0.0 (n=2) |" in capsys.readouterr().out
     assert {p.name for p in results.iterdir()} >= {"table.md", "table.json", "figure.png"}
     assert json.loads((results / "table.json").read_text())["rows"][0]["test"]["certified"]["n"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.yaml")), ids=str)
+def test_shipped_study_files_expand_into_valid_runs(path):
+    s = study.load_study(path)  # builds and validates every run's config
+    runs = study.expand(s)
+    assert len(runs) >= 3 * len(s.rows) and all(r.config["data"]["val_size"] > 0 for r in runs)
+    assert {r.seed for r in runs} == set(s.seeds) and len(s.seeds) >= 3
+    for r in runs:
+        if r.after:
+            assert r.after.endswith(f"seed{r.seed}") and r.stage == 1
