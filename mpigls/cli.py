@@ -144,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "report", help="results table in the layout of the paper's Table 1 from stored certification results"
     )
-    rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or checkpoint files)")
+    rp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run directories (or checkpoint files), or study files (mpigls study report: --out is then a folder)",
+    )
     rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
     rp.add_argument(
         "--certify",
@@ -221,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("dir", nargs="?", default=".", help="copy: the directory to write into (default: .)")
     rc.add_argument("--jobs", action="store_true", help="the job scripts (SLURM, mpirun) instead of the configs")
     rc.add_argument("--force", action="store_true", help="copy: overwrite an existing file")
+    from mpigls.studies import cli as study_cli, diagnose
+
+    study_cli.add_parser(sub)
+    diagnose.add_parser(sub)
     return parser
 
 
@@ -456,6 +465,18 @@ def _cmd_report(args, comm) -> int:
     from mpigls import analysis
     from mpigls.analysis import report as analysis_report
 
+    if all(Path(r).suffix in (".yaml", ".yml") and Path(r).is_file() for r in args.runs):
+        from mpigls.studies import (  # study files: seed-aggregated tables and figure
+            cli as study_cli,
+            runner as study_mod,
+        )
+
+        for path in args.runs:
+            study = study_mod.load_study(path)
+            if comm.is_root:
+                study_cli.report(study, study_mod.Paths.default(study), args.out)
+        return 0
+
     runs = analysis.load_runs(args.runs)
     if args.certify:  # rank 0 decides what is missing, so every rank certifies the same runs
         missing = comm.bcast_obj([analysis_report.run_result(run)[0] is None for run in runs])
@@ -631,6 +652,20 @@ def _cmd_recipes(args, comm) -> int:
     return 0
 
 
+def _diagnose(args, comm) -> int:
+    from mpigls.studies import diagnose
+
+    return diagnose.run(args, comm, _load_usable, json_safe)
+
+
+def _cmd_study(args, comm) -> int:
+    from mpigls.studies import cli as study_cli
+
+    if comm.world_size > 1:
+        raise ValueError("mpigls study runs in one process (each run is its own process); start it without mpiexec")
+    return study_cli.run(args)
+
+
 _CERTIFY_ARCH_ADVICE = (
     "the checkpoint's own config describes its model and data: drop the --set overrides that "
     "change model.* or data.* (data.root may change), or pass the checkpoint of that model"
@@ -745,6 +780,8 @@ _COMMANDS = {
     "recipes": _cmd_recipes,
     "export": _cmd_export,
     "data": _cmd_data,
+    "study": _cmd_study,
+    "diagnose": _diagnose,
 }
 
 

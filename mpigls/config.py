@@ -96,6 +96,12 @@ class DataConfig:
         "download mnist or cifar10 into data.root when missing (rank 0, torchvision's downloader and "
         "checksums; the other ranks wait); false: a missing dataset is an error",
     )
+    val_size: int = _f(
+        0,
+        "validation split: this many training examples, drawn by data.val_seed, are held out of training "
+        "for the live validation (eval.every) and model selection (0: none; then eval.every uses the test set)",
+    )
+    val_seed: int = _f(0, "seed of the validation split (independent of train.seed: one split for every run)")
 
     def __post_init__(self):
         from mpigls.data import AUGMENTATIONS, DATASETS
@@ -119,6 +125,11 @@ class DataConfig:
         for key in ("num_train", "num_test"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"data.{key} must be positive or null, got {value}")
+        _require(self.val_size >= 0, f"data.val_size must be >= 0 (0: no validation split), got {self.val_size}")
+        _require(
+            0 <= self.val_seed <= MAX_SEED,
+            f"data.val_seed must be an integer in [0, 2**63 - 1], got {short_repr(self.val_seed, 40)}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,7 +358,11 @@ class EvalConfig:
     batch_size: int = _f(100, "test examples per bound call")
     pgd_steps: int = _f(20, "PGD steps of the empirical robustness attack (0: skip)")
     every: int = _f(0, "generations between validation evaluations during training, stored as val/* metrics (0: off)")
-    num_val: int = _f(256, "validation subset for eval.every: the first N test examples (fixed for the whole run)")
+    num_val: int = _f(
+        256,
+        "validation subset for eval.every: the first N examples of the validation split (data.val_size > 0), "
+        "else of the test set (fixed for the whole run)",
+    )
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in CERTIFY_METHODS]

@@ -39,6 +39,11 @@ Expected on-disk layout (``data.root`` = ROOT; nothing is downloaded):
   balanced. Memory: the full set is ~4.9 GB as float32.
 - ``synthetic``: none; random class prototypes plus noise, deterministic from ``seed`` (tests).
 
+Validation split (``data.val_size`` > 0): ``val_size`` examples are drawn out of the training set
+by a Philox permutation keyed by ``data.val_seed`` (``validation_split``) and held apart as
+``Dataset.val_x``/``val_y``; training sees only the rest (in its original order), the test set is
+untouched. The split is carved before ``num_train`` is applied, so it does not change with it.
+
 Shapes: B batch, C/H/W image, N examples, K classes.
 """
 
@@ -57,7 +62,7 @@ import torch.nn.functional as F
 
 from mpigls.numerics.noise import STREAM_DATA, numpy_generator
 
-__all__ = ["DATASETS", "AUGMENTATIONS", "Dataset", "load", "batch_indices", "augment"]
+__all__ = ["DATASETS", "AUGMENTATIONS", "Dataset", "load", "validation_split", "batch_indices", "augment"]
 
 DATASETS = ("digits", "mnist", "cifar10", "tinyimagenet", "synthetic")
 AUGMENTATIONS = ("none", "flip", "cifar")
@@ -69,6 +74,7 @@ DIGITS_NUM_TEST = 360
 # batch-order stream (seed, 3, epoch); a trailing tag word keeps the augmentation stream apart.
 _AUGMENT_TAG = 1
 _SYNTHETIC_TAG = 2**32 - 1
+_VALIDATION_TAG = 2**32 - 2  # (val_seed, STREAM_DATA, tag): apart from every epoch's batch order
 _SYNTHETIC_OPTS = ("shape", "num_classes", "n", "seed")
 
 
@@ -84,9 +90,16 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]  # per channel, for the model's Normalize layer
     std: tuple[float, ...]
+    val_x: torch.Tensor | None = None  # the validation split carved from the training set (data.val_size)
+    val_y: torch.Tensor | None = None
 
     def __post_init__(self):
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        splits = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
+        if (self.val_x is None) != (self.val_y is None):
+            raise ValueError(f"dataset {self.name!r}: give both validation images and labels, or neither")
+        if self.val_x is not None and self.val_y is not None:
+            splits.append(("validation", self.val_x, self.val_y))
+        for split, x, y in splits:
             if x.dtype != torch.float32 or x.dim() != 4 or y.dtype != torch.int64 or y.shape != x.shape[:1]:
                 raise ValueError(
                     f"dataset {self.name!r}: {split} images must be float32 (N, C, H, W) and labels "
@@ -116,10 +129,14 @@ def load(
     *,
     num_train: int | None = None,
     num_test: int | None = None,
+    val_size: int = 0,
+    val_seed: int = 0,
     **opts,
 ) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) from ``root``; keep the first num_train/num_test examples.
 
+    ``val_size`` > 0 first moves that many training examples, chosen by ``val_seed``
+    (``validation_split``), into the validation split; ``num_train`` then counts what is left.
     ``opts`` are for "synthetic" only: shape=(1, 8, 8), num_classes=3, n=256 (examples per split),
     seed=0. Missing files raise FileNotFoundError, corrupt files ValueError, both naming the path.
     """
@@ -135,6 +152,8 @@ def load(
     for key, value in (("num_train", num_train), ("num_test", num_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer or None (all examples), got {value!r}")
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+        raise ValueError(f"val_size must be an integer >= 0 (0: no validation split), got {val_size!r}")
     if name == "digits":
         ds = _load_digits()
     elif name == "synthetic":
@@ -153,10 +172,39 @@ def load(
                 f"(layouts: mpigls.data docstring)"
             )
         if name == "tinyimagenet":
-            ds = _load_tinyimagenet(root, num_train)
+            ds = _load_tinyimagenet(root, None if num_train is None else num_train + val_size)
         else:
             ds = {"mnist": _load_mnist, "cifar10": _load_cifar10}[name](root)
+    if val_size:
+        ds = _carve_validation(ds, val_size, val_seed)
     return _subset(ds, num_train, num_test)
+
+
+def validation_split(num_examples: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) of a training set of ``num_examples``, both sorted.
+
+    The validation indices are the first ``val_size`` of a Philox permutation keyed by
+    (seed, STREAM_DATA, _VALIDATION_TAG): the same on every machine and rank, another for another seed.
+    """
+    num_examples, val_size = operator.index(num_examples), operator.index(val_size)
+    if not 0 < val_size < num_examples:
+        raise ValueError(
+            f"data.val_size must lie in [1, {num_examples - 1}] (the training set has {num_examples} "
+            f"examples and some must stay for training), got {val_size}"
+        )
+    perm = numpy_generator(seed, STREAM_DATA, _VALIDATION_TAG).permutation(num_examples)
+    return np.sort(perm[val_size:]).astype(np.int64), np.sort(perm[:val_size]).astype(np.int64)
+
+
+def _carve_validation(ds: Dataset, val_size: int, seed: int) -> Dataset:
+    train_idx, val_idx = (torch.from_numpy(i) for i in validation_split(len(ds.train_y), val_size, seed))
+    return dataclasses.replace(
+        ds,
+        train_x=ds.train_x[train_idx],
+        train_y=ds.train_y[train_idx],
+        val_x=ds.train_x[val_idx],
+        val_y=ds.train_y[val_idx],
+    )
 
 
 def _subset(ds: Dataset, num_train: int | None, num_test: int | None) -> Dataset:

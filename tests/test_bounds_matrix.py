@@ -8,8 +8,8 @@ gradients (RGS/GRAD backpropagate through the bound).
 import pytest
 import torch
 
-from mpigls import models
 from mpigls.bounds import crown, make_problem, margin_lower_bounds, matrix
+from mpigls.nn import models
 from test_bounds import worst_margin
 from test_bounds_strategies import case_and_reference
 

@@ -2,7 +2,8 @@
 append-only metrics log ``DIR/metrics.jsonl`` that can be read while the run goes.
 
 Validation: natural, PGD and certified accuracy (``certify.evaluate``, at the target radius
-``bound.eps``) of the current θ on a fixed subset, the first ``eval.num_val`` test examples. The
+``bound.eps``) of the current θ on a fixed subset: the first ``eval.num_val`` examples of the
+validation split carved from the training set (``data.val_size`` > 0), else of the test set. The
 subset is cut into blocks of ``eval.batch_size`` spread over the ranks and the per-block counts
 are gathered, so the numbers are identical for any rank count. It runs on a private copy of the
 network and draws its PGD start from its own counter-based stream, so the training trajectory is
@@ -182,8 +183,9 @@ class Validator:
     """Accuracy of θ on the fixed validation subset (collective: every rank calls it)."""
 
     def __init__(self, cfg, dataset, model: torch.nn.Sequential, comm):
-        n = min(cfg.eval.num_val, len(dataset.test_y))
-        self.x, self.y = dataset.test_x[:n], dataset.test_y[:n]
+        x, y = (dataset.val_x, dataset.val_y) if dataset.val_x is not None else (dataset.test_x, dataset.test_y)
+        n = min(cfg.eval.num_val, len(y))
+        self.x, self.y = x[:n], y[:n]
         self.model = copy.deepcopy(model)  # never touch the network the training loop uses
         self.cfg, self.comm = cfg, comm
 

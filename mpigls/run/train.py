@@ -301,7 +301,14 @@ def _root_load(comm, path_or_none_fn: Callable[[], object]):
 
 def build_problem(cfg: Config):
     """Dataset and model (on CPU) for a config; the model's initial weights come from train.seed."""
-    dataset = data.load(cfg.data.name, cfg.data.root, num_train=cfg.data.num_train, num_test=cfg.data.num_test)
+    dataset = data.load(
+        cfg.data.name,
+        cfg.data.root,
+        num_train=cfg.data.num_train,
+        num_test=cfg.data.num_test,
+        val_size=cfg.data.val_size,
+        val_seed=cfg.data.val_seed,
+    )
     with models.private_rng(cfg.train.seed):
         model = models.build(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)
     arch = models.architecture_dict(cfg.model.name, dataset.in_shape, dataset.num_classes, dataset.mean, dataset.std)

@@ -1,0 +1,114 @@
+"""``mpigls study run | status | report``: the command line of ``mpigls.studies.runner`` and
+``mpigls.studies.report`` (one process; each run trains in its own process with one thread).
+
+    mpigls study run configs/studies/digits-pilot.yaml --jobs 2     # resumable: run it again to continue
+    mpigls study status configs/studies/digits-pilot.yaml           # every run and its state
+    mpigls study report configs/studies/digits-pilot.yaml           # table.md, table.json, figure.png
+    mpigls study run STUDY --stage 0 --index $SLURM_ARRAY_TASK_ID  # one run (a SLURM array task)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpigls.studies import runner as study_mod
+
+__all__ = ["add_parser", "run", "report"]
+
+
+def add_parser(sub) -> None:
+    st = sub.add_parser("study", help="run, follow and report a grid of runs described in one YAML file")
+    ssub = st.add_subparsers(dest="study_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("study", help="study YAML file (see docs/study.md)")
+        p.add_argument("--runs", default=None, help="run directories (default: runs/studies/NAME)")
+        p.add_argument("--results", default=None, help="run records (default: results/studies/NAME)")
+
+    r = ssub.add_parser("run", help="train, evaluate and record every unfinished run (resumable)")
+    common(r)
+    r.add_argument("--jobs", type=int, default=1, help="runs trained at once, each one process with one thread")
+    r.add_argument("--only", default=None, help="comma-separated run ids (default: every run)")
+    r.add_argument("--stage", type=int, default=None, help="with --index: the stage of the run (SLURM arrays)")
+    r.add_argument("--index", type=int, default=None, help="with --stage: run the INDEX-th run of that stage only")
+    r.add_argument("--inline", action="store_true", help="train in this process, one run after the other")
+    r.add_argument(
+        "--max-generations", type=int, default=None, help="stop each run after this many generations (a smoke test)"
+    )
+    s = ssub.add_parser("status", help="every run of a study with its stage and state")
+    common(s)
+    p = ssub.add_parser("report", help="seed-aggregated tables (Markdown, JSON) and a figure of the finished runs")
+    common(p)
+    p.add_argument("--out", default=None, help="output folder (default: the results folder)")
+
+
+def _select(runs: list, args) -> list[str] | None:
+    if args.stage is not None or args.index is not None:
+        if args.stage is None or args.index is None:
+            raise ValueError("--stage and --index go together (a SLURM array task: --index $SLURM_ARRAY_TASK_ID)")
+        stage = [r for r in runs if r.stage == args.stage]
+        if not 0 <= args.index < len(stage):
+            raise ValueError(
+                f"--index {args.index} is out of range: stage {args.stage} has {len(stage)} runs (0..{len(stage) - 1})"
+            )
+        return [stage[args.index].id]
+    return [x for x in args.only.split(",") if x] if args.only else None
+
+
+def run(args) -> int:
+    study = study_mod.load_study(args.study)
+    paths = study_mod.Paths.default(study, args.runs, args.results)
+    if args.study_command == "run":
+        only = _select(study_mod.expand(study), args)
+        inline = args.inline or (only is not None and len(only) == 1 and args.stage is not None)
+        outcome = study_mod.run_study(
+            study, paths, jobs=args.jobs, inline=inline, only=only, max_generations=args.max_generations
+        )
+        counts: dict[str, int] = {}
+        for state in outcome.values():
+            key = state.split(" (")[0]
+            counts[key] = counts.get(key, 0) + 1
+        print(f"[study] {study.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), flush=True)
+        if any(s.startswith(("failed", "blocked")) for s in outcome.values()):
+            return 1
+        if "busy" in outcome.values():
+            return study_mod.EXIT_BUSY
+        return 3 if "interrupted" in outcome.values() else 0
+    if args.study_command == "status":
+        rows = study_mod.status(study, paths)
+        width = max(len(r.id) for r, _ in rows)
+        for r, state in rows:
+            print(f"{r.stage}  {r.id:{width}s}  {state}")
+        counts = {}
+        for _, state in rows:
+            counts[state] = counts.get(state, 0) + 1
+        stages = sorted({r.stage for r, _ in rows})
+        print(
+            f"{study.name}: {len(rows)} runs in {len(stages)} stage(s) ("
+            + ", ".join(f"stage {s}: {sum(r.stage == s for r, _ in rows)}" for s in stages)
+            + "); "
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        )
+        return 0
+    return report(study, paths, args.out)
+
+
+def report(study: study_mod.Study, paths: study_mod.Paths, out_dir: str | None = None) -> int:
+    """Write table.md, table.json and figure.png of a study's finished runs into ``out_dir``
+    (default: the results folder) and print the Markdown table."""
+    from mpigls.studies import report as study_report
+
+    records = study_mod.read_records(paths)
+    if not records:
+        raise FileNotFoundError(f"no finished runs in {paths.results}; run `mpigls study run {study.path}` first")
+    result = study_report.build(records, study.select, [r.name for r in study.rows])
+    out = Path(out_dir) if out_dir else paths.results
+    out.mkdir(parents=True, exist_ok=True)
+    md = study_report.format_markdown(result)
+    (out / "table.md").write_text(md)
+    (out / "table.json").write_text(study_report.to_json(result))
+    fig = study_report.plot(result, out / "figure.png", title=study.name)
+    print(md, end="")
+    print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {fig} ({len(records)} runs)")
+    return 0

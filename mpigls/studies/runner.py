@@ -1,0 +1,709 @@
+"""Studies: a grid of training runs described in one YAML file, run resumably, one record per run.
+
+A study file (docs/study.md has the full reference)::
+
+    study: digits-pilot                 # name: runs/studies/NAME, results/studies/NAME by default
+    base: ../digits-grad-ibp.yaml       # optional base config, relative to the study file
+    config: {data: {val_size: 200}}     # optional nested overrides of the base
+    seeds: [0, 1, 2]                    # train.seed of every configuration
+    axes:                               # optional global axes: every row is run at every value
+      bound.eps: [0.2, 0.1]
+    evaluation: {pgd_restarts: 1, verify: true, time_limit: 10}
+    rows:
+      - name: pgd-warm
+        set: {optimizer.name: grad, bound.method: pgd}
+      - name: pgpe-deeppoly
+        after: pgd-warm                 # model.init_from = the finished pgd-warm run, same seed and axes
+        set: {optimizer.name: pgpe, bound.method: deeppoly}
+        grid: {optimizer.popsize: [16, 64]}   # hyperparameter axes: one configuration per point
+
+An axis or grid value is a scalar (the axis name is the dotted config key) or a mapping of dotted
+keys, optionally with a ``label``. The config of a run is: base, ``config``, the global axes'
+values, the row's ``set``, its grid point, ``train.seed``; then ``train.threads: 1`` and
+``train.progress: false`` unless given. Every run needs ``data.val_size > 0``: hyperparameters are
+chosen on the validation split carved from the training set, never on the test set.
+
+Runs are expanded into stages (a run with ``after`` comes one stage after its dependency). Each
+run lives in its own directory ``RUNS/<id>/`` (``config.yaml``, checkpoints, ``metrics.jsonl``,
+``study.log``) and, once finished, has one record ``RESULTS/<id with / as __>.json``: config,
+seed, commit, cost in seconds, the validation evaluation (for selection) and the test evaluation
+(natural, PGD, each certificate, their union and, when asked, the complete verifier), the test set
+being evaluated once, when the run has finished. A run's state is: finished (its record exists),
+interrupted (checkpoints, no record: ``mpigls train`` resumes it), not started. ``run_study``
+starts every unfinished run whose dependency is finished, ``jobs`` at a time, each in its own
+process with one thread; a run is guarded by an exclusive lock on ``RUNS/<id>/study.lock``, so two
+runners never train the same run at once and every run is trained exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mpigls import config as config_mod
+
+__all__ = [
+    "RECORD_SCHEMA",
+    "StudyError",
+    "Study",
+    "Row",
+    "StudyRun",
+    "Paths",
+    "load_study",
+    "run_state",
+    "run_one",
+    "run_study",
+    "read_records",
+    "EXIT_BUSY",
+]
+
+RECORD_SCHEMA = "mpigls-study-run"
+RECORD_VERSION = 1
+EXIT_BUSY = 75  # another process holds the run's lock
+LOCK_FILE = "study.lock"
+LOG_FILE = "study.log"
+CONFIG_FILE = "config.yaml"
+_STUDY_KEYS = {"study", "base", "config", "seeds", "axes", "rows", "evaluation", "select"}
+_ROW_KEYS = {"name", "set", "grid", "after"}
+_EVAL_KEYS = {"methods", "pgd_restarts", "verify", "time_limit", "max_domains", "num_test"}
+_WORKER_ENV = "MPIGLS_STUDY_WORKER"  # set in the run processes: they never start runs themselves
+_RUN_DEFAULTS = {"train.threads": 1, "train.progress": False}
+
+
+class StudyError(ValueError):
+    """A user error in a study file (one paragraph, exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One value of an axis: its label (for directory names and tables) and its dotted overrides."""
+
+    label: str
+    values: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    set: tuple[tuple[str, Any], ...]
+    grid: tuple[tuple[Choice, ...], ...]  # one tuple of choices per grid axis
+    after: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    methods: tuple[str, ...] | None = None  # None: each run's eval.methods
+    pgd_restarts: int = 1
+    verify: bool = False  # the complete verifier on the test set
+    time_limit: float | None = 10.0  # seconds per sample for the verifier
+    max_domains: int | None = None
+    num_test: int | None = None  # None: the whole test set
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    base: dict
+    seeds: tuple[int, ...]
+    axes: tuple[tuple[Choice, ...], ...]
+    rows: tuple[Row, ...]
+    evaluation: Evaluation
+    select: str  # the validation metric configurations are chosen by (higher is better)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """One training run of a study."""
+
+    id: str  # "<axes labels>/<row>/<grid labels>/seed<k>" (empty parts left out)
+    row: str
+    group: str  # the global axes' labels ("" without axes)
+    configuration: str  # the grid point's labels ("" without a grid)
+    seed: int
+    stage: int
+    after: str | None  # id of the run whose final checkpoint is model.init_from
+    config: dict  # the resolved config (model.init_from filled in by ``resolved_config``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    runs: Path  # run directories
+    results: Path  # one JSON record per finished run
+
+    def run_dir(self, run: StudyRun) -> Path:
+        return self.runs / run.id
+
+    def record(self, run: StudyRun) -> Path:
+        return self.results / (run.id.replace("/", "__") + ".json")
+
+    @classmethod
+    def default(cls, study: Study, runs: str | None = None, results: str | None = None) -> Paths:
+        return cls(
+            Path(runs) if runs else Path("runs") / "studies" / study.name,
+            Path(results) if results else Path("results") / "studies" / study.name,
+        )
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudyError(f"{where} must be a mapping, got {config_mod.short_repr(value)}")
+    return value
+
+
+def _label(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text.replace("/", "_").replace(" ", "")
+
+
+def _choices(axis: str, values: Any, where: str) -> tuple[Choice, ...]:
+    if not isinstance(values, list) or not values:
+        raise StudyError(f"{where}.{axis} must be a non-empty list of values, got {config_mod.short_repr(values)}")
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            sets = {k: x for k, x in v.items() if k != "label"}
+            if not sets or any("." not in k for k in sets):
+                raise StudyError(
+                    f"{where}.{axis}: a mapping value holds dotted config keys (and an optional label), "
+                    f"got {config_mod.short_repr(v)}"
+                )
+            label = str(v.get("label") or ",".join(f"{k.split('.')[-1]}={_label(x)}" for k, x in sets.items()))
+            out.append(Choice(_label(label), tuple(sets.items())))
+        else:
+            if "." not in axis:
+                raise StudyError(
+                    f"{where}.{axis}: a scalar value needs the axis to be a dotted config key "
+                    f"(e.g. optimizer.lr), or give mappings of dotted keys"
+                )
+            out.append(Choice(f"{axis.split('.')[-1]}={_label(v)}", ((axis, v),)))
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        raise StudyError(f"{where}.{axis} has repeated values or labels {labels}; give each a distinct label")
+    return tuple(out)
+
+
+def _axes(value: Any, where: str) -> tuple[tuple[Choice, ...], ...]:
+    return tuple(_choices(str(k), v, where) for k, v in _mapping(value, where).items())
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Read and check a study file; every run's config is validated (``expand`` builds them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {str(path)!r} does not exist; pass a YAML file such as configs/studies/")
+    raw = config_mod.yaml_load(path.read_text(), source=f"study file {str(path)!r}")
+    raw = _mapping(raw, f"study file {path}")
+    unknown = sorted(set(raw) - _STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"study file {path}: unknown keys {unknown}; valid keys are {sorted(_STUDY_KEYS)}")
+    name = raw.get("study") or path.stem
+    if not isinstance(name, str) or "/" in name:
+        raise StudyError(f"study name must be a string without '/', got {config_mod.short_repr(name)}")
+    base: dict = {}
+    if raw.get("base"):
+        base_path = (path.parent / raw["base"]).resolve()
+        if not base_path.is_file():
+            raise FileNotFoundError(f"study {name}: base config {str(base_path)!r} does not exist")
+        base = _mapping(config_mod.yaml_load(base_path.read_text(), str(base_path)), str(base_path))
+    base = _merge(base, _mapping(raw.get("config"), "config"))
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise StudyError(f"study {name}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyError(f"study {name}: seeds {seeds} repeat a value")
+    rows = []
+    for i, r in enumerate(raw.get("rows") or []):
+        r = _mapping(r, f"rows[{i}]")
+        bad = sorted(set(r) - _ROW_KEYS)
+        if bad or not isinstance(r.get("name"), str) or "/" in r["name"]:
+            raise StudyError(
+                f"study {name}: rows[{i}] needs a name (no '/') and only the keys {sorted(_ROW_KEYS)}; got {sorted(r)}"
+            )
+        rows.append(
+            Row(
+                r["name"],
+                tuple(_mapping(r.get("set"), f"rows[{i}].set").items()),
+                _axes(r.get("grid"), r["name"]),
+                r.get("after"),
+            )
+        )
+    if not rows:
+        raise StudyError(f"study {name}: no rows; give at least one row with a name")
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise StudyError(f"study {name}: row names {names} repeat")
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        if r.after is not None and (r.after not in by_name or r.after == r.name):
+            raise StudyError(f"study {name}: row {r.name!r} runs after {r.after!r}, which is not another row")
+        if r.after is not None and by_name[r.after].grid:
+            raise StudyError(
+                f"study {name}: row {r.name!r} starts from row {r.after!r}, which has a grid; a warm-start "
+                "row must have one configuration (move its grid into separate rows)"
+            )
+    ev = _mapping(raw.get("evaluation"), "evaluation")
+    bad = sorted(set(ev) - _EVAL_KEYS)
+    if bad:
+        raise StudyError(f"study {name}: unknown evaluation keys {bad}; valid keys are {sorted(_EVAL_KEYS)}")
+    if "methods" in ev:
+        ev["methods"] = tuple(ev["methods"])
+    study = Study(
+        name,
+        path,
+        base,
+        tuple(seeds),
+        _axes(raw.get("axes"), "axes"),
+        tuple(rows),
+        Evaluation(**ev),
+        str(raw.get("select", "certified")),
+    )
+    expand(study)  # validates every run's config now, not hours into the study
+    return study
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options" else v
+    return out
+
+
+def _apply(values: dict, sets: tuple[tuple[str, Any], ...] | list, where: str) -> dict:
+    """Dotted overrides into a nested dict (the values are Python objects, not YAML text)."""
+    out = values
+    for key, value in sets:
+        parts = str(key).split(".")
+        if len(parts) < 2 or not all(parts):
+            raise StudyError(f"{where}: {key!r} is not a dotted config key (e.g. optimizer.lr)")
+        out = _merge(out, _nest(parts, value))
+    return out
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    return {parts[0]: value if len(parts) == 1 else _nest(parts[1:], value)}
+
+
+def _stage(rows: dict[str, Row], name: str) -> int:
+    seen, stage = {name}, 0
+    while rows[name].after is not None:
+        name = rows[name].after  # type: ignore[assignment]
+        if name in seen:
+            raise StudyError(f"rows {sorted(seen)} depend on each other in a cycle")
+        seen.add(name)
+        stage += 1
+    return stage
+
+
+def expand(study: Study) -> list[StudyRun]:
+    """Every run of the study, ordered by stage (warm-start runs first in theirs), then global axes,
+    row, grid point and seed."""
+    rows = {r.name: r for r in study.rows}
+    runs = []
+    for group in itertools.product(*study.axes) if study.axes else [()]:
+        group_label = ",".join(c.label for c in group)
+        for row in study.rows:
+            for point in itertools.product(*row.grid) if row.grid else [()]:
+                conf_label = ",".join(c.label for c in point)
+                for seed in study.seeds:
+                    values = study.base
+                    for c in group:
+                        values = _apply(values, c.values, f"axes {c.label}")
+                    values = _apply(values, row.set, f"row {row.name}")
+                    for c in point:
+                        values = _apply(values, c.values, f"row {row.name} grid {c.label}")
+                    values = _apply(values, [("train.seed", seed)], row.name)
+                    flat = config_mod.flatten(values)
+                    values = _apply(values, [(k, v) for k, v in _RUN_DEFAULTS.items() if k not in flat], row.name)
+                    run_id = "/".join(p for p in (group_label, row.name, conf_label, f"seed{seed}") if p)
+                    after = "/".join(p for p in (group_label, row.after, f"seed{seed}") if p) if row.after else None
+                    try:
+                        cfg = config_mod.from_dict(values)
+                    except config_mod.ConfigError as exc:
+                        raise StudyError(f"study {study.name}: run {run_id}: {exc}") from None
+                    if cfg.data.val_size <= 0:
+                        raise StudyError(
+                            f"study {study.name}: run {run_id} has data.val_size={cfg.data.val_size}; a study "
+                            "chooses hyperparameters on a validation split carved from the training set: set "
+                            "config: {data: {val_size: N}} (e.g. 200 for digits)"
+                        )
+                    runs.append(
+                        StudyRun(
+                            run_id,
+                            row.name,
+                            group_label,
+                            conf_label,
+                            seed,
+                            _stage(rows, row.name),
+                            after,
+                            config_mod.to_dict(cfg),
+                        )
+                    )
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError(f"study {study.name}: two runs share an id; give the axis values distinct labels")
+    needed = {r.after for r in runs if r.after}  # warm starts first within their stage: they unblock others
+    return [r for _, r in sorted(enumerate(runs), key=lambda t: (t[1].stage, t[1].id not in needed, t[0]))]
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("schema") == RECORD_SCHEMA else None
+
+
+def _locked(run_dir: Path) -> bool:
+    lock = run_dir / LOCK_FILE
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def run_state(run: StudyRun, paths: Paths) -> str:
+    """finished (record), running (lock held), interrupted (checkpoint, no record) or not started."""
+    from mpigls.run import rundir
+
+    if read_record(paths.record(run)) is not None:
+        return "finished"
+    d = paths.run_dir(run)
+    if _locked(d):
+        return "running"
+    return "interrupted" if d.is_dir() and rundir.find_latest(d) is not None else "not started"
+
+
+def resolved_config(run: StudyRun, paths: Paths) -> config_mod.Config:
+    """The run's config with model.init_from set to its dependency's final checkpoint."""
+    from mpigls.run import checkpoint
+
+    values = run.config
+    if run.after is not None:
+        dep = paths.runs / run.after / checkpoint.LATEST
+        values = _apply(values, [("model.init_from", str(dep))], run.id)
+    return config_mod.from_dict(values)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _commit() -> str:
+    """The git commit of the mpigls source that ran (``+dirty`` with uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _evaluate(cfg: config_mod.Config, ckpt, ev: Evaluation) -> tuple[dict, dict, float, float]:
+    """(validation summary, test summary, their seconds): the validation split without the
+    verifier (for selection), the test set once with it when ``ev.verify``."""
+    import torch
+
+    from mpigls.evaluation import certify
+    from mpigls.run import train as train_mod
+
+    dataset, model, _ = train_mod.build_problem(cfg)
+    methods = list(ev.methods or cfg.eval.methods)
+    theta = torch.from_numpy(ckpt.theta.copy())
+    common: dict[str, Any] = dict(
+        batch_size=cfg.eval.batch_size,
+        pgd_steps=cfg.eval.pgd_steps,
+        pgd_restarts=ev.pgd_restarts,
+        seed=cfg.train.seed,
+    )
+    t0 = time.perf_counter()
+    assert dataset.val_x is not None and dataset.val_y is not None  # expand() requires data.val_size > 0
+    val, _ = certify.certify(model, theta, dataset.val_x, dataset.val_y, cfg.bound.eps, methods, **common)
+    t1 = time.perf_counter()
+    n = ev.num_test or len(dataset.test_y)
+    test, _ = certify.certify(
+        model,
+        theta,
+        dataset.test_x[:n],
+        dataset.test_y[:n],
+        cfg.bound.eps,
+        methods,
+        **common,
+        verify=ev.verify,
+        verify_time_limit=ev.time_limit or None,
+        verify_max_domains=ev.max_domains,
+    )
+    return val, test, t1 - t0, time.perf_counter() - t1
+
+
+def run_one(
+    study: Study,
+    run: StudyRun,
+    paths: Paths,
+    *,
+    max_generations: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Train (or resume) one run, then evaluate it and write its record. Returns its state after:
+    finished, interrupted (stopped early: ``max_generations`` or a signal) or busy (another process
+    holds its lock). A finished run is left alone."""
+    import numpy as np
+
+    from mpigls.run import checkpoint, rundir, train as train_mod
+
+    log = log or (lambda msg: print(msg, flush=True))
+    if read_record(paths.record(run)) is not None:
+        return "finished"
+    if run.after is not None and read_record(paths.results / (run.after.replace("/", "__") + ".json")) is None:
+        raise StudyError(f"run {run.id} starts from {run.after}, which has not finished; run that first")
+    if run.after is not None and not (paths.runs / run.after / "latest.h5").is_file():
+        raise StudyError(
+            f"run {run.id} starts from the final checkpoint of {run.after}, {paths.runs / run.after / 'latest.h5'}, "
+            f"which is missing although that run has a record; copy its run directory there, or delete its "
+            f"record {paths.results / (run.after.replace('/', '__') + '.json')} to train it again"
+        )
+    d = paths.run_dir(run)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(f"[study] {run.id}: another process holds {d / LOCK_FILE}; leaving it")
+            return "busy"
+        if read_record(paths.record(run)) is not None:  # finished by another process meanwhile
+            return "finished"
+        cfg = resolved_config(run, paths)
+        (d / CONFIG_FILE).write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+        log(f"[study] {run.id}: training ({run_state_text(d)})")
+        result = train_mod.train(cfg, d, max_generations=max_generations, log=log)
+        if result.stopped_by_signal or not result.finished:
+            log(f"[study] {run.id}: stopped at generation {result.generation} of {result.total_generations}")
+            return "interrupted"
+        ckpt = rundir.load_latest(d)
+        assert ckpt is not None
+        log(f"[study] {run.id}: evaluating on the validation split and the test set")
+        val, test, val_s, test_s = _evaluate(cfg, ckpt, study.evaluation)
+        history = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.metrics.items()}
+        record = {
+            "schema": RECORD_SCHEMA,
+            "version": RECORD_VERSION,
+            "study": study.name,
+            "run": run.id,
+            "row": run.row,
+            "group": run.group,
+            "configuration": run.configuration,
+            "seed": run.seed,
+            "after": run.after,
+            "commit": _commit(),
+            "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "generations": int(ckpt.generation),
+            "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+            "cost_s": {
+                "train": float(np.nansum(history.get("time/generation_s", np.zeros(0)))),
+                "live_validation": float(np.nansum(history.get("time/val_s", np.zeros(0)))),
+                "validation": val_s,
+                "test": test_s,
+            },
+            "validation": {k: v for k, v in val.items() if k != "time_s"},
+            "test": {k: v for k, v in test.items() if k != "time_s"},
+            "config": config_mod.to_dict(cfg),
+        }
+        rundir.write_json(paths.record(run), _json_safe(record))
+        log(
+            f"[study] {run.id}: finished; validation certified {100 * val['certified']:.2f}%, "
+            f"record {paths.record(run)}"
+        )
+        return "finished"
+
+
+def run_state_text(d: Path) -> str:
+    from mpigls.run import rundir
+
+    ckpt = rundir.find_latest(d)
+    return "resuming" if ckpt is not None else "from the start"
+
+
+def read_records(paths: Paths) -> list[dict]:
+    """Every run record in the results folder, sorted by run id."""
+    if not paths.results.is_dir():
+        return []
+    recs = [read_record(p) for p in sorted(paths.results.glob("*.json"))]
+    return sorted((r for r in recs if r is not None), key=lambda r: r["run"])
+
+
+def run_study(
+    study: Study,
+    paths: Paths,
+    *,
+    jobs: int = 1,
+    inline: bool = False,
+    only: list[str] | None = None,
+    max_generations: int | None = None,
+    log: Callable[[str], None] | None = None,
+    poll_s: float = 1.0,
+) -> dict[str, str]:
+    """Run every unfinished run (or the ``only`` ids) whose dependency has finished, ``jobs`` at a
+    time; returns {run id: state after}. ``inline`` trains one run after the other in this process
+    (tests, debugging); otherwise each run is a ``python -m mpigls study run STUDY --only ID``
+    process with OMP_NUM_THREADS=1, its output in ``RUNS/<id>/study.log``."""
+    log = log or (lambda msg: print(msg, flush=True))
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if not inline and os.environ.get(_WORKER_ENV):
+        raise RuntimeError("a study worker process may only train its own run (--inline)")
+    runs = expand(study)
+    if only:
+        unknown = sorted(set(only) - {r.id for r in runs})
+        if unknown:
+            raise StudyError(f"study {study.name} has no runs {unknown}; `mpigls study status` lists them")
+        runs = [r for r in runs if r.id in only]
+    outcome = {r.id: "finished" for r in runs if read_record(paths.record(r)) is not None}
+    pending = [r for r in runs if r.id not in outcome]
+    running: dict[str, tuple[subprocess.Popen, Any]] = {}
+
+    def dep_state(run: StudyRun) -> str:
+        if run.after is None:
+            return "finished"
+        if read_record(paths.results / (run.after.replace("/", "__") + ".json")) is not None:
+            return "finished"
+        return outcome.get(run.after, "pending")
+
+    stop = _Stop(running, log) if not inline else None
+    with stop if stop is not None else contextlib.nullcontext():
+        while pending or running:
+            if stop is not None and stop.requested:  # no new runs; the running ones checkpoint and stop
+                for r in pending:
+                    outcome[r.id] = "not started (stopped)"
+                pending = []
+            for rid, (proc, fh) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[rid]
+                state = {0: "finished", 3: "interrupted", EXIT_BUSY: "busy"}.get(rc, f"failed (exit {rc})")
+                if stop is not None and stop.requested and rc < 0:  # stopped before it could checkpoint
+                    state = "interrupted"
+                outcome[rid] = state
+                log(f"[study] {rid}: {state} (log {paths.runs / rid / LOG_FILE})")
+            ready = [r for r in pending if dep_state(r) == "finished"]
+            blocked = [r for r in pending if dep_state(r) not in ("finished", "pending")]
+            for r in blocked:
+                pending.remove(r)
+                outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                log(f"[study] {r.id}: {outcome[r.id]}")
+            for r in ready:
+                if len(running) >= jobs and not inline:
+                    break
+                pending.remove(r)
+                if inline:
+                    outcome[r.id] = run_one(study, r, paths, max_generations=max_generations, log=log)
+                    continue
+                d = paths.run_dir(r)
+                d.mkdir(parents=True, exist_ok=True)
+                fh = open(d / LOG_FILE, "a")  # noqa: SIM115 - closed when the process is reaped
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "mpigls",
+                    "study",
+                    "run",
+                    str(study.path),
+                    "--inline",
+                    "--only",
+                    r.id,
+                    "--runs",
+                    str(paths.runs),
+                    "--results",
+                    str(paths.results),
+                ]
+                if max_generations is not None:
+                    cmd += ["--max-generations", str(max_generations)]
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", _WORKER_ENV: "1"}
+                running[r.id] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh)
+                log(f"[study] {r.id}: started (stage {r.stage}, pid {running[r.id][0].pid})")
+            if not running and pending and not ready:
+                for r in pending:  # their dependency did not finish in this invocation
+                    outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                    log(f"[study] {r.id}: {outcome[r.id]}")
+                pending = []
+            if running:
+                time.sleep(poll_s)
+    return outcome
+
+
+class _Stop:
+    """While the runner waits: SIGTERM / SIGINT / SIGUSR1 are passed on to the run processes as
+    SIGUSR1 (each writes a checkpoint and stops: mpigls train's stop signal) and no run is started."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, running: dict, log: Callable[[str], None]):
+        self.running, self.log, self.requested = running, log, False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.log(f"[study] signal {signum}: stopping the {len(self.running)} running run(s) at a checkpoint")
+        for proc, _ in self.running.values():
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)
+
+    def __enter__(self) -> _Stop:
+        with contextlib.suppress(ValueError):  # not the main thread: no forwarding
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def status(study: Study, paths: Paths) -> list[tuple[StudyRun, str]]:
+    return [(r, run_state(r, paths)) for r in expand(study)]

@@ -1,0 +1,216 @@
+"""Studies: expansion of a grid into runs, the resumable runner (each run trained exactly once),
+and the seed aggregation and selection of the report, against hand-computed values."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mpigls.run import monitor
+from mpigls.studies import report as study_report, runner as study
+
+TINY = """
+study: tiny
+config:
+  data: {name: synthetic, val_size: 64}
+  model: {name: mlp-tiny}
+  bound: {method: ibp, eps: 0.05}
+  optimizer: {name: grad, lr: 0.01}
+  train: {epochs: 2, batch_size: 64, checkpoint_every: 1, log_every: 100}
+  eval: {methods: [ibp], pgd_steps: 2}
+seeds: [0, 1]
+rows:
+  - name: warm
+    set: {bound.method: natural}
+  - name: ibp
+    after: warm
+    grid: {optimizer.lr: [0.01]}
+"""
+
+
+def _study(tmp_path: Path, text: str = TINY) -> tuple[study.Study, study.Paths]:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    s = study.load_study(path)
+    return s, study.Paths(tmp_path / "runs", tmp_path / "results")
+
+
+def test_expansion_stages_ids_and_configs(tmp_path):
+    text = TINY.replace("seeds: [0, 1]", "seeds: [0, 1]\naxes: {bound.eps: [0.05, 0.1]}").replace(
+        "[0.01]", "[0.01, 0.001]"
+    )
+    s, _ = _study(tmp_path, text)
+    runs = study.expand(s)
+    assert len(runs) == 2 * (2 + 2 * 2)  # eps x (warm x seeds + ibp x lr x seeds)
+    assert [r.stage for r in runs] == sorted(r.stage for r in runs)
+    by_id = {r.id: r for r in runs}
+    run = by_id["eps=0.1/ibp/lr=0.001/seed1"]
+    assert run.after == "eps=0.1/warm/seed1" and run.stage == 1
+    assert run.config["bound"]["eps"] == 0.1 and run.config["optimizer"]["lr"] == 0.001
+    assert run.config["train"]["seed"] == 1 and run.config["train"]["threads"] == 1
+    assert by_id["eps=0.05/warm/seed0"].config["bound"]["method"] == "natural"
+
+
+def test_study_without_validation_split_is_refused(tmp_path):
+    with pytest.raises(study.StudyError, match="val_size"):
+        _study(tmp_path, TINY.replace("val_size: 64", "val_size: 0"))
+
+
+def _headers_and_counts(run_dir: Path) -> tuple[list[int], dict[int, int]]:
+    """start generations of the metrics log's sessions; how many lines each generation has."""
+    starts, counts = [], {}
+    for line in (run_dir / monitor.METRICS_FILE).read_text().splitlines():
+        obj = json.loads(line)
+        if "schema" in obj:
+            starts.append(obj["start_generation"])
+        else:
+            counts[obj["generation"]] = counts.get(obj["generation"], 0) + 1
+    return starts, counts
+
+
+@pytest.mark.slow
+def test_runner_resumes_a_grid_and_trains_each_run_exactly_once(tmp_path):
+    s, paths = _study(tmp_path)
+    runs = {r.id: r for r in study.expand(s)}
+    quiet = lambda msg: None
+    total = 2 * 3  # epochs x (192 training examples // batch 64)
+    # the state before the runner: one run finished, two interrupted, one not started
+    assert study.run_one(s, runs["warm/seed0"], paths, log=quiet) == "finished"
+    assert study.run_one(s, runs["warm/seed1"], paths, max_generations=2, log=quiet) == "interrupted"
+    assert study.run_one(s, runs["ibp/lr=0.01/seed0"], paths, max_generations=4, log=quiet) == "interrupted"
+    states = {rid: study.run_state(r, paths) for rid, r in runs.items()}
+    assert states == {
+        "warm/seed0": "finished",
+        "warm/seed1": "interrupted",
+        "ibp/lr=0.01/seed0": "interrupted",
+        "ibp/lr=0.01/seed1": "not started",
+    }
+    finished_record = paths.record(runs["warm/seed0"]).read_bytes()
+
+    outcome = study.run_study(s, paths, inline=True, log=quiet)
+    assert outcome == dict.fromkeys(runs, "finished")
+    assert paths.record(runs["warm/seed0"]).read_bytes() == finished_record  # left alone
+    expected_starts = {"warm/seed0": [0], "warm/seed1": [0, 2], "ibp/lr=0.01/seed0": [0, 4], "ibp/lr=0.01/seed1": [0]}
+    for rid, run in runs.items():
+        starts, counts = _headers_and_counts(paths.run_dir(run))
+        assert starts == expected_starts[rid], rid  # resumed where it stopped, never restarted
+        assert counts == dict.fromkeys(range(1, total + 1), 1), rid  # every generation trained once
+        rec = json.loads(paths.record(run).read_text())
+        assert rec["run"] == rid and rec["generations"] == total and rec["seed"] == run.seed
+        assert rec["validation"]["num_examples"] == 64 and rec["test"]["num_examples"] == 256
+        assert set(rec["test"]) >= {"natural", "adversarial", "certified", "certified/ibp"}
+        assert rec["cost_s"]["train"] > 0 and rec["commit"]
+    dep = json.loads(paths.record(runs["ibp/lr=0.01/seed1"]).read_text())["config"]["model"]["init_from"]
+    assert Path(dep) == paths.runs / "warm" / "seed1" / "latest.h5"
+
+    records = {p: p.read_bytes() for p in paths.results.glob("*.json")}
+    assert study.run_study(s, paths, inline=True, log=quiet) == dict.fromkeys(runs, "finished")
+    assert {p: p.read_bytes() for p in paths.results.glob("*.json")} == records
+    assert all(_headers_and_counts(paths.run_dir(r))[0] == expected_starts[rid] for rid, r in runs.items())
+
+
+def test_dependent_run_waits_for_its_warm_start(tmp_path):
+    s, paths = _study(tmp_path)
+    run = next(r for r in study.expand(s) if r.after)
+    with pytest.raises(study.StudyError, match="has not finished"):
+        study.run_one(s, run, paths, log=lambda msg: None)
+
+
+# ------------------------------------------------------------------------------------- aggregation
+
+
+def test_aggregate_mean_sample_std_and_n():
+    stat = study_report.aggregate([80.0, 82.0, 87.0])
+    # mean 83; deviations -3, -1, 4; sample variance (9 + 1 + 16) / (3 - 1) = 13
+    assert stat.n == 3 and stat.mean == pytest.approx(83.0) and stat.std == pytest.approx(math.sqrt(13.0))
+    one = study_report.aggregate([50.0, None, math.nan])
+    assert (one.mean, one.std, one.n) == (50.0, None, 1)
+    assert study_report.aggregate([]).n == 0
+    assert stat.text() == "83.0 ± 3.6 (n=3)"
+
+
+def _record(row, conf, seed, val_cert, test_cert, test_nat):
+    return {
+        "schema": study.RECORD_SCHEMA,
+        "run": f"{row}/{conf}/seed{seed}",
+        "row": row,
+        "group": "",
+        "configuration": conf,
+        "seed": seed,
+        "config": {"optimizer": {"name": "pgpe"}, "bound": {"method": "deeppoly"}},
+        "cost_s": {"train": 1800.0, "test": 0.0},
+        "validation": {"natural": 0.9, "adversarial": 0.5, "certified": val_cert, "certified/deeppoly": val_cert},
+        "test": {"natural": test_nat, "adversarial": 0.5, "certified": test_cert, "certified/deeppoly": test_cert},
+    }
+
+
+def test_report_selects_on_validation_and_aggregates_the_test_seeds():
+    records = [
+        # "a" is better on validation, "b" on the test set: the report must pick "a"
+        _record("pgpe", "a", 0, 0.40, 0.30, 0.80),
+        _record("pgpe", "a", 1, 0.42, 0.33, 0.82),
+        _record("pgpe", "a", 2, 0.44, 0.36, 0.87),
+        _record("pgpe", "b", 0, 0.20, 0.90, 0.90),
+        _record("pgpe", "b", 1, 0.20, 0.90, 0.90),
+    ]
+    result = study_report.build(records)
+    (row,) = result["rows"]
+    assert row["configuration"] == "a" and row["num_configurations"] == 2
+    cert, nat = row["test"]["certified"], row["test"]["natural"]
+    assert cert.n == 3 and cert.mean == pytest.approx(33.0) and cert.std == pytest.approx(3.0)
+    assert nat.mean == pytest.approx(83.0) and nat.std == pytest.approx(math.sqrt(13.0))
+    assert result["columns"] == ["natural", "adversarial", "certified/deeppoly", "certified"]
+    costs = {c["configuration"]: c["cost_s"] for c in result["configurations"]}
+    assert costs == {"a": 3 * 1800.0, "b": 2 * 1800.0}
+    text = study_report.format_markdown(result)
+    assert "| pgpe | a (best of 2) | 83.0 ± 3.6 (n=3) |" in text
+    assert "33.0 ± 3.0 (n=3)" in text
+
+
+def test_report_figure_is_written(tmp_path):
+    result = study_report.build([_record("pgpe", "a", s, 0.4, 0.3 + 0.01 * s, 0.8) for s in range(3)])
+    out = study_report.plot(result, tmp_path / "fig.png")
+    assert out.stat().st_size > 1000
+
+
+def test_cli_status_and_slurm_index(tmp_path, capsys):
+    from mpigls import cli
+
+    s, paths = _study(tmp_path)
+    common = ["--runs", str(paths.runs), "--results", str(paths.results)]
+    assert cli.main(["study", "status", str(s.path), *common]) == 0
+    out = capsys.readouterr().out
+    assert "1  ibp/lr=0.01/seed1  not started" in out and "(stage 0: 2, stage 1: 2)" in out
+    # a SLURM task names (stage, index); the index counts the runs of that stage in status order
+    assert cli.main(["study", "run", str(s.path), *common, "--stage", "1", "--index", "0"]) == 1
+    assert "ibp/lr=0.01/seed0: blocked" in capsys.readouterr().out  # its warm start has not run
+    assert cli.main(["study", "run", str(s.path), *common, "--stage", "1", "--index", "2"]) == 2
+    assert "stage 1 has 2 runs" in capsys.readouterr().err
+
+
+def test_mpigls_report_of_a_study_file(tmp_path, monkeypatch, capsys):
+    from mpigls import cli
+
+    monkeypatch.chdir(tmp_path)
+    s, _ = _study(tmp_path)
+    results = tmp_path / "results" / "studies" / "tiny"
+    results.mkdir(parents=True)
+    for seed, cert in enumerate((0.30, 0.36)):
+        rec = _record("ibp", "lr=0.01", seed, cert, cert, 0.8)
+        (results / f"ibp__lr=0.01__seed{seed}.json").write_text(json.dumps(rec))
+    assert cli.main(["report", str(s.path)]) == 0
+    assert "| ibp | lr=0.01 | 80.0 ± 0.0 (n=2) |" in capsys.readouterr().out
+    assert {p.name for p in results.iterdir()} >= {"table.md", "table.json", "figure.png"}
+    assert json.loads((results / "table.json").read_text())["rows"][0]["test"]["certified"]["n"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.yaml")), ids=str)
+def test_shipped_study_files_expand_into_valid_runs(path):
+    s = study.load_study(path)  # builds and validates every run's config
+    runs = study.expand(s)
+    assert len(runs) >= 3 * len(s.rows) and all(r.config["data"]["val_size"] > 0 for r in runs)
+    assert {r.seed for r in runs} == set(s.seeds) and len(s.seeds) >= 3
+    for r in runs:
+        if r.after:
+            assert r.after.endswith(f"seed{r.seed}") and r.stage == 1
