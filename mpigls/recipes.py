@@ -31,9 +31,10 @@ class Kind:
     suffixes: tuple[str, ...]
     strip_suffix: bool  # names leave the suffix out (configs) or keep it (scripts)
     list_command: str
+    exclude: tuple[str, ...] = ()  # subfolders that hold other files (study files are not train configs)
 
 
-RECIPES = Kind("recipe", "_recipes", "configs", (".yaml",), True, "mpigls recipes")
+RECIPES = Kind("recipe", "_recipes", "configs", (".yaml",), True, "mpigls recipes", exclude=("studies",))
 JOBS = Kind("job script", "_jobs", "jobs", (".sh", ".sbatch"), False, "mpigls recipes --jobs")
 _USE = {RECIPES: "mpigls train NAME --out DIR", JOBS: "mpigls recipes --jobs copy NAME DIR"}
 
@@ -60,7 +61,7 @@ def _files(kind: Kind) -> dict[str, Path]:
     found = {}
     for file in sorted(base.rglob("*")):
         rel = file.relative_to(base)
-        hidden = any(part.startswith((".", "_")) for part in rel.parts)
+        hidden = any(part.startswith((".", "_")) for part in rel.parts) or rel.parts[0] in kind.exclude
         if file.is_file() and file.suffix in kind.suffixes and not hidden:
             found[_name(kind, rel)] = file
     return found
