@@ -542,12 +542,20 @@ RUNTIME_KEYS = frozenset(
 
 def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) whose value differs between two config dicts and changes the computation:
-    ``{key: (old, new)}``, eval.*, track.* and RUNTIME_KEYS left out."""
+    ``{key: (old, new)}``, eval.*, track.* and RUNTIME_KEYS left out. A key the old config does not
+    have (it was stored by a version without that key) is no change when the new value is the key's
+    default: the default is what the older version did."""
     a, b = flatten(old), flatten(new)
+    missing = set(b) - set(a)
+    opt = {"optimizer": {"name": b["optimizer.name"]}} if "optimizer.name" in b else {}
+    defaults = flatten(to_dict(from_dict(opt))) if missing else {}
     return {
         k: (a.get(k), b.get(k))
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in RUNTIME_KEYS and not k.startswith(("eval.", "track."))
+        if a.get(k) != b.get(k)
+        and k not in RUNTIME_KEYS
+        and not k.startswith(("eval.", "track."))
+        and not (k in missing and k in defaults and b[k] == defaults[k])
     }
 
 

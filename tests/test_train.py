@@ -141,3 +141,14 @@ def test_changed_keys_flattens_sections():
     old = {"optimizer": {"lr": 0.1, "name": "pgpe"}, "bound": {"options": {"a": 1}}, "eval": {"num_test": 5}}
     new = {"optimizer": {"lr": 0.2, "name": "pgpe"}, "bound": {"options": {"a": 2}}, "eval": {"num_test": 9}}
     assert config.changed_keys(old, new) == {"bound.options": ({"a": 1}, {"a": 2}), "optimizer.lr": (0.1, 0.2)}
+
+
+def test_a_key_newer_than_the_stored_config_is_no_change_at_its_default():
+    """A checkpoint written before a key existed resumes silently when the key keeps its default (the
+    older version's behaviour), and the key is reported when it is set to something else."""
+    stored = config.to_dict(config.from_dict({"optimizer": {"name": "grad"}}))
+    del stored["data"]["val_size"], stored["data"]["val_seed"]
+    same = config.to_dict(config.from_dict({"optimizer": {"name": "grad"}}))
+    assert config.changed_keys(stored, same) == {}
+    other = config.to_dict(config.from_dict({"optimizer": {"name": "grad"}, "data": {"val_size": 50}}))
+    assert config.changed_keys(stored, other) == {"data.val_size": (None, 50)}
