@@ -27,6 +27,11 @@ __all__ = ["main", "build_parser"]
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
+def _add_overrides(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable) into ``args.overrides``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpigls", description="MPI-parallel certified training with Gaussian Loss Smoothing."
@@ -48,14 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop cleanly after this many generations in total (with a checkpoint); a later call continues",
     )
-    tr.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (repeatable), e.g. --set optimizer.popsize=64",
-    )
+    _add_overrides(tr, "override a config key (repeatable), e.g. --set optimizer.popsize=64")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     tr.add_argument("--dry-run", action="store_true", help="validate config and data, print a summary, do not train")
     tr.add_argument("--no-eval", action="store_true", help="skip the final test-set certification")
@@ -91,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
     ce.add_argument("--num-test", type=int, default=None, help="first N test examples")
-    ce.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a key of the checkpoint's config, e.g. --set data.root=/data",
-    )
+    _add_overrides(ce, "override a key of the checkpoint's config, e.g. --set data.root=/data")
     ce.add_argument(
         "--config",
         default=None,
@@ -193,14 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="symbolic batch dimension (default: batch 1, as VNN-COMP tools expect)",
     )
-    ex.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a key of the checkpoint's config, e.g. --set data.root=/data",
-    )
+    _add_overrides(ex, "override a key of the checkpoint's config, e.g. --set data.root=/data")
 
     da = sub.add_parser("data", help="dataset tools: `mpigls data fetch mnist --root DIR` downloads a dataset")
     dsub = da.add_subparsers(dest="data_command", required=True)
@@ -323,6 +307,7 @@ def _cmd_certify(args, comm) -> int:
 
     from mpigls.evaluation import certify
     from mpigls.run import checkpoint, rundir, train as train_mod
+    from mpigls.run.rundir import json_safe
 
     args.checkpoint = _checkpoint_file(args.checkpoint)
     ckpt, cfg = _network_and_config(args)
@@ -406,6 +391,7 @@ def _cmd_certify(args, comm) -> int:
 
 def _cmd_inspect(args, comm) -> int:
     from mpigls.run import checkpoint
+    from mpigls.run.rundir import json_safe
 
     summary = checkpoint.summary(_checkpoint_file(args.checkpoint))
     if comm.is_root:
@@ -655,7 +641,7 @@ def _cmd_recipes(args, comm) -> int:
 def _diagnose(args, comm) -> int:
     from mpigls.studies import diagnose
 
-    return diagnose.run(args, comm, _load_usable, json_safe)
+    return diagnose.run(args, comm, _load_usable)
 
 
 def _cmd_study(args, comm) -> int:
@@ -738,19 +724,6 @@ def _load_usable(path: str):
             "accuracies would be meaningless; use an earlier checkpoint of the run"
         )
     return ckpt
-
-
-def json_safe(obj):
-    """``obj`` with NaN and +-inf floats replaced by None (JSON has no NaN; ``json`` would print bare NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
-        return json_safe(obj.item())
-    return obj
 
 
 def _png_path(out: str, default_name: str) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -241,6 +242,19 @@ def describe(out: str | os.PathLike, *, restart: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------- files of a run directory
+
+
+def json_safe(obj):
+    """``obj`` with NaN and +-inf floats replaced by None (JSON has no NaN; ``json`` would print bare NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return json_safe(obj.item())
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

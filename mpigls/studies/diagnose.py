@@ -200,13 +200,14 @@ def _parse_list(text: str, kind, name: str) -> list:
     return values
 
 
-def run(args, comm, load_checkpoint: Callable, json_safe: Callable) -> int:
+def run(args, comm, load_checkpoint: Callable) -> int:
     """``mpigls diagnose``: rank 0 computes (one process suffices: the points are few). ``load_checkpoint``
-    reads a usable checkpoint and ``json_safe`` makes NaN JSON-writable (the CLI's own, passed in)."""
+    reads a usable checkpoint (the CLI's own, passed in)."""
     import json
 
     from mpigls import config as config_mod
     from mpigls.run import train as train_mod
+    from mpigls.run.rundir import json_safe
 
     popsizes = _parse_list(args.popsizes, int, "popsizes")
     if any(p % 2 for p in popsizes):

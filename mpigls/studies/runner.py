@@ -43,7 +43,6 @@ import datetime as _dt
 import fcntl
 import itertools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -435,16 +434,6 @@ def _commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _evaluate(cfg: config_mod.Config, ckpt, ev: Evaluation) -> tuple[dict, dict, float, float]:
     """(validation summary, test summary, their seconds): the validation split without the
     verifier (for selection), the test set once with it when ``ev.verify``."""
@@ -554,7 +543,7 @@ def run_one(
             "test": {k: v for k, v in test.items() if k != "time_s"},
             "config": config_mod.to_dict(cfg),
         }
-        rundir.write_json(paths.record(run), _json_safe(record))
+        rundir.write_json(paths.record(run), rundir.json_safe(record))
         log(
             f"[study] {run.id}: finished; validation certified {100 * val['certified']:.2f}%, "
             f"record {paths.record(run)}"
