@@ -214,3 +214,87 @@ def test_shipped_study_files_expand_into_valid_runs(path):
     for r in runs:
         if r.after:
             assert r.after.endswith(f"seed{r.seed}") and r.stage == 1
+
+
+# ------------------------------------------------------------------------------------------ adoption
+
+
+def _fake_finished(s: study.Study, paths: study.Paths, run: study.StudyRun, tag: str) -> None:
+    """A finished run without training: a run directory with a checkpoint file, and its record."""
+    d = paths.run_dir(run)
+    d.mkdir(parents=True)
+    (d / "latest.h5").write_bytes(tag.encode())
+    (d / study.LOCK_FILE).write_bytes(b"")
+    config = study.config_mod.to_dict(study.resolved_config(run, paths))
+    record = {"schema": study.RECORD_SCHEMA, "version": 1, "study": s.name, "run": run.id, "row": run.row,
+              "group": run.group, "configuration": run.configuration, "seed": run.seed, "after": run.after,
+              "commit": "abc", "generations": 6, "theta_sha256": tag, "cost_s": {"train": 1.0},
+              "validation": {"certified": 0.5}, "test": {"certified": 0.4}, "config": config}  # fmt: skip
+    paths.results.mkdir(parents=True, exist_ok=True)
+    paths.record(run).write_text(json.dumps(record))
+
+
+def test_adopt_copies_finished_runs_with_identical_settings_and_warm_starts(tmp_path):
+    from mpigls.studies import adopt
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, old_paths = _study(tmp_path / "old", TINY.replace("study: tiny", "study: old"))
+    for run in study.expand(old):
+        _fake_finished(old, old_paths, run, run.id)
+    # the new study: the same warm start; ibp at the old lr and a new one; seed 1 of warm differs
+    new_text = (
+        TINY.replace("study: tiny", "study: new")
+        .replace("[0.01]", "[0.01, 0.003]")
+        .replace("seeds: [0, 1]", "seeds: [0, 1, 2]")
+    )
+    new, new_paths = _study(tmp_path / "new", new_text)
+    adopted = adopt.adopt(new, new_paths, old, old_paths, log=lambda msg: None)
+    assert adopted == {
+        "warm/seed0": "warm/seed0",
+        "warm/seed1": "warm/seed1",
+        "ibp/lr=0.01/seed0": "ibp/lr=0.01/seed0",
+        "ibp/lr=0.01/seed1": "ibp/lr=0.01/seed1",
+    }
+    states = {r.id: study.run_state(r, new_paths) for r in study.expand(new)}
+    assert {k for k, v in states.items() if v == "finished"} == set(adopted)
+    rec = json.loads(new_paths.record(next(r for r in study.expand(new) if r.id == "ibp/lr=0.01/seed1")).read_text())
+    assert rec["study"] == "new" and rec["run"] == "ibp/lr=0.01/seed1" and rec["after"] == "warm/seed1"
+    assert (
+        rec["adopted_from"] == {"study": "old", "run": "ibp/lr=0.01/seed1"}
+        and rec["theta_sha256"] == "ibp/lr=0.01/seed1"
+    )
+    assert Path(rec["config"]["model"]["init_from"]) == new_paths.runs / "warm" / "seed1" / "latest.h5"
+    assert (new_paths.runs / "warm" / "seed1" / "latest.h5").read_bytes() == b"warm/seed1"
+    assert not (new_paths.runs / "warm" / "seed1" / study.LOCK_FILE).exists()
+    assert adopt.adopt(new, new_paths, old, old_paths, log=lambda msg: None) == {}  # nothing left to adopt
+
+
+def test_adopt_refuses_other_warm_starts_other_settings_and_other_evaluation(tmp_path):
+    from mpigls.studies import adopt
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, old_paths = _study(tmp_path / "old", TINY.replace("study: tiny", "study: old"))
+    for run in study.expand(old):
+        _fake_finished(old, old_paths, run, run.id)
+    # the warm start trains differently: neither it nor the runs that start from it are adopted
+    other_warm = TINY.replace("study: tiny", "study: new").replace("{bound.method: natural}", "{bound.method: pgd}")
+    new, new_paths = _study(tmp_path / "new", other_warm)
+    assert adopt.adopt(new, new_paths, old, old_paths, log=lambda msg: None) == {}
+    # a run already started here is left alone
+    (tmp_path / "new2").mkdir()
+    new2, new2_paths = _study(tmp_path / "new2", TINY.replace("study: tiny", "study: new2"))
+    started = next(r for r in study.expand(new2) if r.id == "warm/seed0")
+    new2_paths.run_dir(started).mkdir(parents=True)
+    assert set(adopt.adopt(new2, new2_paths, old, old_paths, log=lambda msg: None)) == {
+        "warm/seed1",
+        "ibp/lr=0.01/seed1",
+    }
+    # another evaluation: nothing is comparable
+    (tmp_path / "new3").mkdir()
+    new3, new3_paths = _study(
+        tmp_path / "new3", TINY.replace("study: tiny", "study: new3") + "evaluation: {pgd_restarts: 3}\n"
+    )
+    with pytest.raises(study.StudyError, match="not comparable"):
+        adopt.adopt(new3, new3_paths, old, old_paths, log=lambda msg: None)

@@ -1,9 +1,10 @@
-"""``mpigls study run | status | report``: the command line of ``mpigls.studies.runner`` and
+"""``mpigls study run | status | adopt | report``: the command line of ``mpigls.studies.runner`` and
 ``mpigls.studies.report`` (one process; each run trains in its own process with one thread).
 
     mpigls study run configs/studies/digits-pilot.yaml --jobs 2     # resumable: run it again to continue
     mpigls study status configs/studies/digits-pilot.yaml           # every run and its state
     mpigls study report configs/studies/digits-pilot.yaml           # table.md, table.json, figure.png
+    mpigls study adopt NEW.yaml --from OLD.yaml   # copy OLD's finished runs with identical settings
     mpigls study run STUDY --stage 0 --index $SLURM_ARRAY_TASK_ID  # one run (a SLURM array task)
 """
 
@@ -38,6 +39,13 @@ def add_parser(sub) -> None:
     )
     s = ssub.add_parser("status", help="every run of a study with its stage and state")
     common(s)
+    a = ssub.add_parser(
+        "adopt", help="copy the finished runs of another study whose settings are identical, instead of training them"
+    )
+    common(a)
+    a.add_argument("--from", dest="source", required=True, help="the other study's YAML file")
+    a.add_argument("--from-runs", default=None, help="its run directories (default: runs/studies/ITS_NAME)")
+    a.add_argument("--from-results", default=None, help="its run records (default: results/studies/ITS_NAME)")
     p = ssub.add_parser("report", help="seed-aggregated tables (Markdown, JSON) and a figure of the finished runs")
     common(p)
     p.add_argument("--out", default=None, help="output folder (default: the results folder)")
@@ -75,6 +83,14 @@ def run(args) -> int:
         if "busy" in outcome.values():
             return study_mod.EXIT_BUSY
         return 3 if "interrupted" in outcome.values() else 0
+    if args.study_command == "adopt":
+        from mpigls.studies import adopt as adopt_mod
+
+        source = study_mod.load_study(args.source)
+        source_paths = study_mod.Paths.default(source, args.from_runs, args.from_results)
+        adopted = adopt_mod.adopt(study, paths, source, source_paths)
+        print(f"[study] {study.name}: adopted {len(adopted)} run(s) from {source.name}", flush=True)
+        return 0
     if args.study_command == "status":
         rows = study_mod.status(study, paths)
         width = max(len(r.id) for r, _ in rows)
