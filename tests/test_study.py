@@ -298,3 +298,21 @@ def test_adopt_refuses_other_warm_starts_other_settings_and_other_evaluation(tmp
     )
     with pytest.raises(study.StudyError, match="not comparable"):
         adopt.adopt(new3, new3_paths, old, old_paths, log=lambda msg: None)
+
+
+def test_complete_verifier_column_is_recorded_and_aggregated(tmp_path):
+    text = TINY.replace("seeds: [0, 1]", "seeds: [0]\nevaluation: {verify: true, time_limit: 2, num_test: 16}")
+    s, paths = _study(tmp_path, text)
+    run = next(r for r in study.expand(s) if r.id == "warm/seed0")
+    assert study.run_one(s, run, paths, log=lambda msg: None) == "finished"
+    rec = json.loads(paths.record(run).read_text())
+    test = rec["test"]
+    assert "verified" not in rec["validation"] and test["num_examples"] == 16
+    # sound and complete: the verifier proves every certified example and refutes no clean one
+    assert test["certified"] <= test["verified"] <= test["natural"]
+    records = [dict(rec, run=f"warm/seed{k}", seed=k, test=dict(test, verified=v)) for k, v in enumerate((0.5, 0.75))]
+    result = study_report.build(records)
+    assert result["columns"][-1] == "verified"
+    stat = result["rows"][0]["test"]["verified"]
+    assert (stat.n, stat.mean) == (2, pytest.approx(62.5)) and stat.std == pytest.approx(math.sqrt(2) * 12.5)
+    assert "| Verified |" in study_report.format_markdown(result)
