@@ -316,3 +316,25 @@ def test_complete_verifier_column_is_recorded_and_aggregated(tmp_path):
     stat = result["rows"][0]["test"]["verified"]
     assert (stat.n, stat.mean) == (2, pytest.approx(62.5)) and stat.std == pytest.approx(math.sqrt(2) * 12.5)
     assert "| Verified |" in study_report.format_markdown(result)
+
+
+def test_verify_adds_the_complete_verifier_to_finished_runs_once(tmp_path):
+    text = TINY.replace("seeds: [0, 1]", "seeds: [0]\nevaluation: {num_test: 16}")
+    s, paths = _study(tmp_path, text)
+    run = next(r for r in study.expand(s) if r.id == "warm/seed0")
+    assert study.run_one(s, run, paths, log=lambda msg: None) == "finished"
+    before = json.loads(paths.record(run).read_text())
+    assert "verified" not in before["test"]
+    assert study.verify_finished(s, paths, time_limit=2, log=lambda msg: None) == ["warm/seed0"]
+    after = json.loads(paths.record(run).read_text())
+    assert after["validation"] == before["validation"]  # the selection is not touched
+    assert {k: after["test"][k] for k in before["test"]} == before["test"]  # the numbers it had are kept
+    assert after["test"]["certified"] <= after["test"]["verified"] <= after["test"]["natural"]
+    assert after["verify"] == {"time_limit": 2, "max_domains": None} and after["cost_s"]["verify"] > 0
+    assert study.verify_finished(s, paths, time_limit=2, log=lambda msg: None) == []  # once
+    # a record whose network is not the checkpoint's is refused
+    del after["test"]["verified"]
+    after["theta_sha256"] = "0" * 64
+    paths.record(run).write_text(json.dumps(after))
+    with pytest.raises(study.StudyError, match="not the network"):
+        study.verify_finished(s, paths, time_limit=2, log=lambda msg: None)

@@ -1,10 +1,11 @@
-"""``mpigls study run | status | adopt | report``: the command line of ``mpigls.studies.runner`` and
+"""``mpigls study run | status | verify | adopt | report``: the command line of ``mpigls.studies.runner`` and
 ``mpigls.studies.report`` (one process; each run trains in its own process with one thread).
 
     mpigls study run configs/studies/digits-pilot.yaml --jobs 2     # resumable: run it again to continue
     mpigls study status configs/studies/digits-pilot.yaml           # every run and its state
     mpigls study report configs/studies/digits-pilot.yaml           # table.md, table.json, figure.png
     mpigls study adopt NEW.yaml --from OLD.yaml   # copy OLD's finished runs with identical settings
+    mpigls study verify STUDY --time-limit 2      # add the complete verifier to finished runs
     mpigls study run STUDY --stage 0 --index $SLURM_ARRAY_TASK_ID  # one run (a SLURM array task)
 """
 
@@ -39,6 +40,11 @@ def add_parser(sub) -> None:
     )
     s = ssub.add_parser("status", help="every run of a study with its stage and state")
     common(s)
+    v = ssub.add_parser("verify", help="add the complete verifier's test result to finished runs evaluated without it")
+    common(v)
+    v.add_argument("--time-limit", type=float, default=10.0, help="verifier seconds per test example (0: none)")
+    v.add_argument("--max-domains", type=int, default=None, help="verifier branch-and-bound domains per example")
+    v.add_argument("--only", default=None, help="comma-separated run ids (default: every finished run)")
     a = ssub.add_parser(
         "adopt", help="copy the finished runs of another study whose settings are identical, instead of training them"
     )
@@ -83,6 +89,13 @@ def run(args) -> int:
         if "busy" in outcome.values():
             return study_mod.EXIT_BUSY
         return 3 if "interrupted" in outcome.values() else 0
+    if args.study_command == "verify":
+        only = [x for x in args.only.split(",") if x] if args.only else None
+        done = study_mod.verify_finished(
+            study, paths, time_limit=args.time_limit or None, max_domains=args.max_domains, only=only
+        )
+        print(f"[study] {study.name}: complete verifier added to {len(done)} run(s)", flush=True)
+        return 0
     if args.study_command == "adopt":
         from mpigls.studies import adopt as adopt_mod
 

@@ -67,6 +67,7 @@ __all__ = [
     "run_state",
     "run_one",
     "run_study",
+    "verify_finished",
     "read_records",
     "EXIT_BUSY",
 ]
@@ -549,6 +550,69 @@ def run_one(
             f"record {paths.record(run)}"
         )
         return "finished"
+
+
+def verify_finished(
+    study: Study,
+    paths: Paths,
+    *,
+    time_limit: float | None = 10.0,
+    max_domains: int | None = None,
+    only: list[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Add the complete verifier to finished runs evaluated without it: each record whose test
+    evaluation has no ``verified`` is evaluated again on the same test examples, with the study's
+    methods and PGD settings and the verifier (``time_limit`` seconds per example), from the run's
+    final checkpoint; the record gains ``test.verified`` (with ``unknown``, ``falsified`` and the
+    search's statistics) and ``cost_s.verify``, and keeps its other numbers. Validation (the
+    selection) is not touched. Returns the ids of the runs verified."""
+    import dataclasses as _dc
+
+    import numpy as np
+
+    from mpigls.run import checkpoint, rundir
+
+    log = log or (lambda msg: print(msg, flush=True))
+    ev = _dc.replace(study.evaluation, verify=True, time_limit=time_limit, max_domains=max_domains)
+    done = []
+    for run in expand(study):
+        if only is not None and run.id not in only:
+            continue
+        rec = read_record(paths.record(run))
+        if rec is None or "verified" in rec.get("test", {}):
+            continue
+        ckpt = rundir.load_latest(paths.run_dir(run))
+        if ckpt is None:
+            raise StudyError(
+                f"run {run.id} has a record but no checkpoint in {paths.run_dir(run)}; the verifier needs its "
+                "final network (copy its run directory there)"
+            )
+        if checkpoint.theta_sha256(ckpt.theta) != rec.get("theta_sha256"):
+            raise StudyError(
+                f"run {run.id}: the checkpoint in {paths.run_dir(run)} is not the network its record describes"
+            )
+        values = json.loads(json.dumps(rec["config"]))
+        values.setdefault("model", {})["init_from"] = None  # the final network comes from the checkpoint
+        cfg = config_mod.from_dict(values)
+        ev_run = _dc.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
+        log(f"[study] {run.id}: complete verifier on the test set ({time_limit} s per example)")
+        _, test, _, test_s = _evaluate(cfg, ckpt, ev_run)
+        differs = [k for k in ("natural", "adversarial", "certified") if not np.isclose(test[k], rec["test"][k])]
+        if differs:
+            log(
+                f"[study] {run.id}: the test evaluation now differs from its record ({', '.join(differs)}); "
+                "left without the verifier"
+            )
+            continue
+        added = {k: v for k, v in test.items() if k in ("verified", "unknown", "falsified") or k.startswith("verify/")}
+        rec["test"].update(added)
+        rec["cost_s"]["verify"] = test_s
+        rec["verify"] = {"time_limit": time_limit, "max_domains": max_domains}
+        rundir.write_json(paths.record(run), rundir.json_safe(rec))
+        log(f"[study] {run.id}: verified {100 * test['verified']:.2f}% ({test.get('unknown', 0)} unknown)")
+        done.append(run.id)
+    return done
 
 
 def run_state_text(d: Path) -> str:
