@@ -30,6 +30,7 @@ rows:
 
 
 def _study(tmp_path: Path, text: str = TINY) -> tuple[study.Study, study.Paths]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
     s = study.load_study(path)
@@ -234,14 +235,18 @@ def _fake_finished(s: study.Study, paths: study.Paths, run: study.StudyRun, tag:
     paths.record(run).write_text(json.dumps(record))
 
 
+def _finished_study(tmp_path: Path, name: str) -> tuple[study.Study, study.Paths]:
+    """The TINY study under ``name`` with every run finished (without training)."""
+    s, paths = _study(tmp_path / name, TINY.replace("study: tiny", f"study: {name}"))
+    for run in study.expand(s):
+        _fake_finished(s, paths, run, run.id)
+    return s, paths
+
+
 def test_adopt_copies_finished_runs_with_identical_settings_and_warm_starts(tmp_path):
     from mpigls.studies import adopt
 
-    (tmp_path / "old").mkdir()
-    (tmp_path / "new").mkdir()
-    old, old_paths = _study(tmp_path / "old", TINY.replace("study: tiny", "study: old"))
-    for run in study.expand(old):
-        _fake_finished(old, old_paths, run, run.id)
+    old, old_paths = _finished_study(tmp_path, "old")
     # the new study: the same warm start; ibp at the old lr and a new one; seed 1 of warm differs
     new_text = (
         TINY.replace("study: tiny", "study: new")
@@ -273,17 +278,12 @@ def test_adopt_copies_finished_runs_with_identical_settings_and_warm_starts(tmp_
 def test_adopt_refuses_other_warm_starts_other_settings_and_other_evaluation(tmp_path):
     from mpigls.studies import adopt
 
-    (tmp_path / "old").mkdir()
-    (tmp_path / "new").mkdir()
-    old, old_paths = _study(tmp_path / "old", TINY.replace("study: tiny", "study: old"))
-    for run in study.expand(old):
-        _fake_finished(old, old_paths, run, run.id)
+    old, old_paths = _finished_study(tmp_path, "old")
     # the warm start trains differently: neither it nor the runs that start from it are adopted
     other_warm = TINY.replace("study: tiny", "study: new").replace("{bound.method: natural}", "{bound.method: pgd}")
     new, new_paths = _study(tmp_path / "new", other_warm)
     assert adopt.adopt(new, new_paths, old, old_paths, log=lambda msg: None) == {}
     # a run already started here is left alone
-    (tmp_path / "new2").mkdir()
     new2, new2_paths = _study(tmp_path / "new2", TINY.replace("study: tiny", "study: new2"))
     started = next(r for r in study.expand(new2) if r.id == "warm/seed0")
     new2_paths.run_dir(started).mkdir(parents=True)
@@ -292,7 +292,6 @@ def test_adopt_refuses_other_warm_starts_other_settings_and_other_evaluation(tmp
         "ibp/lr=0.01/seed1",
     }
     # another evaluation: nothing is comparable
-    (tmp_path / "new3").mkdir()
     new3, new3_paths = _study(
         tmp_path / "new3", TINY.replace("study: tiny", "study: new3") + "evaluation: {pgd_restarts: 3}\n"
     )

@@ -42,7 +42,7 @@ def _source_run(run_id: str, adopted: dict[str, str], paths: runner.Paths, sourc
     """The source run that run ``run_id`` of the adopting study was adopted from (now or earlier), if any."""
     if run_id in adopted:
         return adopted[run_id]
-    rec = runner.read_record(paths.results / (run_id.replace("/", "__") + ".json")) or {}
+    rec = runner.read_record(paths.record_of(run_id)) or {}
     origin = rec.get("adopted_from")
     return origin.get("run") if isinstance(origin, dict) and origin.get("study") == source.name else None
 

@@ -67,7 +67,12 @@ def _select(runs: list, args) -> list[str] | None:
                 f"--index {args.index} is out of range: stage {args.stage} has {len(stage)} runs (0..{len(stage) - 1})"
             )
         return [stage[args.index].id]
-    return [x for x in args.only.split(",") if x] if args.only else None
+    return _ids(args.only)
+
+
+def _ids(text: str | None) -> list[str] | None:
+    """``--only ID,ID``: the run ids, None when not given."""
+    return [x for x in text.split(",") if x] if text else None
 
 
 def run(args) -> int:
@@ -90,9 +95,8 @@ def run(args) -> int:
             return study_mod.EXIT_BUSY
         return 3 if "interrupted" in outcome.values() else 0
     if args.study_command == "verify":
-        only = [x for x in args.only.split(",") if x] if args.only else None
         done = study_mod.verify_finished(
-            study, paths, time_limit=args.time_limit or None, max_domains=args.max_domains, only=only
+            study, paths, time_limit=args.time_limit or None, max_domains=args.max_domains, only=_ids(args.only)
         )
         print(f"[study] {study.name}: complete verifier added to {len(done)} run(s)", flush=True)
         return 0

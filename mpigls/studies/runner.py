@@ -150,7 +150,11 @@ class Paths:
         return self.runs / run.id
 
     def record(self, run: StudyRun) -> Path:
-        return self.results / (run.id.replace("/", "__") + ".json")
+        return self.record_of(run.id)
+
+    def record_of(self, run_id: str) -> Path:
+        """The record of the run with this id (e.g. a warm start named by ``StudyRun.after``)."""
+        return self.results / (run_id.replace("/", "__") + ".json")
 
     @classmethod
     def default(cls, study: Study, runs: str | None = None, results: str | None = None) -> Paths:
@@ -435,9 +439,12 @@ def _commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _evaluate(cfg: config_mod.Config, ckpt, ev: Evaluation) -> tuple[dict, dict, float, float]:
+def _evaluate(
+    cfg: config_mod.Config, ckpt, ev: Evaluation, *, validation: bool = True
+) -> tuple[dict | None, dict, float, float]:
     """(validation summary, test summary, their seconds): the validation split without the
-    verifier (for selection), the test set once with it when ``ev.verify``."""
+    verifier (for selection; None with ``validation=False``), the test set once with it when
+    ``ev.verify``."""
     import torch
 
     from mpigls.evaluation import certify
@@ -453,8 +460,10 @@ def _evaluate(cfg: config_mod.Config, ckpt, ev: Evaluation) -> tuple[dict, dict,
         seed=cfg.train.seed,
     )
     t0 = time.perf_counter()
-    assert dataset.val_x is not None and dataset.val_y is not None  # expand() requires data.val_size > 0
-    val, _ = certify.certify(model, theta, dataset.val_x, dataset.val_y, cfg.bound.eps, methods, **common)
+    val = None
+    if validation:
+        assert dataset.val_x is not None and dataset.val_y is not None  # expand() requires data.val_size > 0
+        val, _ = certify.certify(model, theta, dataset.val_x, dataset.val_y, cfg.bound.eps, methods, **common)
     t1 = time.perf_counter()
     n = ev.num_test or len(dataset.test_y)
     test, _ = certify.certify(
@@ -490,13 +499,13 @@ def run_one(
     log = log or (lambda msg: print(msg, flush=True))
     if read_record(paths.record(run)) is not None:
         return "finished"
-    if run.after is not None and read_record(paths.results / (run.after.replace("/", "__") + ".json")) is None:
+    if run.after is not None and read_record(paths.record_of(run.after)) is None:
         raise StudyError(f"run {run.id} starts from {run.after}, which has not finished; run that first")
     if run.after is not None and not (paths.runs / run.after / "latest.h5").is_file():
         raise StudyError(
             f"run {run.id} starts from the final checkpoint of {run.after}, {paths.runs / run.after / 'latest.h5'}, "
             f"which is missing although that run has a record; copy its run directory there, or delete its "
-            f"record {paths.results / (run.after.replace('/', '__') + '.json')} to train it again"
+            f"record {paths.record_of(run.after)} to train it again"
         )
     d = paths.run_dir(run)
     d.mkdir(parents=True, exist_ok=True)
@@ -519,6 +528,7 @@ def run_one(
         assert ckpt is not None
         log(f"[study] {run.id}: evaluating on the validation split and the test set")
         val, test, val_s, test_s = _evaluate(cfg, ckpt, study.evaluation)
+        assert val is not None
         history = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.metrics.items()}
         record = {
             "schema": RECORD_SCHEMA,
@@ -567,14 +577,12 @@ def verify_finished(
     final checkpoint; the record gains ``test.verified`` (with ``unknown``, ``falsified`` and the
     search's statistics) and ``cost_s.verify``, and keeps its other numbers. Validation (the
     selection) is not touched. Returns the ids of the runs verified."""
-    import dataclasses as _dc
-
     import numpy as np
 
     from mpigls.run import checkpoint, rundir
 
     log = log or (lambda msg: print(msg, flush=True))
-    ev = _dc.replace(study.evaluation, verify=True, time_limit=time_limit, max_domains=max_domains)
+    ev = dataclasses.replace(study.evaluation, verify=True, time_limit=time_limit, max_domains=max_domains)
     done = []
     for run in expand(study):
         if only is not None and run.id not in only:
@@ -592,12 +600,11 @@ def verify_finished(
             raise StudyError(
                 f"run {run.id}: the checkpoint in {paths.run_dir(run)} is not the network its record describes"
             )
-        values = json.loads(json.dumps(rec["config"]))
-        values.setdefault("model", {})["init_from"] = None  # the final network comes from the checkpoint
-        cfg = config_mod.from_dict(values)
-        ev_run = _dc.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
+        # the final network comes from the checkpoint, not from the warm start
+        cfg = config_mod.from_dict(_apply(rec["config"], [("model.init_from", None)], run.id))
+        ev_run = dataclasses.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
         log(f"[study] {run.id}: complete verifier on the test set ({time_limit} s per example)")
-        _, test, _, test_s = _evaluate(cfg, ckpt, ev_run)
+        _, test, _, test_s = _evaluate(cfg, ckpt, ev_run, validation=False)
         differs = [k for k in ("natural", "adversarial", "certified") if not np.isclose(test[k], rec["test"][k])]
         if differs:
             log(
@@ -663,7 +670,7 @@ def run_study(
     def dep_state(run: StudyRun) -> str:
         if run.after is None:
             return "finished"
-        if read_record(paths.results / (run.after.replace("/", "__") + ".json")) is not None:
+        if read_record(paths.record_of(run.after)) is not None:
             return "finished"
         return outcome.get(run.after, "pending")
 
