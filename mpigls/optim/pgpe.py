@@ -1,9 +1,9 @@
 """PGPE: Policy Gradients with Parameter-based Exploration on the Gaussian-smoothed loss.
 
 Sehnke et al. 2010, "Parameter-exploring policy gradients" (Neural Networks 23(4)); used as the
-zeroth-order Gaussian Loss Smoothing optimizer in Zhang et al., "Gaussian Loss Smoothing Enables
-Certified Training with Tight Convex Relaxations" (arXiv 2403.07095, Sec. 3.1, Eq. for
-grad_theta / grad_sigma). We MINIMISE the loss L; L_sigma(theta) = E_z L(theta + sigma*z).
+zeroth-order Gaussian Loss Smoothing optimizer in Balauca, Müller, Mao, Baader, Fischer and Vechev,
+"Gaussian Loss Smoothing Enables Certified Training with Tight Convex Relaxations" (arXiv 2403.07095,
+Sec. 3.1, Eq. for grad_theta / grad_sigma). We MINIMISE the loss L; L_sigma(theta) = E_z L(theta + sigma*z).
 
 One generation with n = popsize/2 antithetic pairs j, z_j ~ N(0, I_D) and eps_j = sigma * z_j:
     r+_j = L(theta + eps_j),   r-_j = L(theta - eps_j)          losses ordered [+0,-0,+1,-1,...]
@@ -16,6 +16,33 @@ which equals sigma - sigma_lr * sigma^2 * g_sigma: the scale-free (natural-gradi
 the paper and EvoTorch, so that sigma_lr means a relative change whatever the size of sigma. The
 relative change per step is bounded by sigma_max_change (EvoTorch: 0.2), then sigma is clamped
 to [sigma_min, sigma_max].
+
+Control variate (optimizer.control_variate, default "none"). For any vector g that does not depend on
+this generation's noise,
+    g_theta = g + 1/n * sum_j z_j [ (r+_j - r-_j)/2 - eps_j . g ] / sigma        (eps_j = sigma * z_j)
+has the same expectation as the raw estimate, grad L_sigma(theta): E[z_j (eps_j . g)] / sigma
+= E[z z^T] (sigma g) / sigma = g per coordinate, so the subtracted term has mean g exactly. Its
+variance comes only from what g does not predict of the antithetic difference: third and higher
+order curvature and the jumps of a discontinuous bound, which the smoothing is for; so it stays an
+estimate of the SMOOTHED gradient (RGS misses the jump terms), while its smooth part is nearly exact
+at any popsize. g is one of
+    "grad"      the backpropagated gradient of the loss at theta on the generation's batch (one backward
+                pass; needs a differentiable bound);
+    "previous"  the previous generation's estimate (zeroth order: any bound, alpha-CROWN included);
+    "running"   a running average of past estimates, m <- (1 - a) m + a g_theta (zeroth order), a =
+                optimizer.cv_rate or n/(n + D). Why that gain: with m's error e = grad - m and
+                A = 1/n sum_j z_j z_j^T, the error after a step is (I - a A) e, whose squared norm has
+                expectation (1 - 2a + a^2 (1 + (D + 1)/n)) |e|^2 (Gaussian z): smallest at a ~ n/(n + D),
+                and growing for a > 2n/(n + D). So "previous" (a = 1) diverges when n < D: the
+                previous estimate's own noise, D/n times its signal, enters the next one.
+The subtraction is linear in the losses, and fitness shaping (centered ranks, normalisation by this
+generation's spread) is not, so a control variate requires fitness_shaping "raw": the estimate is then
+unbiased, and the step rule (Adam, ClipUp) provides the scale normalisation that shaping would (Adam's
+step is invariant to a positive rescaling of the gradient). The per-pair scalars c_j = eps_j . g are
+computed where the noise is, exactly (``cv_products``: fixed-point products summed as integers), so
+they, the weights w'_j = w_j - c_j and the update are the same bits for any number of ranks. sigma's
+update keeps the plain weights. "previous"/"running" keep g in the state (``PGPEState.cv``, float64,
+checkpointed); it starts at zero (the first generation is plain raw PGPE).
 
 Non-finite losses (an overflowing bound): a pair with a non-finite member gets zero weight in
 both gradients and is left out of the shaping, the baseline and the 1/n normalisation (n counts
@@ -72,7 +99,14 @@ __all__ = [
     "tell",
     "state_to_dict",
     "state_from_dict",
+    "CONTROL_VARIATES",
+    "cv_products",
+    "cv_weights",
+    "control_variate",
 ]
+
+CONTROL_VARIATES = ("none", "grad", "previous", "running")
+CV_FRACTION_BITS = 30  # fixed-point bits of the exact products eps_j . g (D < 2**33 terms fit int64)
 
 NOISE_CHUNK = 64  # pairs regenerated at once by the serial path (never changes the bits)
 FRACTION_BITS = 40  # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
@@ -98,6 +132,17 @@ class PGPEParams(steprules.StepRuleParams):
     fixed_sigma: bool = param(True, "keep sigma at sigma_init (the paper's setting)")
     fitness_shaping: str = param("centered_ranks", "fitness shaping of the losses: " + ", ".join(shaping.SHAPINGS))
     noise: str = param("host", noise.SCHEME_HELP)
+    control_variate: str = param(
+        "none",
+        "control variate g of the centre gradient (unbiased; needs fitness_shaping raw): none, grad "
+        "(backpropagated gradient at theta: a differentiable bound), previous (the last estimate), "
+        "running (a running average of estimates, rate cv_rate); see mpigls.optim.pgpe",
+    )
+    cv_rate: float | None = param(
+        None,
+        "weight of the newest estimate in the running control variate, in (0, 1]; null: n/(n + D) "
+        "(n = popsize/2 pairs, D parameters), the gain that shrinks the average's error fastest",
+    )
 
     def __post_init__(self):
         if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
@@ -127,6 +172,18 @@ class PGPEParams(steprules.StepRuleParams):
         steprules.check_params(self)
         shaping.check_shaping(self.fitness_shaping)
         noise.check_scheme(self.noise)
+        if self.control_variate not in CONTROL_VARIATES:
+            raise ValueError(
+                f"optimizer.control_variate must be one of {list(CONTROL_VARIATES)}, got {self.control_variate!r}"
+            )
+        if self.control_variate != "none" and self.fitness_shaping != "raw":
+            raise ValueError(
+                f"optimizer.control_variate={self.control_variate!r} subtracts a term linear in the losses, "
+                f"which fitness shaping {self.fitness_shaping!r} is not: set optimizer.fitness_shaping=raw "
+                "(the step rule normalises the scale) or optimizer.control_variate=none"
+            )
+        if self.cv_rate is not None and (isinstance(self.cv_rate, bool) or not 0 < self.cv_rate <= 1):
+            raise ValueError(f"optimizer.cv_rate must lie in (0, 1] or be null (n/(n + D)), got {self.cv_rate!r}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +192,11 @@ class PGPEState:
     sigma: torch.Tensor  # (D,) float32
     step_state: steprules.StepState
     generation: int
+    cv: torch.Tensor | None = None  # (D,) float64: g of a zeroth-order control variate (previous/running)
+
+
+def _keeps_cv(params: PGPEParams) -> bool:
+    return params.control_variate in ("previous", "running")
 
 
 def init(params: PGPEParams, center: torch.Tensor) -> PGPEState:
@@ -142,7 +204,10 @@ def init(params: PGPEParams, center: torch.Tensor) -> PGPEState:
     if center.ndim != 1 or center.numel() == 0:
         raise ValueError(f"PGPE centre must be a non-empty flat vector (D,), got shape {tuple(center.shape)}")
     center = center.detach().to(torch.float32).clone()
-    return PGPEState(center, torch.full_like(center, params.sigma_init), steprules.init(params.step_rule, center), 0)
+    cv = torch.zeros(center.shape, dtype=torch.float64, device=center.device) if _keeps_cv(params) else None
+    return PGPEState(
+        center, torch.full_like(center, params.sigma_init), steprules.init(params.step_rule, center), 0, cv
+    )
 
 
 def _check_losses(losses: torch.Tensor, params: PGPEParams) -> torch.Tensor:
@@ -162,6 +227,7 @@ class Weights:
     center: torch.Tensor
     sigma: torch.Tensor
     num_valid: int
+    valid: torch.Tensor | None = None  # (n,) bool: both losses of the pair finite
 
 
 def weights(params: PGPEParams, losses: torch.Tensor) -> Weights:
@@ -172,14 +238,70 @@ def weights(params: PGPEParams, losses: torch.Tensor) -> Weights:
     zero = torch.zeros((), dtype=torch.float64)
     if num_valid == 0:
         z = torch.zeros(params.popsize // 2, dtype=torch.float64)
-        return Weights(z, z.clone(), 0)
+        return Weights(z, z.clone(), 0, valid)
     member_valid = valid.repeat_interleave(2)  # (P,)
     u = torch.zeros_like(r)
     u[member_valid] = shaping.shape(r[member_valid], params.fitness_shaping).to(torch.float64)
     baseline = u[member_valid].mean()
     w_center = torch.where(valid, (u[0::2] - u[1::2]) / 2, zero)
     w_sigma = torch.where(valid, (u[0::2] + u[1::2]) / 2 - baseline, zero)
-    return Weights(w_center, w_sigma, num_valid)
+    return Weights(w_center, w_sigma, num_valid, valid)
+
+
+# ----------------------------------------------------------------------------- control variate
+
+
+def control_variate(state: PGPEState, params: PGPEParams, grad_at_center: torch.Tensor | None = None):
+    """g of this generation: (D,) float64 on the state's device, or None without a control variate.
+    ``grad_at_center``: the backpropagated gradient at theta on the batch (needed for "grad")."""
+    kind = params.control_variate
+    if kind == "none":
+        return None
+    if kind == "grad":
+        if grad_at_center is None:
+            raise ValueError('optimizer.control_variate="grad" needs the gradient at theta')
+        return grad_at_center.detach().to(state.center.device, torch.float64).reshape(-1)
+    if state.cv is None:  # a state from before the control variate: start at zero
+        return torch.zeros(state.center.shape, dtype=torch.float64, device=state.center.device)
+    return state.cv
+
+
+def cv_scaled(state: PGPEState, g: torch.Tensor) -> torch.Tensor:
+    """h = sigma * g (D,) float64: eps_j . g = z_j . h."""
+    return state.sigma.detach().to(g.device, torch.float64) * g
+
+
+def cv_products(z: torch.Tensor, h: torch.Tensor, column_chunk: int = 1 << 15) -> torch.Tensor:
+    """c_j = z_j . h for the rows of z (M, D): (M,) float64 on the CPU, the same bits whatever rows are
+    computed together and on any device: each product z_jd h_d is one float64 rounding, scaled by a
+    power of two chosen from the row's own max |z_j| and max |h|, rounded to an integer and summed as
+    int64 (exact); the error is below D * 2**-31 of max |z_j| max |h|."""
+    num_rows = z.shape[0]
+    if num_rows == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    h = h.to(z.device, torch.float64)
+    top_h = float(h.abs().max()) if h.numel() else 0.0
+    if top_h == 0.0:
+        return torch.zeros(num_rows, dtype=torch.float64)
+    row_max = z.abs().amax(dim=1).to(torch.float64).cpu()
+    exps = [math.frexp(float(m) * top_h)[1] if m > 0 else 0 for m in row_max.tolist()]
+    shift = torch.tensor([float(CV_FRACTION_BITS - e) for e in exps], dtype=torch.float64, device=z.device)
+    total = torch.zeros(num_rows, dtype=torch.int64, device=z.device)
+    for lo in range(0, z.shape[1], column_chunk):
+        prod = z[:, lo : lo + column_chunk].to(torch.float64) * h[lo : lo + column_chunk]
+        total += torch.ldexp(prod, shift[:, None]).round_().to(torch.int64).sum(dim=1)
+    back = torch.tensor([float(e - CV_FRACTION_BITS) for e in exps], dtype=torch.float64)
+    return torch.ldexp(total.cpu().to(torch.float64), back)
+
+
+def cv_weights(w: Weights, pairs: Sequence[int], c: torch.Tensor) -> Weights:
+    """``w`` with the centre weights of ``pairs`` replaced by w_j - c_j (valid pairs only)."""
+    center = w.center.clone()
+    idx = torch.tensor([int(j) for j in pairs], dtype=torch.long)
+    if idx.numel():
+        valid = w.valid[idx] if w.valid is not None else torch.ones(idx.numel(), dtype=torch.bool)
+        center[idx] = torch.where(valid, center[idx] - c.to(torch.float64).cpu(), center[idx])
+    return dataclasses.replace(w, center=center)
 
 
 def pair_noise(
@@ -220,14 +342,18 @@ def ask(state: PGPEState, params: PGPEParams, seed: int, pairs: Sequence[int]) -
     )
 
 
-def exponents(w: Weights, max_abs_z: float) -> tuple[int, int]:
+def exponents(w: Weights, max_abs_z: float, max_abs_c: float = 0.0) -> tuple[int, int]:
     """Shared fixed-point exponents (e_center, e_sigma) bounding every pair's contribution.
 
-    ``max_abs_z`` is max |z_j| over ALL pairs of the generation (every rank must pass the same value).
+    ``max_abs_z`` is max |z_j| over ALL pairs of the generation (every rank must pass the same value);
+    ``max_abs_c`` max |c_j| of the control variate over all pairs (0 without one): the centre weights
+    w_j - c_j are bounded by max |w| + max |c|.
     """
     if not math.isfinite(max_abs_z) or max_abs_z < 0:
         raise ValueError(f"max |z| must be finite and >= 0, got {max_abs_z}")
-    bound_c = float(w.center.abs().max()) * max_abs_z if w.center.numel() else 0.0
+    if not math.isfinite(max_abs_c) or max_abs_c < 0:
+        raise ValueError(f"max |eps . g| must be finite and >= 0, got {max_abs_c}; is the control variate finite?")
+    bound_c = (float(w.center.abs().max()) + max_abs_c) * max_abs_z if w.center.numel() else 0.0
     bound_s = float(w.sigma.abs().max()) * max(max_abs_z * max_abs_z, 1.0) if w.sigma.numel() else 0.0
     e_c, e_s = (math.frexp(b)[1] if b > 0 else 0 for b in (bound_c, bound_s))
     return e_c, e_s
@@ -308,19 +434,35 @@ def max_abs_noise(z: torch.Tensor) -> float:
     return float(z.abs().max()) if z.numel() else 0.0
 
 
-def full_sums(state: PGPEState, params: PGPEParams, seed: int, w: Weights, with_sigma: bool = True):
+def full_sums(
+    state: PGPEState,
+    params: PGPEParams,
+    seed: int,
+    w: Weights,
+    with_sigma: bool = True,
+    g: torch.Tensor | None = None,
+):
     """Serial path: (int64 (2, D) totals, exponents) over ALL pairs, regenerating their noise.
 
-    Two passes over chunks of NOISE_CHUNK pairs (max |z| first, then the sums) to bound memory.
+    Two passes over chunks of NOISE_CHUNK pairs (max |z| and the control variate's c_j first, then
+    the sums) to bound memory. ``g``: the control variate (centre weights w_j - c_j), or None.
     """
     num_pairs = params.popsize // 2
     chunks = [range(s, min(num_pairs, s + NOISE_CHUNK)) for s in range(0, num_pairs, NOISE_CHUNK)]
     D, gen, dev = state.center.numel(), state.generation, state.center.device
-    max_z = max(max_abs_noise(pair_noise(seed, gen, c, D, params.noise, dev)) for c in chunks)
-    exps = exponents(w, max_z)
-    total = torch.zeros((2, D), dtype=torch.int64, device=dev)
+    h = None if g is None else cv_scaled(state, g)
+    max_z, max_c, cs = 0.0, 0.0, []
     for c in chunks:
-        total += partial_sums(w, c, pair_noise(seed, gen, c, D, params.noise, dev), exps, with_sigma)
+        z = pair_noise(seed, gen, c, D, params.noise, dev)
+        max_z = max(max_z, max_abs_noise(z))
+        if h is not None:
+            cs.append(cv_products(z, h))
+            max_c = max(max_c, float(cs[-1].abs().max()))
+    exps = exponents(w, max_z, max_c)
+    total = torch.zeros((2, D), dtype=torch.int64, device=dev)
+    for i, c in enumerate(chunks):
+        wc = w if h is None else cv_weights(w, c, cs[i])
+        total += partial_sums(wc, c, pair_noise(seed, gen, c, D, params.noise, dev), exps, with_sigma)
     return total, exps
 
 
@@ -331,6 +473,7 @@ def gradients(
     losses: torch.Tensor,
     with_sigma: bool = True,
     summed: tuple | None = None,
+    g: torch.Tensor | None = None,
 ):
     """Estimates (g_theta (D,), g_sigma (D,), num_valid_pairs) as float64 tensors on the state's
     device (IEEE-exact scalings and one division: the same bits on any device).
@@ -341,14 +484,19 @@ def gradients(
     ``summed``: (int64 (2, D) totals of ``partial_sums`` over all pairs, exponents[, the Weights of
     ``losses`` they were formed with: not computed again]), e.g. from an allreduce over ranks
     (``pgpe_unit.reduce_sums``); without it the noise of all pairs is regenerated here.
+    ``g``: the control variate (module docstring), (D,) float64; the totals must then have been
+    formed with the weights w_j - eps_j . g (``cv_weights``), and g is added back here.
     """
     w = summed[2] if summed is not None and len(summed) == 3 else weights(params, losses)
     if w.num_valid == 0:
         return None, None, 0
-    total, exps = full_sums(state, params, seed, w, with_sigma) if summed is None else summed[:2]
+    total, exps = full_sums(state, params, seed, w, with_sigma, g) if summed is None else summed[:2]
     sum_c, sum_s = from_sums(total, exps, state.center.device)
     denom = state.sigma.detach().to(torch.float64).mul_(w.num_valid)  # n * sigma
-    return (sum_c.div_(denom), sum_s.div_(denom) if with_sigma else None, w.num_valid)
+    grad = sum_c.div_(denom)
+    if g is not None:
+        grad = grad.add_(g.to(grad.device, torch.float64))
+    return (grad, sum_s.div_(denom) if with_sigma else None, w.num_valid)
 
 
 def _sigma_step(sigma: torch.Tensor, grad_sigma: torch.Tensor, params: PGPEParams):
@@ -372,13 +520,17 @@ def tell(
     losses: torch.Tensor,
     lr: float | None = None,
     summed: tuple | None = None,
+    g: torch.Tensor | None = None,
 ) -> tuple[PGPEState, dict]:
     """Update from the full population's losses (P,) ordered [+0,-0,+1,-1,...].
 
     ``lr`` overrides params.lr (schedules). ``summed``: the fixed-point totals over all pairs and
     their exponents (see ``gradients``); without it the noise is regenerated here (serial path).
-    Returns (new state, metrics); inputs are not mutated.
+    ``g``: this generation's control variate (``control_variate``; for "previous"/"running" it is
+    taken from the state when not given). Returns (new state, metrics); inputs are not mutated.
     """
+    if g is None and params.control_variate != "none":
+        g = control_variate(state, params)
     r = _check_losses(losses, params)
     lr = params.lr if lr is None else float(lr)
     finite = r[torch.isfinite(r)]
@@ -389,7 +541,7 @@ def tell(
         "pgpe/loss_min": float(finite.min()) if finite.numel() else math.nan,
     }
     grad_center, grad_sigma, num_valid = gradients(
-        state, params, seed, r, with_sigma=not params.fixed_sigma, summed=summed
+        state, params, seed, r, with_sigma=not params.fixed_sigma, summed=summed, g=g
     )
     metrics["pgpe/num_valid_pairs"] = num_valid
     if num_valid == 0:
@@ -427,7 +579,14 @@ def tell(
             **sigma_stats,
         }
     )
-    return PGPEState(center, sigma, step_state, state.generation + 1), metrics
+    cv = state.cv
+    if _keeps_cv(params):  # the memory of a zeroth-order control variate (float64, exact on every rank)
+        n, num_params = params.popsize // 2, state.center.numel()
+        rate = 1.0 if params.control_variate == "previous" else params.cv_rate or n / (n + num_params)
+        old = control_variate(state, params)
+        cv = grad_center.clone() if rate == 1.0 else old * (1.0 - rate) + grad_center * rate
+        metrics["pgpe/cv_norm"] = float(torch.linalg.vector_norm(cv))
+    return PGPEState(center, sigma, step_state, state.generation + 1, cv), metrics
 
 
 def _read(scalars: list[torch.Tensor], sigma: torch.Tensor) -> tuple[list[float], dict]:
@@ -449,6 +608,7 @@ def state_to_dict(state: PGPEState) -> dict:
         "sigma": state.sigma.detach().cpu().numpy().copy(),
         "generation": int(state.generation),
         **steprules.state_to_dict(state.step_state),
+        **({} if state.cv is None else {"cv": state.cv.detach().cpu().numpy().copy()}),
     }
 
 
@@ -462,4 +622,5 @@ def state_from_dict(d: dict, device: torch.device | str = "cpu") -> PGPEState:
         torch.as_tensor(np.asarray(d["sigma"], dtype=np.float32)).to(device),
         steprules.state_from_dict(d, device=device),
         int(d["generation"]),
+        None if d.get("cv") is None else torch.as_tensor(np.asarray(d["cv"], dtype=np.float64)).to(device),
     )

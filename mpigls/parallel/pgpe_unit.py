@@ -15,7 +15,10 @@ number does not depend on the number of ranks; rank r owns a contiguous run of i
    shared fixed-point exponent) and the loop's stop flags ride in the same all-gather;
 3. sums w_j z_j and v_j (z_j^2 - 1) over the pairs it keeps in fixed point (``pgpe.partial_sums``;
    each pair exactly once) and adds the int64 vectors of all
-   ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with fixed sigma). Integer addition is
+   ranks with ONE ``allreduce_sum_int`` of 2 D integers (D with fixed sigma). With a control variate
+   g (``optimizer.control_variate``; every rank holds the same g) the evaluator of a pair also forms
+   c_j = eps_j . g exactly from the noise it has (``pgpe.cv_products``), max |c_j| rides in the
+   all-gather with max |z|, and the sums use the weights w_j - c_j. Integer addition is
    exact, so every rank gets the same bits whatever the number of ranks, and
    ``pgpe.tell(..., summed=...)`` applies the same update everywhere.
 
@@ -119,6 +122,9 @@ class LocalNoise:
     pairs: list[list[int]]
     z: list[torch.Tensor | None]
     max_abs: float
+    c: list[torch.Tensor] | None = None  # per entry of ``pairs``: eps_j . g (float64), with a control variate
+    max_abs_c: float = 0.0
+    g: torch.Tensor | None = None  # the generation's control variate (D,) float64, identical on every rank
 
 
 def split_of(params: pgpe.PGPEParams, block_size: int, batch_size: int = 1, chunks: int = 1) -> work.WorkSplit:
@@ -142,6 +148,7 @@ def evaluate(
     loss_fn: Callable[[torch.Tensor, slice], torch.Tensor],
     device: torch.device,
     keep_bytes: int = KEEP_NOISE_BYTES,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LocalNoise]:
     """This rank's item results in item order (float64 CPU: per pair block and chunk, 2 per pair) and
     its LocalNoise. ``gather_losses`` turns every rank's results into the P losses.
@@ -153,6 +160,8 @@ def evaluate(
     next generation) is hinted to the noise source, so it is prepared during the bounds/exchange.
     ``items`` is iterated once (a StoppableBlocks ends early on a stop signal: then the result
     covers the items done, and the caller drops the generation after agreeing on the stop).
+    ``g``: the control variate (D,) float64 (the same on every rank) or None; with it the products
+    eps_j . g of the pairs this rank sums are formed from the block's noise (``LocalNoise.c``).
     """
     D, gen = state.center.numel(), state.generation
     # len() and indexing only: iterating ``items`` (a stopping.StoppableBlocks in train) may end
@@ -169,6 +178,8 @@ def evaluate(
     kept: list[torch.Tensor | None] = []
     done: list[list[int]] = []
     max_abs, unit = 0.0, -1
+    h = None if g is None else pgpe.cv_scaled(on_device, g.to(device))
+    cs: list[torch.Tensor] = []
     z = points = torch.zeros(0)
     for item in items:
         block, chunk = split.item(item)
@@ -187,27 +198,39 @@ def evaluate(
                 points = pgpe.population(on_device, z)
         mine = summed_by(split, item)
         if mine:
-            if not keep:
-                kept.append(None)
-            else:
-                kept.append(z if len(mine) == len(pairs) else z[[j - pairs[0] for j in mine]])
+            rows = z if len(mine) == len(pairs) else z[[j - pairs[0] for j in mine]]
+            kept.append(rows if keep else None)
+            if h is not None:
+                cs.append(pgpe.cv_products(rows, h))
             done.append(mine)
         with torch.no_grad():
             r = loss_fn(points, split.examples(chunk))
         out.append(r.detach().to("cpu", torch.float64))
     losses = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-    return losses, LocalNoise(done, kept, max_abs)
+    if h is None:
+        return losses, LocalNoise(done, kept, max_abs)
+    max_c = max((float(c.abs().max()) for c in cs if c.numel()), default=0.0)
+    return losses, LocalNoise(done, kept, max_abs, cs, max_c, g)
 
 
 def gather_losses(
-    comm, split: work.WorkSplit, local: torch.Tensor, control: unit.Control | None = None, max_abs: float = 0.0
-) -> tuple[torch.Tensor, unit.Control, float]:
+    comm,
+    split: work.WorkSplit,
+    local: torch.Tensor,
+    control: unit.Control | None = None,
+    max_abs: float = 0.0,
+    max_abs_c: float | None = None,
+) -> tuple:
     """(All P losses (P,) float64, the agreed loop ``control``, max |z| over all ranks) on every rank:
     ONE all-gather of the item results with the flags and this rank's max |z| riding along
     (``unit.gather_losses``); the chunks are recombined in a fixed order (``work.WorkSplit.combine``).
-    Collective."""
-    body, agreed, (top,) = unit.gather_losses(comm, local, control or unit.Control(), [max_abs])
-    return split.combine(body), agreed, top
+    With ``max_abs_c`` (a control variate's max |eps_j . g|) its maximum over the ranks rides along
+    too and is returned fourth. Collective."""
+    extra = [max_abs] if max_abs_c is None else [max_abs, max_abs_c]
+    body, agreed, tops = unit.gather_losses(comm, local, control or unit.Control(), extra)
+    if max_abs_c is None:
+        return split.combine(body), agreed, tops[0]
+    return split.combine(body), agreed, tops[0], tops[1]
 
 
 def reduce_sums(
@@ -218,28 +241,35 @@ def reduce_sums(
     all_losses: torch.Tensor,
     local: LocalNoise,
     max_abs: float | None = None,
+    max_abs_c: float | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int], pgpe.Weights] | None:
     """The exact fixed-point totals over all ranks' pairs, their exponents and the pair weights, for
     ``pgpe.tell(..., summed=...)`` (which then does not shape the losses again).
 
     Collective: every rank must call it with the same ``all_losses``. None when no pair is valid
     (every rank sees the same losses, so every rank skips the collectives alike). ``max_abs``: max |z|
-    over all ranks when already agreed (``gather_losses``), else one scalar allreduce finds it.
+    over all ranks when already agreed (``gather_losses``), else one scalar allreduce finds it; likewise
+    ``max_abs_c`` for a control variate (``local.c`` set: the sums use the weights w_j - c_j).
     """
     w = pgpe.weights(params, all_losses)
     if w.num_valid == 0:
         return None
     with_sigma = not params.fixed_sigma
-    exps = pgpe.exponents(w, comm.allreduce_max(local.max_abs) if max_abs is None else max_abs)
+    top_z = comm.allreduce_max(local.max_abs) if max_abs is None else max_abs
+    top_c = 0.0
+    if local.c is not None:
+        top_c = comm.allreduce_max(local.max_abs_c) if max_abs_c is None else max_abs_c
+    exps = pgpe.exponents(w, top_z, top_c)
     D = state.center.numel()
     device = next((z.device for z in local.z if z is not None), state.center.device)
     acc = torch.zeros((2, D), dtype=torch.int64, device=device)
-    for pairs, z in zip(local.pairs, local.z):
+    for i, (pairs, z) in enumerate(zip(local.pairs, local.z)):
         if not pairs:
             continue
         if z is None:
             z = pgpe.pair_noise(seed, state.generation, pairs, D, params.noise, device)
-        acc += pgpe.partial_sums(w, pairs, z, exps, with_sigma)
+        wi = w if local.c is None else pgpe.cv_weights(w, pairs, local.c[i])
+        acc += pgpe.partial_sums(wi, pairs, z, exps, with_sigma)
     rows = 2 if with_sigma else 1
     total = comm.allreduce_sum_int(acc[:rows].to("cpu").reshape(-1)).reshape(rows, D)
     if not with_sigma:
@@ -258,10 +288,20 @@ def _open(seed: int, device: torch.device, params: pgpe.PGPEParams):
     return contextlib.closing(NoiseSource(seed, prefetch_default(device), params.noise, device))
 
 
+def _control_variate(work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEParams) -> torch.Tensor | None:
+    """g of this generation on every rank alike (a rank without work blocks needs it for ``tell``):
+    "grad" backpropagates the loss at theta on the whole batch, the same computation on every rank."""
+    if params.control_variate != "grad":
+        return pgpe.control_variate(state, params)
+    grads, _ = work_.grad(state.center.to(work_.device)[None], slice(None))
+    return pgpe.control_variate(state, params, grads[0])
+
+
 def _evaluate(work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEParams, blocks):
     """This rank's members' losses (global order) and the noise it keeps for its share of the sums."""
     split = split_of(params, work_.block_size, work_.batch_size, work_.chunks)
-    return evaluate(state, params, blocks, split, work_.resource, work_.loss, work_.device)
+    g = _control_variate(work_, state, params)
+    return evaluate(state, params, blocks, split, work_.resource, work_.loss, work_.device, g=g)
 
 
 def _exchange(comm, work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEParams, local, control: unit.Control):
@@ -269,16 +309,22 @@ def _exchange(comm, work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEPa
     of the ranks' fixed-point partial sums (none when the generation was cut short)."""
     losses, kept = local
     split = split_of(params, work_.block_size, work_.batch_size, work_.chunks)
-    all_losses, agreed, max_abs = gather_losses(comm, split, losses, control, kept.max_abs)
+    if kept.g is None:
+        all_losses, agreed, max_abs = gather_losses(comm, split, losses, control, kept.max_abs)
+        max_c = None
+    else:
+        all_losses, agreed, max_abs, max_c = gather_losses(comm, split, losses, control, kept.max_abs, kept.max_abs_c)
     if agreed.cut_short:  # the generation is dropped
         return all_losses, None, agreed
-    return all_losses, reduce_sums(comm, state, params, work_.seed, all_losses, kept, max_abs), agreed
+    summed = reduce_sums(comm, state, params, work_.seed, all_losses, kept, max_abs, max_c)
+    return all_losses, (summed, kept.g), agreed
 
 
 def _tell(
-    work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEParams, all_losses: torch.Tensor, summed, lr: float
+    work_: unit.Work, state: pgpe.PGPEState, params: pgpe.PGPEParams, all_losses: torch.Tensor, reduced, lr: float
 ):
-    return pgpe.tell(state, params, work_.seed, all_losses, lr=lr, summed=summed)
+    summed, g = reduced
+    return pgpe.tell(state, params, work_.seed, all_losses, lr=lr, summed=summed, g=g)
 
 
 UNIT = unit.Optimizer(

@@ -193,6 +193,21 @@ def check_init_from(cfg: Config, arch: dict) -> checkpoint.Checkpoint | None:
     return warm
 
 
+def _check_control_variate(cfg: Config) -> None:
+    """PGPE's "grad" control variate backpropagates through the bound: refuse one gradients do not reach."""
+    o = cfg.optimizer
+    if o.name != "pgpe" or o.control_variate != "grad":
+        return
+    from mpigls.bounds import registry
+
+    if not registry.get(cfg.bound.method).differentiable:
+        raise ConfigError(
+            f"optimizer.control_variate=grad backpropagates through the bound, but bound.method="
+            f"{cfg.bound.method!r} is not differentiable; use a zeroth-order control variate "
+            "(optimizer.control_variate=previous or running) or none"
+        )
+
+
 def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> None:
     """Every check of the module docstring; ``arch`` given: also check model.init_from (dry run)."""
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
@@ -216,6 +231,7 @@ def validate(cfg: Config, dataset, model, comm, *, arch: dict | None = None) -> 
         work.check(cfg.optimizer.name, cfg.bound.method, cfg.optimizer.batch_chunks, cfg.train.batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _check_control_variate(cfg)
     trackers.check_available(cfg)  # a missing tracker package: the error names its extra, on every rank
     if arch is not None:
         check_init_from(cfg, arch)
