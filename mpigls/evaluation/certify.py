@@ -24,7 +24,7 @@ from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import attacks
 
-__all__ = ["evaluate", "certify", "is_certified", "RESULTS_SCHEMA", "RESULTS_VERSION", "results_path"]
+__all__ = ["evaluate", "certify", "is_certified", "partial_key", "RESULTS_SCHEMA", "RESULTS_VERSION", "results_path"]
 
 RESULTS_SCHEMA = "mpigls-certify"
 RESULTS_VERSION = 1
@@ -147,7 +147,8 @@ def certify(
     verify: bool = False,
     verify_time_limit: float | None = 60.0,
     verify_max_domains: int | None = None,
-    progress=None,
+    progress: bool = False,
+    partial=None,
 ) -> tuple[dict, dict]:
     """Per-sample certification of ``theta`` on (x, y); returns (summary, samples).
 
@@ -160,73 +161,36 @@ def certify(
     Blocks of ``batch_size`` test examples are spread over the ranks; PGD randomness is keyed by
     the block and the verifier's by the global index, so the result does not depend on the number
     of ranks (with ``verify_time_limit=None`` and ``verify_max_domains`` it is fully deterministic).
+
+    ``progress``: report done/total examples and an ETA on rank 0 (``parallel.progress``; never changes
+    a result). ``partial``: a ``partial.PartialResults`` of this evaluation (``partial_key``): verifier
+    results it holds are reused instead of recomputed, and every new one is appended to it at once,
+    so an interrupted run keeps what it finished.
     """
-    from mpigls.evaluation import verify as verify_mod
+    from mpigls.parallel import progress as progress_mod
 
     t0 = time.perf_counter()
     _check_methods(methods)
     comm = comm or parallel.SerialComm()
-    device = next(model.parameters()).device
-    models.load_flat_(model, theta.to(device))
+    models.load_flat_(model, theta.to(next(model.parameters()).device))
     model.eval()
     n = len(y)
     num_blocks = -(-n // batch_size)
     cols: dict[str, list] = {}
-    net = model64 = None
-    for block in parallel.my_blocks(num_blocks, comm.rank, comm.world_size):
-        sl = slice(block * batch_size, min((block + 1) * batch_size, n))
-        xb, yb = x[sl].to(device), y[sl].to(device)
-        part: dict[str, list] = {"index": list(range(sl.start, sl.stop)), "label": yb.tolist()}
-        with torch.no_grad():
-            natural = model(xb).argmax(-1) == yb
-        part["natural"] = natural.tolist()
-        adversarial = (
-            natural & _pgd_robust(model, xb, yb, eps, pgd_steps, pgd_restarts, seed, block)
-            if pgd_steps and pgd_restarts
-            else natural
-        )
-        part["adversarial"] = adversarial.tolist()
-        union = torch.zeros_like(natural)
-        for method in methods:
-            with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
-                lb = bounds.margin_lower_bounds(model, xb, yb, eps, method, **(bound_options or {})).detach()
-            cert = is_certified(lb)
-            union |= cert
-            part[f"certified/{method}"] = cert.tolist()
-            part[f"margin/{method}"] = lb.min(dim=-1).values.double().tolist()
-        part["certified"] = union.tolist()
-        if verify:
-            if net is None:
-                net = verify_mod.dense_network(model, tuple(x.shape[1:]))
-                model64 = verify_mod._model64(model)
-            v_cols: dict[str, list] = {
-                k: [] for k in ("verified", "verify/reason", "verify/time_s", "verify/domains", "verify/lps")
-            }
-            for i, idx in enumerate(part["index"]):
-                if bool(union[i]):
-                    row = ("verified", "certificate", 0.0, 0, 0)
-                else:
-                    res = verify_mod.verify(
-                        model,
-                        x[idx],
-                        int(y[idx]),
-                        eps,
-                        net=net,
-                        model64=model64,
-                        time_limit=verify_time_limit,
-                        max_domains=verify_max_domains,
-                        pgd_restarts=max(pgd_restarts, 1),
-                        seed=seed,
-                        index=idx,
-                    )
-                    row = (res.status, res.reason, res.time_s, res.domains, res.lps)
-                for key, value in zip(v_cols, row):
-                    v_cols[key].append(value)
-                if progress is not None:
-                    progress(idx, row)
-            part |= v_cols
-        for key, value in part.items():
-            cols.setdefault(key, []).extend(value)
+    mine = list(parallel.my_blocks(num_blocks, comm.rank, comm.world_size))
+    what = "certify --verify" if verify else "certify"
+    share = sum(min((b + 1) * batch_size, n) - b * batch_size for b in mine)
+    verifier = _Verifier(model, x, y, eps, verify_time_limit, verify_max_domains, pgd_restarts, seed, partial)
+    with progress_mod.for_comm(comm, what, share, unit="examples", quiet=not progress) as report:
+        for block in mine:
+            sl = slice(block * batch_size, min((block + 1) * batch_size, n))
+            part = _bound_block(model, x, y, sl, block, eps, methods, pgd_steps, pgd_restarts, seed, bound_options)
+            if verify:
+                part |= verifier(part["index"], part["certified"], report)
+            else:
+                report.update(len(part["index"]))
+            for key, value in part.items():
+                cols.setdefault(key, []).extend(value)
     gathered = comm.allgather_obj(cols)
     samples: dict[str, list] = {}
     for part in gathered:  # ranks own contiguous runs of blocks in rank order
@@ -240,6 +204,91 @@ def certify(
         "time_s": time.perf_counter() - t0,
     }
     return summary, samples
+
+
+def _bound_block(
+    model, x, y, sl: slice, block: int, eps, methods, pgd_steps, pgd_restarts, seed, bound_options
+) -> dict:
+    """Natural, PGD and every bound's certificate of the examples ``sl`` (block ``block``): columns."""
+    device = next(model.parameters()).device
+    xb, yb = x[sl].to(device), y[sl].to(device)
+    part: dict[str, list] = {"index": list(range(sl.start, sl.stop)), "label": yb.tolist()}
+    with torch.no_grad():
+        natural = model(xb).argmax(-1) == yb
+    part["natural"] = natural.tolist()
+    adversarial = (
+        natural & _pgd_robust(model, xb, yb, eps, pgd_steps, pgd_restarts, seed, block)
+        if pgd_steps and pgd_restarts
+        else natural
+    )
+    part["adversarial"] = adversarial.tolist()
+    union = torch.zeros_like(natural)
+    for method in methods:
+        with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
+            lb = bounds.margin_lower_bounds(model, xb, yb, eps, method, **(bound_options or {})).detach()
+        cert = is_certified(lb)
+        union |= cert
+        part[f"certified/{method}"] = cert.tolist()
+        part[f"margin/{method}"] = lb.min(dim=-1).values.double().tolist()
+    part["certified"] = union.tolist()
+    return part
+
+
+_VERIFY_COLUMNS = ("verified", "verify/reason", "verify/time_s", "verify/domains", "verify/lps")
+
+
+class _Verifier:
+    """The complete verifier over the examples no bound certifies, with kept rows reused (``partial``)."""
+
+    def __init__(self, model, x, y, eps, time_limit, max_domains, pgd_restarts, seed, partial):
+        self.model, self.x, self.y, self.eps = model, x, y, eps
+        self.time_limit, self.max_domains, self.pgd_restarts, self.seed = time_limit, max_domains, pgd_restarts, seed
+        self.partial = partial
+        self.net = self.model64 = None
+
+    def one(self, idx: int) -> tuple:
+        from mpigls.evaluation import verify as verify_mod
+
+        kept = self.partial.get(idx) if self.partial is not None else None
+        if kept is not None:
+            return kept
+        if self.net is None:
+            self.net = verify_mod.dense_network(self.model, tuple(self.x.shape[1:]))
+            self.model64 = verify_mod._model64(self.model)
+        res = verify_mod.verify(
+            self.model,
+            self.x[idx],
+            int(self.y[idx]),
+            self.eps,
+            net=self.net,
+            model64=self.model64,
+            time_limit=self.time_limit,
+            max_domains=self.max_domains,
+            pgd_restarts=max(self.pgd_restarts, 1),
+            seed=self.seed,
+            index=idx,
+        )
+        row = (res.status, res.reason, res.time_s, res.domains, res.lps)
+        if self.partial is not None:
+            self.partial.put(idx, row)
+        return row
+
+    def __call__(self, indices: list[int], certified: list[bool], report) -> dict[str, list]:
+        cols: dict[str, list] = {k: [] for k in _VERIFY_COLUMNS}
+        for idx, cert in zip(indices, certified):
+            row = ("verified", "certificate", 0.0, 0, 0) if cert else self.one(idx)
+            for key, value in zip(_VERIFY_COLUMNS, row):
+                cols[key].append(value)
+            report.update(1)
+        return cols
+
+
+def partial_key(model, theta, x, y, eps, methods, **settings) -> str:
+    """The ``partial.evaluation_key`` of a ``certify`` call: θ, the network, the examples, eps, the
+    methods and the other keyword settings of ``certify`` (batch size, PGD, seed, verifier limits)."""
+    from mpigls.evaluation import partial
+
+    return partial.evaluation_key(model, theta, x, y, {"eps": float(eps), "methods": list(methods), **settings})
 
 
 def _summarise(samples: dict, methods: list[str], verify: bool, n: int) -> dict:
