@@ -115,20 +115,28 @@ def gradient_agreement(
     reference_samples: int = 64,
     shaping: str = "centered_ranks",
     log: Callable[[str], None] = lambda msg: None,
+    progress: bool = False,
 ) -> list[dict]:
     """Rows {sigma, popsize, cos_mean, cos_std, cos_min, repeats, reference_vs_gradient,
-    L_sigma, L_sigma_se}: the PGPE estimates' cosine to the RGS reference ∇L_σ(θ)."""
+    L_sigma, L_sigma_se}: the PGPE estimates' cosine to the RGS reference ∇L_σ(θ). ``progress``:
+    done/total loss evaluations and an ETA on stderr (``mpigls.parallel.progress``)."""
+    from mpigls.parallel import progress as progress_mod
+
+    cost = len(sigmas) * (2 * reference_samples + repeats * sum(popsizes))
+    report = progress_mod.for_comm(None, "diagnose", cost, unit="losses", quiet=not progress)
     exact = grad_fn(theta.detach().float()[None])[0].double()
     base = float(loss_fn(theta.detach().float()[None])[0])
     rows = []
     for sigma in sigmas:
         ref = rgs_estimate(grad_fn, theta, sigma, reference_samples, seed, repeat=1 << 20)
         l_sigma, se = smoothed_loss(loss_fn, theta, sigma, reference_samples, seed + 1)
+        report.update(2 * reference_samples)
         for popsize in popsizes:
             cos = [
                 cosine(pgpe_estimate(loss_fn, theta, sigma, popsize, seed, shaping=shaping, repeat=r), ref)
                 for r in range(repeats)
             ]
+            report.update(repeats * popsize)
             c = torch.tensor(cos, dtype=torch.float64)
             rows.append(
                 {
@@ -148,6 +156,7 @@ def gradient_agreement(
                 f"sigma {sigma:g}  popsize {popsize:5d}  cos(PGPE, grad L_sigma) {rows[-1]['cos_mean']:+.3f}"
                 f" (min {rows[-1]['cos_min']:+.3f}, {repeats} repeats)"
             )
+    report.close()
     return rows
 
 
@@ -255,6 +264,7 @@ def run(args, comm, load_checkpoint: Callable) -> int:
                 reference_samples=args.reference_samples,
                 shaping=shaping,
                 log=say,
+                progress=True,
             )
             entry["shaping"] = shaping
         out["checkpoints"].append(entry)
