@@ -111,3 +111,28 @@ def test_certify_reports_progress_and_its_numbers_do_not_change(capsys):
     drop = "verify/time_s"
     for other in (loud, two[0][1]):
         assert {k: v for k, v in other.items() if k != drop} == {k: v for k, v in quiet.items() if k != drop}
+
+
+def test_landscape_and_tightness_report_progress_without_changing_their_numbers(capsys):
+    import numpy as np
+
+    from mpigls.analysis import tightness
+    from mpigls.evaluation import landscape
+
+    with models.private_rng(0):
+        model = models.build("mlp-tiny", (1, 4, 4), 3)
+    theta = models.flat_params(model)
+    x, y = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2] * 2)
+    direction = torch.ones_like(theta) / theta.numel() ** 0.5
+    args = (model, x, y, 0.05, direction, [-0.1, 0.0, 0.1], [1e-2], ["ibp"], 4)
+    quiet = landscape.landscape(*args, chunk_size=5)
+    assert capsys.readouterr().err == ""
+    loud = landscape.landscape(*args, chunk_size=5, progress=True)
+    assert "landscape: 15/15 losses (100%) in" in capsys.readouterr().err  # 3 steps x (1 + 4 draws)
+    for key in ("original", "smoothed_mean", "smoothed_ci"):
+        np.testing.assert_array_equal(loud[key], quiet[key])
+    radii = [0.0, 0.05, 0.1]
+    quiet_t = tightness.tightness(model, theta, x, y, radii, ["ibp"], batch_size=4)
+    loud_t = tightness.tightness(model, theta, x, y, radii, ["ibp"], batch_size=4, progress=True)
+    assert "tightness: 3/3 radii (100%) in" in capsys.readouterr().err
+    assert loud_t["methods"] == quiet_t["methods"]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mpigls.evaluation import certify
+from mpigls.parallel import progress as progress_mod
 
 __all__ = ["SCHEMA", "DEFAULT_METHODS", "radii_grid", "auc", "tightness"]
 
@@ -52,8 +53,10 @@ def tightness(
     *,
     comm=None,
     batch_size: int = 100,
+    progress: bool = False,
 ) -> dict:
-    """Certified-accuracy curves and their areas (collective: every rank calls it)."""
+    """Certified-accuracy curves and their areas (collective: every rank calls it). ``progress``:
+    done/total radii and an ETA on rank 0's stderr (``parallel.progress``)."""
     radii = [float(r) for r in radii]
     if not radii or radii[0] != 0.0 or any(b <= a for a, b in zip(radii, radii[1:])):
         raise ValueError(f"tightness radii must start at 0 and increase, got {radii}")
@@ -62,11 +65,13 @@ def tightness(
     t0 = time.perf_counter()
     curves: dict[str, list[float]] = {m: [] for m in methods}
     natural = None
-    for r in radii:
-        res = certify.evaluate(model, theta, x, y, r, list(methods), comm=comm, batch_size=batch_size, pgd_steps=0)
-        natural = res["natural"]
-        for m in methods:
-            curves[m].append(float(res[f"certified/{m}"]))
+    with progress_mod.for_comm(comm, "tightness", len(radii), unit="radii", quiet=not progress) as report:
+        for r in radii:
+            res = certify.evaluate(model, theta, x, y, r, list(methods), comm=comm, batch_size=batch_size, pgd_steps=0)
+            natural = res["natural"]
+            for m in methods:
+                curves[m].append(float(res[f"certified/{m}"]))
+            report.update(1)
     r_max = radii[-1]
     return {
         "schema": SCHEMA,

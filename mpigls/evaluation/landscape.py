@@ -29,6 +29,7 @@ from mpigls import bounds
 from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import losses
+from mpigls.parallel import progress as progress_mod
 
 __all__ = ["landscape", "deeppoly_gradient_direction", "plot_landscape", "run_from_checkpoint"]
 
@@ -49,15 +50,15 @@ def _check_inputs(alphas, sigmas, methods, num_samples) -> tuple[np.ndarray, np.
 
 
 @torch.no_grad()
-def _losses(model, x, y, eps, method, num_rows: int, make_rows, chunk_size: int, opts: dict) -> torch.Tensor:
+def _losses(model, x, y, eps, method, num_rows: int, make_rows, chunk_size: int, opts: dict, report) -> torch.Tensor:
     """Certified loss of weight rows 0..num_rows-1 -> (num_rows,) float64; ``make_rows(start, stop)``
-    builds one chunk (stop - start, D) at a time so all rows never sit in memory together."""
-    out = [
-        losses.certified_loss(
-            model, x, y, eps, method, weights=make_rows(i, min(i + chunk_size, num_rows)), **opts
-        ).reshape(-1)
-        for i in range(0, num_rows, chunk_size)
-    ]
+    builds one chunk (stop - start, D) at a time so all rows never sit in memory together; ``report``
+    (a ``parallel.progress.Progress``) is told of every chunk done."""
+    out = []
+    for i in range(0, num_rows, chunk_size):
+        stop = min(i + chunk_size, num_rows)
+        out.append(losses.certified_loss(model, x, y, eps, method, weights=make_rows(i, stop), **opts).reshape(-1))
+        report.update(stop - i)
     return torch.cat(out).to("cpu", torch.float64)
 
 
@@ -75,6 +76,7 @@ def landscape(
     seed: int = 0,
     *,
     chunk_size: int = 64,
+    progress: bool = False,
     **loss_opts,
 ) -> dict:
     """Original and smoothed certified losses along theta + alpha * direction (theta = the model's weights).
@@ -84,7 +86,7 @@ def landscape(
     "num_nonfinite" (M, S, A) draws left out of the mean because their loss was not finite,
     "num_samples", "eps", "seed". Arrays are float64 numpy. ``loss_opts`` go to
     mpigls.objectives.losses.certified_loss (e.g. memory_budget_mb); ``chunk_size`` weight rows are
-    evaluated per call.
+    evaluated per call. ``progress``: done/total losses and an ETA on stderr (``parallel.progress``).
     """
     alpha_a, sigma_a, method_l = _check_inputs(alphas, sigmas, methods, num_samples)
     theta = models.flat_params(model)  # (D,)
@@ -99,9 +101,11 @@ def landscape(
     original = np.empty(shape[::2])
     mean, ci, bad = np.empty(shape), np.empty(shape), np.zeros(shape, dtype=np.int64)
     num_alphas = len(alpha_a)
+    total = len(method_l) * num_alphas * (1 + len(sigma_a) * num_samples)
+    report = progress_mod.Progress("landscape", total, unit="losses", enabled=progress)
     for mi, method in enumerate(method_l):
         original[mi] = _losses(
-            model, x, y, eps, method, num_alphas, lambda a, b: line[a:b], chunk_size, loss_opts
+            model, x, y, eps, method, num_alphas, lambda a, b: line[a:b], chunk_size, loss_opts, report
         ).numpy()
         for si, sigma in enumerate(sigma_a):
             # row k is step k // n with draw k % n: all steps of one sigma share the calls
@@ -109,12 +113,13 @@ def landscape(
                 k = torch.arange(start, stop, device=theta.device)
                 return line[k // num_samples] + sigma * z[k % num_samples]
 
-            r_all = _losses(model, x, y, eps, method, num_alphas * num_samples, rows, chunk_size, loss_opts)
+            r_all = _losses(model, x, y, eps, method, num_alphas * num_samples, rows, chunk_size, loss_opts, report)
             for ai, r in enumerate(r_all.view(num_alphas, num_samples)):
                 r = r[torch.isfinite(r)]
                 bad[mi, si, ai] = num_samples - r.numel()
                 mean[mi, si, ai] = float(r.mean()) if r.numel() else math.nan
                 ci[mi, si, ai] = 1.96 * float(r.std()) / math.sqrt(r.numel()) if r.numel() > 1 else math.nan
+    report.close()
     return {
         "alphas": alpha_a,
         "sigmas": sigma_a,
@@ -209,11 +214,12 @@ def run_from_checkpoint(
     seed: int = 0,
     out: str | Path = "landscape.png",
     direction_method: str = "deeppoly",
+    progress: bool = False,
     **loss_opts,
 ) -> Path:
     """Figure 6 for weights ``theta`` (D,): DeepPoly gradient direction, num_points steps in
     [-radius, radius] (default radius: 5 * max sigma), then plot to ``out``. ``model`` is copied,
-    not modified. Returns the PNG path."""
+    not modified; ``progress`` as in ``landscape``. Returns the PNG path."""
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2, got {num_points}")
     net = copy.deepcopy(model)
@@ -223,7 +229,9 @@ def run_from_checkpoint(
         raise ValueError(f"radius must be > 0, got {radius}")
     direction = deeppoly_gradient_direction(net, x, y, eps, direction_method, **loss_opts)
     alphas = np.linspace(-radius, radius, num_points if num_points % 2 else num_points + 1)  # odd: 0 is a step
-    result = landscape(net, x, y, eps, direction, alphas, sigmas, methods, num_samples, seed, **loss_opts)
+    result = landscape(
+        net, x, y, eps, direction, alphas, sigmas, methods, num_samples, seed, progress=progress, **loss_opts
+    )
     return plot_landscape(
         result, out, title=f"eps={eps:g}, direction: {direction_method} gradient, {num_samples} samples"
     )
