@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +70,14 @@ def test_dataframe_when_pandas_is_installed(runs):
     df = analysis.load_run(runs / "grad").df
     assert list(df["generation"]) == list(range(1, 9)) and str(df["generation"].dtype) == "int64"
     assert {"loss/mean", "sched/lr", "val/certified/ibp"} <= set(df.columns)
+
+
+def test_dataframe_without_pandas_says_which_extra(runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail
+    run = analysis.load_run(runs / "grad")  # everything else works without pandas
+    assert run.final("loss/mean") == run.metrics["loss/mean"][-1]
+    with pytest.raises(ImportError, match=r"pip install 'mpigls\[analysis\]'"):
+        run.df
 
 
 def test_load_run_while_training_and_from_the_log_alone(runs, tmp_path):

@@ -3,7 +3,8 @@
 A run is a training output directory (checkpoints, ``latest.h5``, ``metrics.jsonl``,
 ``eval.json``, certification files) or a single checkpoint file. ``load_run`` returns its config,
 its metrics history as numpy arrays aligned on ``metrics["generation"]`` (NaN where a metric was
-not recorded; a pandas DataFrame too when pandas is installed), its checkpoints and its stored
+not recorded; ``run.df`` is the same as a pandas DataFrame, which needs the ``analysis`` extra:
+without pandas it raises ImportError saying so), its checkpoints and its stored
 certification results. It works on a run that is still training: the history is the union of the
 newest loadable checkpoint's and the live metrics log's records (the log wins where both have a
 generation), and a half-written last log line is ignored.
@@ -20,17 +21,18 @@ Example::
     from mpigls.analysis import load_run
     run = load_run("runs/quickstart")
     print(run.config["optimizer"]["name"], run.generations[-1], run.final("val/certified/deeppoly"))
-    run.df.plot(x="generation", y=["loss/mean", "val/natural"])   # with pandas installed
+    run.df.plot(x="generation", y=["loss/mean", "val/natural"])   # pip install 'mpigls[analysis]'
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,12 @@ class Run:
     checkpoints: list[tuple[int, Path]]  # (generation, path), oldest first
     certification: list[dict]  # normalised stored results (normalise_result), oldest first
     checkpoint_path: Path | None = None  # the checkpoint the run was read from (None: log only)
-    df: Any = field(default=None, repr=False)  # pandas.DataFrame of metrics when pandas is installed
+
+    @functools.cached_property
+    def df(self) -> Any:
+        """The metrics as a pandas DataFrame (one row per generation); ImportError naming the
+        ``analysis`` extra when pandas is not installed."""
+        return _dataframe(self.metrics)
 
     @property
     def directory(self) -> Path:
@@ -204,8 +211,11 @@ def _checkpoint_rows(ckpt: checkpoint.Checkpoint) -> dict[int, dict]:
 def _dataframe(metrics: dict[str, np.ndarray]):
     try:
         import pandas as pd
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise ImportError(
+            "Run.df needs pandas, which is not installed: pip install 'mpigls[analysis]' (or pandas); "
+            "run.metrics holds the same history as numpy arrays without it"
+        ) from exc
     frame = pd.DataFrame(metrics)
     frame["generation"] = frame["generation"].astype("int64")
     return frame
@@ -258,7 +268,6 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         checkpoints=checkpoint.list_checkpoints(directory),
         certification=certs,
         checkpoint_path=ckpt_path,
-        df=_dataframe(metrics),
     )
 
 
