@@ -112,3 +112,115 @@ def test_seeded_build_is_not_disturbed_by_other_threads_using_the_global_rng():
     stop.set()
     threads[0].join()
     assert len(bad) == 30 and not any(bad)
+
+
+# ----------------------------------------------------------------------------- a network of one's own
+
+
+@pytest.fixture
+def user_nets(tmp_path, monkeypatch):
+    """A package ``usernets_models`` with a few network functions, importable for this test."""
+    pkg = tmp_path / "usernets_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "from torch import nn\n"
+        "def bn_cnn(in_shape, num_classes):\n"
+        "    c, h, w = in_shape\n"
+        "    return nn.Sequential(\n"
+        "        nn.Conv2d(c, 4, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "        nn.Sequential(nn.Flatten(), nn.Linear(4 * ((h + 1) // 2) * ((w + 1) // 2), 6)),\n"
+        "        nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, num_classes))\n"
+        "def no_args():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 3))\n"
+        "def pooled(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Sequential(nn.MaxPool2d(2)), nn.Flatten(),\n"
+        "                         nn.Linear(18, num_classes))\n"
+        "def two_linear(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5), nn.Linear(5, num_classes))\n"
+        "def relu_last(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes), nn.ReLU())\n"
+        "def not_sequential(in_shape, num_classes):\n"
+        "    return nn.Linear(64, num_classes)\n"
+        "def wrong_classes(in_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes + 1))\n"
+        "INSTANCE = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "usernets_models.nets"
+    import sys
+
+    for mod in [m for m in sys.modules if m.startswith("usernets_models")]:
+        del sys.modules[mod]
+
+
+def test_a_user_network_with_batchnorm_is_folded_exactly(user_nets):
+    """The folded network computes the user's network in eval mode (running statistics)."""
+    import importlib
+
+    user = importlib.import_module(user_nets).bn_cnn((1, 8, 8), 3)
+    gen = torch.Generator().manual_seed(0)
+    for m in user.modules():  # statistics and affine parameters far from the identity
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen))
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=gen))
+            m.bias.data.copy_(torch.randn(n, generator=gen))
+    layers = models.prepare_custom(user, "x:y")
+    assert [type(m).__name__ for m in layers] == ["Conv2d", "ReLU", "Flatten", "Linear", "ReLU", "Linear"]
+    assert layers[0].bias is not None  # the bias-free conv got one from its BatchNorm
+    x = torch.rand(5, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        want = user.eval()(x)
+        got = torch.nn.Sequential(*layers)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_user_network_builds_under_the_seed_and_certifies(user_nets):
+    name = f"{user_nets}:bn_cnn"
+    with models.private_rng(3):
+        a = models.build(name, (1, 8, 8), 3, [0.5], [0.25])
+    with models.private_rng(3):
+        b = models.build(name, (1, 8, 8), 3, [0.5], [0.25])
+    assert torch.equal(models.flat_params(a), models.flat_params(b))  # every rank builds the same
+    assert isinstance(a[0], models.Normalize) and float(a[0].mean) == 0.5
+    from mpigls import bounds
+
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    for method in ("ibp", "deeppoly"):
+        lb = bounds.margin_lower_bounds(a, x, y, 0.0, method)  # exact at eps 0: the true margins
+        logits = a(x)
+        true = torch.stack([logits[i, y[i]] - logits[i, [k for k in range(3) if k != y[i]]] for i in range(4)])
+        torch.testing.assert_close(lb, true, rtol=1e-4, atol=1e-4)
+    assert models.build(f"{user_nets}:no_args", (1, 8, 8), 3)[-1].out_features == 3
+    arch = models.architecture_dict(name, (1, 8, 8), 3, None, None)
+    assert arch["layers"][0].startswith("Conv2d(1, 4") and "BatchNorm" not in str(arch["layers"])
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("pooled", r"layer 2\.0 \(MaxPool2d"),
+        ("two_linear", r"layer 2 \(Linear.*follows another affine layer"),
+        ("relu_last", "must end with a Linear layer"),
+        ("not_sequential", "returned a Linear, not a torch.nn.Sequential"),
+        ("wrong_classes", "needs 3 outputs"),
+        ("INSTANCE", "has a Sequential named 'INSTANCE'; name a function"),
+        ("missing", "has no attribute 'missing'"),
+    ],
+)
+def test_a_user_network_that_does_not_fit_is_refused_naming_the_layer(user_nets, fn, message):
+    with pytest.raises(ValueError, match=message):
+        models.build(f"{user_nets}:{fn}", (1, 8, 8), 3)
+
+
+def test_the_config_takes_a_function_name_and_refuses_anything_else():
+    from mpigls import config
+
+    assert config.ModelConfig(name="mypkg.nets:cnn_small").name == "mypkg.nets:cnn_small"
+    for bad in ("mypkg.nets", "mypkg.nets:", ":f", "my-pkg:f", "a:b:c", "resnet"):
+        with pytest.raises(config.ConfigError, match="package.module:function"):
+            config.ModelConfig(name=bad)
+    with pytest.raises(ValueError, match="cannot import 'no_such_package_mpigls.nets'.*PYTHONPATH"):
+        models.build("no_such_package_mpigls.nets:f", (1, 8, 8), 3)

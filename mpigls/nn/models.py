@@ -7,13 +7,31 @@ which keeps the perturbation radius eps in pixel space ([0, 1]) for every datase
 CNN3 and CNN5 follow Table 4 of Gaussian Loss Smoothing (arXiv 2403.07095): every listed layer is
 followed by a ReLU and the output Linear layer is implicit.
 
+A network of one's own: ``model.name: mypkg.nets:cnn_small`` names a function (importable: an
+installed package or one on PYTHONPATH) that returns a ``torch.nn.Sequential``; it is called as
+``cnn_small(in_shape, num_classes)`` (in_shape (C, H, W)), or without arguments if it takes none,
+under ``train.seed`` so that every rank builds the same initial weights. Its layers may be Conv2d
+(groups 1, dilation 1, numeric zero padding), Linear, ReLU, Flatten, nested Sequentials, and
+BatchNorm1d/2d directly after a Conv2d or Linear: a BatchNorm is folded into that layer with its
+running statistics (y = gamma (Wx + b - mean) / sqrt(var + eps) + beta is one affine layer), so
+mpigls trains and certifies the folded network (population training has no batch statistics). A
+Conv2d or Linear without a bias gets a zero bias (trained like any other). Affine layers and ReLUs
+alternate and the last layer is a Linear giving the logits; mpigls puts the dataset's
+``Normalize`` in front. Anything else is refused, naming the first layer that does not fit.
+``architecture_dict`` of such a network also records its layers, so a checkpoint refuses to load
+into a changed definition.
+
 Shapes: P population, D parameters, C/H/W image, K classes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib
+import inspect
 import math
+import re
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -22,8 +40,11 @@ from torch import nn
 
 __all__ = [
     "ARCHITECTURES",
+    "CUSTOM_NAME",
     "Normalize",
     "build",
+    "is_custom",
+    "prepare_custom",
     "num_params",
     "flat_params",
     "unflatten",
@@ -79,6 +100,13 @@ _CONV_SPECS: dict[str, tuple[list[tuple[int, int, int, int]], list[int]]] = {
     "mlp-tiny": ([], [16, 16]),
 }
 ARCHITECTURES = tuple(_CONV_SPECS)
+# ``package.module:function``: a network of one's own (module docstring)
+CUSTOM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_custom(name: object) -> bool:
+    """True for a ``package.module:function`` name (a network of one's own), not a built-in."""
+    return isinstance(name, str) and CUSTOM_NAME.fullmatch(name) is not None
 
 
 def build(
@@ -93,8 +121,11 @@ def build(
     Parameters are initialised with torch's default (Kaiming-uniform) initialisation; callers
     that need a particular initial point seed torch themselves or load a flat vector.
     """
-    if name not in _CONV_SPECS:
-        raise ValueError(f"model.name must be one of {list(ARCHITECTURES)}, got {name!r}")
+    if name not in _CONV_SPECS and not is_custom(name):
+        raise ValueError(
+            f"model.name must be one of {list(ARCHITECTURES)} or a network of your own as "
+            f"'package.module:function', got {name!r}"
+        )
     if len(in_shape) != 3 or any(int(s) <= 0 for s in in_shape):
         raise ValueError(f"in_shape must be (channels, height, width) with positive sizes, got {tuple(in_shape)}")
     if num_classes < 2:
@@ -104,6 +135,10 @@ def build(
     std = [1.0] * channels if std is None else list(std)
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std need {channels} entries (one per channel), got {len(mean)} and {len(std)}")
+    if is_custom(name):
+        net = prepare_custom(_call_custom(name, (channels, height, width), num_classes), name)
+        _check_output(net, name, (channels, height, width), num_classes)
+        return nn.Sequential(Normalize(mean, std), *net)
     convs, hidden = _CONV_SPECS[name]
     layers: list[nn.Module] = [Normalize(mean, std)]
     for out_ch, kernel, stride, pad in convs:
@@ -129,14 +164,150 @@ def build(
 def architecture_dict(
     name: str, in_shape: Sequence[int], num_classes: int, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> dict:
-    """A JSON-able description from which ``build`` recreates the same architecture."""
-    return {
+    """A JSON-able description from which ``build`` recreates the same architecture; for a network
+    of one's own also its layers (as built, BatchNorm folded), so that a changed definition is seen."""
+    out = {
         "name": name,
         "in_shape": [int(s) for s in in_shape],
         "num_classes": int(num_classes),
         "mean": None if mean is None else [float(m) for m in mean],
         "std": None if std is None else [float(s) for s in std],
     }
+    if is_custom(name):
+        with private_rng(0):
+            out["layers"] = [str(m) for m in build(name, in_shape, num_classes, mean, std)[1:]]
+    return out
+
+
+# ----------------------------------------------------------------------------- a network of one's own
+
+
+def _call_custom(name: str, in_shape: tuple[int, int, int], num_classes: int) -> object:
+    """Import ``package.module:function`` and call it (module docstring)."""
+    module_name, _, attr = name.partition(":")
+    rng = torch.random.get_rng_state()  # the first import must not move the seeded generator
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"model.name {name!r}: cannot import {module_name!r} ({exc}); make it importable in every "
+            "process that reads the config (install the package, e.g. pip install -e ., or add the folder "
+            "that holds it to PYTHONPATH)"
+        ) from None
+    finally:
+        torch.random.set_rng_state(rng)
+    fn = getattr(module, attr, None)
+    if isinstance(fn, nn.Module) or not callable(fn):
+        what = "has no attribute" if fn is None else f"has a {type(fn).__name__} named"
+        raise ValueError(
+            f"model.name {name!r}: {module_name} {what} {attr!r}; name a function that returns a "
+            "torch.nn.Sequential (called with (in_shape, num_classes) or no arguments, under train.seed "
+            "so that the initial weights are reproducible)"
+        )
+    try:
+        takes_args = any(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            for p in inspect.signature(fn).parameters.values()
+        )
+    except (TypeError, ValueError):  # no signature (a builtin): try with the arguments
+        takes_args = True
+    return fn(tuple(in_shape), int(num_classes)) if takes_args else fn()
+
+
+def _flat_layers(net: nn.Sequential, prefix: str) -> list[tuple[str, nn.Module]]:
+    out = []
+    for key, m in net.named_children():
+        path = f"{prefix}.{key}" if prefix else key
+        out += _flat_layers(m, path) if isinstance(m, nn.Sequential) else [(path, m)]
+    return out
+
+
+def _fold_batchnorm(layer: nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """layer := bn(layer(.)) with bn's running statistics, in place (float64 arithmetic)."""
+    var, mean = bn.running_var.double(), bn.running_mean.double()  # type: ignore[union-attr]
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    w = layer.weight.double() * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
+    b = (layer.bias.double() - mean) * scale + beta  # type: ignore[union-attr]
+    with torch.no_grad():
+        layer.weight.copy_(w.to(layer.weight.dtype))
+        layer.bias.copy_(b.to(layer.bias.dtype))  # type: ignore[union-attr]
+
+
+def _refuse(name: str, path: str, module: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"model.name {name!r}: layer {path} ({module}) {why}. mpigls trains and certifies Sequentials of "
+        "Conv2d, Linear, ReLU and Flatten (BatchNorm folded into the Conv2d or Linear before it), "
+        "alternating affine layers and ReLUs and ending with a Linear layer"
+    )
+
+
+def prepare_custom(net: object, name: str = "the network") -> list[nn.Module]:
+    """The layers of a network of one's own as mpigls runs them: nested Sequentials flattened,
+    BatchNorm folded, missing biases zero, float32; ValueError naming the first layer that does not fit."""
+    if not isinstance(net, nn.Sequential):
+        raise ValueError(
+            f"model.name {name!r} returned a {type(net).__name__}, not a torch.nn.Sequential: mpigls walks "
+            "the layers in order, so the network must be one Sequential (of Conv2d, Linear, ReLU, Flatten, BatchNorm)"
+        )
+    net = copy.deepcopy(net).float().eval().requires_grad_(True)
+    layers: list[nn.Module] = []
+    affine_last = False  # the last kept layer is a Conv2d / Linear (a BatchNorm may follow)
+    seen: set[int] = set()
+    for path, m in _flat_layers(net, ""):
+        if id(m) in seen and any(True for _ in m.parameters()):
+            raise _refuse(name, path, m, "appears twice (shared weights)")
+        seen.add(id(m))
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if affine_last:
+                raise _refuse(name, path, m, "follows another affine layer without a ReLU in between")
+            if isinstance(m, nn.Conv2d) and (
+                m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str)
+            ):
+                raise _refuse(name, path, m, "is not supported: need groups=1, dilation=1 and numeric zero padding")
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(m.weight.shape[0]))
+            layers.append(m)
+            affine_last = True
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            prev = layers[-1] if layers else None
+            if not affine_last or prev is None:
+                raise _refuse(name, path, m, "does not directly follow a Conv2d or Linear layer to fold into")
+            if m.running_mean is None or m.running_var is None:
+                raise _refuse(name, path, m, "has no running statistics (track_running_stats=False) to fold")
+            if isinstance(m, nn.BatchNorm2d) != isinstance(prev, nn.Conv2d):
+                raise _refuse(name, path, m, f"does not fit the {type(prev).__name__} before it")
+            _fold_batchnorm(prev, m)  # type: ignore[arg-type]
+        elif isinstance(m, nn.ReLU):
+            if not affine_last:
+                raise _refuse(name, path, m, "does not follow a Conv2d or Linear layer")
+            layers.append(nn.ReLU())
+            affine_last = False
+        elif isinstance(m, nn.Flatten):
+            if (m.start_dim, m.end_dim) != (1, -1):
+                raise _refuse(name, path, m, "is not supported: only Flatten(start_dim=1, end_dim=-1)")
+            layers.append(m)
+        else:
+            raise _refuse(name, path, m, "is not supported")
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise ValueError(
+            f"model.name {name!r}: the network must end with a Linear layer giving the logits (no ReLU after it)"
+        )
+    return layers
+
+
+def _check_output(layers: list[nn.Module], name: str, in_shape: tuple[int, int, int], num_classes: int) -> None:
+    try:
+        with torch.no_grad():
+            out = nn.Sequential(*layers)(torch.zeros(1, *in_shape))
+    except RuntimeError as exc:
+        raise ValueError(f"model.name {name!r} does not run on inputs of shape {in_shape}: {exc}") from None
+    if tuple(out.shape) != (1, num_classes):
+        raise ValueError(
+            f"model.name {name!r} gives outputs of shape {tuple(out.shape[1:])} for inputs {in_shape}; the data "
+            f"has {num_classes} classes, so the last Linear layer needs {num_classes} outputs"
+        )
 
 
 def num_params(model: nn.Module) -> int:
