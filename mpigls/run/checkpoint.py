@@ -22,8 +22,12 @@ recomputes them from the config and warns when they differ, i.e. the batch size 
 set changed). ``state_sha256`` covers generation/epoch/batch position, θ, σ and the optimizer
 state (dtype, shape and little-endian bytes of each entry, in sorted key order) and is verified
 on load, before any migration. ``config_sha256`` covers the stored ``/config`` and ``/arch`` strings
-as written (a certificate at an edited ``eps`` must not pass for the run's); files written before it
-existed lack the attribute and are read without that check (the next save of a resumed run adds it).
+as written (a certificate at an edited ``eps`` must not pass for the run's). Every format-2 file is
+written with it, so a format-2 file without it is refused as edited or damaged; format-1 files
+(written before it existed) are read without that check (the next save of a resumed run adds it).
+The checksums detect tampering and damage; they do not prevent it (anyone who can write the file
+can recompute them). A checkpoint path must be a regular file (``mpigls.files.input_file``): a FIFO
+or device is refused before anything opens it.
 
 Format 1 (mpigls up to commit 027d07e) also stored θ, σ and the generation inside /optimizer
 (``center``, ``sigma``, ``generation``) and created the metrics datasets extendable.
@@ -65,6 +69,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from mpigls import files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -440,6 +446,10 @@ def _open(path: Path) -> h5py.File:
         )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file; use {path / LATEST}")
+    try:  # before any open: a FIFO or a device would block it
+        files.input_file(path, "checkpoint", advice="give an mpigls checkpoint (.h5) written by `mpigls train`")
+    except files.InputFileError as exc:
+        raise CheckpointError(str(exc)) from None
     with open(path, "rb") as fh:
         head = fh.read(8)
     if not h5py.is_hdf5(str(path)):
@@ -514,6 +524,12 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
             "use an older checkpoint"
         )
     stored_config_sha = raw["attrs"].get("config_sha256")
+    if verify and stored_config_sha is None and version >= 2:
+        raise CheckpointError(
+            f"{path} is a format-{version} checkpoint without its config checksum (config_sha256); every "
+            "format-2 file is written with one, so this file was edited or damaged and its eps, model or data "
+            "settings cannot be trusted; use an older checkpoint of the run"
+        )
     if verify and stored_config_sha is not None and stored_config_sha != raw["config_sha256"]:
         raise CheckpointError(
             f"{path}: the stored config or architecture does not match its checksum (stored "
