@@ -43,8 +43,8 @@ from mpigls.bounds import margin_lower_bounds
 from mpigls.nn import models
 from mpigls.numerics import precision
 from mpigls.objectives import losses
-from mpigls.optim import pgpe, unit
-from mpigls.run import hostmem, optimizers
+from mpigls.optim import pgpe, registry as optimizers, unit
+from mpigls.run import hostmem
 
 SHAPES = {"mnist": ((1, 28, 28), 0.1), "cifar": ((3, 32, 32), 2 / 255)}
 

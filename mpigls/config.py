@@ -6,7 +6,7 @@ what is allowed and how to fix it. Each field's ``help`` metadata is the documen
 ``mpigls config`` (``--markdown``: the table in docs/guide/configuration.md). Derived quantities are properties, never fields.
 
 The ``optimizer`` section is not written here: it is built from the chosen optimizer's own Params
-class (``mpigls.run.optimizers``; one default, one validation, one help text per key) plus the
+class (``mpigls.optim.registry``; one default, one validation, one help text per key) plus the
 loop's keys (``optim.unit.LoopParams``). Configs stored in checkpoints by older versions hold
 every optimizer's keys: read them through ``stored_config``.
 """
@@ -27,7 +27,7 @@ import yaml
 
 from mpigls.optim.schedules import EPS_SCHEDULES
 from mpigls.optim.unit import LoopParams, help_of, param
-from mpigls.run import optimizers
+from mpigls.optim import registry as optimizers
 
 __all__ = [
     "ConfigError",
@@ -198,7 +198,7 @@ class OptimizerConfig:
     optimizer's own Params fields, flat in YAML and on ``--set`` (``optimizer.lr=1e-3``).
 
     Nothing here repeats an optimizer's field: defaults, validation and help come from its Params
-    class (registered in ``mpigls.run.optimizers``). ``cfg.optimizer.popsize`` reads the Params
+    class (registered in ``mpigls.optim.registry``). ``cfg.optimizer.popsize`` reads the Params
     field; a key the chosen optimizer does not have is a ConfigError naming its valid keys.
     """
 
@@ -212,7 +212,7 @@ class OptimizerConfig:
             f"optimizer.name must be one of {list(optimizers.OPTIMIZERS)}, got {short_repr(self.name)}",
         )
         if self.params is None:
-            object.__setattr__(self, "params", optimizers.get(self.name).Params())
+            object.__setattr__(self, "params", optimizers.params_of(self.name)())
 
     def __getattr__(self, key: str) -> Any:  # only called when normal lookup fails: the flat keys
         if key.startswith("__"):
@@ -236,7 +236,7 @@ def optimizer_keys(name: str) -> list[str]:
     return (
         ["name"]
         + [f.name for f in dataclasses.fields(LoopParams)]
-        + [f.name for f in dataclasses.fields(optimizers.get(name).Params)]
+        + [f.name for f in dataclasses.fields(optimizers.params_of(name))]
     )
 
 
@@ -246,7 +246,7 @@ def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
     name = values.get("name", OptimizerConfig.name)
     if name not in optimizers.OPTIMIZERS:
         raise ConfigError(f"{path}.name must be one of {list(optimizers.OPTIMIZERS)}, got {short_repr(name)}")
-    params_cls = optimizers.get(name).Params
+    params_cls = optimizers.params_of(name)
     loop_names = {f.name for f in dataclasses.fields(LoopParams)}
     own = {f.name for f in dataclasses.fields(params_cls)}
     unknown = [k for k in values if k != "name" and k not in loop_names and k not in own]
@@ -273,7 +273,7 @@ def stored_config(values: dict) -> dict:
     keep = set(optimizer_keys(name))
     # a key added later (optimizer.batch_chunks, optimizer.noise) is absent from older configs: they
     # ran with its default (a new key's default keeps the old behaviour)
-    defaults = {**to_dict(LoopParams()), **to_dict(optimizers.get(name).Params())}
+    defaults = {**to_dict(LoopParams()), **to_dict(optimizers.params_of(name)())}
     added = {k: v for k, v in defaults.items() if k not in opt}
     return {**values, "optimizer": {**{k: v for k, v in opt.items() if k in keep}, **added}}
 
@@ -728,19 +728,19 @@ def _describe_optimizer(prefix: str) -> list[tuple[str, str, str]]:
             repr(OptimizerConfig.name),
             "the optimizer, one of "
             + ", ".join(optimizers.OPTIMIZERS)
-            + " (mpigls.run.optimizers); the keys marked [...] below belong to the optimizers named",
+            + " (mpigls.optim.registry); the keys marked [...] below belong to the optimizers named",
         )
     ]
     rows += [(f"{prefix}{f.name}", repr(_default(f)), help_of(f)) for f in dataclasses.fields(LoopParams)]
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
-    for name, opt in optimizers.OPTIMIZERS.items():
-        for f in dataclasses.fields(opt.Params):
+    for name in optimizers.names():
+        for f in dataclasses.fields(optimizers.params_of(name)):
             owners.setdefault(f.name, []).append(name)
             fields.setdefault(f.name, f)
     for key, f in fields.items():
         defaults = {
-            n: repr(_default(next(g for g in dataclasses.fields(optimizers.get(n).Params) if g.name == key)))
+            n: repr(_default(next(g for g in dataclasses.fields(optimizers.params_of(n)) if g.name == key)))
             for n in owners[key]
         }
         default = (

@@ -15,8 +15,8 @@ import torch
 from mpigls import config, parallel
 from mpigls.nn import models
 from mpigls.numerics import noise
-from mpigls.optim import unit
-from mpigls.run import checkpoint, optimizers, train
+from mpigls.optim import registry, unit
+from mpigls.run import checkpoint, train
 
 from conftest import tiny_overrides
 
@@ -90,7 +90,7 @@ TOY = unit.Optimizer(
 
 @pytest.fixture
 def fd(monkeypatch):
-    monkeypatch.setitem(optimizers.OPTIMIZERS, "fd", TOY)  # the one registry line
+    monkeypatch.setitem(registry.OPTIMIZERS, "fd", TOY)  # the one registry line
 
 
 def _cfg(**extra):

@@ -165,7 +165,7 @@ class Optimizer:
 
     ``open(seed, device, params)`` is a context manager kept open for the whole run; what it yields
     is ``Work.resource``. The loop keeps the state on the training device (``to_device``), so
-    ``tell`` runs there. Register a new one with one line in ``mpigls.run.optimizers.OPTIMIZERS``.
+    ``tell`` runs there. Register a new one with one line in ``mpigls.optim.registry.OPTIMIZERS``.
     """
 
     name: str

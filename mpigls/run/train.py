@@ -1,7 +1,7 @@
 """The training loop: ties data, population, bounds, optimizer, communication and checkpoints.
 
 One generation = one minibatch (identical on every rank, from the shared seed). The optimizer
-(``cfg.optimizer.name``, a unit of mpigls.run.optimizers; see mpigls.optim.unit) names its work
+(``cfg.optimizer.name``, a unit of mpigls.optim.registry; see mpigls.optim.unit) names its work
 items (PGPE pairs, RGS samples, GRAD examples); they are cut into fixed-size blocks that do not
 depend on the number of ranks, and rank r evaluates a contiguous run of blocks. The optimizer's
 ``exchange`` combines the ranks' parts exactly (fixed-point sums, gathers in global order) and
@@ -31,8 +31,8 @@ from mpigls.interop import fetch
 from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import losses
-from mpigls.optim import schedules, unit
-from mpigls.run import checkpoint, hostmem, monitor, optimizers, preflight, rundir, runlock
+from mpigls.optim import registry as optimizers, schedules, unit
+from mpigls.run import checkpoint, hostmem, monitor, preflight, rundir, runlock
 
 __all__ = ["TrainResult", "TrainingDiverged", "train", "build_problem"]
 
