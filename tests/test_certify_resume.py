@@ -150,3 +150,14 @@ def test_ranks_keep_their_own_files_and_a_rerun_at_another_rank_count_reads_them
     searched = sum(r != "certificate" for r in ref[1]["verify/reason"])
     assert store.reused == searched
     assert _without_times(*first) == _without_times(*ref) == _without_times(*again)
+
+
+def test_a_partial_file_that_cannot_be_written_costs_only_the_resume(problem, tmp_path):
+    model, theta, x, y = problem
+    ref = certify.certify(copy.deepcopy(model), theta, x, y, **KW)
+    warnings: list[str] = []
+    key = certify.partial_key(model, theta, x, y, **KW)
+    store = partial.PartialResults(tmp_path / "no-such-dir" / "r.json", key, num_examples=len(y), warn=warnings.append)
+    got = certify.certify(copy.deepcopy(model), theta, x, y, partial=store, **KW)
+    assert _without_times(*got) == _without_times(*ref)
+    assert len(warnings) == 1 and "will not resume" in warnings[0]

@@ -25,6 +25,8 @@ import hashlib
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -104,9 +106,9 @@ def _read(path: Path, key: str, num_examples: int) -> dict[int, tuple] | None:
         if not isinstance(obj, dict):
             continue
         index, row = obj.get("index"), obj.get("row")
-        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_examples:
-            if isinstance(row, list) and _valid_row(row):
-                rows[index] = tuple(row)
+        in_range = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_examples
+        if in_range and isinstance(row, list) and _valid_row(row):
+            rows[index] = tuple(row)
     return rows
 
 
@@ -114,8 +116,19 @@ class PartialResults:
     """This rank's partial file of evaluation ``key`` under ``base``, and the rows every rank's files
     already hold for it. ``get(index)`` a kept row or None; ``put(index, row)`` appends one."""
 
-    def __init__(self, base: str | os.PathLike, key: str, *, rank: int = 0, num_examples: int, what: str = ""):
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        key: str,
+        *,
+        rank: int = 0,
+        num_examples: int,
+        what: str = "",
+        warn: Callable[[str], None] | None = None,
+    ):
         self.base, self.key, self.what = Path(base), key, what
+        self._warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.disabled = False
         self.path = self.base.with_name(f"{self.base.name}.part{int(rank)}")
         self.rows: dict[int, tuple] = {}
         self.foreign: list[Path] = []  # partial files of another evaluation (not reused)
@@ -151,13 +164,25 @@ class PartialResults:
         return f
 
     def put(self, index: int, row) -> None:
-        """Keep one finished example (written and flushed before this returns)."""
+        """Keep one finished example (written and flushed before this returns). A file that cannot
+        be written (read-only folder, full disk) costs the resumability only: one warning, and the
+        evaluation goes on without it."""
         row = [row[0], row[1], float(row[2]), int(row[3]), int(row[4])]
-        if self._file is None:
-            self._file = self._open()
-        self._file.write(json.dumps({"index": int(index), "row": row}, allow_nan=False) + "\n")
-        self._file.flush()
         self.rows[int(index)] = tuple(row)
+        if self.disabled:
+            return
+        try:
+            if self._file is None:
+                self._file = self._open()
+            self._file.write(json.dumps({"index": int(index), "row": row}, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self.disabled = True
+            self.close()
+            self._warn(
+                f"warning: cannot keep finished examples in {self.path} ({exc.strerror or exc}); the evaluation "
+                "goes on, but an interrupted run will not resume them"
+            )
 
     def close(self) -> None:
         if self._file is not None:
