@@ -106,8 +106,9 @@ def _read(path: Path, key: str, num_examples: int) -> dict[int, tuple] | None:
         if not isinstance(obj, dict):
             continue
         index, row = obj.get("index"), obj.get("row")
-        in_range = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_examples
-        if in_range and isinstance(row, list) and _valid_row(row):
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_examples:
+            continue
+        if isinstance(row, list) and _valid_row(row):
             rows[index] = tuple(row)
     return rows
 
