@@ -134,7 +134,9 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = _f("cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny")
+    name: str = _f(
+        "cnn3", "architecture: cnn3, cnn5 (paper Table 4), cnn7, mlp, mlp-tiny, or package.module:function (your own)"
+    )
     init_from: str | None = _f(
         None,
         "warm start: an mpigls checkpoint (.h5), ONNX file (.onnx) or PyTorch state dict (.pt) of "
@@ -142,9 +144,13 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        from mpigls.nn.models import ARCHITECTURES
+        from mpigls.nn.models import ARCHITECTURES, is_custom
 
-        _require(self.name in ARCHITECTURES, f"model.name must be one of {list(ARCHITECTURES)}, got {self.name!r}")
+        _require(
+            self.name in ARCHITECTURES or is_custom(self.name),
+            f"model.name must be one of {list(ARCHITECTURES)} or a network of your own as 'package.module:function' "
+            f"(a function returning a torch.nn.Sequential: see mpigls.nn.models), got {self.name!r}",
+        )
 
 
 # the bound methods that are sound over the whole eps box (mpigls.bounds.SOUND_METHODS; the config
