@@ -192,3 +192,24 @@ def test_a_copied_paper_sh_runs_the_shipped_rows(tmp_path, capsys):
     assert ran[1] == ["train", str(paper / "mnist-0.1-cnn3-ibp-pgpe.yaml")] and ran[2][0] == "certify"
     bad = subprocess.run([*cmd, "no-such-row"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "no built-in recipe is named 'paper/no-such-row'" in bad.stderr
+
+
+@pytest.mark.parametrize("launcher", [[], ["-m", "mpi4py"]], ids=["python", "mpi4py"])
+def test_python_m_mpigls_from_the_checkouts_parent_folder(tmp_path, launcher):
+    """A folder named mpigls in the current directory (the checkout, seen from its parent folder) is
+    a namespace package to Python's path finder, which is asked before an editable install's finder:
+    ``python -m mpigls`` must still run the installed package."""
+    if launcher:
+        pytest.importorskip("mpi4py")
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("mpigls")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("mpigls is not installed in this interpreter (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the package as installed
+    cmd = [sys.executable, *launcher, "-m", "mpigls", "--version"]
+    (tmp_path / "mpigls").mkdir()
+    (tmp_path / "mpigls" / "README.md").write_text("a checkout\n")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"mpigls {mpigls.__version__}", proc.stderr
