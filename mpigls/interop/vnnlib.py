@@ -81,9 +81,12 @@ def write_properties(
     timeout: float = 60.0,
     indices: Sequence[int] | None = None,
     header: Sequence[str] = (),
+    onnx_name: str | None = None,
 ) -> list[Path]:
     """``out_dir/prop_<index>.vnnlib`` for every sample of (xs (N, C, H, W), ys (N,)) and
-    ``out_dir/instances.csv``; returns the property paths. Each file is written whole (temp + rename)."""
+    ``out_dir/instances.csv``; returns the property paths. Each file is written whole (temp + rename).
+    ``onnx_name``: the network's path as instances.csv gives it (default: ``onnx_path`` relative to
+    ``out_dir``; a caller that writes into a staging directory passes the final one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     indices = list(range(len(ys))) if indices is None else list(indices)
@@ -96,7 +99,7 @@ def write_properties(
         )
         _write_text(path, text)
         paths.append(path)
-    onnx_rel = os.path.relpath(Path(onnx_path).resolve(), out.resolve())
+    onnx_rel = onnx_name if onnx_name is not None else os.path.relpath(Path(onnx_path).resolve(), out.resolve())
     rows = [[onnx_rel, p.name, f"{timeout:g}"] for p in paths]
     tmp = out / f".tmp-{INSTANCES_FILE}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:

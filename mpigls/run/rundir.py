@@ -15,6 +15,15 @@ Policy (rank 0 only; ``train`` broadcasts the outcome):
   ever deletes a checkpoint.
 * ``train`` calls all this under the run-directory lock (mpigls.run.runlock): a second ``train`` on a
   running directory is refused before it reads, cleans or truncates anything.
+* A run file (``RUN_FILES``) that is a symlink to a file outside the directory (a ``latest.h5``
+  pointing into another run, say) is refused (``RunDirError``) by everything that reads a run
+  directory: resuming it would continue, and append to, the other run. Links within the
+  directory are followed.
+
+Outputs (``refuse_output``): every option that names a file a command writes is checked before
+anything is computed; it may not be a checkpoint (by name or by content: an HDF5 file), a file
+a run or a study keeps in its directory (``OWN_FILES``), a non-regular file, or an input of the
+same command (the same file, through any link).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -32,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpigls import files
 from mpigls.config import short_repr, short_text
 from mpigls.run import checkpoint
 
@@ -51,6 +62,8 @@ __all__ = [
     "load_latest",
     "clean_stale_temps",
     "write_json",
+    "OWN_FILES",
+    "refuse_output",
 ]
 
 log = logging.getLogger("mpigls.run.rundir")
@@ -58,6 +71,13 @@ log = logging.getLogger("mpigls.run.rundir")
 ASIDE_PREFIX = "aside-"
 # the files a run writes into --out: what --restart moves aside (never deletes)
 RUN_FILES = re.compile(r"^(ckpt_\d{8,}\.h5|latest\.h5|eval\.json|certify_\d{8,}\.json|metrics.*)$")
+# every file a run or a study keeps in its directory: no output option may name one (``refuse_output``);
+# the lock names are runlock.LOCK_NAME and the study runner's LOCK_FILE / LOG_FILE / CONFIG_FILE
+OWN_FILES = re.compile(
+    r"^(ckpt_\d{8,}\.h5|latest\.h5|eval\.json|certify_\d{8,}\.json|metrics.*\.jsonl|config\.yaml|mpigls\.lock"
+    r"|study\.lock|study\.log|.*\.h5|.*\.hdf5)$"
+)
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class RunDirError(ValueError):
@@ -199,11 +219,12 @@ def prepare(
     d = make_dir(out)
     clean_stale_temps(d)
     if restart:
-        old = sorted(p for p in d.iterdir() if RUN_FILES.match(p.name) and p.is_file())
+        old = sorted(p for p in d.iterdir() if RUN_FILES.match(p.name) and (p.is_file() or p.is_symlink()))
         target = move_aside(d, old)
         if target is not None:
             say(f"--restart: moved {len(old)} file(s) of the earlier run into {target}/; starting from generation 0")
         return None
+    check_links(d)  # every run file, metrics.jsonl too (a resume appends to it)
     sc = scan(d)
     if sc.ckpt is None:
         if sc.failed:
@@ -293,8 +314,27 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_links(d: Path) -> None:
+    """Refuse a run file of ``d`` that is a symlink to a file outside ``d`` (module docstring)."""
+    if not d.is_dir():
+        return
+    home = d.resolve()
+    for p in sorted(d.iterdir()):
+        if RUN_FILES.match(p.name) and p.is_symlink():
+            target = p.resolve()
+            if target.parent != home:
+                raise RunDirError(
+                    f"{p} is a symlink to {str(target)!r}, outside the run directory {str(d)!r}; resuming or "
+                    "reading it would continue (and write into) another run. Nothing was changed. Replace the "
+                    f"link by a copy of the file (cp --remove-destination {str(target)!r} {str(p)!r}) or "
+                    "start the run in its own directory"
+                )
+
+
 def candidates(d: Path) -> list[Path]:
-    """latest.h5 and ckpt_*.h5, newest generation first; latest.h5 first among equals."""
+    """latest.h5 and ckpt_*.h5, newest generation first; latest.h5 first among equals. A run file that
+    links outside ``d`` is refused (``check_links``)."""
+    check_links(d)
     candidates: list[tuple[int, int, Path]] = []
     latest = d / checkpoint.LATEST
     if latest.exists():
@@ -331,3 +371,63 @@ def _first_loadable(d: Path) -> tuple[Path, checkpoint.Checkpoint] | None:
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
     return None
+
+
+# ----------------------------------------------------------------------------- output options
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare where they would be
+        return a.resolve() == b.resolve()
+
+
+def _looks_hdf5(p: Path) -> bool:
+    """A regular file that starts with the HDF5 signature (read after ``stat``: never a FIFO)."""
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def refuse_output(path: str | os.PathLike, option: str, *, inputs: tuple[str | os.PathLike, ...] | list = ()) -> Path:
+    """``path`` (an output option's value, e.g. ``report --out``) as a Path, or RunDirError when writing it
+    would destroy a checkpoint, a run's or a study's own file, or an input of the same command
+    (``inputs``, compared as files through any link). Call before computing anything. A directory
+    passes (the caller names the file inside it)."""
+    if str(path).strip() == "":
+        raise RunDirError(f"{option} is empty; name the file to write")
+    p = Path(path)
+    names = f"{option} {short_repr(str(p), 200)}"
+    try:
+        st = os.stat(p)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return p
+    for q in (p, p.resolve()):
+        if OWN_FILES.match(q.name):
+            raise RunDirError(
+                f"{names} names {q.name!r}, a file that runs and studies keep in their directory (a checkpoint, "
+                "metrics, config, lock or evaluation); writing it would replace that file. Nothing was written; "
+                "name another output file"
+            )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise RunDirError(
+            f"{names} exists and is {files.kind_of(st.st_mode)}, not a regular file; writing it could block or "
+            "replace it. Nothing was written; name a regular file or a new path"
+        )
+    if st is not None and _looks_hdf5(p):
+        raise RunDirError(
+            f"{names} is an HDF5 file (an mpigls checkpoint or another program's data); writing it would destroy "
+            "it. Nothing was written; name another output file"
+        )
+    for given in inputs:
+        if given is not None and str(given).strip() and _same_file(p, Path(given)):
+            raise RunDirError(
+                f"{names} is the same file as this command's input {short_repr(str(given), 200)}; writing it "
+                "would replace what the command reads. Nothing was written; name another output file"
+            )
+    return p
