@@ -161,3 +161,15 @@ def test_a_partial_file_that_cannot_be_written_costs_only_the_resume(problem, tm
     got = certify.certify(copy.deepcopy(model), theta, x, y, partial=store, **KW)
     assert _without_times(*got) == _without_times(*ref)
     assert len(warnings) == 1 and "will not resume" in warnings[0]
+
+
+def test_resume_false_reuses_nothing_and_starts_the_files_afresh(problem, tmp_path):
+    model, theta, x, y = problem
+    base = tmp_path / "r.json"
+    with _store(base, model, theta, x, y) as store:
+        store.put(1, ("falsified", "pgd", 0.25, 0, 0))
+    key = certify.partial_key(model, theta, x, y, **KW)
+    with partial.PartialResults(base, key, num_examples=len(y), resume=False) as fresh:
+        assert fresh.get(1) is None and fresh.foreign == partial.part_files(base)
+        fresh.put(2, ("verified", "bab", 1.0, 3, 0))
+    assert _store(base, model, theta, x, y).rows == {2: ("verified", "bab", 1.0, 3, 0)}

@@ -115,7 +115,8 @@ def _read(path: Path, key: str, num_examples: int) -> dict[int, tuple] | None:
 
 class PartialResults:
     """This rank's partial file of evaluation ``key`` under ``base``, and the rows every rank's files
-    already hold for it. ``get(index)`` a kept row or None; ``put(index, row)`` appends one."""
+    already hold for it. ``get(index)`` a kept row or None; ``put(index, row)`` appends one.
+    ``resume=False`` reuses nothing: every file is treated as another evaluation's."""
 
     def __init__(
         self,
@@ -126,15 +127,16 @@ class PartialResults:
         num_examples: int,
         what: str = "",
         warn: Callable[[str], None] | None = None,
+        resume: bool = True,
     ):
-        self.base, self.key, self.what = Path(base), key, what
+        self.base, self.key, self.what, self.resume = Path(base), key, what, resume
         self._warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.disabled = False
         self.path = self.base.with_name(f"{self.base.name}.part{int(rank)}")
         self.rows: dict[int, tuple] = {}
         self.foreign: list[Path] = []  # partial files of another evaluation (not reused)
         for p in part_files(self.base):
-            got = _read(p, key, num_examples)
+            got = _read(p, key, num_examples) if resume else None
             if got is None:
                 self.foreign.append(p)
             else:
@@ -149,8 +151,8 @@ class PartialResults:
         return row
 
     def _open(self) -> IO[str]:
-        own = _read(self.path, self.key, 1 << 62)
-        if own is None:  # absent, or of another evaluation: start it afresh
+        own = _read(self.path, self.key, 1 << 62) if self.resume else None
+        if own is None:  # absent, of another evaluation, or not to be resumed: start it afresh
             tmp = self.path.with_name(f".tmp-{self.path.name}")
             try:
                 tmp.write_text(
