@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -258,8 +259,8 @@ def _build_optimizer(values: Any, path: str) -> OptimizerConfig:
     unknown = [k for k in values if k != "name" and k not in loop_names and k not in own]
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {short_repr(unknown)} in section '{path}' for optimizer {name!r}; its "
-            f"valid keys are {optimizer_keys(name)}"
+            f"unknown config key(s) {short_repr(unknown)}{_key_hints(unknown, optimizer_keys(name), True)} in section "
+            f"'{path}' for optimizer {name!r}; its valid keys are {optimizer_keys(name)}"
         )
     loop = _build(LoopParams, {k: v for k, v in values.items() if k in loop_names}, path)
     params = _build(params_cls, {k: v for k, v in values.items() if k in own}, path)
@@ -371,6 +372,11 @@ class EvalConfig:
     )
 
     def __post_init__(self):
+        _require(
+            bool(self.methods) and len(set(map(str, self.methods))) == len(self.methods),
+            f"eval.methods must name each bound method once, at least one, got {short_repr(self.methods)}; e.g. "
+            "[ibp, deeppoly] (to skip the final certification, pass --no-eval to mpigls train)",
+        )
         bad = [m for m in self.methods if m not in CERTIFY_METHODS]
         _require(
             not bad,
@@ -449,6 +455,43 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _check_meaningful(key: str, value: Any) -> None:
+    """Refuse values that pass the type check but cannot mean what a user intends: an empty or
+    blank string (null is the way to ask for a key's default), a string with a NUL byte (no path
+    or name holds one), an integer beyond 64 bits (no count or seed is that large)."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(
+            f"config key {key} is an empty string ({value!r}); give a value, or write null (or leave the key "
+            "out) for its default"
+        )
+    if isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"config key {key} contains a NUL byte ({short_repr(value, 60)}); no name or path holds one")
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_SEED - 1 <= value <= MAX_SEED:
+        raise ConfigError(
+            f"config key {key} is {short_repr(value, 40)}, beyond the 64-bit integers every count and seed "
+            "must fit in; use a realistic value"
+        )
+
+
+def did_you_mean(word: Any, choices: Any) -> str | None:
+    """The closest of ``choices`` to ``word`` (difflib, as for the recipe names), or None."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _key_hints(unknown: list, valid: list, optimizer: bool = False) -> str:
+    """`` (popsize: a key of pgpe; epoch: did you mean 'epochs'?)`` for unknown keys, or ``""``."""
+    hints = []
+    for key in unknown[:5]:
+        owners = [n for n in optimizers.OPTIMIZERS if key in optimizer_keys(n)] if optimizer else []
+        close = did_you_mean(key, valid)
+        if owners:
+            hints.append(f"{key}: a key of {', '.join(owners)}")
+        elif close:
+            hints.append(f"{key}: did you mean {close!r}?")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def _build(cls: type, values: dict, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -457,7 +500,10 @@ def _build(cls: type, values: dict, path: str) -> Any:
     unknown = [k for k in values if k not in valid]
     if unknown:
         where = f"section '{path}'" if path else "the top level"
-        raise ConfigError(f"unknown config key(s) {short_repr(unknown)} in {where}; valid keys are {valid}")
+        raise ConfigError(
+            f"unknown config key(s) {short_repr(unknown)}{_key_hints(unknown, valid)} in {where}; valid keys "
+            f"are {valid}"
+        )
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -484,6 +530,7 @@ def _build(cls: type, values: dict, path: str) -> Any:
             )
         if isinstance(coerced, float) and not math.isfinite(coerced):
             raise ConfigError(f"config key {key} must be a finite number, got {coerced}")
+        _check_meaningful(key, coerced)
         kwargs[name] = coerced
     try:
         return cls(**kwargs)
@@ -658,8 +705,29 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load YAML ``path`` (None: defaults only), apply overrides, validate."""
+def switch_optimizer(values: dict, overrides: list[str]) -> tuple[dict, list[str]]:
+    """``values`` (a config file's dict) without the optimizer keys that the optimizer named by an
+    ``optimizer.name=...`` override does not have, and those keys: switching optimizers from the
+    command line (``--set optimizer.name=rgs`` on a PGPE recipe) drops the file's keys of the other
+    optimizer. Keys given by overrides are never dropped (a wrong one is refused), and a file that
+    names its own optimizer keeps every key (a PGPE key beside ``name: rgs`` is refused)."""
+    names = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0].strip() == "optimizer.name"]
+    section = values.get("optimizer")
+    if not names or not isinstance(section, dict):
+        return values, []
+    new = _parse_value(names[-1])
+    if not isinstance(new, str) or new not in optimizers.OPTIMIZERS or new == section.get("name", OptimizerConfig.name):
+        return values, []
+    keep = set(optimizer_keys(new))
+    dropped = [k for k in section if k not in keep]
+    return {**values, "optimizer": {k: v for k, v in section.items() if k in keep}}, dropped
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, note: typing.Callable[[str], None] | None = None
+) -> Config:
+    """Load YAML ``path`` (None: defaults only), apply overrides, validate. ``note(text)`` is told
+    which keys of the file a change of optimizer on the command line dropped (``switch_optimizer``)."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -697,7 +765,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {name} is not valid YAML: {short_text(str(exc), 400)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {name} must contain a mapping of sections, got {type(values).__name__}")
-    return from_dict(apply_overrides(values, overrides or []))
+    values, dropped = switch_optimizer(values, overrides or [])
+    cfg = from_dict(apply_overrides(values, overrides or []))
+    if dropped and note is not None:
+        kept = [k for k in values["optimizer"] if k != "name"]
+        note(
+            f"note: optimizer.name={cfg.optimizer.name} from --set: the config file's optimizer keys "
+            f"{dropped} belong to another optimizer and were dropped; kept the shared keys {kept}; set "
+            f"{cfg.optimizer.name}'s own keys with --set optimizer.KEY=VALUE"
+        )
+    return cfg
 
 
 def _default(f: dataclasses.Field) -> Any:

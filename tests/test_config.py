@@ -70,3 +70,52 @@ def test_describe_covers_every_key():
     keys = {k for k, _, _ in config.describe()}
     assert {"optimizer.popsize", "bound.method", "data.root", "train.seed", "eval.methods"} <= keys
     assert all(h for _, _, h in config.describe())
+
+
+@pytest.mark.parametrize(
+    "item, hint",
+    [
+        ("train.epoch=3", "epoch: did you mean 'epochs'?"),
+        ("optimiser.lr=1", "optimiser: did you mean 'optimizer'?"),
+        ("optimizer.poopsize=64", "poopsize: did you mean 'popsize'?"),
+        ("eval.method=[ibp]", "method: did you mean 'methods'?"),
+    ],
+)
+def test_mistyped_key_gets_did_you_mean(item, hint):
+    with pytest.raises(config.ConfigError, match="unknown config key") as info:
+        config.load_config(None, [item])
+    assert hint in str(info.value)
+
+
+def test_key_of_another_optimizer_names_its_owner():
+    with pytest.raises(config.ConfigError) as info:
+        config.load_config(None, ["optimizer.name=rgs", "optimizer.popsize=64"])
+    assert "popsize: a key of pgpe" in str(info.value) and "for optimizer 'rgs'" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["rgs", "grad"])
+def test_switching_optimizer_on_the_command_line_drops_the_files_other_keys(tmp_path, name):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  name: pgpe\n  popsize: 32\n  fixed_sigma: true\n  lr: 0.01\n  block_size: 4\n")
+    notes: list[str] = []
+    cfg = config.load_config(path, [f"optimizer.name={name}"], note=notes.append)
+    assert cfg.optimizer.name == name and cfg.optimizer.lr == 0.01 and cfg.optimizer.block_size == 4
+    assert "popsize" not in config.to_dict(cfg)["optimizer"]
+    assert len(notes) == 1 and "['popsize', 'fixed_sigma']" in notes[0] and "dropped" in notes[0]
+    # a key of the other optimizer given on the command line is still refused, as in the file itself
+    with pytest.raises(config.ConfigError, match="popsize: a key of pgpe"):
+        config.load_config(path, [f"optimizer.name={name}", "optimizer.popsize=8"])
+    path.write_text(f"optimizer:\n  name: {name}\n  popsize: 32\n")
+    with pytest.raises(config.ConfigError, match="popsize: a key of pgpe"):
+        config.load_config(path, [])
+    # the same optimizer named again drops nothing
+    path.write_text("optimizer:\n  name: pgpe\n  popsize: 32\n")
+    assert config.load_config(path, ["optimizer.name=pgpe"], note=notes.append).optimizer.popsize == 32
+    assert len(notes) == 1
+
+
+def test_switching_a_shipped_pgpe_recipe_to_rgs():
+    from mpigls import recipes
+
+    cfg = config.load_config(recipes.resolve_config("quickstart"), ["optimizer.name=rgs"])
+    assert cfg.optimizer.name == "rgs"

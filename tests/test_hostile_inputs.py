@@ -29,7 +29,7 @@ import pytest
 from mpigls import cli, config, parallel
 from mpigls.run import checkpoint, rundir, train
 
-from conftest import REPO, mpiexec, tiny_overrides
+from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
 
 pytestmark = pytest.mark.timeout(120)  # nothing here may hang
 
@@ -709,3 +709,95 @@ def test_refusal_under_mpi_is_one_paragraph_from_every_rank(run2, tmp_path):
     assert res.returncode == 2, res.stderr
     one_paragraph(res.stderr, "none of them can be resumed", "--restart")
     assert hashes(d) == before
+
+
+# --------------------------------------------------- values that parse but mean nothing: the config
+
+# (key, YAML value) pairs that look hostile but mean something documented
+_MEANINGFUL = {
+    ("optimizer.lr_milestones", "[]"),  # no lr decay
+    ("bound.options", "{}"),  # the method's defaults
+}
+_HOSTILE_ANY = ["-5", "-0.5", ".nan", ".inf", "-.inf", "''", "'  '", '"a\\0b"']
+_HOSTILE_INT = [str(2**64), str(-(2**64))]
+_HOSTILE_CONTAINER = ["[]", "{}"]
+
+
+def _every_key() -> list[tuple[str, str]]:
+    """(optimizer, key) for every config key of every section, each optimizer's keys under it."""
+    from mpigls.optim import registry as optimizers
+
+    out = [("pgpe", k) for k, _, _ in config.describe() if not k.startswith("optimizer.")]
+    for name in optimizers.OPTIMIZERS:
+        out += [(name, f"optimizer.{k}") for k in config.optimizer_keys(name) if k != "name"]
+    return out
+
+
+def _annotation_of(opt: str, key: str) -> str:
+    """The declared type of a key, as text (e.g. "int | None")."""
+    import typing
+
+    from mpigls.optim import registry as optimizers
+    from mpigls.optim.unit import LoopParams
+
+    section, name = key.split(".")
+    classes = (
+        [LoopParams, optimizers.get(opt).Params]
+        if section == "optimizer"
+        else [typing.get_type_hints(config.Config)[section]]
+    )
+    hints = {k: v for cls in classes for k, v in typing.get_type_hints(cls).items()}
+    return str(hints[name])
+
+
+@pytest.mark.parametrize("opt, key", _every_key(), ids=lambda v: v)
+def test_every_config_key_refuses_values_that_mean_nothing(opt, key):
+    """Negative counts, NaN and infinities, blank strings, NUL bytes, integers beyond 64 bits and
+    empty containers are refused for every key of every section (each optimizer's own keys too),
+    unless the value is documented to mean something (``_MEANINGFUL``)."""
+    kind = _annotation_of(opt, key)
+    values = list(_HOSTILE_ANY)
+    if "int" in kind:
+        values += _HOSTILE_INT
+    if "list" in kind or "dict" in kind:
+        values += _HOSTILE_CONTAINER
+    accepted = []
+    for value in values:
+        if (key, value) in _MEANINGFUL:
+            continue
+        try:
+            config.load_config(None, [f"optimizer.name={opt}", f"{key}={value}"])
+        except config.ConfigError as exc:
+            assert key.split(".")[-1] in str(exc), (key, value, str(exc))
+        else:
+            accepted.append(value)
+    assert not accepted, f"{key} ({opt}) accepts {accepted}"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("eval.methods=[]", "eval.methods must name each bound method once, at least one"),
+        ("eval.methods=[ibp, ibp]", "eval.methods must name each bound method once"),
+        ("data.root=''", "data.root is an empty string"),
+        ("model.init_from=' '", "model.init_from is an empty string"),
+        ("track.wandb_name=''", "track.wandb_name is an empty string"),
+        (f"train.batch_size={2**64}", "beyond the 64-bit integers"),
+        (f"data.num_test={2**70}", "beyond the 64-bit integers"),
+    ],
+)
+def test_values_that_mean_nothing_are_refused_in_one_paragraph(tmp_path, capsys, item, message):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", "--dry-run", *_sets(), "--set", item)
+    assert code == 2
+    one_paragraph(err, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_user_error_at_one_rank_under_python_m_mpi4py_exits_2_without_abort(tmp_path):
+    """``python -m mpi4py`` turns a non-zero SystemExit into MPI_Abort; a one-rank user error is
+    still one paragraph and exit code 2, with no abort line after it."""
+    pytest.importorskip("mpi4py")
+    proc = run_mpigls(["train", "--out", str(tmp_path / "r"), "--set", "train.epochs=-1"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    one_paragraph(proc.stderr, "train.epochs must be > 0")
+    assert "Abort" not in proc.stderr and not (tmp_path / "r").exists()
