@@ -800,3 +800,29 @@ def test_user_error_at_one_rank_under_python_m_mpi4py_exits_2_without_abort(tmp_
     assert proc.returncode == 2, proc.stderr
     one_paragraph(proc.stderr, "train.epochs must be > 0")
     assert "Abort" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise AssertionError(f"bare {token} in JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_writer_is_strict(tmp_path):
+    """No results file or JSON output holds a bare NaN/Infinity (JSON has none; strict readers fail)."""
+    from mpigls.analysis import report as analysis_report
+    from mpigls.studies import report as study_report
+
+    with pytest.raises(RuntimeError, match="non-finite"):
+        rundir.write_json(tmp_path / "r.json", {"time_limit": math.nan})
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+    rundir.write_json(tmp_path / "r.json", rundir.json_safe({"time_limit": math.nan}))
+    assert _strict_json((tmp_path / "r.json").read_text()) == {"time_limit": None}
+    table = {"metrics": ["natural"], "rows": [{"natural": math.nan, "eps": math.inf}]}
+    assert _strict_json(analysis_report.format_table(table, "json"))["rows"][0] == {"natural": None, "eps": None}
+    stats = {"mean": study_report.Stat(math.nan, None, 0), "std": study_report.Stat(0.5, math.inf, 2)}
+    assert _strict_json(study_report.to_json(stats)) == {
+        "mean": {"mean": None, "std": None, "n": 0},
+        "std": {"mean": 0.5, "std": None, "n": 2},
+    }

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from mpigls.analysis.runs import Run
+from mpigls.run.rundir import json_safe
 
 __all__ = ["METRICS", "build_table", "format_table", "run_result"]
 
@@ -135,7 +136,7 @@ def _eps_text(eps: float) -> str:
 def format_table(table: dict, fmt: str = "md") -> str:
     """The table as Markdown, CSV or JSON text."""
     if fmt == "json":
-        return json.dumps(table, indent=2)
+        return json.dumps(json_safe(table), indent=2, allow_nan=False)  # strict JSON: a missing value is null
     header = _header(table)
     keys = [(m, o) for m in table["metrics"] for o in table["optimizers"]]
     if fmt == "csv":

@@ -279,15 +279,22 @@ def json_safe(obj):
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only."""
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, ``os.replace``). One rank only.
+
+    Strict JSON: a NaN or infinity in ``obj`` (which ``json`` would write as a bare ``NaN`` that
+    JSON readers refuse) raises RuntimeError before anything is written; pass ``json_safe(obj)``
+    where a value may legitimately be missing (it becomes null)."""
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise RuntimeError(f"{path} was not written: its data hold a non-finite number ({exc})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{checkpoint.TEMP_PREFIX}{path.stem}-", suffix=".json", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~checkpoint.umask())

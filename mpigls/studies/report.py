@@ -154,14 +154,16 @@ def format_markdown(result: dict) -> str:
 def to_json(result: dict) -> str:
     def conv(obj: Any) -> Any:
         if isinstance(obj, Stat):
-            return {"mean": obj.mean if math.isfinite(obj.mean) else None, "std": obj.std, "n": obj.n}
+            return {"mean": conv(obj.mean), "std": conv(obj.std), "n": obj.n}
         if isinstance(obj, dict):
             return {k: conv(v) for k, v in obj.items()}
         if isinstance(obj, list):
             return [conv(v) for v in obj]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None  # strict JSON: no bare NaN
         return obj
 
-    return json.dumps(conv(result), indent=2) + "\n"
+    return json.dumps(conv(result), indent=2, allow_nan=False) + "\n"
 
 
 def plot(result: dict, out: str | Path, metric: str = "certified", title: str = "") -> Path:
