@@ -78,3 +78,19 @@ def test_gradient_agreement_rows():
         assert r["reference_vs_gradient"] == pytest.approx(1.0, abs=1e-6)  # quadratic: grad L_sigma = grad L
         assert -1 <= r["cos_min"] <= r["cos_mean"] <= 1
     assert rows[1]["cos_mean"] > rows[0]["cos_mean"]
+
+
+def test_control_variate_estimates_side_by_side():
+    """At popsize 8 (n = 4 pairs, D = 20) plain PGPE is noise-limited; the control variate with the
+    backpropagated gradient is exact on a quadratic (cos 1), the previous generation's estimate as g
+    is worse than none when n < D, and the running average (gain n/(n + D)) is better than plain."""
+    loss_fn, grad_fn, theta, exact, _ = _quadratic()
+    rows = diagnose.gradient_agreement(
+        loss_fn, grad_fn, theta, [8], [1e-2], 0, repeats=6, control_variates=("grad", "previous", "running")
+    )
+    (row,) = rows
+    assert set(row["cv"]) == {"grad", "previous", "running"}
+    assert row["cv"]["grad"]["cos_min"] > 0.999999
+    assert row["cv"]["previous"]["cos_mean"] < row["cos_mean"] < row["cv"]["running"]["cos_mean"]
+    est, evals = diagnose.cv_estimate("previous", loss_fn, exact, theta, 1e-2, 8, 0, 0)
+    assert evals == 16 and est.shape == (D,)

@@ -32,6 +32,9 @@ from mpigls.optim import pgpe, rgs
 
 __all__ = [
     "pgpe_estimate",
+    "pgpe_cv_estimate",
+    "cv_estimate",
+    "CONTROL_VARIATES",
     "rgs_estimate",
     "smoothed_loss",
     "cosine",
@@ -78,6 +81,72 @@ def pgpe_estimate(
     return g
 
 
+def pgpe_cv_estimate(
+    loss_fn: LossFn,
+    theta: torch.Tensor,
+    sigma: float,
+    popsize: int,
+    seed: int,
+    g: torch.Tensor,
+    *,
+    repeat: int = 0,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """One PGPE estimate with the control variate ``g`` (``mpigls.optim.pgpe``): (D,) float64, unbiased
+    for ∇L_σ(θ) for any ``g`` independent of this population (raw losses, as the optimizer uses them)."""
+    params = pgpe.PGPEParams(
+        popsize=popsize, sigma_init=sigma, fixed_sigma=True, fitness_shaping="raw", control_variate="previous"
+    )
+    state = dataclasses.replace(pgpe.init(params, theta.detach().float()), generation=repeat)
+    losses = _batched(loss_fn, pgpe.ask(state, params, seed, range(popsize // 2)), chunk).detach().double()
+    est, _, _ = pgpe.gradients(state, params, seed, losses, with_sigma=False, g=g.double())
+    if est is None:
+        raise ValueError(f"every PGPE loss at this point is non-finite (sigma {sigma}); lower sigma")
+    return est
+
+
+CONTROL_VARIATES = ("grad", "previous", "running")
+
+
+def _running_steps(popsize: int, dim: int) -> int:
+    n = popsize // 2
+    return math.ceil(3 * (n + dim) / n)
+
+
+def _cv_cost(kind: str, popsize: int, dim: int) -> int:
+    """Loss evaluations of one ``cv_estimate``."""
+    return {"grad": 1, "previous": 2}.get(kind, _running_steps(popsize, dim) + 1) * popsize
+
+
+def cv_estimate(
+    kind: str,
+    loss_fn: LossFn,
+    exact: torch.Tensor,
+    theta: torch.Tensor,
+    sigma: float,
+    popsize: int,
+    seed: int,
+    repeat: int,
+) -> tuple[torch.Tensor, int]:
+    """(The control-variate estimate with g of ``kind`` at θ, the loss evaluations it cost).
+
+    "grad": g = ∇L(θ) (``exact``). "previous": g = an independent plain raw estimate (the previous
+    generation's, with θ unchanged). "running": the running average of the optimizer (gain n/(n + D))
+    after 3 (n + D)/n generations at θ from zero: its value without the drift of θ, the best case."""
+    if kind == "grad":
+        return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, exact, repeat=repeat), popsize
+    base = (repeat + 1) << 16  # populations independent of the repeats' own
+    if kind == "previous":
+        g = pgpe_estimate(loss_fn, theta, sigma, popsize, seed, shaping="raw", repeat=base)
+        return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, g, repeat=repeat), 2 * popsize
+    n, dim = popsize // 2, theta.numel()
+    rate, steps = n / (n + dim), _running_steps(popsize, dim)
+    m = torch.zeros(dim, dtype=torch.float64)
+    for k in range(steps):
+        m = m * (1 - rate) + pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, m, repeat=base + k) * rate
+    return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, m, repeat=repeat), _cv_cost(kind, popsize, dim)
+
+
 def rgs_estimate(
     grad_fn: GradFn, theta: torch.Tensor, sigma: float, num_samples: int, seed: int, *, repeat: int = 0, chunk: int = 16
 ) -> torch.Tensor:
@@ -116,13 +185,16 @@ def gradient_agreement(
     shaping: str = "centered_ranks",
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = False,
+    control_variates: Sequence[str] = (),
 ) -> list[dict]:
     """Rows {sigma, popsize, cos_mean, cos_std, cos_min, repeats, reference_vs_gradient,
-    L_sigma, L_sigma_se}: the PGPE estimates' cosine to the RGS reference ∇L_σ(θ). ``progress``:
+    L_sigma, L_sigma_se, cv}: the PGPE estimates' cosine to the RGS reference ∇L_σ(θ), and in ``cv``
+    per control variate in ``control_variates`` (``cv_estimate``) {cos_mean, cos_std, cos_min}. ``progress``:
     done/total loss evaluations and an ETA on stderr (``mpigls.parallel.progress``)."""
     from mpigls.parallel import progress as progress_mod
 
-    cost = len(sigmas) * (2 * reference_samples + repeats * sum(popsizes))
+    cv_cost = sum(_cv_cost(k, p, theta.numel()) for k in control_variates for p in popsizes)
+    cost = len(sigmas) * (2 * reference_samples + repeats * (sum(popsizes) + cv_cost))
     report = progress_mod.for_comm(None, "diagnose", cost, unit="losses", quiet=not progress)
     exact = grad_fn(theta.detach().float()[None])[0].double()
     base = float(loss_fn(theta.detach().float()[None])[0])
@@ -137,6 +209,19 @@ def gradient_agreement(
                 for r in range(repeats)
             ]
             report.update(repeats * popsize)
+            cv_rows = {}
+            for kind in control_variates:
+                cv_cos = []
+                for r in range(repeats):
+                    est, evals = cv_estimate(kind, loss_fn, exact, theta, sigma, popsize, seed, r)
+                    cv_cos.append(cosine(est, ref))
+                    report.update(evals)
+                t = torch.tensor(cv_cos, dtype=torch.float64)
+                cv_rows[kind] = {
+                    "cos_mean": float(t.mean()),
+                    "cos_std": float(t.std(unbiased=True)) if repeats > 1 else None,
+                    "cos_min": float(t.min()),
+                }
             c = torch.tensor(cos, dtype=torch.float64)
             rows.append(
                 {
@@ -150,11 +235,13 @@ def gradient_agreement(
                     "L": base,
                     "L_sigma": l_sigma,
                     "L_sigma_se": se,
+                    "cv": cv_rows,
                 }
             )
             log(
                 f"sigma {sigma:g}  popsize {popsize:5d}  cos(PGPE, grad L_sigma) {rows[-1]['cos_mean']:+.3f}"
                 f" (min {rows[-1]['cos_min']:+.3f}, {repeats} repeats)"
+                + "".join(f"  cv {k} {v['cos_mean']:+.3f}" for k, v in cv_rows.items())
             )
     report.close()
     return rows
@@ -196,6 +283,12 @@ def add_parser(sub) -> None:
     d.add_argument("--reference-samples", type=int, default=64, help="RGS samples of the reference gradient")
     d.add_argument("--num-examples", type=int, default=128, help="the first N training examples form the loss")
     d.add_argument("--shaping", default=None, help="PGPE fitness shaping (default: the run's, else centered_ranks)")
+    d.add_argument(
+        "--control-variates",
+        default="grad,previous",
+        help="PGPE control variates compared with plain PGPE: comma-separated among grad, previous, running "
+        "(running: 3 (n + D)/n generations at the checkpoint each), or none",
+    )
     d.add_argument("--out", default=None, help="JSON file (default: print only)")
 
 
@@ -222,6 +315,12 @@ def run(args, comm, load_checkpoint: Callable) -> int:
     if any(p % 2 for p in popsizes):
         raise ValueError(f"--popsizes must be even (antithetic pairs), got {popsizes}")
     sigmas = _parse_list(args.sigmas, float, "sigmas")
+    cvs = [] if args.control_variates.strip() in ("", "none") else args.control_variates.split(",")
+    cvs = [k.strip() for k in cvs]
+    if any(k not in CONTROL_VARIATES for k in cvs):
+        raise ValueError(
+            f"--control-variates must be among {list(CONTROL_VARIATES)} or none, got {args.control_variates!r}"
+        )
     if args.repeats < 1 or args.reference_samples < 2 or args.num_examples < 1:
         raise ValueError("--repeats and --num-examples must be >= 1 and --reference-samples >= 2")
     if not comm.is_root:
@@ -265,14 +364,17 @@ def run(args, comm, load_checkpoint: Callable) -> int:
                 shaping=shaping,
                 log=say,
                 progress=True,
+                control_variates=cvs,
             )
             entry["shaping"] = shaping
         out["checkpoints"].append(entry)
     last = out["checkpoints"][-1]["agreement"]
-    say("\n| sigma | popsize | cos(PGPE, ∇L_σ) mean | min | cos(∇L_σ, ∇L) |\n|---:|---:|---:|---:|---:|")
+    heads = "".join(f" cos(PGPE cv {k}, ∇L_σ) |" for k in cvs)
+    say(f"\n| sigma | popsize | cos(PGPE, ∇L_σ) mean | min |{heads} cos(∇L_σ, ∇L) |\n" + "|---:" * (5 + len(cvs)) + "|")
     for r in last:
+        cells = "".join(f" {r['cv'][k]['cos_mean']:.3f} |" for k in cvs)
         say(
-            f"| {r['sigma']:g} | {r['popsize']} | {r['cos_mean']:.3f} | {r['cos_min']:.3f} | "
+            f"| {r['sigma']:g} | {r['popsize']} | {r['cos_mean']:.3f} | {r['cos_min']:.3f} |{cells} "
             f"{r['reference_vs_gradient']:.3f} |"
         )
     if args.out:

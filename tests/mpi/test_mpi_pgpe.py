@@ -76,3 +76,31 @@ def test_chunked_minibatch_state_is_serial_reference_bitwise(comm, chunks):
     if chunks == 1:
         assert torch.equal(new.center, pgpe.tell(state, params, 4, full)[0].center)
     comm.check_consistent("pgpe-chunks", new.center.numpy().tobytes() + new.sigma.numpy().tobytes())
+
+
+@pytest.mark.parametrize("kind", ["grad", "running"])
+def test_control_variate_is_serial_tell_bitwise(comm, kind):
+    """The control variate's products eps_j . g are formed by the rank that sums pair j; with max |eps . g|
+    riding in the all-gather the new state (the running memory included) is the serial one, bitwise."""
+    D = 53
+    params = pgpe.PGPEParams(
+        popsize=22, lr=0.01, sigma_init=0.1, fixed_sigma=False, fitness_shaping="raw", control_variate=kind
+    )
+    state = dataclasses.replace(pgpe.init(params, torch.linspace(-1, 1, D)), generation=5)
+    if kind == "running":
+        state = dataclasses.replace(state, cv=torch.linspace(-3, 2, D, dtype=torch.float64))
+    loss = lambda x: (x.double() ** 2).sum(-1) + torch.sin(7 * x[:, 0].double())
+    g = pgpe.control_variate(state, params, 2 * torch.linspace(-1, 1, D))
+    split = pgpe_unit.split_of(params, 3)
+    blocks = parallel.my_blocks(split.num_items, comm.rank, comm.world_size)
+    source = pgpe_unit.NoiseSource(4)
+    local, kept = pgpe_unit.evaluate(
+        state, params, blocks, split, source, lambda x, ex: loss(x), torch.device("cpu"), g=g
+    )
+    source.close()
+    all_losses, _, max_abs, max_c = pgpe_unit.gather_losses(comm, split, local, None, kept.max_abs, kept.max_abs_c)
+    summed = pgpe_unit.reduce_sums(comm, state, params, 4, all_losses, kept, max_abs, max_c)
+    new, _ = pgpe.tell(state, params, 4, all_losses, summed=summed, g=g)
+    ref, _ = pgpe.tell(state, params, 4, loss(pgpe.ask(state, params, 4, range(11))), g=g)
+    assert torch.equal(new.center, ref.center) and torch.equal(new.sigma, ref.sigma)
+    assert (new.cv is None) == (kind == "grad") and (new.cv is None or torch.equal(new.cv, ref.cv))
