@@ -826,3 +826,21 @@ def test_every_json_writer_is_strict(tmp_path):
         "mean": {"mean": None, "std": None, "n": 0},
         "std": {"mean": 0.5, "std": None, "n": 2},
     }
+
+
+@pytest.mark.parametrize("pgd_steps, pgd_restarts", [(0, 1), (5, 0)])
+def test_no_attack_reports_no_adversarial_accuracy(pgd_steps, pgd_restarts):
+    """Without a PGD attack (0 steps or 0 restarts) there is no adversarial accuracy: it is left out,
+    never reported as the natural accuracy."""
+    from mpigls.evaluation import certify
+    from mpigls.nn import models
+
+    dataset, model, _ = train.build_problem(tiny_cfg())
+    x, y = dataset.test_x[:16], dataset.test_y[:16]
+    theta = models.flat_params(model)
+    kw = {"pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts, "batch_size": 8}
+    summary, samples = certify.certify(model, theta, x, y, 0.05, ["ibp"], **kw)
+    assert "adversarial" not in summary and "adversarial" not in samples
+    assert summary["natural"] >= summary["certified"]
+    attacked, _ = certify.certify(model, theta, x, y, 0.05, ["ibp"], pgd_steps=5, pgd_restarts=1, batch_size=8)
+    assert attacked["certified"] <= attacked["adversarial"] <= attacked["natural"]

@@ -153,7 +153,8 @@ def certify(
     """Per-sample certification of ``theta`` on (x, y); returns (summary, samples).
 
     ``samples`` maps column names to lists of length N (test order): ``index``, ``label``,
-    ``natural``, ``adversarial``, ``certified/<method>``, ``margin/<method>`` (the smallest margin
+    ``natural``, ``adversarial`` (left out when ``pgd_steps`` or ``pgd_restarts`` is 0: no attack ran,
+    so there is no adversarial accuracy), ``certified/<method>``, ``margin/<method>`` (the smallest margin
     lower bound), ``certified`` (union of every method's certificate), and with ``verify``:
     ``verified`` ("verified" / "falsified" / "unknown"), ``verify/reason``, ``verify/time_s``,
     ``verify/domains``, ``verify/lps``. A sample certified by a bound is ``verified`` with reason
@@ -203,6 +204,9 @@ def certify(
         "num_examples": n,
         "time_s": time.perf_counter() - t0,
     }
+    if not (pgd_steps and pgd_restarts):  # no attack ran: there is no adversarial accuracy to report
+        summary.pop("adversarial")
+        samples.pop("adversarial")
     return summary, samples
 
 
