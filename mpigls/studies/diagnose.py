@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mpigls.argtypes import count
 from mpigls.optim import pgpe, rgs
 
 __all__ = [
@@ -279,9 +280,9 @@ def add_parser(sub) -> None:
     )
     d.add_argument("--popsizes", default="16,64,256", help="comma-separated PGPE popsizes")
     d.add_argument("--sigmas", default="1e-3,1e-2", help="comma-separated smoothing sigmas")
-    d.add_argument("--repeats", type=int, default=3, help="independent PGPE estimates per (popsize, sigma)")
-    d.add_argument("--reference-samples", type=int, default=64, help="RGS samples of the reference gradient")
-    d.add_argument("--num-examples", type=int, default=128, help="the first N training examples form the loss")
+    d.add_argument("--repeats", type=count(1), default=3, help="independent PGPE estimates per (popsize, sigma)")
+    d.add_argument("--reference-samples", type=count(1), default=64, help="RGS samples of the reference gradient")
+    d.add_argument("--num-examples", type=count(1), default=128, help="the first N training examples form the loss")
     d.add_argument("--shaping", default=None, help="PGPE fitness shaping (default: the run's, else centered_ranks)")
     d.add_argument(
         "--control-variates",
@@ -297,8 +298,8 @@ def _parse_list(text: str, kind, name: str) -> list:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--{name} needs positive values, got {text!r}")
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise ValueError(f"--{name} needs positive finite values, got {text!r}")
     return values
 
 
