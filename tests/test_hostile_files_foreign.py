@@ -288,3 +288,23 @@ def test_a_format2_checkpoint_without_its_config_checksum_is_damaged_not_old(run
     one_paragraph(err, "without its config checksum", "edited or damaged")
     for name in ("format1_grad.h5", "format1_pgpe.h5", "format1_rgs.h5"):  # format 1: old, read without it
         assert checkpoint.load(REPO / "tests" / "golden" / name).format_version == 1
+
+
+def test_a_torch_exported_graph_of_the_architecture_imports_exactly(digits, tmp_path):
+    """Another tool's ONNX of the same network (torch.onnx's TorchScript exporter) is used as given."""
+    import warnings
+
+    body = torch.nn.Sequential(*list(digits["model"])[1:])  # mpigls's Normalize is the identity on digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            body,
+            torch.zeros(1, *digits["arch"]["in_shape"]),
+            str(tmp_path / "t.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+    got = onnx_io.load_foreign(tmp_path / "t.onnx", digits["arch"])
+    assert np.array_equal(got, models.flat_params(digits["model"]).numpy())
