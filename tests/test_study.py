@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mpigls.run import monitor
-from mpigls.studies import report as study_report, runner as study
+from mpigls.studies import records, report as study_report, runner as study
 
 TINY = """
 study: tiny
@@ -78,8 +78,8 @@ def test_runner_resumes_a_grid_and_trains_each_run_exactly_once(tmp_path):
     total = 2 * 3  # epochs x (192 training examples // batch 64)
     # the state before the runner: one run finished, two interrupted, one not started
     assert study.run_one(s, runs["warm/seed0"], paths, log=quiet) == "finished"
-    assert study.run_one(s, runs["warm/seed1"], paths, max_generations=2, log=quiet) == "interrupted"
-    assert study.run_one(s, runs["ibp/lr=0.01/seed0"], paths, max_generations=4, log=quiet) == "interrupted"
+    assert study.run_one(s, runs["warm/seed1"], paths, max_generations=2, log=quiet) == study.STOPPED
+    assert study.run_one(s, runs["ibp/lr=0.01/seed0"], paths, max_generations=4, log=quiet) == study.STOPPED
     states = {rid: study.run_state(r, paths) for rid, r in runs.items()}
     assert states == {
         "warm/seed0": "finished",
@@ -195,11 +195,12 @@ def test_mpigls_report_of_a_study_file(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     s, _ = _study(tmp_path)
-    results = tmp_path / "results" / "studies" / "tiny"
-    results.mkdir(parents=True)
+    paths = study.Paths.default(s)
+    results = paths.results
+    runs = {r.id: r for r in study.expand(s)}
     for seed, cert in enumerate((0.30, 0.36)):
         rec = _record("ibp", "lr=0.01", seed, cert, cert, 0.8)
-        (results / f"ibp__lr=0.01__seed{seed}.json").write_text(json.dumps(rec))
+        _write_record(s, paths, runs[f"ibp/lr=0.01/seed{seed}"], f"t{seed}", rec["validation"], rec["test"])
     assert cli.main(["report", str(s.path)]) == 0
     assert "| ibp | lr=0.01 | 80.0 ± 0.0 (n=2) |" in capsys.readouterr().out
     assert {p.name for p in results.iterdir()} >= {"table.md", "table.json", "figure.png"}
@@ -220,19 +221,29 @@ def test_shipped_study_files_expand_into_valid_runs(path):
 # ------------------------------------------------------------------------------------------ adoption
 
 
+def _write_record(s: study.Study, paths: study.Paths, run: study.StudyRun, tag: str, validation, test) -> dict:
+    """The record ``run_one`` would write for ``run`` (sealed), with the given numbers and θ hash ``tag``."""
+
+    config = study.config_mod.to_dict(study.resolved_config(run, paths))
+    dep = study.read_record(paths.record_of(run.after)) if run.after else None
+    record = {"schema": study.RECORD_SCHEMA, "version": 2, "study": s.name, "run": run.id, "row": run.row,
+              "group": run.group, "configuration": run.configuration, "seed": run.seed, "after": run.after,
+              "warm_start_theta_sha256": dep["theta_sha256"] if dep else None, "commit": "abc",
+              "generations": 6, "theta_sha256": tag, "cost_s": {"train": 1.0}, "evaluation": run.evaluation,
+              "validation": validation, "test": test, "config": config}  # fmt: skip
+    paths.results.mkdir(parents=True, exist_ok=True)
+    record = records.seal(record)
+    paths.record(run).write_text(json.dumps(record))
+    return record
+
+
 def _fake_finished(s: study.Study, paths: study.Paths, run: study.StudyRun, tag: str) -> None:
     """A finished run without training: a run directory with a checkpoint file, and its record."""
     d = paths.run_dir(run)
     d.mkdir(parents=True)
     (d / "latest.h5").write_bytes(tag.encode())
     (d / study.LOCK_FILE).write_bytes(b"")
-    config = study.config_mod.to_dict(study.resolved_config(run, paths))
-    record = {"schema": study.RECORD_SCHEMA, "version": 1, "study": s.name, "run": run.id, "row": run.row,
-              "group": run.group, "configuration": run.configuration, "seed": run.seed, "after": run.after,
-              "commit": "abc", "generations": 6, "theta_sha256": tag, "cost_s": {"train": 1.0},
-              "validation": {"certified": 0.5}, "test": {"certified": 0.4}, "config": config}  # fmt: skip
-    paths.results.mkdir(parents=True, exist_ok=True)
-    paths.record(run).write_text(json.dumps(record))
+    _write_record(s, paths, run, tag, {"certified": 0.5}, {"certified": 0.4})
 
 
 def _finished_study(tmp_path: Path, name: str) -> tuple[study.Study, study.Paths]:
@@ -331,9 +342,12 @@ def test_verify_adds_the_complete_verifier_to_finished_runs_once(tmp_path):
     assert after["test"]["certified"] <= after["test"]["verified"] <= after["test"]["natural"]
     assert after["verify"] == {"time_limit": 2, "max_domains": None} and after["cost_s"]["verify"] > 0
     assert study.verify_finished(s, paths, time_limit=2, log=lambda msg: None) == []  # once
-    # a record whose network is not the checkpoint's is refused
+    # an edited record is refused by its checksum; one sealed again is refused by the network's hash
     del after["test"]["verified"]
     after["theta_sha256"] = "0" * 64
     paths.record(run).write_text(json.dumps(after))
+    with pytest.raises(study.RecordError, match="checksum does not match"):
+        study.verify_finished(s, paths, time_limit=2, log=lambda msg: None)
+    paths.record(run).write_text(json.dumps(records.seal(after)))
     with pytest.raises(study.StudyError, match="not the network"):
         study.verify_finished(s, paths, time_limit=2, log=lambda msg: None)

@@ -10,12 +10,18 @@ would stand for is not finished (nor started) there and:
 - the warm start matches too: a run without ``after`` adopts a source run without one, a run with
   ``after`` adopts a source run whose warm start was adopted as its own (so the chain of networks
   is the same, not only the settings);
-- both studies evaluate finished runs the same way (their ``evaluation`` sections are equal).
+- both studies evaluate finished runs the same way (their ``evaluation`` sections are equal, and a
+  record that says how it was evaluated says the same).
+
+Every record of ``source`` is read with its checksum first: a damaged or edited one stops the
+adoption (``RecordError``) before anything is copied.
 
 The run directory is copied (checkpoints included: later stages start from them) and the record is
 rewritten for the adopting study (study, run id, row, configuration, warm start, resolved config),
 keeping the source's commit, cost, θ hash and evaluations, with ``adopted_from: {study, run}``
-saying where it came from. Nothing is trained or evaluated; an adopted run is finished.
+saying where it came from, and sealed with a new checksum (its identity: the adopting run's id,
+config, evaluation and the θ hash of its warm start). Nothing is trained or evaluated; an adopted
+run is finished.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable
 
 from mpigls import config as config_mod
 from mpigls.run import rundir
-from mpigls.studies import runner
+from mpigls.studies import records, runner
 
 __all__ = ["adopt"]
 
@@ -78,7 +84,7 @@ def adopt(
         cfg = runner.resolved_config(run, paths)
         want = _settings(config_mod.to_dict(cfg))
         for have, rec in candidates:
-            if have != want:
+            if have != want or rec.get("evaluation", run.evaluation) != run.evaluation:
                 continue
             if run.after is None and rec.get("after") is not None:
                 continue
@@ -94,6 +100,7 @@ def adopt(
             if src_dir.is_dir():
                 shutil.copytree(src_dir, paths.run_dir(run), ignore=shutil.ignore_patterns(runner.LOCK_FILE))
             record = dict(rec)
+            dep = runner.read_record(paths.record_of(run.after)) if run.after is not None else None
             record.update(
                 study=study.name,
                 run=run.id,
@@ -103,10 +110,12 @@ def adopt(
                 seed=run.seed,
                 after=run.after,
                 config=config_mod.to_dict(cfg),
+                evaluation=run.evaluation,
+                warm_start_theta_sha256=dep.get("theta_sha256") if dep is not None else None,
                 adopted_from={"study": source.name, "run": rec["run"]},
             )
             paths.results.mkdir(parents=True, exist_ok=True)
-            rundir.write_json(paths.record(run), rundir.json_safe(record))
+            rundir.write_json(paths.record(run), records.seal(record))
             adopted[run.id] = rec["run"]
             log(f"[study] {run.id}: adopted {source.name}'s {rec['run']} (same settings)")
             break

@@ -7,16 +7,29 @@
     mpigls study adopt NEW.yaml --from OLD.yaml   # copy OLD's finished runs with identical settings
     mpigls study verify STUDY --time-limit 2      # add the complete verifier to finished runs
     mpigls study run STUDY --stage 0 --index $SLURM_ARRAY_TASK_ID  # one run (a SLURM array task)
+
+Exit codes of ``study run`` (those of ``mpigls train``): 0 when nothing failed, also when runs were
+paused by ``--max-generations`` (a deliberate stop, as ``train --max-generations``: the next
+``study run`` resumes them; a job script must not requeue) or when a run is trained by another
+``study run`` at the same time (this one waits for it); 3 when a signal stopped runs at a
+checkpoint (preempted: requeue, the next ``study run`` resumes them); 1 when a run failed or a run
+could not start because its warm start failed or is missing; 2 for a user error (the study file, a
+damaged record). ``study verify`` exits 1 when a record does not reproduce (it is moved aside).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from mpigls.argtypes import count, number
 from mpigls.studies import runner as study_mod
 
-__all__ = ["add_parser", "run", "report"]
+EXIT_FAILED = 1
+EXIT_PREEMPTED = 3  # mpigls.parallel.EXIT_PREEMPTED: stopped by a signal at a checkpoint, requeue
+
+__all__ = ["add_parser", "run", "report", "exit_code"]
 
 
 def add_parser(sub) -> None:
@@ -30,20 +43,25 @@ def add_parser(sub) -> None:
 
     r = ssub.add_parser("run", help="train, evaluate and record every unfinished run (resumable)")
     common(r)
-    r.add_argument("--jobs", type=int, default=1, help="runs trained at once, each one process with one thread")
+    r.add_argument("--jobs", type=count(1), default=1, help="runs trained at once, each one process with one thread")
     r.add_argument("--only", default=None, help="comma-separated run ids (default: every run)")
-    r.add_argument("--stage", type=int, default=None, help="with --index: the stage of the run (SLURM arrays)")
-    r.add_argument("--index", type=int, default=None, help="with --stage: run the INDEX-th run of that stage only")
+    r.add_argument("--stage", type=count(0), default=None, help="with --index: the stage of the run (SLURM arrays)")
+    r.add_argument("--index", type=count(0), default=None, help="with --stage: run the INDEX-th run of that stage only")
     r.add_argument("--inline", action="store_true", help="train in this process, one run after the other")
     r.add_argument(
-        "--max-generations", type=int, default=None, help="stop each run after this many generations (a smoke test)"
+        "--max-generations",
+        type=count(1),
+        default=None,
+        help="stop each run after this many generations (a smoke test)",
     )
     s = ssub.add_parser("status", help="every run of a study with its stage and state")
     common(s)
     v = ssub.add_parser("verify", help="add the complete verifier's test result to finished runs evaluated without it")
     common(v)
-    v.add_argument("--time-limit", type=float, default=10.0, help="verifier seconds per test example (0: none)")
-    v.add_argument("--max-domains", type=int, default=None, help="verifier branch-and-bound domains per example")
+    v.add_argument(
+        "--time-limit", type=number(0, what="0: none"), default=10.0, help="verifier seconds per test example (0: none)"
+    )
+    v.add_argument("--max-domains", type=count(1), default=None, help="verifier branch-and-bound domains per example")
     v.add_argument("--only", default=None, help="comma-separated run ids (default: every finished run)")
     a = ssub.add_parser(
         "adopt", help="copy the finished runs of another study whose settings are identical, instead of training them"
@@ -84,20 +102,16 @@ def run(args) -> int:
         outcome = study_mod.run_study(
             study, paths, jobs=args.jobs, inline=inline, only=only, max_generations=args.max_generations
         )
-        counts: dict[str, int] = {}
-        for state in outcome.values():
-            key = state.split(" (")[0]
-            counts[key] = counts.get(key, 0) + 1
-        print(f"[study] {study.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), flush=True)
-        if any(s.startswith(("failed", "blocked")) for s in outcome.values()):
-            return 1
-        if "busy" in outcome.values():
-            return study_mod.EXIT_BUSY
-        return 3 if "interrupted" in outcome.values() else 0
+        print(f"[study] {study.name}: " + _counts(outcome.values()), flush=True)
+        return exit_code(outcome)
     if args.study_command == "verify":
-        done = study_mod.verify_finished(
-            study, paths, time_limit=args.time_limit or None, max_domains=args.max_domains, only=_ids(args.only)
-        )
+        try:
+            done = study_mod.verify_finished(
+                study, paths, time_limit=args.time_limit or None, max_domains=args.max_domains, only=_ids(args.only)
+            )
+        except study_mod.RecordMismatch as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         print(f"[study] {study.name}: complete verifier added to {len(done)} run(s)", flush=True)
         return 0
     if args.study_command == "adopt":
@@ -113,18 +127,38 @@ def run(args) -> int:
         width = max(len(r.id) for r, _ in rows)
         for r, state in rows:
             print(f"{r.stage}  {r.id:{width}s}  {state}")
-        counts = {}
-        for _, state in rows:
-            counts[state] = counts.get(state, 0) + 1
         stages = sorted({r.stage for r, _ in rows})
         print(
             f"{study.name}: {len(rows)} runs in {len(stages)} stage(s) ("
             + ", ".join(f"stage {s}: {sum(r.stage == s for r, _ in rows)}" for s in stages)
             + "); "
-            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            + _counts(state for _, state in rows)
         )
+        unchecked = study_mod.records_mod.unchecked(
+            [rec for r, s in rows if s == "finished" and (rec := study_mod.read_record(paths.record(r)))]
+        )
+        if unchecked:
+            print(f"note: {unchecked} record(s) of format 1 carry no checksum: an edit to them cannot be detected")
         return 0
     return report(study, paths, args.out)
+
+
+def _counts(states) -> str:
+    counts: dict[str, int] = {}
+    for state in states:
+        key = state.split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def exit_code(outcome: dict[str, str]) -> int:
+    """``study run``'s exit code from the state of each run (see the module docstring)."""
+    states = list(outcome.values())
+    if any(s.startswith(("failed", "blocked")) for s in states):
+        return EXIT_FAILED
+    if any(s == "interrupted" or s.startswith("not started (stopped)") for s in states):
+        return EXIT_PREEMPTED
+    return 0
 
 
 def report(study: study_mod.Study, paths: study_mod.Paths, out_dir: str | None = None) -> int:
@@ -132,7 +166,9 @@ def report(study: study_mod.Study, paths: study_mod.Paths, out_dir: str | None =
     (default: the results folder) and print the Markdown table."""
     from mpigls.studies import report as study_report
 
-    records = study_mod.read_records(paths)
+    records, notes = study_mod.current_records(study, paths)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if not records:
         raise FileNotFoundError(f"no finished runs in {paths.results}; run `mpigls study run {study.path}` first")
     result = study_report.build(records, study.select, [r.name for r in study.rows])

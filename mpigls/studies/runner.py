@@ -42,7 +42,6 @@ import dataclasses
 import datetime as _dt
 import fcntl
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -55,9 +54,12 @@ from typing import Any
 import yaml
 
 from mpigls import config as config_mod
+from mpigls.studies import records as records_mod
+from mpigls.studies.records import RECORD_SCHEMA, RECORD_VERSION, RecordError
 
 __all__ = [
     "RECORD_SCHEMA",
+    "RecordError",
     "StudyError",
     "Study",
     "Row",
@@ -68,13 +70,18 @@ __all__ = [
     "run_one",
     "run_study",
     "verify_finished",
+    "read_record",
     "read_records",
+    "stale_reasons",
+    "states",
+    "current_records",
+    "RecordMismatch",
+    "STOPPED",
     "EXIT_BUSY",
 ]
 
-RECORD_SCHEMA = "mpigls-study-run"
-RECORD_VERSION = 1
-EXIT_BUSY = 75  # another process holds the run's lock
+EXIT_BUSY = 75  # a worker found its run's lock held by another process (the runner waits for it)
+STOPPED = "stopped at --max-generations"  # the state of a run paused on purpose: not a failure
 LOCK_FILE = "study.lock"
 LOG_FILE = "study.log"
 CONFIG_FILE = "config.yaml"
@@ -139,6 +146,7 @@ class StudyRun:
     stage: int
     after: str | None  # id of the run whose final checkpoint is model.init_from
     config: dict  # the resolved config (model.init_from filled in by ``resolved_config``)
+    evaluation: dict = dataclasses.field(default_factory=dict)  # records.evaluation_identity of the study
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +245,20 @@ def load_study(path: str | os.PathLike) -> Study:
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"study {name}: seeds {seeds} repeat a value")
     rows = []
-    for i, r in enumerate(raw.get("rows") or []):
+    raw_rows = raw.get("rows") or []
+    if not isinstance(raw_rows, list):
+        raise StudyError(f"study {name}: rows must be a list of mappings, got {config_mod.short_repr(raw_rows)}")
+    for i, r in enumerate(raw_rows):
         r = _mapping(r, f"rows[{i}]")
         bad = sorted(set(r) - _ROW_KEYS)
-        if bad or not isinstance(r.get("name"), str) or "/" in r["name"]:
+        if bad or not isinstance(r.get("name"), str) or not r["name"] or "/" in r["name"]:
             raise StudyError(
                 f"study {name}: rows[{i}] needs a name (no '/') and only the keys {sorted(_ROW_KEYS)}; got {sorted(r)}"
+            )
+        if r.get("after") is not None and not isinstance(r["after"], str):
+            raise StudyError(
+                f"study {name}: row {r['name']!r} has after: {config_mod.short_repr(r['after'])}; after names one "
+                "other row (a string), whose final network is this row's warm start"
             )
         rows.append(
             Row(
@@ -266,12 +282,9 @@ def load_study(path: str | os.PathLike) -> Study:
                 f"study {name}: row {r.name!r} starts from row {r.after!r}, which has a grid; a warm-start "
                 "row must have one configuration (move its grid into separate rows)"
             )
-    ev = _mapping(raw.get("evaluation"), "evaluation")
-    bad = sorted(set(ev) - _EVAL_KEYS)
-    if bad:
-        raise StudyError(f"study {name}: unknown evaluation keys {bad}; valid keys are {sorted(_EVAL_KEYS)}")
-    if "methods" in ev:
-        ev["methods"] = tuple(ev["methods"])
+    select = raw.get("select", "certified")
+    if not isinstance(select, str):
+        raise StudyError(f"study {name}: select must be a metric name, got {config_mod.short_repr(select)}")
     study = Study(
         name,
         path,
@@ -279,11 +292,59 @@ def load_study(path: str | os.PathLike) -> Study:
         tuple(seeds),
         _axes(raw.get("axes"), "axes"),
         tuple(rows),
-        Evaluation(**ev),
-        str(raw.get("select", "certified")),
+        _evaluation(raw.get("evaluation"), name),
+        select,
     )
-    expand(study)  # validates every run's config now, not hours into the study
+    runs = expand(study)  # validates every run's config now, not hours into the study
+    _check_select(study, runs)
     return study
+
+
+def _evaluation(value: Any, name: str) -> Evaluation:
+    """The ``evaluation`` section, every value checked (it is used only after the training)."""
+    ev = dict(_mapping(value, "evaluation"))
+    bad = sorted(set(ev) - _EVAL_KEYS)
+    if bad:
+        raise StudyError(f"study {name}: unknown evaluation keys {bad}; valid keys are {sorted(_EVAL_KEYS)}")
+
+    def fail(key: str, what: str) -> StudyError:
+        return StudyError(f"study {name}: evaluation.{key} must be {what}, got {config_mod.short_repr(ev[key])}")
+
+    def integer(key: str, low: int, none: bool) -> None:
+        v = ev.get(key)
+        if key in ev and not (v is None and none) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise fail(key, f"an integer >= {low}" + (" or null" if none else ""))
+
+    if "methods" in ev and ev["methods"] is not None:
+        methods = ev["methods"]
+        ok = isinstance(methods, list) and methods and len(set(map(str, methods))) == len(methods)
+        if not ok or any(m not in config_mod.CERTIFY_METHODS for m in methods):
+            raise fail("methods", f"a list of distinct sound bound methods among {list(config_mod.CERTIFY_METHODS)}")
+        ev["methods"] = tuple(methods)
+    integer("pgd_restarts", 1, False)
+    integer("max_domains", 1, True)
+    integer("num_test", 1, True)
+    if "verify" in ev and not isinstance(ev["verify"], bool):
+        raise fail("verify", "true or false")
+    limit = ev.get("time_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < 1e9):
+        raise fail("time_limit", "a positive number of seconds per example, or null (no limit)")
+    return Evaluation(**ev)
+
+
+def _check_select(study: Study, runs: list[StudyRun]) -> None:
+    """``select`` must be a validation metric every run records (the report would otherwise choose blindly)."""
+    names: set[str] | None = None
+    for r in runs:
+        methods = study.evaluation.methods or r.config["eval"]["methods"]
+        metrics = {"natural", "adversarial", "certified"} | {f"certified/{m}" for m in methods}
+        names = metrics if names is None else names & metrics
+    names = names or set()
+    if study.select not in names:
+        raise StudyError(
+            f"study {study.name}: select: {study.select!r} is not a validation metric of every run; choose one of "
+            f"{sorted(names)} (the report picks each row's configuration by it)"
+        )
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -323,6 +384,7 @@ def expand(study: Study) -> list[StudyRun]:
     """Every run of the study, ordered by stage (warm-start runs first in theirs), then global axes,
     row, grid point and seed."""
     rows = {r.name: r for r in study.rows}
+    evaluation = records_mod.evaluation_identity(study.evaluation)
     runs = []
     for group in itertools.product(*study.axes) if study.axes else [()]:
         group_label = ",".join(c.label for c in group)
@@ -361,6 +423,7 @@ def expand(study: Study) -> list[StudyRun]:
                             _stage(rows, row.name),
                             after,
                             config_mod.to_dict(cfg),
+                            evaluation,
                         )
                     )
     ids = [r.id for r in runs]
@@ -374,11 +437,9 @@ def expand(study: Study) -> list[StudyRun]:
 
 
 def read_record(path: Path) -> dict | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("schema") == RECORD_SCHEMA else None
+    """The run record at ``path``, None when there is none; a damaged or edited one raises
+    ``RecordError`` (``mpigls.studies.records``)."""
+    return records_mod.read_record(path)
 
 
 def _locked(run_dir: Path) -> bool:
@@ -394,16 +455,84 @@ def _locked(run_dir: Path) -> bool:
     return False
 
 
+def stale_reasons(run: StudyRun, rec: dict, paths: Paths) -> list[str]:
+    """Why the record ``rec`` does not stand for ``run`` as the study now describes it (empty: it does):
+    a setting, the warm start or the evaluation differs (``mpigls.studies.records``)."""
+    reasons = []
+    if rec.get("run") != run.id:
+        reasons.append(f"the record is of run {config_mod.short_repr(rec.get('run'))}")
+    if rec.get("after") != run.after:
+        reasons.append(f"warm start: {rec.get('after')!r} -> {run.after!r}")
+    recorded = rec.get("config")
+    if run.after is None and isinstance(recorded, dict):  # a fixed model.init_from is a setting of its own
+        old = (recorded.get("model") or {}).get("init_from")
+        new = run.config["model"].get("init_from")
+        if old != new:
+            reasons.append(f"model.init_from: {old!r} -> {new!r}")
+    reasons += records_mod.config_differences(recorded, run.config)
+    checked = records_mod.CHECKSUM_KEY in rec  # format 2 says how it was evaluated and from which network
+    if ("evaluation" in rec or checked) and rec.get("evaluation") != run.evaluation:
+        had: dict = rec["evaluation"] if isinstance(rec.get("evaluation"), dict) else {}
+        reasons += [
+            f"evaluation.{k}: {had.get(k)!r} -> {v!r}" for k, v in run.evaluation.items() if had.get(k, "?") != v
+        ]
+    if run.after is not None and (checked or "warm_start_theta_sha256" in rec):
+        dep = read_record(paths.record_of(run.after))
+        if dep is not None and dep.get("theta_sha256") != rec.get("warm_start_theta_sha256"):
+            reasons.append(f"its warm start {run.after} has been trained again since (another network)")
+    return reasons
+
+
+def _stale(reasons: list[str]) -> str:
+    shown = "; ".join(reasons[:4]) + (f"; {len(reasons) - 4} more" if len(reasons) > 4 else "")
+    return f"stale ({shown})"
+
+
 def run_state(run: StudyRun, paths: Paths) -> str:
-    """finished (record), running (lock held), interrupted (checkpoint, no record) or not started."""
+    """finished (a record that stands for the run), stale (a record of other settings: new work),
+    running (lock held), interrupted (checkpoint, no record) or not started. A damaged record
+    raises ``RecordError``."""
     from mpigls.run import rundir
 
-    if read_record(paths.record(run)) is not None:
-        return "finished"
+    rec = read_record(paths.record(run))
+    if rec is not None:
+        reasons = stale_reasons(run, rec, paths)
+        return _stale(reasons) if reasons else "finished"
     d = paths.run_dir(run)
     if _locked(d):
         return "running"
-    return "interrupted" if d.is_dir() and rundir.find_latest(d) is not None else "not started"
+    if not (d.is_dir() and rundir.find_latest(d) is not None):
+        return "not started"
+    changed = _started_differently(run, d)
+    return (
+        f"interrupted, settings changed ({'; '.join(changed[:4])}): run starts it again" if changed else "interrupted"
+    )
+
+
+def _started_differently(run: StudyRun, d: Path) -> list[str]:
+    """The settings in which the run directory's config (written when the run started) differs from the run's."""
+    try:
+        started = yaml.safe_load((d / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # not started by the runner (or by an older one): train's own resume checks apply
+    return records_mod.config_differences(started, run.config)
+
+
+def states(runs: list[StudyRun], paths: Paths) -> dict[str, str]:
+    """``run_state`` of every run (in stage order), a run whose warm start is stale being stale too,
+    and a damaged record shown as such instead of raising."""
+    out: dict[str, str] = {}
+    for run in runs:
+        try:
+            state = run_state(run, paths)
+        except RecordError as exc:
+            out[run.id] = f"damaged record ({exc})"
+            continue
+        dep = out.get(run.after) if run.after else None
+        if state == "finished" and dep is not None and dep.startswith(("stale", "damaged")):
+            state = _stale([f"its warm start {run.after} is {dep.split(' (')[0]}"])
+        out[run.id] = state
+    return out
 
 
 def resolved_config(run: StudyRun, paths: Paths) -> config_mod.Config:
@@ -490,23 +619,27 @@ def run_one(
     log: Callable[[str], None] | None = None,
 ) -> str:
     """Train (or resume) one run, then evaluate it and write its record. Returns its state after:
-    finished, interrupted (stopped early: ``max_generations`` or a signal) or busy (another process
-    holds its lock). A finished run is left alone."""
-    import numpy as np
-
-    from mpigls.run import checkpoint, rundir, train as train_mod
-
+    finished, ``STOPPED`` (``max_generations`` reached), interrupted (a signal) or busy (another
+    process holds its lock). A finished run is left alone; a stale one (its record is of other
+    settings) is new work: its record is moved into ``RESULTS/superseded/`` and its run files aside
+    (``mpigls train --restart``), as are those of an interrupted run started with other settings. A
+    damaged record raises ``RecordError`` and is never overwritten."""
     log = log or (lambda msg: print(msg, flush=True))
-    if read_record(paths.record(run)) is not None:
+    if run_state(run, paths) == "finished":
         return "finished"
-    if run.after is not None and read_record(paths.record_of(run.after)) is None:
-        raise StudyError(f"run {run.id} starts from {run.after}, which has not finished; run that first")
-    if run.after is not None and not (paths.runs / run.after / "latest.h5").is_file():
-        raise StudyError(
-            f"run {run.id} starts from the final checkpoint of {run.after}, {paths.runs / run.after / 'latest.h5'}, "
-            f"which is missing although that run has a record; copy its run directory there, or delete its "
-            f"record {paths.record_of(run.after)} to train it again"
-        )
+    if run.after is not None:
+        dep = next(r for r in expand(study) if r.id == run.after)
+        dep_state = run_state(dep, paths)
+        if dep_state != "finished":
+            raise StudyError(
+                f"run {run.id} starts from {run.after}, which has not finished ({dep_state}); run that first"
+            )
+        if not (paths.runs / run.after / "latest.h5").is_file():
+            raise StudyError(
+                f"run {run.id} starts from the final checkpoint of {run.after}, "
+                f"{paths.runs / run.after / 'latest.h5'}, which is missing although that run has a record; copy its "
+                f"run directory there, or move its record {paths.record_of(run.after)} aside to train it again"
+            )
     d = paths.run_dir(run)
     d.mkdir(parents=True, exist_ok=True)
     with open(d / LOCK_FILE, "a") as lock:
@@ -515,51 +648,86 @@ def run_one(
         except OSError:
             log(f"[study] {run.id}: another process holds {d / LOCK_FILE}; leaving it")
             return "busy"
-        if read_record(paths.record(run)) is not None:  # finished by another process meanwhile
+        state = run_state(run, paths)  # another process may have finished it meanwhile
+        if state == "finished":
             return "finished"
+        restart = state.startswith(("stale", "interrupted, settings changed"))
+        if state.startswith("stale"):
+            moved = _supersede(paths, run)
+            log(f"[study] {run.id}: {state}; its record moved to {moved}, training it again")
+        elif restart:
+            log(f"[study] {run.id}: {state}")
         cfg = resolved_config(run, paths)
         (d / CONFIG_FILE).write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
-        log(f"[study] {run.id}: training ({run_state_text(d)})")
-        result = train_mod.train(cfg, d, max_generations=max_generations, log=log)
+        log(f"[study] {run.id}: training ({'from the start' if restart else run_state_text(d)})")
+        from mpigls.run import train as train_mod
+
+        result = train_mod.train(cfg, d, max_generations=max_generations, log=log, restart=restart)
         if result.stopped_by_signal or not result.finished:
             log(f"[study] {run.id}: stopped at generation {result.generation} of {result.total_generations}")
-            return "interrupted"
-        ckpt = rundir.load_latest(d)
-        assert ckpt is not None
-        log(f"[study] {run.id}: evaluating on the validation split and the test set")
-        val, test, val_s, test_s = _evaluate(cfg, ckpt, study.evaluation)
-        assert val is not None
-        history = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.metrics.items()}
-        record = {
-            "schema": RECORD_SCHEMA,
-            "version": RECORD_VERSION,
-            "study": study.name,
-            "run": run.id,
-            "row": run.row,
-            "group": run.group,
-            "configuration": run.configuration,
-            "seed": run.seed,
-            "after": run.after,
-            "commit": _commit(),
-            "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "generations": int(ckpt.generation),
-            "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
-            "cost_s": {
-                "train": float(np.nansum(history.get("time/generation_s", np.zeros(0)))),
-                "live_validation": float(np.nansum(history.get("time/val_s", np.zeros(0)))),
-                "validation": val_s,
-                "test": test_s,
-            },
-            "validation": {k: v for k, v in val.items() if k != "time_s"},
-            "test": {k: v for k, v in test.items() if k != "time_s"},
-            "config": config_mod.to_dict(cfg),
-        }
-        rundir.write_json(paths.record(run), rundir.json_safe(record))
-        log(
-            f"[study] {run.id}: finished; validation certified {100 * val['certified']:.2f}%, "
-            f"record {paths.record(run)}"
-        )
+            return "interrupted" if result.stopped_by_signal else STOPPED
+        record = _evaluate_and_record(study, run, paths, cfg, log)
+        rec_path = paths.record(run)
+        log(f"[study] {run.id}: finished; validation certified {100 * record['validation']['certified']:.2f}%, "
+            f"record {rec_path}")  # fmt: skip
         return "finished"
+
+
+def _supersede(paths: Paths, run: StudyRun, folder: str = "superseded") -> Path:
+    """Move a run's record into ``RESULTS/<folder>/`` (kept, never deleted); returns its new path."""
+    src = paths.record(run)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dst = paths.results / folder / f"{src.stem}.{stamp}.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    return dst
+
+
+def _evaluate_and_record(
+    study: Study, run: StudyRun, paths: Paths, cfg: config_mod.Config, log: Callable[[str], None]
+) -> dict:
+    """Evaluate a finished run's final network and write its record (sealed with its checksum)."""
+    import numpy as np
+
+    from mpigls.run import checkpoint, rundir
+
+    d = paths.run_dir(run)
+    ckpt = rundir.load_latest(d)
+    assert ckpt is not None
+    log(f"[study] {run.id}: evaluating on the validation split and the test set")
+    val, test, val_s, test_s = _evaluate(cfg, ckpt, study.evaluation)
+    assert val is not None
+    history = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.metrics.items()}
+    dep = read_record(paths.record_of(run.after)) if run.after is not None else None
+    record = {
+        "schema": RECORD_SCHEMA,
+        "version": RECORD_VERSION,
+        "study": study.name,
+        "run": run.id,
+        "row": run.row,
+        "group": run.group,
+        "configuration": run.configuration,
+        "seed": run.seed,
+        "after": run.after,
+        "warm_start_theta_sha256": dep.get("theta_sha256") if dep is not None else None,
+        "commit": _commit(),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "generations": int(ckpt.generation),
+        "theta_sha256": checkpoint.theta_sha256(ckpt.theta),
+        "cost_s": {
+            "train": float(np.nansum(history.get("time/generation_s", np.zeros(0)))),
+            "live_validation": float(np.nansum(history.get("time/val_s", np.zeros(0)))),
+            "validation": val_s,
+            "test": test_s,
+        },
+        "evaluation": run.evaluation,
+        "validation": {k: v for k, v in val.items() if k != "time_s"},
+        "test": {k: v for k, v in test.items() if k != "time_s"},
+        "config": config_mod.to_dict(cfg),
+    }
+    record = records_mod.seal(record)
+    rundir.write_json(paths.record(run), record)
+    return record
 
 
 def verify_finished(
@@ -576,18 +744,23 @@ def verify_finished(
     methods and PGD settings and the verifier (``time_limit`` seconds per example), from the run's
     final checkpoint; the record gains ``test.verified`` (with ``unknown``, ``falsified`` and the
     search's statistics) and ``cost_s.verify``, and keeps its other numbers. Validation (the
-    selection) is not touched. Returns the ids of the runs verified."""
+    selection) is not touched. Returns the ids of the runs verified.
+
+    Every record is read first: a damaged or edited one (checksum) raises ``RecordError`` before
+    anything is evaluated. A record whose natural, PGD or certified test accuracy does not come out
+    again is not kept: it is moved into ``RESULTS/rejected/`` (the run is no longer finished) and,
+    after the other runs, ``RecordMismatch`` names them."""
     import numpy as np
 
     from mpigls.run import checkpoint, rundir
 
     log = log or (lambda msg: print(msg, flush=True))
     ev = dataclasses.replace(study.evaluation, verify=True, time_limit=time_limit, max_domains=max_domains)
-    done = []
-    for run in expand(study):
-        if only is not None and run.id not in only:
-            continue
-        rec = read_record(paths.record(run))
+    done, rejected = [], []
+    runs = [r for r in expand(study) if only is None or r.id in only]
+    found = {r.id: read_record(paths.record(r)) for r in runs}  # every damaged record is refused up front
+    for run in runs:
+        rec = found[run.id]
         if rec is None or "verified" in rec.get("test", {}):
             continue
         ckpt = rundir.load_latest(paths.run_dir(run))
@@ -607,19 +780,32 @@ def verify_finished(
         _, test, _, test_s = _evaluate(cfg, ckpt, ev_run, validation=False)
         differs = [k for k in ("natural", "adversarial", "certified") if not np.isclose(test[k], rec["test"][k])]
         if differs:
+            moved = _supersede(paths, run, "rejected")
             log(
-                f"[study] {run.id}: the test evaluation now differs from its record ({', '.join(differs)}); "
-                "left without the verifier"
+                f"[study] {run.id}: the test evaluation does not reproduce its record ("
+                + ", ".join(f"{k} {rec['test'][k]} recorded, {test[k]} now" for k in differs)
+                + f"); the record is not kept: moved to {moved}"
             )
+            rejected.append(f"{run.id} ({', '.join(differs)}; record moved to {moved})")
             continue
         added = {k: v for k, v in test.items() if k in ("verified", "unknown", "falsified") or k.startswith("verify/")}
         rec["test"].update(added)
         rec["cost_s"]["verify"] = test_s
         rec["verify"] = {"time_limit": time_limit, "max_domains": max_domains}
-        rundir.write_json(paths.record(run), rundir.json_safe(rec))
+        rundir.write_json(paths.record(run), records_mod.seal(rec))
         log(f"[study] {run.id}: verified {100 * test['verified']:.2f}% ({test.get('unknown', 0)} unknown)")
         done.append(run.id)
+    if rejected:
+        raise RecordMismatch(
+            f"study {study.name}: {len(rejected)} record(s) do not reproduce from their run's final network and "
+            f"were not kept: {'; '.join(rejected)}. `mpigls study run {study.path}` evaluates those runs again "
+            f"(from their checkpoints); {len(done)} other run(s) were verified"
+        )
     return done
+
+
+class RecordMismatch(RuntimeError):
+    """``study verify``: records whose numbers do not come out again (exit code 1)."""
 
 
 def run_state_text(d: Path) -> str:
@@ -630,11 +816,28 @@ def run_state_text(d: Path) -> str:
 
 
 def read_records(paths: Paths) -> list[dict]:
-    """Every run record in the results folder, sorted by run id."""
-    if not paths.results.is_dir():
-        return []
-    recs = [read_record(p) for p in sorted(paths.results.glob("*.json"))]
-    return sorted((r for r in recs if r is not None), key=lambda r: r["run"])
+    """Every run record in the results folder, sorted by run id; a damaged one raises ``RecordError``."""
+    return records_mod.read_records(paths.results)
+
+
+def current_records(study: Study, paths: Paths) -> tuple[list[dict], list[str]]:
+    """The records that stand for the study's runs as the study file now describes them, and a note
+    for each record left out (stale, of a warm start that is stale) or read without a checksum
+    (format 1). A damaged record raises ``RecordError``."""
+    out, notes = [], []
+    run_states = states(runs := expand(study), paths)
+    for run in runs:
+        state = run_states[run.id]
+        if state.startswith("damaged"):
+            read_record(paths.record(run))  # raises the damaged record's own paragraph
+        if state.startswith("stale"):
+            notes.append(f"{run.id}: {state}; not reported")
+        elif state == "finished":
+            out.append(read_record(paths.record(run)))
+    unchecked = records_mod.unchecked([r for r in out if r is not None])
+    if unchecked:
+        notes.append(f"{unchecked} record(s) of format 1 carry no checksum: an edit to them cannot be detected")
+    return sorted((r for r in out if r is not None), key=lambda r: str(r["run"])), notes
 
 
 def run_study(
@@ -651,28 +854,50 @@ def run_study(
     """Run every unfinished run (or the ``only`` ids) whose dependency has finished, ``jobs`` at a
     time; returns {run id: state after}. ``inline`` trains one run after the other in this process
     (tests, debugging); otherwise each run is a ``python -m mpigls study run STUDY --only ID``
-    process with OMP_NUM_THREADS=1, its output in ``RUNS/<id>/study.log``."""
+    process with OMP_NUM_THREADS=1, its output in ``RUNS/<id>/study.log``.
+
+    A run that another process is training (its lock is held: a second ``study run`` of the same
+    study) is waited for, not started and not counted as failed: when that process ends, the run is
+    finished (its record) or this runner takes it up. Every record is read before anything starts:
+    a damaged one raises ``RecordError``."""
     log = log or (lambda msg: print(msg, flush=True))
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if not inline and os.environ.get(_WORKER_ENV):
         raise RuntimeError("a study worker process may only train its own run (--inline)")
-    runs = expand(study)
+    every = expand(study)
+    runs = every
     if only:
         unknown = sorted(set(only) - {r.id for r in runs})
         if unknown:
             raise StudyError(f"study {study.name} has no runs {unknown}; `mpigls study status` lists them")
         runs = [r for r in runs if r.id in only]
-    outcome = {r.id: "finished" for r in runs if read_record(paths.record(r)) is not None}
+    initial = states(every, paths)
+    damaged = [s for r, s in initial.items() if s.startswith("damaged")]
+    if damaged:
+        raise RecordError(f"study {study.name}: {len(damaged)} damaged record(s), nothing was started. " + damaged[0])
+    by_id = {r.id: r for r in every}
+    outcome = {r.id: "finished" for r in runs if initial[r.id] == "finished"}
     pending = [r for r in runs if r.id not in outcome]
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    told: set[str] = set()  # runs reported as being trained elsewhere
 
     def dep_state(run: StudyRun) -> str:
         if run.after is None:
             return "finished"
-        if read_record(paths.record_of(run.after)) is not None:
-            return "finished"
-        return outcome.get(run.after, "pending")
+        if run.after in outcome:
+            return outcome[run.after]
+        if any(r.id == run.after for r in pending) or _locked(paths.run_dir(by_id[run.after])):
+            return "pending"  # it runs in this invocation or in another process: wait for it
+        state = run_state(by_id[run.after], paths)
+        return "finished" if state == "finished" else f"not run here, {state}"
+
+    def start(r: StudyRun) -> None:
+        if inline:
+            outcome[r.id] = run_one(study, r, paths, max_generations=max_generations, log=log)
+        else:
+            running[r.id] = _spawn(study, r, paths, max_generations)
+            log(f"[study] {r.id}: started (stage {r.stage}, pid {running[r.id][0].pid})")
 
     stop = _Stop(running, log) if not inline else None
     with stop if stop is not None else contextlib.nullcontext():
@@ -681,61 +906,76 @@ def run_study(
                 for r in pending:
                     outcome[r.id] = "not started (stopped)"
                 pending = []
-            for rid, (proc, fh) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                fh.close()
-                del running[rid]
-                state = {0: "finished", 3: "interrupted", EXIT_BUSY: "busy"}.get(rc, f"failed (exit {rc})")
-                if stop is not None and stop.requested and rc < 0:  # stopped before it could checkpoint
-                    state = "interrupted"
-                outcome[rid] = state
-                log(f"[study] {rid}: {state} (log {paths.runs / rid / LOG_FILE})")
-            ready = [r for r in pending if dep_state(r) == "finished"]
-            blocked = [r for r in pending if dep_state(r) not in ("finished", "pending")]
-            for r in blocked:
+            _reap(running, outcome, paths, by_id, stop, log)
+            for rid in [k for k, v in outcome.items() if v == "busy"]:  # lost the race for its lock: wait
+                del outcome[rid]
+                pending.append(by_id[rid])
+            for r in [r for r in pending if dep_state(r) not in ("finished", "pending")]:
                 pending.remove(r)
-                outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                outcome[r.id] = _blocked(r, dep_state(r))
                 log(f"[study] {r.id}: {outcome[r.id]}")
+            elsewhere = [r for r in pending if _locked(paths.run_dir(r))]
+            for r in elsewhere:
+                if r.id not in told:
+                    told.add(r.id)
+                    log(f"[study] {r.id}: being trained by another process; waiting for it")
+            ready = [r for r in pending if dep_state(r) == "finished" and r not in elsewhere]
             for r in ready:
                 if len(running) >= jobs and not inline:
                     break
                 pending.remove(r)
-                if inline:
-                    outcome[r.id] = run_one(study, r, paths, max_generations=max_generations, log=log)
+                if run_state(r, paths) == "finished":  # finished by another process meanwhile
+                    outcome[r.id] = "finished"
                     continue
-                d = paths.run_dir(r)
-                d.mkdir(parents=True, exist_ok=True)
-                fh = open(d / LOG_FILE, "a")  # noqa: SIM115 - closed when the process is reaped
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "mpigls",
-                    "study",
-                    "run",
-                    str(study.path),
-                    "--inline",
-                    "--only",
-                    r.id,
-                    "--runs",
-                    str(paths.runs),
-                    "--results",
-                    str(paths.results),
-                ]
-                if max_generations is not None:
-                    cmd += ["--max-generations", str(max_generations)]
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", _WORKER_ENV: "1"}
-                running[r.id] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh)
-                log(f"[study] {r.id}: started (stage {r.stage}, pid {running[r.id][0].pid})")
-            if not running and pending and not ready:
+                start(r)
+            held = any(r.after is not None and _locked(paths.run_dir(by_id[r.after])) for r in pending)
+            if running or elsewhere or held:
+                time.sleep(poll_s)
+            elif pending and not ready:
                 for r in pending:  # their dependency did not finish in this invocation
-                    outcome[r.id] = f"blocked ({r.after}: {dep_state(r)})"
+                    outcome[r.id] = _blocked(r, dep_state(r))
                     log(f"[study] {r.id}: {outcome[r.id]}")
                 pending = []
-            if running:
-                time.sleep(poll_s)
     return outcome
+
+
+def _blocked(run: StudyRun, dep: str) -> str:
+    """The state of a run not started because its warm start did not finish: waiting (the warm start
+    was paused or interrupted and resumes with the next ``study run``) or blocked."""
+    if dep in (STOPPED, "interrupted") or dep.startswith("not started (stopped)"):
+        return f"waiting ({run.after}: {dep})"
+    return f"blocked ({run.after}: {dep})"
+
+
+def _spawn(study: Study, r: StudyRun, paths: Paths, max_generations: int | None) -> tuple[subprocess.Popen, Any]:
+    """One run in its own process (``study run --inline --only ID``), its output in ``RUNS/<id>/study.log``."""
+    d = paths.run_dir(r)
+    d.mkdir(parents=True, exist_ok=True)
+    fh = open(d / LOG_FILE, "a")  # noqa: SIM115 - closed when the process is reaped
+    cmd = [sys.executable, "-m", "mpigls", "study", "run", str(study.path), "--inline", "--only", r.id]
+    cmd += ["--runs", str(paths.runs), "--results", str(paths.results)]
+    if max_generations is not None:
+        cmd += ["--max-generations", str(max_generations)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", _WORKER_ENV: "1"}
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh
+
+
+def _reap(running: dict, outcome: dict, paths: Paths, by_id: dict, stop: Any, log: Callable[[str], None]) -> None:
+    """The state of each run process that has ended: from its exit code and its record."""
+    for rid, (proc, fh) in list(running.items()):
+        rc = proc.poll()
+        if rc is None:
+            continue
+        fh.close()
+        del running[rid]
+        if rc == 0:
+            state = "finished" if run_state(by_id[rid], paths) == "finished" else STOPPED
+        else:
+            state = {3: "interrupted", EXIT_BUSY: "busy"}.get(rc, f"failed (exit {rc})")
+        if stop is not None and stop.requested and rc < 0:  # stopped before it could checkpoint
+            state = "interrupted"
+        outcome[rid] = state
+        log(f"[study] {rid}: {state} (log {paths.runs / rid / LOG_FILE})")
 
 
 class _Stop:
@@ -766,4 +1006,7 @@ class _Stop:
 
 
 def status(study: Study, paths: Paths) -> list[tuple[StudyRun, str]]:
-    return [(r, run_state(r, paths)) for r in expand(study)]
+    """Every run with its state (``states``: stale and damaged records shown with the reason)."""
+    runs = expand(study)
+    st = states(runs, paths)
+    return [(r, st[r.id]) for r in runs]
