@@ -488,10 +488,10 @@ def _stale(reasons: list[str]) -> str:
     return f"stale ({shown})"
 
 
-def run_state(run: StudyRun, paths: Paths) -> str:
+def run_state(run: StudyRun, paths: Paths, *, holding_lock: bool = False) -> str:
     """finished (a record that stands for the run), stale (a record of other settings: new work),
-    running (lock held), interrupted (checkpoint, no record) or not started. A damaged record
-    raises ``RecordError``."""
+    running (lock held; not asked when the caller holds it), interrupted (checkpoint, no record) or
+    not started. A damaged record raises ``RecordError``."""
     from mpigls.run import rundir
 
     rec = read_record(paths.record(run))
@@ -499,7 +499,7 @@ def run_state(run: StudyRun, paths: Paths) -> str:
         reasons = stale_reasons(run, rec, paths)
         return _stale(reasons) if reasons else "finished"
     d = paths.run_dir(run)
-    if _locked(d):
+    if not holding_lock and _locked(d):
         return "running"
     if not (d.is_dir() and rundir.find_latest(d) is not None):
         return "not started"
@@ -648,7 +648,7 @@ def run_one(
         except OSError:
             log(f"[study] {run.id}: another process holds {d / LOCK_FILE}; leaving it")
             return "busy"
-        state = run_state(run, paths)  # another process may have finished it meanwhile
+        state = run_state(run, paths, holding_lock=True)  # another process may have finished it meanwhile
         if state == "finished":
             return "finished"
         restart = state.startswith(("stale", "interrupted, settings changed"))
