@@ -17,50 +17,58 @@ Everything else in mpigls receives a ``Comm`` and never touches MPI. The modules
 ``exitcodes``  the exit codes
 ``work``       the work items of a generation (member blocks x example chunks) and their split
 ``pgpe_unit``  PGPE as the loop runs it: each rank evaluates and sums only its own items
+``root``       work done by rank 0 whose result, or error, every rank receives (``on_root``)
 =============  ==================================================================================
 
-``from mpigls import parallel`` then ``parallel.X`` for every name below.
+``from mpigls import parallel`` then ``parallel.X`` for every name below. The names are imported on first
+use, so that a command that only reads files (``mpigls config``) does not import torch.
 """
 
 from __future__ import annotations
 
-from mpigls.parallel import watchdog
-from mpigls.parallel.blocks import block_range, my_blocks
-from mpigls.parallel.comm import Comm, SerialComm, ThreadComm, run_threaded
-from mpigls.parallel.device import bind_device
-from mpigls.parallel.exact import FRACTION_BITS, HEADROOM_BITS, fixed_point, fixed_point_exponent, from_fixed_point
-from mpigls.parallel.exitcodes import EXIT_FAILURE, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, USER_ERRORS
-from mpigls.parallel.guard import format_user_error, run_guarded
-from mpigls.parallel.mpi import LAUNCHER_RANK_VARS, LAUNCHER_SIZE_VARS, MPIComm, init_comm, launched_by_mpi
-from mpigls.parallel.signals import StoppableBlocks, StopSignal
+import importlib
 
-__all__ = [
-    "EXIT_OK",
-    "EXIT_FAILURE",
-    "EXIT_USER_ERROR",
-    "EXIT_PREEMPTED",
-    "EXIT_HUNG",
-    "watchdog",
-    "USER_ERRORS",
-    "FRACTION_BITS",
-    "HEADROOM_BITS",
-    "fixed_point_exponent",
-    "fixed_point",
-    "from_fixed_point",
-    "Comm",
-    "SerialComm",
-    "ThreadComm",
-    "run_threaded",
-    "MPIComm",
-    "init_comm",
-    "launched_by_mpi",
-    "LAUNCHER_SIZE_VARS",
-    "LAUNCHER_RANK_VARS",
-    "block_range",
-    "my_blocks",
-    "bind_device",
-    "StopSignal",
-    "StoppableBlocks",
-    "run_guarded",
-    "format_user_error",
-]
+# name -> the submodule that defines it (a submodule's own name maps to itself)
+_WHERE = {
+    "watchdog": "watchdog",
+    "block_range": "blocks",
+    "my_blocks": "blocks",
+    "Comm": "comm",
+    "SerialComm": "comm",
+    "ThreadComm": "comm",
+    "run_threaded": "comm",
+    "bind_device": "device",
+    "FRACTION_BITS": "exact",
+    "HEADROOM_BITS": "exact",
+    "fixed_point": "exact",
+    "fixed_point_exponent": "exact",
+    "from_fixed_point": "exact",
+    "EXIT_FAILURE": "exitcodes",
+    "EXIT_HUNG": "exitcodes",
+    "EXIT_OK": "exitcodes",
+    "EXIT_PREEMPTED": "exitcodes",
+    "EXIT_USER_ERROR": "exitcodes",
+    "USER_ERRORS": "exitcodes",
+    "format_user_error": "guard",
+    "run_guarded": "guard",
+    "LAUNCHER_RANK_VARS": "mpi",
+    "LAUNCHER_SIZE_VARS": "mpi",
+    "MPIComm": "mpi",
+    "init_comm": "mpi",
+    "launched_by_mpi": "mpi",
+    "on_root": "root",
+    "StoppableBlocks": "signals",
+    "StopSignal": "signals",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mpigls.parallel' has no attribute {name!r}")
+    module = importlib.import_module(f".{_WHERE[name]}", __name__)
+    return module if _WHERE[name] == name else getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -19,7 +19,8 @@ EXIT_USER_ERROR = 2  # bad config / input: one-paragraph message, no traceback
 EXIT_PREEMPTED = 3  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue to resume
 EXIT_HUNG = 4  # the hang watchdog (train.hang_timeout) ended a stuck job; requeue to resume
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError)
+# the one list (the command line's too): a bad value, a wrong type, a missing file or a missing name
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
 def flush_std() -> None:

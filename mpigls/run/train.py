@@ -32,9 +32,9 @@ from mpigls.nn import models
 from mpigls.numerics import noise, precision
 from mpigls.objectives import losses
 from mpigls.optim import registry as optimizers, schedules, unit
-from mpigls.run import checkpoint, hostmem, monitor, preflight, rundir, runlock
+from mpigls.run import checkpoint, finaleval, hostmem, monitor, preflight, rundir, runlock
 
-__all__ = ["TrainResult", "TrainingDiverged", "train", "build_problem"]
+__all__ = ["Plan", "TrainResult", "TrainingDiverged", "build_problem", "plan", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,56 @@ class TrainResult:
         return self.generation >= self.total_generations
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``train(cfg, out_dir)`` will do, checked before any work (``train --dry-run`` prints it):
+    the dataset and network of the config, and whether the run starts or resumes (``start``)."""
+
+    cfg: Config
+    out_dir: Path
+    dataset: Any
+    model: Any
+    arch: dict
+    start: str  # "start a new run in DIR", "resume DIR from generation G", ...
+
+    @property
+    def resumes(self) -> bool:
+        return self.start.startswith("resume")
+
+    def summary(self, world_size: int) -> str:
+        """The dry run's one line."""
+        cfg, ds = self.cfg, self.dataset
+        return (
+            f"config ok: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name} "
+            f"({len(ds.train_y)} train / {len(ds.test_y)} test, shape {ds.in_shape}); "
+            f"{cfg.model.name} with D={models.num_params(self.model)} parameters; {world_size} rank(s); "
+            f"would {self.start}"
+        )
+
+
+def plan(cfg: Config, out_dir: str | Path, comm=None, *, restart: bool = False, say=None, check_lock=False) -> Plan:
+    """The checks ``train`` makes before it takes the run directory: the dataset (downloaded by rank 0
+    when data.download asks for it), the network, what would happen to ``out_dir`` (``rundir.describe``;
+    with ``check_lock`` also whether another run holds it) and ``preflight.validate`` (with
+    model.init_from when the run would start fresh). Raises the same error on every rank."""
+    comm = comm or parallel.SerialComm()
+    say = say or (lambda msg: None)
+    out_dir = rundir.out_path(out_dir)
+    if cfg.data.download:  # rank 0 downloads a missing dataset, the others wait
+        fetch.ensure(comm, cfg.data.name, cfg.data.root, say=say if comm.is_root else (lambda msg: None))
+    dataset, model, arch = build_problem(cfg)
+
+    def describe() -> str:
+        if check_lock and out_dir.is_dir():  # a directory in use: train would be refused
+            runlock.check_free(out_dir, cfg.train.lock_stale_s)
+        what = rundir.describe(out_dir, restart=restart)
+        return what if what.startswith("resume") else f"start {what}"
+
+    start = parallel.on_root(comm, describe)
+    preflight.validate(cfg, dataset, model, comm, arch=None if start.startswith("resume") else arch)
+    return Plan(cfg, out_dir, dataset, model, arch, start)
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
@@ -60,136 +110,197 @@ def train(
     max_generations: int | None = None,
     log: Callable[[str], None] | None = None,
     restart: bool = False,
+    evaluate: bool = False,
 ) -> TrainResult:
     """Train (or resume) according to ``cfg``, writing checkpoints to ``out_dir``. ``restart``
-    moves an earlier run's files aside instead of resuming (``rundir.prepare``)."""
+    moves an earlier run's files aside instead of resuming (``rundir.prepare``). ``evaluate``: when
+    the run is finished, certify it on the test set into ``out_dir/eval.json`` (``run.finaleval``)
+    while the run directory is still locked."""
     comm = comm or parallel.SerialComm()
     log = log or (lambda msg: print(msg, flush=True))
     say = log if comm.is_root else (lambda msg: None)
-    out_dir = rundir.out_path(out_dir)
     if max_generations is not None and max_generations < 0:
         raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
-    if cfg.data.download:  # rank 0 downloads a missing dataset, the others wait
-        fetch.ensure(comm, cfg.data.name, cfg.data.root, say=say)
-    dataset, model, arch = build_problem(cfg)
-    preflight.validate(cfg, dataset, model, comm)  # the same checks as `train --dry-run`
+    p = plan(cfg, out_dir, comm, restart=restart, say=say)
+    out_dir, model, arch = p.out_dir, p.model, p.arch
     device = parallel.bind_device(comm, cfg.train.device, cfg.train.threads)
-    gens_per_epoch = len(dataset.train_y) // cfg.train.batch_size  # >= 1: preflight refuses a larger batch
+    gens_per_epoch = len(p.dataset.train_y) // cfg.train.batch_size  # >= 1: preflight refuses a larger batch
     total = math.ceil(cfg.train.epochs * gens_per_epoch)
     stop_at = total if max_generations is None else min(total, max_generations)
-    opt, params = optimizers.get(cfg.optimizer.name), cfg.optimizer.params
+    opt = optimizers.get(cfg.optimizer.name)
     lock = _lock(comm, cfg, out_dir, say)  # rank 0 holds it until train returns or raises
-    try:
-        state, history = _start(cfg, comm, out_dir, restart, opt, model, arch, gens_per_epoch, say)
-    except BaseException:
+    with contextlib.ExitStack() as held:
         if lock is not None:
-            lock.release()
-        raise
-    model = model.to(device)
+            held.callback(lock.release)
+        state, history, resumed = _start(cfg, comm, out_dir, restart, opt, model, arch, gens_per_epoch, say)
+        model = model.to(device)
+        if resumed and stop_at <= state.generation:  # nothing to train: nothing is written for it
+            evaluating = evaluate and state.generation >= total
+            result = _nothing_to_do(comm, out_dir, state, history, device, total, max_generations, evaluating, say)
+        else:
+            loop = _Loop(cfg, comm, out_dir, p.dataset, model, arch, opt, device, gens_per_epoch, lock, say)
+            result = loop.run(state, history, stop_at, total)
+        if evaluate and result.finished and not result.stopped_by_signal:
+            on_abort = lock.release if lock is not None else None  # a stopped rank: named, the job ended
+            with parallel.watchdog.final_evaluation(
+                comm, cfg.train.hang_timeout, abort=cfg.train.hang_abort, on_abort=on_abort
+            ):
+                _final_evaluation(cfg, result, out_dir, comm, say)
+    return result
+
+
+def _nothing_to_do(
+    comm, out_dir: Path, state, history: dict, device, total: int, max_generations, evaluating: bool, say
+) -> TrainResult:
     generation = state.generation
-    if stop_at < generation:
+    why = (
+        f"the end of the run ({total} generations)"
+        if generation >= total
+        else f"and --max-generations {max_generations} asks for no more"
+    )
+    then = "only the final evaluation is checked" if evaluating else "nothing was written"
+    say(f"nothing to do: {out_dir} is already at generation {generation}, {why}; no generation was run and {then}")
+    latest = comm.bcast_obj(str(rundir.find_latest(out_dir)) if comm.is_root else None)
+    last = {k: v[-1] for k, v in history.items() if v}
+    return TrainResult(generation, state.center.detach().cpu().clone(), False, latest, last, device, total)
+
+
+def _final_evaluation(cfg: Config, result: TrainResult, out_dir: Path, comm, say) -> None:
+    """eval.json for a finished run, unless it already holds this θ's evaluation with these settings."""
+    sha = checkpoint.theta_sha256(result.theta.numpy())
+    if parallel.on_root(comm, lambda: finaleval.is_current(out_dir, result.generation, sha, cfg)):
         say(
-            f"nothing to do: {out_dir} is already at generation {generation}, beyond --max-generations "
-            f"{max_generations}; no generation was run and nothing was written"
+            f"the final evaluation in {out_dir / finaleval.EVAL_FILE} is of this generation ({result.generation}) "
+            "and these settings already: it was not repeated and nothing was written"
         )
-        if lock is not None:
-            lock.release()
-        latest = comm.bcast_obj(str(rundir.find_latest(out_dir)) if comm.is_root else None)
-        last = {k: v[-1] for k, v in history.items() if v}
-        return TrainResult(generation, state.center.detach().cpu().clone(), False, latest, last, device, total)
-    # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.parallel.work.check)
-    num_blocks = (
-        unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
-        * cfg.optimizer.batch_chunks
-    )
-    say(
-        f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
-        f"(D={models.num_params(model)}), {comm.world_size} rank(s), {num_blocks} work blocks per generation, "
-        f"generations {generation}->{stop_at} of {total}"
-    )
-    live = monitor.Monitor(cfg, comm, out_dir, dataset, model, generation, total, say)  # val/* metrics, metrics.jsonl
-    stop_signal = parallel.StopSignal().install()
-    # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
-    blocks = parallel.StoppableBlocks(parallel.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
-    batches = _Batches(cfg, dataset, gens_per_epoch, device)
-    save = _Saver(comm, out_dir, cfg, opt, arch, gens_per_epoch, lock)
-    ckpt_path, stopped, skipped_in_a_row = None, False, 0
-    progress = _progress(comm, cfg, generation, stop_at)
-    with contextlib.ExitStack() as cleanup:
-        if lock is not None:
-            cleanup.callback(lock.release)
-        cleanup.callback(stop_signal.uninstall)
-        cleanup.callback(live.close)
-        if progress is not None:
-            cleanup.callback(progress.close)
-        hostmem.keep_freed_memory()  # reuse freed tensor memory instead of faulting pages in again
-        watch = parallel.watchdog.start(
-            comm, cfg.train.hang_timeout, abort=cfg.train.hang_abort, on_abort=lock.release if lock else None
-        )  # train.hang_timeout: names the ranks a stuck generation waits for
-        cleanup.callback(watch.close)
-        resource = cleanup.enter_context(opt.open(cfg.train.seed, device, params))
-        # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
-        # run there (checkpoints and the returned theta are copied to the CPU)
-        state = unit.to_device(state, device)
-        # train.tf32 / train.deterministic, restored when training ends
-        cleanup.enter_context(
-            precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=device)
+        return
+    dataset, model, _ = build_problem(cfg)  # a fresh network: the loop's is left as it was
+    res = finaleval.evaluate(cfg, dataset, model, result.theta, result.device, comm, say)
+    path = out_dir / finaleval.EVAL_FILE
+    record = finaleval.record(cfg, result.generation, sha, result.checkpoint_path, res)
+    parallel.on_root(comm, lambda: rundir.write_json(path, record))
+    say(f"wrote {path}")
+
+
+class _Loop:
+    """The generation loop of one call of ``train``: from a start state to ``stop_at``, a stop signal or
+    a failure, with validation, logs, checkpoints and the hang watchdog."""
+
+    def __init__(self, cfg, comm, out_dir, dataset, model, arch, opt, device, gens_per_epoch, lock, say):
+        self.cfg, self.comm, self.out_dir, self.dataset, self.model = cfg, comm, out_dir, dataset, model
+        self.opt, self.params, self.device, self.gens_per_epoch = opt, cfg.optimizer.params, device, gens_per_epoch
+        self.lock, self.say = lock, say
+        self.save = _Saver(comm, out_dir, cfg, opt, arch, gens_per_epoch, lock)
+
+    def run(self, state, history: dict, stop_at: int, total: int) -> TrainResult:
+        cfg, comm, opt, params, say = self.cfg, self.comm, self.opt, self.params, self.say
+        generation = state.generation
+        # blocks x example chunks (optimizer.batch_chunks, PGPE; 1 for the others: mpigls.parallel.work.check)
+        num_blocks = (
+            unit.num_blocks(opt.num_items(params, cfg.train.batch_size), cfg.optimizer.block_size)
+            * cfg.optimizer.batch_chunks
         )
-        if generation == 0 and stop_at == 0:  # --max-generations 0: the initial state as a checkpoint
-            ckpt_path = save(state, history)
-        while generation < stop_at:
-            t0 = time.perf_counter()
-            watch.begin(generation + 1)
-            x, y = batches.at(generation)
-            eps, lr = _schedules(cfg, generation, gens_per_epoch)
-            work = _work(cfg, model, x, y, eps, _bound_options(cfg, generation), device, resource)
-            local = opt.evaluate(work, state, params, blocks)
-            watch.mark(parallel.watchdog.EXCHANGE)
-            # the stop flags ride in the exchange's first collective (one all-gather of the losses)
-            control = unit.Control(cut_short=blocks.cut_short, stop=stop_signal.requested)
-            all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
-            if blocks.settle(agreed.cut_short):  # a stop signal cut this generation short on some rank
-                break
-            state, metrics = opt.tell(work, state, params, all_losses, reduced, lr)
-            generation += 1
-            skipped_in_a_row = _check_finite(metrics, all_losses, generation, skipped_in_a_row, cfg, say)
-            metrics = live.update(generation, state.center, _metrics(all_losses, eps, lr, metrics, t0))
-            _append_metrics(history, metrics, generation)
-            _report(progress, say, cfg, metrics, generation, gens_per_epoch, stop_at)
-            if cfg.train.consistency_every and generation % cfg.train.consistency_every == 0:
-                comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes(), generation=generation)
-            if lock is not None:
-                lock.heartbeat(force=False)
-            stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
-            if stopped or generation % cfg.train.checkpoint_every == 0 or generation == stop_at:
-                ckpt_path = save(state, history)
-            watch.mark(parallel.watchdog.DONE)
-            if stopped:
-                say(
-                    f"stop requested ({stop_signal.name or 'signal on another rank'}): checkpoint written at "
-                    f"generation {generation} ({ckpt_path}); run the same command to resume"
-                )
-                break
-        if blocks.stopped:  # a signal cut generation `generation + 1` short: keep the last completed one
-            stopped = True
-            ckpt_path = save(state, history)
-            say(
-                f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation {generation + 1}: "
-                f"its partial work was dropped; checkpoint written at generation {generation} ({ckpt_path}); "
-                "run the same command to resume"
+        say(
+            f"mpigls: {cfg.optimizer.name} + {cfg.bound.method} on {cfg.data.name}/{cfg.model.name} "
+            f"(D={models.num_params(self.model)}), {comm.world_size} rank(s), {num_blocks} work blocks per "
+            f"generation, generations {generation}->{stop_at} of {total}"
+        )
+        stop_signal = parallel.StopSignal().install()
+        # this rank's blocks; iterating stops early once a stop signal arrives (a generation in progress)
+        blocks = parallel.StoppableBlocks(parallel.my_blocks(num_blocks, comm.rank, comm.world_size), stop_signal)
+        ckpt_path, stopped = None, False
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(stop_signal.uninstall)
+            # val/* metrics, metrics.jsonl
+            live = monitor.Monitor(cfg, comm, self.out_dir, self.dataset, self.model, generation, total, say)
+            cleanup.callback(live.close)
+            progress = _progress(comm, cfg, generation, stop_at)
+            if progress is not None:
+                cleanup.callback(progress.close)
+            hostmem.keep_freed_memory()  # reuse freed tensor memory instead of faulting pages in again
+            lock = self.lock
+            watch = parallel.watchdog.start(
+                comm, cfg.train.hang_timeout, abort=cfg.train.hang_abort, on_abort=lock.release if lock else None
+            )  # train.hang_timeout: names the ranks a stuck generation waits for
+            cleanup.callback(watch.close)
+            resource = cleanup.enter_context(opt.open(cfg.train.seed, self.device, params))
+            # the optimizer state lives on the training device: on a GPU the fixed-point sums and the step
+            # run there (checkpoints and the returned theta are copied to the CPU)
+            state = unit.to_device(state, self.device)
+            # train.tf32 / train.deterministic, restored when training ends
+            cleanup.enter_context(
+                precision.training(tf32=cfg.train.tf32, deterministic=cfg.train.deterministic, device=self.device)
             )
-    if ckpt_path is None and comm.is_root:
-        ckpt_path = str(rundir.find_latest(out_dir) or "") or None
-    ckpt_path = comm.bcast_obj(ckpt_path)
-    return TrainResult(
-        generation,
-        state.center.detach().cpu().clone(),
-        stopped,
-        ckpt_path,
-        {k: v[-1] for k, v in history.items() if v},
-        device,
-        total,
-    )
+            if generation == 0 and stop_at == 0:  # --max-generations 0: the initial state as a checkpoint
+                ckpt_path = self.save(state, history)
+            steps = _Steps(self, blocks, stop_signal, watch, live, progress, resource, stop_at)
+            while generation < stop_at and not stopped:
+                state, generation, stopped, saved = steps.one(state, history, generation)
+                ckpt_path = saved or ckpt_path
+            if blocks.stopped:  # a signal cut generation `generation + 1` short: keep the last completed one
+                stopped = True
+                ckpt_path = self.save(state, history)
+                say(
+                    f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation "
+                    f"{generation + 1}: its partial work was dropped; checkpoint written at generation {generation} "
+                    f"({ckpt_path}); run the same command to resume"
+                )
+        if ckpt_path is None and comm.is_root:
+            ckpt_path = str(rundir.find_latest(self.out_dir) or "") or None
+        ckpt_path = comm.bcast_obj(ckpt_path)
+        last = {k: v[-1] for k, v in history.items() if v}
+        return TrainResult(
+            generation, state.center.detach().cpu().clone(), stopped, ckpt_path, last, self.device, total
+        )
+
+
+class _Steps:
+    """One generation of the loop (``one``), with what it needs from the loop."""
+
+    def __init__(self, loop: _Loop, blocks, stop_signal, watch, live, progress, resource, stop_at: int):
+        self.loop, self.blocks, self.stop_signal, self.watch = loop, blocks, stop_signal, watch
+        self.live, self.progress, self.resource, self.stop_at = live, progress, resource, stop_at
+        self.batches = _Batches(loop.cfg, loop.dataset, loop.gens_per_epoch, loop.device)
+        self.skipped_in_a_row = 0
+
+    def one(self, state, history: dict, generation: int):
+        """Run generation ``generation + 1``: (state, generation, stopped, checkpoint path or None). A
+        generation a stop signal cut short leaves state and generation as they were (``blocks.stopped``)."""
+        loop, watch, blocks = self.loop, self.watch, self.blocks
+        cfg, comm, opt, params, say = loop.cfg, loop.comm, loop.opt, loop.params, loop.say
+        t0 = time.perf_counter()
+        watch.begin(generation + 1)
+        x, y = self.batches.at(generation)
+        eps, lr = _schedules(cfg, generation, loop.gens_per_epoch)
+        work = _work(cfg, loop.model, x, y, eps, _bound_options(cfg, generation), loop.device, self.resource)
+        local = opt.evaluate(work, state, params, blocks)
+        watch.mark(parallel.watchdog.EXCHANGE)
+        # the stop flags ride in the exchange's first collective (one all-gather of the losses)
+        control = unit.Control(cut_short=blocks.cut_short, stop=self.stop_signal.requested)
+        all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
+        if blocks.settle(agreed.cut_short):  # a stop signal cut this generation short on some rank
+            return state, generation, True, None
+        state, metrics = opt.tell(work, state, params, all_losses, reduced, lr)
+        generation += 1
+        self.skipped_in_a_row = _check_finite(metrics, all_losses, generation, self.skipped_in_a_row, cfg, say)
+        metrics = self.live.update(generation, state.center, _metrics(all_losses, eps, lr, metrics, t0))
+        _append_metrics(history, metrics, generation)
+        _report(self.progress, say, cfg, metrics, generation, loop.gens_per_epoch, self.stop_at)
+        if cfg.train.consistency_every and generation % cfg.train.consistency_every == 0:
+            comm.check_consistent("theta", state.center.detach().cpu().numpy().tobytes(), generation=generation)
+        if loop.lock is not None:
+            loop.lock.heartbeat(force=False)
+        stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
+        saved = None
+        if stopped or generation % cfg.train.checkpoint_every == 0 or generation == self.stop_at:
+            saved = loop.save(state, history)
+        watch.mark(parallel.watchdog.DONE)
+        if stopped:
+            say(
+                f"stop requested ({self.stop_signal.name or 'signal on another rank'}): checkpoint written at "
+                f"generation {generation} ({saved}); run the same command to resume"
+            )
+        return state, generation, stopped, saved
 
 
 # ----------------------------------------------------------------------------- start: resume or fresh
@@ -221,18 +332,18 @@ def _start(
     arch: dict,
     gens_per_epoch: int,
     say: Callable[[str], None],
-) -> tuple[Any, dict]:
-    """The optimizer state and metric history to start from: the run directory's checkpoint
-    (resume), else ``model.init_from`` (warm start) or the model's initial weights."""
-    ckpt = _root_load(comm, lambda: rundir.prepare(out_dir, restart=restart, say=say))
+) -> tuple[Any, dict, bool]:
+    """The optimizer state and metric history to start from, and whether they are the run directory's
+    checkpoint (resume); else ``model.init_from`` (warm start) or the model's initial weights."""
+    ckpt = parallel.on_root(comm, lambda: rundir.prepare(out_dir, restart=restart, say=say))
     if ckpt is None:
         theta0 = models.flat_params(model.cpu())
         if cfg.model.init_from:
-            warm = _root_load(comm, lambda: preflight.check_init_from(cfg, arch))
+            warm = parallel.on_root(comm, lambda: preflight.check_init_from(cfg, arch))
             checkpoint.check_compatible(warm, arch)
             theta0 = torch.from_numpy(np.asarray(warm.theta, dtype=np.float32).copy())
             say(f"warm start from {cfg.model.init_from} (generation {warm.generation})")
-        return opt.init(cfg.optimizer.params, theta0), {}
+        return opt.init(cfg.optimizer.params, theta0), {}, False
     checkpoint.check_compatible(ckpt, arch)
     if ckpt.noise_scheme != _noise_scheme(cfg):
         known = {v: k for k, v in noise.SCHEMES.items()}
@@ -276,27 +387,13 @@ def _start(
             f"{ckpt.generation // gens_per_epoch}, batch {ckpt.generation % gens_per_epoch}: the batch order "
             "differs from the original run's (train.batch_size or the training set changed)"
         )
-    return state, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}
+    return state, {k: list(map(float, v)) for k, v in ckpt.metrics.items()}, True
 
 
 def _noise_scheme(cfg: Config) -> str:
     """The run's noise construction as the checkpoint records it (``optimizer.noise``; host for
     optimizers without perturbation noise)."""
     return noise.scheme_id(getattr(cfg.optimizer.params, "noise", "host"))
-
-
-def _root_load(comm, path_or_none_fn: Callable[[], object]):
-    """Run a disk-reading function on rank 0 and broadcast its result (or its exception) to all ranks."""
-    result, error = None, None
-    if comm.is_root:
-        try:
-            result = path_or_none_fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised identically on every rank below
-            error = exc
-    result, error = comm.bcast_obj((result, error))
-    if error is not None:
-        raise error
-    return result
 
 
 def build_problem(cfg: Config):
