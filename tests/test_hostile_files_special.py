@@ -24,7 +24,7 @@ from mpigls.run import checkpoint, rundir, runlock, train
 from conftest import tiny_overrides
 
 pytestmark = [
-    pytest.mark.timeout(60),  # a FIFO that is opened blocks forever: the timeout is the failure
+    pytest.mark.timeout(180),  # a FIFO that is opened blocks forever: the timeout is the failure
     pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs"),
 ]
 
@@ -182,3 +182,24 @@ def test_links_inside_the_run_and_linked_inputs_are_followed(run2, tmp_path, cap
     (tmp_path / "w-link.pt").symlink_to(tmp_path / "w.pt")
     arch = models.architecture_dict("cnn3", (1, 8, 8), 10, None, None)
     assert onnx_io.load_foreign(tmp_path / "w-link.pt", arch).shape == (models.num_params(net),)
+
+
+def test_a_checkpoint_whose_data_lives_in_another_file_is_refused_unread(run2, tmp_path):
+    """An external link or external raw storage (here: a FIFO that would never answer) is refused
+    before any dataset is read."""
+    h5py = checkpoint.h5py
+    fifo = _fifo(tmp_path, "theta.raw")
+    for kind in ("external storage", "external link", "soft link"):
+        path = tmp_path / f"{kind.replace(' ', '_')}.h5"
+        shutil.copyfile(run2 / checkpoint.LATEST, path)
+        with h5py.File(path, "r+") as f:
+            n = f[checkpoint.DS_THETA].shape[0]
+            del f[checkpoint.DS_THETA]
+            if kind == "external storage":
+                f.create_dataset(checkpoint.DS_THETA, (n,), "<f4", external=[(str(fifo), 0, 4 * n)])
+            elif kind == "external link":
+                f[checkpoint.DS_THETA] = h5py.ExternalLink(str(run2 / "ckpt_00000002.h5"), "/theta")
+            else:
+                f[checkpoint.DS_THETA] = h5py.SoftLink(f"/{checkpoint.DS_SIGMA}")
+        with pytest.raises(checkpoint.CheckpointError, match="self-contained"):
+            checkpoint.load(path)

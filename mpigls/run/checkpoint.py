@@ -421,6 +421,28 @@ def _str_ds(f: h5py.File, name: str) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _check_self_contained(group: h5py.Group, path: Path) -> None:
+    """Refuse soft / external links and datasets stored outside the file (external raw storage, virtual
+    datasets) before any is read: a checkpoint is one file, and reading such an object would open
+    another file (which may be a FIFO that never answers, or another run's data)."""
+    for name in group:
+        link = group.get(name, getlink=True)
+        where = f"{group.name.rstrip('/')}/{name}"
+        if not isinstance(link, h5py.HardLink):
+            raise CheckpointError(
+                f"{path}: {where} is a {type(link).__name__}, not data inside the file; mpigls checkpoints are "
+                "self-contained, so this file was edited or written by another program; use a checkpoint from a run"
+            )
+        obj = group[name]
+        if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+            raise CheckpointError(
+                f"{path}: the dataset {where} keeps its data outside the file (external or virtual storage); "
+                "mpigls checkpoints are self-contained, so this file was edited or written by another program"
+            )
+        if isinstance(obj, h5py.Group):
+            _check_self_contained(obj, path)
+
+
 def _read_raw(f: h5py.File) -> dict[str, Any]:
     """All content as plain Python / numpy (the input of MIGRATIONS)."""
     raw: dict[str, Any] = {"attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}}
@@ -504,6 +526,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
     try:
         with f:
             attrs = _header(f, path)
+            _check_self_contained(f, path)
             try:
                 raw = _read_raw(f)
             except KeyError as exc:
