@@ -25,6 +25,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # file name and title of each benchmark's results
 NAMES = {
     "bench_bounds": ("bounds-speed", "Bound methods: seconds and peak memory per batch"),
+    "bench_control_variate": (
+        "control-variate",
+        "PGPE generation with and without the control variate (grad, running) on the same network and batch",
+    ),
     "bench_deeppoly_generation": (
         "deeppoly-generation",
         "PGPE + DeepPoly generation on one core: matrix mode, the row engines, the auto_LiRPA member loop",

@@ -175,3 +175,29 @@ def test_train_generation_is_a_pgpe_generation():
     serial, _ = pgpe.tell(pgpe.init(params, theta), params, 0, losses, lr=1e-3)
     assert gen.state.generation == 1 and losses.shape == (8,)
     assert torch.equal(after, serial.center) and not torch.equal(after, theta)
+
+
+def test_control_variate_generation_is_the_optimizer_step():
+    """bench_control_variate's timed "grad" generation is the unit's step: the serial PGPE tell with g
+    the backpropagated gradient at theta, on the same losses."""
+    import contextlib
+
+    from benchmarks import bench_control_variate as bcv
+    from mpigls.objectives import losses as losses_mod
+
+    torch.manual_seed(0)
+    model = models.build("mlp-tiny", (1, 8, 8), 10, [0.0], [1.0])
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    theta = models.flat_params(model).detach().clone()
+    params = pgpe.PGPEParams(popsize=8, sigma_init=0.01, lr=1e-3, fitness_shaping="raw", control_variate="grad")
+    with contextlib.ExitStack() as stack:
+        gen = bcv.Generation(model, theta, x, y, 0.05, "ibp", params, 2, stack)
+        state0 = gen.state
+        gen()
+    point = theta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(losses_mod.certified_loss(model, x, y, 0.05, "ibp", weights=point[None]).sum(), point)
+    rows = pgpe.ask(state0, params, 0, range(4))
+    with torch.no_grad():
+        all_losses = losses_mod.certified_loss(model, x, y, 0.05, "ibp", weights=rows).double()
+    serial, _ = pgpe.tell(state0, params, 0, all_losses, lr=1e-3, g=pgpe.control_variate(state0, params, g))
+    assert torch.equal(gen.state.center, serial.center) and not torch.equal(serial.center, theta)
