@@ -4,6 +4,7 @@ the lock is released on every exit path; readers need no lock."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -196,3 +197,96 @@ def test_a_taken_over_lock_stops_the_old_run_at_its_next_save(tmp_path):
         assert (d / runlock.LOCK_NAME).exists()  # the new holder's lock is left alone
     finally:
         other.release()
+
+
+# ----------------------------------------------------------------------------- lock files that name no holder
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize(
+    "content, found",
+    [
+        (b"", "0 bytes, empty"),  # what a full disk left while the lock was created
+        (b"\x00\x17garbage{", "not a lock record"),
+        (b'{"host": "", "pid": 0, "heartbeat": 0}', "PID 0, host missing"),
+        (b"[1, 2]", "not a lock record"),
+    ],
+)
+def test_a_lock_file_naming_no_holder_is_taken_over_once_it_is_a_few_seconds_old(tmp_path, content, found):
+    d = tmp_path / "run"
+    d.mkdir()
+    path = d / runlock.LOCK_NAME
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="names no holder") as refused:  # a starter may be writing it now
+        runlock.acquire(d)
+    assert found in str(refused.value) and "PID 0 on host ?" not in str(refused.value)
+    _age(path, runlock.INVALID_GRACE_S + 5)  # a requeued job, minutes later
+    said: list[str] = []
+    lock = runlock.acquire(d, say=said.append)  # lock_stale_s (1 h by default) does not apply
+    assert len(said) == 1 and "took over the stale run-directory lock" in said[0] and found in said[0], said
+    assert runlock.read_holder(path).token == lock.holder.token
+    lock.release()
+    assert not path.exists()
+
+
+def test_a_full_disk_while_the_lock_is_created_refuses_the_start_and_leaves_no_file(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    d.mkdir()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full)
+        with pytest.raises(ValueError, match="could not create the run-directory lock") as refused:
+            runlock.acquire(d)
+    assert os.strerror(errno.ENOSPC) in str(refused.value)
+    assert list(d.iterdir()) == []  # neither the lock nor its temporary file
+    lock = runlock.acquire(d)  # space again: the next start goes ahead at once
+    lock.release()
+
+
+def test_a_full_disk_on_a_file_system_without_hard_links_leaves_no_partial_lock(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    d.mkdir()
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no hard links")))
+    lock = runlock.acquire(d)  # created in place
+    assert runlock.read_holder(d / runlock.LOCK_NAME).token == lock.holder.token
+    lock.release()
+    writes = iter([None])
+
+    def full_after_one_byte(fd, data):
+        if next(writes, "full") == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os_write(fd, bytes(data[:1]))
+
+    os_write = os.write
+    monkeypatch.setattr(os, "write", full_after_one_byte)
+    with pytest.raises(ValueError, match="could not create the run-directory lock"):
+        runlock.acquire(d)
+    assert list(d.iterdir()) == []
+
+
+def test_a_lock_that_cannot_be_removed_does_not_fail_a_finished_run(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "run"
+    unlink = Path.unlink
+
+    def refuse_lock(self, *args, **kwargs):
+        if self.name == runlock.LOCK_NAME:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refuse_lock)
+    code = cli.main(["train", "--out", str(d), "--no-eval", "--max-generations", "1", *_sets()])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0, err
+    assert "could not remove the run-directory lock" in err and "Traceback" not in err
+    assert checkpoint.load(d / checkpoint.LATEST).generation == 1
+    monkeypatch.setattr(Path, "unlink", unlink)
+    said: list[str] = []
+    runlock.acquire(d, say=said.append).release()  # the next start takes it over: its process is gone
+    assert any("this process left it behind" in s or "no longer exists" in s for s in said), said
