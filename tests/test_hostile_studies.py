@@ -294,6 +294,18 @@ def test_verify_fails_on_a_record_that_does_not_reproduce_and_does_not_keep_it(t
         (("seeds: [0]", "seeds: ['0']"), "seeds must be"),
         (("  - name: warm", "  - name: ''"), "needs a name"),
         (("rows:\n", "rows: {warm: 1}\nx:\n"), "unknown keys"),
+        (("study: tiny", "study: '..'"), "study name must be a string without '/'"),
+        (("  - name: warm", "  - name: '..'"), "needs a name"),
+        (("seeds: [0]", "seeds: [0]\naxes: {bound.eps: [{bound.eps: 0.1, label: '..'}]}"), "has a part '.' or '..'"),
+        (
+            (
+                "  - name: ibp\n",
+                "  - name: p\n    grid: {optimizer.lr: [{optimizer.lr: 0.1, label: q}]}\n  - name: p__q\n  - name: ibp\n",
+            ),
+            "share one record file",
+        ),
+        (("study: tiny", "study: tiny\nbase: [a]"), "base must be the path of a config file"),
+        (("study: tiny", "study: tiny\nbase: nosuch.yaml"), "base config"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -304,6 +316,25 @@ def test_a_study_file_is_checked_whole_before_anything_trains(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_study_file_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "study.yaml"
+    os.mkfifo(fifo)
+    assert cli.main(["study", "status", str(fifo)]) == 2  # opening a FIFO would wait for a writer forever
+    assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+
+
+def test_max_generations_below_0_is_refused_before_anything_runs(tmp_path, capsys):
+    s, paths = _study(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(_argv("run", s, paths, "--max-generations", "-1"))
+    assert exc.value.code == 2 and "--max-generations" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max-generations must be >= 0"):
+        study.run_study(s, paths, inline=True, max_generations=-1, log=QUIET)
+    assert not paths.runs.exists()
 
 
 def test_select_may_name_a_certificate_every_run_records(tmp_path):

@@ -221,22 +221,27 @@ def _axes(value: Any, where: str) -> tuple[tuple[Choice, ...], ...]:
 
 def load_study(path: str | os.PathLike) -> Study:
     """Read and check a study file; every run's config is validated (``expand`` builds them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study file {str(path)!r} does not exist; pass a YAML file such as configs/studies/")
+    from mpigls.files import input_file
+
+    path = input_file(path, "study file", advice="pass a YAML file such as configs/studies/digits-cnn3-short.yaml")
     raw = config_mod.yaml_load(path.read_text(), source=f"study file {str(path)!r}")
     raw = _mapping(raw, f"study file {path}")
     unknown = sorted(set(raw) - _STUDY_KEYS)
     if unknown:
         raise StudyError(f"study file {path}: unknown keys {unknown}; valid keys are {sorted(_STUDY_KEYS)}")
     name = raw.get("study") or path.stem
-    if not isinstance(name, str) or "/" in name:
-        raise StudyError(f"study name must be a string without '/', got {config_mod.short_repr(name)}")
+    if not isinstance(name, str) or "/" in name or name in (".", ".."):
+        raise StudyError(
+            f"study name must be a string without '/' (it names the folders runs/studies/NAME and "
+            f"results/studies/NAME), got {config_mod.short_repr(name)}"
+        )
     base: dict = {}
     if raw.get("base"):
-        base_path = (path.parent / raw["base"]).resolve()
-        if not base_path.is_file():
-            raise FileNotFoundError(f"study {name}: base config {str(base_path)!r} does not exist")
+        if not isinstance(raw["base"], str):
+            raise StudyError(
+                f"study {name}: base must be the path of a config file, got {config_mod.short_repr(raw['base'])}"
+            )
+        base_path = input_file((path.parent / raw["base"]).resolve(), f"study {name}: base config")
         base = _mapping(config_mod.yaml_load(base_path.read_text(), str(base_path)), str(base_path))
     base = _merge(base, _mapping(raw.get("config"), "config"))
     seeds = raw.get("seeds", [0])
@@ -251,7 +256,7 @@ def load_study(path: str | os.PathLike) -> Study:
     for i, r in enumerate(raw_rows):
         r = _mapping(r, f"rows[{i}]")
         bad = sorted(set(r) - _ROW_KEYS)
-        if bad or not isinstance(r.get("name"), str) or not r["name"] or "/" in r["name"]:
+        if bad or not isinstance(r.get("name"), str) or r["name"] in ("", ".", "..") or "/" in r["name"]:
             raise StudyError(
                 f"study {name}: rows[{i}] needs a name (no '/') and only the keys {sorted(_ROW_KEYS)}; got {sorted(r)}"
             )
@@ -427,6 +432,15 @@ def expand(study: Study) -> list[StudyRun]:
                         )
                     )
     ids = [r.id for r in runs]
+    for rid in ids:  # a run id is a path under the study's folders: it must stay there
+        if any(part in (".", "..") for part in rid.split("/")):
+            raise StudyError(f"study {study.name}: run id {rid!r} has a part '.' or '..'; give the axis value a label")
+    names = [rid.replace("/", "__") for rid in ids]
+    if len(set(names)) != len(names) and len(set(ids)) == len(ids):
+        raise StudyError(
+            f"study {study.name}: two run ids differ only by '/' against '__' and would share one record file; "
+            "rename the row or label with '__' in it"
+        )
     if len(set(ids)) != len(ids):
         raise StudyError(f"study {study.name}: two runs share an id; give the axis values distinct labels")
     needed = {r.after for r in runs if r.after}  # warm starts first within their stage: they unblock others
@@ -778,12 +792,17 @@ def verify_finished(
         ev_run = dataclasses.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
         log(f"[study] {run.id}: complete verifier on the test set ({time_limit} s per example)")
         _, test, _, test_s = _evaluate(cfg, ckpt, ev_run, validation=False)
-        differs = [k for k in ("natural", "adversarial", "certified") if not np.isclose(test[k], rec["test"][k])]
+        differs = [
+            k
+            for k in ("natural", "adversarial", "certified")  # adversarial is absent without an attack
+            if (test.get(k) is None) != (rec["test"].get(k) is None)
+            or (test.get(k) is not None and not np.isclose(test[k], rec["test"][k]))
+        ]
         if differs:
             moved = _supersede(paths, run, "rejected")
             log(
                 f"[study] {run.id}: the test evaluation does not reproduce its record ("
-                + ", ".join(f"{k} {rec['test'][k]} recorded, {test[k]} now" for k in differs)
+                + ", ".join(f"{k} {rec['test'].get(k)} recorded, {test.get(k)} now" for k in differs)
                 + f"); the record is not kept: moved to {moved}"
             )
             rejected.append(f"{run.id} ({', '.join(differs)}; record moved to {moved})")
@@ -863,6 +882,8 @@ def run_study(
     log = log or (lambda msg: print(msg, flush=True))
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if max_generations is not None and max_generations < 0:
+        raise ValueError(f"--max-generations must be >= 0, got {max_generations}")
     if not inline and os.environ.get(_WORKER_ENV):
         raise RuntimeError("a study worker process may only train its own run (--inline)")
     every = expand(study)
