@@ -168,3 +168,57 @@ def test_a_vnnlib_failure_leaves_no_onnx_file_and_no_properties(run2, tmp_path, 
         "p/prop_3.vnnlib",
     ]
     assert (tmp_path / "p" / "instances.csv").read_text().splitlines()[0] == "../n.onnx,prop_0.vnnlib,60"
+
+
+# ----------------------------------------------------------------------------- every output option of every command
+
+
+def test_output_options_aimed_at_a_run_are_refused_and_change_nothing(run2, tmp_path, capsys):
+    """report --out RUN/latest.h5, certify --results RUN/ckpt_X.h5, and the other output options aimed at a
+    checkpoint, a run's own file or the command's input: exit 2 before any work, every file unchanged."""
+    import shutil
+
+    d = shutil.copytree(run2, tmp_path / "r")
+    ck, latest = d / "ckpt_00000002.h5", d / checkpoint.LATEST
+    (tmp_path / "notes.txt").write_bytes(latest.read_bytes())  # a checkpoint under another name
+    before = listing(tmp_path)
+    cases = [
+        (["report", d, "--out", latest], "names 'latest.h5'"),
+        (["report", d, "--out", tmp_path / "notes.txt"], "is an HDF5 file"),
+        (["certify", ck, "--results", ck, "--num-test", 4], "names 'ckpt_00000002.h5'"),
+        (["certify", latest, "--results", d / "metrics.jsonl", "--num-test", 4], "names 'metrics.jsonl'"),
+        (["plot", d, "--out", latest], "names 'latest.h5'"),
+        (["tightness", latest, "--out", ck], "names 'ckpt_00000002.h5'"),
+        (["landscape", latest, "--out", latest], "names 'latest.h5'"),
+        (["export", latest, "--onnx", ck], "names 'ckpt_00000002.h5'"),
+        (["export", latest, "--onnx", tmp_path / "notes.txt"], "is an HDF5 file"),
+        (["export", latest, "--onnx", tmp_path / "n.onnx", "--vnnlib", latest], "names 'latest.h5'"),
+    ]
+    for argv, needle in cases:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        one_paragraph(err, needle, "Nothing was written")
+        assert "certified" not in out
+    assert listing(tmp_path) == before
+
+
+def test_certify_results_onto_its_own_config_is_refused(run2, tmp_path, capsys):
+    import torch
+    import yaml
+
+    from mpigls.interop import onnx_io
+    from mpigls.nn import models
+
+    cfg = config.load_config(None, tiny_overrides())
+    _, model, _ = train.build_problem(cfg)
+    models.load_flat_(model, torch.from_numpy(checkpoint.load(run2 / checkpoint.LATEST).theta))
+    onnx_io.save_onnx(model, (1, 8, 8), tmp_path / "net.onnx")
+    (tmp_path / "cfg.json").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    before = listing(tmp_path)
+    for target in ("cfg.json", "net.onnx"):
+        code, _, err = run_cli(
+            capsys, "certify", tmp_path / "net.onnx", "--config", tmp_path / "cfg.json", "--results", tmp_path / target
+        )
+        assert code == 2
+        one_paragraph(err, "same file as this command's input")
+    assert listing(tmp_path) == before

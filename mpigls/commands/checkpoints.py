@@ -143,8 +143,11 @@ def run(args: argparse.Namespace, comm) -> int:
 
 def certify(args: argparse.Namespace, comm) -> int:
     from mpigls.evaluation import certify as certify_mod
+    from mpigls.run import rundir
 
     args.checkpoint = checkpoint_file(args.checkpoint)
+    if args.results:  # before any work: never a checkpoint, a run's own file or this command's input
+        rundir.refuse_output(args.results, "certify --results", inputs=[args.checkpoint, args.config])
     ckpt, cfg = _network_and_config(args)
     prob = checkpoint_problem(ckpt, cfg, comm, advice=CERTIFY_ARCH_ADVICE)
     methods = args.methods.split(",") if args.methods else list(cfg.eval.methods)
@@ -303,7 +306,7 @@ def landscape(args: argparse.Namespace, comm) -> int:
             num_points=args.num_points,
             radius=args.radius,
             seed=prob.cfg.train.seed,
-            out=str(png_path(args.out, "landscape.png")),
+            out=str(png_path(args.out, "landscape.png", inputs=[args.checkpoint])),
         )
         print(f"wrote {path}")
     return 0
@@ -315,7 +318,8 @@ def tightness(args: argparse.Namespace, comm) -> int:
     from mpigls.bounds import SOUND_METHODS
     from mpigls.run import checkpoint, rundir
 
-    out = png_path(args.out, "tightness.png")
+    out = png_path(args.out, "tightness.png", inputs=[args.checkpoint])
+    rundir.refuse_output(out.with_suffix(".json"), "--out (its .json beside the figure)", inputs=[args.checkpoint])
     ckpt = load_usable(args.checkpoint)
     cfg = config_mod.from_dict(ckpt.config)
     radii = tightness_mod.radii_grid(2 * cfg.bound.eps if args.max_eps is None else args.max_eps, args.num_radii)
@@ -380,10 +384,13 @@ def _export_files(args: argparse.Namespace, ckpt, cfg):
 
     from mpigls.interop import export as export_mod
     from mpigls.nn import models
-    from mpigls.run import checkpoint, train as train_mod
+    from mpigls.run import checkpoint, rundir, train as train_mod
 
     eps = cfg.bound.eps if args.eps is None else float(args.eps)
     export_mod.check_values(eps, args.num_test, args.timeout)
+    rundir.refuse_output(args.onnx, "export --onnx", inputs=[args.checkpoint])
+    if args.vnnlib:
+        rundir.refuse_output(args.vnnlib, "export --vnnlib", inputs=[args.checkpoint])
     export_mod.check_outputs(args.onnx, args.vnnlib)
     dataset, model, arch = train_mod.build_problem(cfg)
     checkpoint.check_compatible(ckpt, arch, advice="export with the checkpoint's own model.* and data.* settings")

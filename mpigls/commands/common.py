@@ -116,16 +116,19 @@ def stored_problem(path: str, comm, overrides: list[str] | None = None, *, advic
     return checkpoint_problem(ckpt, cfg, comm, advice=advice)
 
 
-def png_path(out: str, default_name: str) -> Path:
+def png_path(out: str, default_name: str, *, inputs: Any = ()) -> Path:
     """Where a figure goes: into a directory as default_name, else the path (``.png`` added if it has
-    no suffix, as matplotlib does), so that the "wrote" line names the real file."""
+    no suffix, as matplotlib does), so that the "wrote" line names the real file. Refuses a path that
+    is a checkpoint, a run's own file or one of the command's ``inputs`` (``rundir.refuse_output``)."""
+    from mpigls.run import rundir
+
     path = Path(out)
     if str(out).strip() == "":
         raise ValueError(f"--out is empty; name a PNG file, e.g. --out {default_name}")
     if path.is_dir():
-        return path / default_name
+        return rundir.refuse_output(path / default_name, "--out", inputs=list(inputs))
     if not path.suffix:
         path = path.with_suffix(".png")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--out {out!r}: the directory {str(path.parent)!r} does not exist; create it first")
-    return path
+    return rundir.refuse_output(path, "--out", inputs=list(inputs))

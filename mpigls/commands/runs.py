@@ -58,7 +58,7 @@ def plot(args: argparse.Namespace, comm) -> int:
     from mpigls import analysis
     from mpigls.analysis import plotting
 
-    out = png_path(args.out, "metrics.png")
+    out = png_path(args.out, "metrics.png", inputs=args.paths)
     runs = analysis.load_runs(args.paths)
     if comm.is_root:
         keys = [k for k in args.keys.split(",") if k] if args.keys else None
@@ -70,7 +70,10 @@ def plot(args: argparse.Namespace, comm) -> int:
 def report(args: argparse.Namespace, comm) -> int:
     from mpigls import analysis
     from mpigls.analysis import report as analysis_report
+    from mpigls.run import rundir
 
+    if args.out:  # before any work: never a checkpoint, a run's own file or one of the runs read
+        rundir.refuse_output(args.out, "report --out", inputs=args.runs)
     if all(Path(r).suffix in (".yaml", ".yml") and Path(r).is_file() for r in args.runs):
         from mpigls.studies import (  # study files: seed-aggregated tables and figure
             cli as study_cli,

@@ -183,33 +183,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def export(ckpt, cfg, onnx_path, *, vnnlib_dir=None, eps=None, num_test=None, timeout=60.0, batch=1, source=""):
-    """The command's steps until the command module builds the network itself (kept for ``mpigls export``)."""
-    from mpigls.nn import models
-    from mpigls.run import checkpoint
-    from mpigls.run.train import build_problem
-
-    eps = cfg.bound.eps if eps is None else float(eps)
-    check_values(eps, num_test, timeout)
-    check_outputs(onnx_path, vnnlib_dir)
-    dataset, model, arch = build_problem(cfg)
-    checkpoint.check_compatible(ckpt, arch, advice="export with the checkpoint's own model.* and data.* settings")
-    models.load_flat_(model, torch.from_numpy(ckpt.theta.copy()))
-    n = min(num_test or cfg.eval.num_test or len(dataset.test_y), len(dataset.test_y))
-    header = [f"robustness property written by mpigls export from {source or 'a checkpoint'}"]
-    header.append(f"network {Path(onnx_path).name}: {cfg.model.name} on {cfg.data.name}, generation {ckpt.generation}")
-    return write(
-        model,
-        dataset.in_shape,
-        dataset.test_x[:n],
-        dataset.test_y[:n],
-        dataset.num_classes,
-        onnx_path,
-        vnnlib_dir=vnnlib_dir,
-        eps=eps,
-        timeout=timeout,
-        batch=batch,
-        header=header,
-    )
