@@ -392,3 +392,36 @@ def test_max_generations_pauses_a_study_with_exit_0_as_train_does(tmp_path, caps
     out = capsys.readouterr().out
     assert "1 stopped at --max-generations, 1 waiting" in out
     assert study.run_state(_runs(s)["warm/seed0"], paths) == "interrupted"  # the next `study run` resumes it
+
+
+# --------------------------------------------------------------------------------- the report's files
+
+
+def test_a_fifo_where_the_report_writes_is_refused_without_blocking(tmp_path, capsys):
+    import os
+
+    s, paths = _finished(tmp_path)
+    os.mkfifo(paths.results / "table.md")
+    assert cli.main(_argv("report", s, paths)) == 2
+    assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+    assert not (paths.results / "table.json").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_the_report_replaces_a_link_instead_of_writing_through_it(tmp_path, capsys):
+    s, paths = _finished(tmp_path)
+    record = paths.record(_runs(s)["warm/seed0"])
+    before = record.read_bytes()
+    (paths.results / "table.json").symlink_to(record.name)  # a link to a record: writing through would destroy it
+    assert cli.main(_argv("report", s, paths)) == 0
+    assert record.read_bytes() == before and not (paths.results / "table.json").is_symlink()
+    assert json.loads((paths.results / "table.json").read_text())["rows"]
+    assert sorted(p.name for p in paths.results.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_a_report_out_that_is_a_file_is_refused(tmp_path, capsys):
+    s, paths = _finished(tmp_path)
+    out = tmp_path / "out.md"
+    out.write_text("mine")
+    assert cli.main([*_argv("report", s, paths), "--out", str(out)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and out.read_text() == "mine"

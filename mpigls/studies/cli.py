@@ -163,21 +163,49 @@ def exit_code(outcome: dict[str, str]) -> int:
 
 def report(study: study_mod.Study, paths: study_mod.Paths, out_dir: str | None = None) -> int:
     """Write table.md, table.json and figure.png of a study's finished runs into ``out_dir``
-    (default: the results folder) and print the Markdown table."""
+    (default: the results folder) and print the Markdown table. Each file is written whole or not at
+    all (a temporary file renamed over it: a link there is replaced, never written through), after
+    the checks that it may be written."""
     from mpigls.studies import report as study_report
 
+    out = Path(out_dir) if out_dir else paths.results
+    targets = _report_targets(out)
     records, notes = study_mod.current_records(study, paths)
     for note in notes:
         print(f"note: {note}", file=sys.stderr, flush=True)
     if not records:
         raise FileNotFoundError(f"no finished runs in {paths.results}; run `mpigls study run {study.path}` first")
     result = study_report.build(records, study.select, [r.name for r in study.rows])
-    out = Path(out_dir) if out_dir else paths.results
     out.mkdir(parents=True, exist_ok=True)
     md = study_report.format_markdown(result)
-    (out / "table.md").write_text(md)
-    (out / "table.json").write_text(study_report.to_json(result))
-    fig = study_report.plot(result, out / "figure.png", title=study.name)
+    _replace(targets[0], lambda tmp: tmp.write_text(md))
+    _replace(targets[1], lambda tmp: tmp.write_text(study_report.to_json(result)))
+    _replace(targets[2], lambda tmp: study_report.plot(result, tmp, title=study.name))
     print(md, end="")
-    print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {fig} ({len(records)} runs)")
+    print(f"wrote {targets[0]}, {targets[1]}, {targets[2]} ({len(records)} runs)")
     return 0
+
+
+def _report_targets(out: Path) -> list[Path]:
+    """The report's three files in ``out``, refused before any work when ``out`` is not a folder or a
+    file there may not be replaced (a FIFO, a device, a checkpoint: ``rundir.refuse_output``)."""
+    from mpigls.run import rundir
+
+    if out.exists() and not out.is_dir():
+        raise study_mod.StudyError(
+            f"--out {str(out)!r} exists and is not a folder; the report writes table.md, table.json and figure.png "
+            "into a folder: name a folder (a new one is made)"
+        )
+    return [rundir.refuse_output(out / name, "--out") for name in ("table.md", "table.json", "figure.png")]
+
+
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    import os
+
+    tmp = path.with_name(f".{path.stem}-{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
