@@ -17,8 +17,13 @@
 # Environment: NP ranks (default 1; mpiexec -n NP), RUNS (default runs/paper, or
 # runs/paper-smoke with SMOKE=1), DATA (data.root; default: the YAML's, "data"), MPIEXEC
 # (default mpiexec), PYTHON (default python), VERIFY_TIME (seconds per sample, default 60),
-# CERT_ARGS (extra `mpigls certify` arguments, e.g. "--num-test 1000").
+# CERT_ARGS (extra `mpigls certify` arguments, e.g. "--num-test 1000"), MPIGLS_ENV_SETUP (a file
+# sourced first: module load, source VENV/bin/activate).
 set -euo pipefail
+if [[ -n "${MPIGLS_ENV_SETUP:-}" ]]; then  # the site's environment (module load, a virtual environment)
+  # shellcheck disable=SC1090
+  source "$MPIGLS_ENV_SETUP" || { echo "MPIGLS_ENV_SETUP=$MPIGLS_ENV_SETUP failed" >&2; exit 2; }
+fi
 ROW=${1:?usage: jobs/paper.sh ROW (a config name in configs/paper/)}
 NP=${NP:-1}; PYTHON=${PYTHON:-python}; MPIEXEC=${MPIEXEC:-mpiexec}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
