@@ -9,7 +9,9 @@ Augmentation follows Gaussian Loss Smoothing (arXiv 2403.07095) App. B.4 (after 
 2023): none for MNIST; CIFAR-10 gets a random 32x32 crop after 2-pixel zero padding and a random
 horizontal flip.
 
-Expected on-disk layout (``data.root`` = ROOT; nothing is downloaded):
+Expected on-disk layout (``data.root`` = ROOT). Loading never downloads; ``data.download: true`` or
+``mpigls data fetch mnist|cifar10 --root ROOT`` fetches MNIST or CIFAR-10 into this layout first
+(``mpigls.interop.fetch``):
 
 - ``digits``: none; scikit-learn's bundled 8x8 digits (1x8x8, 10 classes, values 0..16 / 16).
   1797 images; the last 360 are the test set, the first 1437 the training set.
