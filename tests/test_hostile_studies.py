@@ -425,3 +425,16 @@ def test_a_report_out_that_is_a_file_is_refused(tmp_path, capsys):
     out.write_text("mine")
     assert cli.main([*_argv("report", s, paths), "--out", str(out)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err and out.read_text() == "mine"
+
+
+def test_verify_leaves_a_run_whose_lock_another_process_holds(tmp_path):
+    s, paths = _finished(tmp_path)
+    run = _runs(s)["warm/seed0"]
+    paths.run_dir(run).mkdir(parents=True)
+    before = paths.record(run).read_bytes()
+    logs: list[str] = []
+    with open(paths.run_dir(run) / study.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert study.verify_finished(s, paths, time_limit=1, only=[run.id], log=logs.append) == []
+    assert any("another process holds" in m and "left for now" in m for m in logs)
+    assert paths.record(run).read_bytes() == before

@@ -764,56 +764,25 @@ def verify_finished(
     anything is evaluated. A record whose natural, PGD or certified test accuracy does not come out
     again is not kept: it is moved into ``RESULTS/rejected/`` (the run is no longer finished) and,
     after the other runs, ``RecordMismatch`` names them."""
-    import numpy as np
-
-    from mpigls.run import checkpoint, rundir
 
     log = log or (lambda msg: print(msg, flush=True))
     ev = dataclasses.replace(study.evaluation, verify=True, time_limit=time_limit, max_domains=max_domains)
-    done, rejected = [], []
+    done: list[str] = []
+    rejected: list[str] = []
     runs = [r for r in expand(study) if only is None or r.id in only]
     found = {r.id: read_record(paths.record(r)) for r in runs}  # every damaged record is refused up front
     for run in runs:
         rec = found[run.id]
         if rec is None or "verified" in rec.get("test", {}):
             continue
-        ckpt = rundir.load_latest(paths.run_dir(run))
-        if ckpt is None:
-            raise StudyError(
-                f"run {run.id} has a record but no checkpoint in {paths.run_dir(run)}; the verifier needs its "
-                "final network (copy its run directory there)"
-            )
-        if checkpoint.theta_sha256(ckpt.theta) != rec.get("theta_sha256"):
-            raise StudyError(
-                f"run {run.id}: the checkpoint in {paths.run_dir(run)} is not the network its record describes"
-            )
-        # the final network comes from the checkpoint, not from the warm start
-        cfg = config_mod.from_dict(_apply(rec["config"], [("model.init_from", None)], run.id))
-        ev_run = dataclasses.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
-        log(f"[study] {run.id}: complete verifier on the test set ({time_limit} s per example)")
-        _, test, _, test_s = _evaluate(cfg, ckpt, ev_run, validation=False)
-        differs = [
-            k
-            for k in ("natural", "adversarial", "certified")  # adversarial is absent without an attack
-            if (test.get(k) is None) != (rec["test"].get(k) is None)
-            or (test.get(k) is not None and not np.isclose(test[k], rec["test"][k]))
-        ]
-        if differs:
-            moved = _supersede(paths, run, "rejected")
-            log(
-                f"[study] {run.id}: the test evaluation does not reproduce its record ("
-                + ", ".join(f"{k} {rec['test'].get(k)} recorded, {test.get(k)} now" for k in differs)
-                + f"); the record is not kept: moved to {moved}"
-            )
-            rejected.append(f"{run.id} ({', '.join(differs)}; record moved to {moved})")
-            continue
-        added = {k: v for k, v in test.items() if k in ("verified", "unknown", "falsified") or k.startswith("verify/")}
-        rec["test"].update(added)
-        rec["cost_s"]["verify"] = test_s
-        rec["verify"] = {"time_limit": time_limit, "max_domains": max_domains}
-        rundir.write_json(paths.record(run), records_mod.seal(rec))
-        log(f"[study] {run.id}: verified {100 * test['verified']:.2f}% ({test.get('unknown', 0)} unknown)")
-        done.append(run.id)
+        with _run_lock(paths.run_dir(run)) as held:
+            if not held:
+                log(f"[study] {run.id}: another process holds {paths.run_dir(run) / LOCK_FILE}; left for now")
+                continue
+            if read_record(paths.record(run)) != rec:  # changed by another process meanwhile
+                continue
+            outcome = _verify_one(run, rec, paths, ev, log)
+        (done if outcome is None else rejected).append(outcome or run.id)
     if rejected:
         raise RecordMismatch(
             f"study {study.name}: {len(rejected)} record(s) do not reproduce from their run's final network and "
@@ -821,6 +790,66 @@ def verify_finished(
             f"(from their checkpoints); {len(done)} other run(s) were verified"
         )
     return done
+
+
+@contextlib.contextmanager
+def _run_lock(d: Path):
+    """The run's ``study.lock`` held for the block (yields False when another process holds it)."""
+    if not d.is_dir():
+        yield True
+        return
+    with open(d / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+
+
+def _verify_one(run: StudyRun, rec: dict, paths: Paths, ev: Evaluation, log: Callable[[str], None]) -> str | None:
+    """``verify_finished`` for one run (its lock held): None when verified, else why its record was rejected."""
+    import numpy as np
+
+    from mpigls.run import checkpoint, rundir
+
+    time_limit, max_domains = ev.time_limit, ev.max_domains
+    ckpt = rundir.load_latest(paths.run_dir(run))
+    if ckpt is None:
+        raise StudyError(
+            f"run {run.id} has a record but no checkpoint in {paths.run_dir(run)}; the verifier needs its "
+            "final network (copy its run directory there)"
+        )
+    if checkpoint.theta_sha256(ckpt.theta) != rec.get("theta_sha256"):
+        raise StudyError(
+            f"run {run.id}: the checkpoint in {paths.run_dir(run)} is not the network its record describes"
+        )
+    # the final network comes from the checkpoint, not from the warm start
+    cfg = config_mod.from_dict(_apply(rec["config"], [("model.init_from", None)], run.id))
+    ev_run = dataclasses.replace(ev, num_test=rec["test"].get("num_examples") or ev.num_test)
+    log(f"[study] {run.id}: complete verifier on the test set ({time_limit} s per example)")
+    _, test, _, test_s = _evaluate(cfg, ckpt, ev_run, validation=False)
+    differs = [
+        k
+        for k in ("natural", "adversarial", "certified")  # adversarial is absent without an attack
+        if (test.get(k) is None) != (rec["test"].get(k) is None)
+        or (test.get(k) is not None and not np.isclose(test[k], rec["test"][k]))
+    ]
+    if differs:
+        moved = _supersede(paths, run, "rejected")
+        log(
+            f"[study] {run.id}: the test evaluation does not reproduce its record ("
+            + ", ".join(f"{k} {rec['test'].get(k)} recorded, {test.get(k)} now" for k in differs)
+            + f"); the record is not kept: moved to {moved}"
+        )
+        return f"{run.id} ({', '.join(differs)}; record moved to {moved})"
+    added = {k: v for k, v in test.items() if k in ("verified", "unknown", "falsified") or k.startswith("verify/")}
+    rec["test"].update(added)
+    rec["cost_s"]["verify"] = test_s
+    rec["verify"] = {"time_limit": time_limit, "max_domains": max_domains}
+    rundir.write_json(paths.record(run), records_mod.seal(rec))
+    log(f"[study] {run.id}: verified {100 * test['verified']:.2f}% ({test.get('unknown', 0)} unknown)")
+    return None
 
 
 class RecordMismatch(RuntimeError):
