@@ -127,3 +127,80 @@ def test_no_history_or_outside_paths_in_the_repository():
             if FORBIDDEN.search(line):
                 hits.append(f"{rel}:{number}: {line.strip()[:100]}")
     assert not hits, "diary wording or a path outside the repository:\n" + "\n".join(hits)
+
+
+# ----------------------------------------------------------------------------- config keys and commands
+
+_SPANS = re.compile(r"```.*?```|`[^`\n]+`", re.S)
+# dotted names in the docs that start like a config section but are files or attributes
+NOT_CONFIG = {"data.py", "eval.json", "model.state_dict"}
+
+
+def _code_spans(page: Path) -> list[str]:
+    return _SPANS.findall(page.read_text(encoding="utf-8"))
+
+
+def _config_keys() -> set[str]:
+    from mpigls import config
+
+    return {key for key, _, _ in config.describe()}
+
+
+def test_every_config_key_the_docs_name_exists():
+    """Every ``section.key`` in a code span of the docs is a config key (``bound.options.<name>``:
+    any option), and every YAML block made of config sections holds only config keys."""
+    import yaml
+
+    keys = _config_keys()
+    sections = sorted({k.split(".")[0] for k in keys})
+    dotted = re.compile(r"(?<![\w./-])(" + "|".join(sections) + r")\.([A-Za-z_]\w*)")
+    unknown, named = [], 0
+    for page in DOCS:
+        for span in _code_spans(page):
+            for m in dotted.finditer(span):
+                key = m.group(0)
+                named += 1
+                if key not in keys and key not in NOT_CONFIG:
+                    unknown.append(f"{page.relative_to(ROOT)}: {key}")
+            if span.startswith("```yaml"):
+                values = yaml.safe_load(span.strip("`")[4:])
+                if isinstance(values, dict) and values and set(values) <= set(sections):
+                    for section, body in values.items():
+                        for key in body or {}:
+                            if f"{section}.{key}" not in keys:
+                                unknown.append(f"{page.relative_to(ROOT)}: {section}.{key} (YAML block)")
+    assert named > 50, f"only {named} config keys found in the docs: the pattern no longer matches"
+    assert not unknown, "the docs name config keys that do not exist:\n" + "\n".join(unknown)
+
+
+def _documented_commands() -> dict[tuple[str, ...], str]:
+    """``mpigls COMMAND [SUBCOMMAND]`` in the docs' code spans -> the first page naming it."""
+    pattern = re.compile(r"(?<![\w./-])mpigls ([a-z][\w-]*)(?: ([a-z][a-z-]*)(?![\w./]))?")
+    found: dict[tuple[str, ...], str] = {}
+    for page in DOCS:
+        for span in _code_spans(page):
+            for m in pattern.finditer(span):
+                found.setdefault(tuple(g for g in m.groups() if g), str(page.relative_to(ROOT)))
+    return found
+
+
+def test_every_documented_command_runs_with_help(capsys):
+    """Each ``mpigls COMMAND [SUBCOMMAND]`` the docs show answers ``--help`` with exit 0, through the
+    installed ``mpigls`` entry point (a following word that is an argument, not a subcommand, is
+    accepted before ``--help`` too)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="mpigls")
+    main = script.load()
+    commands = _documented_commands()
+    assert {("train",), ("certify",), ("study", "run")} <= set(commands), sorted(commands)
+    failed = []
+    for words, page in sorted(commands.items()):
+        try:
+            code = main([*words, "--help"])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        if code not in (0, None) or "usage: mpigls" not in out.out:
+            failed.append(f"{page}: mpigls {' '.join(words)} --help -> {code}: {out.err.strip()[-200:]}")
+    assert not failed, "\n".join(failed)
