@@ -33,8 +33,8 @@ _MAX_NDIM = 8  # array ranks the buffer all-gather of shapes carries
 
 
 class _Channel:
-    """Small point-to-point messages for the hang watchdog, safe to use from two threads (MPI runs in
-    THREAD_MULTIPLE): non-blocking sends from the main thread, polling receives in the watchdog's."""
+    """Small point-to-point messages for the hang watchdog, sent and received by its thread (MPI runs
+    in THREAD_MULTIPLE): non-blocking sends, polling receives."""
 
     def __init__(self, comm: Any, MPI: Any, tag: int = 7301) -> None:
         self._comm, self._MPI, self._tag = comm, MPI, tag
@@ -68,10 +68,13 @@ class _Channel:
 class MPIComm(CommBase):
     """A clone of COMM_WORLD (or of ``base``) with the node layout resolved once at construction:
     ranks on one node share memory (``Split_type(COMM_TYPE_SHARED)``), or ``fake_nodes`` nodes of
-    consecutive ranks. Library traffic never mixes with user traffic on COMM_WORLD.
+    consecutive ranks. Library traffic never mixes with user traffic on COMM_WORLD. While the hang
+    watchdog runs, every collective is entered inside its ``waits`` context (``parallel.watchdog``).
 
     Collective: every rank must construct it together.
     """
+
+    waits: Any = None  # the hang watchdog's collective counter while it runs
 
     def __init__(self, base: Any = None, fake_nodes: int | None = None) -> None:
         from mpi4py import MPI  # lazy: the package works without MPI
@@ -91,15 +94,25 @@ class MPIComm(CommBase):
         self.node, self.num_nodes = leaders.index(leader), len(leaders)
         self._exit_comm = self._comm.Dup()  # only for all_arrive's non-blocking barrier
 
+    def _waiting(self) -> Any:
+        """The hang watchdog's count of this rank's collectives (``waits``, set while it runs)."""
+        return self.waits if self.waits is not None else contextlib.nullcontext()
+
     def allgather_obj(self, obj: Any) -> list:
-        return self._comm.allgather(obj)
+        with self._waiting():
+            return self._comm.allgather(obj)
 
     def bcast_obj(self, obj: Any, root: int = 0) -> Any:
         if not 0 <= root < self.world_size:
             raise ValueError(f"bcast_obj root must be a rank in [0, {self.world_size}), got {root}")
-        return self._comm.bcast(obj, root=root)
+        with self._waiting():
+            return self._comm.bcast(obj, root=root)
 
     def _allgather_array(self, a: np.ndarray) -> list[np.ndarray]:
+        with self._waiting():
+            return self._allgather_array_now(a)
+
+    def _allgather_array_now(self, a: np.ndarray) -> list[np.ndarray]:
         a = np.ascontiguousarray(a)
         if a.ndim > _MAX_NDIM:
             raise ValueError(f"_allgather_array takes at most {_MAX_NDIM} dimensions, got shape {a.shape}")
@@ -121,11 +134,13 @@ class MPIComm(CommBase):
     def _allreduce_array(self, a: np.ndarray, op: str) -> np.ndarray:
         a = np.ascontiguousarray(a)
         out = np.empty_like(a)
-        self._comm.Allreduce(a, out, op=self._MPI.SUM if op == "sum" else self._MPI.MAX)
+        with self._waiting():
+            self._comm.Allreduce(a, out, op=self._MPI.SUM if op == "sum" else self._MPI.MAX)
         return out
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        with self._waiting():
+            self._comm.Barrier()
 
     def abort(self, code: int = EXIT_FAILURE) -> NoReturn:
         flush_std()

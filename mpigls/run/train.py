@@ -239,6 +239,7 @@ class _Loop:
                 ckpt_path = saved or ckpt_path
             if blocks.stopped:  # a signal cut generation `generation + 1` short: keep the last completed one
                 stopped = True
+                watch.mark(parallel.watchdog.CHECKPOINT)
                 ckpt_path = self.save(state, history)
                 say(
                     f"stop requested ({stop_signal.name or 'signal on another rank'}) during generation "
@@ -280,9 +281,11 @@ class _Steps:
         all_losses, reduced, agreed = opt.exchange(comm, work, state, params, local, control)
         if blocks.settle(agreed.cut_short):  # a stop signal cut this generation short on some rank
             return state, generation, True, None
+        watch.mark(parallel.watchdog.TELL)
         state, metrics = opt.tell(work, state, params, all_losses, reduced, lr)
         generation += 1
         self.skipped_in_a_row = _check_finite(metrics, all_losses, generation, self.skipped_in_a_row, cfg, say)
+        watch.mark(parallel.watchdog.VALIDATE)
         metrics = self.live.update(generation, state.center, _metrics(all_losses, eps, lr, metrics, t0))
         _append_metrics(history, metrics, generation)
         _report(self.progress, say, cfg, metrics, generation, loop.gens_per_epoch, self.stop_at)
@@ -293,6 +296,7 @@ class _Steps:
         stopped = agreed.stop  # requested on some rank by the exchange: this generation is the last
         saved = None
         if stopped or generation % cfg.train.checkpoint_every == 0 or generation == self.stop_at:
+            watch.mark(parallel.watchdog.CHECKPOINT)
             saved = loop.save(state, history)
         watch.mark(parallel.watchdog.DONE)
         if stopped:
