@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from mpigls.optim.schedules import EPS_SCHEDULES
-from mpigls.optim.unit import LoopParams, help_of, param
 from mpigls.optim import registry as optimizers
+from mpigls.optim.params import LoopParams, help_of, param
+from mpigls.optim.schedules import EPS_SCHEDULES
 
 __all__ = [
     "ConfigError",

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mpigls.numerics import philox
+from mpigls.numerics import philox, schemes
+from mpigls.numerics.schemes import SCHEME_HELP, SCHEMES, check_scheme, scheme_id
 
 __all__ = [
     "NOISE_SCHEME",
@@ -43,29 +44,11 @@ __all__ = [
     "torch_generator",
 ]
 
-NOISE_SCHEME = "philox4x64-seedseq-v1"
+NOISE_SCHEME = schemes.HOST_SCHEME
 STREAM_PGPE = 0
 STREAM_RGS = 1
 STREAM_ATTACK = 2
 STREAM_DATA = 3
-SCHEMES = {"host": NOISE_SCHEME, "device": philox.SCHEME}  # optimizer.noise -> checkpoint noise_scheme
-SCHEME_HELP = (
-    "where the perturbation noise is generated: host (numpy Philox on the CPU, copied to the device; on a "
-    "GPU drawn ahead on a host thread) or device (Philox-4x32 in torch ops on the training device; the same "
-    "bits on CPU and GPU, other numbers than host)"
-)
-
-
-def check_scheme(name: str) -> str:
-    """``name`` if it is a noise scheme (``optimizer.noise``), else a ValueError listing them."""
-    if name not in SCHEMES:
-        raise ValueError(f"optimizer.noise must be one of {', '.join(SCHEMES)}, got {name!r}")
-    return name
-
-
-def scheme_id(name: str) -> str:
-    """The checkpoint's ``noise_scheme`` for ``optimizer.noise`` = name."""
-    return SCHEMES[check_scheme(name)]
 
 
 def _check_words(words: Sequence[int]) -> list[int]:

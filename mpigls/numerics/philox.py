@@ -36,9 +36,11 @@ from collections.abc import Sequence
 
 import torch
 
+from mpigls.numerics import schemes
+
 __all__ = ["SCHEME", "philox4x32", "uniform_words", "normal_quantile", "gaussian"]
 
-SCHEME = "philox4x32-10-as241-v1"
+SCHEME = schemes.DEVICE_SCHEME  # "philox4x32-10-as241-v1"
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers

@@ -20,21 +20,9 @@ import numpy as np
 import torch
 
 from mpigls.optim import steprules, unit
-from mpigls.optim.unit import param
+from mpigls.optim.params import GRADParams
 
 __all__ = ["GRADParams", "GRADState", "UNIT", "init", "tell", "state_to_dict", "state_from_dict"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GRADParams(steprules.StepRuleParams):
-    """GRAD hyperparameters: the step-rule fields and the gradient clip (RGS adds its sampling)."""
-
-    grad_clip: float | None = param(10.0, "global L2-norm clip of the mean gradient (null: off)")
-
-    def __post_init__(self):
-        steprules.check_params(self)
-        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
-            raise ValueError(f"optimizer.grad_clip must be > 0 or null (off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)

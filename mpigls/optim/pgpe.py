@@ -77,7 +77,7 @@ import torch
 
 from mpigls.numerics import noise
 from mpigls.optim import shaping, steprules
-from mpigls.optim.unit import param
+from mpigls.optim.params import CONTROL_VARIATES, PGPEParams
 
 __all__ = [
     "NOISE_CHUNK",
@@ -105,85 +105,11 @@ __all__ = [
     "control_variate",
 ]
 
-CONTROL_VARIATES = ("none", "grad", "previous", "running")
 CV_FRACTION_BITS = 30  # fixed-point bits of the exact products eps_j . g (D < 2**33 terms fit int64)
 
 NOISE_CHUNK = 64  # pairs regenerated at once by the serial path (never changes the bits)
 FRACTION_BITS = 40  # fixed-point bits below the largest contribution; n <= 2**22 pairs fit int64
 _MAX_ROWS_EXACT = 1 << (52 - FRACTION_BITS)  # integer terms a float64 sum adds without rounding
-
-
-def _even_choices(p: int) -> str:
-    """The nearest valid population sizes to ``p`` (even, >= 2), for an error message."""
-    below, above = p - 1 if p % 2 else p - 2, p + 1 if p % 2 else p + 2
-    return f"{below} or {above}" if below >= 2 else f"{max(2, above if p >= 2 else 2)}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class PGPEParams(steprules.StepRuleParams):
-    """PGPE hyperparameters (defaults: the GLS paper, Sec. 4 and App. B.2: fixed sigma)."""
-
-    popsize: int = param(256, "PGPE population size P, even (P/2 antithetic pairs); paper: 256")
-    sigma_init: float = param(1e-3, "initial per-parameter sigma of the search Gaussian; paper: 1e-3")
-    sigma_lr: float = param(0.0, "learning rate of sigma, relative (see mpigls.optim.pgpe); 0 with fixed_sigma")
-    sigma_max_change: float | None = param(0.2, "bound on the relative change of sigma per step (null: unbounded)")
-    sigma_min: float = param(1e-6, "lower clamp of sigma (> 0)")
-    sigma_max: float = param(1.0, "upper clamp of sigma")
-    fixed_sigma: bool = param(True, "keep sigma at sigma_init (the paper's setting)")
-    fitness_shaping: str = param("centered_ranks", "fitness shaping of the losses: " + ", ".join(shaping.SHAPINGS))
-    noise: str = param("host", noise.SCHEME_HELP)
-    control_variate: str = param(
-        "none",
-        "control variate g of the centre gradient (unbiased; needs fitness_shaping raw): none, grad "
-        "(backpropagated gradient at theta: a differentiable bound), previous (the last estimate), "
-        "running (a running average of estimates, rate cv_rate); see mpigls.optim.pgpe",
-    )
-    cv_rate: float | None = param(
-        None,
-        "weight of the newest estimate in the running control variate, in (0, 1]; null: n/(n + D) "
-        "(n = popsize/2 pairs, D parameters), the gain that shrinks the average's error fastest",
-    )
-
-    def __post_init__(self):
-        if not isinstance(self.popsize, int) or self.popsize < 2 or self.popsize % 2:
-            p = self.popsize if isinstance(self.popsize, int) else 2
-            raise ValueError(
-                f"optimizer.popsize must be even and >= 2 for antithetic sampling, got {self.popsize!r}; "
-                f"use {_even_choices(p)}"
-            )
-        steprules.check_positive("sigma_init", self.sigma_init)
-        steprules.check_positive("sigma_min", self.sigma_min)
-        if self.sigma_lr < 0:
-            raise ValueError(f"optimizer.sigma_lr must be >= 0, got {self.sigma_lr}")
-        if self.sigma_max_change is not None and not 0 < self.sigma_max_change <= 1:
-            raise ValueError(
-                f"optimizer.sigma_max_change must lie in (0, 1] or be null (unbounded), got {self.sigma_max_change}"
-            )
-        if not self.sigma_min <= self.sigma_init <= self.sigma_max:
-            raise ValueError(
-                f"optimizer.sigma_init={self.sigma_init} must lie in [sigma_min, sigma_max] = "
-                f"[{self.sigma_min}, {self.sigma_max}]; change one of the three"
-            )
-        if self.popsize // 2 > 1 << 22:
-            raise ValueError(
-                f"optimizer.popsize={self.popsize} exceeds 2**23, the fixed-point headroom of the "
-                "exact PGPE sums; use a smaller population"
-            )
-        steprules.check_params(self)
-        shaping.check_shaping(self.fitness_shaping)
-        noise.check_scheme(self.noise)
-        if self.control_variate not in CONTROL_VARIATES:
-            raise ValueError(
-                f"optimizer.control_variate must be one of {list(CONTROL_VARIATES)}, got {self.control_variate!r}"
-            )
-        if self.control_variate != "none" and self.fitness_shaping != "raw":
-            raise ValueError(
-                f"optimizer.control_variate={self.control_variate!r} subtracts a term linear in the losses, "
-                f"which fitness shaping {self.fitness_shaping!r} is not: set optimizer.fitness_shaping=raw "
-                "(the step rule normalises the scale) or optimizer.control_variate=none"
-            )
-        if self.cv_rate is not None and (isinstance(self.cv_rate, bool) or not 0 < self.cv_rate <= 1):
-            raise ValueError(f"optimizer.cv_rate must lie in (0, 1] or be null (n/(n + D)), got {self.cv_rate!r}")
 
 
 @dataclass(frozen=True)

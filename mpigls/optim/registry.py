@@ -32,9 +32,9 @@ class Entry:
 
 
 OPTIMIZERS: dict[str, Entry | Optimizer] = {
-    "pgpe": Entry("mpigls.optim.pgpe:PGPEParams", "mpigls.parallel.pgpe_unit:UNIT"),
-    "rgs": Entry("mpigls.optim.rgs:RGSParams", "mpigls.optim.rgs:UNIT"),
-    "grad": Entry("mpigls.optim.grad:GRADParams", "mpigls.optim.grad:UNIT"),
+    "pgpe": Entry("mpigls.optim.params:PGPEParams", "mpigls.parallel.pgpe_unit:UNIT"),
+    "rgs": Entry("mpigls.optim.params:RGSParams", "mpigls.optim.rgs:UNIT"),
+    "grad": Entry("mpigls.optim.params:GRADParams", "mpigls.optim.grad:UNIT"),
 }
 
 

@@ -22,45 +22,15 @@ Shapes: D parameters, n samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from mpigls.numerics import noise
 from mpigls.optim import grad as grad_opt, unit
-from mpigls.optim.unit import param
+from mpigls.optim.params import RGSParams
 
 __all__ = ["RGSParams", "RGSState", "UNIT", "init", "sample_points", "tell", "state_to_dict", "state_from_dict"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RGSParams(grad_opt.GRADParams):
-    """RGS hyperparameters: GRAD's (step rule, grad_clip) plus the Gaussian sampling."""
-
-    num_samples: int = param(8, "RGS gradient samples per step")
-    sigma_init: float = param(1e-3, "standard deviation of the Gaussian smoothing (RGS keeps it fixed); paper: 1e-3")
-    antithetic: bool = param(True, "antithetic samples: 2k and 2k+1 use +z_k and -z_k (needs an even num_samples)")
-    noise: str = param("host", noise.SCHEME_HELP)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"optimizer.num_samples must be a positive integer, got {self.num_samples!r}")
-        if self.antithetic and self.num_samples % 2:
-            raise ValueError(
-                f"optimizer.num_samples must be even when antithetic=true, got {self.num_samples}; "
-                f"use {self.num_samples + 1} or set antithetic=false"
-            )
-        if not (self.sigma_init >= 0 and math.isfinite(self.sigma_init)):
-            raise ValueError(f"optimizer.sigma_init must be a finite number >= 0, got {self.sigma_init!r}")
-        noise.check_scheme(self.noise)
-
-    @property
-    def sigma(self) -> float:
-        """The smoothing standard deviation (fixed: ``sigma_init``)."""
-        return self.sigma_init
 
 
 RGSState = grad_opt.GRADState  # centre, step-rule state, generation: the same as GRAD's

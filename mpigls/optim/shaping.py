@@ -21,14 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from mpigls.optim.params import SHAPINGS, check_shaping
+
 __all__ = ["SHAPINGS", "centered_ranks", "normalized", "raw", "shape", "check_shaping"]
-
-SHAPINGS = ("centered_ranks", "normalized", "raw")
-
-
-def check_shaping(kind: str, owner: str = "optimizer") -> None:
-    if kind not in SHAPINGS:
-        raise ValueError(f"{owner}.fitness_shaping must be one of {list(SHAPINGS)}, got {kind!r}")
 
 
 def centered_ranks(losses: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,17 @@ Shapes: D parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from mpigls.optim.unit import param
+from mpigls.optim.params import (
+    STEP_RULES,
+    StepRuleParams,
+    check_params,
+    check_positive,
+    check_step_rule,
+)
 
 __all__ = [
     "STEP_RULES",
@@ -49,25 +54,6 @@ __all__ = [
     "STATE_KEYS",
 ]
 
-STEP_RULES = ("adam", "clipup", "sgd")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepRuleParams:
-    """The step-rule fields shared by the Params of PGPE, RGS and GRAD (each adds its own)."""
-
-    lr: float = param(3e-4, "learning rate of the centre (Adam lr, ClipUp step size; paper: 3e-4 PGPE, 5e-5 GRAD)")
-    step_rule: str = param("adam", "step rule of the centre: " + ", ".join(STEP_RULES))
-    beta1: float = param(0.9, "Adam beta1")
-    beta2: float = param(0.999, "Adam beta2")
-    adam_eps: float = param(1e-8, "Adam epsilon")
-    max_speed: float | None = param(None, "ClipUp max speed (null: 2 * lr)")
-    momentum: float = param(0.9, "ClipUp momentum")
-    weight_decay: float = param(0.0, "decoupled weight decay on the centre (theta -= lr * weight_decay * theta)")
-
-    def __post_init__(self):
-        check_params(self)
-
 
 @dataclass(frozen=True)
 class StepState:
@@ -83,30 +69,6 @@ class StepState:
     m: torch.Tensor
     v: torch.Tensor
     velocity: torch.Tensor
-
-
-def check_step_rule(rule: str, owner: str = "optimizer") -> None:
-    if rule not in STEP_RULES:
-        raise ValueError(f"{owner}.step_rule must be one of {list(STEP_RULES)}, got {rule!r}")
-
-
-def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"optimizer.{name} must be a positive finite number, got {value!r}")
-
-
-def check_params(p) -> None:
-    """Validate the step-rule fields (lr, rule, betas, ...): the one check, run by StepRuleParams."""
-    check_positive("lr", p.lr)
-    check_step_rule(p.step_rule)
-    for name in ("beta1", "beta2", "momentum"):
-        if not 0 <= getattr(p, name) < 1:
-            raise ValueError(f"optimizer.{name} must lie in [0, 1), got {getattr(p, name)}")
-    check_positive("adam_eps", p.adam_eps)
-    if p.max_speed is not None:
-        check_positive("max_speed", p.max_speed)
-    if p.weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay must be >= 0, got {p.weight_decay}")
 
 
 def init(rule: str, like: torch.Tensor) -> StepState:

@@ -37,7 +37,6 @@ Shapes: D parameters, n points.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +45,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mpigls.optim.params import LoopParams, help_of, param
 
 __all__ = [
     "param",
@@ -61,57 +62,6 @@ __all__ = [
     "split_state",
     "join_state",
 ]
-
-
-def param(default: Any, help: str) -> Any:  # noqa: A002 - the metadata key, as in argparse
-    """A Params field with its ONE default and its documentation (shown by ``mpigls config``)."""
-    if isinstance(default, (list, dict)):
-
-        def fresh() -> Any:  # a new list/dict per instance
-            return copy.copy(default)
-
-        return dataclasses.field(default_factory=fresh, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def help_of(f: dataclasses.Field) -> str:
-    return str(f.metadata.get("help", ""))
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoopParams:
-    """Keys of the ``optimizer`` section that belong to the training loop, not to an optimizer.
-
-    The lr schedule is in epochs, which an optimizer never sees (``tell`` takes the lr of the
-    generation); ``block_size`` cuts the work into the rank-independent units of distribution.
-    """
-
-    lr_milestones: list = param([], "epochs after which the lr is multiplied by lr_factor (paper PGPE: [110, 130])")
-    lr_factor: float = param(0.4, "lr decay factor at each milestone (paper: 0.4 PGPE, 0.2 GRAD)")
-    block_size: int = param(
-        8,
-        "members (PGPE pairs, RGS samples) or examples (GRAD) per work block; blocks are the "
-        "unit of distribution, fixed so results do not depend on the number of ranks",
-    )
-    batch_chunks: int = param(
-        1,
-        "example chunks each PGPE member's minibatch is split into: work blocks are (pair "
-        "block, chunk), so more ranks than pair blocks get work; 1 = unsplit. Losses equal "
-        "the unsplit ones to float rounding, bitwise the same for any number of ranks",
-    )
-
-    def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"optimizer.block_size must be >= 1, got {self.block_size!r}")
-        if not isinstance(self.batch_chunks, int) or self.batch_chunks < 1:
-            raise ValueError(f"optimizer.batch_chunks must be >= 1, got {self.batch_chunks!r}")
-        ms = self.lr_milestones
-        if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < math.inf for m in ms):
-            raise ValueError(f"optimizer.lr_milestones must be a list of non-negative epochs, got {ms!r:.200}")
-        if list(ms) != sorted(ms):
-            raise ValueError(f"optimizer.lr_milestones must be increasing, got {ms!r:.200}")
-        if not 0 < self.lr_factor <= 1:
-            raise ValueError(f"optimizer.lr_factor must lie in (0, 1], got {self.lr_factor}")
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,16 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-from mpigls.parallel import exact
 from mpigls.parallel.exitcodes import EXIT_FAILURE, flush_std
 
 __all__ = ["Comm", "CommBase", "SerialComm", "ThreadComm", "run_threaded", "node_layout"]
+
+if TYPE_CHECKING:  # torch is imported by the collectives that take tensors (a command that only reads files
+    import torch  # starts without it)
 
 
 @runtime_checkable
@@ -123,6 +124,8 @@ class CommBase:
     # -- derived ---------------------------------------------------------------------------
     def allgather_concat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate 1-D tensors of every rank in rank order (lengths may differ; dtypes must not)."""
+        import torch
+
         if t.dim() != 1:
             raise ValueError(f"allgather_concat takes a 1-D tensor, got shape {tuple(t.shape)}; flatten it first")
         a = t.detach().to("cpu").contiguous().numpy()
@@ -139,6 +142,8 @@ class CommBase:
         ``head``: the same number of floats on every rank (flags as 0/1, whose max is their OR; a
         max |z|); ``body``: float64 (per-item losses), lengths may differ. The body's bits are kept.
         """
+        import torch
+
         h = np.asarray([float(x) for x in head], dtype=np.float64)
         if body.dim() != 1:
             raise ValueError(f"allgather_head takes a 1-D body, got shape {tuple(body.shape)}; flatten it first")
@@ -159,6 +164,8 @@ class CommBase:
 
     def allreduce_sum_int(self, q: torch.Tensor) -> torch.Tensor:
         """Exact, order-independent sum of int64 tensors (overflow is the caller's concern)."""
+        import torch
+
         if q.dtype != torch.int64:
             raise TypeError(f"allreduce_sum_int takes int64, got {q.dtype}")
         a = q.detach().to("cpu").contiguous().numpy()
@@ -167,6 +174,8 @@ class CommBase:
     def allreduce_sum_exact(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of t (n_local, D) or (D,) summed over all ranks, bitwise independent of the world
         size and of which rank holds which row: ``exact.allreduce_sum_exact``."""
+        from mpigls.parallel import exact
+
         return exact.allreduce_sum_exact(self, t)
 
     def check_consistent(self, tag: str, data: bytes, generation: int | None = None) -> None:
