@@ -2,10 +2,10 @@
 
 The packages, from the bottom up (``docs/architecture.md`` draws the map):
 
-``nn``          the networks, their batched forward over P weight vectors, the margins
+``nn``          the networks, their batched forward over P weight vectors, the margins, the PGD attack
 ``numerics``    counter-based noise (``noise``, ``philox``) and deterministic float settings
 ``bounds``      the relaxations behind ``bounds.margin_lower_bounds`` (IBP, CROWN/DeepPoly, ...)
-``objectives``  natural, PGD and certified losses; the PGD attack
+``objectives``  natural, PGD and certified losses
 ``optim``       PGPE, RGS and GRAD as pure maths over flat vectors
 ``parallel``    ranks: communicators, exact sums, the work split, PGPE's distributed generation
 ``evaluation``  certification, the complete verifier, loss landscapes

@@ -3,7 +3,7 @@
 import torch
 
 from mpigls.nn import models
-from mpigls.objectives.attacks import margins, pgd
+from mpigls.nn.attacks import margins, pgd
 
 
 def setup():

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from mpigls.bounds import METHODS, margin_lower_bounds
 from mpigls.bounds.sabr import bound_at, small_box
 from mpigls.nn import models
-from mpigls.objectives.attacks import margins, pgd
+from mpigls.nn.attacks import margins, pgd
 
 SOUND = ["ibp", "hbox", "crown-ibp", "deeppoly", "alpha-crown"]
 SMALL = [("cnn3", (1, 8, 8)), ("cnn5", (1, 8, 8)), ("mlp-tiny", (1, 3, 3)), ("mlp-tiny", (2, 4, 4))]

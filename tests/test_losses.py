@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mpigls.nn import models
-from mpigls.objectives.attacks import default_step_size
+from mpigls.nn.attacks import default_step_size
 from mpigls.objectives.losses import LOSS_METHODS, certified_loss, natural_ce, robust_ce
 
 

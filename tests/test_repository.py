@@ -1,5 +1,6 @@
-"""The repository keeps its shape: every source file is linted, and the package's imports form no cycle
-with ``optim/`` pure maths. (The docs' links, commands and wording: tests/test_docs.py.)"""
+"""The repository keeps its shape: every source file is linted; the package's imports form no cycle and
+point down the layers of docs/architecture.md, with ``optim/`` pure maths; no function is over 130 lines.
+(The docs' links, commands and wording: tests/test_docs.py.)"""
 
 from __future__ import annotations
 
@@ -122,6 +123,97 @@ def test_the_package_imports_form_no_cycle():
     graph = _graph()
     assert "mpigls.run.train" in graph and "mpigls.optim.registry" in graph["mpigls.config"]
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+# ----------------------------------------------------------------------------- the layers of the house
+
+# From the bottom up, as docs/architecture.md draws them: a module may import its own layer and the
+# layers below, never one above. The longest prefix names a module's layer. The optimizer registry sits
+# above parallel/ (it names PGPE's distributed unit, mpigls.parallel.pgpe_unit) and below the config.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("mpigls", "mpigls.files", "mpigls.argtypes", "mpigls.numerics", "mpigls.nn"),
+    ("mpigls.bounds",),
+    ("mpigls.objectives",),
+    ("mpigls.optim",),
+    ("mpigls.parallel",),
+    ("mpigls.optim.registry",),
+    ("mpigls.evaluation",),
+    ("mpigls.config", "mpigls.data", "mpigls.recipes"),
+    ("mpigls.interop",),
+    ("mpigls.run",),
+    ("mpigls.analysis",),
+    ("mpigls.studies",),
+    ("mpigls.commands", "mpigls.cli", "mpigls.__main__"),
+)
+
+
+def _layer(module: str) -> int | None:
+    found = [(len(p), i) for i, names in enumerate(LAYERS) for p in names if module == p or module.startswith(p + ".")]
+    return max(found)[1] if found else None
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one, as "a -> b (layer i imports layer j)"."""
+    bad = []
+    for a, deps in sorted(graph.items()):
+        for b in sorted(deps):
+            la, lb = _layer(a), _layer(b)
+            if la is not None and lb is not None and lb > la:
+                bad.append(f"{a} -> {b} (layer {la}: {LAYERS[la][0]} imports layer {lb}: {LAYERS[lb][0]})")
+    return bad
+
+
+def _registry_edges() -> set[str]:
+    """The modules the optimizer registry names (it imports them on first use)."""
+    from mpigls.optim import registry
+
+    where = [w for e in registry.OPTIMIZERS.values() if isinstance(e, registry.Entry) for w in (e.params, e.unit)]
+    return {w.partition(":")[0] for w in where}
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert _upward({"mpigls.bounds.sabr": {"mpigls.objectives.attacks", "mpigls.nn.models"}}) == [
+        "mpigls.bounds.sabr -> mpigls.objectives.attacks (layer 1: mpigls.bounds imports layer 2: mpigls.objectives)"
+    ]
+    assert _layer("mpigls.optim.registry") > _layer("mpigls.parallel.pgpe_unit") > _layer("mpigls.optim.pgpe")
+
+
+def test_every_module_has_a_layer_and_imports_point_down():
+    graph = _graph()
+    graph["mpigls.optim.registry"] = graph["mpigls.optim.registry"] | _registry_edges()
+    assert "mpigls.parallel.pgpe_unit" in graph["mpigls.optim.registry"]
+    homeless = sorted(m for m in graph if _layer(m) is None)
+    assert not homeless, f"modules in no layer of LAYERS (add their folder where it belongs): {homeless}"
+    bad = _upward(graph)
+    assert not bad, "imports from a lower layer to a higher one:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- small functions
+
+MAX_FUNCTION_LINES = 130
+
+
+def _long_functions(root: Path) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    out.append(f"{path.relative_to(root.parent).as_posix()}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "pkg" / "m.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    assert _long_functions(tmp_path / "pkg") == [f"pkg/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_no_function_of_the_package_is_over_130_lines():
+    long = _long_functions(PACKAGE)
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {long}"
 
 
 # what optim/ may import: tensors and maths (and the counter-based noise it draws its perturbations from)

@@ -18,7 +18,7 @@ from torch import nn
 
 from mpigls.bounds import ibp
 from mpigls.bounds.common import Problem, make_problem
-from mpigls.objectives.attacks import pgd, step_size_for
+from mpigls.nn.attacks import pgd, step_size_for
 
 __all__ = ["small_box", "bound", "bound_at"]
 

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from mpigls import bounds, parallel
-from mpigls.nn import models
+from mpigls.nn import attacks, models
 from mpigls.numerics import noise, precision
-from mpigls.objectives import attacks
 
 __all__ = ["evaluate", "certify", "is_certified", "partial_key", "RESULTS_SCHEMA", "RESULTS_VERSION", "results_path"]
 

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mpigls.nn import attacks
 from mpigls.nn.models import Normalize
 from mpigls.numerics import noise
-from mpigls.objectives import attacks
 
 __all__ = [
     "DenseNet",

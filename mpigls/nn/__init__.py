@@ -1,2 +1,2 @@
 """The networks: architectures with their flat parameter views (models), the batched forward of P weight
-vectors (population) and the classification margins."""
+vectors (population), the classification margins and the PGD attack on them (attacks)."""

@@ -1,1 +1,1 @@
-"""What training minimises: the natural, adversarial (PGD) and certified losses, and the PGD attack."""
+"""What training minimises: the natural, adversarial (PGD, ``mpigls.nn.attacks``) and certified losses."""

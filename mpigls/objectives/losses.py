@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from mpigls import bounds
+from mpigls.nn.attacks import pgd, step_size_for
 from mpigls.nn.population import forward, renamed_weights
-from mpigls.objectives.attacks import pgd, step_size_for
 
 __all__ = ["LOSS_METHODS", "OTHER_LOSSES", "robust_ce", "natural_ce", "certified_loss"]
 

@@ -34,8 +34,8 @@ import torch
 from mpigls import bounds, cli, config, data, parallel
 from mpigls.evaluation import certify, landscape
 from mpigls.nn import models
+from mpigls.nn.attacks import margins, pgd
 from mpigls.numerics import noise, philox, precision
-from mpigls.objectives.attacks import margins, pgd
 from mpigls.optim import pgpe, unit
 from mpigls.run import checkpoint, train
 
