@@ -438,3 +438,23 @@ def test_verify_leaves_a_run_whose_lock_another_process_holds(tmp_path):
         assert study.verify_finished(s, paths, time_limit=1, only=[run.id], log=logs.append) == []
     assert any("another process holds" in m and "left for now" in m for m in logs)
     assert paths.record(run).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_its_training_and_its_record_is_evaluated_without_training_again(tmp_path, monkeypatch):
+    s, paths = _study(tmp_path)
+    run = _runs(s)["warm/seed0"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process ends after the last checkpoint, before the record
+
+    with monkeypatch.context() as m:
+        m.setattr(study, "_evaluate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            study.run_one(s, run, paths, log=QUIET)
+    assert study.run_state(run, paths) == "interrupted" and not paths.record(run).exists()
+    assert study.run_one(s, run, paths, log=QUIET) == "finished"
+    lines = [json.loads(x) for x in (paths.run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+    generations = [x["generation"] for x in lines if "generation" in x and "schema" not in x]
+    assert sorted(generations) == list(range(1, 7))  # every generation once: nothing trained again
+    assert study.read_record(paths.record(run))["generations"] == 6
