@@ -245,7 +245,11 @@ def load_study(path: str | os.PathLike) -> Study:
         base = _mapping(config_mod.yaml_load(base_path.read_text(), str(base_path)), str(base_path))
     base = _merge(base, _mapping(raw.get("config"), "config"))
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise StudyError(f"study {name}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"study {name}: seeds {seeds} repeat a value")
@@ -279,6 +283,8 @@ def load_study(path: str | os.PathLike) -> Study:
     if len(set(names)) != len(names):
         raise StudyError(f"study {name}: row names {names} repeat")
     by_name = {r.name: r for r in rows}
+    axes = _axes(raw.get("axes"), "axes")
+    _check_overrides(name, rows, axes)
     for r in rows:
         if r.after is not None and (r.after not in by_name or r.after == r.name):
             raise StudyError(f"study {name}: row {r.name!r} runs after {r.after!r}, which is not another row")
@@ -295,7 +301,7 @@ def load_study(path: str | os.PathLike) -> Study:
         path,
         base,
         tuple(seeds),
-        _axes(raw.get("axes"), "axes"),
+        axes,
         tuple(rows),
         _evaluation(raw.get("evaluation"), name),
         select,
@@ -335,6 +341,26 @@ def _evaluation(value: Any, name: str) -> Evaluation:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < 1e9):
         raise fail("time_limit", "a positive number of seconds per example, or null (no limit)")
     return Evaluation(**ev)
+
+
+def _check_overrides(name: str, rows: list[Row], axes: tuple[tuple[Choice, ...], ...]) -> None:
+    """Refuse overrides the runner would silently replace: ``train.seed`` (``seeds`` gives it) and
+    ``model.init_from`` in a row that starts from another (``after`` gives it)."""
+    for where, keys, after in [
+        *((f"row {r.name!r}", [k for k, _ in r.set] + [k for ax in r.grid for c in ax for k, _ in c.values], r.after)
+          for r in rows),
+        *((f"axis value {c.label!r}", [k for k, _ in c.values], None) for ax in axes for c in ax),
+    ]:  # fmt: skip
+        if "train.seed" in keys:
+            raise StudyError(
+                f"study {name}: {where} sets train.seed, which the study sets from seeds: for every run; list the "
+                "seeds in seeds: instead"
+            )
+        if after is not None and "model.init_from" in keys:
+            raise StudyError(
+                f"study {name}: {where} sets model.init_from and starts from row {after!r} (after:), which sets it "
+                "to that run's final network; keep one of the two"
+            )
 
 
 def _check_select(study: Study, runs: list[StudyRun]) -> None:
