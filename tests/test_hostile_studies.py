@@ -316,10 +316,11 @@ def test_verify_fails_on_a_record_that_does_not_reproduce_and_does_not_keep_it(t
 def test_a_study_file_is_checked_whole_before_anything_trains(tmp_path, capsys, edit, message):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.replace(*edit))
-    assert cli.main(["study", "run", str(path), "--inline", "--runs", str(tmp_path / "runs")]) == 2
+    folders = ["--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    assert cli.main(["study", "run", str(path), "--inline", *folders]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_a_study_file_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys):
