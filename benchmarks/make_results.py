@@ -44,6 +44,7 @@ NAMES = {
     "bench_numerics": ("numerics", "Numeric settings: speed, bound gaps, certification margin"),
     "bench_pgpe_update": ("pgpe-update", "PGPE update per rank: the distributed update and the regenerating one"),
     "bench_rank_work": ("rank-work", "Per-rank work of one PGPE generation"),
+    "bench_recipes": ("recipe-cost", "The paper's recipes: CPU core-seconds per generation, projected core-hours"),
     "scaling": ("scaling", "Strong and weak scaling of mpigls train"),
     "scaling_model": ("scaling-model", "Scaling model of one PGPE generation on N GPUs"),
 }

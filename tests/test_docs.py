@@ -204,3 +204,17 @@ def test_every_documented_command_runs_with_help(capsys):
         if code not in (0, None) or "usage: mpigls" not in out.out:
             failed.append(f"{page}: mpigls {' '.join(words)} --help -> {code}: {out.err.strip()[-200:]}")
     assert not failed, "\n".join(failed)
+
+
+def test_the_recipe_cost_table_is_the_records():
+    """docs/guide/paper.md's cost table is exactly what its benchmark record gives (numbers are never
+    copied by hand)."""
+    from benchmarks import bench_recipes, common
+
+    text = (ROOT / "docs" / "guide" / "paper.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- generated: python -m benchmarks\.bench_recipes --table (\S+) -->\n(.*?)<!-- end", text, re.S)
+    assert m, "docs/guide/paper.md has no generated cost table"
+    record = common.load_record(ROOT / m.group(1))
+    assert m.group(2) == bench_recipes.table(record)
+    recipes = {p.stem for p in (ROOT / "configs" / "paper").glob("*.yaml")}
+    assert {r["recipe"] for r in record["results"]["rows"]} == recipes  # every recipe, and only those
