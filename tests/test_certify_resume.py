@@ -173,3 +173,55 @@ def test_resume_false_reuses_nothing_and_starts_the_files_afresh(problem, tmp_pa
         assert fresh.get(1) is None and fresh.foreign == partial.part_files(base)
         fresh.put(2, ("verified", "bab", 1.0, 3, 0))
     assert _store(base, model, theta, x, y).rows == {2: ("verified", "bab", 1.0, 3, 0)}
+
+
+# ----------------------------------------------------------------------------- mpigls certify --verify
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    from mpigls import cli
+
+    from conftest import tiny_overrides
+
+    out = tmp_path_factory.mktemp("resume") / "run"
+    sets = sum((["--set", s] for s in tiny_overrides(**{"data.num_test": 10})), [])
+    assert cli.main(["train", "--out", str(out), "--max-generations", "0", *sets]) == 0
+    return out / "latest.h5"
+
+
+def test_ctrl_c_in_certify_verify_keeps_finished_examples_and_the_rerun_resumes_them(
+    checkpoint_file, tmp_path, monkeypatch, capsys
+):
+    from mpigls import cli
+
+    argv = ["certify", str(checkpoint_file), "--verify", "--max-domains", "5", "--time-limit", "0", "--json"]
+    calls = _counting_verify(monkeypatch)
+    assert cli.main([*argv, "--results", str(tmp_path / "ref.json")]) == 0
+    ref, searched = json.loads(capsys.readouterr().out), list(calls)
+    assert len(searched) >= 4
+
+    results = tmp_path / "r.json"
+    calls = _counting_verify(monkeypatch, stop_after=3)
+    assert cli.main([*argv, "--results", str(results)]) == 130  # Ctrl-C
+    err = capsys.readouterr().err
+    assert "the same command resumes them" in err and not results.exists()
+    assert len(partial.PartialResults(results, "?", num_examples=10).foreign) == 1  # one rank's file, 3 rows
+
+    calls = _counting_verify(monkeypatch)
+    assert cli.main([*argv, "--results", str(results)]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming: 3 example(s)" in err and calls == searched[3:]
+    drop = ("time_s", "verify/mean_time_s")
+    assert {k: v for k, v in json.loads(out).items() if k not in drop} == {
+        k: v for k, v in ref.items() if k not in drop
+    }
+    assert partial.part_files(results) == []  # the complete results are written: nothing kept any more
+    stored, first = json.loads(results.read_text()), json.loads((tmp_path / "ref.json").read_text())
+    assert stored["samples"]["verified"] == first["samples"]["verified"]
+
+    calls = _counting_verify(monkeypatch, stop_after=2)
+    assert cli.main([*argv, "--results", str(results)]) == 130
+    calls = _counting_verify(monkeypatch)
+    assert cli.main([*argv, "--results", str(results), "--no-resume"]) == 0
+    assert calls == searched  # --no-resume: every example searched again

@@ -97,7 +97,13 @@ def test_out_as_a_module_and_a_state_dict_that_certifies_alike(run, nets, tmp_pa
     assert isinstance(net, torch.nn.Sequential) and not net.training
     ckpt = checkpoint.load(run / "latest.h5")
     assert torch.equal(torch.nn.utils.parameters_to_vector(net.parameters()), torch.from_numpy(ckpt.theta))
-    pt = analysis.save_state_dict(net, tmp_path / "net.pt")
+    pt = tmp_path / "net.pt"
+    assert cli.main(["export", str(run / "latest.h5"), "--pt", str(pt)]) == 0
+    saved = torch.load(pt, weights_only=True)
+    assert saved.keys() == net.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    assert cli.main(["export", str(run / "latest.h5")]) == 2  # nothing to write
+    assert "needs --onnx FILE.onnx, --pt FILE.pt or both" in capsys.readouterr().err
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"name": f"{nets}:cnn_small"}}))
     common = ["--json", "--num-test", "24", "--eps", "0.02", "--methods", "ibp,deeppoly"]
     capsys.readouterr()

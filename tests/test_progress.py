@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -136,3 +137,45 @@ def test_landscape_and_tightness_report_progress_without_changing_their_numbers(
     loud_t = tightness.tightness(model, theta, x, y, radii, ["ibp"], batch_size=4, progress=True)
     assert "tightness: 3/3 radii (100%) in" in capsys.readouterr().err
     assert loud_t["methods"] == quiet_t["methods"]
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    from mpigls import cli
+
+    from conftest import tiny_overrides
+
+    out = tmp_path_factory.mktemp("progress") / "run"
+    sets = sum((["--set", s] for s in tiny_overrides(**{"data.num_test": 8})), [])
+    assert cli.main(["train", "--out", str(out), "--max-generations", "0", *sets]) == 0
+    return str(out / "latest.h5")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["certify", "{ckpt}", "--verify", "--max-domains", "3", "--num-test", "6"], "certify --verify: 6/6 examples"),
+        (
+            ["landscape", "{ckpt}", "--out", "{tmp}/l.png", "--sigmas", "1e-2", "--methods", "ibp"]
+            + ["--num-samples", "2", "--num-points", "3", "--batch-size", "4"],
+            "landscape: 9/9 losses",
+        ),
+        (["tightness", "{ckpt}", "--out", "{tmp}/t.png", "--methods", "ibp", "--num-radii", "2"], "tightness: 2/2 radii"),
+        (
+            ["diagnose", "{ckpt}", "--popsizes", "4", "--sigmas", "1e-2", "--repeats", "1"]
+            + ["--reference-samples", "2", "--num-examples", "4"],
+            r"diagnose: (\d+)/\1 losses",
+        ),
+    ],
+    ids=["certify", "landscape", "tightness", "diagnose"],
+)
+def test_each_long_command_writes_progress_lines_into_a_log(checkpoint_file, tmp_path, capsys, argv, line):
+    from mpigls import cli
+
+    capsys.readouterr()
+    assert cli.main([a.format(ckpt=checkpoint_file, tmp=tmp_path) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert re.search(line + r" \(100%\) in", err), err

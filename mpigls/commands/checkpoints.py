@@ -58,6 +58,12 @@ def _add_certify(sub) -> None:
         "--results", default=None, help="per-sample results JSON (default: CKPT_DIR/<ckpt stem>.certify-eps<eps>.json)"
     )
     ce.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="complete verifier: start afresh instead of reusing the examples an interrupted run of the same "
+        "evaluation kept beside the results file (RESULTS.part<rank>)",
+    )
+    ce.add_argument(
         "--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)"
     )
     ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
@@ -103,10 +109,18 @@ def _add_tightness(sub) -> None:
 
 def _add_export(sub) -> None:
     ex = sub.add_parser(
-        "export", help="a checkpoint's network as ONNX, and VNN-LIB robustness properties for external verifiers"
+        "export",
+        help="a checkpoint's network as ONNX or a PyTorch state dict, and VNN-LIB robustness properties for "
+        "external verifiers",
     )
     ex.add_argument("checkpoint")
-    ex.add_argument("--onnx", required=True, help="ONNX file to write (float32, opset 13, normalisation included)")
+    ex.add_argument("--onnx", default=None, help="ONNX file to write (float32, opset 13, normalisation included)")
+    ex.add_argument(
+        "--pt",
+        default=None,
+        help="PyTorch state dict to write (.pt: model.state_dict() of the network, normalisation included; "
+        "mpigls.analysis.load_network gives the module itself)",
+    )
     ex.add_argument(
         "--vnnlib",
         default=None,
@@ -159,30 +173,69 @@ def certify(args: argparse.Namespace, comm) -> int:
     if args.pgd_restarts < 0 or (args.time_limit is not None and args.time_limit < 0):
         raise ValueError(f"--pgd-restarts and --time-limit must be >= 0, got {args.pgd_restarts} and {args.time_limit}")
     x, y = prob.test_examples(args.num_test)
-    res, samples = certify_mod.certify(
-        prob.model,
-        prob.theta,
-        x,
-        y,
-        eps,
-        methods,
-        comm=comm,
+    path = Path(args.results) if args.results else certify_mod.results_path(args.checkpoint, eps)
+    settings = dict(
         batch_size=cfg.eval.batch_size,
         pgd_steps=cfg.eval.pgd_steps,
         pgd_restarts=args.pgd_restarts,
         seed=cfg.train.seed,
-        verify=args.verify,
         verify_time_limit=args.time_limit or None,
         verify_max_domains=args.max_domains,
     )
+    store = _kept_examples(args, comm, prob, x, y, eps, methods, settings, path) if args.verify else None
+    try:
+        res, samples = certify_mod.certify(
+            prob.model,
+            prob.theta,
+            x,
+            y,
+            eps,
+            methods,
+            comm=comm,
+            verify=args.verify,
+            progress=True,
+            partial=store,
+            **settings,
+        )
+    except KeyboardInterrupt:
+        if store is not None and comm.is_root:
+            print(
+                f"interrupted: the examples the complete verifier finished are kept in {path}.part*; the same "
+                "command resumes them",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
+    finally:
+        if store is not None:
+            store.close()
     if not comm.is_root:
         return 0
-    path = Path(args.results) if args.results else certify_mod.results_path(args.checkpoint, eps)
     _print_certify(args, res)  # the accuracies first: a results file that cannot be written must not cost them
     code = _write_certify(args, path, ckpt, cfg, eps, methods, res, samples)
+    if code is None and store is not None:
+        store.remove_all()  # the complete results are written: the kept examples are in them
     if code is None and not args.json:
         print(f"({len(y)} test examples, eps={eps}, {res['time_s']:.1f} s; per-sample results in {path})")
     return code or 0
+
+
+def _kept_examples(args, comm, prob, x, y, eps: float, methods: list, settings: dict, path: Path):
+    """This rank's ``evaluation.partial.PartialResults`` beside the results file: the complete verifier's
+    finished examples of this very evaluation (θ, network, examples, settings) are reused, new ones kept."""
+    from mpigls.evaluation import certify as certify_mod, partial
+
+    key = certify_mod.partial_key(prob.model, prob.theta, x, y, eps, methods, **settings)
+    store = partial.PartialResults(
+        path, key, rank=comm.rank, num_examples=len(y), what=str(args.checkpoint), resume=not args.no_resume
+    )
+    if comm.is_root and store.rows:
+        print(
+            f"resuming: {len(store.rows)} example(s) the complete verifier finished earlier ({path}.part*)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return store
 
 
 def _print_certify(args: argparse.Namespace, res: dict) -> None:
@@ -307,6 +360,7 @@ def landscape(args: argparse.Namespace, comm) -> int:
             radius=args.radius,
             seed=prob.cfg.train.seed,
             out=str(png_path(args.out, "landscape.png", inputs=[args.checkpoint])),
+            progress=True,
         )
         print(f"wrote {path}")
     return 0
@@ -330,7 +384,7 @@ def tightness(args: argparse.Namespace, comm) -> int:
     prob = checkpoint_problem(ckpt, cfg, comm)
     x, y = prob.test_examples(args.num_test)
     res = tightness_mod.tightness(
-        prob.model, prob.theta, x, y, radii, methods, comm=comm, batch_size=cfg.eval.batch_size
+        prob.model, prob.theta, x, y, radii, methods, comm=comm, batch_size=cfg.eval.batch_size, progress=True
     )
     res.update(
         {
@@ -361,8 +415,18 @@ def export(args: argparse.Namespace, comm) -> int:
     from mpigls import config as config_mod, parallel
     from mpigls.interop import export as export_mod
 
+    if not (args.onnx or args.pt):
+        raise ValueError("mpigls export needs --onnx FILE.onnx, --pt FILE.pt or both: the files to write")
+    if args.vnnlib and not args.onnx:
+        raise ValueError("--vnnlib writes properties for the ONNX network: pass --onnx FILE.onnx with it")
     ckpt = load_usable(args.checkpoint)
     cfg = config_mod.from_dict(config_mod.apply_overrides(ckpt.config, args.overrides))
+    if args.pt:
+        pt = parallel.on_root(comm, lambda: _export_pt(args, ckpt))
+        if comm.is_root:
+            print(f"wrote {pt} (PyTorch state dict: model.init_from, or mpigls certify {pt} --config CONFIG)")
+    if not args.onnx:
+        return 0
     res = parallel.on_root(comm, lambda: _export_files(args, ckpt, cfg))  # rank 0 writes; its error is everyone's
     if comm.is_root:
         print(
@@ -375,6 +439,15 @@ def export(args: argparse.Namespace, comm) -> int:
                 f"{Path(args.vnnlib) / 'instances.csv'}"
             )
     return 0
+
+
+def _export_pt(args: argparse.Namespace, ckpt):
+    """The checkpoint's network (``analysis.networks.network_of``) as a state dict at ``--pt``."""
+    from mpigls.analysis import networks
+    from mpigls.run import rundir
+
+    rundir.refuse_output(args.pt, "export --pt", inputs=[args.checkpoint])
+    return networks.save_state_dict(networks.network_of(ckpt), args.pt)
 
 
 def _export_files(args: argparse.Namespace, ckpt, cfg):
