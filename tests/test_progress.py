@@ -163,7 +163,10 @@ def checkpoint_file(tmp_path_factory):
             + ["--num-samples", "2", "--num-points", "3", "--batch-size", "4"],
             "landscape: 9/9 losses",
         ),
-        (["tightness", "{ckpt}", "--out", "{tmp}/t.png", "--methods", "ibp", "--num-radii", "2"], "tightness: 2/2 radii"),
+        (
+            ["tightness", "{ckpt}", "--out", "{tmp}/t.png", "--methods", "ibp", "--num-radii", "2"],
+            "tightness: 2/2 radii",
+        ),
         (
             ["diagnose", "{ckpt}", "--popsizes", "4", "--sigmas", "1e-2", "--repeats", "1"]
             + ["--reference-samples", "2", "--num-examples", "4"],
