@@ -203,3 +203,15 @@ def test_a_checkpoint_whose_data_lives_in_another_file_is_refused_unread(run2, t
                 f[checkpoint.DS_THETA] = h5py.SoftLink(f"/{checkpoint.DS_SIGMA}")
         with pytest.raises(checkpoint.CheckpointError, match="self-contained"):
             checkpoint.load(path)
+
+
+def test_a_fifo_as_the_metrics_log_is_refused_by_train_plot_and_report(run2, tmp_path, capsys):
+    d = shutil.copytree(run2, tmp_path / "r")
+    (d / "metrics.jsonl").unlink()
+    os.mkfifo(d / "metrics.jsonl")
+    for argv in (["train", "--out", d, *_sets()], ["plot", d, "--out", tmp_path / "m.png"], ["report", d]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        one_paragraph(err, "metrics.jsonl", "FIFO")
+    assert (d / "metrics.jsonl").is_fifo() and not (tmp_path / "m.png").exists()
+    assert checkpoint.load(d / checkpoint.LATEST).generation == 2  # the run was not resumed

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from mpigls import files
 from mpigls.evaluation import certify
 from mpigls.interop import trackers
 
@@ -75,10 +76,20 @@ def _parse_lines(raw: bytes) -> list[tuple[int, dict | None]]:
         start = end + 1
 
 
+def _not_a_pipe(path: str | os.PathLike) -> None:
+    """Refuse a FIFO, device or socket as the metrics log before it is opened (opening one would block);
+    a directory fails at once on opening and is reported as an OSError there."""
+    if not Path(path).is_dir():
+        files.input_file(
+            path, "the metrics log", advice="a run's metrics.jsonl is a regular file written by mpigls train"
+        )
+
+
 def read_metrics_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """(records sorted by generation, last record per generation kept; header lines) of a metrics
     log. A truncated last line is skipped silently, any other unreadable line with a warning;
     null values become NaN."""
+    _not_a_pipe(path)
     raw = Path(path).read_bytes()
     records: dict[int, dict] = {}
     headers = []
@@ -98,6 +109,7 @@ def truncate_log(path: str | os.PathLike, generation: int) -> int:
     path = Path(path)
     if not path.exists():
         return 0
+    _not_a_pipe(path)
     raw = path.read_bytes()
     kept, removed, start = [], 0, 0
     for end, obj in _parse_lines(raw):

@@ -322,11 +322,23 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
 
 
 def check_links(d: Path) -> None:
-    """Refuse a run file of ``d`` that is a symlink to a file outside ``d`` (module docstring)."""
+    """Refuse a run file of ``d`` that is a symlink to a file outside ``d`` (module docstring), and a
+    metrics log or evaluation file that is not a regular file (a FIFO would block the run's first write;
+    a checkpoint that is not one is set aside by ``scan`` like any unreadable checkpoint)."""
     if not d.is_dir():
         return
     home = d.resolve()
     for p in sorted(d.iterdir()):
+        if RUN_FILES.match(p.name) and not checkpoint.CKPT_RE.match(p.name) and p.name != checkpoint.LATEST:
+            try:
+                mode = os.stat(p).st_mode  # never blocks
+            except OSError:
+                mode = None  # a dangling link: refused below if it points outside, else written as a new file
+            if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a directory fails at once
+                raise RunDirError(
+                    f"the run file {str(p)!r} is {files.kind_of(mode)}, not a regular file; opening it would block "
+                    "or never end. Nothing was changed; move it away (mpigls writes regular files there)"
+                )
         if RUN_FILES.match(p.name) and p.is_symlink():
             target = p.resolve()
             if target.parent != home:
