@@ -21,6 +21,7 @@ from types import ModuleType
 
 from mpigls import __version__
 from mpigls.commands import GROUPS
+from mpigls.commands.stdout import tolerate_closed_stdout
 
 __all__ = ["main", "build_parser"]
 
@@ -67,4 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     group = next(g for g in _groups() if args.command in g.COMMANDS)
     # Every rank validates the same input, so user errors fail alike everywhere; run_guarded makes
     # all ranks leave with one exit code (2 user error, 3 preempted) or aborts the job on a crash.
-    return parallel.run_guarded(lambda: group.run(args, comm), comm, label=f"mpigls {args.command}")
+    # A reader that closes stdout early (``| head``) costs only the output it did not read.
+    with tolerate_closed_stdout():
+        return parallel.run_guarded(lambda: group.run(args, comm), comm, label=f"mpigls {args.command}")

@@ -8,6 +8,7 @@ still exists (same bytes) in the output directory or in its ``aside-*`` folder.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import hashlib
@@ -26,7 +27,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpigls import cli, config, parallel
+from mpigls import argtypes, cli, config, parallel
 from mpigls.run import checkpoint, rundir, train
 
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
@@ -591,7 +592,7 @@ def test_dry_run_rejects_cuda_without_gpu(tmp_path, capsys):
 
 def test_dry_run_of_a_good_config_says_what_it_would_do(run2, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "train", "--out", tmp_path / "new", "--dry-run", *_sets())
-    assert code == 0 and "config ok" in out and "would a new run" in out and not (tmp_path / "new").exists()
+    assert code == 0 and "config ok" in out and "would start a new run" in out and not (tmp_path / "new").exists()
     d = copy_run(run2, tmp_path / "r")
     code, out, _ = run_cli(capsys, "train", "--out", d, "--dry-run", *_sets())
     assert code == 0 and "would resume" in out and "generation 2" in out
@@ -844,3 +845,105 @@ def test_no_attack_reports_no_adversarial_accuracy(pgd_steps, pgd_restarts):
     assert summary["natural"] >= summary["certified"]
     attacked, _ = certify.certify(model, theta, x, y, 0.05, ["ibp"], pgd_steps=5, pgd_restarts=1, batch_size=8)
     assert attacked["certified"] <= attacked["adversarial"] <= attacked["natural"]
+
+
+# ------------------------------------------ values that parse but mean nothing: the command line
+
+
+def _options() -> list[tuple[str, argparse.Action]]:
+    """(command, action) of every option of every command and subcommand."""
+    found = []
+
+    def walk(parser: argparse.ArgumentParser, prog: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prog} {name}".strip())
+            elif action.option_strings:
+                found.append((prog, action))
+
+    walk(cli.build_parser(), "")
+    return found
+
+
+def _numeric_options() -> list[tuple[str, argparse.Action]]:
+    return [(prog, a) for prog, a in _options() if getattr(a.type, "__module__", None) == argtypes.__name__]
+
+
+def test_every_numeric_option_has_a_checked_type():
+    """A bare int or float type would let NaN, inf or a negative count through to the command."""
+    bare = [f"{prog} {a.option_strings[0]}" for prog, a in _options() if a.type in (int, float)]
+    assert not bare, f"use mpigls.commands.argtypes for {bare}"
+    assert len(_numeric_options()) >= 15
+
+
+@pytest.mark.parametrize("prog, action", _numeric_options(), ids=lambda v: getattr(v, "dest", v))
+def test_every_numeric_option_refuses_values_that_mean_nothing(prog, action):
+    for text in ("nan", "inf", "-inf", "NaN", "1e999", "-1", "", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            action.type(text)
+    if action.default is not None and not isinstance(action.default, str):
+        assert action.type(str(action.default).strip("[]")) is not None  # the default itself passes
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["certify", "CKPT", "--time-limit", "nan"], "argument --time-limit: 'nan' is not a finite number"),
+        (["certify", "CKPT", "--pgd-restarts", "0"], "argument --pgd-restarts: '0' is below 1"),
+        (["certify", "CKPT", "--eps", "inf"], "argument --eps: 'inf' is not a finite number"),
+        (["certify", "CKPT", "--num-test", "-5"], "argument --num-test: '-5' is below 1"),
+        (["export", "CKPT", "--onnx", "o.onnx", "--timeout", "nan"], "argument --timeout"),
+        (["landscape", "CKPT", "--sigmas", "1e-3,nan"], "argument --sigmas"),
+        (["tightness", "CKPT", "--max-eps", "-0.1"], "argument --max-eps"),
+    ],
+)
+def test_nonsense_numbers_on_the_command_line_are_refused_at_parse_time(capsys, args, needle):
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_certify_results_file_is_strict_json_and_has_no_adversarial_without_attack(run2, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    code, _, err = run_cli(
+        capsys, "certify", run2 / checkpoint.LATEST, "--results", out, "--json", "--set", "eval.pgd_steps=0"
+    )
+    assert code == 0, err
+    data = _strict_json(out.read_text())
+    assert "adversarial" not in data["summary"] and data["time_limit"] == 60.0
+
+
+def _pipe_to_closed_reader(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m mpigls ARGS`` with stdout a pipe whose reader has already gone (``| head -0``)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    read, write = os.pipe()
+    os.close(read)  # the reader goes away before the command prints anything
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mpigls", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=cwd,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.timeout(600)  # two subprocesses that import torch, on a busy machine
+def test_output_into_a_closed_pipe_ends_quietly_and_keeps_the_files(run2, tmp_path):
+    """``inspect --json | head -1`` and ``certify --json | head``: no BrokenPipe traceback, exit 0, and
+    certify still writes its per-sample results after printing."""
+    d = copy_run(run2, tmp_path / "r")
+    proc = _pipe_to_closed_reader(["inspect", "--json", str(d)], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Broken" not in proc.stderr, proc.stderr
+    out = tmp_path / "res.json"
+    cheap = ["--num-test", "8", "--set", "eval.pgd_steps=0", "--set", "eval.methods=[ibp]"]
+    proc = _pipe_to_closed_reader(["certify", str(d), "--json", "--results", str(out), *cheap], tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Broken" not in proc.stderr, proc.stderr
+    assert _strict_json(out.read_text())["summary"]["num_examples"] == 8

@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from mpigls.argtypes import count, number, numbers
 from mpigls.commands.common import (
     CERTIFY_ARCH_ADVICE,
     add_overrides,
@@ -45,14 +46,22 @@ def _add_certify(sub) -> None:
         "with --config",
     )
     ce.add_argument(
-        "--pgd-restarts", type=int, default=1, help="PGD restarts per sample (a sample is robust if all fail)"
+        "--pgd-restarts",
+        type=count(1, "skip the attack with --set eval.pgd_steps=0"),
+        default=1,
+        help="PGD restarts per sample (a sample is robust if all fail)",
     )
     ce.add_argument(
         "--verify", action="store_true", help="run the complete verifier on every sample no bound certifies"
     )
-    ce.add_argument("--time-limit", type=float, default=60.0, help="complete verifier: seconds per sample (0: none)")
     ce.add_argument(
-        "--max-domains", type=int, default=None, help="complete verifier: branch-and-bound domains per sample"
+        "--time-limit",
+        type=number(0, what="0: none"),
+        default=60.0,
+        help="complete verifier: seconds per sample (0: none)",
+    )
+    ce.add_argument(
+        "--max-domains", type=count(1), default=None, help="complete verifier: branch-and-bound domains per sample"
     )
     ce.add_argument(
         "--results", default=None, help="per-sample results JSON (default: CKPT_DIR/<ckpt stem>.certify-eps<eps>.json)"
@@ -66,8 +75,8 @@ def _add_certify(sub) -> None:
     ce.add_argument(
         "--methods", default=None, help="comma-separated bound methods (default: the config's eval.methods)"
     )
-    ce.add_argument("--eps", type=float, default=None, help="radius (default: the config's bound.eps)")
-    ce.add_argument("--num-test", type=int, default=None, help="first N test examples")
+    ce.add_argument("--eps", type=number(0, 1), default=None, help="radius (default: the config's bound.eps)")
+    ce.add_argument("--num-test", type=count(1), default=None, help="first N test examples")
     add_overrides(ce, "override a key of the checkpoint's config, e.g. --set data.root=/data")
     ce.add_argument(
         "--config",
@@ -83,14 +92,17 @@ def _add_landscape(sub) -> None:
     )
     la.add_argument("checkpoint")
     la.add_argument("--out", default="landscape.png", help="PNG path")
-    la.add_argument("--sigmas", default="1e-3,1e-2", help="comma-separated sigmas")
+    la.add_argument("--sigmas", type=numbers(0, low_open=True), default="1e-3,1e-2", help="comma-separated sigmas")
     la.add_argument("--methods", default="ibp,crown-ibp,deeppoly", help="comma-separated relaxations")
-    la.add_argument("--num-samples", type=int, default=32, help="Gaussian samples per point")
-    la.add_argument("--num-points", type=int, default=21, help="points along the direction")
+    la.add_argument("--num-samples", type=count(2), default=32, help="Gaussian samples per point")
+    la.add_argument("--num-points", type=count(2), default=21, help="points along the direction")
     la.add_argument(
-        "--radius", type=float, default=None, help="largest step along the direction (default: 5 * max sigma)"
+        "--radius",
+        type=number(0, low_open=True),
+        default=None,
+        help="largest step along the direction (default: 5 * max sigma)",
     )
-    la.add_argument("--batch-size", type=int, default=64, help="training examples used for the loss")
+    la.add_argument("--batch-size", type=count(1), default=64, help="training examples used for the loss")
 
 
 def _add_tightness(sub) -> None:
@@ -100,10 +112,15 @@ def _add_tightness(sub) -> None:
     ti.add_argument("checkpoint")
     ti.add_argument("--out", default="tightness.png", help="PNG path (the JSON goes beside it, .json)")
     ti.add_argument("--methods", default="ibp,hbox,crown-ibp,deeppoly", help="comma-separated relaxations")
-    ti.add_argument("--max-eps", type=float, default=None, help="largest radius (default: 2 * the config's bound.eps)")
-    ti.add_argument("--num-radii", type=int, default=11, help="radii from 0 to --max-eps")
     ti.add_argument(
-        "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test)"
+        "--max-eps",
+        type=number(0, 1, low_open=True),
+        default=None,
+        help="largest radius (default: 2 * the config's bound.eps)",
+    )
+    ti.add_argument("--num-radii", type=count(2), default=11, help="radii from 0 to --max-eps")
+    ti.add_argument(
+        "--num-test", type=count(1), default=None, help="first N test examples (default: the config's eval.num_test)"
     )
 
 
@@ -128,12 +145,17 @@ def _add_export(sub) -> None:
         help="also write one VNN-LIB property per test sample and instances.csv",
     )
     ex.add_argument(
-        "--eps", type=float, default=None, help="radius of the properties (default: the config's bound.eps)"
+        "--eps", type=number(0, 1), default=None, help="radius of the properties (default: the config's bound.eps)"
     )
     ex.add_argument(
-        "--num-test", type=int, default=None, help="first N test examples (default: the config's eval.num_test or all)"
+        "--num-test",
+        type=count(1),
+        default=None,
+        help="first N test examples (default: the config's eval.num_test or all)",
     )
-    ex.add_argument("--timeout", type=float, default=60.0, help="seconds per instance written into instances.csv")
+    ex.add_argument(
+        "--timeout", type=number(0, low_open=True), default=60.0, help="seconds per instance written into instances.csv"
+    )
     ex.add_argument(
         "--dynamic-batch",
         action="store_true",
@@ -168,10 +190,6 @@ def certify(args: argparse.Namespace, comm) -> int:
     eps = cfg.bound.eps if args.eps is None else args.eps
     if not (math.isfinite(eps) and 0 <= eps <= 1):
         raise ValueError(f"--eps must lie in [0, 1] (an l_inf radius in pixel space), got {eps}")
-    if args.num_test is not None and args.num_test < 1:
-        raise ValueError(f"--num-test must be >= 1, got {args.num_test}; leave it out to use eval.num_test or all")
-    if args.pgd_restarts < 0 or (args.time_limit is not None and args.time_limit < 0):
-        raise ValueError(f"--pgd-restarts and --time-limit must be >= 0, got {args.pgd_restarts} and {args.time_limit}")
     x, y = prob.test_examples(args.num_test)
     path = Path(args.results) if args.results else certify_mod.results_path(args.checkpoint, eps)
     settings = dict(
@@ -353,7 +371,7 @@ def landscape(args: argparse.Namespace, comm) -> int:
             prob.dataset.train_x[:n].to(device),
             prob.dataset.train_y[:n].to(device),
             prob.cfg.bound.eps,
-            sigmas=[float(s) for s in args.sigmas.split(",")],
+            sigmas=list(args.sigmas),
             methods=args.methods.split(","),
             num_samples=args.num_samples,
             num_points=args.num_points,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mpigls.argtypes import count
 from mpigls.commands.common import png_path, stored_problem
 
 __all__ = ["COMMANDS", "add_parser", "run"]
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
         "validation accuracy, sigma, eps, lr, time panels)",
     )
     pl.add_argument(
-        "--smooth", type=int, default=None, help="moving-average window for noisy curves (default: auto; 1: off)"
+        "--smooth", type=count(1), default=None, help="moving-average window for noisy curves (default: auto; 1: off)"
     )
 
     rp = sub.add_parser(

@@ -4,7 +4,9 @@ plan that the run would follow (``run.train.plan``: the same checks) and trains 
 from __future__ import annotations
 
 import argparse
+import sys
 
+from mpigls.argtypes import count
 from mpigls.commands.common import add_overrides
 
 __all__ = ["COMMANDS", "add_parser", "config_of", "run"]
@@ -23,7 +25,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--out", required=True, help="output directory: checkpoints, DIR/latest.h5, metrics")
     tr.add_argument(
         "--max-generations",
-        type=int,
+        type=count(0),
         default=None,
         help="stop cleanly after this many generations in total (with a checkpoint); a later call continues",
     )
@@ -40,18 +42,23 @@ def add_parser(sub) -> None:
     )
 
 
-def config_of(args: argparse.Namespace):
-    """The config ``mpigls train`` runs: the file (or built-in recipe) named, with ``--set`` applied."""
+def config_of(args: argparse.Namespace, note=None):
+    """The config ``mpigls train`` runs: the file (or built-in recipe) named, with ``--set`` applied;
+    ``note(text)`` hears which keys of the file a change of optimizer by ``--set`` dropped."""
     from mpigls import config as config_mod, recipes
 
     path = None if args.config is None else recipes.resolve_config(args.config)
-    return config_mod.load_config(path, args.overrides)
+    return config_mod.load_config(path, args.overrides, note=note)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)  # stdout stays the config's YAML with --print-config
 
 
 def run(args: argparse.Namespace, comm) -> int:
     from mpigls import config as config_mod, parallel
 
-    cfg = config_of(args)
+    cfg = config_of(args, note=_stderr if comm.is_root else None)
     if args.print_config:
         if comm.is_root:
             import yaml
