@@ -3,6 +3,7 @@
 import pytest
 
 from mpigls import config
+from mpigls.config import yaml_load
 
 
 def test_defaults_and_precedence(tmp_path):
@@ -119,3 +120,13 @@ def test_switching_a_shipped_pgpe_recipe_to_rgs():
 
     cfg = config.load_config(recipes.resolve_config("quickstart"), ["optimizer.name=rgs"])
     assert cfg.optimizer.name == "rgs"
+
+
+def test_train_switches_a_recipes_optimizer_from_the_command_line(capsys):
+    from mpigls import cli
+
+    assert cli.main(["train", "quickstart", "--out", "unused", "--print-config", "--set", "optimizer.name=rgs"]) == 0
+    out, err = capsys.readouterr()
+    section = yaml_load(out)["optimizer"]
+    assert section["name"] == "rgs" and "popsize" not in section and "num_samples" in section
+    assert "note: optimizer.name=rgs from --set" in err and "'popsize'" in err

@@ -67,7 +67,7 @@ def tolerate_closed_stdout() -> Iterator[None]:
         yield
         return
     wrapper = ClosedPipeTolerant(before)
-    sys.stdout = wrapper  # type: ignore[assignment]
+    sys.stdout = wrapper
     try:
         yield
     finally:
