@@ -463,3 +463,34 @@ def test_a_run_killed_between_its_training_and_its_record_is_evaluated_without_t
     generations = [x["generation"] for x in lines if "generation" in x and "schema" not in x]
     assert sorted(generations) == list(range(1, 7))  # every generation once: nothing trained again
     assert study.read_record(paths.record(run))["generations"] == 6
+
+
+def test_a_second_study_run_command_waits_for_the_first_and_exits_0(tmp_path, capsys):
+    s, paths = _study(tmp_path)
+    runs = _runs(s)
+    held = threading.Event()
+
+    def first_runner() -> None:  # trains both runs (holds their locks), then records them
+        locks = []
+        for run in runs.values():
+            paths.run_dir(run).mkdir(parents=True, exist_ok=True)
+            locks.append(open(paths.run_dir(run) / study.LOCK_FILE, "a"))  # noqa: SIM115
+            fcntl.flock(locks[-1], fcntl.LOCK_EX)
+        held.set()
+        time.sleep(1.0)
+        for run in runs.values():  # stage order: the warm start first
+            _write_record(paths, run, f"theta-{run.id}")
+        for lock in locks:
+            lock.close()
+
+    thread = threading.Thread(target=first_runner)
+    thread.start()
+    held.wait(10)
+    try:
+        code = cli.main(_argv("run", s, paths))  # the default: each run in a process of its own
+    finally:
+        thread.join()
+    out = capsys.readouterr().out
+    assert code == 0 and "tiny: 2 finished" in out, out
+    assert "being trained by another process; waiting" in out
+    assert not any(p.name == study.LOG_FILE for p in paths.runs.rglob("*"))  # no run process was started
