@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,14 @@ for item in items:
 env.update(SLURM_JOB_ID="4242", SLURM_EXPORT_ENV=export)
 if array is not None:
     env["SLURM_ARRAY_TASK_ID"] = array.split("-")[0]
-sys.exit(subprocess.call(["/bin/bash", script, *args], env=env))
+batch = subprocess.Popen(["/bin/bash", script, *args], env=env)
+with open(os.path.join(os.environ["FAKE_LOG"], "batch-pid"), "w") as f:
+    f.write(str(batch.pid))
+sys.exit(batch.wait())
 """
 
 FAKE_SRUN = r"""
-import os, subprocess, sys
+import os, signal, subprocess, sys
 log = os.environ["FAKE_LOG"]
 with open(os.path.join(log, "srun-args"), "w") as f:
     f.write(" ".join(sys.argv[1:]))
@@ -64,6 +69,8 @@ else:
     env = {k: v for k, v in os.environ.items() if k.startswith("SLURM")}
 ntasks = int(os.environ.get("FAKE_NTASKS", "2"))
 procs = [subprocess.Popen(args, env={**env, "SLURM_PROCID": str(r)}) for r in range(ntasks)]
+for sig in (signal.SIGUSR1, signal.SIGTERM):  # srun passes these on to every task
+    signal.signal(sig, lambda num, frame: [p.send_signal(num) for p in procs])
 codes = [p.wait() for p in procs]
 if os.environ.get("FAKE_STEP_KILLED") == "1" and any(codes):
     sys.exit(137)  # the step was ended: srun reports the peers it killed (128 + SIGKILL)
@@ -78,6 +85,11 @@ FAKE_PYTHON = """#!/bin/sh
 # a rank: record argv and environment, exit with this rank's code from FAKE_CODES
 rank=${SLURM_PROCID:-0}
 { echo "argv=$*"; env; } > "$FAKE_LOG/rank-$rank"
+if [ -n "${FAKE_WAIT_FOR_STOP:-}" ]; then  # train until a stop signal, then exit 3 as mpigls does
+  trap 'exit 3' USR1 TERM
+  touch "$FAKE_LOG/started-$rank"
+  while :; do sleep 0.05; done
+fi
 set -- $FAKE_CODES
 shift "$rank" 2>/dev/null || true
 exit "${1:-0}"
@@ -220,3 +232,23 @@ def test_the_documented_command_runs(slurm, tmp_path, script):
     assert done.returncode == 0, done.stderr
     text = (log / "rank-0").read_text()
     assert f"--out {scratch}/" in text.splitlines()[0] and "configs/" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_the_time_limit_signal_reaches_the_ranks_and_requeues(slurm, tmp_path, script):
+    """SIGUSR1 to the batch shell (``--signal=B:USR1@300``) reaches every rank through srun and the
+    rank's shell; the ranks stop with exit 3 and the job requeues itself."""
+    bin_, log = slurm
+    env = _env(bin_, log, FAKE_WAIT_FOR_STOP="1")
+    export = ",".join(["ALL", *(f"{k}={v}" for k, v in _vars(script, tmp_path).items())])
+    cmd = ["sbatch", f"--export={export}", "--array=0-0", str(JOBS / script)]
+    job = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = 2 if script == "slurm.sbatch" else 1
+    deadline = time.monotonic() + 30
+    while len(list(log.glob("started-*"))) < ranks or not (log / "batch-pid").exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    os.kill(int((log / "batch-pid").read_text()), signal.SIGUSR1)
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == 3, (out, err)
+    assert _requeued(log)
