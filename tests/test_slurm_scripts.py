@@ -199,14 +199,7 @@ def _documented_sbatch(text: str) -> list[str]:
 def _documenting_files() -> list:
     files = sorted([*JOBS.iterdir(), *(REPO / "docs").rglob("*.md"), REPO / "README.md"])
     files = [f for f in files if _documented_sbatch(f.read_text(errors="replace"))]
-    return [
-        pytest.param(
-            f, marks=pytest.mark.xfail(strict=True, reason="its sbatch lines pass --export=STUDY=... without ALL")
-        )
-        if f.name == "study.md"
-        else f
-        for f in files
-    ]
+    return files
 
 
 @pytest.mark.parametrize("path", _documenting_files(), ids=lambda p: p.name)
