@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mpigls.run import checkpoint
+from procs import rank_pids
 
 from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
 
@@ -106,31 +107,7 @@ def _wait_for(out, proc, generation, timeout=120):
 
 def _rank_pids(proc):
     """PIDs of the Python rank processes below ``proc`` (any depth: mpiexec -> proxy -> ranks)."""
-    children: dict[int, list[int]] = {}
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                with open(f"/proc/{stat}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(stat))
-    found, todo = [], [proc.pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            try:
-                with open(f"/proc/{child}/cmdline", "rb") as fh:
-                    if b"mpigls" in fh.read() and child != proc.pid:
-                        found.append(child)
-            except OSError:
-                pass
-    return [p for p in found if not _is_launcher(p)]
-
-
-def _is_launcher(pid):
-    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().split(b"\0")[0].endswith(b"mpiexec")
+    return rank_pids(proc.pid)
 
 
 def test_kill9_then_resume_matches_uninterrupted(tmp_path):
