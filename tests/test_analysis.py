@@ -77,7 +77,7 @@ def test_dataframe_without_pandas_says_which_extra(runs, monkeypatch):
     run = analysis.load_run(runs / "grad")  # everything else works without pandas
     assert run.final("loss/mean") == run.metrics["loss/mean"][-1]
     with pytest.raises(ImportError, match=r"pip install 'mpigls\[analysis\]'"):
-        run.df
+        _ = run.df
 
 
 def test_load_run_while_training_and_from_the_log_alone(runs, tmp_path):

@@ -101,7 +101,10 @@ def checkpoint_problem(ckpt, cfg, comm, *, advice: str | None = None) -> Problem
     from mpigls.run import checkpoint, train as train_mod
 
     dataset, model, arch = train_mod.build_problem(cfg)
-    checkpoint.check_compatible(ckpt, arch, **({"advice": advice} if advice else {}))
+    if advice:
+        checkpoint.check_compatible(ckpt, arch, advice=advice)
+    else:
+        checkpoint.check_compatible(ckpt, arch)
     device = parallel.bind_device(comm, cfg.train.device, cfg.train.threads)
     model.to(device)
     return Problem(ckpt, cfg, dataset, model, torch.from_numpy(ckpt.theta.copy()), device)

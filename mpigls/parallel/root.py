@@ -22,4 +22,4 @@ def on_root(comm, fn: Callable[[], T]) -> T:
     result, error = comm.bcast_obj((result, error))
     if error is not None:
         raise error
-    return result  # type: ignore[return-value]
+    return result
