@@ -287,6 +287,7 @@ def test_a_lock_that_cannot_be_removed_does_not_fail_a_finished_run(tmp_path, ca
     assert "could not remove the run-directory lock" in err and "Traceback" not in err
     assert checkpoint.load(d / checkpoint.LATEST).generation == 1
     monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(runlock, "INVALID_GRACE_S", 0.0)
     said: list[str] = []
     runlock.acquire(d, say=said.append).release()  # the next start takes it over: its process is gone
-    assert any("this process left it behind" in s or "no longer exists" in s for s in said), said
+    assert any("released by its run" in s for s in said), said  # on any host, a few seconds later

@@ -17,8 +17,8 @@ names no holder (empty, not a JSON record, no PID or no host: what a crash or a 
 written in place leaves) is no holder's: it is stale once it is ``INVALID_GRACE_S`` seconds old (a
 starter writing it in place takes far less). The takeover renames the stale file to a unique name
 first, so of two starters racing for it only one wins. Removing the lock at the end never fails a
-finished run: a lock that cannot be removed is reported and left for the next start, which takes it
-over (its process is gone). Readers (``inspect``, ``certify``, ``plot``, ``report``) never look at the
+finished run: a lock that cannot be removed is reported, rewritten as released where it can still
+be written, and left for the next start, which takes it over (released, or its process is gone). Readers (``inspect``, ``certify``, ``plot``, ``report``) never look at the
 lock.
 """
 
@@ -109,6 +109,8 @@ def read_holder(path: Path) -> Holder | None:
         )
     except (ValueError, TypeError, OverflowError):
         return Holder(heartbeat=mtime, invalid=f"{len(raw)} bytes that are not a lock record")
+    if d.get("released"):
+        return dataclasses.replace(holder, invalid=f"released by its run at {d['released']}, which could not remove it")
     if holder.pid <= 0 or not holder.host:
         return dataclasses.replace(holder, invalid=f"PID {holder.pid}, host {holder.host or 'missing'}")
     return holder
@@ -201,6 +203,8 @@ class RunLock:
             if current is not None and current.token in ("", self.holder.token):
                 self.path.unlink(missing_ok=True)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # marked released: any host's next start takes it over
+                self.path.write_text(json.dumps({"released": _now_iso(), "token": self.holder.token}) + "\n")
             print(
                 f"warning: could not remove the run-directory lock {self.path} ({exc.strerror or exc}); the run "
                 "itself is complete. The next mpigls train on this directory takes the lock over (its process is "
