@@ -468,8 +468,8 @@ def _check_meaningful(key: str, value: Any) -> None:
         raise ConfigError(f"config key {key} contains a NUL byte ({short_repr(value, 60)}); no name or path holds one")
     if isinstance(value, int) and not isinstance(value, bool) and not -MAX_SEED - 1 <= value <= MAX_SEED:
         raise ConfigError(
-            f"config key {key} is {short_repr(value, 40)}, beyond the 64-bit integers every count and seed "
-            "must fit in; use a realistic value"
+            f"config key {key} is {short_repr(value, 40)}, beyond the 64-bit integers: every count and seed "
+            "lies in [0, 2**63 - 1]; use a realistic value"
         )
 
 
