@@ -18,8 +18,8 @@ written in place leaves) is no holder's: it is stale once it is ``INVALID_GRACE_
 starter writing it in place takes far less). The takeover renames the stale file to a unique name
 first, so of two starters racing for it only one wins. Removing the lock at the end never fails a
 finished run: a lock that cannot be removed is reported, rewritten as released where it can still
-be written, and left for the next start, which takes it over (released, or its process is gone). Readers (``inspect``, ``certify``, ``plot``, ``report``) never look at the
-lock.
+be written, and left for the next start, which takes it over (released, or its process is gone).
+Readers (``inspect``, ``certify``, ``plot``, ``report``) never look at the lock.
 """
 
 from __future__ import annotations
