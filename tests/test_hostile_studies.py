@@ -347,6 +347,14 @@ def test_select_may_name_a_certificate_every_run_records(tmp_path):
     assert s.select == "certified/ibp"
 
 
+def test_select_cannot_name_the_adversarial_accuracy_of_runs_evaluated_without_an_attack(tmp_path):
+    """Without a PGD attack (eval.pgd_steps 0) no adversarial accuracy is recorded: selecting by it is refused."""
+    text = TINY.replace("pgd_steps: 2", "pgd_steps: 0").replace("seeds: [0]", "seeds: [0]\nselect: adversarial")
+    with pytest.raises(study.StudyError, match="adversarial"):
+        _study(tmp_path, text)
+    assert _study(tmp_path, TINY.replace("seeds: [0]", "seeds: [0]\nselect: adversarial"))[0].select == "adversarial"
+
+
 # ------------------------------------------------------------------------------- two runners at once
 
 

@@ -368,7 +368,10 @@ def _check_select(study: Study, runs: list[StudyRun]) -> None:
     names: set[str] | None = None
     for r in runs:
         methods = study.evaluation.methods or r.config["eval"]["methods"]
-        metrics = {"natural", "adversarial", "certified"} | {f"certified/{m}" for m in methods}
+        attack = r.config["eval"].get("pgd_steps", 1) > 0 and study.evaluation.pgd_restarts > 0
+        metrics = (
+            {"natural", "certified"} | {f"certified/{m}" for m in methods} | ({"adversarial"} if attack else set())
+        )
         names = metrics if names is None else names & metrics
     names = names or set()
     if study.select not in names:
