@@ -63,6 +63,26 @@ def tiny_overrides(**extra: object) -> list[str]:
     ]
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``mpigls ARGS`` in this process: (exit code, stdout, stderr)."""
+    from mpigls import cli
+
+    code = cli.main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_paragraph(err: str, *needles: str) -> str:
+    """The single error paragraph in stderr; asserts no traceback and that it contains ``needles``."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert len(lines[0]) < 3000, len(lines[0])
+    return lines[0]
+
+
 def mpiexec() -> str | None:
     exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     return exe

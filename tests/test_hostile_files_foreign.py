@@ -18,33 +18,18 @@ import pytest
 import torch
 import yaml
 
-from mpigls import cli, config
+from mpigls import config
 from mpigls.interop import onnx_import, onnx_io
 from mpigls.nn import models
 from mpigls.run import checkpoint, train
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, one_paragraph, run_cli, tiny_overrides
 
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install mpigls[onnx]")
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install mpigls[onnx]")
 from onnx import helper, numpy_helper  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_paragraph(err: str, *needles: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,11 @@ from mpigls import cli, config
 from mpigls.interop import vnnlib
 from mpigls.run import checkpoint, rundir, train
 
-from conftest import tiny_overrides
+from conftest import one_paragraph, run_cli, tiny_overrides
 
 pytest.importorskip("onnx", reason="needs the onnx extra: pip install mpigls[onnx]")
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install mpigls[onnx]")
 pytestmark = pytest.mark.timeout(120)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_paragraph(err: str, *needles: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def listing(d: Path) -> dict[str, bytes]:

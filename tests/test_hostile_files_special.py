@@ -16,32 +16,17 @@ import pytest
 import torch
 import yaml
 
-from mpigls import cli, config, files
+from mpigls import config, files
 from mpigls.interop import onnx_io
 from mpigls.nn import models
 from mpigls.run import checkpoint, rundir, runlock, train
 
-from conftest import tiny_overrides
+from conftest import one_paragraph, run_cli, tiny_overrides
 
 pytestmark = [
     pytest.mark.timeout(180),  # a FIFO that is opened blocks forever: the timeout is the failure
     pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs"),
 ]
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_paragraph(err: str, *needles: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def _sets(**extra) -> list[str]:

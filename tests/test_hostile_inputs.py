@@ -30,7 +30,7 @@ import pytest
 from mpigls import argtypes, cli, config, parallel
 from mpigls.run import checkpoint, rundir, train
 
-from conftest import REPO, mpiexec, run_mpigls, tiny_overrides
+from conftest import REPO, mpiexec, one_paragraph, run_cli, run_mpigls, tiny_overrides
 
 pytestmark = pytest.mark.timeout(120)  # nothing here may hang
 
@@ -40,23 +40,6 @@ def _sets(**extra) -> list[str]:
     for item in tiny_overrides(**extra):
         out += ["--set", item]
     return out
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def one_paragraph(err: str, *needles: str) -> str:
-    """The single error paragraph in stderr; asserts no traceback and that it contains ``needles``."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert len(lines[0]) < 3000, len(lines[0])
-    return lines[0]
 
 
 def hashes(d: Path) -> dict[str, str]:
