@@ -38,9 +38,8 @@ from benchmarks import common
 from mpigls import data as mdata
 from mpigls.config import Config, load_config
 from mpigls.nn import models
-from mpigls.numerics import noise
-from mpigls.objectives import losses
 from mpigls.optim import registry, unit
+from mpigls.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -141,23 +140,10 @@ def time_block(cfg: Config, examples: int, clock) -> dict:
     x, y = x[:used], y[:used]
     num_blocks = unit.num_blocks(opt.num_items(params, batch), cfg.optimizer.block_size) * cfg.optimizer.batch_chunks
     state = opt.init(params, models.flat_params(model).detach())
-    opts = dict(cfg.bound.options)
-    if cfg.bound.method in ("sabr", "staps", "pgd"):
-        opts.setdefault("generator", noise.torch_generator(cfg.train.seed, noise.STREAM_ATTACK, 0))
-    eps, method = cfg.bound.eps, cfg.bound.method
+    opts = train.bound_options(cfg, 0)
 
     def work(xs: torch.Tensor, ys: torch.Tensor, resource) -> unit.Work:
-        def loss(points: torch.Tensor, ex: slice = slice(None)) -> torch.Tensor:
-            return losses.certified_loss(model, xs[ex], ys[ex], eps, method, weights=points, **opts)
-
-        def grad(points: torch.Tensor, ex: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            points = points.detach().clone().requires_grad_(True)
-            value = losses.certified_loss(model, xs[ex], ys[ex], eps, method, weights=points, **opts)
-            (g,) = torch.autograd.grad(value.sum(), points)
-            return g, value.detach()
-
-        return unit.Work(cfg.train.seed, torch.device("cpu"), cfg.optimizer.block_size, xs.shape[0], loss, grad,
-                         resource, cfg.optimizer.batch_chunks)  # fmt: skip
+        return train.generation_work(cfg, model, xs, ys, cfg.bound.eps, opts, torch.device("cpu"), resource)
 
     with contextlib.ExitStack() as stack:
         resource = stack.enter_context(opt.open(cfg.train.seed, torch.device("cpu"), params))

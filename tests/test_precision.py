@@ -143,13 +143,13 @@ def test_cublas_workspace_is_set_on_import_and_checked(monkeypatch):
 @pytest.mark.parametrize("det,tf32", [(True, False), (False, True)])
 def test_train_runs_under_the_configured_settings_and_restores_them(tmp_path, monkeypatch, tf32_on, det, tf32):
     seen = []
-    real = train._bound_options  # called once per generation, inside the training loop
+    real = train.bound_options  # called once per generation, inside the training loop
 
     def spy(*args, **kwargs):
         seen.append(precision.current_settings())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_bound_options", spy)
+    monkeypatch.setattr(train, "bound_options", spy)
     before = precision.current_settings()
     cfg = config.load_config(
         None, tiny_overrides(**{"train.deterministic": str(det).lower(), "train.tf32": str(tf32).lower()})

@@ -34,7 +34,16 @@ from mpigls.objectives import losses
 from mpigls.optim import registry as optimizers, schedules, unit
 from mpigls.run import checkpoint, finaleval, hostmem, monitor, preflight, rundir, runlock
 
-__all__ = ["Plan", "TrainResult", "TrainingDiverged", "build_problem", "plan", "train"]
+__all__ = [
+    "Plan",
+    "TrainResult",
+    "TrainingDiverged",
+    "bound_options",
+    "build_problem",
+    "generation_work",
+    "plan",
+    "train",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +282,7 @@ class _Steps:
         watch.begin(generation + 1)
         x, y = self.batches.at(generation)
         eps, lr = _schedules(cfg, generation, loop.gens_per_epoch)
-        work = _work(cfg, loop.model, x, y, eps, _bound_options(cfg, generation), loop.device, self.resource)
+        work = generation_work(cfg, loop.model, x, y, eps, bound_options(cfg, generation), loop.device, self.resource)
         local = opt.evaluate(work, state, params, blocks)
         watch.mark(parallel.watchdog.EXCHANGE)
         # the stop flags ride in the exchange's first collective (one all-gather of the losses)
@@ -463,14 +472,15 @@ def _schedules(cfg: Config, generation: int, gens_per_epoch: int) -> tuple[float
     return eps, lr
 
 
-def _bound_options(cfg: Config, generation: int) -> dict:
+def bound_options(cfg: Config, generation: int) -> dict:
+    """The bound's options of a generation: bound.options, plus the attack's seeded generator."""
     opts = dict(cfg.bound.options)
     if cfg.bound.method in ("sabr", "staps", "pgd"):
         opts.setdefault("generator", noise.torch_generator(cfg.train.seed, noise.STREAM_ATTACK, generation))
     return opts
 
 
-def _work(
+def generation_work(
     cfg: Config, model, x: torch.Tensor, y: torch.Tensor, eps: float, opts: dict, device: torch.device, resource
 ) -> unit.Work:
     """The generation's loss and per-point gradient functions for the optimizer's ``evaluate``."""
