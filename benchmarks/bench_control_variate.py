@@ -26,7 +26,6 @@ from benchmarks import common
 from mpigls import config as config_mod, parallel
 from mpigls.nn import models
 from mpigls.numerics import precision
-from mpigls.objectives import losses
 from mpigls.optim import pgpe, registry as optimizers, unit
 from mpigls.run import hostmem
 
@@ -38,27 +37,22 @@ VARIANTS = {
 
 
 class Generation:
-    """One PGPE generation per call with the given Params, as the training loop runs it."""
+    """One PGPE generation per call with the given Params, as the training loop runs it: the work of
+    ``run.train.generation_work`` for ``cfg`` (its bound, eps, seed and optimizer.block_size)."""
 
-    def __init__(self, model, theta, x, y, eps, method, params, block_size, stack: contextlib.ExitStack):
+    def __init__(self, cfg, model, theta, x, y, params, stack: contextlib.ExitStack):
+        from mpigls.run import train as train_mod
+
         self.opt = optimizers.get("pgpe")
         self.params = params
         self.comm = parallel.SerialComm()
         self.state = self.opt.init(params, theta)
-        blocks = unit.num_blocks(self.opt.num_items(params, x.shape[0]), block_size)
+        blocks = unit.num_blocks(self.opt.num_items(params, x.shape[0]), cfg.optimizer.block_size)
         self.blocks = parallel.my_blocks(blocks, 0, 1)
-        resource = stack.enter_context(self.opt.open(0, torch.device("cpu"), params))
-
-        def loss(points: torch.Tensor, examples: slice = slice(None)) -> torch.Tensor:
-            return losses.certified_loss(model, x[examples], y[examples], eps, method, weights=points)
-
-        def grad(points: torch.Tensor, examples: slice):
-            points = points.detach().clone().requires_grad_(True)
-            value = losses.certified_loss(model, x[examples], y[examples], eps, method, weights=points)
-            (g,) = torch.autograd.grad(value.sum(), points)
-            return g, value.detach()
-
-        self.work = unit.Work(0, torch.device("cpu"), block_size, x.shape[0], loss, grad, resource, 1)
+        cpu = torch.device("cpu")
+        resource = stack.enter_context(self.opt.open(cfg.train.seed, cpu, params))
+        opts = train_mod.bound_options(cfg, 0)
+        self.work = train_mod.generation_work(cfg, model, x, y, cfg.bound.eps, opts, cpu, resource)
 
     def __call__(self) -> None:
         local = self.opt.evaluate(self.work, self.state, self.params, self.blocks)
@@ -67,23 +61,26 @@ class Generation:
 
 
 def problem(args):
-    """(model, theta, x, y, eps, method, description) from the checkpoint's config, or a fresh digits CNN3."""
+    """(cfg, model, theta, x, y, description): the checkpoint's config (or a fresh digits CNN3 at eps 0.2)
+    with --method (default: the config's bound, DeepPoly after a PGD warm start) and --block-size."""
     from mpigls.run import checkpoint, train as train_mod
 
     if args.checkpoint:
         ckpt = checkpoint.load(args.checkpoint)
-        cfg = config_mod.from_dict(ckpt.config)
+        values = config_mod.to_dict(config_mod.from_dict(ckpt.config))
         theta = torch.from_numpy(ckpt.theta.copy())
         what = f"checkpoint {args.checkpoint} (generation {ckpt.generation})"
     else:
-        cfg = config_mod.from_dict({"data": {"name": "digits"}, "model": {"name": "cnn3"}, "bound": {"eps": 0.2}})
+        values = {"data": {"name": "digits"}, "model": {"name": "cnn3"}, "bound": {"eps": 0.2}}
         theta = None
         what = "a fresh digits CNN3"
+    method = config_mod.from_dict(values).bound.method
+    values["bound"]["method"] = args.method or (method if method != "pgd" else "deeppoly")
+    values.setdefault("optimizer", {})["block_size"] = args.block_size
+    cfg = config_mod.from_dict(values)
     dataset, model, _ = train_mod.build_problem(cfg)
     theta = models.flat_params(model).detach().clone() if theta is None else theta
-    x, y = dataset.train_x[: args.batch], dataset.train_y[: args.batch]
-    method = args.method or (cfg.bound.method if cfg.bound.method != "pgd" else "deeppoly")
-    return model, theta, x, y, cfg.bound.eps, method, what
+    return cfg, model, theta, dataset.train_x[: args.batch], dataset.train_y[: args.batch], what
 
 
 def main(argv=None) -> int:
@@ -98,14 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median and range)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model, theta, x, y, eps, method, what = problem(args)
+    cfg, model, theta, x, y, what = problem(args)
     hostmem.keep_freed_memory()
     with contextlib.ExitStack() as stack:
         stack.enter_context(precision.training(device=torch.device("cpu")))
         peers = {}
         for name, keys in VARIANTS.items():
             params = pgpe.PGPEParams(popsize=args.popsize, sigma_init=args.sigma, lr=1e-3, **keys)
-            peers[name] = Generation(model, theta, x, y, eps, method, params, args.block_size, stack)
+            peers[name] = Generation(cfg, model, theta, x, y, params, stack)
         times = common.time_peers(peers, args.repeats, clock=common.CLOCKS["cpu"], alternate=True)
     rows = []
     for name, t in times.items():
@@ -118,7 +115,7 @@ def main(argv=None) -> int:
             f"{name:8s} {row['median_s']:.3f} s/generation (CPU seconds, median of {len(t)}), "
             f"{row['over_plain_median']:.3f}x plain (range {row['over_plain_low']:.3f}-{row['over_plain_high']:.3f})"
         )
-    problem_row = {"network": what, "method": method, "eps": eps, "dimension": int(theta.numel())}
+    problem_row = {"network": what, "method": cfg.bound.method, "eps": cfg.bound.eps, "dimension": int(theta.numel())}
     results = {"rows": rows, "problem": problem_row}
     common.write_record("bench_control_variate", args, results, args.out, args.note)
     return 0

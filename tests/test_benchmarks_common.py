@@ -183,6 +183,7 @@ def test_control_variate_generation_is_the_optimizer_step():
     import contextlib
 
     from benchmarks import bench_control_variate as bcv
+    from mpigls import config
     from mpigls.objectives import losses as losses_mod
 
     torch.manual_seed(0)
@@ -190,8 +191,10 @@ def test_control_variate_generation_is_the_optimizer_step():
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     theta = models.flat_params(model).detach().clone()
     params = pgpe.PGPEParams(popsize=8, sigma_init=0.01, lr=1e-3, fitness_shaping="raw", control_variate="grad")
+    cfg = config.from_dict({"model": {"name": "mlp-tiny"}, "bound": {"method": "ibp", "eps": 0.05},
+                            "optimizer": {"name": "pgpe", "block_size": 2}})  # fmt: skip
     with contextlib.ExitStack() as stack:
-        gen = bcv.Generation(model, theta, x, y, 0.05, "ibp", params, 2, stack)
+        gen = bcv.Generation(cfg, model, theta, x, y, params, stack)
         state0 = gen.state
         gen()
     point = theta.clone().requires_grad_(True)
