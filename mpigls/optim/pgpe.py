@@ -490,10 +490,17 @@ def tell(
     if not params.fixed_sigma:
         new_sigma, clipped = _sigma_step(state.sigma.detach().to(torch.float64), grad_sigma, params)
         sigma = new_sigma.to(torch.float32)
+    cv = state.cv
+    if _keeps_cv(params):  # the memory of a zeroth-order control variate (float64, exact on every rank)
+        n, num_params = params.popsize // 2, state.center.numel()
+        rate = 1.0 if params.control_variate == "previous" else params.cv_rate or n / (n + num_params)
+        old = control_variate(state, params)
+        cv = grad_center.clone() if rate == 1.0 else old * (1.0 - rate) + grad_center * rate
     norm_sigma = clipped if grad_sigma is None else torch.linalg.vector_norm(grad_sigma)  # placeholder: nan below
+    norm_cv = [torch.linalg.vector_norm(cv)] if _keeps_cv(params) else []
     # one device -> host copy (one synchronisation on a GPU) for all of them; float32 -> float64 is exact
-    (grad_norm, sigma_norm, step_norm, num_clipped), sigma_stats = _read(
-        [torch.linalg.vector_norm(grad), norm_sigma, torch.linalg.vector_norm(delta), clipped], sigma
+    (grad_norm, sigma_norm, step_norm, num_clipped, *cv_norm), sigma_stats = _read(
+        [torch.linalg.vector_norm(grad), norm_sigma, torch.linalg.vector_norm(delta), clipped, *norm_cv], sigma
     )
     metrics.update(
         {
@@ -503,15 +510,9 @@ def tell(
             "pgpe/step_norm": step_norm,
             "pgpe/sigma_clipped_frac": num_clipped / max(1, sigma.numel()),
             **sigma_stats,
+            **({"pgpe/cv_norm": cv_norm[0]} if cv_norm else {}),
         }
     )
-    cv = state.cv
-    if _keeps_cv(params):  # the memory of a zeroth-order control variate (float64, exact on every rank)
-        n, num_params = params.popsize // 2, state.center.numel()
-        rate = 1.0 if params.control_variate == "previous" else params.cv_rate or n / (n + num_params)
-        old = control_variate(state, params)
-        cv = grad_center.clone() if rate == 1.0 else old * (1.0 - rate) + grad_center * rate
-        metrics["pgpe/cv_norm"] = float(torch.linalg.vector_norm(cv))
     return PGPEState(center, sigma, step_state, state.generation + 1, cv), metrics
 
 
