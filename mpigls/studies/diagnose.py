@@ -33,7 +33,6 @@ from mpigls.optim import pgpe, rgs
 
 __all__ = [
     "pgpe_estimate",
-    "pgpe_cv_estimate",
     "cv_estimate",
     "CONTROL_VARIATES",
     "rgs_estimate",
@@ -68,39 +67,22 @@ def pgpe_estimate(
     shaping: str = "centered_ranks",
     repeat: int = 0,
     chunk: int = 64,
+    g: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One PGPE estimate of the descent direction at θ: (D,) float64 (with ``shaping="raw"`` an
     unbiased estimate of ∇L_σ(θ); shaped estimates point the same way up to a positive scale).
-    ``repeat`` picks an independent population (the generation counter of the noise)."""
-    params = pgpe.PGPEParams(popsize=popsize, sigma_init=sigma, fixed_sigma=True, fitness_shaping=shaping)
+    ``repeat`` picks an independent population (the generation counter of the noise). With a control
+    variate ``g`` (``mpigls.optim.pgpe``; raw losses, as the optimizer uses them) the estimate is
+    unbiased for ∇L_σ(θ) for any ``g`` independent of this population."""
+    kind = "none" if g is None else "previous"
+    shaping = shaping if g is None else "raw"
+    params = pgpe.PGPEParams(
+        popsize=popsize, sigma_init=sigma, fixed_sigma=True, fitness_shaping=shaping, control_variate=kind
+    )
     state = dataclasses.replace(pgpe.init(params, theta.detach().float()), generation=repeat)
     rows = pgpe.ask(state, params, seed, range(popsize // 2))  # (P, D)
     losses = _batched(loss_fn, rows, chunk).detach().double()
-    g, _, _ = pgpe.gradients(state, params, seed, losses, with_sigma=False)
-    if g is None:
-        raise ValueError(f"every PGPE loss at this point is non-finite (sigma {sigma}); lower sigma")
-    return g
-
-
-def pgpe_cv_estimate(
-    loss_fn: LossFn,
-    theta: torch.Tensor,
-    sigma: float,
-    popsize: int,
-    seed: int,
-    g: torch.Tensor,
-    *,
-    repeat: int = 0,
-    chunk: int = 64,
-) -> torch.Tensor:
-    """One PGPE estimate with the control variate ``g`` (``mpigls.optim.pgpe``): (D,) float64, unbiased
-    for ∇L_σ(θ) for any ``g`` independent of this population (raw losses, as the optimizer uses them)."""
-    params = pgpe.PGPEParams(
-        popsize=popsize, sigma_init=sigma, fixed_sigma=True, fitness_shaping="raw", control_variate="previous"
-    )
-    state = dataclasses.replace(pgpe.init(params, theta.detach().float()), generation=repeat)
-    losses = _batched(loss_fn, pgpe.ask(state, params, seed, range(popsize // 2)), chunk).detach().double()
-    est, _, _ = pgpe.gradients(state, params, seed, losses, with_sigma=False, g=g.double())
+    est, _, _ = pgpe.gradients(state, params, seed, losses, with_sigma=False, g=None if g is None else g.double())
     if est is None:
         raise ValueError(f"every PGPE loss at this point is non-finite (sigma {sigma}); lower sigma")
     return est
@@ -135,17 +117,17 @@ def cv_estimate(
     generation's, with θ unchanged). "running": the running average of the optimizer (gain n/(n + D))
     after 3 (n + D)/n generations at θ from zero: its value without the drift of θ, the best case."""
     if kind == "grad":
-        return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, exact, repeat=repeat), popsize
+        return pgpe_estimate(loss_fn, theta, sigma, popsize, seed, g=exact, repeat=repeat), popsize
     base = (repeat + 1) << 16  # populations independent of the repeats' own
     if kind == "previous":
         g = pgpe_estimate(loss_fn, theta, sigma, popsize, seed, shaping="raw", repeat=base)
-        return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, g, repeat=repeat), 2 * popsize
+        return pgpe_estimate(loss_fn, theta, sigma, popsize, seed, g=g, repeat=repeat), 2 * popsize
     n, dim = popsize // 2, theta.numel()
     rate, steps = n / (n + dim), _running_steps(popsize, dim)
     m = torch.zeros(dim, dtype=torch.float64)
     for k in range(steps):
-        m = m * (1 - rate) + pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, m, repeat=base + k) * rate
-    return pgpe_cv_estimate(loss_fn, theta, sigma, popsize, seed, m, repeat=repeat), _cv_cost(kind, popsize, dim)
+        m = m * (1 - rate) + pgpe_estimate(loss_fn, theta, sigma, popsize, seed, g=m, repeat=base + k) * rate
+    return pgpe_estimate(loss_fn, theta, sigma, popsize, seed, g=m, repeat=repeat), _cv_cost(kind, popsize, dim)
 
 
 def rgs_estimate(
